@@ -1,0 +1,189 @@
+//! Fixed-point quantization for secure aggregation, with unbiased stochastic rounding.
+//!
+//! `q = sround((clip(x, -r, r) + r) * L / (2r))` with `L = 2^bits - 1` levels above zero, so
+//! every `q` is in `[0, L]`. Rounding up happens with probability equal to the fractional part
+//! (53 random bits from the secure generator), so `E[q]` equals the scaled value and the
+//! dequantized value is unbiased for inputs inside the clipping range. The error of one
+//! element is below one step, `2r / L = r / (2^(bits-1) - 1/2)`, i.e. `r / 2^(bits-1)` up to a
+//! factor `1 + 2^-bits` (the price of having a level exactly at both `-r` and `+r`, which keeps
+//! the rounding unbiased over the whole range). A sum of `n` quantized vectors is at most `n * L`; the caller picks a ring
+//! modulus 2^B with `B >= bits + ceil(log2 n)` so that the sum cannot wrap, and
+//! [`dequantize`] rejects any element above `n * L` (a wrapped sum or a wrong `n`).
+
+use rayon::prelude::*;
+
+use super::Word;
+use crate::error::MaskError;
+use crate::rng::{AesCtr, SecureRng};
+
+const CHUNK: usize = 1 << 15;
+
+fn levels(bits: u32) -> u64 {
+    super::low_mask(bits)
+}
+
+fn check_params<W: Word>(clip_range: f64, bits: u32) -> Result<(), MaskError> {
+    if !(clip_range.is_finite() && clip_range > 0.0) {
+        return Err(MaskError::InvalidParameter {
+            name: "clip_range",
+            requirement: "a finite number > 0",
+            value: clip_range,
+        });
+    }
+    if !(1..=W::BITS).contains(&bits) {
+        return Err(MaskError::InvalidBits {
+            name: "bits",
+            min: 1,
+            max: W::BITS,
+            value: bits,
+        });
+    }
+    Ok(())
+}
+
+/// Quantize `x` to integers in `[0, 2^bits - 1]` (see module docs).
+///
+/// # Errors
+/// [`MaskError::InvalidParameter`], [`MaskError::InvalidBits`], [`MaskError::NonFinite`].
+pub fn quantize<W: Word>(
+    x: &[f32],
+    clip_range: f64,
+    bits: u32,
+    rng: &mut SecureRng,
+) -> Result<Vec<W>, MaskError> {
+    check_params::<W>(clip_range, bits)?;
+    if let Some(index) = x.par_iter().position_first(|v| !v.is_finite()) {
+        return Err(MaskError::NonFinite {
+            index,
+            value: f64::from(x[index]),
+        });
+    }
+    let l = levels(bits);
+    let scale = l as f64 / (2.0 * clip_range);
+    let key = rng.fork_key();
+    let mut out = vec![W::default(); x.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (o, xs))| {
+            let mut stream = AesCtr::at_chunk(&key, c as u64);
+            for (q, &v) in o.iter_mut().zip(xs) {
+                let v = f64::from(v).clamp(-clip_range, clip_range);
+                let y = (v + clip_range) * scale;
+                let fl = y.floor();
+                let fr = y - fl;
+                let u = (stream.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                let r = if u < fr { fl + 1.0 } else { fl };
+                // `as` saturates; r <= L up to f64 rounding at bits > 53.
+                *q = W::from_u64((r as u64).min(l));
+            }
+        });
+    Ok(out)
+}
+
+/// Map a sum of `n` quantized vectors back to floats: the sum of the inputs, or their
+/// mean when `mean` is true.
+///
+/// # Errors
+/// [`MaskError::InvalidParameter`] / [`MaskError::InvalidBits`] for bad parameters and
+/// [`MaskError::Inconsistent`] for an element above `n * (2^bits - 1)`.
+pub fn dequantize<W: Word>(
+    sum: &[W],
+    clip_range: f64,
+    bits: u32,
+    n: u64,
+    mean: bool,
+) -> Result<Vec<f32>, MaskError> {
+    check_params::<u64>(clip_range, bits)?;
+    if n == 0 {
+        return Err(MaskError::InvalidParameter {
+            name: "n",
+            requirement: "an integer >= 1",
+            value: 0.0,
+        });
+    }
+    let l = levels(bits);
+    let max = u128::from(n) * u128::from(l);
+    if let Some(index) = sum
+        .par_iter()
+        .position_first(|v| u128::from(v.to_u64()) > max)
+    {
+        return Err(MaskError::Inconsistent {
+            index,
+            value: sum[index].to_u64(),
+            max,
+        });
+    }
+    let step = 2.0 * clip_range / l as f64;
+    let offset = n as f64 * clip_range;
+    let div = if mean { n as f64 } else { 1.0 };
+    Ok(sum
+        .par_iter()
+        .map(|&s| ((s.to_u64() as f64 * step - offset) / div) as f32)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        // 0.3 of the way between two levels: mean of 10^6 draws within 5 standard errors.
+        let bits = 4;
+        let r = 1.0;
+        let step = 2.0 * r / 15.0;
+        let x = (-r + 7.3 * step) as f32;
+        let q: Vec<u32> = quantize(
+            &vec![x; 1_000_000],
+            r,
+            bits,
+            &mut SecureRng::from_seed(&[1; 32]).unwrap(),
+        )
+        .unwrap();
+        let m = q.iter().map(|&v| f64::from(v)).sum::<f64>() / 1e6;
+        let se = (0.3f64 * 0.7 / 1e6).sqrt();
+        assert!((m - 7.3).abs() < 5.0 * se + 1e-6, "mean level {m}");
+        assert!(q.iter().all(|&v| v == 7 || v == 8));
+    }
+
+    #[test]
+    fn sum_roundtrip_and_wrap_detection() {
+        let mut rng = SecureRng::from_seed(&[2; 32]).unwrap();
+        let xs = [vec![0.5f32, -1.0, 2.0], vec![-0.25f32, 1.0, -3.0]];
+        let qs: Vec<Vec<u64>> = xs
+            .iter()
+            .map(|x| quantize(x, 1.0, 20, &mut rng).unwrap())
+            .collect();
+        let s: Vec<u64> = (0..3).map(|i| qs[0][i] + qs[1][i]).collect();
+        let mean = dequantize(&s, 1.0, 20, 2, true).unwrap();
+        let expect = [0.125f32, 0.0, 0.0]; // 2.0 and -3.0 clip to 1 and -1
+        for (a, b) in mean.iter().zip(expect) {
+            assert!((a - b).abs() < 2e-6, "{a} vs {b}");
+        }
+        let bad = vec![2 * ((1u64 << 20) - 1) + 1];
+        assert!(matches!(
+            dequantize(&bad, 1.0, 20, 2, true),
+            Err(MaskError::Inconsistent { .. })
+        ));
+        assert!(quantize::<u32>(&[f32::NAN], 1.0, 8, &mut rng).is_err());
+        assert!(quantize::<u32>(&[1.0], 1.0, 33, &mut rng).is_err());
+        assert!(quantize::<u32>(&[1.0], 0.0, 8, &mut rng).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn error_bounded_by_step(bits in 2u32..=32, r in 0.01f64..100.0, x in prop::collection::vec(-200f32..200.0, 1..200), seed in any::<[u8; 32]>()) {
+            let mut rng = SecureRng::from_seed(&seed).unwrap();
+            let q: Vec<u64> = quantize(&x, r, bits, &mut rng).unwrap();
+            let back = dequantize(&q, r, bits, 1, false).unwrap();
+            let bound = 2.0 * r / (2f64.powi(bits as i32) - 1.0);
+            for (a, b) in x.iter().zip(&back) {
+                let clipped = f64::from(*a).clamp(-r, r);
+                // One quantization step, plus float32 rounding of the output.
+                prop_assert!((clipped - f64::from(*b)).abs() <= bound * (1.0 + 1e-9) + r * 1.2e-7);
+            }
+        }
+    }
+}
