@@ -150,7 +150,7 @@ mod tests {
         ));
         let mut m = vec![10.0f32, 0.0, 0.0, f32::INFINITY];
         let err = clip_rows(&mut m, 2, 2, 1.0).unwrap_err();
-        assert_eq!(err.to_string().contains("row 1"), true);
+        assert!(err.to_string().contains("row 1"));
         assert_eq!(
             m[0], 10.0,
             "row 0 must not be clipped when row 1 is invalid"
@@ -178,7 +178,7 @@ mod tests {
         fn rows_match_single_vector(rows in 1usize..8, dim in 1usize..50, c in 0.1f64..10.0, seed in any::<u64>()) {
             let mut s = seed;
             let mut data: Vec<f32> = (0..rows * dim).map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
             }).collect();
             let mut expect = data.clone();

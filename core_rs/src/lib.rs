@@ -1,7 +1,7 @@
 //! confide's Rust core: the hot and security-critical numeric kernels of the SDK.
 //!
 //! Pure Rust first: every module here is usable and tested without Python. The optional
-//! `python` feature adds the thin PyO3 layer in [`py`], the only place that mentions pyo3 or
+//! `python` feature adds the thin `PyO3` layer in [`py`], the only place that mentions pyo3 or
 //! numpy. Randomness comes exclusively from [`rng::SecureRng`] (AES-256-CTR keyed from the OS
 //! or from an explicit 32-byte seed); there is no global RNG.
 

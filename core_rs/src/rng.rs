@@ -201,16 +201,11 @@ impl RngCore for SecureRng {
 
 impl CryptoRng for SecureRng {}
 
-/// A uniform f64 in (0, 1]: 53 random bits, never 0 (safe for `ln`).
-#[inline]
-pub fn open01_f64(bits: u64) -> f64 {
-    ((bits >> 11) + 1) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
 /// A uniform f64 in (0, 1] with full floating-point resolution at every magnitude: the
 /// binary exponent is geometric (leading zeros of fresh 64-bit words) and the 52-bit
 /// mantissa is fresh, so `-ln(U)` is resolved to about 2^-52 absolute even deep in the tail
 /// (a plain 53-bit fixed-point `U` resolves `-ln(U)` only to `2^-53 e^{-ln U}`).
+#[must_use]
 pub fn open01_full<R: RngCore>(rng: &mut R) -> f64 {
     let mut zeros: i32 = 0;
     loop {

@@ -1,7 +1,37 @@
 # Stub of the private Rust extension. Mirrors confide._core exactly; checked in CI by
 # `python -m mypy.stubtest confide._core`.
+from typing import final
+
 import numpy as np
 from numpy.typing import NDArray
+
+__all__ = [
+    "AggregateError",
+    "ArrayTypeError",
+    "ConfideError",
+    "InvalidArgumentError",
+    "NonFiniteError",
+    "RandomSourceError",
+    "SecureRng",
+    "ShapeError",
+    "ShareError",
+    "__version__",
+    "add_noise",
+    "add_noise_inplace",
+    "apply_masks",
+    "clip_l2",
+    "clip_rows",
+    "dequantize",
+    "discrete_gaussian",
+    "expand_mask",
+    "l2_norm",
+    "pack_bits",
+    "quantize",
+    "sample_noise",
+    "shamir_combine",
+    "shamir_split",
+    "unpack_bits",
+]
 
 __version__: str
 
@@ -14,6 +44,7 @@ class ShareError(ConfideError, ValueError): ...
 class AggregateError(ConfideError, ValueError): ...
 class RandomSourceError(ConfideError, OSError): ...
 
+@final
 class SecureRng:
     def __new__(cls, seed: bytes | None = None) -> SecureRng: ...
     @property

@@ -249,4 +249,3 @@ def discrete_gaussian_variance(sigma: float) -> float:
     """
     _, var = _core.discrete_gaussian(0, sigma, SecureRng(bytes(32)))
     return var
-

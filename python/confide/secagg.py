@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confide import _core
+from confide._validate import as_bytes
 from confide.noise import SecureRng
 
 __all__ = [
@@ -150,9 +151,7 @@ def dequantize(
     return _core.dequantize(total, clip_range, bits, n, mean)
 
 
-def expand_mask(
-    seed: bytes, n: int, bits: int, domain: MaskDomain
-) -> NDArray[np.unsignedinteger]:
+def expand_mask(seed: bytes, n: int, bits: int, domain: MaskDomain) -> NDArray[np.unsignedinteger]:
     """Expand ``seed`` into ``n`` uniformly random elements mod ``2**bits``.
 
     Parameters
@@ -215,10 +214,14 @@ def apply_masks(
     >>> apply_masks(y, [(b"k" * 32, -1)], 16, d).tolist()
     [0, 1, 2, 3, 4]
     """
-    return _core.apply_masks(
-        x, [(bytes(s), int(sign)) for s, sign in masks], bits, domain.session, domain.round,
-        domain.purpose,
-    )
+    specs: list[tuple[bytes, int]] = []
+    for i, m in enumerate(masks):
+        if not (isinstance(m, tuple) and len(m) == 2):
+            raise _core.InvalidArgumentError(
+                f"masks[{i}] must be a (32-byte seed, sign) tuple, got {type(m).__name__}"
+            )
+        specs.append((as_bytes(m[0], f"masks[{i}] seed"), m[1]))
+    return _core.apply_masks(x, specs, bits, domain.session, domain.round, domain.purpose)
 
 
 def pack_bits(x: NDArray[np.unsignedinteger], bits: int) -> bytes:

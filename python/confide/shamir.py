@@ -11,14 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from confide import _core
+from confide._validate import as_bytes
 from confide.noise import SecureRng
 
 __all__ = ["combine_shares", "split_secret"]
 
 
-def split_secret(
-    secret: bytes, n: int, t: int, *, rng: SecureRng | None = None
-) -> list[bytes]:
+def split_secret(secret: bytes, n: int, t: int, *, rng: SecureRng | None = None) -> list[bytes]:
     """Split ``secret`` into ``n`` shares, any ``t`` of which reconstruct it.
 
     Parameters
@@ -48,7 +47,7 @@ def split_secret(
     >>> combine_shares([shares[4], shares[0], shares[2]])
     b'0123456789abcdef0123456789abcdef'
     """
-    return _core.shamir_split(bytes(secret), n, t, SecureRng() if rng is None else rng)
+    return _core.shamir_split(as_bytes(secret, "secret"), n, t, SecureRng() if rng is None else rng)
 
 
 def combine_shares(shares: Sequence[bytes]) -> bytes:
@@ -78,4 +77,4 @@ def combine_shares(shares: Sequence[bytes]) -> bytes:
     ...
     confide._core.ShareError: reconstruction uses exactly t = 2 shares, got 1
     """
-    return _core.shamir_combine([bytes(s) for s in shares])
+    return _core.shamir_combine([as_bytes(s, f"shares[{i}]") for i, s in enumerate(shares)])

@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use super::errors::{Kind, error};
 
 /// "float64 ndarray of shape (3, 4)" or the Python type name of a non-array.
+#[must_use]
 pub fn describe(obj: &Bound<'_, PyAny>) -> String {
     match (obj.getattr("dtype"), obj.getattr("shape")) {
         (Ok(d), Ok(s)) => format!(
@@ -86,6 +87,7 @@ pub fn readwrite_dyn<'py, T: Element>(
 }
 
 /// Whether `obj` is an ndarray of element type `T` (any rank).
+#[must_use]
 pub fn is_array_of<T: Element>(obj: &Bound<'_, PyAny>) -> bool {
     obj.cast::<PyArrayDyn<T>>().is_ok()
 }

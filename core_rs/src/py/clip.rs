@@ -1,5 +1,5 @@
 //! Bindings of `crate::clip`. Clipping may borrow the array across the detached call
-//! (HOUSE_STYLE B5): its inputs are not secrets and the result is written in place.
+//! (`HOUSE_STYLE` B5): its inputs are not secrets and the result is written in place.
 
 use numpy::{IntoPyArray, PyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;

@@ -1,5 +1,5 @@
 //! The single helper that releases the GIL around a core computation and maps its error.
-//! Wrappers never call `py.detach` themselves (HOUSE_STYLE B3).
+//! Wrappers never call `py.detach` themselves (`HOUSE_STYLE` B3).
 
 use pyo3::marker::Ungil;
 use pyo3::prelude::*;

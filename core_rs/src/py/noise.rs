@@ -1,5 +1,5 @@
 //! Bindings of `crate::rng` and `crate::noise`. Inputs are copied into owned memory before
-//! the GIL is released (HOUSE_STYLE B5): another Python thread must not be able to change
+//! the GIL is released (`HOUSE_STYLE` B5): another Python thread must not be able to change
 //! what is being noised while the kernel runs.
 
 use std::sync::Mutex;

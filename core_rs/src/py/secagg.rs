@@ -1,7 +1,7 @@
 //! Bindings of `crate::secagg`: quantization, mask expansion and fused masking, bit packing
 //! and Shamir sharing. Seeds, secrets and masked vectors are copied into owned memory before
-//! the GIL is released (HOUSE_STYLE B5). Ring vectors are numpy.uint32 when `bits <= 32` and
-//! numpy.uint64 otherwise.
+//! the GIL is released (`HOUSE_STYLE` B5). Ring vectors are `numpy.uint32` when `bits <= 32` and
+//! `numpy.uint64` otherwise.
 
 use numpy::{IntoPyArray, PyArray1, PyUntypedArray};
 use pyo3::prelude::*;
@@ -25,12 +25,12 @@ fn ring_array<'py, W: Word + numpy::Element>(
     Ok(v.into_pyarray(py).cast_into::<PyUntypedArray>()?)
 }
 
-fn narrow(v: Vec<u64>, bits: u32) -> Result<either_vec::RingVec, crate::CoreError> {
-    Ok(if bits <= 32 {
+fn narrow(v: Vec<u64>, bits: u32) -> either_vec::RingVec {
+    if bits <= 32 {
         either_vec::RingVec::U32(v.into_iter().map(|x| x as u32).collect())
     } else {
         either_vec::RingVec::U64(v)
-    })
+    }
 }
 
 mod either_vec {
@@ -141,7 +141,7 @@ pub fn expand_mask_py<'py>(
                 purpose,
             },
         )?;
-        narrow(v, bits)
+        Ok::<_, crate::CoreError>(narrow(v, bits))
     })?;
     to_py(py, v)
 }

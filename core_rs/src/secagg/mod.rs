@@ -1,4 +1,4 @@
-//! Secure-aggregation kernels (SecAgg / SecAgg+).
+//! Secure-aggregation kernels (`SecAgg` / `SecAgg+`).
 //!
 //! Threat model: the server and up to a configured fraction of clients are honest-but-curious
 //! or malicious; masks must be computationally indistinguishable from uniform to anyone who

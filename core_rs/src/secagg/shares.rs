@@ -1,9 +1,9 @@
-//! t-of-n Shamir secret sharing of short secrets (the 32-byte seeds of SecAgg) over the
-//! prime field GF(p), p = 2^61 - 1 (a Mersenne prime: reduction is two shifts and adds).
+//! t-of-n Shamir secret sharing of short secrets (the 32-byte seeds of `SecAgg`) over the
+//! prime field `GF(p)`, p = 2^61 - 1 (a Mersenne prime: reduction is two shifts and adds).
 //!
 //! A secret of `L` bytes (1..=1024) is cut into 7-byte big-endian chunks (each < 2^56 < p);
 //! each chunk is the constant term of its own independent random polynomial of degree t-1
-//! with coefficients uniform in GF(p) (rejection sampling from the secure generator), so any
+//! with coefficients uniform in `GF(p)` (rejection sampling from the secure generator), so any
 //! t-1 shares are independent of the secret (perfect secrecy, per chunk and jointly). Share
 //! `x` (1..=n) is the tuple of the polynomials' values at `x`.
 //!
@@ -387,7 +387,7 @@ mod tests {
             // A pseudo-random subset of size t, in a pseudo-random order.
             let mut idx: Vec<usize> = (0..n).collect();
             let mut s = pick;
-            for i in (1..n).rev() { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); idx.swap(i, (s >> 33) as usize % (i + 1)); }
+            for i in (1..n).rev() { s = s.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1); idx.swap(i, (s >> 33) as usize % (i + 1)); }
             let subset: Vec<Share> = idx[..t].iter().map(|&i| shares[i].clone()).collect();
             prop_assert_eq!(combine(&subset).unwrap(), secret);
         }
