@@ -29,14 +29,16 @@ pub fn l2_norm(x: &[f32]) -> f64 {
     let rem = chunks.remainder();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
+            // Plain multiply-add, not `mul_add`: without FMA in the baseline target that is a
+            // libm call per element.
             let v = f64::from(v);
-            *a = v.mul_add(v, *a);
+            *a += v * v;
         }
     }
     let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for &v in rem {
         let v = f64::from(v);
-        s = v.mul_add(v, s);
+        s += v * v;
     }
     s.sqrt()
 }

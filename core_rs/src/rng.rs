@@ -12,7 +12,7 @@
 //! depend on the number of threads. Keys are zeroized on drop.
 
 use aes::Aes256;
-use aes::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
+use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
 use rand_core::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroize;
@@ -23,10 +23,13 @@ use crate::error::NoiseError;
 const BUF_BLOCKS: usize = 64;
 const BUF_BYTES: usize = BUF_BLOCKS * 16;
 
+type Block = Array<u8, aes::cipher::consts::U16>;
+
 /// AES-256-CTR keystream generator with a 1 KiB buffer.
 pub struct AesCtr {
     cipher: Aes256,
     counter: u128,
+    blocks: [Block; BUF_BLOCKS],
     buf: [u8; BUF_BYTES],
     pos: usize,
 }
@@ -36,8 +39,9 @@ impl AesCtr {
     #[must_use]
     pub fn new(key: &[u8; 32], start_block: u128) -> Self {
         Self {
-            cipher: Aes256::new(GenericArray::from_slice(key)),
+            cipher: Aes256::new(&Array::from(*key)),
             counter: start_block,
+            blocks: [Block::default(); BUF_BLOCKS],
             buf: [0; BUF_BYTES],
             pos: BUF_BYTES,
         }
@@ -50,17 +54,13 @@ impl AesCtr {
     }
 
     fn refill(&mut self) {
-        let mut blocks = [GenericArray::<u8, aes::cipher::consts::U16>::default(); BUF_BLOCKS];
-        for b in &mut blocks {
+        for b in &mut self.blocks {
             b.copy_from_slice(&self.counter.to_be_bytes());
             self.counter = self.counter.wrapping_add(1);
         }
-        self.cipher.encrypt_blocks(&mut blocks);
-        for (dst, b) in self.buf.chunks_exact_mut(16).zip(blocks.iter()) {
+        self.cipher.encrypt_blocks(&mut self.blocks);
+        for (dst, b) in self.buf.chunks_exact_mut(16).zip(self.blocks.iter()) {
             dst.copy_from_slice(b);
-        }
-        for b in &mut blocks {
-            b.as_mut_slice().zeroize();
         }
         self.pos = 0;
     }
@@ -107,6 +107,9 @@ impl AesCtr {
 impl Drop for AesCtr {
     fn drop(&mut self) {
         self.buf.zeroize();
+        for b in &mut self.blocks {
+            b.as_mut_slice().zeroize();
+        }
         // The Aes256 key schedule is zeroized by aes's own `zeroize` feature.
     }
 }

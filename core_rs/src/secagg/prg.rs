@@ -11,7 +11,7 @@
 //! split a vector across threads without materialising the mask.
 
 use aes::Aes128;
-use aes::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
+use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
 use hkdf::Hkdf;
 use sha2::Sha256;
 use zeroize::Zeroize;
@@ -80,7 +80,7 @@ impl MaskPrg {
         let mut key = [0u8; 16];
         hk.expand(&domain.info(bits), &mut key)
             .expect("16 bytes is a valid HKDF-SHA256 output length");
-        let cipher = Aes128::new(GenericArray::from_slice(&key));
+        let cipher = Aes128::new(&Array::from(key));
         key.zeroize();
         Self {
             cipher,
@@ -92,7 +92,7 @@ impl MaskPrg {
     /// (`out.len()` a multiple of 16, at most `BATCH_BLOCKS * 16`).
     #[inline]
     pub fn blocks(&self, first_block: u64, out: &mut [u8]) {
-        let mut blocks = [GenericArray::<u8, aes::cipher::consts::U16>::default(); BATCH_BLOCKS];
+        let mut blocks = [Array::<u8, aes::cipher::consts::U16>::default(); BATCH_BLOCKS];
         let nb = out.len() / 16;
         for (j, b) in blocks[..nb].iter_mut().enumerate() {
             b.copy_from_slice(&(u128::from(first_block) + j as u128).to_be_bytes());
