@@ -8,7 +8,9 @@ directly.
 """
 
 from confide._core import __version__
+from confide.client import Client, ClientResult
 from confide.clip import clip_l2, clip_rows, l2_norm
+from confide.data import Dataset, load_breast_cancer, load_csv, partition_dirichlet, partition_iid
 from confide.errors import (
     AggregateError,
     ArrayTypeError,
@@ -19,6 +21,17 @@ from confide.errors import (
     ShapeError,
     ShareError,
 )
+from confide.federation_errors import (
+    ConfigError,
+    FederationError,
+    IntegrityError,
+    ManifestError,
+    ServerError,
+    SignatureError,
+    TransportError,
+    WireFormatError,
+)
+from confide.manifest import Manifest
 from confide.noise import (
     SecureRng,
     add_gaussian_noise,
@@ -37,18 +50,37 @@ from confide.secagg import (
     unpack_bits,
 )
 from confide.shamir import combine_shares, split_secret
+from confide.signing import Identity
+from confide.trainer import FitResult, NumpyTrainer, TrainConfig, Trainer
 
 __all__ = [
     "AggregateError",
     "ArrayTypeError",
+    "Client",
+    "ClientResult",
     "ConfideError",
+    "ConfigError",
+    "Dataset",
+    "FederationError",
+    "FitResult",
+    "Identity",
+    "IntegrityError",
     "InvalidArgumentError",
+    "Manifest",
+    "ManifestError",
     "MaskDomain",
     "NonFiniteError",
+    "NumpyTrainer",
     "RandomSourceError",
     "SecureRng",
+    "ServerError",
     "ShapeError",
     "ShareError",
+    "SignatureError",
+    "TrainConfig",
+    "Trainer",
+    "TransportError",
+    "WireFormatError",
     "__version__",
     "add_gaussian_noise",
     "add_laplace_noise",
@@ -62,7 +94,11 @@ __all__ = [
     "gaussian",
     "l2_norm",
     "laplace",
+    "load_breast_cancer",
+    "load_csv",
     "pack_bits",
+    "partition_dirichlet",
+    "partition_iid",
     "quantize",
     "split_secret",
     "unpack_bits",

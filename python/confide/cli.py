@@ -1,0 +1,95 @@
+"""The ``confide`` command: ``confide client`` (join a federation) and ``confide simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confide.federation_errors import FederationError
+
+__all__ = ["main"]
+
+
+async def _client(args: argparse.Namespace) -> int:
+    from confide.client import Client, client_ssl_context
+    from confide.data import load_csv
+    from confide.trainer import NumpyTrainer
+
+    train = load_csv(args.data, args.label_column)
+    test = load_csv(args.test_data, args.label_column) if args.test_data else None
+
+    def log(line: str) -> None:
+        if not args.quiet:
+            print(line, flush=True)
+
+    ctx = client_ssl_context(args.ca_file, args.cert, args.key)
+    client = Client(
+        args.server,
+        args.state,
+        ssl_context=ctx,
+        poll_wait=args.poll_wait,
+        retry_timeout=args.retry_timeout,
+        log=log,
+    )
+    async with client:
+        if not client.enrolled:
+            if not args.token or not args.client_id:
+                print("not enrolled yet: pass --token and --client-id", file=sys.stderr)
+                return 2
+            await client.enroll(args.token, args.client_id)
+        manifest = await client.fetch_manifest()
+        trainer = NumpyTrainer.from_manifest(manifest)
+        result = await client.run(trainer, train, test, on_task=_fault_injection(args))
+    return 0 if result.status == "finished" else 1
+
+
+def _fault_injection(args: argparse.Namespace) -> Callable[[dict[str, Any]], None] | None:
+    """``--die-in-round R``: SIGKILL this process when round R's training task arrives."""
+    die_in = args.die_in_round
+    if die_in is None:
+        return None
+
+    def hook(task: dict[str, Any]) -> None:
+        if task["action"] == "train" and int(task["round"]) >= die_in:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``confide`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="confide", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("client", help="join a federated job as one site")
+    c.add_argument("--server", required=True, help="http(s)://host:port")
+    c.add_argument("--token", help="one-time enrolment token (first run only)")
+    c.add_argument("--client-id", help="id to enrol under (first run only)")
+    c.add_argument("--data", required=True, help="training CSV (label column + features)")
+    c.add_argument("--test-data", help="evaluation CSV (default: the training data)")
+    c.add_argument("--label-column", default="label")
+    c.add_argument("--state", default=".confide-client", help="identity and state folder")
+    c.add_argument("--ca-file", help="CA bundle to verify the server (https)")
+    c.add_argument("--cert", help="client certificate (mutual TLS)")
+    c.add_argument("--key", help="client certificate key (mutual TLS)")
+    c.add_argument("--poll-wait", type=float, default=20.0)
+    c.add_argument("--retry-timeout", type=float, default=120.0)
+    c.add_argument("--quiet", action="store_true")
+    # Tests only: simulate a site that crashes in the middle of a round.
+    c.add_argument("--die-in-round", type=int, default=None, help=argparse.SUPPRESS)
+    sub.add_parser("simulate", help="run a whole federation on loopback", add_help=False)
+    if argv[:1] == ["simulate"]:
+        from confide.simulate import main_simulate
+
+        return main_simulate(argv[1:])
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(_client(args))
+    except (FederationError, OSError, ValueError) as exc:
+        print(f"confide client: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2

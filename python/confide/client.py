@@ -1,0 +1,411 @@
+"""The federated client: enrol once, then poll for work, train, upload, evaluate.
+
+A :class:`Client` keeps its state in one folder: ``identity.pem`` (the Ed25519 key, mode
+0600) and ``client.json`` (its id and server). It long-polls the server for a task; for a
+``train`` task it downloads the announced model version, checks its SHA-256, trains with a
+:class:`~confide.trainer.Trainer`, and uploads the *delta* (new minus announced weights) as
+safetensors with ``num_examples`` in the metadata; for an ``evaluate`` task it evaluates the
+announced model on its local test data and uploads the metrics as JSON. Every request is
+signed (:mod:`confide.signing`).
+
+Connection failures and 503 answers are retried with backoff (the server may be restarting);
+a retried upload carries the same body, so the server answers with the same receipt.
+Certificate failures are never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from numpy.typing import NDArray
+
+from confide.data import Dataset
+from confide.federation_errors import (
+    ConfigError,
+    IntegrityError,
+    ServerError,
+    TransportError,
+)
+from confide.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.signing import Identity
+from confide.trainer import TrainConfig, Trainer
+
+__all__ = ["Client", "ClientResult", "client_ssl_context"]
+
+_IDENTITY_FILE = "identity.pem"
+_STATE_FILE = "client.json"
+
+
+def client_ssl_context(
+    ca_file: str | Path | None,
+    cert_file: str | Path | None = None,
+    key_file: str | Path | None = None,
+) -> ssl.SSLContext | None:
+    """TLS context that verifies the server against ``ca_file`` (and presents a client cert).
+
+    Parameters
+    ----------
+    ca_file : str or Path or None
+        CA bundle the server's certificate must chain to; ``None`` for plain HTTP.
+    cert_file, key_file : str or Path, optional
+        Client certificate and key for mutual TLS.
+
+    Returns
+    -------
+    ssl.SSLContext or None
+        The context, or ``None`` when ``ca_file`` is ``None``.
+    """
+    if ca_file is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        ctx.load_cert_chain(str(cert_file), None if key_file is None else str(key_file))
+    return ctx
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    """How a client's participation ended.
+
+    Parameters
+    ----------
+    status : str
+        ``"finished"`` or ``"failed"`` (the job's final status).
+    rounds_trained : int
+        Training tasks this client completed.
+    rounds_evaluated : int
+        Evaluation tasks this client completed.
+    final_model_sha256 : str or None
+        The job's final model version, when finished.
+    """
+
+    status: str
+    rounds_trained: int
+    rounds_evaluated: int
+    final_model_sha256: str | None
+
+
+class Client:
+    """A site taking part in a federated job.
+
+    Parameters
+    ----------
+    server_url : str
+        ``http://host:port`` or ``https://host:port``.
+    state_dir : str or Path
+        Folder for the identity key and client state (created, mode 0700).
+    ssl_context : ssl.SSLContext, optional
+        From :func:`client_ssl_context`; required for ``https`` URLs with a private CA.
+    poll_wait : float
+        Seconds one long-poll may wait on the server.
+    retry_timeout : float
+        Give up after the server has been unreachable this long.
+    log : callable, optional
+        Receives one line per event (round trained, uploaded, evaluated).
+
+    Examples
+    --------
+    >>> client = Client("http://127.0.0.1:8765", "/tmp/site-1")  # doctest: +SKIP
+    >>> await client.enroll(token, "site-1")                    # doctest: +SKIP
+    >>> await client.run(trainer, train, test)                   # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        server_url: str,
+        state_dir: str | Path,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        poll_wait: float = 20.0,
+        retry_timeout: float = 120.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        if not server_url.startswith(("http://", "https://")):
+            raise ConfigError(f"server URL must start with http:// or https://: {server_url!r}")
+        self.server_url = server_url.rstrip("/")
+        self.state_dir = Path(state_dir)
+        self._ssl = ssl_context
+        self.poll_wait = poll_wait
+        self.retry_timeout = retry_timeout
+        self._log = log or (lambda _line: None)
+        self._session: aiohttp.ClientSession | None = None
+        self._identity: Identity | None = None
+        self.client_id: str | None = None
+        self._model_cache: tuple[str, NDArray[np.float32]] | None = None
+        self._load_state()
+
+    # -- state -------------------------------------------------------------------------
+    def _load_state(self) -> None:
+        state = self.state_dir / _STATE_FILE
+        if state.exists():
+            doc = json.loads(state.read_text())
+            self.client_id = str(doc["client_id"])
+            self._identity = Identity.load(self.state_dir / _IDENTITY_FILE)
+
+    @property
+    def enrolled(self) -> bool:
+        """Whether this state folder holds an enrolled identity."""
+        return self.client_id is not None
+
+    async def __aenter__(self) -> Client:
+        connector = aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.poll_wait + 60)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- HTTP --------------------------------------------------------------------------
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        round_id: int = 0,
+        stage: str = "task",
+        body: bytes = b"",
+        params: dict[str, str] | None = None,
+        signed: bool = True,
+        identity: Identity | None = None,
+        client_id: str | None = None,
+    ) -> tuple[bytes, dict[str, str]]:
+        """Send one request, re-signed on every retry; return the body and headers."""
+        if self._session is None:
+            raise ConfigError("use the client as 'async with Client(...) as client'")
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.retry_timeout
+        delay = 0.2
+        while True:
+            headers = {"Content-Type": "application/octet-stream"}
+            if signed:
+                ident = identity or self._identity
+                cid = client_id or self.client_id
+                if ident is None or cid is None:
+                    raise ConfigError("this client is not enrolled yet")
+                headers.update(ident.sign_request(cid, method, path, round_id, stage, body))
+            try:
+                async with self._session.request(
+                    method,
+                    self.server_url + path,
+                    data=body or None,
+                    headers=headers,
+                    params=params,
+                    # Uploads wait for "100 Continue": the server reads a body only when it
+                    # has a slot for it, and refuses (413, 401, 409) before it is sent.
+                    expect100=method == "PUT",
+                ) as resp:
+                    data = await resp.read()
+                    if resp.status < 400:
+                        return data, dict(resp.headers)
+                    code, message = _error_fields(data)
+                    if resp.status != 503:
+                        raise ServerError(resp.status, code, message)
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise TransportError(f"TLS verification of the server failed: {exc}") from exc
+            except aiohttp.ClientSSLError as exc:
+                raise TransportError(f"TLS handshake with the server failed: {exc}") from exc
+            except (
+                aiohttp.ClientConnectionError,
+                aiohttp.ClientPayloadError,
+                asyncio.TimeoutError,
+            ) as exc:
+                if loop.time() > give_up:
+                    raise TransportError(
+                        f"server unreachable for {self.retry_timeout} s: {exc}"
+                    ) from exc
+            if loop.time() > give_up:
+                raise TransportError(f"server busy for {self.retry_timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        data, _ = await self._request(method, path, **kwargs)
+        return json.loads(data)
+
+    # -- protocol ----------------------------------------------------------------------
+    async def enroll(self, token: str, client_id: str) -> None:
+        """Register a fresh identity with a one-time token (no-op if already enrolled).
+
+        Parameters
+        ----------
+        token : str
+            One-time enrolment token from ``confide-server enroll``.
+        client_id : str
+            The id to register (1-64 characters from ``[A-Za-z0-9_.-]``).
+        """
+        if self.enrolled:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        identity = Identity.generate()
+        body = json.dumps(
+            {"token": token, "client_id": client_id, "public_key": identity.public_key_b64}
+        ).encode()
+        await self._request(
+            "POST",
+            "/v1/enroll",
+            stage="enroll",
+            body=body,
+            identity=identity,
+            client_id=client_id,
+        )
+        identity.save(self.state_dir / _IDENTITY_FILE)
+        (self.state_dir / _STATE_FILE).write_text(
+            json.dumps({"client_id": client_id, "server": self.server_url}) + "\n"
+        )
+        self._identity = identity
+        self.client_id = client_id
+        self._log(f"{client_id}: enrolled")
+
+    async def fetch_manifest(self) -> Manifest:
+        """Download the job's manifest and check it against its announced SHA-256."""
+        doc = await self._json("GET", "/v1/manifest", signed=False)
+        manifest = Manifest.from_dict(doc["manifest"])
+        if manifest.sha256 != doc["sha256"]:
+            raise IntegrityError("manifest does not hash to the announced SHA-256")
+        return manifest
+
+    async def next_task(self) -> dict[str, Any]:
+        """Long-poll the server for this client's next task."""
+        task: dict[str, Any] = await self._json(
+            "GET", "/v1/task", params={"wait": str(self.poll_wait)}
+        )
+        return task
+
+    async def download_model(self, manifest: Manifest, sha256: str) -> NDArray[np.float32]:
+        """Download a model version and verify its SHA-256 before decoding it.
+
+        Raises
+        ------
+        IntegrityError
+            The bytes do not hash to ``sha256``.
+        """
+        if self._model_cache is not None and self._model_cache[0] == sha256:
+            cached: NDArray[np.float32] = self._model_cache[1].copy()
+            return cached
+        data, _ = await self._request("GET", f"/v1/models/{sha256}", stage="model")
+        if sha256_hex(data) != sha256:
+            raise IntegrityError(f"model {sha256[:12]}... does not match its SHA-256")
+        vector, _ = decode_tensors(manifest, data)
+        self._model_cache = (sha256, vector)
+        fresh: NDArray[np.float32] = vector.copy()
+        return fresh
+
+    async def submit(self, round_id: int, stage: str, body: bytes) -> dict[str, Any]:
+        """Upload a stage submission and return the server's receipt."""
+        doc = await self._json(
+            "PUT", f"/v1/rounds/{round_id}/{stage}", round_id=round_id, stage=stage, body=body
+        )
+        receipt: dict[str, Any] = doc["receipt"]
+        return receipt
+
+    def _seed(self, task_seed: int) -> int:
+        digest = hashlib.sha256(f"{task_seed}:{self.client_id}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    async def run(
+        self,
+        trainer: Trainer,
+        train: Dataset,
+        test: Dataset | None = None,
+        *,
+        on_task: Callable[[dict[str, Any]], None] | None = None,
+    ) -> ClientResult:
+        """Take part in the job until it finishes or fails.
+
+        Parameters
+        ----------
+        trainer : Trainer
+            The local engine; its manifest must be the job's.
+        train : Dataset
+            Local training data.
+        test : Dataset, optional
+            Local evaluation data (defaults to ``train``).
+        on_task : callable, optional
+            Called with every task before it is carried out (monitoring, fault injection).
+
+        Returns
+        -------
+        ClientResult
+            The job's final status and this client's contribution.
+        """
+        manifest = await self.fetch_manifest()
+        if manifest.sha256 != trainer.manifest.sha256:
+            raise ConfigError("the trainer's manifest is not the job's manifest")
+        test = test or train
+        trained = evaluated = 0
+        while True:
+            task = await self.next_task()
+            action = task["action"]
+            if action == "finished":
+                self._log(f"{self.client_id}: job finished after {task['rounds']} rounds")
+                return ClientResult("finished", trained, evaluated, task["model_sha256"])
+            if action == "failed":
+                self._log(f"{self.client_id}: job failed: {task.get('reason')}")
+                return ClientResult("failed", trained, evaluated, None)
+            if action not in ("train", "evaluate"):
+                continue
+            if on_task is not None:
+                on_task(task)
+            round_id = int(task["round"])
+            weights = await self.download_model(manifest, task["model_sha256"])
+            trainer.set_weights(weights)
+            try:
+                if action == "train":
+                    cfg = TrainConfig(**task["config"])
+                    result = await asyncio.to_thread(
+                        trainer.fit, train.x, train.y, cfg, self._seed(int(task["seed"]))
+                    )
+                    delta = trainer.get_weights() - weights
+                    body = encode_tensors(
+                        manifest,
+                        delta,
+                        {
+                            "num_examples": str(result.num_examples),
+                            "train_loss": repr(float(result.loss)),
+                        },
+                    )
+                    await self.submit(round_id, "train", body)
+                    trained += 1
+                    self._log(
+                        f"{self.client_id}: round {round_id} trained on "
+                        f"{result.num_examples} examples, loss {result.loss:.4f}"
+                    )
+                else:
+                    metrics = await asyncio.to_thread(trainer.evaluate, test.x, test.y)
+                    num = int(metrics.pop("num_examples"))
+                    clean = {k: v for k, v in metrics.items() if math.isfinite(v)}
+                    body = json.dumps({"num_examples": num, "metrics": clean}).encode()
+                    await self.submit(round_id, "evaluate", body)
+                    evaluated += 1
+                    self._log(
+                        f"{self.client_id}: round {round_id} evaluated, accuracy "
+                        f"{metrics.get('accuracy', float('nan')):.4f}"
+                    )
+            except ServerError as exc:
+                if exc.status != 409:
+                    raise
+                # Late (the stage closed while we worked) or the round moved on: not fatal.
+                self._log(f"{self.client_id}: round {round_id} {action} not accepted: {exc}")
+
+
+def _error_fields(data: bytes) -> tuple[str, str]:
+    try:
+        doc = json.loads(data)
+        err = doc["error"]
+        return str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        return "http_error", data[:200].decode(errors="replace")

@@ -1,0 +1,137 @@
+"""The application factory: ``create_app(config) -> web.Application``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from confide.manifest import Manifest
+from confide_server.config import Config
+from confide_server.events import NonceCache, Notifier, UploadGate
+from confide_server.keys import (
+    config_key,
+    engine_key,
+    finished_key,
+    nonce_cache_key,
+    notifier_key,
+    upload_gate_key,
+    wake_key,
+)
+from confide_server.middlewares import error_middleware
+from confide_server.rounds import CrashHook, RoundEngine
+from confide_server.routes import setup_routes
+from confide_server.store import BlobStore, Store
+
+__all__ = ["create_app", "open_engine"]
+
+log = logging.getLogger("confide_server")
+
+
+def open_engine(
+    config: Config,
+    *,
+    clock: Callable[[], float] | None = None,
+    crash_hook: CrashHook | None = None,
+) -> RoundEngine:
+    """Open the job's state (creating it on first start) and recover the open round.
+
+    Parameters
+    ----------
+    config : Config
+        The job configuration.
+    clock : callable, optional
+        Unix-time source (tests).
+    crash_hook : callable, optional
+        Fault-injection hook (tests).
+
+    Returns
+    -------
+    RoundEngine
+        The recovered engine.
+    """
+    manifest = Manifest.load(config.manifest)
+    store = Store(config.server.database)
+    blobs = BlobStore(config.server.state_dir)
+    kwargs = {} if clock is None else {"clock": clock}
+    engine = RoundEngine(config, store, blobs, manifest, crash_hook=crash_hook, **kwargs)
+    engine.initialise(config.weights.read_bytes())
+    return engine
+
+
+async def _round_timer(app: web.Application) -> AsyncIterator[None]:
+    """Background task: start rounds and close stages at their deadlines (cleanup_ctx)."""
+    engine = app[engine_key]
+    notifier = app[notifier_key]
+    wake = app[wake_key]
+    finished = app[finished_key]
+
+    async def loop() -> None:
+        while True:
+            wake.clear()
+            try:
+                changed = await asyncio.to_thread(engine.tick)
+            except Exception:
+                log.exception("round timer failed; retrying in 1 s")
+                changed = False
+                await asyncio.sleep(1.0)
+            if changed:
+                notifier.notify()
+                continue
+            if engine.status != "running":
+                notifier.notify()
+                finished.set()
+            delay = max(0.01, engine.seconds_to_next_event())
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    engine.store.close()
+
+
+def create_app(
+    config: Config,
+    *,
+    engine: RoundEngine | None = None,
+    crash_hook: CrashHook | None = None,
+) -> web.Application:
+    """Build the confide-server application for one job.
+
+    Parameters
+    ----------
+    config : Config
+        The job configuration.
+    engine : RoundEngine, optional
+        A pre-built engine (tests); opened from ``config`` when omitted.
+    crash_hook : callable, optional
+        Fault-injection hook passed to the engine (tests).
+
+    Returns
+    -------
+    web.Application
+        The application; its round timer runs between startup and cleanup.
+    """
+    if engine is None:
+        engine = open_engine(config, crash_hook=crash_hook)
+    upload_limit = config.server.max_upload_bytes or (engine.manifest.nbytes + 65536)
+    # Explicit body cap (aiohttp's default is 1 MiB); handlers check Content-Length first.
+    app = web.Application(client_max_size=upload_limit + 4096, middlewares=[error_middleware])
+    app[config_key] = config
+    app[engine_key] = engine
+    app[notifier_key] = Notifier()
+    app[wake_key] = asyncio.Event()
+    app[finished_key] = asyncio.Event()
+    app[nonce_cache_key] = NonceCache(2 * config.server.max_clock_skew_s)
+    app[upload_gate_key] = UploadGate(
+        config.server.max_concurrent_uploads, config.server.max_queued_uploads
+    )
+    setup_routes(app)
+    app.cleanup_ctx.append(_round_timer)
+    return app

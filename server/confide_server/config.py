@@ -1,0 +1,311 @@
+"""The job configuration (TOML), parsed into frozen dataclasses and validated.
+
+A job config names the initial model (manifest + safetensors weights), the strategy, the
+number of rounds, the cohort size, ``min_clients``, the stage deadlines, where state lives and
+the TLS files. Relative paths are resolved against the config file's folder. Example::
+
+    [job]
+    name = "breast-cancer"
+    rounds = 10
+    seed = 42
+    cohort_size = 3          # clients asked per round
+    min_clients = 2          # quorum: fewer survivors abort the round
+    wait_for_clients = 3     # active clients needed before a round starts
+    max_consecutive_aborts = 5
+
+    [model]
+    manifest = "model.json"
+    weights = "init.safetensors"
+
+    [strategy]
+    name = "fedavg"
+    epochs = 1
+    batch_size = 32
+    learning_rate = 0.1
+
+    [deadlines]              # seconds each stage stays open at most
+    train = 30.0
+    evaluate = 15.0
+
+    [server]
+    host = "127.0.0.1"
+    port = 8765
+    state_dir = "state"      # SQLite file, model versions and updates live here
+    max_upload_bytes = 0     # 0: derived from the manifest
+    max_concurrent_uploads = 32
+    exit_when_finished = false
+
+    [tls]                    # optional
+    cert = "server.pem"
+    key = "server.key"
+    client_ca = "clients-ca.pem"   # set for mutual TLS
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confide.federation_errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "Config",
+    "JobConfig",
+    "ServerConfig",
+    "StrategyConfig",
+    "TLSConfig",
+    "load_config",
+]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """What the federation does: rounds, cohort and quorum."""
+
+    name: str = "job"
+    rounds: int = 10
+    seed: int = 0
+    cohort_size: int = 10
+    min_clients: int = 2
+    wait_for_clients: int = 0  # 0 means min_clients
+    max_consecutive_aborts: int = 5
+    # A client counts as available for cohort selection if it was seen this recently.
+    active_window_s: float = 60.0
+
+    @property
+    def start_threshold(self) -> int:
+        """Available clients needed before a round starts."""
+        return self.wait_for_clients or self.min_clients
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Aggregation strategy and the local training it asks clients for."""
+
+    name: str = "fedavg"
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.1
+    server_learning_rate: float = 1.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """TLS files; all ``None`` means plain HTTP (loopback and tests only)."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Network, storage and resource limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    state_dir: Path = Path("state")
+    max_upload_bytes: int = 0  # 0: derived from the manifest
+    max_concurrent_uploads: int = 32
+    max_queued_uploads: int = 1024
+    max_clock_skew_s: float = 300.0
+    long_poll_max_s: float = 30.0
+    exit_when_finished: bool = False
+    linger_s: float = 2.0
+
+    @property
+    def database(self) -> Path:
+        """The SQLite file."""
+        return self.state_dir / "confide.sqlite"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole job configuration."""
+
+    manifest: Path
+    weights: Path
+    job: JobConfig = field(default_factory=JobConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    deadlines: dict[str, float] = field(default_factory=lambda: {"train": 60.0, "evaluate": 30.0})
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+    def __post_init__(self) -> None:
+        job = self.job
+        if job.rounds < 1:
+            raise ConfigError(f"job.rounds must be >= 1, got {job.rounds}")
+        if not 1 <= job.min_clients <= job.cohort_size:
+            raise ConfigError(
+                f"need 1 <= job.min_clients <= job.cohort_size, got {job.min_clients}, "
+                f"{job.cohort_size}"
+            )
+        if job.wait_for_clients and job.wait_for_clients < job.min_clients:
+            raise ConfigError("job.wait_for_clients must be 0 or >= job.min_clients")
+        if job.max_consecutive_aborts < 1 or job.active_window_s <= 0:
+            raise ConfigError("job.max_consecutive_aborts and job.active_window_s must be > 0")
+        if self.strategy.name != "fedavg":
+            raise ConfigError(f"strategy.name: only 'fedavg' exists, got {self.strategy.name!r}")
+        s = self.strategy
+        if s.epochs < 1 or s.batch_size < 1 or not s.learning_rate > 0:
+            raise ConfigError("strategy epochs, batch_size and learning_rate must be > 0")
+        if not s.server_learning_rate > 0:
+            raise ConfigError("strategy.server_learning_rate must be > 0")
+        for stage in ("train", "evaluate"):
+            if not self.deadlines.get(stage, 0) > 0:
+                raise ConfigError(f"deadlines.{stage} must be a number of seconds > 0")
+        srv = self.server
+        if not 0 <= srv.port <= 65535:
+            raise ConfigError(f"server.port out of range: {srv.port}")
+        if srv.max_upload_bytes < 0 or srv.max_concurrent_uploads < 1 or srv.max_queued_uploads < 0:
+            raise ConfigError("server upload limits must be positive")
+        if (self.tls.cert is None) != (self.tls.key is None):
+            raise ConfigError("tls.cert and tls.key go together")
+        if self.tls.client_ca is not None and self.tls.cert is None:
+            raise ConfigError("tls.client_ca (mutual TLS) needs tls.cert and tls.key")
+
+
+def _section(doc: dict[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
+    sec = doc.get(name, {})
+    if not isinstance(sec, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    unknown = set(sec) - allowed
+    if unknown:
+        raise ConfigError(f"[{name}]: unknown keys {sorted(unknown)}; allowed {sorted(allowed)}")
+    return sec
+
+
+def _typed(sec: dict[str, Any], name: str, cls: type[Any], types: dict[str, type]) -> Any:
+    values: dict[str, Any] = {}
+    for key, value in sec.items():
+        want = types[key]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{name}.{key} must be {want.__name__}, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def parse_config(doc: dict[str, Any], base: Path) -> Config:
+    """Build a :class:`Config` from a decoded TOML document.
+
+    Parameters
+    ----------
+    doc : dict
+        Decoded TOML.
+    base : Path
+        Folder relative paths are resolved against.
+
+    Returns
+    -------
+    Config
+        The validated configuration.
+
+    Raises
+    ------
+    ConfigError
+        Missing, unknown or ill-typed keys, or inconsistent values.
+    """
+    unknown = set(doc) - {"job", "model", "strategy", "deadlines", "server", "tls"}
+    if unknown:
+        raise ConfigError(f"unknown sections {sorted(unknown)}")
+
+    def path(value: Any, key: str) -> Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key} must be a non-empty path string")
+        p = Path(value)
+        return p if p.is_absolute() else (base / p).resolve()
+
+    job_types = {
+        "name": str,
+        "rounds": int,
+        "seed": int,
+        "cohort_size": int,
+        "min_clients": int,
+        "wait_for_clients": int,
+        "max_consecutive_aborts": int,
+        "active_window_s": float,
+    }
+    job = _typed(_section(doc, "job", set(job_types)), "job", JobConfig, job_types)
+    strat_types = {
+        "name": str,
+        "epochs": int,
+        "batch_size": int,
+        "learning_rate": float,
+        "server_learning_rate": float,
+    }
+    strategy = _typed(
+        _section(doc, "strategy", set(strat_types)), "strategy", StrategyConfig, strat_types
+    )
+    model = _section(doc, "model", {"manifest", "weights"})
+    if "manifest" not in model or "weights" not in model:
+        raise ConfigError("[model] needs 'manifest' and 'weights'")
+    deadlines_doc = _section(doc, "deadlines", {"train", "evaluate"})
+    deadlines = {"train": 60.0, "evaluate": 30.0}
+    for key, value in deadlines_doc.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"deadlines.{key} must be a number of seconds, got {value!r}")
+        deadlines[key] = float(value)
+    srv_types = {
+        "host": str,
+        "port": int,
+        "state_dir": str,
+        "max_upload_bytes": int,
+        "max_concurrent_uploads": int,
+        "max_queued_uploads": int,
+        "max_clock_skew_s": float,
+        "long_poll_max_s": float,
+        "exit_when_finished": bool,
+        "linger_s": float,
+    }
+    srv_doc = dict(_section(doc, "server", set(srv_types)))
+    state_dir = path(srv_doc.pop("state_dir", "state"), "server.state_dir")
+    server = _typed(srv_doc, "server", ServerConfig, srv_types)
+    server = ServerConfig(**{**server.__dict__, "state_dir": state_dir})
+    tls_doc = _section(doc, "tls", {"cert", "key", "client_ca"})
+    tls = TLSConfig(**{k: path(v, f"tls.{k}") for k, v in tls_doc.items()})
+    return Config(
+        manifest=path(model["manifest"], "model.manifest"),
+        weights=path(model["weights"], "model.weights"),
+        job=job,
+        strategy=strategy,
+        deadlines=deadlines,
+        server=server,
+        tls=tls,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a job config file.
+
+    Parameters
+    ----------
+    path : str or Path
+        TOML file.
+
+    Returns
+    -------
+    Config
+        The configuration, paths resolved against the file's folder.
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, invalid TOML or invalid values.
+    """
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
+    return parse_config(doc, p.resolve().parent)

@@ -1,0 +1,217 @@
+"""HTTP handlers: parse, authenticate, call the round engine, answer JSON. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, NamedTuple
+
+from aiohttp import web
+
+from confide.federation_errors import FederationError, SignatureError, WireFormatError
+from confide.manifest import sha256_hex
+from confide.signing import SignedRequest, decode_public_key, verify_request
+from confide_server.auth import authenticate, check_body
+from confide_server.keys import (
+    config_key,
+    engine_key,
+    notifier_key,
+    upload_gate_key,
+    wake_key,
+)
+from confide_server.middlewares import RequestError, error_response, json_error
+
+__all__ = [
+    "enroll_client",
+    "expect_upload",
+    "get_health",
+    "get_manifest",
+    "get_model",
+    "get_status",
+    "get_task",
+    "put_submission",
+]
+
+_MAX_ENROLL_BYTES = 8192
+_MAX_EVAL_BYTES = 65536
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """Liveness probe."""
+    return web.json_response({"ok": True})
+
+
+async def get_status(request: web.Request) -> web.Response:
+    """Job status and per-round metrics."""
+    engine = request.app[engine_key]
+    return web.json_response(await asyncio.to_thread(engine.status_dict))
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    """Return the model manifest (names, shapes, spec) and its SHA-256."""
+    manifest = request.app[engine_key].manifest
+    return web.json_response({"sha256": manifest.sha256, "manifest": manifest.to_dict()})
+
+
+async def enroll_client(request: web.Request) -> web.Response:
+    """Consume a one-time token and register the client's Ed25519 key.
+
+    The request is signed with the key being registered (proof of possession).
+    """
+    length = request.content_length
+    if length is None:
+        return json_error(411, "length_required", "Content-Length is required")
+    if length > _MAX_ENROLL_BYTES:
+        return json_error(413, "payload_too_large", f"enrolment body over {_MAX_ENROLL_BYTES} B")
+    body = await request.read()
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WireFormatError(f"body is not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or not all(
+        isinstance(doc.get(k), str) for k in ("token", "client_id", "public_key")
+    ):
+        raise WireFormatError('expected {"token", "client_id", "public_key"} strings')
+    signed = SignedRequest.from_headers(request.headers)
+    if signed.client_id != doc["client_id"] or signed.stage != "enroll":
+        raise SignatureError("signed client id/stage differ from the enrolment request")
+    verify_request(
+        decode_public_key(doc["public_key"]),
+        signed,
+        request.method,
+        request.path,
+        sha256_hex(body),
+        now_ms=int(time.time() * 1000),
+        max_skew_ms=int(request.app[config_key].server.max_clock_skew_s * 1000),
+    )
+    engine = request.app[engine_key]
+    await asyncio.to_thread(engine.enroll, doc["token"], doc["client_id"], doc["public_key"])
+    return web.json_response(
+        {
+            "client_id": doc["client_id"],
+            "job": engine.config.job.name,
+            "manifest_sha256": engine.manifest.sha256,
+        }
+    )
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """Return what this client should do now, long-polling up to ``?wait=`` seconds."""
+    signed = await authenticate(request, round_id=0, stage="task", durable_nonce=False)
+    engine = request.app[engine_key]
+    try:
+        wait = float(request.query.get("wait", "0"))
+    except ValueError:
+        wait = 0.0
+    wait = min(max(wait, 0.0), request.app[config_key].server.long_poll_max_s)
+    if engine.idle:
+        # A newly active client may complete the set a round is waiting for.
+        request.app[wake_key].set()
+    deadline = time.monotonic() + wait
+    while True:
+        task = engine.task_for(signed.client_id)
+        remaining = deadline - time.monotonic()
+        if task["action"] != "wait" or remaining <= 0:
+            return web.json_response(task)
+        await request.app[notifier_key].wait(remaining)
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """Return a model version (safetensors) by SHA-256."""
+    await authenticate(request, round_id=0, stage="model", durable_nonce=False)
+    engine = request.app[engine_key]
+    sha = request.match_info["sha256"]
+    relpath = await asyncio.to_thread(engine.store.model_path, sha)
+    if relpath is None:
+        return json_error(404, "unknown_model", f"no model version {sha}")
+    data = await asyncio.to_thread(engine.blobs.read, relpath)
+    return web.Response(
+        body=data,
+        content_type="application/octet-stream",
+        headers={"X-Confide-Model-SHA256": sha},
+    )
+
+
+class _Pre(NamedTuple):
+    round_id: int
+    stage: str
+    length: int
+    signed: SignedRequest
+    prior: dict[str, Any] | None
+
+
+_PRE = web.RequestKey("confide_precheck", _Pre)
+
+
+async def _precheck(request: web.Request) -> _Pre:
+    """Check everything that needs no body: route, size, signature, round and stage."""
+    try:
+        round_id = int(request.match_info["round"])
+    except ValueError:
+        raise RequestError(404, "not_found", "round must be an integer") from None
+    stage = request.match_info["stage"]
+    engine = request.app[engine_key]
+    payload_kind = engine.stage_payload(stage)
+    limit = request.app[config_key].server.max_upload_bytes or (engine.manifest.nbytes + 65536)
+    if payload_kind == "json":
+        limit = _MAX_EVAL_BYTES
+    length = request.content_length
+    if length is None:
+        raise RequestError(411, "length_required", "Content-Length is required")
+    if length > limit:
+        raise RequestError(413, "payload_too_large", f"{length} bytes > limit of {limit}")
+    signed = await authenticate(request, round_id=round_id, stage=stage, durable_nonce=True)
+    prior = engine.check_submission(signed.client_id, round_id, stage, signed.body_sha256)
+    return _Pre(round_id, stage, length, signed, prior)
+
+
+async def expect_upload(request: web.Request) -> web.StreamResponse | None:
+    """Answer ``Expect: 100-continue`` only once the upload is sure to be read.
+
+    All checks that need no body run here and an upload slot is taken, so the client sends
+    its body only when the server is ready for it: bodies do not pile up in the server's
+    buffers while uploads wait (memory stays bounded by the upload cap).
+    """
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return json_error(417, "expectation_failed", "only 100-continue is supported")
+    try:
+        pre = await _precheck(request)
+        if pre.prior is not None:
+            return web.json_response({"receipt": pre.prior, "duplicate": True})
+        await request.app[upload_gate_key].acquire()
+    except FederationError as exc:
+        return error_response(exc)
+    request[_PRE] = pre
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    return None
+
+
+async def put_submission(request: web.Request) -> web.Response:
+    """Accept one stage submission (tensors or JSON), durably, then return its receipt."""
+    engine = request.app[engine_key]
+    gate = request.app[upload_gate_key]
+    pre: _Pre | None = request.get(_PRE)
+    holding = pre is not None  # expect_upload already took a slot
+    try:
+        if pre is None:
+            pre = await _precheck(request)
+            if pre.prior is not None:
+                return web.json_response({"receipt": pre.prior, "duplicate": True})
+            await gate.acquire()
+            holding = True
+        body = await request.read()
+        if len(body) != pre.length:
+            raise WireFormatError("body length differs from Content-Length")
+        body_sha = await asyncio.to_thread(sha256_hex, body)
+        check_body(pre.signed, body_sha)
+        prepared = await asyncio.to_thread(
+            engine.prepare, pre.signed.client_id, pre.round_id, pre.stage, body
+        )
+        del body
+        receipt = await asyncio.to_thread(engine.commit_submission, prepared, pre.signed.nonce)
+    finally:
+        if holding:
+            gate.release()
+    request.app[wake_key].set()
+    return web.json_response({"receipt": receipt, "duplicate": False})

@@ -1,0 +1,32 @@
+"""Typed application keys: the only way handlers reach shared state (no module globals)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from confide_server.config import Config
+from confide_server.events import NonceCache, Notifier, UploadGate
+from confide_server.rounds import RoundEngine
+
+__all__ = [
+    "config_key",
+    "engine_key",
+    "finished_key",
+    "nonce_cache_key",
+    "notifier_key",
+    "upload_gate_key",
+    "wake_key",
+]
+
+config_key = web.AppKey("config_key", Config)
+engine_key = web.AppKey("engine_key", RoundEngine)
+# Set on every state change; long-polling task requests wait on it.
+notifier_key = web.AppKey("notifier_key", Notifier)
+# Set by handlers after an accepted submission, so the round timer re-checks at once.
+wake_key = web.AppKey("wake_key", asyncio.Event)
+# Set when the job is finished or failed (the CLI may then exit).
+finished_key = web.AppKey("finished_key", asyncio.Event)
+nonce_cache_key = web.AppKey("nonce_cache_key", NonceCache)
+upload_gate_key = web.AppKey("upload_gate_key", UploadGate)

@@ -1,0 +1,716 @@
+"""The round state machine: cohorts, stages with deadlines, quorum, FedAvg, recovery.
+
+No aiohttp here: the machine is synchronous, thread-safe and driven by two kinds of calls,
+so it is unit-tested directly with a fake clock.
+
+* Client calls: :meth:`RoundEngine.task_for` (what should this client do now),
+  :meth:`RoundEngine.check_submission` (cheap pre-check before a body is read),
+  :meth:`RoundEngine.prepare` (decode and validate a body; CPU work, no lock) and
+  :meth:`RoundEngine.commit_submission` (durable write, then acknowledge).
+* Timer calls: :meth:`RoundEngine.tick` starts rounds and closes stages. Only the tick changes
+  a round's status or stage, so transitions are serialised.
+
+A round is a sequence of :class:`StageSpec` (for FedAvg: ``train`` with tensors, then
+``evaluate`` with JSON metrics; secure aggregation will add its stages to the same list).
+A stage closes when every cohort member answered or at its deadline. A closing stage that
+needs a quorum (``quorum=True``) and has fewer than ``min_clients`` answers aborts the round;
+the next round then starts normally. Every transition is one SQLite transaction guarded by the
+row's current status and stage, and blobs are written before the rows that name them, so a
+server killed at any instant restarts (:meth:`RoundEngine.initialise`) into a consistent state:
+acknowledged submissions are kept, nothing is counted twice, no round is committed twice.
+Aggregation iterates submissions sorted by client id and accumulates in float64, so the
+same inputs always give bit-identical model versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from confide.federation_errors import FederationError, ManifestError
+from confide.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide_server.config import Config
+from confide_server.store import BlobStore, RoundRow, Store, SubmissionRow
+
+__all__ = [
+    "CrashHook",
+    "EnrollmentError",
+    "InvalidSubmissionError",
+    "Prepared",
+    "RoundEngine",
+    "RoundError",
+    "StageSpec",
+    "fedavg_stages",
+    "hash_token",
+    "new_token",
+]
+
+CrashHook = Callable[[str], None]
+_CLIENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+_MAX_METRICS = 32
+
+
+class RoundError(FederationError):
+    """A submission that does not fit the current round (wrong round/stage, late, duplicate)."""
+
+    code = "wrong_round"
+    http_status = 409
+
+
+class InvalidSubmissionError(FederationError, ValueError):
+    """A submission body that fails validation (422)."""
+
+    code = "invalid_payload"
+    http_status = 422
+
+
+class EnrollmentError(FederationError):
+    """Enrolment refused: bad or used token (401), taken id or key (409), bad id (422)."""
+
+    def __init__(self, message: str, code: str, http_status: int) -> None:
+        super().__init__(message, code)
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a round.
+
+    Parameters
+    ----------
+    name : str
+        Stage name, also the last path segment of its upload URL.
+    payload : {"tensors", "json"}
+        What clients upload: safetensors checked against the manifest, or JSON metrics.
+    deadline_s : float
+        Seconds the stage stays open at most.
+    quorum : bool
+        Whether fewer than ``min_clients`` answers abort the round.
+    """
+
+    name: str
+    payload: Literal["tensors", "json"]
+    deadline_s: float
+    quorum: bool
+
+
+def fedavg_stages(config: Config) -> tuple[StageSpec, ...]:
+    """Stages of a plain FedAvg round: ``train`` (model deltas) then ``evaluate`` (metrics)."""
+    return (
+        StageSpec("train", "tensors", config.deadlines["train"], quorum=True),
+        StageSpec("evaluate", "json", config.deadlines["evaluate"], quorum=False),
+    )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated submission, ready to be written."""
+
+    round_id: int
+    stage: str
+    client_id: str
+    sha256: str
+    num_examples: int
+    body: bytes | None
+    payload: dict[str, Any]
+
+
+def new_token() -> str:
+    """Return a fresh one-time enrolment token (32 random bytes, URL-safe)."""
+    # A fixed prefix: a bare token_urlsafe can start with '-', which command lines read as
+    # an option (`confide client --token -abc...`).
+    return "ct_" + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """Return the hash under which a token is stored (the token itself never is)."""
+    return hashlib.sha256(b"confide-enrol-token/1\n" + token.encode()).hexdigest()
+
+
+def _derive_seed(job_seed: int, round_id: int) -> int:
+    digest = hashlib.sha256(f"confide-round-seed/1:{job_seed}:{round_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class RoundEngine:
+    """The job's rounds, backed by a :class:`Store` and a :class:`BlobStore`.
+
+    Parameters
+    ----------
+    config : Config
+        The job configuration.
+    store : Store
+        Database.
+    blobs : BlobStore
+        Model versions and updates.
+    manifest : Manifest
+        The model's manifest (every tensor upload is checked against it).
+    clock : callable, optional
+        Returns Unix time in seconds; tests pass a fake one.
+    crash_hook : callable, optional
+        Called with a crash-point name at each durable step (fault-injection tests).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        blobs: BlobStore,
+        manifest: Manifest,
+        *,
+        clock: Callable[[], float] = time.time,
+        crash_hook: CrashHook | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.blobs = blobs
+        self.manifest = manifest
+        self.stages = fedavg_stages(config)
+        self._stage_by_name = {s.name: s for s in self.stages}
+        self._clock = clock
+        self._crash = crash_hook or (lambda _point: None)
+        self._lock = threading.RLock()
+        self._tick_lock = threading.Lock()
+        self._current: RoundRow | None = None
+        self._submitted: dict[tuple[int, str], set[str]] = {}
+        self._closing = False
+        self._last_seen: dict[str, float] = {}
+        self._clients: dict[str, str] = {}
+        self.status = "running"
+        self.current_model = ""
+        self.completed_rounds = 0
+        self._consecutive_aborts = 0
+
+    # -- start-up and recovery ---------------------------------------------------------
+    def initialise(self, initial_weights: bytes) -> None:
+        """Create the job on first start, or recover it (and its open round) from the store.
+
+        Parameters
+        ----------
+        initial_weights : bytes
+            The configured initial model (safetensors); checked against the manifest.
+
+        Raises
+        ------
+        ConfigError
+            The state folder belongs to another job or manifest.
+        """
+        from confide.federation_errors import ConfigError
+
+        vector, _ = decode_tensors(self.manifest, initial_weights)
+        name = self.store.get_meta("job_name")
+        if name is None:
+            model = encode_tensors(self.manifest, vector)
+            sha = self.blobs.write_model(model)
+            with self.store.transaction() as cur:
+                Store.add_model(cur, sha, self.blobs.model_relpath(sha), None)
+                Store.set_meta(cur, "job_name", self.config.job.name)
+                Store.set_meta(cur, "manifest_sha256", self.manifest.sha256)
+                Store.set_meta(cur, "initial_model", sha)
+                Store.set_meta(cur, "current_model", sha)
+                Store.set_meta(cur, "status", "running")
+                Store.set_meta(cur, "consecutive_aborts", "0")
+        elif name != self.config.job.name:
+            raise ConfigError(f"state belongs to job {name!r}, not {self.config.job.name!r}")
+        elif self.store.get_meta("manifest_sha256") != self.manifest.sha256:
+            raise ConfigError("state was created with another manifest")
+        self._load()
+
+    def _load(self) -> None:
+        with self._lock:
+            self.status = self.store.get_meta("status") or "running"
+            self.current_model = self.store.get_meta("current_model") or ""
+            self._consecutive_aborts = int(self.store.get_meta("consecutive_aborts") or 0)
+            rounds = self.store.rounds()
+            self.completed_rounds = sum(r.status == "committed" for r in rounds)
+            self._current = next((r for r in rounds if r.status == "open"), None)
+            self._submitted = {}
+            if self._current is not None:
+                for stage in self.stages:
+                    subs = self.store.submissions(self._current.round, stage.name)
+                    self._submitted[(self._current.round, stage.name)] = {s.client_id for s in subs}
+            self._clients = self.store.clients()
+
+    # -- identity ----------------------------------------------------------------------
+    def create_tokens(self, n: int) -> list[str]:
+        """Create ``n`` one-time enrolment tokens; only their hashes are stored."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        tokens = [new_token() for _ in range(n)]
+        self.store.add_token_hashes([hash_token(t) for t in tokens])
+        return tokens
+
+    def enroll(self, token: str, client_id: str, public_key: str) -> None:
+        """Consume ``token`` and register ``client_id`` with its Ed25519 key.
+
+        Raises
+        ------
+        EnrollmentError
+            Bad id (422), bad or used token (401), id or key already enrolled (409).
+        """
+        if not 1 <= len(client_id) <= 64 or not set(client_id) <= _CLIENT_ID_CHARS:
+            raise EnrollmentError(
+                "client_id must be 1-64 characters from [A-Za-z0-9_.-]", "bad_client_id", 422
+            )
+        outcome = self.store.enroll(hash_token(token), client_id, public_key)
+        if outcome == "bad_token":
+            raise EnrollmentError("unknown or already used enrolment token", "bad_token", 401)
+        if outcome == "client_exists":
+            raise EnrollmentError(f"client id {client_id!r} is taken", "client_exists", 409)
+        if outcome == "key_exists":
+            raise EnrollmentError("this public key is already enrolled", "key_exists", 409)
+        with self._lock:
+            self._clients[client_id] = public_key
+
+    def public_key(self, client_id: str) -> str | None:
+        """Return the enrolled base64 public key of ``client_id``, or ``None``."""
+        with self._lock:
+            return self._clients.get(client_id)
+
+    def touch(self, client_id: str) -> None:
+        """Mark a client as seen now (it is available for cohort selection)."""
+        with self._lock:
+            self._last_seen[client_id] = self._clock()
+
+    @property
+    def idle(self) -> bool:
+        """Whether the job runs but no round is open (a round may start)."""
+        with self._lock:
+            return self.status == "running" and self._current is None
+
+    # -- client-facing -----------------------------------------------------------------
+    def task_for(self, client_id: str) -> dict[str, Any]:
+        """Return what ``client_id`` should do now (JSON-ready).
+
+        Returns
+        -------
+        dict
+            ``action`` is ``train``, ``evaluate``, ``wait``, ``finished`` or ``failed``.
+        """
+        with self._lock:
+            now = self._clock()
+            if self.status == "finished":
+                return {
+                    "action": "finished",
+                    "model_sha256": self.current_model,
+                    "rounds": self.completed_rounds,
+                }
+            if self.status == "failed":
+                return {"action": "failed", "reason": "too many consecutive aborted rounds"}
+            cur = self._current
+            if (
+                cur is not None
+                and not self._closing
+                and client_id in cur.cohort
+                and client_id not in self._submitted.get((cur.round, cur.stage), set())
+                and now < cur.deadline
+            ):
+                task: dict[str, Any] = {
+                    "action": cur.stage,
+                    "round": cur.round,
+                    "stage": cur.stage,
+                    "deadline": cur.deadline,
+                    "seed": cur.seed,
+                }
+                if cur.stage == "train":
+                    s = self.config.strategy
+                    task["model_sha256"] = cur.base_model
+                    task["config"] = {
+                        "epochs": s.epochs,
+                        "batch_size": s.batch_size,
+                        "learning_rate": s.learning_rate,
+                    }
+                else:
+                    task["model_sha256"] = cur.new_model
+                return task
+            return {"action": "wait", "retry_after": 1.0}
+
+    def _existing_or_check(
+        self, client_id: str, round_id: int, stage: str, sha256: str
+    ) -> dict[str, Any] | None:
+        """Under the lock: the stored receipt for an identical retry, or raise if not open."""
+        if stage not in self._stage_by_name:
+            raise RoundError(f"unknown stage {stage!r}", "wrong_stage")
+        if self.status != "running":
+            raise RoundError(f"the job is {self.status}", "job_not_running")
+        cur = self._current
+        if cur is None or round_id != cur.round:
+            row = self.store.get_round(round_id)
+            if row is None:
+                raise RoundError(f"round {round_id} does not exist", "wrong_round")
+            if client_id in row.cohort:
+                prior = self.store.get_submission(round_id, stage, client_id)
+                if prior is not None and prior.sha256 == sha256:
+                    return prior.receipt
+            raise RoundError(f"round {round_id} is {row.status}", "round_closed")
+        if client_id not in cur.cohort:
+            raise RoundError(
+                f"client {client_id!r} is not in round {round_id}'s cohort", "not_in_cohort"
+            )
+        if client_id in self._submitted.get((round_id, stage), set()):
+            prior = self.store.get_submission(round_id, stage, client_id)
+            if prior is not None and prior.sha256 == sha256:
+                return prior.receipt
+            raise RoundError(
+                f"client {client_id!r} already submitted to round {round_id} stage {stage!r}",
+                "duplicate",
+            )
+        if stage != cur.stage:
+            order = [s.name for s in self.stages]
+            if order.index(stage) < order.index(cur.stage):
+                raise RoundError(f"stage {stage!r} of round {round_id} is closed", "stage_closed")
+            raise RoundError(
+                f"round {round_id} is in stage {cur.stage!r}, not {stage!r}", "wrong_stage"
+            )
+        if self._closing or self._clock() >= cur.deadline:
+            raise RoundError(
+                f"stage {stage!r} of round {round_id} is closed (late)", "stage_closed"
+            )
+        return None
+
+    def check_submission(
+        self, client_id: str, round_id: int, stage: str, sha256: str
+    ) -> dict[str, Any] | None:
+        """Cheap check before the body is read.
+
+        Returns
+        -------
+        dict or None
+            The original receipt if this is an identical retry, else ``None`` (go on).
+
+        Raises
+        ------
+        RoundError
+            Wrong round or stage, closed stage, not in the cohort, duplicate.
+        """
+        with self._lock:
+            return self._existing_or_check(client_id, round_id, stage, sha256)
+
+    def stage_payload(self, stage: str) -> str:
+        """``"tensors"`` or ``"json"`` for a known stage."""
+        spec = self._stage_by_name.get(stage)
+        if spec is None:
+            raise RoundError(f"unknown stage {stage!r}", "wrong_stage")
+        return spec.payload
+
+    def prepare(self, client_id: str, round_id: int, stage: str, body: bytes) -> Prepared:
+        """Decode and validate a body (CPU work; call it from a worker thread).
+
+        Raises
+        ------
+        InvalidSubmissionError, ManifestError, WireFormatError
+            The body is malformed or does not match the manifest (422).
+        """
+        sha = sha256_hex(body)
+        if self.stage_payload(stage) == "tensors":
+            _, meta = decode_tensors(self.manifest, body)
+            num = _positive_int(meta.get("num_examples"), "num_examples")
+            payload: dict[str, Any] = {}
+            if "train_loss" in meta:
+                payload["train_loss"] = _finite_float(meta["train_loss"], "train_loss")
+            return Prepared(round_id, stage, client_id, sha, num, body, payload)
+        try:
+            doc = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidSubmissionError(f"body is not JSON: {exc}", "malformed_body") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
+            raise InvalidSubmissionError('expected {"num_examples": int, "metrics": {...}}')
+        num = _positive_int(doc.get("num_examples"), "num_examples")
+        metrics = doc["metrics"]
+        if len(metrics) > _MAX_METRICS:
+            raise InvalidSubmissionError(f"at most {_MAX_METRICS} metrics")
+        clean: dict[str, float] = {}
+        for key, value in metrics.items():
+            if not isinstance(key, str) or not 1 <= len(key) <= 64:
+                raise InvalidSubmissionError(f"bad metric name {key!r}")
+            clean[key] = _finite_float(value, f"metrics.{key}")
+        return Prepared(round_id, stage, client_id, sha, num, None, {"metrics": clean})
+
+    def commit_submission(self, prepared: Prepared, nonce: str) -> dict[str, Any]:
+        """Write a prepared submission durably and return its receipt.
+
+        The blob is fsynced before the row; the row and the nonce are one transaction; the
+        receipt is returned only after the commit. An identical retry gets the stored receipt.
+
+        Raises
+        ------
+        RoundError
+            The stage closed, or another submission won, in the meantime.
+        """
+        p = prepared
+        with self._lock:
+            prior = self._existing_or_check(p.client_id, p.round_id, p.stage, p.sha256)
+        if prior is not None:
+            return prior
+        relpath = None
+        if p.body is not None:
+            relpath = f"updates/r{p.round_id}/{p.stage}/{p.client_id}-{p.sha256[:16]}.safetensors"
+            self.blobs.write(relpath, p.body)
+        with self._lock:
+            prior = self._existing_or_check(p.client_id, p.round_id, p.stage, p.sha256)
+            if prior is not None:
+                return prior
+            now = self._clock()
+            receipt = {
+                "receipt_id": sha256_hex(
+                    f"{p.round_id}|{p.stage}|{p.client_id}|{p.sha256}".encode()
+                )[:32],
+                "round": p.round_id,
+                "stage": p.stage,
+                "client_id": p.client_id,
+                "sha256": p.sha256,
+                "num_examples": p.num_examples,
+                "accepted_at": now,
+            }
+            row = SubmissionRow(
+                p.round_id,
+                p.stage,
+                p.client_id,
+                p.sha256,
+                p.num_examples,
+                relpath,
+                p.payload,
+                receipt,
+            )
+            self.store.insert_submission(row, nonce, now)
+            self._submitted.setdefault((p.round_id, p.stage), set()).add(p.client_id)
+        self._crash("submission_committed")
+        return receipt
+
+    # -- timer-facing ------------------------------------------------------------------
+    def seconds_to_next_event(self) -> float:
+        """Seconds until the open stage's deadline (at most 1 s; round starts are polled)."""
+        with self._lock:
+            cur = self._current
+            if cur is None or self.status != "running":
+                return 1.0
+            return max(0.0, min(1.0, cur.deadline - self._clock()))
+
+    def tick(self) -> bool:
+        """Start a round or close the open stage if it is due.
+
+        Returns
+        -------
+        bool
+            Whether anything changed.
+        """
+        with self._tick_lock:
+            with self._lock:
+                if self.status != "running":
+                    return False
+                now = self._clock()
+                cur = self._current
+                if cur is None:
+                    return self._maybe_start(now)
+                answered = self._submitted.get((cur.round, cur.stage), set())
+                if not set(cur.cohort) <= answered and now < cur.deadline:
+                    return False
+                self._closing = True
+            try:
+                self._close_stage(cur, sorted(answered))
+            finally:
+                with self._lock:
+                    self._closing = False
+            return True
+
+    def _maybe_start(self, now: float) -> bool:
+        job = self.config.job
+        window = job.active_window_s
+        available = sorted(
+            c for c in self._clients if now - self._last_seen.get(c, -math.inf) <= window
+        )
+        if len(available) < job.start_threshold:
+            return False
+        rounds = self.store.rounds()
+        round_id = (rounds[-1].round + 1) if rounds else 1
+        if len(available) > job.cohort_size:
+            rng = np.random.default_rng([job.seed, round_id])
+            pick = rng.choice(len(available), size=job.cohort_size, replace=False)
+            cohort = tuple(sorted(available[int(i)] for i in pick))
+        else:
+            cohort = tuple(available)
+        first = self.stages[0]
+        row = RoundRow(
+            round=round_id,
+            status="open",
+            stage=first.name,
+            deadline=now + first.deadline_s,
+            cohort=cohort,
+            seed=_derive_seed(job.seed, round_id),
+            base_model=self.current_model,
+            new_model=None,
+            started_at=now,
+            ended_at=None,
+            metrics=None,
+            reason=None,
+        )
+        with self.store.transaction() as cur:
+            Store.insert_round(cur, row)
+        self._current = row
+        self._submitted[(round_id, first.name)] = set()
+        self._crash("round_started")
+        return True
+
+    def _close_stage(self, cur: RoundRow, answered: list[str]) -> None:
+        spec = self._stage_by_name[cur.stage]
+        if spec.quorum and len(answered) < self.config.job.min_clients:
+            self._abort(
+                cur,
+                f"{len(answered)} of {len(cur.cohort)} answered stage "
+                f"{cur.stage!r}; min_clients={self.config.job.min_clients}",
+            )
+            return
+        if cur.stage == "train":
+            new_sha = self._aggregate(cur)
+            self._crash("model_written")
+            nxt = self.stages[1]
+            deadline = self._clock() + nxt.deadline_s
+            with self.store.transaction() as db:
+                Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
+                db.execute(
+                    "UPDATE rounds SET new_model=?, stage=?, deadline=? "
+                    "WHERE round=? AND status='open' AND stage=?",
+                    (new_sha, nxt.name, deadline, cur.round, cur.stage),
+                )
+            with self._lock:
+                self._current = replace(cur, new_model=new_sha, stage=nxt.name, deadline=deadline)
+                self._submitted[(cur.round, nxt.name)] = set()
+            self._crash("stage_committed")
+        else:
+            self._commit(cur)
+
+    def _aggregate(self, cur: RoundRow) -> str:
+        """Weighted FedAvg of the accepted deltas; returns the new model's SHA-256."""
+        subs = self.store.submissions(cur.round, cur.stage)
+        base_path = self.store.model_path(cur.base_model)
+        if base_path is None:
+            raise ManifestError(f"base model {cur.base_model} is missing from the store")
+        base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
+        acc = np.zeros(self.manifest.size, dtype=np.float64)
+        total = 0
+        for s in subs:  # sorted by client id: a fixed order makes the sum reproducible
+            assert s.blob is not None
+            delta, _ = decode_tensors(self.manifest, self.blobs.read(s.blob))
+            acc += s.num_examples * delta.astype(np.float64)
+            total += s.num_examples
+        lr = self.config.strategy.server_learning_rate
+        new = (base.astype(np.float64) + lr * acc / total).astype(np.float32)
+        if not np.isfinite(new).all():
+            raise ManifestError("aggregate is not finite", code="non_finite")
+        blob = encode_tensors(
+            self.manifest, new, {"round": str(cur.round), "parent": cur.base_model}
+        )
+        return self.blobs.write_model(blob)
+
+    def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
+        metrics: dict[str, Any] = {}
+        train = self.store.submissions(cur.round, "train")
+        metrics["train_clients"] = len(train)
+        metrics["train_examples"] = sum(s.num_examples for s in train)
+        losses = [
+            (s.num_examples, float(s.payload["train_loss"]))
+            for s in train
+            if s.payload is not None and "train_loss" in s.payload
+        ]
+        if train and len(losses) == len(train):
+            total_n = sum(n for n, _ in losses)
+            metrics["train_loss"] = sum(n * v for n, v in losses) / total_n
+        evals = self.store.submissions(cur.round, "evaluate")
+        metrics["eval_clients"] = len(evals)
+        metrics["eval_examples"] = sum(s.num_examples for s in evals)
+        if evals:
+            keys = set.intersection(*(set((s.payload or {})["metrics"]) for s in evals))
+            total = sum(s.num_examples for s in evals)
+            for key in sorted(keys):
+                metrics[f"eval_{key}"] = (
+                    sum(s.num_examples * (s.payload or {})["metrics"][key] for s in evals) / total
+                )
+        return metrics
+
+    def _commit(self, cur: RoundRow) -> None:
+        metrics = self._round_metrics(cur)
+        self._crash("before_round_commit")
+        now = self._clock()
+        with self.store.transaction() as db:
+            changed = db.execute(
+                "UPDATE rounds SET status='committed', metrics=?, ended_at=? "
+                "WHERE round=? AND status='open' AND stage=?",
+                (json.dumps(metrics), now, cur.round, cur.stage),
+            ).rowcount
+            if changed != 1:  # pragma: no cover - guarded by the tick lock
+                raise RoundError(f"round {cur.round} was already closed", "round_closed")
+            done = db.execute("SELECT COUNT(*) FROM rounds WHERE status='committed'").fetchone()[0]
+            assert cur.new_model is not None
+            Store.set_meta(db, "current_model", cur.new_model)
+            Store.set_meta(db, "consecutive_aborts", "0")
+            status = "finished" if done >= self.config.job.rounds else "running"
+            Store.set_meta(db, "status", status)
+        with self._lock:
+            self.current_model = cur.new_model
+            self.completed_rounds = int(done)
+            self._consecutive_aborts = 0
+            self.status = status
+            self._current = None
+        self._crash("round_committed")
+
+    def _abort(self, cur: RoundRow, reason: str) -> None:
+        aborts = self._consecutive_aborts + 1
+        status = "failed" if aborts >= self.config.job.max_consecutive_aborts else "running"
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE rounds SET status='aborted', ended_at=?, reason=? "
+                "WHERE round=? AND status='open'",
+                (self._clock(), reason, cur.round),
+            )
+            Store.set_meta(db, "consecutive_aborts", str(aborts))
+            Store.set_meta(db, "status", status)
+        with self._lock:
+            self._consecutive_aborts = aborts
+            self.status = status
+            self._current = None
+        self._crash("round_aborted")
+
+    # -- reporting ---------------------------------------------------------------------
+    def status_dict(self) -> dict[str, Any]:
+        """Job status and per-round history (JSON-ready)."""
+        rounds = self.store.rounds()
+        with self._lock:
+            return {
+                "job": self.config.job.name,
+                "status": self.status,
+                "rounds_target": self.config.job.rounds,
+                "rounds_completed": self.completed_rounds,
+                "current_model": self.current_model,
+                "manifest_sha256": self.manifest.sha256,
+                "enrolled": len(self._clients),
+                "rounds": [r.to_json() for r in rounds],
+            }
+
+
+def _positive_int(value: Any, name: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise InvalidSubmissionError(f"{name} must be a positive integer, got {value!r}") from None
+    if isinstance(value, (bool, float)) or not 1 <= n <= 10**9:
+        raise InvalidSubmissionError(f"{name} must be an integer in [1, 1e9], got {value!r}")
+    return n
+
+
+def _finite_float(value: Any, name: str) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise InvalidSubmissionError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(f):
+        raise InvalidSubmissionError(f"{name} must be finite, got {value!r}")
+    return f

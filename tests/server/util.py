@@ -1,0 +1,60 @@
+"""Helpers shared by the server and end-to-end tests: a tiny job, signing, uploads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from confide.manifest import Manifest, encode_tensors
+from confide.signing import Identity
+from confide.trainer import NumpyTrainer
+from confide_server.config import Config, parse_config
+
+N_FEATURES = 4
+
+
+def tiny_manifest() -> Manifest:
+    return NumpyTrainer.build_manifest("logistic", N_FEATURES, 2)
+
+
+def write_job(tmp: Path, **overrides: Any) -> Config:
+    """Write a 5-parameter logistic model and return its job config."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    trainer = NumpyTrainer.create("logistic", N_FEATURES, 2, seed=0)
+    trainer.manifest.save(tmp / "model.json")
+    (tmp / "init.safetensors").write_bytes(encode_tensors(trainer.manifest, trainer.get_weights()))
+    doc: dict[str, Any] = {
+        "job": {
+            "name": "test",
+            "rounds": 2,
+            "seed": 1,
+            "cohort_size": 2,
+            "min_clients": 1,
+            "wait_for_clients": 2,
+        },
+        "model": {"manifest": "model.json", "weights": "init.safetensors"},
+        "deadlines": {"train": 30.0, "evaluate": 30.0},
+        "server": {"state_dir": "state"},
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        doc.setdefault(section, {})[name] = value
+    return parse_config(doc, tmp)
+
+
+def delta_body(manifest: Manifest, value: float, num_examples: int = 10) -> bytes:
+    vec = np.full(manifest.size, value, dtype=np.float32)
+    return encode_tensors(manifest, vec, {"num_examples": str(num_examples)})
+
+
+def eval_body(accuracy: float, num_examples: int = 10) -> bytes:
+    return json.dumps({"num_examples": num_examples, "metrics": {"accuracy": accuracy}}).encode()
+
+
+def signed(
+    ident: Identity, cid: str, method: str, path: str, round_id: int, stage: str, body: bytes
+) -> dict[str, str]:
+    return ident.sign_request(cid, method, path, round_id, stage, body)
