@@ -20,8 +20,12 @@ async def _client(args: argparse.Namespace) -> int:
     from confide.data import load_csv
     from confide.trainer import NumpyTrainer
 
-    train = load_csv(args.data, args.label_column)
-    test = load_csv(args.test_data, args.label_column) if args.test_data else None
+    train = load_csv(args.data, args.label_column, args.patient_id_column)
+    test = (
+        load_csv(args.test_data, args.label_column, args.patient_id_column)
+        if args.test_data
+        else None
+    )
 
     def log(line: str) -> None:
         if not args.quiet:
@@ -49,13 +53,17 @@ async def _client(args: argparse.Namespace) -> int:
 
 
 def _fault_injection(args: argparse.Namespace) -> Callable[[dict[str, Any]], None] | None:
-    """``--die-in-round R``: SIGKILL this process when round R's training task arrives."""
+    """``--die-in-round R``: SIGKILL this process when round R's training task arrives.
+
+    ``--die-at-stage S`` picks another task than ``train`` (e.g. a SecAgg+ stage, ``mask``).
+    """
     die_in = args.die_in_round
     if die_in is None:
         return None
+    stage = args.die_at_stage
 
     def hook(task: dict[str, Any]) -> None:
-        if task["action"] == "train" and int(task["round"]) >= die_in:
+        if task["action"] == stage and int(task["round"]) >= die_in:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
@@ -73,6 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--data", required=True, help="training CSV (label column + features)")
     c.add_argument("--test-data", help="evaluation CSV (default: the training data)")
     c.add_argument("--label-column", default="label")
+    c.add_argument(
+        "--patient-id-column",
+        default=None,
+        help="column naming each row's patient (not a feature); required for patient-level "
+        "DP when a patient has several rows",
+    )
     c.add_argument("--state", default=".confide-client", help="identity and state folder")
     c.add_argument("--ca-file", help="CA bundle to verify the server (https)")
     c.add_argument("--cert", help="client certificate (mutual TLS)")
@@ -82,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--quiet", action="store_true")
     # Tests only: simulate a site that crashes in the middle of a round.
     c.add_argument("--die-in-round", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument("--die-at-stage", default="train", help=argparse.SUPPRESS)
     sub.add_parser("simulate", help="run a whole federation on loopback", add_help=False)
     if argv[:1] == ["simulate"]:
         from confide.simulate import main_simulate

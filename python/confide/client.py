@@ -16,6 +16,7 @@ Certificate failures are never retried.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -37,6 +38,8 @@ from confide.federation_errors import (
     TransportError,
 )
 from confide.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.secaggplus import SecAggError
+from confide.secure_client import SecureParticipant, train_delta
 from confide.signing import Identity
 from confide.trainer import TrainConfig, Trainer
 
@@ -44,6 +47,7 @@ __all__ = ["Client", "ClientResult", "client_ssl_context"]
 
 _IDENTITY_FILE = "identity.pem"
 _STATE_FILE = "client.json"
+_SECURE_ACTIONS = ("advertise", "share", "mask", "consistency", "unmask")
 
 
 def client_ssl_context(
@@ -143,6 +147,12 @@ class Client:
         self._identity: Identity | None = None
         self.client_id: str | None = None
         self._model_cache: tuple[str, NDArray[np.float32]] | None = None
+        self._secure: SecureParticipant | None = None
+        # (round, background fit, the advertise task that asked for it)
+        self._training: (
+            tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], dict[str, Any]]
+            | None
+        ) = None
         self._load_state()
 
     # -- state -------------------------------------------------------------------------
@@ -356,8 +366,14 @@ class Client:
             if action == "failed":
                 self._log(f"{self.client_id}: job failed: {task.get('reason')}")
                 return ClientResult("failed", trained, evaluated, None)
+            if action in _SECURE_ACTIONS:
+                if on_task is not None:
+                    on_task(task)
+                trained += await self._secure_step(task, manifest, trainer, train)
+                continue
             if action not in ("train", "evaluate"):
                 continue
+            await self._settle_training()
             if on_task is not None:
                 on_task(task)
             round_id = int(task["round"])
@@ -365,19 +381,22 @@ class Client:
             trainer.set_weights(weights)
             try:
                 if action == "train":
-                    cfg = TrainConfig(**task["config"])
+                    cfg = TrainConfig.from_dict(task["config"])
                     result = await asyncio.to_thread(
-                        trainer.fit, train.x, train.y, cfg, self._seed(int(task["seed"]))
+                        functools.partial(
+                            trainer.fit,
+                            train.x,
+                            train.y,
+                            cfg,
+                            self._seed(int(task["seed"])),
+                            patient_ids=train.patient_ids,
+                        )
                     )
-                    delta = trainer.get_weights() - weights
-                    body = encode_tensors(
-                        manifest,
-                        delta,
-                        {
-                            "num_examples": str(result.num_examples),
-                            "train_loss": repr(float(result.loss)),
-                        },
-                    )
+                    delta = _clip_for_privacy(trainer.get_weights() - weights, task)
+                    meta = {"num_examples": str(result.num_examples)}
+                    if math.isfinite(result.loss):  # DP-SGD reports no (un-noised) loss
+                        meta["train_loss"] = repr(float(result.loss))
+                    body = encode_tensors(manifest, delta, meta)
                     await self.submit(round_id, "train", body)
                     trained += 1
                     self._log(
@@ -400,6 +419,91 @@ class Client:
                     raise
                 # Late (the stage closed while we worked) or the round moved on: not fatal.
                 self._log(f"{self.client_id}: round {round_id} {action} not accepted: {exc}")
+
+    async def _settle_training(self) -> None:
+        """Wait for a secure round's background training (the trainer is not shared)."""
+        if self._training is not None:
+            job = self._training[1]
+            self._training = None
+            try:
+                await job
+            except Exception as exc:  # a failed fit must not stop the client
+                self._log(f"{self.client_id}: background training failed: {exc}")
+
+    async def _secure_step(
+        self, task: dict[str, Any], manifest: Manifest, trainer: Trainer, train: Dataset
+    ) -> int:
+        """Carry out one SecAgg+ task; return 1 when a masked update was accepted, else 0.
+
+        At ``advertise`` the announced model is downloaded (hash checked) and training starts
+        in the background; the masked update is sent at ``mask``. A round this process has
+        no state for (it restarted) is sat out; an inconsistent request or a refused message
+        drops this client from the round, never the job.
+        """
+        round_id, stage = int(task["round"]), str(task["stage"])
+        if self._secure is None:
+            if self._identity is None or self.client_id is None:
+                raise ConfigError("this client is not enrolled yet")
+            self._secure = SecureParticipant(
+                self.client_id, self._identity.private_key, self.state_dir
+            )
+        part = self._secure
+        try:
+            if stage == "advertise":
+                await self._settle_training()
+                weights = await self.download_model(manifest, task["model_sha256"])
+                msg = part.advertise(task)
+                job = asyncio.ensure_future(
+                    asyncio.to_thread(
+                        train_delta,
+                        trainer,
+                        weights,
+                        train,
+                        TrainConfig(**task["config"]),
+                        self._seed(int(task["seed"])),
+                    )
+                )
+                self._training = (round_id, job, task)
+                await self.submit(round_id, stage, json.dumps(msg).encode())
+                return 0
+            if not part.known(round_id):
+                self._log(f"{self.client_id}: round {round_id} {stage}: no state, sitting out")
+                await asyncio.sleep(1.0)
+                return 0
+            update, weight = None, 0
+            if stage == "mask":
+                if self._training is None or self._training[0] != round_id:
+                    raise IntegrityError(f"no training result for round {round_id}")
+                delta, weight, loss = await self._training[1]
+                update = _clip_for_privacy(delta, self._training[2])
+                self._training = None
+                self._log(
+                    f"{self.client_id}: round {round_id} trained on {weight} examples, "
+                    f"loss {loss:.4f} (secure aggregation)"
+                )
+            msg = part.answer(task, update, weight)
+            await self.submit(round_id, stage, json.dumps(msg).encode())
+            return 1 if stage == "mask" else 0
+        except (SecAggError, IntegrityError) as exc:
+            part.finish(round_id)
+            self._log(f"{self.client_id}: round {round_id} {stage}: left the round: {exc}")
+        except ServerError as exc:
+            if exc.status not in (409, 422):
+                raise
+            part.finish(round_id)
+            self._log(f"{self.client_id}: round {round_id} {stage} not accepted: {exc}")
+        return 0
+
+
+def _clip_for_privacy(delta: NDArray[np.float32], task: dict[str, Any]) -> NDArray[np.float32]:
+    """Client-level DP (``privacy.update_clip_norm`` in the task): clip the update to ``C``."""
+    clip = (task.get("privacy") or {}).get("update_clip_norm")
+    if clip is None:
+        return delta
+    from confide.privacy.client_dp import clip_update
+
+    clipped, _ = clip_update(delta, float(clip))
+    return clipped
 
 
 def _error_fields(data: bytes) -> tuple[str, str]:

@@ -42,11 +42,15 @@ class Dataset:
         ``(n,)`` int64 labels in ``[0, n_classes)``.
     feature_names : tuple of str, optional
         Column names.
+    patient_ids : numpy.ndarray, optional
+        ``(n,)`` patient of each row (strings). Patient-level DP-SGD samples and clips per
+        patient; without it every row is its own patient.
     """
 
     x: NDArray[np.float32]
     y: NDArray[np.int64]
     feature_names: tuple[str, ...] = ()
+    patient_ids: NDArray[np.str_] | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
@@ -57,6 +61,8 @@ class Dataset:
             raise ValueError("x contains NaN or Inf")
         if self.y.size and self.y.min() < 0:
             raise ValueError("labels must be non-negative")
+        if self.patient_ids is not None and self.patient_ids.shape != self.y.shape:
+            raise ValueError("patient_ids must hold one id per row")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -79,7 +85,8 @@ class Dataset:
         Dataset
             A new dataset (copies).
         """
-        return Dataset(self.x[index], self.y[index], self.feature_names)
+        ids = None if self.patient_ids is None else self.patient_ids[index]
+        return Dataset(self.x[index], self.y[index], self.feature_names, ids)
 
 
 class Standardizer:
@@ -151,8 +158,10 @@ class Standardizer:
         return Dataset(self.transform(ds.x), ds.y, ds.feature_names)
 
 
-def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
-    """Read a CSV with a header row; every column but ``label_column`` is a numeric feature.
+def load_csv(
+    path: str | Path, label_column: str = "label", patient_id_column: str | None = None
+) -> Dataset:
+    """Read a CSV with a header row; every other column is a numeric feature.
 
     Parameters
     ----------
@@ -160,6 +169,10 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
         File to read.
     label_column : str
         Name of the integer label column.
+    patient_id_column : str, optional
+        Column holding a patient identifier (any text; not a feature). Needed for
+        patient-level DP when a patient has several rows: DP-SGD then samples and clips per
+        patient, so the guarantee protects the patient and not a single record.
 
     Returns
     -------
@@ -179,20 +192,29 @@ def load_csv(path: str | Path, label_column: str = "label") -> Dataset:
             raise ValueError(f"{path}: empty CSV") from None
         if label_column not in header:
             raise ValueError(f"{path}: no column {label_column!r} in header {header}")
+        if patient_id_column is not None and patient_id_column not in header:
+            raise ValueError(f"{path}: no column {patient_id_column!r} in header {header}")
         rows = list(reader)
     li = header.index(label_column)
-    features = tuple(h for i, h in enumerate(header) if i != li)
+    pi = -1 if patient_id_column is None else header.index(patient_id_column)
+    if pi == li:
+        raise ValueError(f"{path}: the label column cannot be the patient id column")
+    features = tuple(h for i, h in enumerate(header) if i not in (li, pi))
     x = np.empty((len(rows), len(features)), dtype=np.float32)
     y = np.empty(len(rows), dtype=np.int64)
+    ids: list[str] = []
     for r, row in enumerate(rows):
         if len(row) != len(header):
             raise ValueError(f"{path}: row {r + 2} has {len(row)} cells, expected {len(header)}")
         try:
             y[r] = int(row[li])
-            x[r] = [float(v) for i, v in enumerate(row) if i != li]
+            x[r] = [float(v) for i, v in enumerate(row) if i not in (li, pi)]
         except ValueError as exc:
             raise ValueError(f"{path}: row {r + 2}: {exc}") from exc
-    return Dataset(x, y, features)
+        if pi >= 0:
+            ids.append(row[pi])
+    patient_ids = np.array(ids, dtype=np.str_) if pi >= 0 else None
+    return Dataset(x, y, features, patient_ids)
 
 
 def save_csv(ds: Dataset, path: str | Path, label_column: str = "label") -> None:

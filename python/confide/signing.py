@@ -165,6 +165,11 @@ class Identity:
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._key = private_key
 
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """The Ed25519 private key (SecAgg+ signs its advertisements with it)."""
+        return self._key
+
     @classmethod
     def generate(cls) -> Identity:
         """Create a fresh key from the operating system's random source.

@@ -7,6 +7,12 @@ the end compares the federated model with a centrally trained baseline on the sa
 writes a PNG plot of accuracy per round. It exits non-zero if anything failed, and never leaves
 a process behind.
 
+Differential privacy: ``confide simulate`` runs with patient-level DP-SGD by default
+(``--dp sample``, noise calibrated so that the whole run reaches ``--epsilon`` at
+``delta = 1e-5``, or a fixed ``--noise-multiplier``), and prints epsilon per round and at the
+end; ``--dp central`` gives client-level DP with server-side noise, ``--dp none`` turns DP
+off. (The library's :class:`SimulationOptions` default is ``dp="none"``.)
+
 Simplification: features are standardised with the pooled training statistics before being
 handed to the sites (a deployment would compute them with a federated statistics round).
 """
@@ -71,6 +77,16 @@ class SimulationOptions:
     port: int = 0  # 0: a free port
     exit_when_finished: bool = True
     extra_server: dict[str, Any] = field(default_factory=dict)
+    dp: str = "none"  # "none" | "sample" | "central"
+    epsilon: float = 0.0  # target epsilon of the whole run (0: use noise_multiplier)
+    noise_multiplier: float = 0.0
+    epsilon_budget: float = 0.0
+    delta: float = 1e-5
+    clip_norm: float = 1.0
+    sampling_rate: float = 0.2
+    local_steps: int = 0
+    secagg: bool = False  # SecAgg+ secure aggregation (`confide simulate` turns it on)
+    extra_secagg: dict[str, Any] = field(default_factory=dict)  # [secagg] overrides
 
 
 @dataclass(frozen=True)
@@ -175,12 +191,62 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
         "[server]",
         *(f"{k} = {_toml_value(v)}" for k, v in server.items()),
         "",
+        *_privacy_lines(opts),
+        *_secagg_lines(opts),
     ]
     config = work / "job.toml"
     config.write_text("\n".join(lines))
     return JobFiles(
         work, config, f"http://127.0.0.1:{port}", site_train, site_test, train, test, trainer
     )
+
+
+def _secagg_lines(opts: SimulationOptions) -> list[str]:
+    if not opts.secagg:
+        return []
+    # The masked update is sent after local training: the mask stage gets the train deadline.
+    secagg = {"enabled": True, "mask": opts.train_deadline, **opts.extra_secagg}
+    return ["[secagg]", *(f"{k} = {_toml_value(v)}" for k, v in secagg.items()), ""]
+
+
+def _secagg_line(files: JobFiles, n: int) -> str:
+    """One line saying whether secure aggregation is on, with its k, t and ring bits."""
+    from confide_server.config import load_config
+
+    cfg = load_config(files.config).secagg
+    if not cfg.enabled:
+        return "secure aggregation: off (plain FedAvg: the server sees each update)"
+    p = cfg.params(n)
+    graph = "complete graph" if p.complete else "Harary graph"
+    return (
+        f"secure aggregation: SecAgg+ on, n={p.n}, k={p.k} neighbours ({graph}), "
+        f"threshold t={p.t}, ring 2^{p.modulus_bits}, {p.quant_bits}-bit quantization "
+        f"(adversarial {cfg.adversarial_fraction:g}, dropout {cfg.dropout_fraction:g})"
+    )
+
+
+def _privacy_lines(opts: SimulationOptions) -> list[str]:
+    if opts.dp not in ("none", "sample", "central"):
+        raise ValueError(f"dp must be 'none', 'sample' or 'central', got {opts.dp!r}")
+    if opts.dp == "none":
+        return []
+    lines = ["[privacy]", f'mode = "{opts.dp}"', f"delta = {opts.delta!r}"]
+    if opts.noise_multiplier > 0:
+        lines.append(f"noise_multiplier = {opts.noise_multiplier!r}")
+    else:
+        lines.append(f"target_epsilon = {opts.epsilon or 4.0!r}")
+    if opts.epsilon_budget > 0:
+        lines.append(f"epsilon_budget = {opts.epsilon_budget!r}")
+    lines.append(f"clip_norm = {opts.clip_norm!r}")
+    if opts.dp == "sample":
+        lines.append(f"sampling_rate = {opts.sampling_rate!r}")
+        lines.append(f"local_steps = {opts.local_steps}")
+    return [*lines, ""]
+
+
+def _eps(doc: dict[str, Any] | None, key: str) -> str:
+    value = None if doc is None else doc.get(key)
+    return "-" if value is None else f"{value:.3f}"
 
 
 def central_baseline(files: JobFiles, opts: SimulationOptions) -> float:
@@ -294,6 +360,7 @@ def run_simulation(
         f"{opts.rounds} rounds, model {opts.model}, server {files.server_url}",
         flush=True,
     )
+    print(_secagg_line(files, opts.clients), flush=True)
     try:
         with (logs / "server.log").open("wb") as out:
             server = subprocess.Popen(  # noqa: S603
@@ -336,7 +403,7 @@ def run_simulation(
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))  # noqa: S603
         print(
             f"{'round':>5}  {'status':<9}  {'clients':>7}  {'train loss':>10}  "
-            f"{'accuracy':>8}  {'elapsed':>7}",
+            f"{'accuracy':>8}  {'eps(round)':>10}  {'eps(total)':>10}  {'elapsed':>7}",
             flush=True,
         )
         shown: set[int] = set()
@@ -359,6 +426,8 @@ def run_simulation(
                             f"{m.get('train_clients', 0):>3}/{len(r['cohort']):<3}  "
                             f"{'-' if loss is None else f'{loss:.4f}':>10}  "
                             f"{'-' if acc is None else f'{acc:.4f}':>8}  "
+                            f"{_eps(r.get('privacy'), 'epsilon_round'):>10}  "
+                            f"{_eps(r.get('privacy'), 'epsilon'):>10}  "
                             f"{time.monotonic() - t0:>6.1f}s",
                             flush=True,
                         )
@@ -405,6 +474,20 @@ def run_simulation(
             f"federated accuracy (final model, pooled test set of {len(files.test)}): {fed_acc:.4f}"
         )
         print(f"central baseline   (same split, same model and SGD):   {base_acc:.4f}")
+        priv = status.get("privacy")
+        if priv is None:
+            print("privacy: none (no differential privacy; pass --dp sample or central)")
+        else:
+            unit = "patient-level DP-SGD" if priv["mode"] == "sample" else "client-level DP"
+            budget = priv.get("epsilon_budget")
+            print(
+                f"privacy: {unit}, epsilon = {priv['epsilon']:.3f} at delta = {priv['delta']:g} "
+                f"after {status['rounds_completed']} rounds (noise multiplier "
+                f"{priv['noise_multiplier']:.3f}, clip {priv['clip_norm']:g}"
+                f"{'' if budget is None else f', budget {budget:g}'})"
+            )
+        if status.get("reason"):
+            print(f"job stopped early: {status['reason']}")
         print(f"plot: {plot_path}")
         print(f"done in {time.monotonic() - t0:.1f} s; logs in {logs}", flush=True)
         return 0
@@ -425,13 +508,49 @@ def main_simulate(argv: Sequence[str]) -> int:
     parser.add_argument("--hidden", type=int, nargs="*", default=[16])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=None, help="0.1; 0.5 with --dp sample")
     parser.add_argument("--min-clients", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="simulation", help="output folder")
     parser.add_argument("--plot", default=None, help="PNG path (default OUT/accuracy.png)")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--dp",
+        choices=["none", "sample", "central"],
+        default="sample",
+        help="differential privacy: patient-level DP-SGD (default), client-level with "
+        "server noise, or none",
+    )
+    parser.add_argument(
+        "--epsilon",
+        type=float,
+        default=0.0,
+        help="target epsilon of the whole run at delta 1e-5 (calibrates the noise; slower)",
+    )
+    parser.add_argument(
+        "--noise-multiplier",
+        type=float,
+        default=None,
+        help="fixed noise multiplier (default for --dp sample: 1.82, epsilon just under 4)",
+    )
+    parser.add_argument("--epsilon-budget", type=float, default=0.0)
+    parser.add_argument("--clip-norm", type=float, default=1.0)
+    parser.add_argument("--sampling-rate", type=float, default=0.2)
+    parser.add_argument(
+        "--no-secagg",
+        action="store_true",
+        help="turn SecAgg+ secure aggregation off (on by default; off with --dp central, "
+        "whose server-side clipping needs the individual updates)",
+    )
     args = parser.parse_args(argv)
+    noise = args.noise_multiplier
+    if noise is None:
+        # Precomputed so the demo starts at once: z = 1.82 with q = 0.2 and 5 steps per
+        # round gives epsilon 3.97 at delta 1e-5 after 10 rounds (the server reports it).
+        noise = 0.0 if args.epsilon > 0 or args.dp != "sample" else 1.82
+    lr = args.lr
+    if args.dp == "sample" and lr is None:
+        lr = 0.5
     opts = SimulationOptions(
         clients=args.clients,
         rounds=args.rounds,
@@ -442,7 +561,14 @@ def main_simulate(argv: Sequence[str]) -> int:
         seed=args.seed,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        learning_rate=args.lr,
+        learning_rate=0.1 if lr is None else lr,
         min_clients=args.min_clients,
+        dp=args.dp,
+        epsilon=args.epsilon,
+        noise_multiplier=noise,
+        epsilon_budget=args.epsilon_budget,
+        clip_norm=args.clip_norm,
+        sampling_rate=args.sampling_rate,
+        secagg=not args.no_secagg and args.dp != "central",
     )
     return run_simulation(args.out, opts, plot=args.plot, timeout=args.timeout)

@@ -6,6 +6,16 @@
 regression, softmax regression and small MLPs with tanh or ReLU), trained by mini-batch SGD,
 with exact per-sample gradients (:meth:`NumpyTrainer.per_sample_gradients`) for DP-SGD.
 
+Patient-level DP-SGD: when ``TrainConfig.dp`` is set (a :class:`DPSGDConfig`, shipped by the
+server with the round task), :meth:`NumpyTrainer.fit` runs ``dp.steps`` steps of
+:class:`confide.privacy.DPSGD`: Poisson sampling of *patients* with rate ``q`` (uniforms
+from :class:`confide.SecureRng`), exact per-record gradients summed per patient (the
+``patient_ids`` argument; without it every row is its own patient), per-patient clipping to
+``C`` by the Rust kernel, Gaussian noise ``z * C`` from the Rust core, normalisation by the
+expected batch size ``q * n_patients`` and optional heavy-ball momentum. The training loss
+of a DP run is not reported (``FitResult.loss`` is NaN): it would be an un-noised statistic
+of the private data.
+
 Parameters are named ``layer{i}.weight`` (shape ``(fan_in, fan_out)``) and ``layer{i}.bias``
 (shape ``(fan_out,)``); the manifest's ``spec`` records the architecture so any site can
 rebuild the model from the manifest alone (:meth:`NumpyTrainer.from_manifest`).
@@ -22,11 +32,64 @@ from numpy.typing import NDArray
 
 from confide.federation_errors import ManifestError
 from confide.manifest import Manifest
+from confide.noise import SecureRng
+from confide.privacy.dpsgd import DPSGD, poisson_sample_patients
 
-__all__ = ["FitResult", "NumpyTrainer", "TrainConfig", "Trainer"]
+__all__ = ["DPSGDConfig", "FitResult", "NumpyTrainer", "TrainConfig", "Trainer"]
 
 _KINDS = ("logistic", "softmax", "mlp")
 _ACTIVATIONS = ("tanh", "relu")
+
+
+@dataclass(frozen=True)
+class DPSGDConfig:
+    """Patient-level DP-SGD parameters of one round's local training.
+
+    The server derives them from the job's ``[privacy]`` section and accounts exactly this
+    mechanism: ``steps`` compositions of the Poisson-subsampled Gaussian with rate
+    ``sampling_rate`` and noise multiplier ``noise_multiplier``.
+
+    Parameters
+    ----------
+    noise_multiplier : float
+        ``z`` (>= 0); the sum of clipped per-patient gradients gets ``N(0, (z C)^2)``.
+    clip_norm : float
+        Per-patient L2 clip norm ``C`` (> 0).
+    sampling_rate : float
+        Poisson inclusion probability ``q`` of a patient at each step, in (0, 1].
+    steps : int
+        DP-SGD steps per round (>= 1).
+    momentum : float, default 0.0
+        Heavy-ball momentum in [0, 1) (post-processing).
+    """
+
+    noise_multiplier: float
+    clip_norm: float
+    sampling_rate: float
+    steps: int
+    momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
+        if not 0.0 < self.sampling_rate <= 1.0:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form sent with a training task."""
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "sampling_rate": self.sampling_rate,
+            "steps": self.steps,
+            "momentum": self.momentum,
+        }
 
 
 @dataclass(frozen=True)
@@ -41,13 +104,41 @@ class TrainConfig:
         Mini-batch size (>= 1).
     learning_rate : float
         SGD step size (finite, > 0).
+    dp : DPSGDConfig, optional
+        Patient-level DP-SGD; ``None`` (default) trains without DP (``epochs`` and
+        ``batch_size`` are then used; with DP, ``dp.steps`` and ``dp.sampling_rate``).
     """
 
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.1
+    dp: DPSGDConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.dp, dict):  # JSON form, as a task carries it
+            object.__setattr__(self, "dp", DPSGDConfig(**self.dp))
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> TrainConfig:
+        """Build a config from its JSON form (a task's ``config``).
+
+        Parameters
+        ----------
+        doc : dict
+            ``epochs``, ``batch_size``, ``learning_rate`` and optionally ``dp`` (a dict of
+            :class:`DPSGDConfig` fields, or ``None``).
+
+        Returns
+        -------
+        TrainConfig
+            The validated config.
+        """
+        fields = dict(doc)
+        dp = fields.pop("dp", None)
+        return cls(**fields, dp=None if dp is None else DPSGDConfig(**dp))
+
+    def _validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -93,9 +184,18 @@ class Trainer(Protocol):
         ...
 
     def fit(
-        self, x: NDArray[np.float32], y: NDArray[np.int64], config: TrainConfig, seed: int
+        self,
+        x: NDArray[np.float32],
+        y: NDArray[np.int64],
+        config: TrainConfig,
+        seed: int,
+        *,
+        patient_ids: NDArray[Any] | None = None,
     ) -> FitResult:
-        """Train locally on ``(x, y)``; ``seed`` fixes the batch order."""
+        """Train locally on ``(x, y)``; ``seed`` fixes the batch order.
+
+        ``patient_ids`` (one per row) groups records by patient for patient-level DP-SGD.
+        """
         ...
 
     def evaluate(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> dict[str, float]:
@@ -440,9 +540,16 @@ class NumpyTrainer:
         return probs
 
     def fit(
-        self, x: NDArray[np.float32], y: NDArray[np.int64], config: TrainConfig, seed: int
+        self,
+        x: NDArray[np.float32],
+        y: NDArray[np.int64],
+        config: TrainConfig,
+        seed: int,
+        *,
+        patient_ids: NDArray[Any] | None = None,
+        rng: SecureRng | None = None,
     ) -> FitResult:
-        """Mini-batch SGD over ``(x, y)``.
+        """Mini-batch SGD over ``(x, y)``, or patient-level DP-SGD when ``config.dp`` is set.
 
         Parameters
         ----------
@@ -451,22 +558,34 @@ class NumpyTrainer:
         y : numpy.ndarray
             ``(n,)`` integer labels.
         config : TrainConfig
-            Epochs, batch size, learning rate.
+            Epochs, batch size, learning rate; ``dp`` for DP-SGD.
         seed : int
             Seeds the shuffling (``numpy.random.default_rng``; it protects no secret).
+            Unused by DP-SGD, whose sampling and noise come from ``rng``.
+        patient_ids : numpy.ndarray, optional
+            ``(n,)`` patient of each row (DP-SGD only): a patient's rows are sampled
+            together and their gradients summed before clipping. Without it every row is
+            its own patient.
+        rng : SecureRng, optional
+            DP-SGD sampling and noise generator; a fresh OS-keyed one by default (pass a
+            seeded one in tests only).
 
         Returns
         -------
         FitResult
-            Examples, last-epoch mean loss, steps.
+            Examples, last-epoch mean loss (NaN under DP), steps.
         """
         xf, yi = _check_xy(x, y, self._n_features, self._n_classes)
-        rng = np.random.default_rng(seed)
+        if config.dp is not None:
+            return self._fit_dpsgd(xf, yi, config, patient_ids, rng)
+        if patient_ids is not None and np.asarray(patient_ids).shape != (xf.shape[0],):
+            raise ValueError("patient_ids must hold one id per row")
+        shuffler = np.random.default_rng(seed)
         n = xf.shape[0]
         steps = 0
         epoch_loss = 0.0
         for _ in range(config.epochs):
-            order = rng.permutation(n)
+            order = shuffler.permutation(n)
             total = 0.0
             for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
@@ -478,6 +597,41 @@ class NumpyTrainer:
         if not np.isfinite(self._vec).all():
             raise ManifestError("training diverged: weights became NaN or Inf", code="non_finite")
         return FitResult(num_examples=n, loss=epoch_loss, num_steps=steps)
+
+    def _fit_dpsgd(
+        self,
+        xf: NDArray[np.float32],
+        yi: NDArray[np.int64],
+        config: TrainConfig,
+        patient_ids: NDArray[Any] | None,
+        rng: SecureRng | None,
+    ) -> FitResult:
+        """``config.dp.steps`` steps of patient-level DP-SGD (see the module docstring)."""
+        dp = config.dp
+        assert dp is not None
+        n = xf.shape[0]
+        ids = np.arange(n) if patient_ids is None else np.asarray(patient_ids)
+        if ids.shape != (n,):
+            raise ValueError(f"patient_ids must have shape ({n},), got {ids.shape}")
+        n_patients = int(np.unique(ids).size)
+        gen = rng if rng is not None else SecureRng()
+        opt = DPSGD(
+            clip_norm=dp.clip_norm,
+            noise_multiplier=dp.noise_multiplier,
+            expected_batch_size=dp.sampling_rate * n_patients,
+            momentum=dp.momentum,
+            rng=gen,
+        )
+        for _ in range(dp.steps):
+            rows = poisson_sample_patients(ids, dp.sampling_rate, gen)
+            if rows.size:
+                grads = self._backward(xf[rows], yi[rows], per_sample=True)[1]
+            else:  # an empty batch still takes a (pure-noise) step: it is accounted
+                grads = np.zeros((0, self._manifest.size), dtype=np.float32)
+            self._vec[...] = opt.step(self._vec, grads, config.learning_rate, ids[rows])
+        if not np.isfinite(self._vec).all():
+            raise ManifestError("training diverged: weights became NaN or Inf", code="non_finite")
+        return FitResult(num_examples=n, loss=float("nan"), num_steps=dp.steps)
 
     def evaluate(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> dict[str, float]:
         """Mean loss and accuracy on ``(x, y)``.

@@ -24,6 +24,7 @@ from confide_server.keys import (
 from confide_server.middlewares import error_middleware
 from confide_server.rounds import CrashHook, RoundEngine
 from confide_server.routes import setup_routes
+from confide_server.secure import secure_upload_limit
 from confide_server.store import BlobStore, Store
 
 __all__ = ["create_app", "open_engine"]
@@ -121,6 +122,8 @@ def create_app(
     if engine is None:
         engine = open_engine(config, crash_hook=crash_hook)
     upload_limit = config.server.max_upload_bytes or (engine.manifest.nbytes + 65536)
+    if config.secagg.enabled:
+        upload_limit = max(upload_limit, secure_upload_limit(engine.manifest.size))
     # Explicit body cap (aiohttp's default is 1 MiB); handlers check Content-Length first.
     app = web.Application(client_max_size=upload_limit + 4096, middlewares=[error_middleware])
     app[config_key] = config

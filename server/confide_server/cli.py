@@ -19,6 +19,7 @@ from confide.federation_errors import FederationError
 from confide_server.app import create_app
 from confide_server.config import Config, TLSConfig, load_config
 from confide_server.keys import engine_key, finished_key
+from confide_server.privacy import read_privacy
 from confide_server.rounds import CrashHook, hash_token, new_token
 from confide_server.store import Store
 
@@ -130,16 +131,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
         rounds = store.rounds()
         unused, used = store.count_tokens()
         clients = sorted(store.clients())
+        privacy, per_round = read_privacy(store)
         doc: dict[str, Any] = {
             "job": store.get_meta("job_name"),
             "status": store.get_meta("status"),
+            "reason": store.get_meta("status_reason"),
+            "privacy": privacy,
             "current_model": store.get_meta("current_model"),
             "rounds_target": config.job.rounds,
             "rounds_completed": sum(r.status == "committed" for r in rounds),
             "clients": clients,
             "tokens_unused": unused,
             "tokens_used": used,
-            "rounds": [r.to_json() for r in rounds],
+            "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
         }
     finally:
         store.close()
@@ -149,11 +153,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(
         f"job {doc['job']!r}: {doc['status']}, {doc['rounds_completed']}/"
         f"{doc['rounds_target']} rounds, {len(clients)} clients enrolled, "
-        f"{unused} unused tokens"
+        f"{unused} unused tokens{'' if not doc['reason'] else ' (' + doc['reason'] + ')'}"
     )
+    if privacy is not None:
+        budget = privacy.get("epsilon_budget")
+        print(
+            f"privacy: mode={privacy['mode']} ({privacy['unit']}-level), "
+            f"epsilon={privacy['epsilon']:.4f} at delta={privacy['delta']:g}"
+            f"{'' if budget is None else f' of budget {budget:g}'}, "
+            f"noise_multiplier={privacy['noise_multiplier']:.4f}, "
+            f"clip_norm={privacy['clip_norm']:g}"
+        )
     for r in rounds:
         acc = (r.metrics or {}).get("eval_accuracy")
         extra = f" accuracy={acc:.4f}" if isinstance(acc, float) else ""
+        rp = per_round.get(r.round)
+        if rp is not None:
+            extra += f" epsilon_round={rp['epsilon_round']:.4f} epsilon={rp['epsilon']:.4f}"
         why = f" ({r.reason})" if r.reason else ""
         print(
             f"  round {r.round:3d} {r.status:9s} stage={r.stage:8s} cohort={len(r.cohort)}"

@@ -39,6 +39,30 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     cert = "server.pem"
     key = "server.key"
     client_ca = "clients-ca.pem"   # set for mutual TLS
+
+    [secagg]                 # optional: SecAgg+ secure aggregation (off unless enabled)
+    enabled = true
+    adversarial_fraction = 0.1   # threat model: k, t and the modulus are derived from it
+    dropout_fraction = 0.1
+    quant_bits = 16
+    clip_range = 1.0         # update elements are clipped to [-clip_range, clip_range]
+    max_weight = 1000        # a site's weight is min(num_examples, max_weight)
+    consistency_check = false
+    advertise = 10.0         # per-stage deadlines (seconds)
+    share = 10.0
+    mask = 30.0              # includes local training
+    consistency = 10.0
+    unmask = 10.0
+
+    [privacy]                # optional: differential privacy (see docs/privacy.md)
+    mode = "sample"          # "none" | "sample" (patient-level DP-SGD) | "central"
+    delta = 1e-5
+    noise_multiplier = 1.1   # or target_epsilon = 4.0 (calibrated for job.rounds rounds)
+    epsilon_budget = 8.0     # 0: target_epsilon if set, else no budget
+    clip_norm = 1.0
+    sampling_rate = 0.2      # sample mode: Poisson rate of a patient per step
+    local_steps = 0          # sample mode: steps per round; 0 = epochs * ceil(1/q)
+    momentum = 0.0
 """
 
 from __future__ import annotations
@@ -49,6 +73,13 @@ from pathlib import Path
 from typing import Any
 
 from confide.federation_errors import ConfigError
+from confide.secaggplus import (
+    InfeasibleConfigError,
+    SecAggParams,
+    ThreatModel,
+    derive_params,
+)
+from confide_server.privacy import PrivacyConfig, parse_privacy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,6 +89,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "Config",
     "JobConfig",
+    "SecAggConfig",
     "ServerConfig",
     "StrategyConfig",
     "TLSConfig",
@@ -127,6 +159,70 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """SecAgg+ round mode: threat model, quantization and per-stage deadlines."""
+
+    enabled: bool = False
+    adversarial_fraction: float = 0.1
+    dropout_fraction: float = 0.1
+    quant_bits: int = 16
+    clip_range: float = 1.0
+    max_weight: int = 1000
+    consistency_check: bool = False
+    advertise: float = 10.0
+    share: float = 10.0
+    mask: float = 30.0
+    consistency: float = 10.0
+    unmask: float = 10.0
+
+    def params(self, n: int) -> SecAggParams:
+        """Derive k, t and the modulus for a cohort of ``n`` clients.
+
+        Raises
+        ------
+        InfeasibleConfigError
+            The threat model cannot be met with ``n`` clients.
+        """
+        threat = ThreatModel(self.adversarial_fraction, self.dropout_fraction)
+        return derive_params(
+            n,
+            threat,
+            quant_bits=self.quant_bits,
+            clip_range=self.clip_range,
+            max_weight=self.max_weight,
+        )
+
+    def validate(self, cohort_sizes: tuple[int, ...]) -> None:
+        """Check ranges and that every cohort size in ``cohort_sizes`` is feasible.
+
+        Raises
+        ------
+        ConfigError
+            A value is out of range or the threat model is infeasible.
+        """
+        for name in ("adversarial_fraction", "dropout_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"secagg.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 1 <= self.quant_bits <= 32:
+            raise ConfigError(f"secagg.quant_bits must be in [1, 32], got {self.quant_bits}")
+        if not self.clip_range > 0 or not 1 <= self.max_weight <= 10**9:
+            raise ConfigError("secagg.clip_range must be > 0 and secagg.max_weight in [1, 1e9]")
+        for stage in ("advertise", "share", "mask", "consistency", "unmask"):
+            if not getattr(self, stage) > 0:
+                raise ConfigError(f"secagg.{stage} (deadline) must be > 0 seconds")
+        if not self.enabled:
+            return
+        for n in cohort_sizes:
+            try:
+                self.params(n)
+            except (InfeasibleConfigError, ValueError) as exc:
+                raise ConfigError(
+                    f"[secagg] is infeasible for a cohort of {n} clients: {exc} (change "
+                    "job.cohort_size/wait_for_clients or the secagg fractions)"
+                ) from None
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole job configuration."""
 
@@ -137,6 +233,8 @@ class Config:
     deadlines: dict[str, float] = field(default_factory=lambda: {"train": 60.0, "evaluate": 30.0})
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         job = self.job
@@ -170,6 +268,13 @@ class Config:
             raise ConfigError("tls.cert and tls.key go together")
         if self.tls.client_ca is not None and self.tls.cert is None:
             raise ConfigError("tls.client_ca (mutual TLS) needs tls.cert and tls.key")
+        # Cohorts range from the start threshold to cohort_size; both ends must be feasible.
+        self.secagg.validate(tuple(sorted({max(job.start_threshold, 2), job.cohort_size})))
+        if self.privacy.mode == "central" and self.secagg.enabled:
+            raise ConfigError(
+                "privacy.mode = 'central' clips and noises individual updates on the server, "
+                "which secure aggregation hides; use 'sample' with [secagg]"
+            )
 
 
 def _section(doc: dict[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
@@ -214,7 +319,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
     ConfigError
         Missing, unknown or ill-typed keys, or inconsistent values.
     """
-    unknown = set(doc) - {"job", "model", "strategy", "deadlines", "server", "tls"}
+    sections = {"job", "model", "strategy", "deadlines", "server", "tls", "secagg", "privacy"}
+    unknown = set(doc) - sections
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
 
@@ -272,6 +378,23 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
     server = ServerConfig(**{**server.__dict__, "state_dir": state_dir})
     tls_doc = _section(doc, "tls", {"cert", "key", "client_ca"})
     tls = TLSConfig(**{k: path(v, f"tls.{k}") for k, v in tls_doc.items()})
+    secagg_types: dict[str, type] = {
+        "enabled": bool,
+        "adversarial_fraction": float,
+        "quant_bits": int,
+        "dropout_fraction": float,
+        "clip_range": float,
+        "max_weight": int,
+        "consistency_check": bool,
+        "advertise": float,
+        "share": float,
+        "mask": float,
+        "consistency": float,
+        "unmask": float,
+    }
+    secagg = _typed(
+        _section(doc, "secagg", set(secagg_types)), "secagg", SecAggConfig, secagg_types
+    )
     return Config(
         manifest=path(model["manifest"], "model.manifest"),
         weights=path(model["weights"], "model.weights"),
@@ -280,6 +403,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         deadlines=deadlines,
         server=server,
         tls=tls,
+        secagg=secagg,
+        privacy=parse_privacy(doc.get("privacy", {})),
     )
 
 

@@ -21,6 +21,7 @@ from confide_server.keys import (
     wake_key,
 )
 from confide_server.middlewares import RequestError, error_response, json_error
+from confide_server.secure import secure_upload_limit
 
 __all__ = [
     "enroll_client",
@@ -156,6 +157,8 @@ async def _precheck(request: web.Request) -> _Pre:
     limit = request.app[config_key].server.max_upload_bytes or (engine.manifest.nbytes + 65536)
     if payload_kind == "json":
         limit = _MAX_EVAL_BYTES
+    elif payload_kind == "secagg":
+        limit = max(limit, secure_upload_limit(engine.manifest.size))
     length = request.content_length
     if length is None:
         raise RequestError(411, "length_required", "Content-Length is required")

@@ -38,7 +38,16 @@ import numpy as np
 
 from confide.federation_errors import FederationError, ManifestError
 from confide.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.secaggplus import (
+    AggregateResult,
+    InfeasibleConfigError,
+    LateSubmissionError,
+    SecAggAbortError,
+    SecAggError,
+)
 from confide_server.config import Config
+from confide_server.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
+from confide_server.secure import SECURE_STAGES, SecureRound
 from confide_server.store import BlobStore, RoundRow, Store, SubmissionRow
 
 __all__ = [
@@ -52,6 +61,7 @@ __all__ = [
     "fedavg_stages",
     "hash_token",
     "new_token",
+    "secure_stages",
 ]
 
 CrashHook = Callable[[str], None]
@@ -89,8 +99,9 @@ class StageSpec:
     ----------
     name : str
         Stage name, also the last path segment of its upload URL.
-    payload : {"tensors", "json"}
-        What clients upload: safetensors checked against the manifest, or JSON metrics.
+    payload : {"tensors", "json", "secagg"}
+        What clients upload: safetensors checked against the manifest, JSON metrics, or a
+        SecAgg+ protocol message (JSON).
     deadline_s : float
         Seconds the stage stays open at most.
     quorum : bool
@@ -98,7 +109,7 @@ class StageSpec:
     """
 
     name: str
-    payload: Literal["tensors", "json"]
+    payload: Literal["tensors", "json", "secagg"]
     deadline_s: float
     quorum: bool
 
@@ -107,6 +118,21 @@ def fedavg_stages(config: Config) -> tuple[StageSpec, ...]:
     """Stages of a plain FedAvg round: ``train`` (model deltas) then ``evaluate`` (metrics)."""
     return (
         StageSpec("train", "tensors", config.deadlines["train"], quorum=True),
+        StageSpec("evaluate", "json", config.deadlines["evaluate"], quorum=False),
+    )
+
+
+def secure_stages(config: Config) -> tuple[StageSpec, ...]:
+    """Stages of a SecAgg+ round: the protocol's stages, then ``evaluate``.
+
+    Clients train while the first stages run and upload their masked update in ``mask``;
+    the round's quorum is the protocol's threshold ``t`` (checked by the protocol) and, at
+    ``mask``, ``min_clients``.
+    """
+    sa = config.secagg
+    names = [s for s in SECURE_STAGES if s != "consistency" or sa.consistency_check]
+    return (
+        *(StageSpec(n, "secagg", float(getattr(sa, n)), quorum=n == "mask") for n in names),
         StageSpec("evaluate", "json", config.deadlines["evaluate"], quorum=False),
     )
 
@@ -174,7 +200,14 @@ class RoundEngine:
         self.store = store
         self.blobs = blobs
         self.manifest = manifest
-        self.stages = fedavg_stages(config)
+        self.privacy = JobPrivacy(config.privacy, config.job.rounds, config.strategy.epochs)
+        self.status_reason: str | None = None
+        self.secure: SecureRound | None = None
+        if config.secagg.enabled:
+            self.secure = SecureRound(store, config.secagg)
+            self.stages = secure_stages(config)
+        else:
+            self.stages = fedavg_stages(config)
         self._stage_by_name = {s.name: s for s in self.stages}
         self._clock = clock
         self._crash = crash_hook or (lambda _point: None)
@@ -223,11 +256,13 @@ class RoundEngine:
             raise ConfigError(f"state belongs to job {name!r}, not {self.config.job.name!r}")
         elif self.store.get_meta("manifest_sha256") != self.manifest.sha256:
             raise ConfigError("state was created with another manifest")
+        self.privacy.open(self.store)
         self._load()
 
     def _load(self) -> None:
         with self._lock:
             self.status = self.store.get_meta("status") or "running"
+            self.status_reason = self.store.get_meta("status_reason")
             self.current_model = self.store.get_meta("current_model") or ""
             self._consecutive_aborts = int(self.store.get_meta("consecutive_aborts") or 0)
             rounds = self.store.rounds()
@@ -235,10 +270,42 @@ class RoundEngine:
             self._current = next((r for r in rounds if r.status == "open"), None)
             self._submitted = {}
             if self._current is not None:
+                self._recover_secure(self._current)
+            if self._current is not None:
                 for stage in self.stages:
                     subs = self.store.submissions(self._current.round, stage.name)
                     self._submitted[(self._current.round, stage.name)] = {s.client_id for s in subs}
             self._clients = self.store.clients()
+
+    def _recover_secure(self, cur: RoundRow) -> None:
+        """Reload the open secure round's protocol state after a restart.
+
+        The snapshot taken when the stage opened is loaded and the stage's accepted messages
+        are replayed into it, in client order. The unmask answers (released shares) were kept
+        in memory only: their rows are forgotten and the stage re-opens for a full deadline,
+        so the survivors answer again.
+        """
+        if self.secure is None or cur.stage not in SECURE_STAGES:
+            return
+        srv = self.secure.server if self.secure.recover(cur.round) else None
+        if srv is None or srv.stage != cur.stage:
+            # Never after a crash (snapshot and row are written in one transaction): the
+            # round was opened infeasible, or the state was tampered with. Abort it cleanly.
+            self._abort(cur, f"secure round {cur.round} has no consistent protocol state")
+            return
+        if cur.stage != "unmask":
+            for sub in self.store.submissions(cur.round, cur.stage):
+                assert sub.payload is not None
+                self.secure.receive(cur.stage, sub.payload["message"])
+        else:
+            self.store.delete_submissions(cur.round, "unmask")
+            deadline = self._clock() + self._stage_by_name["unmask"].deadline_s
+            with self.store.transaction() as db:
+                db.execute(
+                    "UPDATE rounds SET deadline=? WHERE round=? AND status='open' AND stage=?",
+                    (deadline, cur.round, cur.stage),
+                )
+            self._current = replace(cur, deadline=deadline)
 
     # -- identity ----------------------------------------------------------------------
     def create_tokens(self, n: int) -> list[str]:
@@ -321,6 +388,22 @@ class RoundEngine:
                     "deadline": cur.deadline,
                     "seed": cur.seed,
                 }
+                if cur.stage in SECURE_STAGES:
+                    assert self.secure is not None
+                    extra = self.secure.task(cur.stage, client_id)
+                    if extra is None:
+                        return {"action": "wait", "retry_after": 1.0}
+                    task.update(extra)
+                    if cur.stage == "advertise":
+                        s = self.config.strategy
+                        task["model_sha256"] = cur.base_model
+                        task["config"] = {
+                            "epochs": s.epochs,
+                            "batch_size": s.batch_size,
+                            "learning_rate": s.learning_rate,
+                        }
+                        self._add_privacy(task)
+                    return task
                 if cur.stage == "train":
                     s = self.config.strategy
                     task["model_sha256"] = cur.base_model
@@ -329,10 +412,20 @@ class RoundEngine:
                         "batch_size": s.batch_size,
                         "learning_rate": s.learning_rate,
                     }
+                    self._add_privacy(task)
                 else:
                     task["model_sha256"] = cur.new_model
                 return task
             return {"action": "wait", "retry_after": 1.0}
+
+    def _add_privacy(self, task: dict[str, Any]) -> None:
+        """Ship the client-side DP parameters with a training task."""
+        extra = self.privacy.train_task()
+        if extra is None:
+            return
+        task["privacy"] = extra
+        if "dp" in extra:
+            task["config"]["dp"] = extra["dp"]
 
     def _existing_or_check(
         self, client_id: str, round_id: int, stage: str, sha256: str
@@ -411,7 +504,18 @@ class RoundEngine:
             The body is malformed or does not match the manifest (422).
         """
         sha = sha256_hex(body)
-        if self.stage_payload(stage) == "tensors":
+        kind = self.stage_payload(stage)
+        if kind == "secagg":
+            try:
+                msg = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InvalidSubmissionError(f"body is not JSON: {exc}", "malformed_body") from exc
+            if not isinstance(msg, dict):
+                raise InvalidSubmissionError("expected a SecAgg+ message (a JSON object)")
+            if msg.get("client_id") != client_id or msg.get("round") != round_id:
+                raise InvalidSubmissionError("the message names another client or round")
+            return Prepared(round_id, stage, client_id, sha, 1, None, {"message": msg})
+        if kind == "tensors":
             _, meta = decode_tensors(self.manifest, body)
             num = _positive_int(meta.get("num_examples"), "num_examples")
             payload: dict[str, Any] = {}
@@ -447,6 +551,8 @@ class RoundEngine:
             The stage closed, or another submission won, in the meantime.
         """
         p = prepared
+        if p.stage in SECURE_STAGES:
+            return self._commit_secure(p, nonce)
         with self._lock:
             prior = self._existing_or_check(p.client_id, p.round_id, p.stage, p.sha256)
         if prior is not None:
@@ -486,6 +592,51 @@ class RoundEngine:
         self._crash("submission_committed")
         return receipt
 
+    def _commit_secure(self, p: Prepared, nonce: str) -> dict[str, Any]:
+        """Feed a protocol message to the secure round, then write it durably.
+
+        The row keeps the message (public keys, encrypted shares, a masked vector), which a
+        restart replays on top of the stage's opening snapshot; per-message cost stays
+        O(message). Unmask answers (released shares) are never written anywhere.
+        """
+        assert self.secure is not None
+        with self._lock:
+            prior = self._existing_or_check(p.client_id, p.round_id, p.stage, p.sha256)
+            if prior is not None:
+                return prior
+            if p.client_id not in self.secure.expected():
+                raise RoundError(
+                    f"client {p.client_id!r} is not (or no longer) in round {p.round_id}'s "
+                    f"stage {p.stage!r}",
+                    "dropped",
+                )
+            try:
+                self.secure.receive(p.stage, p.payload["message"])
+            except LateSubmissionError as exc:
+                raise RoundError(str(exc), "dropped") from None
+            except SecAggError as exc:
+                raise InvalidSubmissionError(str(exc), "protocol_violation") from None
+            now = self._clock()
+            receipt = {
+                "receipt_id": sha256_hex(
+                    f"{p.round_id}|{p.stage}|{p.client_id}|{p.sha256}".encode()
+                )[:32],
+                "round": p.round_id,
+                "stage": p.stage,
+                "client_id": p.client_id,
+                "sha256": p.sha256,
+                "num_examples": 0,
+                "accepted_at": now,
+            }
+            payload = None if p.stage == "unmask" else p.payload
+            row = SubmissionRow(
+                p.round_id, p.stage, p.client_id, p.sha256, 0, None, payload, receipt
+            )
+            self.store.insert_submission(row, nonce, now)
+            self._submitted.setdefault((p.round_id, p.stage), set()).add(p.client_id)
+        self._crash("submission_committed")
+        return receipt
+
     # -- timer-facing ------------------------------------------------------------------
     def seconds_to_next_event(self) -> float:
         """Seconds until the open stage's deadline (at most 1 s; round starts are polled)."""
@@ -512,7 +663,10 @@ class RoundEngine:
                 if cur is None:
                     return self._maybe_start(now)
                 answered = self._submitted.get((cur.round, cur.stage), set())
-                if not set(cur.cohort) <= answered and now < cur.deadline:
+                waiting = set(cur.cohort)
+                if self.secure is not None and cur.stage in SECURE_STAGES:
+                    waiting = set(self.secure.expected())
+                if not waiting <= answered and now < cur.deadline:
                     return False
                 self._closing = True
             try:
@@ -532,6 +686,9 @@ class RoundEngine:
             return False
         rounds = self.store.rounds()
         round_id = (rounds[-1].round + 1) if rounds else 1
+        if not self.privacy.allows_next_round():
+            self._stop_for_budget()
+            return True
         if len(available) > job.cohort_size:
             rng = np.random.default_rng([job.seed, round_id])
             pick = rng.choice(len(available), size=job.cohort_size, replace=False)
@@ -553,14 +710,33 @@ class RoundEngine:
             metrics=None,
             reason=None,
         )
+        setup = None
+        infeasible = None
+        if self.secure is not None:
+            try:
+                setup = self.secure.build_setup(
+                    round_id, cohort, self._clients, self.current_model, self.manifest.size
+                )
+            except InfeasibleConfigError as exc:
+                infeasible = str(exc)
         with self.store.transaction() as cur:
             Store.insert_round(cur, row)
+            if self.privacy.mode == "sample":
+                # Clients release noised updates as soon as they hold the task: write-ahead.
+                self.privacy.record(cur, round_id, first.name)
+            if self.secure is not None and setup is not None:
+                self.secure.begin(cur, setup)
         self._current = row
         self._submitted[(round_id, first.name)] = set()
         self._crash("round_started")
+        if infeasible is not None:
+            self._abort(row, f"secure aggregation infeasible for this cohort: {infeasible}")
         return True
 
     def _close_stage(self, cur: RoundRow, answered: list[str]) -> None:
+        if cur.stage in SECURE_STAGES:
+            self._close_secure(cur, answered)
+            return
         spec = self._stage_by_name[cur.stage]
         if spec.quorum and len(answered) < self.config.job.min_clients:
             self._abort(
@@ -576,6 +752,9 @@ class RoundEngine:
             deadline = self._clock() + nxt.deadline_s
             with self.store.transaction() as db:
                 Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
+                if self.privacy.mode == "central":
+                    # The noised model is served only once registered, in this transaction.
+                    self.privacy.record(db, cur.round, cur.stage)
                 db.execute(
                     "UPDATE rounds SET new_model=?, stage=?, deadline=? "
                     "WHERE round=? AND status='open' AND stage=?",
@@ -588,6 +767,71 @@ class RoundEngine:
         else:
             self._commit(cur)
 
+    def _stop_for_budget(self) -> None:
+        """Finish the job cleanly: the next round would exceed the privacy budget."""
+        with self.store.transaction() as db:
+            Store.set_meta(db, "status", "finished")
+            Store.set_meta(db, "status_reason", BUDGET_EXHAUSTED)
+        self.status = "finished"
+        self.status_reason = BUDGET_EXHAUSTED
+        self._crash("budget_exhausted")
+
+    def _close_secure(self, cur: RoundRow, answered: list[str]) -> None:
+        """Close a SecAgg+ stage; after unmask, commit the weighted mean as the next model."""
+        secure = self.secure
+        assert secure is not None
+        spec = self._stage_by_name[cur.stage]
+        if spec.quorum and len(answered) < self.config.job.min_clients:
+            self._abort(
+                cur,
+                f"{len(answered)} of {len(cur.cohort)} answered stage "
+                f"{cur.stage!r}; min_clients={self.config.job.min_clients}",
+            )
+            return
+        try:
+            proto_next, result = secure.close(cur.stage)
+            new_sha = None if result is None else self._secure_model(cur, result)
+        except (SecAggAbortError, ManifestError) as exc:
+            self._abort(cur, f"secure aggregation aborted at {cur.stage!r}: {exc}")
+            return
+        if new_sha is not None:
+            self._crash("model_written")
+        order = [s.name for s in self.stages]
+        nxt = self.stages[order.index(cur.stage) + 1]
+        assert result is not None or nxt.name == proto_next
+        deadline = self._clock() + nxt.deadline_s
+        with self.store.transaction() as db:
+            secure.save(db, result)
+            if new_sha is not None:
+                Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
+            db.execute(
+                "UPDATE rounds SET new_model=?, stage=?, deadline=? "
+                "WHERE round=? AND status='open' AND stage=?",
+                (new_sha, nxt.name, deadline, cur.round, cur.stage),
+            )
+        with self._lock:
+            self._current = replace(cur, new_model=new_sha, stage=nxt.name, deadline=deadline)
+            self._submitted[(cur.round, nxt.name)] = set()
+            if new_sha is not None:
+                secure.forget()
+        self._crash("stage_committed")
+
+    def _secure_model(self, cur: RoundRow, result: AggregateResult) -> str:
+        """Write the next model: base + server_lr * (weighted mean of the unmasked updates)."""
+        base_path = self.store.model_path(cur.base_model)
+        if base_path is None:
+            raise ManifestError(f"base model {cur.base_model} is missing from the store")
+        base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
+        mean = result.weighted_mean().astype(np.float64)
+        lr = self.config.strategy.server_learning_rate
+        new = (base.astype(np.float64) + lr * mean).astype(np.float32)
+        if not np.isfinite(new).all():
+            raise ManifestError("aggregate is not finite", code="non_finite")
+        blob = encode_tensors(
+            self.manifest, new, {"round": str(cur.round), "parent": cur.base_model}
+        )
+        return self.blobs.write_model(blob)
+
     def _aggregate(self, cur: RoundRow) -> str:
         """Weighted FedAvg of the accepted deltas; returns the new model's SHA-256."""
         subs = self.store.submissions(cur.round, cur.stage)
@@ -595,15 +839,24 @@ class RoundEngine:
         if base_path is None:
             raise ManifestError(f"base model {cur.base_model} is missing from the store")
         base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
-        acc = np.zeros(self.manifest.size, dtype=np.float64)
-        total = 0
-        for s in subs:  # sorted by client id: a fixed order makes the sum reproducible
-            assert s.blob is not None
-            delta, _ = decode_tensors(self.manifest, self.blobs.read(s.blob))
-            acc += s.num_examples * delta.astype(np.float64)
-            total += s.num_examples
         lr = self.config.strategy.server_learning_rate
-        new = (base.astype(np.float64) + lr * acc / total).astype(np.float32)
+        if self.privacy.mode == "central":
+            # Client-level DP: clip, uniform weights, noise once, divide by the cohort size.
+            deltas = []
+            for s in subs:
+                assert s.blob is not None
+                deltas.append(decode_tensors(self.manifest, self.blobs.read(s.blob))[0])
+            mean = self.privacy.central_mean(deltas, len(cur.cohort)).astype(np.float64)
+            new = (base.astype(np.float64) + lr * mean).astype(np.float32)
+        else:
+            acc = np.zeros(self.manifest.size, dtype=np.float64)
+            total = 0
+            for s in subs:  # sorted by client id: a fixed order makes the sum reproducible
+                assert s.blob is not None
+                delta, _ = decode_tensors(self.manifest, self.blobs.read(s.blob))
+                acc += s.num_examples * delta.astype(np.float64)
+                total += s.num_examples
+            new = (base.astype(np.float64) + lr * acc / total).astype(np.float32)
         if not np.isfinite(new).all():
             raise ManifestError("aggregate is not finite", code="non_finite")
         blob = encode_tensors(
@@ -613,6 +866,11 @@ class RoundEngine:
 
     def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
+        summary = None if self.secure is None else self.secure.summary(cur.round)
+        if summary is not None:
+            metrics["train_clients"] = len(summary["survivors"])
+            metrics["train_examples"] = summary["total_weight"]
+            metrics["secagg"] = {k: summary[k] for k in ("n", "k", "t", "modulus_bits")}
         train = self.store.submissions(cur.round, "train")
         metrics["train_clients"] = len(train)
         metrics["train_examples"] = sum(s.num_examples for s in train)
@@ -624,6 +882,9 @@ class RoundEngine:
         if train and len(losses) == len(train):
             total_n = sum(n for n, _ in losses)
             metrics["train_loss"] = sum(n * v for n, v in losses) / total_n
+        if summary is not None:
+            metrics["train_clients"] = len(summary["survivors"])
+            metrics["train_examples"] = summary["total_weight"]
         evals = self.store.submissions(cur.round, "evaluate")
         metrics["eval_clients"] = len(evals)
         metrics["eval_examples"] = sum(s.num_examples for s in evals)
@@ -638,6 +899,7 @@ class RoundEngine:
 
     def _commit(self, cur: RoundRow) -> None:
         metrics = self._round_metrics(cur)
+        metrics.update(self.privacy.round_metrics(cur.round))
         self._crash("before_round_commit")
         now = self._clock()
         with self.store.transaction() as db:
@@ -677,22 +939,27 @@ class RoundEngine:
             self._consecutive_aborts = aborts
             self.status = status
             self._current = None
+            if self.secure is not None:
+                self.secure.forget()
         self._crash("round_aborted")
 
     # -- reporting ---------------------------------------------------------------------
     def status_dict(self) -> dict[str, Any]:
         """Job status and per-round history (JSON-ready)."""
         rounds = self.store.rounds()
+        privacy, per_round = read_privacy(self.store)
         with self._lock:
             return {
                 "job": self.config.job.name,
                 "status": self.status,
+                "reason": self.status_reason,
+                "privacy": privacy,
                 "rounds_target": self.config.job.rounds,
                 "rounds_completed": self.completed_rounds,
                 "current_model": self.current_model,
                 "manifest_sha256": self.manifest.sha256,
                 "enrolled": len(self._clients),
-                "rounds": [r.to_json() for r in rounds],
+                "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
             }
 
 

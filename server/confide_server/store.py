@@ -394,6 +394,11 @@ class Store:
             ).fetchall()
         return [self._submission(r) for r in rows]
 
+    def delete_submissions(self, round_id: int, stage: str) -> None:
+        """Forget a stage's accepted submissions (secure unmask answers after a restart)."""
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM submissions WHERE round=? AND stage=?", (round_id, stage))
+
     def count_submissions(self) -> int:
         """Total accepted submissions (tests check that rejected requests change nothing)."""
         with self._lock:

@@ -192,6 +192,20 @@ class ServerSecAgg:
         if client_id in self._ids and client_id not in self.dropped:
             self.dropped[client_id] = self.stage
 
+    def expected(self) -> frozenset[str]:
+        """Clients the open stage waits for (answered or not); empty once the round is over."""
+        if self.stage == "advertise":
+            group: tuple[str, ...] | frozenset[str] = self._ids
+        elif self.stage == "share":
+            group = tuple(self._adverts)
+        elif self.stage == "mask":
+            group = self._u2
+        elif self.stage in ("consistency", "unmask"):
+            group = self._u3
+        else:
+            return frozenset()
+        return frozenset(c for c in group if c not in self.dropped)
+
     def _drop_missing(self, expected: tuple[str, ...] | frozenset[str], got: object) -> None:
         for cid in sorted(expected):
             if cid not in got:  # type: ignore[operator]

@@ -1,0 +1,195 @@
+"""Client side of SecAgg+ rounds: one :class:`~confide.secaggplus.ClientSecAgg` per round.
+
+:class:`SecureParticipant` turns the server's secure tasks (``advertise``, ``share``,
+``mask``, ``consistency``, ``unmask``) into protocol messages. Everything secret (the X25519
+seeds, the self-mask seed, the shares received) lives in memory only, in the round's
+``ClientSecAgg``; a client restarted mid-round has lost it and simply drops out of that
+round (the server goes on without it if at least ``t`` clients are left).
+
+Peers' identity keys are pinned on first use in ``peers.json`` (public keys only): a round
+that announces another key for a known client id is refused, so a server cannot swap a
+peer's identity after the fact.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from numpy.typing import NDArray
+
+from confide.data import Dataset
+from confide.federation_errors import IntegrityError
+from confide.noise import SecureRng
+from confide.secaggplus import ClientSecAgg, RoundSetup, SecAggAbortError
+from confide.trainer import TrainConfig, Trainer
+
+__all__ = ["SecureParticipant", "debug_rng_seed", "train_delta"]
+
+_PINS_FILE = "peers.json"
+# Test-only: derive each round's protocol randomness from this hex seed, so a test can
+# recompute the secrets and prove they are nowhere on disk. Never set it in production.
+_TEST_RNG_ENV = "CONFIDE_TEST_SECAGG_RNG_SEED"
+
+
+class SecureParticipant:
+    """One client's SecAgg+ rounds.
+
+    Parameters
+    ----------
+    client_id : str
+        This client's enrolled id.
+    identity_key : Ed25519PrivateKey
+        Its enrolled identity key (signs the advertisements).
+    state_dir : Path
+        Client folder; ``peers.json`` (pinned public keys) is kept there.
+    """
+
+    def __init__(self, client_id: str, identity_key: Ed25519PrivateKey, state_dir: Path) -> None:
+        self.client_id = client_id
+        self._identity = identity_key
+        self._pins_path = Path(state_dir) / _PINS_FILE
+        self._rounds: dict[int, ClientSecAgg] = {}
+
+    def known(self, round_id: int) -> bool:
+        """Whether this process holds the protocol state of ``round_id``."""
+        return round_id in self._rounds
+
+    def _pin(self, setup: RoundSetup) -> None:
+        pins: dict[str, str] = {}
+        if self._pins_path.exists():
+            pins = json.loads(self._pins_path.read_text())
+        changed = False
+        for cid, raw in setup.identity_keys:
+            key = base64.b64encode(raw).decode()
+            if cid in pins and pins[cid] != key:
+                raise IntegrityError(
+                    f"round {setup.round} announces another identity key for {cid!r} than "
+                    "the one pinned earlier"
+                )
+            if cid not in pins:
+                pins[cid] = key
+                changed = True
+        if changed:
+            tmp = self._pins_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self._pins_path)
+
+    def advertise(self, task: Mapping[str, Any]) -> dict[str, Any]:
+        """Start a round from its ``advertise`` task; return the signed advertisement.
+
+        Raises
+        ------
+        IntegrityError
+            The setup names another model than the task, or a pinned key changed.
+        SecAggAbortError
+            The setup does not include this client with its enrolled key.
+        """
+        setup = RoundSetup.from_json(task["setup"])
+        if setup.round != int(task["round"]) or setup.model_sha256.hex() != task["model_sha256"]:
+            raise IntegrityError("the secure round's setup names another round or model")
+        self._pin(setup)
+        # Keep only the current round: earlier rounds are over (their secrets go with them).
+        self._rounds.clear()
+        rng = None
+        test_seed = os.environ.get(_TEST_RNG_ENV)
+        if test_seed:
+            rng = SecureRng(debug_rng_seed(bytes.fromhex(test_seed), self.client_id, setup.round))
+        client = ClientSecAgg(setup, self.client_id, self._identity, rng=rng)
+        self._rounds[setup.round] = client
+        return client.advertise().to_json()
+
+    def answer(
+        self,
+        task: Mapping[str, Any],
+        update: NDArray[np.float32] | None = None,
+        weight: int = 0,
+    ) -> dict[str, Any]:
+        """Answer a ``share``, ``mask``, ``consistency`` or ``unmask`` task.
+
+        Parameters
+        ----------
+        task : dict
+            The server's task.
+        update : numpy.ndarray, optional
+            For ``mask``: the flat float32 model delta (clipped here to ``clip_range``).
+        weight : int
+            For ``mask``: the number of training examples (capped at ``max_weight``).
+
+        Raises
+        ------
+        SecAggAbortError
+            The request is inconsistent; the round's secrets are wiped.
+        KeyError
+            This process holds no state for the round (it restarted).
+        """
+        round_id, stage = int(task["round"]), str(task["stage"])
+        client = self._rounds[round_id]
+        try:
+            if stage == "share":
+                return client.share_keys(task["broadcast"]).to_json()
+            if stage == "mask":
+                assert update is not None
+                p = client.setup.params
+                clipped = np.clip(update, -p.clip_range, p.clip_range).astype(np.float32)
+                msg = client.masked_input(
+                    task["delivery"],
+                    clipped,
+                    min(int(weight), p.max_weight),
+                    model_sha256=client.setup.model_sha256,
+                )
+                return msg.to_json()
+            if stage == "consistency":
+                return client.consistency_check(task["request"]).to_json()
+            if stage == "unmask":
+                return client.unmask(task["request"]).to_json()
+        except SecAggAbortError:
+            self._rounds.pop(round_id, None)
+            raise
+        raise ValueError(f"not a secure stage: {stage!r}")
+
+    def finish(self, round_id: int) -> None:
+        """Forget a round (its secrets with it)."""
+        self._rounds.pop(round_id, None)
+
+
+def debug_rng_seed(seed: bytes, client_id: str, round_id: int) -> bytes:
+    """Seed of the test-only deterministic protocol randomness (see ``_TEST_RNG_ENV``)."""
+    return hashlib.sha256(seed + f"|{client_id}|{round_id}".encode()).digest()
+
+
+def train_delta(
+    trainer: Trainer, weights: NDArray[np.float32], data: Dataset, config: TrainConfig, seed: int
+) -> tuple[NDArray[np.float32], int, float]:
+    """Train from ``weights``; return ``(new - weights, num_examples, loss)`` (a worker thread).
+
+    Parameters
+    ----------
+    trainer : Trainer
+        The local engine (its weights are overwritten).
+    weights : numpy.ndarray
+        The announced model.
+    data : Dataset
+        Local training data.
+    config : TrainConfig
+        Epochs, batch size, learning rate.
+    seed : int
+        Training seed.
+
+    Returns
+    -------
+    tuple
+        The delta, the number of examples and the final training loss.
+    """
+    trainer.set_weights(weights)
+    # patient_ids: patient-level DP-SGD samples and clips per patient (privacy mode "sample")
+    result = trainer.fit(data.x, data.y, config, seed, patient_ids=data.patient_ids)
+    delta: NDArray[np.float32] = (trainer.get_weights() - weights).astype(np.float32)
+    return delta, int(result.num_examples), float(result.loss)

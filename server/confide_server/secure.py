@@ -1,0 +1,233 @@
+"""SecAgg+ as a round mode: one :class:`~confide.secaggplus.ServerSecAgg` per round, durable.
+
+The round engine (:mod:`confide_server.rounds`) owns the stages, deadlines and submission
+rows; this module owns the protocol state of the open secure round:
+
+* at round start :meth:`SecureRound.begin` derives ``k``, ``t`` and the modulus for the
+  cohort, announces the enrolled Ed25519 keys in the :class:`~confide.secaggplus.RoundSetup`
+  and writes the first snapshot in the same transaction as the round row;
+* every accepted message changes the state (:meth:`SecureRound.receive`) and is written
+  durably, before it is acknowledged, as its submission row; each stage close writes a
+  snapshot (:meth:`SecureRound.save`) in the same SQLite transaction as the round row's new
+  stage, so a restarted server loads the snapshot of the open stage and replays that
+  stage's accepted messages (the per-message cost is the message, not the whole state);
+* snapshots and rows hold public keys, encrypted shares, masked vectors, the running sum of
+  *masked* inputs and the roster, never a secret: the shares clients release in the unmask
+  stage live only in memory. A server restarted during unmask has lost them, so the engine
+  forgets that stage's answers and asks the survivors again (their answer to the same
+  request is identical).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from confide.secaggplus import AggregateResult, RoundSetup, ServerSecAgg
+from confide_server.config import SecAggConfig
+from confide_server.store import Store
+
+__all__ = ["SECURE_STAGES", "SecureRound", "secure_upload_limit"]
+
+SECURE_STAGES = ("advertise", "share", "mask", "consistency", "unmask")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS secagg_state ("
+    "round INTEGER PRIMARY KEY, state TEXT NOT NULL, result TEXT)"
+)
+
+
+def secure_upload_limit(vector_length: int) -> int:
+    """Largest protocol message for a model of ``vector_length`` values, in bytes.
+
+    The masked input is the packed vector (at most 64 bits a value, plus the weight) in
+    base64; share uploads and requests are small next to it.
+    """
+    return (vector_length + 1) * 8 * 4 // 3 + 262144
+
+
+class SecureRound:
+    """The SecAgg+ state of the open round, persisted in the ``secagg_state`` table.
+
+    Parameters
+    ----------
+    store : Store
+        The job's database (the table is created if missing).
+    config : SecAggConfig
+        Threat model, quantization and consistency check.
+    """
+
+    def __init__(self, store: Store, config: SecAggConfig) -> None:
+        self.store = store
+        self.config = config
+        self.round: int | None = None
+        self.server: ServerSecAgg | None = None
+        self._outbox: dict[str, dict[str, Any]] = {}
+        with store.transaction() as cur:
+            cur.execute(_SCHEMA)
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def build_setup(
+        self,
+        round_id: int,
+        cohort: Sequence[str],
+        public_keys: Mapping[str, str],
+        model_sha256: str,
+        vector_length: int,
+    ) -> RoundSetup:
+        """Return the round's public setup (params derived for ``len(cohort)``).
+
+        Raises
+        ------
+        InfeasibleConfigError
+            The threat model cannot be met by this cohort.
+        """
+        return RoundSetup(
+            round=round_id,
+            cohort=tuple(sorted(cohort)),
+            identity_keys=tuple((c, base64.b64decode(public_keys[c])) for c in sorted(cohort)),
+            params=self.config.params(len(cohort)),
+            vector_length=vector_length,
+            model_sha256=bytes.fromhex(model_sha256),
+            consistency_check=self.config.consistency_check,
+        )
+
+    def begin(self, cur: sqlite3.Cursor, setup: RoundSetup) -> None:
+        """Start the protocol for ``setup`` and write its first snapshot inside ``cur``."""
+        self.server = ServerSecAgg(setup)
+        self.round = setup.round
+        self._outbox = {}
+        self.save(cur)
+
+    def recover(self, round_id: int) -> bool:
+        """Load the snapshot of ``round_id``; return whether one exists."""
+        with self.store.transaction() as cur:
+            row = cur.execute(
+                "SELECT state FROM secagg_state WHERE round=?", (round_id,)
+            ).fetchone()
+        if row is None:
+            return False
+        self.server = ServerSecAgg.from_state(json.loads(row[0]))
+        self.round = round_id
+        self._outbox = {}
+        return True
+
+    def forget(self) -> None:
+        """Drop the in-memory state (the round is over)."""
+        self.server = None
+        self.round = None
+        self._outbox = {}
+
+    def save(self, cur: sqlite3.Cursor, result: AggregateResult | None = None) -> None:
+        """Write the snapshot (and the aggregate's public summary) inside ``cur``."""
+        srv = self._srv()
+        summary = None
+        if result is not None:
+            p = result.setup.params
+            summary = json.dumps(
+                {
+                    "survivors": list(result.survivors),
+                    "total_weight": result.total_weight,
+                    "k": p.k,
+                    "t": p.t,
+                    "n": p.n,
+                    "modulus_bits": p.modulus_bits,
+                }
+            )
+        cur.execute(
+            "INSERT INTO secagg_state(round, state, result) VALUES (?, ?, ?) "
+            "ON CONFLICT(round) DO UPDATE SET state=excluded.state, "
+            "result=COALESCE(excluded.result, secagg_state.result)",
+            (self.round, json.dumps(srv.to_state()), summary),
+        )
+
+    def summary(self, round_id: int) -> dict[str, Any] | None:
+        """Return the public summary of a finished secure round (survivors, weight, k, t)."""
+        with self.store.transaction() as cur:
+            row = cur.execute(
+                "SELECT result FROM secagg_state WHERE round=?", (round_id,)
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        doc: dict[str, Any] = json.loads(row[0])
+        return doc
+
+    def _srv(self) -> ServerSecAgg:
+        if self.server is None:
+            raise RuntimeError("no secure round is open")
+        return self.server
+
+    # -- messages ----------------------------------------------------------------------
+    def expected(self) -> frozenset[str]:
+        """Clients the open stage waits for."""
+        return frozenset() if self.server is None else self.server.expected()
+
+    def receive(self, stage: str, doc: Mapping[str, Any]) -> None:
+        """Feed one client message to the protocol (raises the protocol's errors)."""
+        srv = self._srv()
+        if stage == "advertise":
+            srv.receive_advertisement(doc)
+        elif stage == "share":
+            srv.receive_share_upload(doc)
+        elif stage == "mask":
+            srv.receive_masked_input(doc)
+        elif stage == "consistency":
+            srv.receive_consistency_signature(doc)
+        elif stage == "unmask":
+            srv.receive_unmask_response(doc)
+        else:
+            raise ValueError(f"not a secure stage: {stage!r}")
+
+    def close(self, stage: str) -> tuple[str, AggregateResult | None]:
+        """Close ``stage``; return the protocol's next stage and, after unmask, the sum.
+
+        Raises
+        ------
+        SecAggAbortError
+            Too few clients or shares: the round must be aborted.
+        """
+        srv = self._srv()
+        self._outbox = {}
+        if stage == "advertise":
+            srv.close_advertise()
+        elif stage == "share":
+            srv.close_share()
+        elif stage == "mask":
+            srv.close_mask()
+        elif stage == "consistency":
+            srv.close_consistency()
+        elif stage == "unmask":
+            return srv.stage, srv.close_unmask()
+        else:
+            raise ValueError(f"not a secure stage: {stage!r}")
+        return srv.stage, None
+
+    def task(self, stage: str, client_id: str) -> dict[str, Any] | None:
+        """Return what ``client_id`` needs for ``stage`` (JSON), or ``None`` if not asked."""
+        srv = self.server
+        if srv is None or srv.stage != stage or client_id not in srv.expected():
+            return None
+        if not self._outbox:
+            if stage == "advertise":
+                setup = srv.setup.to_json()
+                self._outbox = {c: {"setup": setup} for c in srv.expected()}
+            elif stage == "share":
+                bcast = srv.key_broadcast().to_json()
+                self._outbox = {c: {"broadcast": bcast} for c in srv.expected()}
+            elif stage == "mask":
+                self._outbox = {
+                    c: {"delivery": d.to_json()} for c, d in srv.share_deliveries().items()
+                }
+            elif stage == "consistency":
+                req = srv.consistency_request().to_json()
+                self._outbox = {c: {"request": req} for c in srv.expected()}
+            else:
+                pending = srv.pending_unmask_request()
+                if pending is None:
+                    return None
+                req = pending.to_json()
+                self._outbox = {c: {"request": req} for c in srv.expected()}
+        return self._outbox.get(client_id)

@@ -1,0 +1,89 @@
+"""Differential privacy end to end: real server and client processes over loopback."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from confide.privacy.accountant import account, client_poisson_event, dpsgd_event
+from confide.simulate import SimulationOptions, prepare_job
+from confide_server.config import load_config
+from confide_server.privacy import BUDGET_EXHAUSTED, read_privacy
+from confide_server.store import Store
+from tests.e2e.conftest import Procs
+
+
+def _job(tmp: Path, **kw: Any) -> Any:
+    base: dict[str, Any] = {"clients": 3, "rounds": 3, "seed": 5, "train_deadline": 30.0}
+    return prepare_job(tmp, SimulationOptions(**{**base, **kw}))
+
+
+def _stored(files: Any) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]], list[Any]]:
+    store = Store(load_config(files.config).server.database)
+    try:
+        summary, per_round = read_privacy(store)
+        return summary, per_round, store.rounds()
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_dpsgd_budget_stops_a_real_federation(tmp_path: Path, procs_factory: Any) -> None:
+    z, q, steps = 1.5, 0.25, 4
+    eps = [account([dpsgd_event(q, z, steps * k)], 1e-5).epsilon for k in (1, 2, 3)]
+    budget = (eps[1] + eps[2]) / 2  # two of the three planned rounds fit
+    files = _job(
+        tmp_path,
+        dp="sample",
+        noise_multiplier=z,
+        sampling_rate=q,
+        local_steps=steps,
+        epsilon_budget=budget,
+    )
+    procs: Procs = procs_factory(files)
+    server = procs.server()
+    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
+    assert procs.wait_exit(server) == 0, procs.all_logs()
+    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
+    doc = procs.final_status()
+    assert doc["status"] == "finished"
+    assert doc["reason"] == BUDGET_EXHAUSTED
+    assert [r["status"] for r in doc["rounds"]] == ["committed", "committed"]
+    assert doc["privacy"]["epsilon"] == pytest.approx(eps[1], rel=1e-9)
+    assert doc["privacy"]["epsilon"] <= budget
+    assert [r["privacy"]["epsilon"] for r in doc["rounds"]] == pytest.approx(eps[:2], rel=1e-9)
+    assert "train_loss" not in doc["rounds"][0]["metrics"]  # DP clients report no raw loss
+
+
+@pytest.mark.slow
+def test_server_killed_after_release_restarts_without_redrawing(
+    tmp_path: Path, procs_factory: Any
+) -> None:
+    z = 3.0
+    files = _job(tmp_path, dp="central", noise_multiplier=z, clip_norm=0.5)
+    procs: Procs = procs_factory(files)
+    # killed right after round 2's noised model and privacy record were committed
+    server = procs.server({"CONFIDE_SERVER_CRASH_AT": "stage_committed:2"})
+    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
+    assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
+    _, before, rows_before = _stored(files)
+    released = {r.round: r.new_model for r in rows_before if r.new_model}
+    assert sorted(released) == [1, 2]
+    assert sorted(before) == [1, 2]
+    server = procs.server()
+    assert procs.wait_exit(server) == 0, procs.all_logs()
+    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
+    summary, after, rows = _stored(files)
+    assert {r.round: r.new_model for r in rows if r.round in released} == released
+    assert [r.status for r in rows] == ["committed"] * 3
+    assert {k: after[k] for k in before} == before
+    assert summary is not None
+    assert summary["epsilon"] == pytest.approx(
+        account([client_poisson_event(1.0, z, 3)], 1e-5).epsilon, rel=1e-9
+    )
+    # and a restart of the finished run reports the same epsilon
+    doc = procs.final_status()
+    assert doc["privacy"]["epsilon"] == summary["epsilon"]

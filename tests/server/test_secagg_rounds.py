@@ -1,0 +1,338 @@
+"""SecAgg+ rounds in the round engine (no HTTP): stages, dropouts, late clients, crashes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from confide.federation_errors import ConfigError, IntegrityError
+from confide.manifest import decode_tensors
+from confide.noise import SecureRng
+from confide.secaggplus import RoundSetup
+from confide.secure_client import SecureParticipant, debug_rng_seed
+from confide.signing import Identity
+from confide_server.app import open_engine
+from confide_server.config import Config
+from confide_server.rounds import RoundEngine, RoundError
+from confide_server.secure import SECURE_STAGES
+from tests.server.conftest import FakeClock
+from tests.server.util import eval_body, tiny_manifest, write_job
+
+MANIFEST = tiny_manifest()
+IDS = ("a", "b", "c")
+RNG_SEED = b"secagg-rounds-test"
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL: nothing after the crash point runs."""
+
+
+def _config(tmp: Path, **kw: object) -> Config:
+    base = {
+        "job__cohort_size": 3,
+        "job__min_clients": 2,
+        "job__wait_for_clients": 3,
+        "job__rounds": 1,
+        "job__max_consecutive_aborts": 2,
+        "secagg__enabled": True,
+        # tolerate one dropout among three: k = 2, t = 2
+        "secagg__adversarial_fraction": 0.0,
+        "secagg__dropout_fraction": 0.34,
+        "secagg__max_weight": 100,
+    }
+    return write_job(tmp, **{**base, **kw})
+
+
+class Fed:
+    """An engine plus three sites holding real identities and SecAgg+ clients."""
+
+    def __init__(self, tmp: Path, cfg: Config, crash_at: str | None = None) -> None:
+        self.tmp, self.cfg = tmp, cfg
+        self.clock = FakeClock()
+        self.idents = {c: Identity.generate() for c in IDS}
+        self.parts: dict[str, SecureParticipant] = {}
+        for c in IDS:
+            (tmp / "sites" / c).mkdir(parents=True, exist_ok=True)
+            self.parts[c] = SecureParticipant(c, self.idents[c].private_key, tmp / "sites" / c)
+        rng = np.random.default_rng(7)
+        self.updates = {c: rng.uniform(-0.5, 0.5, MANIFEST.size).astype(np.float32) for c in IDS}
+        self.weights = {"a": 10, "b": 30, "c": 60}
+        self.eng = self.open(crash_at)
+        for c in IDS:
+            self.eng.enroll(self.eng.create_tokens(1)[0], c, self.idents[c].public_key_b64)
+
+    def open(self, crash_at: str | None = None) -> RoundEngine:
+        def hook(point: str) -> None:
+            if point == crash_at:
+                raise Crash(point)
+
+        eng = open_engine(self.cfg, clock=self.clock, crash_hook=hook)
+        for c in IDS:
+            eng.touch(c)
+        return eng
+
+    def restart(self, crash_at: str | None = None) -> None:
+        self.eng.store.close()
+        self.eng = self.open(crash_at)
+
+    def submit(self, cid: str, stage: str, msg: dict[str, Any], r: int = 1) -> dict[str, Any]:
+        body = json.dumps(msg).encode()
+        prepared = self.eng.prepare(cid, r, stage, body)
+        return self.eng.commit_submission(prepared, nonce=f"{cid}-{stage}-{r}-{len(body)}")
+
+    def answer(self, cid: str) -> tuple[str, dict[str, Any]] | None:
+        """Let ``cid`` answer its current task; return (stage, message) or None."""
+        task = self.eng.task_for(cid)
+        stage = task["action"]
+        if stage not in SECURE_STAGES:
+            return None
+        if stage == "advertise":
+            msg = self.parts[cid].advertise(task)
+        else:
+            msg = self.parts[cid].answer(task, self.updates[cid], self.weights[cid])
+        self.submit(cid, stage, msg, task["round"])
+        return stage, msg
+
+    def answer_all_and_tick(self) -> None:
+        for c in IDS:
+            self.answer(c)
+        self.eng.tick()
+
+    def stage(self) -> str:
+        row = self.eng.store.get_round(1)
+        assert row is not None
+        return row.stage
+
+    def run_stage(self, skip: tuple[str, ...] = ()) -> None:
+        stage = self.stage()
+        for c in IDS:
+            if c not in skip:
+                self.answer(c)
+        if skip:
+            self.clock.now += 1000  # the deadline closes the stage
+        assert self.eng.tick()
+        assert self.stage() != stage or self.eng.store.get_round(1).status != "open"  # type: ignore[union-attr]
+
+    def finish_evaluate(self) -> None:
+        for c in IDS:
+            task = self.eng.task_for(c)
+            if task["action"] == "evaluate":
+                prepared = self.eng.prepare(c, 1, "evaluate", eval_body(0.5))
+                self.eng.commit_submission(prepared, nonce=f"{c}-eval")
+        self.clock.now += 1000
+        self.eng.tick()
+
+    def model(self) -> np.ndarray:
+        path = self.eng.store.model_path(self.eng.current_model)
+        assert path is not None
+        return decode_tensors(MANIFEST, self.eng.blobs.read(path))[0]
+
+    def expected(self, survivors: tuple[str, ...], base: np.ndarray) -> np.ndarray:
+        w = sum(self.weights[c] for c in survivors)
+        mean = sum(self.weights[c] * self.updates[c].astype(np.float64) for c in survivors) / w
+        return base + mean
+
+
+def _start(fed: Fed) -> np.ndarray:
+    base = fed.model()
+    assert fed.eng.tick()  # round 1 starts in "advertise"
+    assert fed.stage() == "advertise"
+    return base
+
+
+def test_secure_round_commits_the_weighted_mean(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _config(tmp_path))
+    base = _start(fed)
+    task = fed.eng.task_for("a")
+    assert task["action"] == "advertise"
+    assert task["model_sha256"] == fed.eng.current_model
+    setup = RoundSetup.from_json(task["setup"])
+    assert (setup.params.n, setup.params.k, setup.params.t) == (3, 2, 2)
+    # the announced identity keys are the enrolled ones
+    assert dict(setup.identity_keys) == {
+        c: base64.b64decode(fed.idents[c].public_key_b64) for c in IDS
+    }
+    for stage in ("advertise", "share", "mask", "unmask"):
+        assert fed.stage() == stage
+        fed.run_stage()
+    assert fed.stage() == "evaluate"
+    fed.finish_evaluate()
+    row = fed.eng.store.get_round(1)
+    assert row is not None
+    assert row.status == "committed"
+    assert row.metrics is not None
+    assert row.metrics["train_clients"] == 3
+    assert row.metrics["train_examples"] == 100
+    assert {k: row.metrics["secagg"][k] for k in ("n", "k", "t")} == {"n": 3, "k": 2, "t": 2}
+    np.testing.assert_allclose(fed.model(), fed.expected(IDS, base), atol=2e-4)
+
+
+def test_consistency_check_stage_runs_when_configured(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _config(tmp_path, secagg__consistency_check=True))
+    base = _start(fed)
+    for stage in ("advertise", "share", "mask", "consistency", "unmask"):
+        assert fed.stage() == stage
+        fed.run_stage()
+    fed.finish_evaluate()
+    np.testing.assert_allclose(fed.model(), fed.expected(IDS, base), atol=2e-4)
+
+
+def test_dropout_after_sharing_and_late_masked_input_is_rejected(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _config(tmp_path))
+    base = _start(fed)
+    fed.run_stage()  # advertise
+    fed.run_stage()  # share
+    # c computes its masked input but only sends it after the deadline
+    late_task = fed.eng.task_for("c")
+    late = fed.parts["c"].answer(late_task, fed.updates["c"], fed.weights["c"])
+    fed.run_stage(skip=("c",))  # mask closes at its deadline without c
+    assert fed.stage() == "unmask"
+    with pytest.raises(RoundError) as err:
+        fed.submit("c", "mask", late)
+    assert err.value.http_status == 409
+    assert fed.eng.task_for("c")["action"] == "wait"  # c is out of this round
+    fed.run_stage()  # unmask: a and b rebuild c's pairwise masks
+    fed.finish_evaluate()
+    row = fed.eng.store.get_round(1)
+    assert row is not None
+    assert row.status == "committed"
+    assert row.metrics is not None
+    assert row.metrics["train_clients"] == 2
+    np.testing.assert_allclose(fed.model(), fed.expected(("a", "b"), base), atol=2e-4)
+
+
+def test_client_back_after_being_declared_dropped_is_refused(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _config(tmp_path))
+    _start(fed)
+    late_adv = fed.parts["b"].advertise(fed.eng.task_for("b"))
+    fed.run_stage(skip=("b",))  # b misses the advertise deadline
+    with pytest.raises(RoundError) as err:  # late for advertise
+        fed.submit("b", "advertise", late_adv)
+    assert err.value.http_status == 409
+    assert fed.eng.task_for("b")["action"] == "wait"  # not asked to share
+    fed.run_stage()  # share (a and c)
+    assert fed.stage() == "mask"
+    before = fed.eng.store.count_submissions()
+    with pytest.raises(RoundError) as err:  # and not taken in later stages either
+        fed.submit("b", "mask", {"round": 1, "client_id": "b"})
+    assert err.value.http_status == 409
+    assert fed.eng.store.count_submissions() == before
+
+
+@pytest.mark.parametrize("stage", ["advertise", "share", "mask", "unmask"])
+def test_dropout_in_each_stage_round_completes_with_t_survivors(tmp_path: Path, stage: str) -> None:
+    fed = Fed(tmp_path, _config(tmp_path))
+    base = _start(fed)
+    order = ["advertise", "share", "mask", "unmask"]
+    for s in order:
+        fed.run_stage(skip=("b",) if order.index(s) >= order.index(stage) else ())
+    fed.finish_evaluate()
+    row = fed.eng.store.get_round(1)
+    assert row is not None
+    assert row.status == "committed", row
+    survivors = ("a", "b", "c") if stage == "unmask" else ("a", "c")
+    np.testing.assert_allclose(fed.model(), fed.expected(survivors, base), atol=2e-4)
+
+
+def test_too_few_survivors_abort_the_round_and_keep_the_model(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _config(tmp_path, job__min_clients=1))
+    _start(fed)
+    before = fed.eng.current_model
+    fed.run_stage()
+    fed.run_stage(skip=("b", "c"))  # one share upload: fewer than t = 2
+    row = fed.eng.store.get_round(1)
+    assert row is not None
+    assert row.status == "aborted"
+    assert "too-few-clients" in (row.reason or "")
+    assert fed.eng.current_model == before
+
+
+@pytest.mark.parametrize(
+    ("stage", "point"),
+    [
+        ("share", "submission_committed"),
+        ("mask", "submission_committed"),
+        ("mask", "stage_committed"),
+        ("unmask", "submission_committed"),
+        ("unmask", "model_written"),
+    ],
+)
+def test_crash_and_restart_mid_round_gives_the_right_aggregate(
+    tmp_path: Path, stage: str, point: str
+) -> None:
+    fed = Fed(tmp_path, _config(tmp_path))
+    base = _start(fed)
+    while fed.stage() != stage:
+        fed.run_stage()
+    fed.restart(crash_at=point)
+    with pytest.raises(Crash):
+        fed.answer_all_and_tick()
+    fed.restart()
+    # everyone answers whatever is still asked; the restarted server re-asks for unmask
+    while fed.stage() in SECURE_STAGES:
+        for c in IDS:
+            fed.answer(c)
+        fed.clock.now += 1000
+        assert fed.eng.tick()
+    fed.finish_evaluate()
+    row = fed.eng.store.get_round(1)
+    assert row is not None
+    assert row.status == "committed"
+    np.testing.assert_allclose(fed.model(), fed.expected(IDS, base), atol=2e-4)
+
+
+def test_no_client_secret_reaches_the_server_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CONFIDE_TEST_SECAGG_RNG_SEED", RNG_SEED.hex())
+    fed = Fed(tmp_path, _config(tmp_path))
+    _start(fed)
+    for _ in range(4):
+        fed.run_stage()
+    fed.finish_evaluate()
+    fed.eng.store.close()
+    blobs = b"".join(p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file())
+    blobs += b"".join(p.read_bytes() for p in (tmp_path / "sites").rglob("*") if p.is_file())
+    for c in IDS:
+        rng = SecureRng(debug_rng_seed(RNG_SEED, c, 1))
+        for secret in (rng.random_bytes(32) for _ in range(3)):  # enc, mask, self-mask seeds
+            for form in (secret, secret.hex().encode(), base64.b64encode(secret)):
+                assert form not in blobs
+
+
+def test_pinned_peer_key_change_is_refused(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _config(tmp_path))
+    _start(fed)
+    task = fed.eng.task_for("a")
+    fed.parts["a"].advertise(task)  # pins b's and c's keys
+    setup = dict(task["setup"])
+    keys = dict(setup["identity_keys"])
+    keys["b"] = base64.b64encode(bytes(32)).decode()
+    setup["identity_keys"] = keys
+    with pytest.raises(IntegrityError, match="pinned"):
+        fed.parts["a"].advertise({**task, "setup": setup})
+
+
+def test_infeasible_secagg_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="infeasible"):
+        _config(tmp_path, secagg__adversarial_fraction=0.34, secagg__dropout_fraction=0.34)
+
+
+def test_round_without_protocol_state_is_aborted_on_restart(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _config(tmp_path, job__rounds=2))
+    _start(fed)
+    fed.run_stage()
+    with fed.eng.store.transaction() as cur:
+        cur.execute("DELETE FROM secagg_state WHERE round=1")
+    fed.restart()
+    row = fed.eng.store.get_round(1)
+    assert row is not None
+    assert row.status == "aborted"
+    assert "protocol state" in (row.reason or "")
+    assert fed.eng.tick()  # the next round starts normally
+    assert fed.eng.task_for("a")["action"] == "advertise"
