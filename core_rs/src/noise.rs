@@ -41,6 +41,7 @@ use rayon::prelude::*;
 
 use crate::error::NoiseError;
 use crate::rng::{AesCtr, SecureRng, open01_full, uniform_below_u128};
+use crate::secagg::mask::run_sequentially;
 
 /// Elements per parallel chunk of the float samplers (each chunk has its own AES-CTR stream).
 const FLOAT_CHUNK: usize = 1 << 15;
@@ -85,16 +86,39 @@ fn ziggurat() -> &'static Ziggurat {
 
 /// One standard normal variate (ziggurat with an exact tail).
 pub fn standard_normal<R: RngCore + CryptoRng>(rng: &mut R) -> f64 {
-    let z = ziggurat();
+    normal_with(ziggurat(), rng)
+}
+
+/// [`standard_normal`] with the tables passed in: the rectangle test, which accepts ~99% of
+/// draws, is inlined into the caller's loop; the rest of the algorithm is out of line.
+// `always`: the per-element hot path of the lattice samplers must sit in their loop (it was an
+// out-of-line call before); the cold remainder stays a separate function.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn normal_with<R: RngCore + CryptoRng>(z: &Ziggurat, rng: &mut R) -> f64 {
+    let bits = rng.next_u64();
+    let i = (bits & 0xff) as usize;
+    // 53 bits disjoint from the 8 layer bits: u in [-1, 1).
+    let u = (bits >> 11) as f64 * (1.0 / (1u64 << 52) as f64) - 1.0;
+    let x = u * z.x[i];
+    if x.abs() < z.x[i + 1] {
+        return x;
+    }
+    normal_slow(z, rng, i, u, x)
+}
+
+/// The rest of a ziggurat attempt whose rectangle test failed (tail or wedge), then further
+/// attempts: exactly the draws and tests of the textbook loop, in the same order.
+#[cold]
+#[inline(never)]
+fn normal_slow<R: RngCore + CryptoRng>(
+    z: &Ziggurat,
+    rng: &mut R,
+    mut i: usize,
+    mut u: f64,
+    mut x: f64,
+) -> f64 {
     loop {
-        let bits = rng.next_u64();
-        let i = (bits & 0xff) as usize;
-        // 53 bits disjoint from the 8 layer bits: u in [-1, 1).
-        let u = (bits >> 11) as f64 * (1.0 / (1u64 << 52) as f64) - 1.0;
-        let x = u * z.x[i];
-        if x.abs() < z.x[i + 1] {
-            return x;
-        }
         if i == 0 {
             // Marsaglia's exact tail beyond R.
             loop {
@@ -107,6 +131,14 @@ pub fn standard_normal<R: RngCore + CryptoRng>(rng: &mut R) -> f64 {
         }
         let w = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         if z.f[i + 1] + (z.f[i] - z.f[i + 1]) * w < pdf(x) {
+            return x;
+        }
+        // Next attempt.
+        let bits = rng.next_u64();
+        i = (bits & 0xff) as usize;
+        u = (bits >> 11) as f64 * (1.0 / (1u64 << 52) as f64) - 1.0;
+        x = u * z.x[i];
+        if x.abs() < z.x[i + 1] {
             return x;
         }
     }
@@ -223,7 +255,9 @@ fn check_finite<T: NoiseFloat>(x: &[T], inv_gamma: f64) -> Result<(), NoiseError
     Ok(())
 }
 
-fn lattice_chunk<T: NoiseFloat>(
+/// Lattice noise on one chunk. `ZERO` means every element of `x` is known to be 0, so the
+/// snapped input `round(x / gamma)` is 0 and is not computed (same output, see [`sample`]).
+fn lattice_chunk<T: NoiseFloat, const ZERO: bool>(
     x: &mut [T],
     dist: Distribution,
     scale: f64,
@@ -234,14 +268,45 @@ fn lattice_chunk<T: NoiseFloat>(
     let inv_gamma = 1.0 / gamma; // exact: gamma is a power of two
     let s = scale * inv_gamma; // in [2^32, 2^33)
     let mut stream = AesCtr::at_chunk(key, chunk);
-    for v in x.iter_mut() {
-        let g = match dist {
-            Distribution::Gaussian => standard_normal(&mut stream),
-            Distribution::Laplace => standard_laplace(&mut stream),
+    let put = |v: &mut T, g: f64, stream: &mut AesCtr| {
+        let k = stochastic_round(stream, s * g); // exact integer, |k| < 2^53
+        let base = if ZERO {
+            0.0
+        } else {
+            fast_round(v.to_f64() * inv_gamma)
         };
-        let k = stochastic_round(&mut stream, s * g); // exact integer, |k| < 2^53
-        let base = fast_round(v.to_f64() * inv_gamma);
         *v = T::from_f64((base + k) * gamma);
+    };
+    match dist {
+        Distribution::Gaussian => {
+            let z = ziggurat();
+            for v in x.iter_mut() {
+                let g = normal_with(z, &mut stream);
+                put(v, g, &mut stream);
+            }
+        }
+        Distribution::Laplace => {
+            for v in x.iter_mut() {
+                let g = standard_laplace(&mut stream);
+                put(v, g, &mut stream);
+            }
+        }
+    }
+}
+
+/// Run [`lattice_chunk`] over `x` in chunks of [`FLOAT_CHUNK`], each with its own stream.
+fn lattice_all<T: NoiseFloat, const ZERO: bool>(
+    x: &mut [T],
+    dist: Distribution,
+    scale: f64,
+    key: &[u8; 32],
+) {
+    let chunk =
+        |(c, xs): (usize, &mut [T])| lattice_chunk::<T, ZERO>(xs, dist, scale, key, c as u64);
+    if run_sequentially(x.len(), FLOAT_CHUNK) {
+        x.chunks_mut(FLOAT_CHUNK).enumerate().for_each(chunk);
+    } else {
+        x.par_chunks_mut(FLOAT_CHUNK).enumerate().for_each(chunk);
     }
 }
 
@@ -259,20 +324,21 @@ pub fn add_noise<T: NoiseFloat>(
     scale: f64,
     rng: &mut SecureRng,
 ) -> Result<(), NoiseError> {
-    let name = match dist {
-        Distribution::Gaussian => "sigma",
-        Distribution::Laplace => "scale",
-    };
-    check_scale(name, scale)?;
+    check_scale(scale_name(dist), scale)?;
     if scale == 0.0 {
         return check_finite(x, 1.0);
     }
     check_finite(x, 1.0 / lattice_step(scale))?;
     let key = rng.fork_key();
-    x.par_chunks_mut(FLOAT_CHUNK)
-        .enumerate()
-        .for_each(|(c, chunk)| lattice_chunk(chunk, dist, scale, &key, c as u64));
+    lattice_all::<T, false>(x, dist, scale, &key);
     Ok(())
+}
+
+fn scale_name(dist: Distribution) -> &'static str {
+    match dist {
+        Distribution::Gaussian => "sigma",
+        Distribution::Laplace => "scale",
+    }
 }
 
 /// `n` fresh noise samples of `scale` (lattice construction around 0).
@@ -285,8 +351,15 @@ pub fn sample<T: NoiseFloat + Default>(
     scale: f64,
     rng: &mut SecureRng,
 ) -> Result<Vec<T>, NoiseError> {
+    // Exactly `add_noise` on a zero vector (same checks, same draws, same output), minus the
+    // work that zeros make trivial: the finiteness pre-pass and the snapping of x.
+    check_scale(scale_name(dist), scale)?;
     let mut out = vec![T::default(); n];
-    add_noise(&mut out, dist, scale, rng)?;
+    if scale == 0.0 {
+        return Ok(out);
+    }
+    let key = rng.fork_key();
+    lattice_all::<T, true>(&mut out, dist, scale, &key);
     Ok(out)
 }
 
