@@ -212,6 +212,18 @@ mod tests {
             })
         ));
         assert_eq!(x, vec![0, 300]);
+        // The blocked range check reports the first offending element past the first block.
+        let mut y = vec![1u32; 5000];
+        y[4100] = 1 << 9;
+        y[3000] = 1 << 8;
+        assert!(matches!(
+            apply_masks(&mut y, &spec, 8, &dom()),
+            Err(MaskError::OutOfRange {
+                index: 3000,
+                value: 256,
+                bits: 8
+            })
+        ));
         assert!(matches!(
             apply_masks(&mut x, &spec, 33, &dom()),
             Err(MaskError::InvalidBits { .. })

@@ -275,6 +275,13 @@ mod tests {
             Err(MaskError::Inconsistent { .. })
         ));
         assert!(quantize::<u32>(&[f32::NAN], 1.0, 8, &mut rng).is_err());
+        let mut x = vec![0.25f32; 5000];
+        x[4500] = f32::NAN;
+        x[2049] = f32::NEG_INFINITY;
+        assert!(matches!(
+            quantize::<u32>(&x, 1.0, 8, &mut rng),
+            Err(MaskError::NonFinite { index: 2049, .. })
+        ));
         assert!(quantize::<u32>(&[1.0], 1.0, 33, &mut rng).is_err());
         assert!(quantize::<u32>(&[1.0], 0.0, 8, &mut rng).is_err());
     }
