@@ -9,11 +9,17 @@
 //! (aarch64 included). Both copies are the same source compiled twice: results are
 //! bit-identical (Rust never contracts `a * b + c` into an FMA), only the speed differs.
 //!
+//! Kernels dispatched here: `quant::quantize_chunk_lattice` (stochastic rounding) and
+//! `mask::apply_segment_portable` (fused mask expansion and add; AES itself is dispatched by
+//! the `aes` crate).
+//!
 //! Invariant for every `unsafe` block below: it only calls a `#[target_feature]` function,
 //! and only after runtime detection has confirmed that feature on the running CPU.
 
 use crate::rng::AesCtr;
 use crate::secagg::Word;
+use crate::secagg::mask::apply_segment_portable;
+use crate::secagg::prg::MaskPrg;
 use crate::secagg::quant::quantize_chunk_lattice;
 
 /// Whether the running CPU supports AVX2 (cached by std after the first call).
@@ -103,9 +109,103 @@ fn quantize_chunk_avx512<W: Word>(
     quantize_chunk_lattice(o, xs, r, scale, l, stream);
 }
 
+/// [`apply_segment_portable`] (fused mask expansion and add) on the widest vector unit
+/// available.
+pub fn apply_segment<W: Word>(
+    seg: &mut [W],
+    first_elem: usize,
+    prg: &MaskPrg,
+    negate: bool,
+    m: u64,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        #[allow(unsafe_code)]
+        // SAFETY: `apply_segment_avx512` only requires AVX-512 F/VL/DQ/BW, detected above.
+        unsafe {
+            apply_segment_avx512(seg, first_elem, prg, negate, m);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        #[allow(unsafe_code)]
+        // SAFETY: `apply_segment_avx2` only requires AVX2, detected on this CPU just above.
+        unsafe {
+            apply_segment_avx2(seg, first_elem, prg, negate, m);
+        }
+        return;
+    }
+    apply_segment_portable(seg, first_elem, prg, negate, m);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn apply_segment_avx2<W: Word>(
+    seg: &mut [W],
+    first_elem: usize,
+    prg: &MaskPrg,
+    negate: bool,
+    m: u64,
+) {
+    apply_segment_portable(seg, first_elem, prg, negate, m);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
+fn apply_segment_avx512<W: Word>(
+    seg: &mut [W],
+    first_elem: usize,
+    prg: &MaskPrg,
+    negate: bool,
+    m: u64,
+) {
+    apply_segment_portable(seg, first_elem, prg, negate, m);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every compiled copy of the mask kernel the CPU can run gives the portable output.
+    #[test]
+    fn mask_copies_agree() {
+        use crate::secagg::prg::MaskDomain;
+        let dom = MaskDomain::new(b"s", 3, "pair");
+        for (bits, negate) in [(32u32, false), (32, true), (20, false), (7, true)] {
+            let prg = MaskPrg::new(&[9u8; 32], &dom, bits);
+            let m = crate::secagg::low_mask(bits);
+            let x: Vec<u32> = (0..5000u32)
+                .map(|i| i.wrapping_mul(2_654_435_761) & m as u32)
+                .collect();
+            let mut portable = x.clone();
+            apply_segment_portable(&mut portable, 4096, &prg, negate, m);
+            let mut v64: Vec<u64> = x.iter().map(|&v| u64::from(v)).collect();
+            apply_segment_portable(&mut v64, 4096, &prg, negate, m);
+            assert!(v64.iter().zip(&portable).all(|(&a, &b)| a == u64::from(b)));
+            #[cfg(target_arch = "x86_64")]
+            {
+                if has_avx2() {
+                    let mut v = x.clone();
+                    #[allow(unsafe_code)]
+                    // SAFETY: AVX2 detected just above.
+                    unsafe {
+                        apply_segment_avx2(&mut v, 4096, &prg, negate, m);
+                    }
+                    assert_eq!(v, portable, "avx2, bits {bits}");
+                }
+                if has_avx512() {
+                    let mut v = x.clone();
+                    #[allow(unsafe_code)]
+                    // SAFETY: AVX-512 F/VL/DQ/BW detected just above.
+                    unsafe {
+                        apply_segment_avx512(&mut v, 4096, &prg, negate, m);
+                    }
+                    assert_eq!(v, portable, "avx512, bits {bits}");
+                }
+            }
+        }
+    }
 
     /// Every compiled copy the CPU can run gives the portable copy's output.
     #[test]

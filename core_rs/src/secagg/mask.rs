@@ -96,8 +96,18 @@ pub fn run_sequentially(n: usize, chunk: usize) -> bool {
     n <= chunk || rayon::current_num_threads() <= 1
 }
 
-#[inline]
-fn apply_segment<W: Word>(seg: &mut [W], first_elem: usize, prg: &MaskPrg, negate: bool, m: u64) {
+/// Add one seed's mask to one segment: keystream batches of `BATCH_BLOCKS` blocks, each added
+/// straight from the buffer it was encrypted in. Compiled once per vector width and
+/// dispatched at run time by [`crate::simd::apply_segment`] (same result from every copy).
+#[allow(clippy::inline_always)]
+#[inline(always)]
+pub(crate) fn apply_segment_portable<W: Word>(
+    seg: &mut [W],
+    first_elem: usize,
+    prg: &MaskPrg,
+    negate: bool,
+    m: u64,
+) {
     let wb = prg.word_bytes;
     let per_batch = BATCH_BLOCKS * 16 / wb;
     // The keystream is encrypted in place in this buffer and added straight from it.
@@ -132,7 +142,7 @@ pub fn apply_masks<W: Word>(
         .collect();
     let segment = |(si, seg): (usize, &mut [W])| {
         for (prg, negate) in &prgs {
-            apply_segment(seg, si * SEGMENT, prg, *negate, m);
+            crate::simd::apply_segment(seg, si * SEGMENT, prg, *negate, m);
         }
     };
     if run_sequentially(x.len(), SEGMENT) {
