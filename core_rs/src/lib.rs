@@ -10,6 +10,7 @@ pub mod error;
 pub mod noise;
 pub mod rng;
 pub mod secagg;
+pub mod simd;
 
 #[cfg(feature = "python")]
 pub mod py;

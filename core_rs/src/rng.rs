@@ -26,11 +26,13 @@ const BUF_BYTES: usize = BUF_BLOCKS * 16;
 type Block = Array<u8, aes::cipher::consts::U16>;
 
 /// AES-256-CTR keystream generator with a 1 KiB buffer.
+///
+/// The counter blocks are encrypted in place and read back as bytes straight from that
+/// buffer (no second copy per refill).
 pub struct AesCtr {
     cipher: Aes256,
     counter: u128,
     blocks: [Block; BUF_BLOCKS],
-    buf: [u8; BUF_BYTES],
     pos: usize,
 }
 
@@ -42,7 +44,6 @@ impl AesCtr {
             cipher: Aes256::new(&Array::from(*key)),
             counter: start_block,
             blocks: [Block::default(); BUF_BLOCKS],
-            buf: [0; BUF_BYTES],
             pos: BUF_BYTES,
         }
     }
@@ -59,10 +60,13 @@ impl AesCtr {
             self.counter = self.counter.wrapping_add(1);
         }
         self.cipher.encrypt_blocks(&mut self.blocks);
-        for (dst, b) in self.buf.chunks_exact_mut(16).zip(self.blocks.iter()) {
-            dst.copy_from_slice(b);
-        }
         self.pos = 0;
+    }
+
+    /// The keystream buffer as bytes (valid from `pos` on after a refill).
+    #[inline]
+    fn buf(&self) -> &[u8] {
+        Array::slice_as_flattened(&self.blocks)
     }
 
     /// Next 64 uniformly random bits.
@@ -72,7 +76,7 @@ impl AesCtr {
             self.refill();
         }
         let mut w = [0u8; 8];
-        w.copy_from_slice(&self.buf[self.pos..self.pos + 8]);
+        w.copy_from_slice(&self.buf()[self.pos..self.pos + 8]);
         self.pos += 8;
         u64::from_le_bytes(w)
     }
@@ -84,7 +88,7 @@ impl AesCtr {
             self.refill();
         }
         let mut w = [0u8; 4];
-        w.copy_from_slice(&self.buf[self.pos..self.pos + 4]);
+        w.copy_from_slice(&self.buf()[self.pos..self.pos + 4]);
         self.pos += 4;
         u32::from_le_bytes(w)
     }
@@ -97,7 +101,7 @@ impl AesCtr {
                 self.refill();
             }
             let n = (BUF_BYTES - self.pos).min(dest.len() - off);
-            dest[off..off + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+            dest[off..off + n].copy_from_slice(&self.buf()[self.pos..self.pos + n]);
             self.pos += n;
             off += n;
         }
@@ -106,7 +110,6 @@ impl AesCtr {
 
 impl Drop for AesCtr {
     fn drop(&mut self) {
-        self.buf.zeroize();
         for b in &mut self.blocks {
             b.as_mut_slice().zeroize();
         }

@@ -1,9 +1,10 @@
 //! Bindings of `crate::secagg`: quantization, mask expansion and fused masking, bit packing
 //! and Shamir sharing. Seeds, secrets and masked vectors are copied into owned memory before
-//! the GIL is released (`HOUSE_STYLE` B5). Ring vectors are `numpy.uint32` when `bits <= 32` and
+//! the GIL is released (`HOUSE_STYLE` B5); for `apply_masks` that owned copy is the new output
+//! array itself (see `masked_copy`). Ring vectors are `numpy.uint32` when `bits <= 32` and
 //! `numpy.uint64` otherwise.
 
-use numpy::{IntoPyArray, PyArray1, PyUntypedArray};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyUntypedArray};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -131,17 +132,24 @@ pub fn expand_mask_py<'py>(
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let v = run_detached(py, move || {
         let s = seed32(&seed)?;
-        let v = mask::expand_mask(
-            &s,
-            n,
-            bits,
-            &MaskDomain {
-                session,
-                round,
-                purpose,
-            },
-        )?;
-        Ok::<_, crate::CoreError>(narrow(v, bits))
+        let domain = MaskDomain {
+            session,
+            round,
+            purpose,
+        };
+        if bits <= 32 {
+            // Expand straight into u32 storage (same elements as the u64 expansion, half the
+            // memory traffic and no narrowing pass).
+            let mut v = vec![0u32; n];
+            let spec = [MaskSpec {
+                seed: s,
+                negate: false,
+            }];
+            mask::apply_masks(&mut v, &spec, bits, &domain)?;
+            Ok::<_, crate::CoreError>(RingVec::U32(v))
+        } else {
+            Ok(narrow(mask::expand_mask(&s, n, bits, &domain)?, bits))
+        }
     })?;
     to_py(py, v)
 }
@@ -164,27 +172,50 @@ pub fn apply_masks_py<'py>(
         purpose,
     };
     if is_array_of::<u32>(x) {
-        let arr = readonly1::<u32>(x, "x", UINT_1D)?;
-        let mut v = contiguous(&arr, "x")?.to_vec();
-        drop(arr);
-        let v = run_detached(py, move || {
-            mask::apply_masks(&mut v, &specs, bits, &domain).map(|()| v)
-        })?;
-        ring_array(py, v)
+        masked_copy::<u32>(py, x, &specs, bits, &domain)
     } else if is_array_of::<u64>(x) {
-        let arr = readonly1::<u64>(x, "x", UINT_1D)?;
-        let mut v = contiguous(&arr, "x")?.to_vec();
-        drop(arr);
-        let v = run_detached(py, move || {
-            mask::apply_masks(&mut v, &specs, bits, &domain).map(|()| v)
-        })?;
-        ring_array(py, v)
+        masked_copy::<u64>(py, x, &specs, bits, &domain)
     } else {
         Err(error(
             Kind::ArrayType,
             format!("x must be {UINT_1D}, got {}", describe(x)),
         ))
     }
+}
+
+/// `apply_masks` for one storage width: copy `x` into a new numpy array while attached, then
+/// mask that array in place while detached.
+///
+/// `HOUSE_STYLE` B5 asks for secure-aggregation inputs to be copied into owned memory before
+/// the GIL is released, because another Python thread could otherwise change them under the
+/// kernel. The array masked here is that copy: it is allocated by this call and no Python
+/// object other than the local `out` refers to it until it is returned, so no other thread
+/// can read or write it while we are detached. Masking it in place saves the second copy
+/// (`Vec` -> numpy) and lets the output be the only allocation of the call. On error it is
+/// simply dropped (`apply_masks` validates before writing anyway).
+fn masked_copy<'py, W: Word + numpy::Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    specs: &[MaskSpec],
+    bits: u32,
+    domain: &MaskDomain,
+) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let arr = readonly1::<W>(x, "x", UINT_1D)?;
+    let out = PyArray1::<W>::from_slice(py, contiguous(&arr, "x")?);
+    drop(arr);
+    {
+        let mut rw = out.try_readwrite().map_err(|e| {
+            error(
+                Kind::ArrayType,
+                format!("internal: new array not writeable: {e}"),
+            )
+        })?;
+        let v = rw
+            .as_slice_mut()
+            .map_err(|e| error(Kind::ArrayType, format!("internal: new array: {e}")))?;
+        run_detached(py, move || mask::apply_masks(v, specs, bits, domain))?;
+    }
+    Ok(out.cast_into::<PyUntypedArray>()?)
 }
 
 /// Pack a uint32/uint64 array into `bits` bits per element.

@@ -8,7 +8,9 @@
 
 use rayon::prelude::*;
 
-use super::prg::{BATCH_BLOCKS, MaskDomain, MaskPrg, seed32};
+use aes::cipher::Array;
+
+use super::prg::{BATCH_BLOCKS, Block, MaskDomain, MaskPrg, seed32};
 use super::{Word, low_mask};
 use crate::error::MaskError;
 
@@ -70,28 +72,54 @@ pub fn check_range<W: Word>(x: &[W], bits: u32) -> Result<(), MaskError> {
     }
     let m = low_mask(bits);
     // Sequential on purpose: a memory-bound scan; rayon's `position_first` costs ~50x more.
-    match x.iter().position(|v| v.to_u64() > m) {
-        Some(index) => Err(MaskError::OutOfRange {
-            index,
-            value: x[index].to_u64(),
-            bits,
-        }),
-        None => Ok(()),
+    // Blocks of 1024 are OR-reduced (vectorised, no early exit); only a block that holds an
+    // offending element is searched element by element.
+    for (bi, block) in x.chunks(1024).enumerate() {
+        if block.iter().fold(0u64, |a, v| a | v.to_u64()) > m {
+            let j = block.iter().position(|v| v.to_u64() > m).unwrap_or(0);
+            let index = bi * 1024 + j;
+            return Err(MaskError::OutOfRange {
+                index,
+                value: x[index].to_u64(),
+                bits,
+            });
+        }
     }
+    Ok(())
 }
 
-#[inline]
-fn apply_segment<W: Word>(seg: &mut [W], first_elem: usize, prg: &MaskPrg, negate: bool, m: u64) {
+/// Whether a data-parallel kernel over `n` elements in chunks of `chunk` should run on the
+/// calling thread: a single chunk or a one-thread pool gains nothing from rayon, and entering
+/// the pool from outside costs a cross-thread wake-up (~0.1 ms) per call.
+#[must_use]
+pub fn run_sequentially(n: usize, chunk: usize) -> bool {
+    n <= chunk || rayon::current_num_threads() <= 1
+}
+
+/// Add one seed's mask to one segment: keystream batches of `BATCH_BLOCKS` blocks, each added
+/// straight from the buffer it was encrypted in. Compiled once per vector width and
+/// dispatched at run time by [`crate::simd::apply_segment`] (same result from every copy).
+#[allow(clippy::inline_always)]
+#[inline(always)]
+pub(crate) fn apply_segment_portable<W: Word>(
+    seg: &mut [W],
+    first_elem: usize,
+    prg: &MaskPrg,
+    negate: bool,
+    m: u64,
+) {
     let wb = prg.word_bytes;
     let per_batch = BATCH_BLOCKS * 16 / wb;
-    let mut buf = [0u8; BATCH_BLOCKS * 16];
+    // The keystream is encrypted in place in this buffer and added straight from it.
+    let mut blocks = [Block::default(); BATCH_BLOCKS];
     for (bi, part) in seg.chunks_mut(per_batch).enumerate() {
         let elem0 = first_elem + bi * per_batch;
         let first_block = (elem0 * wb / 16) as u64;
         let nbytes = part.len() * wb;
         let nblocks = nbytes.div_ceil(16);
-        prg.blocks(first_block, &mut buf[..nblocks * 16]);
-        W::add_keystream(part, &buf[..nbytes], wb, negate, m);
+        prg.keystream_blocks(first_block, &mut blocks[..nblocks]);
+        let ks = &Array::slice_as_flattened(&blocks[..nblocks])[..nbytes];
+        W::add_keystream(part, ks, wb, negate, m);
     }
 }
 
@@ -112,11 +140,16 @@ pub fn apply_masks<W: Word>(
         .iter()
         .map(|s| (MaskPrg::new(&s.seed, domain, bits), s.negate))
         .collect();
-    x.par_chunks_mut(SEGMENT).enumerate().for_each(|(si, seg)| {
+    let segment = |(si, seg): (usize, &mut [W])| {
         for (prg, negate) in &prgs {
-            apply_segment(seg, si * SEGMENT, prg, *negate, m);
+            crate::simd::apply_segment(seg, si * SEGMENT, prg, *negate, m);
         }
-    });
+    };
+    if run_sequentially(x.len(), SEGMENT) {
+        x.chunks_mut(SEGMENT).enumerate().for_each(segment);
+    } else {
+        x.par_chunks_mut(SEGMENT).enumerate().for_each(segment);
+    }
     Ok(())
 }
 
@@ -189,6 +222,18 @@ mod tests {
             })
         ));
         assert_eq!(x, vec![0, 300]);
+        // The blocked range check reports the first offending element past the first block.
+        let mut y = vec![1u32; 5000];
+        y[4100] = 1 << 9;
+        y[3000] = 1 << 8;
+        assert!(matches!(
+            apply_masks(&mut y, &spec, 8, &dom()),
+            Err(MaskError::OutOfRange {
+                index: 3000,
+                value: 256,
+                bits: 8
+            })
+        ));
         assert!(matches!(
             apply_masks(&mut x, &spec, 33, &dom()),
             Err(MaskError::InvalidBits { .. })

@@ -22,22 +22,51 @@ pub fn packed_len(n: usize, bits: u32) -> usize {
 pub fn pack_bits<W: Word>(x: &[W], bits: u32) -> Result<Vec<u8>, MaskError> {
     check_bits::<W>(bits)?;
     check_range(x, bits)?;
-    let mut out = Vec::with_capacity(packed_len(x.len(), bits));
-    let mut acc: u128 = 0;
-    let mut nacc: u32 = 0;
-    for v in x {
-        acc |= u128::from(v.to_u64()) << nacc;
-        nacc += bits;
-        while nacc >= 8 {
-            out.push(acc as u8);
-            acc >>= 8;
-            nacc -= 8;
+    let len = packed_len(x.len(), bits);
+    let mut out = vec![0u8; len];
+    let mut pos = 0;
+    if bits <= 32 {
+        // u64 accumulator holding fewer than 32 pending bits before each element, so
+        // `nacc + bits <= 63`; whole 32-bit words are flushed as 4 little-endian bytes.
+        let mut acc: u64 = 0;
+        let mut nacc: u32 = 0;
+        for v in x {
+            acc |= v.to_u64() << nacc;
+            nacc += bits;
+            if nacc >= 32 {
+                out[pos..pos + 4].copy_from_slice(&(acc as u32).to_le_bytes());
+                pos += 4;
+                acc >>= 32;
+                nacc -= 32;
+            }
         }
-    }
-    if nacc > 0 {
-        out.push(acc as u8);
+        flush_tail(&mut out[pos..], u128::from(acc), nacc);
+    } else {
+        // Same with a u128 accumulator and 8-byte words (fewer than 64 pending bits).
+        let mut acc: u128 = 0;
+        let mut nacc: u32 = 0;
+        for v in x {
+            acc |= u128::from(v.to_u64()) << nacc;
+            nacc += bits;
+            if nacc >= 64 {
+                out[pos..pos + 8].copy_from_slice(&(acc as u64).to_le_bytes());
+                pos += 8;
+                acc >>= 64;
+                nacc -= 64;
+            }
+        }
+        flush_tail(&mut out[pos..], acc, nacc);
     }
     Ok(out)
+}
+
+/// Write the last `nacc` pending bits of `acc` as `ceil(nacc / 8)` bytes (the rest of `out`).
+fn flush_tail(out: &mut [u8], mut acc: u128, nacc: u32) {
+    debug_assert_eq!(out.len(), nacc.div_ceil(8) as usize);
+    for b in out {
+        *b = acc as u8;
+        acc >>= 8;
+    }
 }
 
 /// Unpack `n` elements of `bits` bits from `data`.

@@ -21,6 +21,9 @@ use crate::error::MaskError;
 /// Blocks encrypted per batch (a multiple of the 8-block AES-NI pipeline).
 pub const BATCH_BLOCKS: usize = 64;
 
+/// One 16-byte AES block.
+pub type Block = Array<u8, aes::cipher::consts::U16>;
+
 /// Domain separation of a mask: which session, round and purpose it belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MaskDomain {
@@ -88,19 +91,26 @@ impl MaskPrg {
         }
     }
 
+    /// Keystream blocks `[first_block, first_block + blocks.len())`, encrypted in place in
+    /// `blocks` (any previous content is overwritten). Read them as bytes with
+    /// [`Array::slice_as_flattened`].
+    #[inline]
+    pub fn keystream_blocks(&self, first_block: u64, blocks: &mut [Block]) {
+        for (j, b) in blocks.iter_mut().enumerate() {
+            let ctr = u128::from(first_block) + j as u128;
+            b.copy_from_slice(&ctr.to_be_bytes());
+        }
+        self.cipher.encrypt_blocks(blocks);
+    }
+
     /// Keystream blocks `[first_block, first_block + out.len()/16)` into `out`
     /// (`out.len()` a multiple of 16, at most `BATCH_BLOCKS * 16`).
     #[inline]
     pub fn blocks(&self, first_block: u64, out: &mut [u8]) {
-        let mut blocks = [Array::<u8, aes::cipher::consts::U16>::default(); BATCH_BLOCKS];
+        let mut blocks = [Block::default(); BATCH_BLOCKS];
         let nb = out.len() / 16;
-        for (j, b) in blocks[..nb].iter_mut().enumerate() {
-            b.copy_from_slice(&(u128::from(first_block) + j as u128).to_be_bytes());
-        }
-        self.cipher.encrypt_blocks(&mut blocks[..nb]);
-        for (dst, b) in out.chunks_exact_mut(16).zip(blocks[..nb].iter()) {
-            dst.copy_from_slice(b);
-        }
+        self.keystream_blocks(first_block, &mut blocks[..nb]);
+        out.copy_from_slice(&Array::slice_as_flattened(&blocks[..nb])[..nb * 16]);
     }
 }
 

@@ -14,6 +14,7 @@
 use rayon::prelude::*;
 
 use super::Word;
+use super::mask::run_sequentially;
 use crate::error::MaskError;
 use crate::rng::{AesCtr, SecureRng};
 
@@ -54,28 +55,103 @@ pub fn quantize<W: Word>(
 ) -> Result<Vec<W>, MaskError> {
     check_params::<W>(clip_range, bits)?;
     // Sequential on purpose: a memory-bound scan; rayon's `position_first` costs ~50x more.
-    if let Some(index) = x.iter().position(|v| !v.is_finite()) {
-        return Err(MaskError::NonFinite {
-            index,
-            value: f64::from(x[index]),
-        });
+    // Blocks of 1024 are AND-reduced (vectorised, no early exit); only a block holding a
+    // non-finite value is searched element by element.
+    for (bi, block) in x.chunks(1024).enumerate() {
+        if !block.iter().fold(true, |a, v| a & v.is_finite()) {
+            let index = bi * 1024 + block.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Err(MaskError::NonFinite {
+                index,
+                value: f64::from(x[index]),
+            });
+        }
     }
     let l = levels(bits);
     let scale = l as f64 / (2.0 * clip_range);
     let key = rng.fork_key();
     let mut out = vec![W::default(); x.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, (o, xs))| {
-            let mut stream = AesCtr::at_chunk(&key, c as u64);
-            if bits <= 62 {
-                quantize_chunk::<W, true>(o, xs, clip_range, scale, l, &mut stream);
-            } else {
-                quantize_chunk::<W, false>(o, xs, clip_range, scale, l, &mut stream);
-            }
-        });
+    let chunk = |(c, (o, xs)): (usize, (&mut [W], &[f32]))| {
+        let mut stream = AesCtr::at_chunk(&key, c as u64);
+        if bits <= LATTICE_MAX_BITS {
+            crate::simd::quantize_chunk(o, xs, clip_range, scale, l, &mut stream);
+        } else if bits <= 62 {
+            quantize_chunk::<W, true>(o, xs, clip_range, scale, l, &mut stream);
+        } else {
+            quantize_chunk::<W, false>(o, xs, clip_range, scale, l, &mut stream);
+        }
+    };
+    if run_sequentially(x.len(), CHUNK) {
+        out.chunks_mut(CHUNK)
+            .zip(x.chunks(CHUNK))
+            .enumerate()
+            .for_each(chunk);
+    } else {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(chunk);
+    }
     Ok(out)
+}
+
+/// Widest `bits` handled by [`quantize_chunk_lattice`]: every scaled value is then below
+/// 2^52, where adding 2^52 rounds it to an integer exactly.
+const LATTICE_MAX_BITS: u32 = 52;
+
+/// `2^52`: for `0 <= y < 2^52`, `y + 2^52` is `round(y) + 2^52` exactly (the spacing of
+/// doubles in `[2^52, 2^53)` is 1), and its low 52 mantissa bits are `round(y)` as an integer.
+const TWO52: f64 = 4_503_599_627_370_496.0;
+
+/// Quantize one chunk for `bits <= 52`, with the same arithmetic and the same random words as
+/// [`quantize_chunk`] (bit-identical output), but written without float<->int conversions so
+/// that it vectorises: `floor(y)` comes from the 2^52 rounding trick above (round, then step
+/// down when the rounded value exceeds `y`), and the integer result is read from the bits of
+/// `y + 2^52` instead of converting `floor(y)` back. The result is capped at `L` as well:
+/// `(2r) * (L / 2r)` can round to a hair above `L`, and then a tiny fractional part could
+/// otherwise round it up to `L + 1`.
+///
+/// Compiled three times (portable, AVX2, AVX-512) and dispatched at run time by [`crate::simd`].
+#[inline(always)]
+pub(crate) fn quantize_chunk_lattice<W: Word>(
+    o: &mut [W],
+    xs: &[f32],
+    r: f64,
+    scale: f64,
+    l: u64,
+    stream: &mut AesCtr,
+) {
+    const INV_2_32: f64 = 1.0 / 4_294_967_296.0;
+    const LOW52: u64 = (1 << 52) - 1;
+    let mut rnd = [0u8; 1024];
+    for (qs, vs) in o.chunks_mut(256).zip(xs.chunks(256)) {
+        stream.fill(&mut rnd[..qs.len() * 4]);
+        for ((q, &v), w) in qs.iter_mut().zip(vs).zip(rnd.chunks_exact(4)) {
+            // clamp(v, -r, r) for the (checked) finite inputs, as compare-selects that map
+            // to single min/max instructions.
+            let v = f64::from(v);
+            let c = if v < -r {
+                -r
+            } else if v > r {
+                r
+            } else {
+                v
+            };
+            let y = (c + r) * scale; // in [0, L]
+            let t = y + TWO52;
+            let rounded = t - TWO52; // round(y), exact
+            let down = rounded > y;
+            let fl = if down { rounded - 1.0 } else { rounded }; // floor(y)
+            // 32 random bits: the rounding probability is exact to 2^-32 of a step.
+            let u = f64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])) * INV_2_32;
+            let up = u < y - fl;
+            // Wrapping ops: no overflow-check branches in the vector loop (`down` implies
+            // `round(y) >= 1`, and the sum is at most L + 1 < 2^53, so nothing wraps).
+            let qv = (t.to_bits() & LOW52)
+                .wrapping_sub(u64::from(down))
+                .wrapping_add(u64::from(up));
+            *q = W::from_u64(qv.min(l));
+        }
+    }
 }
 
 /// Quantize one chunk. Random words are drawn 256 at a time into a buffer so that the inner
@@ -199,8 +275,72 @@ mod tests {
             Err(MaskError::Inconsistent { .. })
         ));
         assert!(quantize::<u32>(&[f32::NAN], 1.0, 8, &mut rng).is_err());
+        let mut x = vec![0.25f32; 5000];
+        x[4500] = f32::NAN;
+        x[2049] = f32::NEG_INFINITY;
+        assert!(matches!(
+            quantize::<u32>(&x, 1.0, 8, &mut rng),
+            Err(MaskError::NonFinite { index: 2049, .. })
+        ));
         assert!(quantize::<u32>(&[1.0], 1.0, 33, &mut rng).is_err());
         assert!(quantize::<u32>(&[1.0], 0.0, 8, &mut rng).is_err());
+    }
+
+    /// The vectorisable kernel (both of its compiled copies) draws the same words and returns
+    /// exactly what the reference conversion-based kernel returns, except that it never
+    /// exceeds `L`.
+    #[test]
+    fn lattice_kernel_matches_reference() {
+        let key = [42u8; 32];
+        let mut x: Vec<f32> = (0..5000)
+            .map(|i| ((i as f32) * 0.618_034).sin() * 1.7)
+            .collect();
+        x.extend([
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            1.5,
+            -1.5,
+            f32::MAX,
+            f32::MIN,
+            1e-30,
+            -1e-30,
+        ]);
+        for bits in [1u32, 2, 8, 16, 20, 31, 32, 33, 40, 52] {
+            for r in [1.0f64, 0.37, 1e-3] {
+                let l = levels(bits);
+                let scale = l as f64 / (2.0 * r);
+                let mut expect = vec![0u64; x.len()];
+                let mut fast = vec![0u64; x.len()];
+                let mut disp = vec![0u64; x.len()];
+                quantize_chunk::<u64, true>(
+                    &mut expect,
+                    &x,
+                    r,
+                    scale,
+                    l,
+                    &mut AesCtr::new(&key, 0),
+                );
+                quantize_chunk_lattice(&mut fast, &x, r, scale, l, &mut AesCtr::new(&key, 0));
+                crate::simd::quantize_chunk(&mut disp, &x, r, scale, l, &mut AesCtr::new(&key, 0));
+                let capped: Vec<u64> = expect.iter().map(|&q| q.min(l)).collect();
+                assert_eq!(fast, capped, "bits {bits} r {r}");
+                assert_eq!(disp, capped, "bits {bits} r {r} (dispatched)");
+                if bits <= 32 {
+                    let mut f32s = vec![0u32; x.len()];
+                    crate::simd::quantize_chunk(
+                        &mut f32s,
+                        &x,
+                        r,
+                        scale,
+                        l,
+                        &mut AesCtr::new(&key, 0),
+                    );
+                    assert!(f32s.iter().zip(&capped).all(|(&a, &b)| u64::from(a) == b));
+                }
+            }
+        }
     }
 
     proptest! {
