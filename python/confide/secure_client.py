@@ -6,6 +6,16 @@ seeds, the self-mask seed, the shares received) lives in memory only, in the rou
 ``ClientSecAgg``; a client restarted mid-round has lost it and simply drops out of that
 round (the server goes on without it if at least ``t`` clients are left).
 
+**Distributed DP** (``task["privacy"]["mode"] == "distributed"``): the round's setup uses
+ring inputs (``params.encoding == "ring"``). The client recomputes the DDG parameters from the
+round's public SecAgg+ parameters (``n``, ``min_survivors``, ``corrupt``, ring bits) and the
+shipped ``C`` and ``z``, and refuses a round whose shipped parameters differ (so its noise
+share is calibrated for the worst case the protocol enforces, whatever the server says). At
+``mask`` it encodes its update with :func:`~confide.privacy.client_dp.ddg_encode` (clip,
+public per-round rotation, scale, conditional rounding, its discrete Gaussian noise share,
+reduction mod ``2**bits``) and masks it with **weight 1**: client-level DP needs uniform
+weights (weighting by sample count would raise the sensitivity and reveal the count).
+
 Peers' identity keys are pinned on first use in ``peers.json`` (public keys only): a round
 that announces another key for a known client id is refused, so a server cannot swap a
 peer's identity after the fact.
@@ -16,10 +26,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -30,6 +41,9 @@ from confide.federation_errors import IntegrityError
 from confide.noise import SecureRng
 from confide.secaggplus import ClientSecAgg, RoundSetup, SecAggAbortError
 from confide.trainer import TrainConfig, Trainer
+
+if TYPE_CHECKING:
+    from confide.privacy.client_dp import DDGParams
 
 __all__ = ["SecureParticipant", "debug_rng_seed", "train_delta"]
 
@@ -57,6 +71,7 @@ class SecureParticipant:
         self._identity = identity_key
         self._pins_path = Path(state_dir) / _PINS_FILE
         self._rounds: dict[int, ClientSecAgg] = {}
+        self._ddg: dict[int, tuple[DDGParams, bytes]] = {}
 
     def known(self, round_id: int) -> bool:
         """Whether this process holds the protocol state of ``round_id``."""
@@ -96,8 +111,12 @@ class SecureParticipant:
         if setup.round != int(task["round"]) or setup.model_sha256.hex() != task["model_sha256"]:
             raise IntegrityError("the secure round's setup names another round or model")
         self._pin(setup)
+        ddg = _check_ddg(setup, task.get("privacy"))
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
+        self._ddg.clear()
+        if ddg is not None:
+            self._ddg[setup.round] = ddg
         rng = None
         test_seed = os.environ.get(_TEST_RNG_ENV)
         if test_seed:
@@ -119,9 +138,11 @@ class SecureParticipant:
         task : dict
             The server's task.
         update : numpy.ndarray, optional
-            For ``mask``: the flat float32 model delta (clipped here to ``clip_range``).
+            For ``mask``: the flat float32 model delta (clipped here to ``clip_range``; in a
+            distributed-DP round DDG-encoded instead, see the module docstring).
         weight : int
-            For ``mask``: the number of training examples (capped at ``max_weight``).
+            For ``mask``: the number of training examples (capped at ``max_weight``);
+            ignored in a distributed-DP round, which masks weight 1 (uniform weights).
 
         Raises
         ------
@@ -138,6 +159,16 @@ class SecureParticipant:
             if stage == "mask":
                 assert update is not None
                 p = client.setup.params
+                ddg = self._ddg.get(round_id)
+                if ddg is not None:
+                    from confide.privacy.client_dp import ddg_encode
+
+                    # Distributed DP: the noised ring vector, uniform weight 1.
+                    ring = ddg_encode(update, ddg[0], ddg[1], rng=self._ddg_rng(round_id))
+                    msg = client.masked_input(
+                        task["delivery"], ring, 1, model_sha256=client.setup.model_sha256
+                    )
+                    return msg.to_json()
                 clipped = np.clip(update, -p.clip_range, p.clip_range).astype(np.float32)
                 msg = client.masked_input(
                     task["delivery"],
@@ -152,12 +183,84 @@ class SecureParticipant:
                 return client.unmask(task["request"]).to_json()
         except SecAggAbortError:
             self._rounds.pop(round_id, None)
+            self._ddg.pop(round_id, None)
             raise
         raise ValueError(f"not a secure stage: {stage!r}")
+
+    def _ddg_rng(self, round_id: int) -> SecureRng:
+        test_seed = os.environ.get(_TEST_RNG_ENV)
+        if test_seed:
+            seed = debug_rng_seed(bytes.fromhex(test_seed), self.client_id + "|ddg", round_id)
+            return SecureRng(seed)
+        return SecureRng()
 
     def finish(self, round_id: int) -> None:
         """Forget a round (its secrets with it)."""
         self._rounds.pop(round_id, None)
+        self._ddg.pop(round_id, None)
+
+
+def _check_ddg(
+    setup: RoundSetup, privacy: Mapping[str, Any] | None
+) -> tuple[DDGParams, bytes] | None:
+    """Validate a distributed-DP round; return its DDG parameters and rotation seed.
+
+    The parameters are recomputed here from the setup's public SecAgg+ parameters and the
+    shipped ``C``, ``z``, ``beta`` and relation; shipped values that differ are refused.
+
+    Raises
+    ------
+    IntegrityError
+        Ring encoding without DDG parameters (or the reverse), or inconsistent parameters.
+    """
+    p = setup.params
+    distributed = privacy is not None and privacy.get("mode") == "distributed"
+    if not distributed:
+        if p.encoding == "ring":
+            raise IntegrityError("the round uses ring inputs but ships no DDG parameters")
+        return None
+    assert privacy is not None
+    from confide.privacy.client_dp import DDGConfig, DDGParams, calibrate_ddg
+    from confide.privacy.errors import InvalidPrivacyConfig
+
+    try:
+        shipped = DDGParams(**privacy["ddg"])
+        seed = bytes.fromhex(str(privacy["rotation_seed"]))
+        mine = calibrate_ddg(
+            DDGConfig(
+                dim=int(shipped.dim),
+                clip_norm=float(shipped.clip_norm),
+                noise_multiplier=float(shipped.noise_multiplier),
+                num_clients=p.n,
+                threshold=p.min_survivors,
+                max_colluding=p.corrupt,
+                bits=p.modulus_bits,
+                beta=float(shipped.beta),
+                relation=shipped.relation,
+            )
+        )
+    except (KeyError, TypeError, ValueError, InvalidPrivacyConfig) as exc:
+        raise IntegrityError(f"bad distributed-DP parameters: {exc}") from None
+    if (
+        p.encoding != "ring"
+        or p.max_weight != 1
+        or setup.vector_length != mine.padded_dim
+        or len(seed) != 32
+    ):
+        raise IntegrityError("the secure round's setup does not match its DDG parameters")
+    for key, value in mine.to_dict().items():
+        other = getattr(shipped, key)
+        same = (
+            math.isclose(value, other, rel_tol=1e-9, abs_tol=0.0)
+            if isinstance(value, float)
+            else value == other
+        )
+        if not same:
+            raise IntegrityError(
+                f"the shipped DDG parameter {key}={other!r} differs from {value!r} derived "
+                "from the round's public parameters"
+            )
+    return mine, seed
 
 
 def debug_rng_seed(seed: bytes, client_id: str, round_id: int) -> bytes:

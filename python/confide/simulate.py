@@ -10,8 +10,10 @@ a process behind.
 Differential privacy: ``confide simulate`` runs with patient-level DP-SGD by default
 (``--dp sample``, noise calibrated so that the whole run reaches ``--epsilon`` at
 ``delta = 1e-5``, or a fixed ``--noise-multiplier``), and prints epsilon per round and at the
-end; ``--dp central`` gives client-level DP with server-side noise, ``--dp none`` turns DP
-off. (The library's :class:`SimulationOptions` default is ``dp="none"``.)
+end; ``--dp central`` gives client-level DP with server-side noise (SecAgg+ off),
+``--dp distributed`` client-level DP with the distributed discrete Gaussian (each site adds
+its noise share before SecAgg+ masking; needs SecAgg+), ``--dp none`` turns DP off. (The
+library's :class:`SimulationOptions` default is ``dp="none"``.)
 
 Simplification: features are standardised with the pooled training statistics before being
 handed to the sites (a deployment would compute them with a federated statistics round).
@@ -77,7 +79,7 @@ class SimulationOptions:
     port: int = 0  # 0: a free port
     exit_when_finished: bool = True
     extra_server: dict[str, Any] = field(default_factory=dict)
-    dp: str = "none"  # "none" | "sample" | "central"
+    dp: str = "none"  # "none" | "sample" | "central" | "distributed" (needs secagg)
     epsilon: float = 0.0  # target epsilon of the whole run (0: use noise_multiplier)
     noise_multiplier: float = 0.0
     epsilon_budget: float = 0.0
@@ -218,16 +220,28 @@ def _secagg_line(files: JobFiles, n: int) -> str:
         return "secure aggregation: off (plain FedAvg: the server sees each update)"
     p = cfg.params(n)
     graph = "complete graph" if p.complete else "Harary graph"
+    privacy = load_config(files.config).privacy
+    if privacy.mode == "distributed":
+        encoding = (
+            f"ring 2^{privacy.ddg_bits}, distributed discrete Gaussian encoding "
+            f"(noise for {p.min_survivors - p.corrupt} honest shares)"
+        )
+    else:
+        encoding = f"ring 2^{p.modulus_bits}, {p.quant_bits}-bit quantization"
     return (
         f"secure aggregation: SecAgg+ on, n={p.n}, k={p.k} neighbours ({graph}), "
-        f"threshold t={p.t}, ring 2^{p.modulus_bits}, {p.quant_bits}-bit quantization "
+        f"threshold t={p.t}, {encoding} "
         f"(adversarial {cfg.adversarial_fraction:g}, dropout {cfg.dropout_fraction:g})"
     )
 
 
 def _privacy_lines(opts: SimulationOptions) -> list[str]:
-    if opts.dp not in ("none", "sample", "central"):
-        raise ValueError(f"dp must be 'none', 'sample' or 'central', got {opts.dp!r}")
+    if opts.dp not in ("none", "sample", "central", "distributed"):
+        raise ValueError(
+            f"dp must be 'none', 'sample', 'central' or 'distributed', got {opts.dp!r}"
+        )
+    if opts.dp == "distributed" and not opts.secagg:
+        raise ValueError("dp 'distributed' needs secure aggregation (secagg=True)")
     if opts.dp == "none":
         return []
     lines = ["[privacy]", f'mode = "{opts.dp}"', f"delta = {opts.delta!r}"]
@@ -476,9 +490,14 @@ def run_simulation(
         print(f"central baseline   (same split, same model and SGD):   {base_acc:.4f}")
         priv = status.get("privacy")
         if priv is None:
-            print("privacy: none (no differential privacy; pass --dp sample or central)")
+            print(
+                "privacy: none (no differential privacy; pass --dp sample, central or distributed)"
+            )
         else:
-            unit = "patient-level DP-SGD" if priv["mode"] == "sample" else "client-level DP"
+            unit = {
+                "sample": "patient-level DP-SGD",
+                "distributed": "client-level DP (distributed discrete Gaussian)",
+            }.get(priv["mode"], "client-level DP")
             budget = priv.get("epsilon_budget")
             print(
                 f"privacy: {unit}, epsilon = {priv['epsilon']:.3f} at delta = {priv['delta']:g} "
@@ -516,10 +535,11 @@ def main_simulate(argv: Sequence[str]) -> int:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument(
         "--dp",
-        choices=["none", "sample", "central"],
+        choices=["none", "sample", "central", "distributed"],
         default="sample",
         help="differential privacy: patient-level DP-SGD (default), client-level with "
-        "server noise, or none",
+        "server noise (central), client-level with noise shares under SecAgg+ "
+        "(distributed), or none",
     )
     parser.add_argument(
         "--epsilon",
@@ -543,6 +563,8 @@ def main_simulate(argv: Sequence[str]) -> int:
         "whose server-side clipping needs the individual updates)",
     )
     args = parser.parse_args(argv)
+    if args.dp == "distributed" and args.no_secagg:
+        parser.error("--dp distributed needs SecAgg+ (drop --no-secagg)")
     noise = args.noise_multiplier
     if noise is None:
         # Precomputed so the demo starts at once: z = 1.82 with q = 0.2 and 5 steps per

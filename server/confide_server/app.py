@@ -123,7 +123,7 @@ def create_app(
         engine = open_engine(config, crash_hook=crash_hook)
     upload_limit = config.server.max_upload_bytes or (engine.manifest.nbytes + 65536)
     if config.secagg.enabled:
-        upload_limit = max(upload_limit, secure_upload_limit(engine.manifest.size))
+        upload_limit = max(upload_limit, secure_upload_limit(engine.secure_vector_length))
     # Explicit body cap (aiohttp's default is 1 MiB); handlers check Content-Length first.
     app = web.Application(client_max_size=upload_limit + 4096, middlewares=[error_middleware])
     app[config_key] = config

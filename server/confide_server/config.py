@@ -56,6 +56,7 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
 
     [privacy]                # optional: differential privacy (see docs/privacy.md)
     mode = "sample"          # "none" | "sample" (patient-level DP-SGD) | "central"
+                             # | "distributed" (DDG; needs [secagg] enabled = true)
     delta = 1e-5
     noise_multiplier = 1.1   # or target_epsilon = 4.0 (calibrated for job.rounds rounds)
     epsilon_budget = 8.0     # 0: target_epsilon if set, else no budget
@@ -63,6 +64,7 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     sampling_rate = 0.2      # sample mode: Poisson rate of a patient per step
     local_steps = 0          # sample mode: steps per round; 0 = epochs * ceil(1/q)
     momentum = 0.0
+    ddg_bits = 32            # distributed mode: the SecAgg+ ring is Z_(2**ddg_bits)
 """
 
 from __future__ import annotations
@@ -273,7 +275,13 @@ class Config:
         if self.privacy.mode == "central" and self.secagg.enabled:
             raise ConfigError(
                 "privacy.mode = 'central' clips and noises individual updates on the server, "
-                "which secure aggregation hides; use 'sample' with [secagg]"
+                "which secure aggregation hides; use 'sample' or 'distributed' with [secagg]"
+            )
+        if self.privacy.mode == "distributed" and not self.secagg.enabled:
+            raise ConfigError(
+                "privacy.mode = 'distributed' (distributed discrete Gaussian) adds each site's "
+                "noise share under secure aggregation, so only the noised sum is ever seen; "
+                "it needs [secagg] enabled = true (or use 'central' without secagg)"
             )
 
 

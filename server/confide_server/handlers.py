@@ -158,7 +158,7 @@ async def _precheck(request: web.Request) -> _Pre:
     if payload_kind == "json":
         limit = _MAX_EVAL_BYTES
     elif payload_kind == "secagg":
-        limit = max(limit, secure_upload_limit(engine.manifest.size))
+        limit = max(limit, secure_upload_limit(engine.secure_vector_length))
     length = request.content_length
     if length is None:
         raise RequestError(411, "length_required", "Content-Length is required")

@@ -11,15 +11,26 @@ Modes (``[privacy] mode``):
   the server adds ``N(0, (z C)^2)`` to the sum once and divides by the cohort size. Each round
   is accounted as ``Gaussian(z)`` under add/remove of one site (no amplification by cohort
   selection is claimed).
-* ``"distributed"`` (DDG) needs secure aggregation and is refused at start-up for now.
+* ``"distributed"``: client-level DP with the distributed discrete Gaussian (DDG; needs
+  ``[secagg] enabled = true``). For every round the server derives the DDG parameters
+  (:func:`~confide.privacy.client_dp.calibrate_ddg`) from ``C``, ``z``, ``ddg_bits`` and the
+  round's SecAgg+ parameters: the noise is calibrated for the worst case of
+  ``h = min_survivors - corrupt`` honest noise shares (``min_survivors = max(t, n - D)``:
+  clients refuse to unmask fewer masked inputs; ``corrupt = ceil(adversarial_fraction n)``
+  may collude with the server). Clients encode their update with ``ddg_encode`` (clip, public
+  rotation, scale, conditional rounding, their noise share) and mask the ring vector with
+  weight 1; the server unmasks the ring sum, decodes it and divides by the cohort size. Each
+  round is accounted as ``ddg_event`` (zCDP, add/remove one site, no amplification).
 
 Persistence (:class:`JobPrivacy`): the accountant's state (``meta.privacy_accountant``) and
 one ``privacy_rounds`` row per round are written in the *same* SQLite transaction as the
 round transition that releases the round's noise: the round's start for ``sample`` (clients
 upload noised updates as soon as they have the task) and the transaction that stores the
-noised aggregate for ``central``. A noised aggregate that was computed but not committed was
-never served (models are served only once registered), so after a crash it is recomputed
-with fresh noise and accounted once; after the commit it is never recomputed.
+noised aggregate for ``central`` and ``distributed`` (for DDG the noised sum is fixed by the
+masked inputs: a server restarted before that transaction unmasks the *same* sum again). A
+central noised aggregate that was computed but not committed was never served (models are
+served only once registered), so after a crash it is recomputed with fresh noise and
+accounted once; after the commit it is never recomputed.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,10 +49,20 @@ from numpy.typing import NDArray
 
 from confide.federation_errors import ConfigError
 from confide.noise import SecureRng
-from confide.privacy.client_dp import add_central_noise, clip_update
+from confide.privacy.client_dp import (
+    DDGConfig,
+    DDGParams,
+    add_central_noise,
+    calibrate_ddg,
+    clip_update,
+    ddg_decode,
+    rotation_seed,
+)
+from confide.privacy.errors import InvalidPrivacyConfig
 
 if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyAccountant, PrivacyEvent
+    from confide.secaggplus import SecAggParams
     from confide_server.store import Store
 
 __all__ = [
@@ -60,6 +82,8 @@ CREATE TABLE IF NOT EXISTS privacy_rounds (
     round INTEGER PRIMARY KEY, mode TEXT NOT NULL, events TEXT NOT NULL,
     epsilon_round REAL NOT NULL, epsilon REAL NOT NULL, epsilon_rdp REAL NOT NULL,
     method TEXT NOT NULL, delta REAL NOT NULL, recorded_at_stage TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ddg_rounds (
+    round INTEGER PRIMARY KEY, params TEXT NOT NULL, rotation_seed TEXT NOT NULL);
 """
 
 
@@ -91,6 +115,10 @@ class PrivacyConfig:
         ``sample`` only: DP-SGD steps per round; ``0`` means ``epochs * ceil(1 / q)``.
     momentum : float
         ``sample`` only: heavy-ball momentum in [0, 1).
+    ddg_bits : int
+        ``distributed`` only: width of the secure-aggregation ring ``Z_(2**ddg_bits)`` the
+        DDG encoding lives in, 8..62; the SecAgg+ modulus of a distributed round is exactly
+        this (``secagg.quant_bits`` and ``clip_range`` are then unused).
     """
 
     mode: str = "none"
@@ -102,17 +130,13 @@ class PrivacyConfig:
     sampling_rate: float = 0.1
     local_steps: int = 0
     momentum: float = 0.0
+    ddg_bits: int = 32
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"privacy.mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "distributed":
-            raise ConfigError(
-                "privacy.mode = 'distributed' (distributed discrete Gaussian) needs secure "
-                "aggregation ([secagg] enabled = true) with the DDG encoding wired into its "
-                "masked-input stage, which this server does not have yet; use 'sample' "
-                "(patient-level DP-SGD) or 'central' (server-side noise)"
-            )
+        if not 8 <= self.ddg_bits <= 62:
+            raise ConfigError(f"privacy.ddg_bits must be in [8, 62], got {self.ddg_bits}")
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
         for key in ("epsilon_budget", "target_epsilon", "noise_multiplier"):
@@ -161,6 +185,7 @@ _TYPES: dict[str, type] = {
     "sampling_rate": float,
     "local_steps": int,
     "momentum": float,
+    "ddg_bits": int,
 }
 
 
@@ -269,6 +294,8 @@ class JobPrivacy:
         self.steps = config.steps_per_round(epochs)
         self.noise_multiplier = config.noise_multiplier
         self._accountant: PrivacyAccountant | None = None
+        self._job_seed = b""
+        self._store: Store | None = None
 
     @property
     def mode(self) -> str:
@@ -288,14 +315,35 @@ class JobPrivacy:
         return self._accountant
 
     def _events_for(self, z: float, rounds: int) -> list[PrivacyEvent]:
-        from confide.privacy.accountant import client_poisson_event, dpsgd_event
+        from confide.privacy.accountant import (
+            PrivacyEvent,
+            client_poisson_event,
+            dpsgd_event,
+        )
 
         if self.mode == "sample":
             return [dpsgd_event(self.config.sampling_rate, z, self.steps * rounds)]
+        if self.mode == "distributed":
+            # Calibration only: a DDG round is zCDP with rho = 1/(2 z^2) up to the realised
+            # rounding of the sampler's variance (which only lowers rho) and KLS21's tau
+            # term (< 1e-15 here); rounds are accounted with their exact ``ddg_event``.
+            return [PrivacyEvent("zcdp", rho=0.5 / (z * z), count=rounds, label="ddg")]
         return [client_poisson_event(1.0, z, rounds)]
 
-    def round_events(self) -> list[PrivacyEvent]:
-        """Return the events one round releases."""
+    def round_events(self, ddg: DDGParams | None = None) -> list[PrivacyEvent]:
+        """Return the events one round releases.
+
+        Parameters
+        ----------
+        ddg : DDGParams, optional
+            ``distributed`` mode: the round's DDG parameters (required there).
+        """
+        if self.mode == "distributed":
+            from confide.privacy.client_dp import ddg_event
+
+            if ddg is None:
+                raise RuntimeError("a distributed-DP round is accounted with its DDG params")
+            return [ddg_event(ddg)]
         return self._events_for(self.noise_multiplier, 1)
 
     def _calibrate(self) -> float:
@@ -305,6 +353,19 @@ class JobPrivacy:
         q = cfg.sampling_rate if self.mode == "sample" else 1.0
         steps = self.steps * self.rounds if self.mode == "sample" else self.rounds
         z = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, q, steps)
+        if self.mode == "distributed":
+            # DDG is accounted with RDP (no PLD for discrete Gaussian sums): bisect from the
+            # Gaussian's PLD value, which is a lower end.
+            lo, hi = z, 2.0 * z
+            while account(self._events_for(hi, self.rounds), cfg.delta).epsilon > (
+                cfg.target_epsilon
+            ):
+                lo, hi = hi, 2.0 * hi
+            while hi - lo > 1e-4 * hi:
+                mid = 0.5 * (lo + hi)
+                eps = account(self._events_for(mid, self.rounds), cfg.delta).epsilon
+                lo, hi = (mid, hi) if eps > cfg.target_epsilon else (lo, mid)
+            z = hi * 1.001  # margin for the realised per-round rho (budget-checked anyway)
         # The budget is checked with the accountant's own PLD: step up until it agrees.
         while account(self._events_for(z, self.rounds), cfg.delta).epsilon > cfg.target_epsilon:
             z *= 1.001
@@ -318,6 +379,7 @@ class JobPrivacy:
         accountant is restored from its stored state; the spent budget never decreases.
         """
         _ensure_schema(store)
+        self._store = store
         stored = store.get_meta("privacy_params")
         stored_mode = "none" if stored is None else json.loads(stored)["mode"]
         if stored_mode != self.mode and (stored is not None or store.rounds()):
@@ -342,6 +404,16 @@ class JobPrivacy:
                         "INSERT INTO meta(key, value) VALUES ('privacy_params', ?)",
                         (json.dumps(params),),
                     )
+        if self.mode == "distributed":
+            with store.transaction() as cur:
+                if _meta(cur, "ddg_job_seed") is None:
+                    cur.execute(
+                        "INSERT INTO meta(key, value) VALUES ('ddg_job_seed', ?)",
+                        (secrets.token_hex(32),),
+                    )
+            seed_hex = store.get_meta("ddg_job_seed")
+            assert seed_hex is not None
+            self._job_seed = bytes.fromhex(seed_hex)
         state = store.get_meta("privacy_accountant")
         if state is None:
             self._accountant = PrivacyAccountant(self.config.delta)
@@ -364,36 +436,61 @@ class JobPrivacy:
             doc["unit"] = "patient"
         else:
             doc["unit"] = "site"
+        if self.mode == "distributed":
+            doc["ddg_bits"] = cfg.ddg_bits
         return doc
 
-    def allows_next_round(self) -> bool:
-        """Whether one more round fits in the budget (checked before a round starts)."""
+    def allows_next_round(self, ddg: DDGParams | None = None) -> bool:
+        """Whether one more round fits in the budget (checked before a round starts).
+
+        Parameters
+        ----------
+        ddg : DDGParams, optional
+            ``distributed`` mode: the next round's DDG parameters; without them the
+            calibration event (``rho = 1 / (2 z^2)``) is checked.
+        """
         if not self.enabled or math.isinf(self.config.budget):
             return True
         from confide.privacy.accountant import Budget
         from confide.privacy.errors import BudgetExceeded
 
         try:
-            Budget(self.config.budget, self.config.delta).check(
-                self.accountant, self.round_events()
+            events = (
+                self._events_for(self.noise_multiplier, 1)
+                if self.mode == "distributed" and ddg is None
+                else self.round_events(ddg)
             )
+            Budget(self.config.budget, self.config.delta).check(self.accountant, events)
         except BudgetExceeded:
             return False
         return True
 
-    def record(self, cur: sqlite3.Cursor, round_id: int, stage: str) -> dict[str, Any]:
+    def record(
+        self, cur: sqlite3.Cursor, round_id: int, stage: str, ddg: DDGParams | None = None
+    ) -> dict[str, Any]:
         """Account ``round_id`` and persist it inside the caller's transaction.
 
         Idempotent for a round already recorded with the same events. The in-memory
         accountant may run ahead of the database if the transaction rolls back; that can
         only over-count until the next restart.
 
+        Parameters
+        ----------
+        cur : sqlite3.Cursor
+            The caller's transaction.
+        round_id : int
+            The round.
+        stage : str
+            The stage whose transition releases the noise (recorded for audits).
+        ddg : DDGParams, optional
+            ``distributed`` mode: the round's DDG parameters.
+
         Returns
         -------
         dict
             The round's privacy record (JSON-ready).
         """
-        rec = self.accountant.record_round(round_id, self.round_events())
+        rec = self.accountant.record_round(round_id, self.round_events(ddg))
         doc = {
             "epsilon_round": rec.epsilon_round,
             "epsilon": rec.epsilon,
@@ -431,8 +528,14 @@ class JobPrivacy:
                 return {"epsilon_round": rec.epsilon_round, "epsilon": rec.epsilon}
         return {}
 
-    def train_task(self) -> dict[str, Any] | None:
-        """Client-side DP parameters for a training task (``None`` without DP)."""
+    def train_task(self, ddg: tuple[DDGParams, bytes] | None = None) -> dict[str, Any] | None:
+        """Client-side DP parameters for a training task (``None`` without DP).
+
+        Parameters
+        ----------
+        ddg : tuple, optional
+            ``distributed`` mode: the round's DDG parameters and rotation seed.
+        """
         if self.mode == "sample":
             return {
                 "mode": "sample",
@@ -451,7 +554,116 @@ class JobPrivacy:
                 "delta": self.config.delta,
                 "update_clip_norm": self.config.clip_norm,
             }
+        if self.mode == "distributed" and ddg is not None:
+            return {
+                "mode": "distributed",
+                "delta": self.config.delta,
+                "ddg": ddg[0].to_dict(),
+                "rotation_seed": ddg[1].hex(),
+            }
         return None
+
+    # -- distributed discrete Gaussian ---------------------------------------------------
+    def ddg_params(self, dim: int, secagg: SecAggParams) -> DDGParams:
+        """Derive a distributed round's DDG parameters from its SecAgg+ parameters.
+
+        The noise is calibrated for ``h = secagg.min_survivors - secagg.corrupt`` honest
+        shares: no honest client unmasks a sum of fewer than ``min_survivors = max(t, n - D)``
+        masked inputs, and at most ``corrupt`` of those may collude with the server. The
+        ring is ``Z_(2**ddg_bits)``.
+
+        Parameters
+        ----------
+        dim : int
+            Model length (the manifest's size).
+        secagg : SecAggParams
+            The round's SecAgg+ parameters (cohort ``n``, threshold, corrupted clients).
+
+        Returns
+        -------
+        DDGParams
+            Deterministic in its inputs (a restart derives the same values).
+
+        Raises
+        ------
+        ConfigError
+            The combination is infeasible (ring too small for the cohort, noise scale
+            outside the sampler's range, no honest share).
+        """
+        try:
+            return calibrate_ddg(
+                DDGConfig(
+                    dim=dim,
+                    clip_norm=self.config.clip_norm,
+                    noise_multiplier=self.noise_multiplier,
+                    num_clients=secagg.n,
+                    threshold=secagg.min_survivors,
+                    max_colluding=secagg.corrupt,
+                    bits=self.config.ddg_bits,
+                )
+            )
+        except InvalidPrivacyConfig as exc:
+            raise ConfigError(
+                f"privacy.mode = 'distributed' is infeasible for a cohort of {secagg.n} "
+                f"(min_survivors {secagg.min_survivors}, {secagg.corrupt} colluding, "
+                f"ddg_bits {self.config.ddg_bits}, model length {dim}): {exc}"
+            ) from None
+
+    def rotation_seed(self, round_id: int) -> bytes:
+        """Public rotation seed of ``round_id`` (from the job's random ``ddg_job_seed``)."""
+        if not self._job_seed:
+            raise RuntimeError("JobPrivacy.open() was not called in distributed mode")
+        return rotation_seed(self._job_seed, round_id)
+
+    def save_ddg(self, cur: sqlite3.Cursor, round_id: int, params: DDGParams) -> None:
+        """Store a round's DDG parameters inside the round-start transaction."""
+        cur.execute(
+            "INSERT OR REPLACE INTO ddg_rounds(round, params, rotation_seed) VALUES (?, ?, ?)",
+            (round_id, json.dumps(params.to_dict()), self.rotation_seed(round_id).hex()),
+        )
+
+    def load_ddg(self, round_id: int) -> tuple[DDGParams, bytes] | None:
+        """Return the stored DDG parameters and rotation seed of ``round_id`` (or ``None``)."""
+        if self._store is None:
+            return None
+        with self._store.transaction() as cur:
+            row = cur.execute(
+                "SELECT params, rotation_seed FROM ddg_rounds WHERE round=?", (round_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return DDGParams(**json.loads(row[0])), bytes.fromhex(row[1])
+
+    def ddg_mean(
+        self,
+        total: NDArray[np.unsignedinteger[Any]],
+        params: DDGParams,
+        seed: bytes,
+        cohort_size: int,
+    ) -> NDArray[np.float32]:
+        """Decode the unmasked DDG ring sum and divide it by the round's cohort size.
+
+        The cohort is fixed when the round starts, before any update exists, so dividing
+        by it is post-processing of the DP sum (the realised number of survivors is not
+        used: it is what add/remove of one site changes).
+
+        Parameters
+        ----------
+        total : numpy.ndarray
+            The unmasked ring sum (``padded_dim`` elements, weight element removed).
+        params : DDGParams
+            The round's parameters.
+        seed : bytes
+            The round's rotation seed.
+        cohort_size : int
+            The round's cohort size.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32`` noised mean update of length ``params.dim``.
+        """
+        return ddg_decode(total, params, seed, normalize_by=float(max(1, cohort_size)))
 
     def central_mean(
         self,

@@ -36,14 +36,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from confide.federation_errors import FederationError, ManifestError
+from confide.federation_errors import ConfigError, FederationError, ManifestError
 from confide.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.privacy.client_dp import DDGParams
 from confide.secaggplus import (
     AggregateResult,
     InfeasibleConfigError,
     LateSubmissionError,
     SecAggAbortError,
     SecAggError,
+    SecAggParams,
 )
 from confide_server.config import Config
 from confide_server.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
@@ -222,6 +224,7 @@ class RoundEngine:
         self.current_model = ""
         self.completed_rounds = 0
         self._consecutive_aborts = 0
+        self._ddg: dict[int, tuple[DDGParams, bytes]] = {}
 
     # -- start-up and recovery ---------------------------------------------------------
     def initialise(self, initial_weights: bytes) -> None:
@@ -237,8 +240,6 @@ class RoundEngine:
         ConfigError
             The state folder belongs to another job or manifest.
         """
-        from confide.federation_errors import ConfigError
-
         vector, _ = decode_tensors(self.manifest, initial_weights)
         name = self.store.get_meta("job_name")
         if name is None:
@@ -257,6 +258,11 @@ class RoundEngine:
         elif self.store.get_meta("manifest_sha256") != self.manifest.sha256:
             raise ConfigError("state was created with another manifest")
         self.privacy.open(self.store)
+        if self.privacy.mode == "distributed":
+            # Refuse at start-up what no round could do: both ends of the cohort range.
+            job = self.config.job
+            for n in sorted({max(job.start_threshold, 2), job.cohort_size}):
+                self._secure_params(n)
         self._load()
 
     def _load(self) -> None:
@@ -276,6 +282,51 @@ class RoundEngine:
                     subs = self.store.submissions(self._current.round, stage.name)
                     self._submitted[(self._current.round, stage.name)] = {s.client_id for s in subs}
             self._clients = self.store.clients()
+
+    @property
+    def secure_vector_length(self) -> int:
+        """Elements of a masked upload: the model length, or its power-of-two DDG padding."""
+        size = self.manifest.size
+        if self.privacy.mode == "distributed":
+            return 1 << max(0, (size - 1).bit_length())
+        return size
+
+    def _secure_params(self, n: int) -> tuple[SecAggParams, DDGParams | None]:
+        """SecAgg+ parameters for a cohort of ``n`` (and DDG's in distributed mode).
+
+        In distributed mode the ring is the DDG ring: ``encoding = "ring"``,
+        ``modulus_bits = privacy.ddg_bits`` and ``max_weight = 1`` (every site masks weight
+        1: uniform weights, so the weight element of the sum counts the masked inputs).
+
+        Raises
+        ------
+        InfeasibleConfigError
+            The threat model cannot be met by ``n`` clients.
+        ConfigError
+            Distributed DP is infeasible for ``n`` clients with this ring.
+        """
+        params = self.config.secagg.params(n)
+        if self.privacy.mode != "distributed":
+            return params, None
+        ddg = self.privacy.ddg_params(self.manifest.size, params)
+        try:
+            ring = replace(params, encoding="ring", modulus_bits=ddg.bits, max_weight=1)
+        except InfeasibleConfigError as exc:
+            raise ConfigError(
+                f"privacy.ddg_bits = {ddg.bits} cannot hold a cohort of {n}: {exc}"
+            ) from None
+        return ring, ddg
+
+    def _round_ddg(self, round_id: int) -> tuple[DDGParams, bytes] | None:
+        """Return the DDG parameters and rotation seed of a distributed round (cached)."""
+        if self.privacy.mode != "distributed":
+            return None
+        if round_id not in self._ddg:
+            found = self.privacy.load_ddg(round_id)
+            if found is None:
+                return None
+            self._ddg = {round_id: found}
+        return self._ddg[round_id]
 
     def _recover_secure(self, cur: RoundRow) -> None:
         """Reload the open secure round's protocol state after a restart.
@@ -402,7 +453,7 @@ class RoundEngine:
                             "batch_size": s.batch_size,
                             "learning_rate": s.learning_rate,
                         }
-                        self._add_privacy(task)
+                        self._add_privacy(task, self._round_ddg(cur.round))
                     return task
                 if cur.stage == "train":
                     s = self.config.strategy
@@ -418,9 +469,11 @@ class RoundEngine:
                 return task
             return {"action": "wait", "retry_after": 1.0}
 
-    def _add_privacy(self, task: dict[str, Any]) -> None:
+    def _add_privacy(
+        self, task: dict[str, Any], ddg: tuple[DDGParams, bytes] | None = None
+    ) -> None:
         """Ship the client-side DP parameters with a training task."""
-        extra = self.privacy.train_task()
+        extra = self.privacy.train_task(ddg)
         if extra is None:
             return
         task["privacy"] = extra
@@ -686,7 +739,8 @@ class RoundEngine:
             return False
         rounds = self.store.rounds()
         round_id = (rounds[-1].round + 1) if rounds else 1
-        if not self.privacy.allows_next_round():
+        # Distributed DP is budget-checked below, with the round's own DDG parameters.
+        if self.privacy.mode != "distributed" and not self.privacy.allows_next_round():
             self._stop_for_budget()
             return True
         if len(available) > job.cohort_size:
@@ -712,18 +766,34 @@ class RoundEngine:
         )
         setup = None
         infeasible = None
+        ddg: DDGParams | None = None
         if self.secure is not None:
             try:
+                params, ddg = self._secure_params(len(cohort))
                 setup = self.secure.build_setup(
-                    round_id, cohort, self._clients, self.current_model, self.manifest.size
+                    round_id,
+                    cohort,
+                    self._clients,
+                    self.current_model,
+                    self.manifest.size if ddg is None else ddg.padded_dim,
+                    params=params,
                 )
-            except InfeasibleConfigError as exc:
+            except (InfeasibleConfigError, ConfigError) as exc:
                 infeasible = str(exc)
+        if self.privacy.mode == "distributed":
+            if ddg is not None and not self.privacy.allows_next_round(ddg):
+                self._stop_for_budget()
+                return True
+            if ddg is None and not self.privacy.allows_next_round():
+                self._stop_for_budget()
+                return True
         with self.store.transaction() as cur:
             Store.insert_round(cur, row)
             if self.privacy.mode == "sample":
                 # Clients release noised updates as soon as they hold the task: write-ahead.
                 self.privacy.record(cur, round_id, first.name)
+            if ddg is not None:
+                self.privacy.save_ddg(cur, round_id, ddg)
             if self.secure is not None and setup is not None:
                 self.secure.begin(cur, setup)
         self._current = row
@@ -788,11 +858,18 @@ class RoundEngine:
                 f"{cur.stage!r}; min_clients={self.config.job.min_clients}",
             )
             return
+        result: AggregateResult | None = None
+        ddg = self._round_ddg(cur.round)
         try:
             proto_next, result = secure.close(cur.stage)
-            new_sha = None if result is None else self._secure_model(cur, result)
+            new_sha = None if result is None else self._secure_model(cur, result, ddg)
         except (SecAggAbortError, ManifestError) as exc:
-            self._abort(cur, f"secure aggregation aborted at {cur.stage!r}: {exc}")
+            # A DDG sum that was unmasked is paid for even if no model comes of it.
+            self._abort(
+                cur,
+                f"secure aggregation aborted at {cur.stage!r}: {exc}",
+                ddg=ddg[0] if ddg is not None and result is not None else None,
+            )
             return
         if new_sha is not None:
             self._crash("model_written")
@@ -804,6 +881,10 @@ class RoundEngine:
             secure.save(db, result)
             if new_sha is not None:
                 Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
+                if ddg is not None:
+                    # Write-ahead, as in central mode: accounted in the transaction that
+                    # registers the model (models are served only once registered).
+                    self.privacy.record(db, cur.round, cur.stage, ddg[0])
             db.execute(
                 "UPDATE rounds SET new_model=?, stage=?, deadline=? "
                 "WHERE round=? AND status='open' AND stage=?",
@@ -816,13 +897,28 @@ class RoundEngine:
                 secure.forget()
         self._crash("stage_committed")
 
-    def _secure_model(self, cur: RoundRow, result: AggregateResult) -> str:
-        """Write the next model: base + server_lr * (weighted mean of the unmasked updates)."""
+    def _secure_model(
+        self,
+        cur: RoundRow,
+        result: AggregateResult,
+        ddg: tuple[DDGParams, bytes] | None = None,
+    ) -> str:
+        """Write the next model: base + server_lr * (mean of the unmasked updates).
+
+        Without distributed DP the mean is the SecAgg+ weighted mean. With it (``ddg``),
+        the ring sum is decoded (:func:`~confide.privacy.client_dp.ddg_decode`) and divided
+        by the round's cohort size: uniform weights, a normaliser fixed before any update.
+        """
         base_path = self.store.model_path(cur.base_model)
         if base_path is None:
             raise ManifestError(f"base model {cur.base_model} is missing from the store")
         base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
-        mean = result.weighted_mean().astype(np.float64)
+        if ddg is not None:
+            params, seed = ddg
+            mean = self.privacy.ddg_mean(result.total, params, seed, len(cur.cohort))
+            mean = mean.astype(np.float64)
+        else:
+            mean = result.weighted_mean().astype(np.float64)
         lr = self.config.strategy.server_learning_rate
         new = (base.astype(np.float64) + lr * mean).astype(np.float32)
         if not np.isfinite(new).all():
@@ -900,6 +996,16 @@ class RoundEngine:
     def _commit(self, cur: RoundRow) -> None:
         metrics = self._round_metrics(cur)
         metrics.update(self.privacy.round_metrics(cur.round))
+        ddg = self._round_ddg(cur.round)
+        if ddg is not None:
+            p = ddg[0]
+            metrics["ddg"] = {
+                "honest_shares": p.honest_shares,
+                "bits": p.bits,
+                "gamma": p.gamma,
+                "worst_case_noise_std": p.worst_case_noise_std,
+                "normaliser": len(cur.cohort),
+            }
         self._crash("before_round_commit")
         now = self._clock()
         with self.store.transaction() as db:
@@ -924,7 +1030,7 @@ class RoundEngine:
             self._current = None
         self._crash("round_committed")
 
-    def _abort(self, cur: RoundRow, reason: str) -> None:
+    def _abort(self, cur: RoundRow, reason: str, ddg: DDGParams | None = None) -> None:
         aborts = self._consecutive_aborts + 1
         status = "failed" if aborts >= self.config.job.max_consecutive_aborts else "running"
         with self.store.transaction() as db:
@@ -935,6 +1041,8 @@ class RoundEngine:
             )
             Store.set_meta(db, "consecutive_aborts", str(aborts))
             Store.set_meta(db, "status", status)
+            if ddg is not None:
+                self.privacy.record(db, cur.round, cur.stage, ddg)
         with self._lock:
             self._consecutive_aborts = aborts
             self.status = status

@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from confide.secaggplus import AggregateResult, RoundSetup, ServerSecAgg
+from confide.secaggplus import AggregateResult, RoundSetup, SecAggParams, ServerSecAgg
 from confide_server.config import SecAggConfig
 from confide_server.store import Store
 
@@ -77,8 +77,24 @@ class SecureRound:
         public_keys: Mapping[str, str],
         model_sha256: str,
         vector_length: int,
+        params: SecAggParams | None = None,
     ) -> RoundSetup:
         """Return the round's public setup (params derived for ``len(cohort)``).
+
+        Parameters
+        ----------
+        round_id : int
+            The round.
+        cohort : sequence of str
+            Its members.
+        public_keys : mapping
+            Enrolled base64 Ed25519 keys by client id.
+        model_sha256 : str
+            The model clients train from.
+        vector_length : int
+            Elements a client uploads (the model length, or the DDG ``padded_dim``).
+        params : SecAggParams, optional
+            Use these instead of deriving them (distributed DP: ring encoding).
 
         Raises
         ------
@@ -89,7 +105,7 @@ class SecureRound:
             round=round_id,
             cohort=tuple(sorted(cohort)),
             identity_keys=tuple((c, base64.b64decode(public_keys[c])) for c in sorted(cohort)),
-            params=self.config.params(len(cohort)),
+            params=self.config.params(len(cohort)) if params is None else params,
             vector_length=vector_length,
             model_sha256=bytes.fromhex(model_sha256),
             consistency_check=self.config.consistency_check,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,35 @@ def test_server_killed_after_release_restarts_without_redrawing(
     # and a restart of the finished run reports the same epsilon
     doc = procs.final_status()
     assert doc["privacy"]["epsilon"] == summary["epsilon"]
+
+
+@pytest.mark.slow
+def test_simulate_dp_distributed_runs_under_secagg(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``confide simulate --dp distributed``: real processes, DDG noise shares under SecAgg+."""
+    from confide.privacy.accountant import PrivacyEvent
+    from confide.privacy.client_dp import DDGParams, ddg_event
+    from confide.simulate import main_simulate
+
+    out = tmp_path / "sim"
+    argv = ["--dp", "distributed", "--rounds", "2", "--noise-multiplier", "0.5"]
+    assert main_simulate([*argv, "--out", str(out), "--timeout", "120"]) == 0
+    printed = capsys.readouterr().out
+    assert "distributed discrete Gaussian" in printed
+    store = Store(load_config(out / "job.toml").server.database)
+    try:
+        summary, per_round = read_privacy(store)
+        rows = store.rounds()
+        with store.transaction() as cur:
+            stored = cur.execute("SELECT round, params FROM ddg_rounds ORDER BY round").fetchall()
+    finally:
+        store.close()
+    assert [r.status for r in rows] == ["committed", "committed"]
+    assert all(r.metrics and r.metrics["train_clients"] == 3 for r in rows)
+    assert summary is not None
+    assert summary["mode"] == "distributed"
+    events: list[PrivacyEvent] = [ddg_event(DDGParams(**json.loads(p))) for _, p in stored]
+    assert [r for r, _ in stored] == [1, 2]
+    assert summary["epsilon"] == pytest.approx(account(events, 1e-5).epsilon, rel=1e-9)
+    assert sorted(per_round) == [1, 2]

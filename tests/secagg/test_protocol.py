@@ -245,3 +245,30 @@ def test_masks_cancel_for_any_dropout_pattern(data: st.DataObject) -> None:
     # Only a sparse graph may lose a secret (fewer than t live holders in a group).
     assert k < n - 1
     assert reason == "too-few-shares"
+
+
+def test_ring_inputs_are_masked_as_is_and_sum_mod_the_ring() -> None:
+    """``encoding = "ring"`` (distributed DP): pre-encoded ring vectors, weight 1 each."""
+    import dataclasses
+
+    from confide.secaggplus import SecAggParams
+
+    base = make_params(4, max_dropouts=1, max_weight=1)
+    params = dataclasses.replace(base, encoding="ring", modulus_bits=20)
+    assert params.to_dict()["encoding"] == "ring"
+    assert "encoding" not in base.to_dict()  # quantized setups serialise as before
+    assert SecAggParams.from_dict(base.to_dict()) == base
+    assert SecAggParams.from_dict(params.to_dict()) == params
+    setup, keys = make_setup(params, d=64)
+    r = Round(setup, keys)
+    rng = np.random.default_rng(3)
+    for c in setup.cohort:
+        r.updates[c] = rng.integers(0, 1 << 20, 64).astype(np.uint32)
+        r.weights[c] = 1
+    res = r.run(drop={"mask": {"c001"}})
+    survivors = [c for c in setup.cohort if c != "c001"]
+    want = sum(r.updates[c].astype(np.int64) for c in survivors) % (1 << 20)
+    assert (res.total.astype(np.int64) == want).all()
+    assert res.total_weight == 3
+    with pytest.raises(SecAggAbortError):
+        res.weighted_mean()  # ring sums are decoded by their encoder

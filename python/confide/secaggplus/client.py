@@ -20,6 +20,12 @@ weighted mean is their ratio (:meth:`AggregateResult.weighted_mean`). Scaling be
 quantization keeps the ring at ``bit_length(n * max(2**quant_bits - 1, max_weight))`` bits;
 the price is a quantization step relative to ``w_i / max_weight`` (pick ``max_weight`` close
 to the real largest weight).
+
+**Ring inputs.** With ``params.encoding == "ring"`` the update is already a vector of ring
+elements (e.g. the distributed discrete Gaussian's :func:`confide.privacy.ddg_encode`): it is
+masked as is, with no clipping, quantization or weight scaling, and the weight element is
+appended unchanged. Client-level DP uses ``max_weight = 1`` and weight 1 (uniform weights),
+so the weight element of the sum is just the number of masked inputs in it.
 """
 
 from __future__ import annotations
@@ -329,7 +335,7 @@ class ClientSecAgg:
     def masked_input(
         self,
         delivery: ShareDelivery | Mapping[str, Any],
-        update: NDArray[np.float32],
+        update: NDArray[Any],
         weight: int,
         *,
         model_sha256: bytes,
@@ -342,7 +348,9 @@ class ClientSecAgg:
         delivery : ShareDelivery or dict
             Our neighbours' encrypted shares and the roster of share holders.
         update : numpy.ndarray
-            1-D float32 update of ``setup.vector_length`` finite values (already clipped).
+            1-D float32 update of ``setup.vector_length`` finite values (already clipped);
+            with ``params.encoding == "ring"`` an unsigned-integer vector of that length with
+            values below ``2**modulus_bits``.
         weight : int
             Aggregation weight in ``[0, params.max_weight]``.
         model_sha256 : bytes
@@ -459,9 +467,11 @@ class ClientSecAgg:
         self._last = (msg, out)
         return out
 
-    def _quantize(self, update: NDArray[np.float32], weight: int) -> NDArray[Any]:
+    def _quantize(self, update: NDArray[Any], weight: int) -> NDArray[Any]:
         params = self.setup.params
         x = np.asarray(update)
+        if params.encoding == "ring":
+            return self._ring_input(x, weight)
         if x.dtype != np.float32 or x.ndim != 1 or x.shape[0] != self.setup.vector_length:
             self._abort(
                 "bad-update", f"update must be float32 of length {self.setup.vector_length}"
@@ -484,6 +494,30 @@ class ClientSecAgg:
             self._abort("bad-update", str(exc))
         vec = np.empty(self.setup.vector_length + 1, dtype=proto.ring_dtype(params.modulus_bits))
         vec[:-1] = q
+        vec[-1] = weight
+        return vec
+
+    def _ring_input(self, x: NDArray[Any], weight: int) -> NDArray[Any]:
+        params = self.setup.params
+        if (
+            x.dtype.kind != "u"
+            or x.ndim != 1
+            or x.shape[0] != self.setup.vector_length
+            or (x.size and int(x.max()) >> params.modulus_bits)
+        ):
+            self._abort(
+                "bad-update",
+                f"ring input must be unsigned integers below 2**{params.modulus_bits} of "
+                f"length {self.setup.vector_length}",
+            )
+        if not (
+            isinstance(weight, int)
+            and not isinstance(weight, bool)
+            and 0 <= weight <= params.max_weight
+        ):
+            self._abort("bad-weight", f"weight must be an int in [0, {params.max_weight}]")
+        vec = np.empty(self.setup.vector_length + 1, dtype=proto.ring_dtype(params.modulus_bits))
+        vec[:-1] = x
         vec[-1] = weight
         return vec
 

@@ -63,6 +63,7 @@ __all__ = [
 
 _NEG_INF = float("-inf")
 _MAX_QUANT_BITS = 32
+_MIN_RING_BITS = 8
 _LN2 = math.log(2.0)
 
 
@@ -143,6 +144,14 @@ class SecAggParams:
         ``log2`` of the bound on the privacy failure probability (``-inf``: impossible).
     log2_correctness_failure : float, default -inf
         ``log2`` of the bound on the correctness failure probability.
+    encoding : {"quantized", "ring"}, default "quantized"
+        What a client uploads. ``"quantized"``: a float update that the client quantizes
+        (``quant_bits``, ``clip_range``) and scales by ``weight / max_weight``; the sum never
+        wraps. ``"ring"``: an update already encoded as ring elements in
+        ``[0, 2**modulus_bits)`` (e.g. by :func:`confide.privacy.ddg_encode`), masked as is;
+        the element sum is taken mod ``2**modulus_bits`` (the encoder's business), only the
+        weight element must not wrap, and ``quant_bits``/``clip_range`` are unused.
+        Serialised only when not the default, so quantized setups keep their encoding.
 
     Examples
     --------
@@ -163,6 +172,7 @@ class SecAggParams:
     corrupt: int = 0
     log2_privacy_failure: float = _NEG_INF
     log2_correctness_failure: float = _NEG_INF
+    encoding: Literal["quantized", "ring"] = "quantized"
 
     def __post_init__(self) -> None:
         ints = ("n", "k", "t", "max_dropouts", "quant_bits", "max_weight", "modulus_bits")
@@ -193,7 +203,15 @@ class SecAggParams:
             raise InfeasibleConfigError(f"clip_range must be > 0, got {self.clip_range}")
         if self.max_weight < 1:
             raise InfeasibleConfigError(f"max_weight must be >= 1, got {self.max_weight}")
-        need = required_modulus_bits(n, self.quant_bits, self.max_weight)
+        if self.encoding not in ("quantized", "ring"):
+            raise InfeasibleConfigError(
+                f"encoding must be 'quantized' or 'ring', got {self.encoding!r}"
+            )
+        if self.encoding == "ring":
+            # Ring elements may wrap (the encoder's business); the weight sum must not.
+            need = max(_MIN_RING_BITS, (n * self.max_weight).bit_length())
+        else:
+            need = required_modulus_bits(n, self.quant_bits, self.max_weight)
         if not need <= self.modulus_bits <= 64:
             raise InfeasibleConfigError(
                 f"modulus_bits must be in [{need}, 64] so the sum cannot wrap, "
@@ -216,6 +234,8 @@ class SecAggParams:
         for name in ("log2_privacy_failure", "log2_correctness_failure"):
             if math.isinf(d[name]):
                 d[name] = None
+        if d["encoding"] == "quantized":
+            del d["encoding"]  # the default: quantized setups serialise as before
         return d
 
     @classmethod
@@ -228,7 +248,7 @@ class SecAggParams:
             Missing, extra or invalid fields.
         """
         names = {f for f in cls.__dataclass_fields__}
-        if set(d) != names:
+        if set(d) != names and set(d) != names - {"encoding"}:
             raise InfeasibleConfigError(f"params fields must be {sorted(names)}, got {sorted(d)}")
         kw = dict(d)
         for name in ("log2_privacy_failure", "log2_correctness_failure"):

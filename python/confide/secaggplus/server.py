@@ -91,8 +91,19 @@ class AggregateResult:
     setup: RoundSetup
 
     def weighted_sum(self) -> NDArray[np.float32]:
-        """Return ``sum(w_i * x_i)`` (float32, quantization error included)."""
+        """Return ``sum(w_i * x_i)`` (float32, quantization error included).
+
+        Raises
+        ------
+        SecAggAbortError
+            The round uses ring inputs (``encoding == "ring"``): ``total`` is the ring sum,
+            to be decoded by whoever encoded it (e.g. :func:`confide.privacy.ddg_decode`).
+        """
         p = self.setup.params
+        if p.encoding == "ring":
+            raise SecAggAbortError(
+                "ring-encoding", "ring inputs are decoded by their encoder, not dequantized"
+            )
         z = dequantize(self.total, p.clip_range, p.quant_bits, len(self.survivors), mean=False)
         out: NDArray[np.float32] = (z * np.float32(p.max_weight)).astype(np.float32)
         return out
@@ -564,7 +575,10 @@ class ServerSecAgg:
         n3 = len(self._u3)
         weight = int(total[-1])
         levels = (1 << params.quant_bits) - 1
-        if weight > n3 * params.max_weight or int(total[:-1].max(initial=0)) > n3 * levels:
+        ring = params.encoding == "ring"  # ring inputs wrap by design; the weight never does
+        if weight > n3 * params.max_weight or (
+            not ring and int(total[:-1].max(initial=0)) > n3 * levels
+        ):
             raise self._abort("inconsistent-aggregate", "the unmasked sum is out of range")
         self._acc = None
         self.stage = "done"
