@@ -9,6 +9,7 @@ pub mod clip;
 pub mod error;
 pub mod noise;
 pub mod rng;
+pub mod scan;
 pub mod secagg;
 pub mod simd;
 

@@ -41,6 +41,7 @@ use rayon::prelude::*;
 
 use crate::error::NoiseError;
 use crate::rng::{AesCtr, SecureRng, open01_full, uniform_below_u128};
+use crate::scan::first_failing;
 use crate::secagg::mask::run_sequentially;
 
 /// Elements per parallel chunk of the float samplers (each chunk has its own AES-CTR stream).
@@ -239,38 +240,19 @@ fn check_scale(name: &'static str, scale: f64) -> Result<(), NoiseError> {
 }
 
 fn check_finite<T: NoiseFloat>(x: &[T], inv_gamma: f64) -> Result<(), NoiseError> {
-    // `inv_gamma` is a finite power of two, so `v * inv_gamma` is finite exactly when both
-    // tests below pass: blocks of 1024 are AND-reduced on that (vectorised, no early exit),
-    // and only a failing block is scanned element by element for the precise error.
-    for (bi, block) in x.chunks(1024).enumerate() {
-        if !block
-            .iter()
-            .fold(true, |a, &v| a & (v.to_f64() * inv_gamma).is_finite())
-        {
-            check_finite_scalar(block, bi * 1024, inv_gamma)?;
-        }
+    // `inv_gamma` is a finite power of two, so `v * inv_gamma` is finite exactly when `v` is
+    // finite and not too large for the lattice; the first failure says which.
+    let Some(i) = first_failing(x, |v| (v.to_f64() * inv_gamma).is_finite()) else {
+        return Ok(());
+    };
+    let v = x[i].to_f64();
+    if v.is_finite() {
+        Err(NoiseError::Unsupported(format!(
+            "x[{i}] = {v} is too large relative to the noise scale to place on the noise lattice"
+        )))
+    } else {
+        Err(NoiseError::NonFinite { index: i, value: v })
     }
-    Ok(())
-}
-
-fn check_finite_scalar<T: NoiseFloat>(
-    x: &[T],
-    offset: usize,
-    inv_gamma: f64,
-) -> Result<(), NoiseError> {
-    for (j, &v) in x.iter().enumerate() {
-        let i = offset + j;
-        let v = v.to_f64();
-        if !v.is_finite() {
-            return Err(NoiseError::NonFinite { index: i, value: v });
-        }
-        if !(v * inv_gamma).is_finite() {
-            return Err(NoiseError::Unsupported(format!(
-                "x[{i}] = {v} is too large relative to the noise scale to place on the noise lattice"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Lattice noise on one chunk. `ZERO` means every element of `x` is known to be 0, so the

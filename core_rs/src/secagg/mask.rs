@@ -13,6 +13,7 @@ use aes::cipher::Array;
 use super::prg::{BATCH_BLOCKS, Block, MaskDomain, MaskPrg, seed32};
 use super::{Word, low_mask};
 use crate::error::MaskError;
+use crate::scan::first_failing;
 
 /// Elements per parallel segment; a multiple of both 256 (u32 words per batch) and 128.
 const SEGMENT: usize = 1 << 14;
@@ -71,21 +72,15 @@ pub fn check_range<W: Word>(x: &[W], bits: u32) -> Result<(), MaskError> {
         return Ok(());
     }
     let m = low_mask(bits);
-    // Sequential on purpose: a memory-bound scan; rayon's `position_first` costs ~50x more.
-    // Blocks of 1024 are OR-reduced (vectorised, no early exit); only a block that holds an
-    // offending element is searched element by element.
-    for (bi, block) in x.chunks(1024).enumerate() {
-        if block.iter().fold(0u64, |a, v| a | v.to_u64()) > m {
-            let j = block.iter().position(|v| v.to_u64() > m).unwrap_or(0);
-            let index = bi * 1024 + j;
-            return Err(MaskError::OutOfRange {
-                index,
-                value: x[index].to_u64(),
-                bits,
-            });
-        }
+    // `v <= m` for a low mask `m` is `v & !m == 0`, which vectorises better.
+    match first_failing(x, |v| v.to_u64() & !m == 0) {
+        Some(index) => Err(MaskError::OutOfRange {
+            index,
+            value: x[index].to_u64(),
+            bits,
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Whether a data-parallel kernel over `n` elements in chunks of `chunk` should run on the
