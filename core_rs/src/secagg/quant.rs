@@ -175,13 +175,14 @@ fn quantize_chunk<W: Word, const SMALL: bool>(
             let u =
                 f64::from(u32::from_le_bytes([w[0], w[1], w[2], w[3]])) * (1.0 / 4_294_967_296.0);
             let rounded = if u < y - fl { fl + 1.0 } else { fl };
-            // `as` saturates; `rounded <= L` up to f64 rounding at bits > 53.
+            // `as` saturates; capped at L like `quantize_chunk_lattice`: `(2r) * (L / 2r)`
+            // can round above L, and the rounding up could then give L + 1 (out of range).
             let qv = if SMALL {
                 rounded as i64 as u64
             } else {
-                (rounded as u64).min(l)
+                rounded as u64
             };
-            *q = W::from_u64(qv);
+            *q = W::from_u64(qv.min(l));
         }
     }
 }
