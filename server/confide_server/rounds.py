@@ -618,31 +618,36 @@ class RoundEngine:
             prior = self._existing_or_check(p.client_id, p.round_id, p.stage, p.sha256)
             if prior is not None:
                 return prior
-            now = self._clock()
-            receipt = {
-                "receipt_id": sha256_hex(
-                    f"{p.round_id}|{p.stage}|{p.client_id}|{p.sha256}".encode()
-                )[:32],
-                "round": p.round_id,
-                "stage": p.stage,
-                "client_id": p.client_id,
-                "sha256": p.sha256,
-                "num_examples": p.num_examples,
-                "accepted_at": now,
-            }
-            row = SubmissionRow(
-                p.round_id,
-                p.stage,
-                p.client_id,
-                p.sha256,
-                p.num_examples,
-                relpath,
-                p.payload,
-                receipt,
-            )
-            self.store.insert_submission(row, nonce, now)
-            self._submitted.setdefault((p.round_id, p.stage), set()).add(p.client_id)
+            receipt = self._record_submission(p, nonce, p.num_examples, relpath, p.payload)
         self._crash("submission_committed")
+        return receipt
+
+    def _record_submission(
+        self,
+        p: Prepared,
+        nonce: str,
+        num_examples: int,
+        relpath: str | None,
+        payload: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """Write one accepted submission durably and return its receipt (lock held)."""
+        now = self._clock()
+        receipt = {
+            "receipt_id": sha256_hex(f"{p.round_id}|{p.stage}|{p.client_id}|{p.sha256}".encode())[
+                :32
+            ],
+            "round": p.round_id,
+            "stage": p.stage,
+            "client_id": p.client_id,
+            "sha256": p.sha256,
+            "num_examples": num_examples,
+            "accepted_at": now,
+        }
+        row = SubmissionRow(
+            p.round_id, p.stage, p.client_id, p.sha256, num_examples, relpath, payload, receipt
+        )
+        self.store.insert_submission(row, nonce, now)
+        self._submitted.setdefault((p.round_id, p.stage), set()).add(p.client_id)
         return receipt
 
     def _commit_secure(self, p: Prepared, nonce: str) -> dict[str, Any]:
@@ -669,24 +674,9 @@ class RoundEngine:
                 raise RoundError(str(exc), "dropped") from None
             except SecAggError as exc:
                 raise InvalidSubmissionError(str(exc), "protocol_violation") from None
-            now = self._clock()
-            receipt = {
-                "receipt_id": sha256_hex(
-                    f"{p.round_id}|{p.stage}|{p.client_id}|{p.sha256}".encode()
-                )[:32],
-                "round": p.round_id,
-                "stage": p.stage,
-                "client_id": p.client_id,
-                "sha256": p.sha256,
-                "num_examples": 0,
-                "accepted_at": now,
-            }
+            # Unmask answers (released shares) are never written anywhere.
             payload = None if p.stage == "unmask" else p.payload
-            row = SubmissionRow(
-                p.round_id, p.stage, p.client_id, p.sha256, 0, None, payload, receipt
-            )
-            self.store.insert_submission(row, nonce, now)
-            self._submitted.setdefault((p.round_id, p.stage), set()).add(p.client_id)
+            receipt = self._record_submission(p, nonce, 0, None, payload)
         self._crash("submission_committed")
         return receipt
 

@@ -19,6 +19,9 @@ from confide.simulate import JobFiles
 class Procs:
     """Spawns the server and clients of one job; kills whatever is left at teardown."""
 
+    #: Extra environment for every client process (subclasses set test-only variables).
+    client_env: dict[str, str] | None = None
+
     def __init__(self, files: JobFiles) -> None:
         self.files = files
         self.children: list[subprocess.Popen[bytes]] = []
@@ -85,7 +88,7 @@ class Procs:
         ]
         if token is not None:
             cmd += ["--token", token, "--client-id", f"site-{k}"]
-        return self._spawn(f"site-{k}", cmd)
+        return self._spawn(f"site-{k}", cmd, self.client_env)
 
     def status(self) -> dict[str, Any] | None:
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,28 +34,7 @@ TOLERANT = {"adversarial_fraction": 0.0, "dropout_fraction": 0.34}
 class SecureProcs(Procs):
     """:class:`Procs` whose clients get the test-only protocol seed."""
 
-    def client(self, k: int, token: str | None, *extra: str) -> Any:
-        cmd = [
-            "-m",
-            "confide",
-            "client",
-            "--server",
-            self.files.server_url,
-            "--data",
-            str(self.files.site_train[k - 1]),
-            "--test-data",
-            str(self.files.site_test[k - 1]),
-            "--state",
-            str(self.files.workdir / "clients" / f"site-{k}"),
-            "--retry-timeout",
-            "60",
-            "--poll-wait",
-            "5",
-            *extra,
-        ]
-        if token is not None:
-            cmd += ["--token", token, "--client-id", f"site-{k}"]
-        return self._spawn(f"site-{k}", [sys.executable, *cmd], ENV)
+    client_env = ENV
 
 
 def _job(tmp: Path, secagg: bool, **kw: Any) -> JobFiles:
