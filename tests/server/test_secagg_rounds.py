@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from confide.federation_errors import ConfigError, IntegrityError
+from confide.federation_errors import ConfigError, FederationError, IntegrityError
 from confide.manifest import decode_tensors
 from confide.noise import SecureRng
 from confide.secaggplus import RoundSetup
@@ -336,3 +336,51 @@ def test_round_without_protocol_state_is_aborted_on_restart(tmp_path: Path) -> N
     assert "protocol state" in (row.reason or "")
     assert fed.eng.tick()  # the next round starts normally
     assert fed.eng.task_for("a")["action"] == "advertise"
+
+
+def _malformed(msg: dict[str, Any]) -> list[bytes]:
+    """Structurally broken variants of a genuine SecAgg+ message, plus non-messages."""
+    bad: list[bytes] = [b"", b"\xff\xfe", b"not json", b"[]", b"null", b'"x"']
+    bad.append(json.dumps({**msg, "client_id": "b"}).encode())
+    bad.append(json.dumps({**msg, "round": 2}).encode())
+    bad.append(json.dumps({**msg, "unexpected": 1}).encode())
+    for key in msg:
+        if key in ("client_id", "round"):
+            continue
+        bad.append(json.dumps({k: v for k, v in msg.items() if k != key}).encode())
+        for junk in (None, 12345, "!!!not base64!!!", {}, [[1]]):
+            if junk != msg[key]:  # e.g. an empty dict is a genuine value for some fields
+                bad.append(json.dumps({**msg, key: junk}).encode())
+    return bad
+
+
+def _submit_raw(fed: Fed, stage: str, body: bytes, nonce: str) -> None:
+    fed.eng.commit_submission(fed.eng.prepare("a", 1, stage, body), nonce=nonce)
+
+
+def test_malformed_secure_messages_are_rejected_and_change_nothing(tmp_path: Path) -> None:
+    # At every secure stage, client "a" first sends broken messages: each must be refused
+    # with a FederationError (a 4xx with a JSON body over HTTP), never another exception,
+    # and the genuine message sent afterwards must still be accepted, so that the round
+    # commits exactly the weighted mean it would have without the junk.
+    fed = Fed(tmp_path, _config(tmp_path))
+    base = _start(fed)
+    for stage in ("advertise", "share", "mask", "unmask"):
+        assert fed.stage() == stage
+        task = fed.eng.task_for("a")
+        if stage == "advertise":
+            genuine = fed.parts["a"].advertise(task)
+        else:
+            genuine = fed.parts["a"].answer(task, fed.updates["a"], fed.weights["a"])
+        for i, body in enumerate(_malformed(genuine)):
+            with pytest.raises(FederationError):
+                _submit_raw(fed, stage, body, f"junk-{stage}-{i}")
+        fed.submit("a", stage, genuine)
+        for c in ("b", "c"):
+            fed.answer(c)
+        assert fed.eng.tick()
+    fed.finish_evaluate()
+    row = fed.eng.store.get_round(1)
+    assert row is not None
+    assert row.status == "committed"
+    np.testing.assert_allclose(fed.model(), fed.expected(IDS, base), atol=2e-4)
