@@ -36,6 +36,8 @@ lint-python: setup
 	$(VENV)/bin/ruff check python server tests benches
 	$(VENV)/bin/mypy --strict python/confide server/confide_server
 	$(PY) -m mypy.stubtest confide._core
+	# Architecture contracts: confide never imports confide_server; the engine never aiohttp.
+	$(VENV)/bin/lint-imports
 
 lint: lint-rust lint-python
 
@@ -87,7 +89,7 @@ bench: $(STAMP) $(PEERS_STAMP)
 # A real federation on loopback: one confide-server and three client processes ("hospitals")
 # over HTTP, ~10 rounds, then federated vs central accuracy and demo-output/accuracy.png.
 demo: setup
-	$(VENV)/bin/confide simulate --clients 3 --rounds 10 --out demo-output
+	$(VENV)/bin/confide-server simulate --clients 3 --rounds 10 --out demo-output
 
 clean:
 	rm -rf $(VENV) target

@@ -5,33 +5,42 @@ aggregation), and the released model carries a differential-privacy guarantee. T
 is the client SDK; its hot and security-critical kernels (clipping, secure noise, masking,
 secret sharing) live in a Rust core, ``confide._core``, which user code never imports
 directly.
+
+``confide.Client`` (the HTTP site client, which needs aiohttp) is imported on first use, so
+a device that only runs inference or local training does not load the HTTP stack.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from confide._core import __version__
-from confide.client import Client, ClientResult
 from confide.clip import clip_l2, clip_rows, l2_norm
 from confide.data import Dataset, load_breast_cancer, load_csv, partition_dirichlet, partition_iid
 from confide.errors import (
     AggregateError,
     ArrayTypeError,
+    BudgetExceeded,
     ConfideError,
-    InvalidArgumentError,
-    NonFiniteError,
-    RandomSourceError,
-    ShapeError,
-    ShareError,
-)
-from confide.federation_errors import (
     ConfigError,
+    DataError,
     FederationError,
     IntegrityError,
+    InvalidArgumentError,
+    InvalidPrivacyConfig,
     ManifestError,
+    NonFiniteError,
+    PrivacyError,
+    PrivacyUnsupportedError,
+    RandomSourceError,
+    SecAggAbortError,
+    SecAggError,
     ServerError,
+    ShapeError,
+    ShareError,
     SignatureError,
     TransportError,
     WireFormatError,
 )
-from confide.manifest import Manifest
 from confide.noise import (
     SecureRng,
     add_gaussian_noise,
@@ -40,6 +49,8 @@ from confide.noise import (
     gaussian,
     laplace,
 )
+from confide.protocol.manifest import Manifest
+from confide.protocol.signing import Identity
 from confide.secagg import (
     MaskDomain,
     apply_masks,
@@ -50,33 +61,50 @@ from confide.secagg import (
     unpack_bits,
 )
 from confide.shamir import combine_shares, split_secret
-from confide.signing import Identity
-from confide.trainer import FitResult, NumpyTrainer, TrainConfig, Trainer
+from confide.training import (
+    DPSGDConfig,
+    FitResult,
+    NumpyTrainer,
+    PerSampleTrainer,
+    SiteData,
+    TrainConfig,
+    Trainer,
+)
 
 __all__ = [
     "AggregateError",
     "ArrayTypeError",
+    "BudgetExceeded",
     "Client",
     "ClientResult",
     "ConfideError",
     "ConfigError",
+    "DPSGDConfig",
+    "DataError",
     "Dataset",
     "FederationError",
     "FitResult",
     "Identity",
     "IntegrityError",
     "InvalidArgumentError",
+    "InvalidPrivacyConfig",
     "Manifest",
     "ManifestError",
     "MaskDomain",
     "NonFiniteError",
     "NumpyTrainer",
+    "PerSampleTrainer",
+    "PrivacyError",
+    "PrivacyUnsupportedError",
     "RandomSourceError",
+    "SecAggAbortError",
+    "SecAggError",
     "SecureRng",
     "ServerError",
     "ShapeError",
     "ShareError",
     "SignatureError",
+    "SiteData",
     "TrainConfig",
     "Trainer",
     "TransportError",
@@ -103,3 +131,14 @@ __all__ = [
     "split_secret",
     "unpack_bits",
 ]
+
+
+if TYPE_CHECKING:
+    from confide.client import Client, ClientResult
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the client pulls in aiohttp; inference-only devices never pay for it.
+    if name in ("Client", "ClientResult"):
+        return getattr(importlib.import_module("confide.client"), name)
+    raise AttributeError(f"module 'confide' has no attribute {name!r}")

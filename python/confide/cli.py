@@ -1,24 +1,39 @@
-"""The ``confide`` command: ``confide client`` (join a federation) and ``confide simulate``."""
+"""The ``confide`` command: ``confide client`` joins a federation as one site.
+
+Whole simulated federations (a server and several sites) are the server distribution's
+``confide-server simulate``: the SDK never imports or starts the server.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from confide.federation_errors import FederationError
+from confide.errors import ConfideError
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from confide.client.secure import RngFactory
+
+__all__ = ["build_parser", "main", "run_client"]
 
 
-async def _client(args: argparse.Namespace) -> int:
+async def run_client(
+    args: argparse.Namespace,
+    *,
+    on_task: Callable[[dict[str, Any]], None] | None = None,
+    rng_factory: RngFactory | None = None,
+) -> int:
+    """Run ``confide client`` with parsed ``args``.
+
+    ``on_task`` sees every task (monitoring); ``rng_factory`` replaces the OS-keyed protocol
+    randomness. The ``confide`` command passes neither: they are for embedding and tests.
+    """
     from confide.client import Client, client_ssl_context
     from confide.data import load_csv
-    from confide.trainer import NumpyTrainer
+    from confide.training import NumpyTrainer
 
     train = load_csv(args.data, args.label_column, args.patient_id_column)
     test = (
@@ -39,6 +54,7 @@ async def _client(args: argparse.Namespace) -> int:
         poll_wait=args.poll_wait,
         retry_timeout=args.retry_timeout,
         log=log,
+        rng_factory=rng_factory,
     )
     async with client:
         if not client.enrolled:
@@ -48,30 +64,12 @@ async def _client(args: argparse.Namespace) -> int:
             await client.enroll(args.token, args.client_id)
         manifest = await client.fetch_manifest()
         trainer = NumpyTrainer.from_manifest(manifest)
-        result = await client.run(trainer, train, test, on_task=_fault_injection(args))
+        result = await client.run(trainer, train, test, on_task=on_task)
     return 0 if result.status == "finished" else 1
 
 
-def _fault_injection(args: argparse.Namespace) -> Callable[[dict[str, Any]], None] | None:
-    """``--die-in-round R``: SIGKILL this process when round R's training task arrives.
-
-    ``--die-at-stage S`` picks another task than ``train`` (e.g. a SecAgg+ stage, ``mask``).
-    """
-    die_in = args.die_in_round
-    if die_in is None:
-        return None
-    stage = args.die_at_stage
-
-    def hook(task: dict[str, Any]) -> None:
-        if task["action"] == stage and int(task["round"]) >= die_in:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``confide`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``confide`` argument parser."""
     parser = argparse.ArgumentParser(prog="confide", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("client", help="join a federated job as one site")
@@ -94,17 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--poll-wait", type=float, default=20.0)
     c.add_argument("--retry-timeout", type=float, default=120.0)
     c.add_argument("--quiet", action="store_true")
-    # Tests only: simulate a site that crashes in the middle of a round.
-    c.add_argument("--die-in-round", type=int, default=None, help=argparse.SUPPRESS)
-    c.add_argument("--die-at-stage", default="train", help=argparse.SUPPRESS)
-    sub.add_parser("simulate", help="run a whole federation on loopback", add_help=False)
-    if argv[:1] == ["simulate"]:
-        from confide.simulate import main_simulate
+    return parser
 
-        return main_simulate(argv[1:])
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``confide`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     try:
-        return asyncio.run(_client(args))
-    except (FederationError, OSError, ValueError) as exc:
+        return asyncio.run(run_client(args))
+    except (ConfideError, OSError, ValueError) as exc:
         print(f"confide client: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

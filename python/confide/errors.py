@@ -1,7 +1,10 @@
-"""The confide exception hierarchy.
+"""The confide exception hierarchy: every error confide raises derives from ConfideError.
 
-Every error raised by confide derives from :class:`ConfideError`. The subclasses also derive
-from the matching builtin, so ``except ValueError`` and ``except TypeError`` keep working:
+The subclasses also derive from the matching builtin, so ``except ValueError`` and
+``except TypeError`` keep working for bad input. Every class lives here; the core's classes
+are created by the Rust extension but registered under this module's name.
+
+**Core** (raised by the Rust kernels):
 
 ========================  ===========  ==================================================
 class                     also a       raised for
@@ -15,8 +18,41 @@ AggregateError            ValueError   an aggregate that cannot be a valid sum
 RandomSourceError         OSError      the operating system's random source failed
 ========================  ===========  ==================================================
 
-The classes are defined by the Rust core (``confide._core``) and re-exported here.
+**Federation** (manifests, wire format, signing, client, config), each with a short
+machine-readable ``code`` that the server puts, with the message, in its JSON error bodies:
+
+=======================  ===========  =====================================================
+class                    also a       raised for
+=======================  ===========  =====================================================
+FederationError          --           base class of the federation layer
+ManifestError            ValueError   a manifest, or tensors that do not match one
+WireFormatError          ValueError   bytes that are not a valid safetensors/JSON message
+SignatureError           ValueError   a request signature that is missing, stale or wrong
+IntegrityError           ValueError   downloaded bytes whose SHA-256 is not the announced one
+ConfigError              ValueError   an invalid job, client or training configuration
+DataError                ValueError   local data that cannot be used (file, column, row)
+ServerError              --           the server answered with an error (``status``, ``code``)
+TransportError           OSError      the server cannot be reached (refused, TLS failure)
+=======================  ===========  =====================================================
+
+**Privacy**:
+
+========================  ===========  ==================================================
+PrivacyError              --           base class of the privacy layer
+InvalidPrivacyConfig      ValueError   a privacy parameter with an invalid value, or a
+                                       combination the accountant cannot account for
+BudgetExceeded            --           the next round would exceed the job's budget
+PrivacyStateError         ValueError   a stored accountant state that is malformed
+PrivacyUnsupportedError   --           an engine that cannot run the requested DP mode
+                                       (e.g. no per-sample gradients for sample-level DP)
+========================  ===========  ==================================================
+
+**Secure aggregation** (messages never contain secrets): ``SecAggError`` and its
+subclasses ``InfeasibleConfigError``, ``ProtocolViolationError`` (``MessageFormatError``,
+``LateSubmissionError``) and ``SecAggAbortError``.
 """
+
+from __future__ import annotations
 
 from confide._core import (
     AggregateError,
@@ -32,10 +68,201 @@ from confide._core import (
 __all__ = [
     "AggregateError",
     "ArrayTypeError",
+    "BudgetExceeded",
     "ConfideError",
+    "ConfigError",
+    "DataError",
+    "FederationError",
+    "InfeasibleConfigError",
+    "IntegrityError",
     "InvalidArgumentError",
+    "InvalidPrivacyConfig",
+    "LateSubmissionError",
+    "ManifestError",
+    "MessageFormatError",
     "NonFiniteError",
+    "PrivacyError",
+    "PrivacyStateError",
+    "PrivacyUnsupportedError",
+    "ProtocolViolationError",
     "RandomSourceError",
+    "SecAggAbortError",
+    "SecAggError",
+    "ServerError",
     "ShapeError",
     "ShareError",
+    "SignatureError",
+    "TransportError",
+    "WireFormatError",
 ]
+
+# --- federation -----------------------------------------------------------------------
+
+
+class FederationError(ConfideError):
+    """Base class of the federation layer's errors.
+
+    Parameters
+    ----------
+    message : str
+        What was expected and what was given.
+    code : str, optional
+        Machine-readable code; defaults to the class attribute ``code``.
+    """
+
+    code = "federation_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class ManifestError(FederationError, ValueError):
+    """A manifest is invalid, or tensors do not match it (names, shapes, dtype, finiteness)."""
+
+    code = "manifest_mismatch"
+
+
+class WireFormatError(FederationError, ValueError):
+    """Bytes on the wire are not a well-formed safetensors or JSON message."""
+
+    code = "malformed_body"
+
+
+class SignatureError(FederationError, ValueError):
+    """A request signature is missing, malformed, stale or does not verify."""
+
+    code = "bad_signature"
+
+
+class IntegrityError(FederationError, ValueError):
+    """Downloaded content does not hash to the SHA-256 the server announced."""
+
+    code = "integrity_error"
+
+
+class ConfigError(FederationError, ValueError):
+    """A job or client configuration is invalid."""
+
+    code = "bad_config"
+
+
+class ServerError(FederationError):
+    """The server answered a request with an error status.
+
+    Parameters
+    ----------
+    status : int
+        The HTTP status code.
+    code : str
+        The ``code`` field of the server's JSON error body.
+    message : str
+        The ``message`` field of the server's JSON error body.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"HTTP {status} {code}: {message}", code)
+        self.status = status
+
+
+class TransportError(FederationError, OSError):
+    """The server could not be reached (connection refused or reset, TLS failure)."""
+
+    code = "transport_error"
+
+
+class DataError(FederationError, ValueError):
+    """Local data cannot be used: a file, column or row is missing, malformed or unreadable."""
+
+    code = "bad_data"
+
+
+# --- privacy --------------------------------------------------------------------------
+
+
+class PrivacyError(ConfideError):
+    """Base class of every error raised by :mod:`confide.privacy`."""
+
+
+class InvalidPrivacyConfig(PrivacyError, ValueError):  # noqa: N818 (name fixed by the design)
+    """A privacy parameter is invalid, or the accountant cannot account for the setting."""
+
+
+class BudgetExceeded(PrivacyError):  # noqa: N818 (name fixed by the design)
+    """Running the next round would take epsilon above the budget.
+
+    Parameters
+    ----------
+    message : str
+        Human-readable explanation.
+    projected_epsilon : float
+        Cumulative epsilon the job would reach if the round ran.
+    epsilon_max : float
+        The budget.
+    """
+
+    def __init__(self, message: str, projected_epsilon: float, epsilon_max: float) -> None:
+        super().__init__(message)
+        self.projected_epsilon = projected_epsilon
+        self.epsilon_max = epsilon_max
+
+
+class PrivacyStateError(PrivacyError, ValueError):
+    """A stored accountant state is malformed or contradicts a new record."""
+
+
+class PrivacyUnsupportedError(PrivacyError):
+    """The engine cannot run the requested privacy mode (e.g. no per-sample gradients).
+
+    Raised before anything is trained or uploaded: a round whose guarantee the engine
+    cannot provide is refused, never run without it.
+    """
+
+
+# --- secure aggregation ---------------------------------------------------------------
+
+
+class SecAggError(ConfideError):
+    """Base class of every SecAgg+ error."""
+
+
+class InfeasibleConfigError(SecAggError, ValueError):
+    """The threat model, cohort size or quantization cannot meet the stated guarantees."""
+
+
+class ProtocolViolationError(SecAggError, ValueError):
+    """A message broke a protocol rule (wrong stage, unknown id, bad signature, ...).
+
+    On the server this rejects one submission and the round goes on; on a client it is
+    raised as :class:`SecAggAbortError`, since a client never continues after one.
+    """
+
+
+class MessageFormatError(ProtocolViolationError):
+    """A message could not be decoded: missing or extra fields, wrong types or lengths."""
+
+
+class LateSubmissionError(ProtocolViolationError):
+    """A submission from a client that was already declared dropped; it is never counted."""
+
+
+class SecAggAbortError(SecAggError):
+    """The round is aborted.
+
+    On a client this means the client refuses to continue and has revealed nothing more
+    than it had before the offending request; the object is unusable afterwards. On the
+    server it means too few clients are left to finish the round.
+
+    Parameters
+    ----------
+    reason : str
+        A short, stable, machine-readable reason code (e.g. ``"self-listed-dead"``).
+    detail : str
+        Human-readable explanation; never contains secret material.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"secure aggregation aborted ({reason}){': ' + detail if detail else ''}")
+        self.reason = reason

@@ -75,6 +75,6 @@ def combine_shares(shares: Sequence[bytes]) -> bytes:
     >>> combine_shares(s[:1])
     Traceback (most recent call last):
     ...
-    confide._core.ShareError: reconstruction uses exactly t = 2 shares, got 1
+    confide.errors.ShareError: reconstruction uses exactly t = 2 shares, got 1
     """
     return _core.shamir_combine([as_bytes(s, f"shares[{i}]") for i, s in enumerate(shares)])

@@ -2,6 +2,6 @@
 
 from confide_server.app import create_app, open_engine
 from confide_server.config import Config, load_config
-from confide_server.rounds import RoundEngine
+from confide_server.engine.rounds import RoundEngine
 
 __all__ = ["Config", "RoundEngine", "create_app", "load_config", "open_engine"]

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from confide.manifest import Manifest
+from confide.protocol.manifest import Manifest
 from confide_server.config import Config
+from confide_server.engine.rounds import CrashHook, RoundEngine
+from confide_server.engine.secure import secure_upload_limit
 from confide_server.events import NonceCache, Notifier, UploadGate
 from confide_server.keys import (
     config_key,
@@ -22,9 +24,7 @@ from confide_server.keys import (
     wake_key,
 )
 from confide_server.middlewares import error_middleware
-from confide_server.rounds import CrashHook, RoundEngine
 from confide_server.routes import setup_routes
-from confide_server.secure import secure_upload_limit
 from confide_server.store import BlobStore, Store
 
 __all__ = ["create_app", "open_engine"]

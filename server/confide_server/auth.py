@@ -11,8 +11,8 @@ import time
 
 from aiohttp import web
 
-from confide.federation_errors import SignatureError
-from confide.signing import SignedRequest, decode_public_key, verify_request
+from confide.errors import SignatureError
+from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
 from confide_server.keys import config_key, engine_key, nonce_cache_key
 
 __all__ = ["authenticate", "check_body"]

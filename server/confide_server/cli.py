@@ -1,4 +1,4 @@
-"""``confide-server``: ``run --config job.toml``, ``enroll`` (one-time tokens), ``status``."""
+"""``confide-server``: ``run``, ``enroll`` (one-time tokens), ``status`` and ``simulate``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import ssl
 import sys
@@ -15,15 +14,15 @@ from typing import Any
 
 from aiohttp import web
 
-from confide.federation_errors import FederationError
+from confide.errors import FederationError
 from confide_server.app import create_app
 from confide_server.config import Config, TLSConfig, load_config
+from confide_server.engine.privacy import read_privacy
+from confide_server.engine.rounds import CrashHook, hash_token, new_token
 from confide_server.keys import engine_key, finished_key
-from confide_server.privacy import read_privacy
-from confide_server.rounds import CrashHook, hash_token, new_token
 from confide_server.store import Store
 
-__all__ = ["build_ssl_context", "crash_hook_from_env", "main"]
+__all__ = ["build_ssl_context", "main", "serve"]
 
 log = logging.getLogger("confide_server")
 
@@ -44,31 +43,13 @@ def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-def crash_hook_from_env() -> CrashHook | None:
-    """Fault injection for the crash-recovery tests.
+async def serve(config: Config, *, crash_hook: CrashHook | None = None) -> int:
+    """Serve ``config``'s job until it ends or SIGTERM/SIGINT; return the exit status.
 
-    ``CONFIDE_SERVER_CRASH_AT=point:n`` SIGKILLs the server the n-th time it passes the named
-    durable step (``submission_committed``, ``model_written``, ``stage_committed``,
-    ``before_round_commit``, ``round_committed``, ``round_started``, ``round_aborted``).
+    ``crash_hook`` is for crash-injection tests (their own entry point passes one); the
+    ``confide-server`` command never sets it.
     """
-    spec = os.environ.get("CONFIDE_SERVER_CRASH_AT")
-    if not spec:
-        return None
-    point, _, nth = spec.partition(":")
-    target = int(nth or "1")
-    seen = {"n": 0}
-
-    def hook(name: str) -> None:
-        if name == point:
-            seen["n"] += 1
-            if seen["n"] == target:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
-
-
-async def _serve(config: Config) -> int:
-    app = create_app(config, crash_hook=crash_hook_from_env())
+    app = create_app(config, crash_hook=crash_hook)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(
@@ -105,7 +86,7 @@ async def _serve(config: Config) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    return asyncio.run(_serve(config))
+    return asyncio.run(serve(config))
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
@@ -193,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--config", required=True)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_cmd_status)
+    sub.add_parser("simulate", help="run a whole federation on loopback", add_help=False)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        from confide_server.simulate import main_simulate
+
+        return main_simulate(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:

@@ -74,14 +74,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confide.federation_errors import ConfigError
-from confide.secaggplus import (
+from confide.errors import ConfigError
+from confide.secagg import (
     InfeasibleConfigError,
     SecAggParams,
     ThreatModel,
     derive_params,
 )
-from confide_server.privacy import PrivacyConfig, parse_privacy
+from confide_server.engine.privacy import PrivacyConfig, parse_privacy
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -8,7 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from confide.federation_errors import FederationError
+from confide.errors import FederationError
 
 __all__ = ["BusyError", "NonceCache", "Notifier", "UploadGate"]
 

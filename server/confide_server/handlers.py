@@ -9,10 +9,11 @@ from typing import Any, NamedTuple
 
 from aiohttp import web
 
-from confide.federation_errors import FederationError, SignatureError, WireFormatError
-from confide.manifest import sha256_hex
-from confide.signing import SignedRequest, decode_public_key, verify_request
+from confide.errors import FederationError, SignatureError, WireFormatError
+from confide.protocol.manifest import sha256_hex
+from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
 from confide_server.auth import authenticate, check_body
+from confide_server.engine.secure import secure_upload_limit
 from confide_server.keys import (
     config_key,
     engine_key,
@@ -21,7 +22,6 @@ from confide_server.keys import (
     wake_key,
 )
 from confide_server.middlewares import RequestError, error_response, json_error
-from confide_server.secure import secure_upload_limit
 
 __all__ = [
     "enroll_client",

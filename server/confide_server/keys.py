@@ -7,8 +7,8 @@ import asyncio
 from aiohttp import web
 
 from confide_server.config import Config
+from confide_server.engine.rounds import RoundEngine
 from confide_server.events import NonceCache, Notifier, UploadGate
-from confide_server.rounds import RoundEngine
 
 __all__ = [
     "config_key",

@@ -12,7 +12,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from confide.federation_errors import (
+from confide.errors import (
     ConfigError,
     FederationError,
     ManifestError,

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confide.manifest import sha256_hex
+from confide.protocol.manifest import sha256_hex
 
 __all__ = ["BlobStore", "RoundRow", "Store", "SubmissionRow"]
 

@@ -9,18 +9,27 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from confide.simulate import JobFiles
+from confide_server.simulate import JobFiles
+
+ENTRY = [sys.executable, "-m", "tests.e2e.entry"]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Procs:
-    """Spawns the server and clients of one job; kills whatever is left at teardown."""
+    """Spawns the server and clients of one job; kills whatever is left at teardown.
 
-    #: Extra environment for every client process (subclasses set test-only variables).
-    client_env: dict[str, str] | None = None
+    Servers and sites run through the test-only wrappers in :mod:`tests.e2e.entry`, which
+    add crash injection and seeded protocol randomness through constructor arguments (the
+    shipped commands have no such switch).
+    """
+
+    #: Hex seed of the sites' protocol randomness (subclasses set it for reproducible runs).
+    rng_seed: str | None = None
 
     def __init__(self, files: JobFiles) -> None:
         self.files = files
@@ -33,16 +42,20 @@ class Procs:
     ) -> subprocess.Popen[bytes]:
         with (self.logs / f"{name}.log").open("ab") as out:
             p = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
             )
         self.children.append(p)
         return p
 
-    def server(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def server(self, crash_at: str | None = None) -> subprocess.Popen[bytes]:
+        """Start the server; ``crash_at="point:n"`` SIGKILLs it the n-th time at ``point``."""
+        crash = ["--crash-at", crash_at] if crash_at else []
         p = self._spawn(
-            "server",
-            [sys.executable, "-m", "confide_server", "run", "--config", str(self.files.config)],
-            env,
+            "server", [*ENTRY, "server", *crash, "run", "--config", str(self.files.config)]
         )
         self.wait_until(lambda: self.status() is not None or p.poll() is not None)
         assert p.poll() is None, self.log("server")
@@ -67,11 +80,11 @@ class Procs:
         return out.stdout.split()
 
     def client(self, k: int, token: str | None, *extra: str) -> subprocess.Popen[bytes]:
+        rng = ["--rng-seed", self.rng_seed, "--rng-client", f"site-{k}"] if self.rng_seed else []
         cmd = [
-            sys.executable,
-            "-m",
-            "confide",
-            "client",
+            *ENTRY,
+            "site",
+            *rng,
             "--server",
             self.files.server_url,
             "--data",
@@ -88,7 +101,7 @@ class Procs:
         ]
         if token is not None:
             cmd += ["--token", token, "--client-id", f"site-{k}"]
-        return self._spawn(f"site-{k}", cmd, self.client_env)
+        return self._spawn(f"site-{k}", cmd)
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -128,6 +141,11 @@ class Procs:
             return p.wait(timeout)
         except subprocess.TimeoutExpired:
             raise AssertionError(f"process did not exit; logs:\n{self.all_logs()}") from None
+
+    def crash_reached(self, name: str = "server") -> bool:
+        """Whether an injected crash or site death was actually reached (said before dying)."""
+        text = self.log(name)
+        return "CRASH-POINT-REACHED" in text or "DIE-POINT-REACHED" in text
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from confide.data import load_csv
-from confide.simulate import SimulationOptions, prepare_job, run_simulation
-from confide.trainer import NumpyTrainer
+from confide.training import NumpyTrainer
 from confide_server.config import load_config
+from confide_server.simulate import SimulationOptions, prepare_job, run_simulation
 from confide_server.store import Store
 from tests.e2e.conftest import Procs
 
@@ -34,7 +34,7 @@ def test_simulate_clients_complete_rounds_and_model_improves(tmp_path: Path) -> 
         store.close()
     # the federated model beats the initial one on the sites' pooled test data
     files = prepare_job(tmp_path / "again", opts)
-    initial = files.trainer.evaluate(files.test.x, files.test.y)["accuracy"]
+    initial = files.trainer.evaluate(files.test)["accuracy"]
     assert accs[-1] > initial
     assert accs[-1] > 0.85
 
@@ -56,6 +56,7 @@ def test_client_killed_mid_round_round_completes_with_quorum(
     c3 = procs.client(3, t3, "--die-in-round", "2")  # SIGKILLs itself holding round 2's task
     assert procs.wait_exit(server) == 0, procs.all_logs()
     assert procs.wait_exit(c3) == -signal.SIGKILL
+    assert procs.crash_reached("site-3"), "site-3 died elsewhere than at the injected point"
     assert (procs.wait_exit(c1), procs.wait_exit(c2)) == (0, 0)
     doc = procs.final_status()
     assert doc["status"] == "finished"
@@ -77,6 +78,8 @@ def test_all_clients_killed_round_aborts_then_next_round_succeeds(
     c2 = procs.client(2, t2, "--die-in-round", "2")
     assert procs.wait_exit(c1) == -signal.SIGKILL
     assert procs.wait_exit(c2) == -signal.SIGKILL
+    assert procs.crash_reached("site-1")
+    assert procs.crash_reached("site-2")
 
     def round2_aborted() -> bool:
         doc = procs.status()
@@ -99,13 +102,13 @@ def test_all_clients_killed_round_aborts_then_next_round_succeeds(
 
 
 def _run(procs: Procs, crash_at: str | None) -> dict[str, Any]:
-    env = {"CONFIDE_SERVER_CRASH_AT": crash_at} if crash_at else None
-    server = procs.server(env)
+    server = procs.server(crash_at)
     tokens = procs.tokens(3)
     clients = [procs.client(k, tok) for k, tok in enumerate(tokens, start=1)]
     rc = procs.wait_exit(server)
     if crash_at:
         assert rc == -signal.SIGKILL, procs.all_logs()
+        assert procs.crash_reached(), "the crash point was never reached"
         server = procs.server()  # same config, no fault injection
         rc = procs.wait_exit(server)
     assert rc == 0, procs.all_logs()

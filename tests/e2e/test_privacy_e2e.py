@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from confide.privacy.accountant import account, client_poisson_event, dpsgd_event
-from confide.simulate import SimulationOptions, prepare_job
 from confide_server.config import load_config
-from confide_server.privacy import BUDGET_EXHAUSTED, read_privacy
+from confide_server.engine.privacy import BUDGET_EXHAUSTED, read_privacy
+from confide_server.simulate import SimulationOptions, prepare_job
 from confide_server.store import Store
 from tests.e2e.conftest import Procs
 
@@ -67,9 +67,10 @@ def test_server_killed_after_release_restarts_without_redrawing(
     files = _job(tmp_path, dp="central", noise_multiplier=z, clip_norm=0.5)
     procs: Procs = procs_factory(files)
     # killed right after round 2's noised model and privacy record were committed
-    server = procs.server({"CONFIDE_SERVER_CRASH_AT": "stage_committed:2"})
+    server = procs.server("stage_committed:2")
     clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
     assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
+    assert procs.crash_reached(), "the crash point was never reached"
     _, before, rows_before = _stored(files)
     released = {r.round: r.new_model for r in rows_before if r.new_model}
     assert sorted(released) == [1, 2]
@@ -94,10 +95,10 @@ def test_server_killed_after_release_restarts_without_redrawing(
 def test_simulate_dp_distributed_runs_under_secagg(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``confide simulate --dp distributed``: real processes, DDG noise shares under SecAgg+."""
+    """``confide-server simulate --dp distributed``: real processes, DDG shares under SecAgg+."""
     from confide.privacy.accountant import PrivacyEvent
     from confide.privacy.client_dp import DDGParams, ddg_event
-    from confide.simulate import main_simulate
+    from confide_server.simulate import main_simulate
 
     out = tmp_path / "sim"
     argv = ["--dp", "distributed", "--rounds", "2", "--noise-multiplier", "0.5"]

@@ -1,9 +1,9 @@
 """SecAgg+ rounds end to end: real server and client processes over HTTP on loopback.
 
-The clients derive their protocol randomness from a test-only seed
-(``CONFIDE_TEST_SECAGG_RNG_SEED``), so a secure run is reproducible bit for bit (a crashed
-run must give the very same models) and the test can recompute every client secret and
-look for it on disk.
+The clients run through the test-only entry point (:mod:`tests.e2e.entry`), which injects
+seeded protocol randomness through ``Client(..., rng_factory=...)``, so a secure run is
+reproducible bit for bit (a crashed run must give the very same models) and the test can
+recompute every client secret and look for it on disk.
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from confide.manifest import decode_tensors
 from confide.noise import SecureRng
-from confide.secure_client import debug_rng_seed
-from confide.simulate import JobFiles, SimulationOptions, prepare_job
+from confide.protocol.manifest import decode_tensors
 from confide_server.config import load_config
+from confide_server.simulate import JobFiles, SimulationOptions, prepare_job
 from confide_server.store import Store
 from tests.e2e.conftest import Procs
+from tests.support import round_seed
 
 RNG_SEED = b"secagg-e2e"
-ENV = {"CONFIDE_TEST_SECAGG_RNG_SEED": RNG_SEED.hex()}
 # Dropout-tolerant threat model for three sites: complete graph, k = 2, t = 2.
 TOLERANT = {"adversarial_fraction": 0.0, "dropout_fraction": 0.34}
 
@@ -34,7 +33,7 @@ TOLERANT = {"adversarial_fraction": 0.0, "dropout_fraction": 0.34}
 class SecureProcs(Procs):
     """:class:`Procs` whose clients get the test-only protocol seed."""
 
-    client_env = ENV
+    rng_seed = RNG_SEED.hex()
 
 
 def _job(tmp: Path, secagg: bool, **kw: Any) -> JobFiles:
@@ -50,13 +49,13 @@ def _job(tmp: Path, secagg: bool, **kw: Any) -> JobFiles:
 
 
 def _run(procs: Procs, crash_at: str | None = None) -> dict[str, Any]:
-    env = {"CONFIDE_SERVER_CRASH_AT": crash_at} if crash_at else None
-    server = procs.server(env)
+    server = procs.server(crash_at)
     tokens = procs.tokens(3)
     clients = [procs.client(k, tok) for k, tok in enumerate(tokens, start=1)]
     rc = procs.wait_exit(server)
     if crash_at:
         assert rc == -signal.SIGKILL, procs.all_logs()
+        assert procs.crash_reached(), "the crash point was never reached"
         server = procs.server()  # same config, no fault injection
         rc = procs.wait_exit(server)
     assert rc == 0, procs.all_logs()
@@ -114,7 +113,7 @@ def _assert_no_secret_on_disk(files: JobFiles, status: dict[str, Any]) -> None:
     checked = 0
     for k in (1, 2, 3):
         for r in (row["round"] for row in status["rounds"]):
-            rng = SecureRng(debug_rng_seed(RNG_SEED, f"site-{k}", r))
+            rng = SecureRng(round_seed(RNG_SEED, f"site-{k}", r))
             for secret in (rng.random_bytes(32) for _ in range(3)):  # enc, mask, self seeds
                 for form in (secret, secret.hex().encode(), base64.b64encode(secret)):
                     assert form not in data
@@ -176,6 +175,7 @@ def test_client_killed_mid_secure_round_round_completes(tmp_path: Path, procs_fa
     c3 = procs.client(3, t3, "--die-in-round", "2", "--die-at-stage", "mask")
     assert procs.wait_exit(server) == 0, procs.all_logs()
     assert procs.wait_exit(c3) == -signal.SIGKILL
+    assert procs.crash_reached("site-3"), "site-3 died elsewhere than at the injected point"
     assert (procs.wait_exit(c1), procs.wait_exit(c2)) == (0, 0)
     rows = procs.final_status()["rounds"]
     assert [r["status"] for r in rows] == ["committed"] * 3

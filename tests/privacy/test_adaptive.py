@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import doctest
-
 import numpy as np
 import pytest
 
 from confide import SecureRng
-from confide.privacy import InvalidPrivacyConfig, adaptive
+from confide.privacy import InvalidPrivacyConfig
 from confide.privacy.accountant import account, client_poisson_event
 from confide.privacy.adaptive import (
     AdaptiveClipping,
     effective_noise_multiplier,
     update_noise_multiplier,
 )
-
-
-def test_examples() -> None:
-    result = doctest.testmod(adaptive)
-    assert result.attempted > 0
-    assert result.failed == 0
 
 
 def test_tracks_target_quantile() -> None:

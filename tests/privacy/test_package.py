@@ -1,11 +1,9 @@
-"""Package-level properties: doctests, lazy accountant import, error hierarchy, reference."""
+"""Package-level properties: lazy accountant import, error hierarchy, reference driver."""
 
 from __future__ import annotations
 
-import doctest
 import subprocess
 import sys
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -18,22 +16,10 @@ from confide.privacy import (
     InvalidPrivacyConfig,
     PrivacyError,
     PrivacyStateError,
-    _random,
-    accountant,
     calibrate_ddg,
-    client_dp,
     dpsgd,
 )
-from confide.privacy._reference import Site, accuracy, fedavg, local_dpsgd, local_sgd
-
-
-@pytest.mark.parametrize(
-    "module", [accountant, client_dp, dpsgd, _random], ids=lambda m: m.__name__
-)
-def test_examples(module: ModuleType) -> None:
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0
+from tests.privacy.reference import Site, accuracy, fedavg, local_dpsgd, local_sgd
 
 
 def test_mechanisms_do_not_need_dp_accounting() -> None:

@@ -1,4 +1,4 @@
-"""Patient-level DP-SGD inside the numpy trainer."""
+"""Patient-level DP-SGD of the numpy engine, driven by the privacy layer (run_dpsgd)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 
 from confide import SecureRng, clip_rows
 from confide.data import load_csv
-from confide.trainer import DPSGDConfig, NumpyTrainer, TrainConfig
+from confide.privacy import run_dpsgd
+from confide.training import DPSGDConfig, NumpyTrainer, TrainConfig
+from tests.support import Arrays
 
 
 def _data(n: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -25,9 +27,11 @@ def test_zero_noise_huge_clip_full_sampling_equals_non_private_gd() -> None:
     b = NumpyTrainer.from_manifest(a.manifest, a.get_weights())
     steps = 7
     dp = DPSGDConfig(noise_multiplier=0.0, clip_norm=1e9, sampling_rate=1.0, steps=steps)
-    res = a.fit(x, y, TrainConfig(learning_rate=0.3, dp=dp), seed=0, rng=SecureRng(bytes(32)))
+    res = run_dpsgd(
+        a, Arrays(x, y), TrainConfig(learning_rate=0.3, dp=dp), rng=SecureRng(bytes(32))
+    )
     # full-batch GD: one batch of all n examples per epoch
-    b.fit(x, y, TrainConfig(epochs=steps, batch_size=len(y), learning_rate=0.3), seed=0)
+    b.fit(Arrays(x, y), TrainConfig(epochs=steps, batch_size=len(y), learning_rate=0.3), seed=0)
     np.testing.assert_allclose(a.get_weights(), b.get_weights(), rtol=1e-5, atol=1e-6)
     assert res.num_steps == steps
     assert res.num_examples == len(y)
@@ -41,7 +45,7 @@ def test_clipping_is_per_patient_not_per_record() -> None:
     w0 = t.get_weights()
     c, lr = 0.05, 1.0
     dp = DPSGDConfig(noise_multiplier=0.0, clip_norm=c, sampling_rate=1.0, steps=1)
-    t.fit(x, y, TrainConfig(learning_rate=lr, dp=dp), seed=0, patient_ids=ids)
+    run_dpsgd(t, Arrays(x, y, ids), TrainConfig(learning_rate=lr, dp=dp))
     g = t.per_sample_gradients(x, y)  # gradients at w0 (t now holds w1; recompute)
     ref = NumpyTrainer.from_manifest(t.manifest, w0)
     g = ref.per_sample_gradients(x, y)
@@ -64,7 +68,9 @@ def test_noise_std_follows_the_config() -> None:
     diffs = []
     for k in range(200):
         t.set_weights(w0)
-        t.fit(x, y, TrainConfig(learning_rate=1.0, dp=dp), seed=0, rng=SecureRng(bytes([k]) * 32))
+        run_dpsgd(
+            t, Arrays(x, y), TrainConfig(learning_rate=1.0, dp=dp), rng=SecureRng(bytes([k]) * 32)
+        )
         diffs.append(t.get_weights() - w0)
     d = np.asarray(diffs, dtype=np.float64)
     # noise std on the mean gradient: z C / (q n)

@@ -26,9 +26,13 @@ def test_hierarchy() -> None:
     for cls, base in builtin.items():
         assert issubclass(cls, errors.ConfideError)
         assert issubclass(cls, base)
-        assert cls.__module__ == "confide._core"
+        assert cls.__module__ == "confide.errors"  # registered under the public module
         assert cls.__doc__
-    assert set(errors.__all__) == {c.__name__ for c in builtin} | {"ConfideError"}
+    assert {c.__name__ for c in builtin} | {"ConfideError"} <= set(errors.__all__)
+    assert errors.ConfideError.__module__ == "confide.errors"
+    # One hierarchy: every public class in confide.errors derives from ConfideError.
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.ConfideError), name
 
 
 anything = st.one_of(

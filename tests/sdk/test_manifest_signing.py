@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import doctest
 import stat
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,20 +15,9 @@ from confide import (
     Manifest,
     ManifestError,
     SignatureError,
-    data,
-    manifest,
-    signing,
-    trainer,
 )
-from confide.manifest import decode_tensors, encode_tensors, sha256_hex
-from confide.signing import SignedRequest, decode_public_key, verify_request
-
-
-@pytest.mark.parametrize("module", [manifest, signing, trainer, data], ids=lambda m: m.__name__)
-def test_examples(module: ModuleType) -> None:
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0
+from confide.protocol.manifest import decode_tensors, encode_tensors, sha256_hex
+from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
 
 
 def test_manifest_hash_and_json_round_trip(tmp_path: Path) -> None:

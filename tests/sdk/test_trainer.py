@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from confide import ManifestError, NumpyTrainer, TrainConfig, Trainer, clip_rows
+from tests.support import Arrays
 
 
 def _data(
@@ -73,12 +74,12 @@ def test_fit_learns_and_is_reproducible(kind: str, classes: int, hidden: tuple[i
     results = []
     for _ in range(2):
         t = NumpyTrainer.create(kind, 5, classes, hidden, seed=4)
-        before = t.evaluate(x, y)["accuracy"]
-        fit = t.fit(x, y, cfg, seed=9)
+        before = t.evaluate(Arrays(x, y))["accuracy"]
+        fit = t.fit(Arrays(x, y), cfg, seed=9)
         results.append(t.get_weights())
         assert fit.num_examples == 200
         assert fit.num_steps == 30 * 13
-        assert t.evaluate(x, y)["accuracy"] > max(before, 0.85)
+        assert t.evaluate(Arrays(x, y))["accuracy"] > max(before, 0.85)
     np.testing.assert_array_equal(results[0], results[1])
 
 
@@ -97,13 +98,13 @@ def test_bad_input_is_rejected() -> None:
     t = NumpyTrainer.create("logistic", 5, 2)
     x, y = _data()
     with pytest.raises(ValueError, match="shape"):
-        t.fit(x[:, :3], y, TrainConfig(), seed=0)
+        t.fit(Arrays(x[:, :3], y), TrainConfig(), seed=0)
     with pytest.raises(ValueError, match="labels"):
-        t.evaluate(x, y + 5)
+        t.evaluate(Arrays(x, y + 5))
     with pytest.raises(TypeError, match="integer"):
-        t.evaluate(x, y.astype(np.float32))
+        t.evaluate(Arrays(x, y.astype(np.float32)))
     with pytest.raises(ValueError, match="NaN"):
-        t.evaluate(np.full_like(x, np.nan), y)
+        t.evaluate(Arrays(np.full_like(x, np.nan), y))
     with pytest.raises(ManifestError, match="NaN"):
         t.set_weights(np.full(t.manifest.size, np.nan, np.float32))
     with pytest.raises(ManifestError, match="parameters"):

@@ -10,23 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from confide.federation_errors import ConfigError, IntegrityError
+from confide.errors import ConfigError, IntegrityError
 from confide.noise import SecureRng
 from confide.privacy.accountant import account
 from confide.privacy.client_dp import ddg_decode, ddg_encode, ddg_event, rotation_seed
-from confide.secaggplus import RoundSetup
+from confide.secagg import RoundSetup
 from confide_server.config import Config
-from confide_server.privacy import read_privacy
-from tests.server.test_secagg_rounds import IDS, RNG_SEED, Fed, _config
+from confide_server.engine.privacy import read_privacy
+from tests.server.test_secagg_rounds import IDS, Fed, _config
 from tests.server.util import write_job
 
 Z = 0.02  # large epsilon: the decoded mean stays close to the non-private one
-
-
-@pytest.fixture(autouse=True)
-def _deterministic(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Test-only protocol and DDG randomness (fixed seeds), as in test_secagg_rounds.
-    monkeypatch.setenv("CONFIDE_TEST_SECAGG_RNG_SEED", RNG_SEED.hex())
 
 
 def _ddg_config(tmp: Path, **kw: object) -> Config:

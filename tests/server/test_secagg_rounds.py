@@ -10,18 +10,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from confide.federation_errors import ConfigError, FederationError, IntegrityError
-from confide.manifest import decode_tensors
+from confide.client.secure import SecureParticipant
+from confide.errors import ConfigError, FederationError, IntegrityError
 from confide.noise import SecureRng
-from confide.secaggplus import RoundSetup
-from confide.secure_client import SecureParticipant, debug_rng_seed
-from confide.signing import Identity
+from confide.protocol.manifest import decode_tensors
+from confide.protocol.signing import Identity
+from confide.secagg import RoundSetup
 from confide_server.app import open_engine
 from confide_server.config import Config
-from confide_server.rounds import RoundEngine, RoundError
-from confide_server.secure import SECURE_STAGES
+from confide_server.engine.rounds import RoundEngine, RoundError
+from confide_server.engine.secure import SECURE_STAGES
 from tests.server.conftest import FakeClock
 from tests.server.util import eval_body, tiny_manifest, write_job
+from tests.support import round_seed, seeded_rng_factory
 
 MANIFEST = tiny_manifest()
 IDS = ("a", "b", "c")
@@ -58,7 +59,13 @@ class Fed:
         self.parts: dict[str, SecureParticipant] = {}
         for c in IDS:
             (tmp / "sites" / c).mkdir(parents=True, exist_ok=True)
-            self.parts[c] = SecureParticipant(c, self.idents[c].private_key, tmp / "sites" / c)
+            # Seeded protocol randomness, injected (tests only), so secrets are recomputable.
+            self.parts[c] = SecureParticipant(
+                c,
+                self.idents[c].private_key,
+                tmp / "sites" / c,
+                rng_factory=seeded_rng_factory(RNG_SEED, c),
+            )
         rng = np.random.default_rng(7)
         self.updates = {c: rng.uniform(-0.5, 0.5, MANIFEST.size).astype(np.float32) for c in IDS}
         self.weights = {"a": 10, "b": 30, "c": 60}
@@ -286,10 +293,7 @@ def test_crash_and_restart_mid_round_gives_the_right_aggregate(
     np.testing.assert_allclose(fed.model(), fed.expected(IDS, base), atol=2e-4)
 
 
-def test_no_client_secret_reaches_the_server_state(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("CONFIDE_TEST_SECAGG_RNG_SEED", RNG_SEED.hex())
+def test_no_client_secret_reaches_the_server_state(tmp_path: Path) -> None:
     fed = Fed(tmp_path, _config(tmp_path))
     _start(fed)
     for _ in range(4):
@@ -299,7 +303,7 @@ def test_no_client_secret_reaches_the_server_state(
     blobs = b"".join(p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file())
     blobs += b"".join(p.read_bytes() for p in (tmp_path / "sites").rglob("*") if p.is_file())
     for c in IDS:
-        rng = SecureRng(debug_rng_seed(RNG_SEED, c, 1))
+        rng = SecureRng(round_seed(RNG_SEED, c, 1))
         for secret in (rng.random_bytes(32) for _ in range(3)):  # enc, mask, self-mask seeds
             for form in (secret, secret.hex().encode(), base64.b64encode(secret)):
                 assert form not in blobs

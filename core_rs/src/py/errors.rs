@@ -4,6 +4,10 @@
 //! matching builtin (`ValueError`, `TypeError`, `OSError`) so that `except ValueError` keeps
 //! working for callers who do not know confide's hierarchy. They are created once per
 //! interpreter at module init (`type(name, (ConfideError, builtin), ...)`) and cached.
+//!
+//! Every class is registered under `confide.errors` (its `__module__`), the one public
+//! hierarchy that also holds the federation, privacy and secure-aggregation errors; the
+//! private extension module `confide._core` only exports them to it.
 
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyOSError, PyTypeError, PyValueError};
@@ -14,7 +18,7 @@ use pyo3::types::{PyDict, PyTuple, PyType};
 use crate::error::{ClipError, CoreError, MaskError, NoiseError, ShareError};
 
 create_exception!(
-    confide._core,
+    confide.errors,
     ConfideError,
     PyException,
     "Base class of every error raised by confide."
@@ -110,7 +114,7 @@ impl Kind {
                 };
                 let bases = PyTuple::new(py, [py.get_type::<ConfideError>(), builtin])?;
                 let ns = PyDict::new(py);
-                ns.set_item("__module__", "confide._core")?;
+                ns.set_item("__module__", "confide.errors")?;
                 ns.set_item("__doc__", doc)?;
                 let cls = py.get_type::<PyType>().call1((name, bases, ns))?;
                 Ok(cls.cast_into::<PyType>()?.unbind())

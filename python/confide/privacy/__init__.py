@@ -13,6 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from confide.errors import (
+    BudgetExceeded,
+    InvalidPrivacyConfig,
+    PrivacyError,
+    PrivacyStateError,
+    PrivacyUnsupportedError,
+)
 from confide.privacy.adaptive import AdaptiveClipping
 from confide.privacy.client_dp import (
     DDGConfig,
@@ -25,12 +32,12 @@ from confide.privacy.client_dp import (
     ddg_event,
     rotation_seed,
 )
-from confide.privacy.dpsgd import DPSGD, poisson_sample, poisson_sample_patients
-from confide.privacy.errors import (
-    BudgetExceeded,
-    InvalidPrivacyConfig,
-    PrivacyError,
-    PrivacyStateError,
+from confide.privacy.dpsgd import (
+    DPSGD,
+    clipped_patient_sum,
+    poisson_sample,
+    poisson_sample_patients,
+    run_dpsgd,
 )
 
 __all__ = [
@@ -45,12 +52,14 @@ __all__ = [
     "PrivacyError",
     "PrivacyEvent",
     "PrivacyStateError",
+    "PrivacyUnsupportedError",
     "add_central_noise",
     "calibrate_ddg",
     "calibrate_noise_multiplier",
     "client_fixed_cohort_event",
     "client_poisson_event",
     "clip_update",
+    "clipped_patient_sum",
     "ddg_decode",
     "ddg_encode",
     "ddg_event",
@@ -58,6 +67,7 @@ __all__ = [
     "poisson_sample",
     "poisson_sample_patients",
     "rotation_seed",
+    "run_dpsgd",
 ]
 
 _ACCOUNTANT_NAMES = frozenset(

@@ -49,7 +49,7 @@ Crash safety
 ------------
 :meth:`PrivacyAccountant.record_round` is idempotent per round id: recording the same round
 with the same events again is a no-op, recording it with different events raises
-:class:`~confide.privacy.errors.PrivacyStateError`. The intended protocol is *write-ahead*:
+:class:`~confide.errors.PrivacyStateError`. The intended protocol is *write-ahead*:
 record the round's events and persist :meth:`~PrivacyAccountant.to_state` **before** the
 noised result is released, so a crash can only over-count, never under-count, the budget.
 """
@@ -65,7 +65,7 @@ from typing import Any, Literal
 import dp_accounting  # type: ignore[import-untyped]
 from dp_accounting import pld, rdp
 
-from confide.privacy.errors import BudgetExceeded, InvalidPrivacyConfig, PrivacyStateError
+from confide.errors import BudgetExceeded, InvalidPrivacyConfig, PrivacyStateError
 
 __all__ = [
     "Budget",

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from confide.errors import InvalidPrivacyConfig
 from confide.noise import SecureRng, add_gaussian_noise
-from confide.privacy.errors import InvalidPrivacyConfig
 
 if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyEvent

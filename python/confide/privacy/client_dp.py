@@ -86,6 +86,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confide.clip import clip_l2
+from confide.errors import InvalidPrivacyConfig
 from confide.noise import (
     SecureRng,
     add_gaussian_noise,
@@ -93,7 +94,7 @@ from confide.noise import (
     discrete_gaussian_variance,
 )
 from confide.privacy._random import uniforms
-from confide.privacy.errors import InvalidPrivacyConfig
+from confide.secagg.primitives import ring_dtype
 
 if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyEvent
@@ -560,10 +561,6 @@ def calibrate_ddg(config: DDGConfig) -> DDGParams:
     )
 
 
-def _ring_dtype(bits: int) -> type[np.unsignedinteger[Any]]:
-    return np.uint32 if bits <= 32 else np.uint64
-
-
 def _conditional_round(y: NDArray[np.float64], bound: float, rng: SecureRng) -> NDArray[np.int64]:
     fl = np.floor(y)
     frac = y - fl
@@ -621,7 +618,7 @@ def ddg_encode(
     if params.local_sigma > 0:
         r = r + discrete_gaussian(params.padded_dim, params.local_sigma, rng=rng)
     modulus = np.int64(1) << np.int64(params.bits)
-    out: NDArray[np.unsignedinteger[Any]] = np.mod(r, modulus).astype(_ring_dtype(params.bits))
+    out: NDArray[np.unsignedinteger[Any]] = np.mod(r, modulus).astype(ring_dtype(params.bits))
     return out
 
 

@@ -19,6 +19,17 @@ One DP-SGD step, as accounted by :func:`confide.privacy.accountant.dpsgd_event`:
    Dopamine (Malekzadeh et al. 2021): post-processing of the noised gradients, so free in
    privacy.
 
+:func:`run_dpsgd` is the loop every engine's sample-level DP round goes through: the
+engine (a :class:`~confide.training.base.PerSampleTrainer`) only supplies per-record
+gradients at its current weights, in chunks of at most ``trainer.per_sample_chunk`` records;
+sampling, per-patient summing, clipping, noise, normalisation, momentum and the weight
+update are done here. An engine cannot skip them, and one that cannot give per-sample
+gradients cannot run a sample-level round (:class:`~confide.errors.PrivacyUnsupportedError`).
+Gradients may be numpy arrays or torch tensors: CPU tensors are viewed as numpy arrays
+without a copy and clipped by the Rust kernel; CUDA tensors are clipped on the device by
+:mod:`confide.privacy.torch_clip`, which gives the same exact norm bound. The noise always
+comes from the Rust core's CSPRNG on the CPU, never from torch's or numpy's generator.
+
 Everything after step 3 is post-processing; the privacy of a run is that of
 ``steps`` compositions of the Poisson-subsampled Gaussian mechanism with noise multiplier
 ``z``, under add/remove of one patient of this site's dataset.
@@ -27,16 +38,32 @@ Everything after step 3 is post-processing; the privacy of a run is that of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from confide.clip import clip_rows
+from confide.errors import (
+    ConfigError,
+    InvalidPrivacyConfig,
+    ManifestError,
+    PrivacyUnsupportedError,
+)
 from confide.noise import SecureRng, add_gaussian_noise
 from confide.privacy._random import uniforms as _uniforms
-from confide.privacy.errors import InvalidPrivacyConfig
 
-__all__ = ["DPSGD", "group_by_patient", "poisson_sample", "poisson_sample_patients"]
+if TYPE_CHECKING:
+    from confide.training.base import FitResult, PerSampleTrainer, SiteData, TrainConfig
+
+__all__ = [
+    "DPSGD",
+    "clipped_patient_sum",
+    "group_by_patient",
+    "poisson_sample",
+    "poisson_sample_patients",
+    "run_dpsgd",
+]
 
 
 def _check_rate(q: float) -> float:
@@ -233,8 +260,25 @@ class DPSGD:
             rows = group_by_patient(g, patient_ids)
         if rows.shape[0]:
             clip_rows(rows, self.clip_norm)
-        total = rows.sum(axis=0, dtype=np.float64)
-        assert self.rng is not None
+        return self.noisy_mean(rows.sum(axis=0, dtype=np.float64))
+
+    def noisy_mean(self, clipped_sum: NDArray[np.float64]) -> NDArray[np.float32]:
+        """Return ``(clipped_sum + N(0, (zC)**2 I)) / expected_batch_size``.
+
+        Parameters
+        ----------
+        clipped_sum : numpy.ndarray
+            ``float64`` ``(dim,)`` sum of the batch's clipped per-patient gradients (not
+            modified).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32`` ``(dim,)`` noised mean gradient.
+        """
+        total = np.array(clipped_sum, dtype=np.float64, copy=True)
+        if self.rng is None:  # set by __post_init__; re-checked so -O cannot skip noise
+            raise InvalidPrivacyConfig("DPSGD has no random generator")
         add_gaussian_noise(total, self.noise_std, rng=self.rng, inplace=True)
         out: NDArray[np.float32] = (total / self.expected_batch_size).astype(np.float32)
         return out
@@ -264,7 +308,28 @@ class DPSGD:
         numpy.ndarray
             ``float32`` updated parameters.
         """
-        g = self.noisy_gradient(per_sample_grads, patient_ids).astype(np.float64)
+        return self.apply(params, self.noisy_gradient(per_sample_grads, patient_ids), learning_rate)
+
+    def apply(
+        self, params: NDArray[np.float32], noisy_gradient: NDArray[np.float32], learning_rate: float
+    ) -> NDArray[np.float32]:
+        """Momentum and SGD update with an already noised gradient (post-processing).
+
+        Parameters
+        ----------
+        params : numpy.ndarray
+            ``float32`` ``(dim,)`` flat parameters (not modified).
+        noisy_gradient : numpy.ndarray
+            Output of :meth:`noisy_mean` or :meth:`noisy_gradient`.
+        learning_rate : float
+            Step size.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32`` updated parameters.
+        """
+        g = np.asarray(noisy_gradient, dtype=np.float64)
         if self.momentum > 0.0:
             self._velocity = g if self._velocity is None else self.momentum * self._velocity + g
             g = self._velocity
@@ -273,3 +338,229 @@ class DPSGD:
     def reset_momentum(self) -> None:
         """Forget the momentum buffer (e.g. when a new global model arrives)."""
         self._velocity = None
+
+
+def _group_sorted(g: NDArray[np.float32], pat: NDArray[np.int64]) -> tuple[Any, NDArray[np.int64]]:
+    """Sum rows of consecutive equal ``pat`` values (``pat`` sorted): ``(k, dim)``, ids."""
+    starts = np.flatnonzero(np.r_[True, pat[1:] != pat[:-1]])
+    sums = np.add.reduceat(g.astype(np.float64, copy=False), starts, axis=0)
+    return np.ascontiguousarray(sums, dtype=np.float32), pat[starts]
+
+
+def _as_numpy_rows(grads: Any, n: int, dim: int) -> Any:
+    """Return a numpy view of CPU gradients (no copy), or the CUDA tensor itself."""
+    if isinstance(grads, np.ndarray):
+        g = grads
+    elif type(grads).__module__.startswith("torch"):
+        if grads.device.type != "cpu":
+            return grads
+        g = grads.detach().numpy()  # zero-copy view of a CPU tensor
+    else:
+        raise PrivacyUnsupportedError(
+            f"per_sample_gradients must return a numpy array or a torch tensor, "
+            f"got {type(grads).__name__}"
+        )
+    if g.shape != (n, dim) or g.dtype != np.float32:
+        raise PrivacyUnsupportedError(
+            f"per_sample_gradients must return float32 ({n}, {dim}), got {g.dtype} {g.shape}"
+        )
+    return g
+
+
+class _DeviceSum:
+    """Per-patient group, clip and sum of CUDA gradients on the device (float64 total).
+
+    Clipping uses :func:`confide.privacy.torch_clip.clip_rows_torch`, which gives the same
+    exact norm bound as the Rust kernel.
+    """
+
+    def __init__(self) -> None:
+        self.total: Any = None
+
+    @staticmethod
+    def group(grads: Any, pat: NDArray[np.int64]) -> tuple[Any, NDArray[np.int64]]:
+        import torch
+
+        starts = np.flatnonzero(np.r_[True, pat[1:] != pat[:-1]])
+        local = torch.as_tensor(np.cumsum(np.r_[0, np.diff(pat) != 0]), device=grads.device)
+        sums = torch.zeros(len(starts), grads.shape[1], dtype=torch.float64, device=grads.device)
+        sums.index_add_(0, local, grads.to(torch.float64))
+        return sums.to(torch.float32).contiguous(), pat[starts]
+
+    def clip_add(self, rows: Any, clip_norm: float) -> None:
+        import torch
+
+        from confide.privacy.torch_clip import clip_rows_torch
+
+        if rows.shape[0] == 0:
+            return
+        clip_rows_torch(rows, clip_norm)
+        part = rows.to(torch.float64).sum(dim=0)
+        self.total = part if self.total is None else self.total + part
+
+
+def _one_row(row: Any) -> Any:
+    return row[None, :] if isinstance(row, np.ndarray) else row.unsqueeze(0)
+
+
+def clipped_patient_sum(
+    trainer: PerSampleTrainer,
+    data: SiteData,
+    rows: NDArray[np.int64],
+    patient_ids: NDArray[Any],
+    clip_norm: float,
+) -> NDArray[np.float64]:
+    """Sum over the patients of ``rows`` of each patient's clipped gradient sum.
+
+    The records of one patient are summed first (across chunks when a patient has more
+    records than ``trainer.per_sample_chunk``) and the patient's sum is clipped to L2 norm
+    ``clip_norm`` exactly once, so the result has sensitivity ``clip_norm`` under add/remove
+    of one patient.
+
+    Parameters
+    ----------
+    trainer : PerSampleTrainer
+        Gives per-record gradients at its current weights.
+    data : SiteData
+        The records.
+    rows : numpy.ndarray
+        Indices of the sampled records.
+    patient_ids : numpy.ndarray
+        ``(len(data),)`` patient of each record.
+    clip_norm : float
+        ``C`` (> 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` ``(dim,)`` sum of clipped per-patient gradients (zeros for no rows).
+    """
+    dim = trainer.manifest.size
+    total = np.zeros(dim, dtype=np.float64)
+    if rows.size == 0:
+        return total
+    _, inverse = np.unique(np.asarray(patient_ids)[rows], return_inverse=True)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    rows_sorted = np.asarray(rows)[order]
+    pat_sorted = inverse.ravel()[order].astype(np.int64)
+    chunk = int(trainer.per_sample_chunk)
+    if chunk < 1:
+        raise PrivacyUnsupportedError(f"per_sample_chunk must be >= 1, got {chunk}")
+    m = rows_sorted.size
+    device = _DeviceSum()
+
+    def finish(sums: Any) -> None:
+        if not isinstance(sums, np.ndarray):
+            device.clip_add(sums, clip_norm)
+        elif sums.shape[0]:
+            clip_rows(sums, clip_norm)
+            total[...] += sums.sum(axis=0, dtype=np.float64)
+
+    carry: Any = None  # gradient sum of a patient that continues in the next chunk
+    carry_pid = -1
+    for s in range(0, m, chunk):
+        r, p = rows_sorted[s : s + chunk], pat_sorted[s : s + chunk]
+        x, y = data.batch(r)
+        g = _as_numpy_rows(trainer.per_sample_gradients(x, y), len(r), dim)
+        sums, pids = _group_sorted(g, p) if isinstance(g, np.ndarray) else device.group(g, p)
+        if carry is not None:
+            if pids[0] == carry_pid:
+                sums[0] += carry
+            else:  # cannot happen with sorted ids, kept so a patient is never dropped
+                finish(_one_row(carry))
+            carry = None
+        if s + chunk < m and pat_sorted[s + chunk] == pids[-1]:
+            carry, carry_pid = (
+                sums[-1].clone() if hasattr(sums, "clone") else sums[-1].copy(),
+                int(pids[-1]),
+            )
+            sums = sums[:-1]
+        finish(sums)
+    if carry is not None:
+        finish(_one_row(carry))
+    if device.total is not None:
+        total += device.total.cpu().numpy()
+    return total
+
+
+def run_dpsgd(
+    trainer: PerSampleTrainer,
+    data: SiteData,
+    config: TrainConfig,
+    *,
+    rng: SecureRng | None = None,
+) -> FitResult:
+    """Run ``config.dp.steps`` steps of patient-level DP-SGD on ``trainer``.
+
+    Each step: Poisson-sample patients with rate ``q`` (:class:`~confide.SecureRng`),
+    compute the sampled records' gradients, sum them per patient, clip each patient's sum
+    to ``C`` (:func:`clipped_patient_sum`), add ``N(0, (zC)^2)`` from the Rust core, divide
+    by the expected batch size ``q * n_patients``, apply momentum and update the weights.
+    An empty batch still takes a (pure-noise) step: it is accounted.
+
+    Parameters
+    ----------
+    trainer : PerSampleTrainer
+        An engine with exact per-sample gradients (e.g. :class:`~confide.NumpyTrainer`).
+    data : SiteData
+        Local records; ``data.patient_ids`` groups records by patient (``None``: every
+        record is its own patient).
+    config : TrainConfig
+        ``learning_rate`` and ``dp`` (required).
+    rng : SecureRng, optional
+        Sampling and noise generator; a fresh OS-keyed one by default (seeded ones are for
+        tests only).
+
+    Returns
+    -------
+    FitResult
+        ``num_examples = len(data)``, ``loss`` NaN (an un-noised loss would leak), steps.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from confide import NumpyTrainer, TrainConfig, DPSGDConfig
+    >>> from confide.data import Dataset
+    >>> x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    >>> data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
+    >>> t = NumpyTrainer.create("logistic", n_features=3, n_classes=2)
+    >>> dp = DPSGDConfig(noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.5, steps=3)
+    >>> run_dpsgd(t, data, TrainConfig(learning_rate=0.5, dp=dp)).num_steps
+    3
+    """
+    from confide.training.base import FitResult, PerSampleTrainer, SiteData, TrainConfig
+
+    if not isinstance(config, TrainConfig) or config.dp is None:
+        raise ConfigError("run_dpsgd needs a TrainConfig with dp set (a DPSGDConfig)")
+    if not isinstance(trainer, PerSampleTrainer):
+        raise PrivacyUnsupportedError(
+            f"{type(trainer).__name__} gives no per-sample gradients (it does not implement "
+            "confide.training.PerSampleTrainer), so it cannot run patient-level DP-SGD; "
+            "use an engine that does (NumpyTrainer, TorchTrainer) or another privacy mode"
+        )
+    if not isinstance(data, SiteData):
+        raise ConfigError(f"data must be a SiteData, got {type(data).__name__}")
+    dp = config.dp
+    n = len(data)
+    if n == 0:
+        raise ConfigError("cannot train on an empty dataset")
+    ids = np.arange(n) if data.patient_ids is None else np.asarray(data.patient_ids)
+    if ids.shape != (n,):
+        raise ConfigError(f"patient_ids must have shape ({n},), got {ids.shape}")
+    n_patients = int(np.unique(ids).size)
+    gen = rng if rng is not None else SecureRng()
+    opt = DPSGD(
+        clip_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        expected_batch_size=dp.sampling_rate * n_patients,
+        momentum=dp.momentum,
+        rng=gen,
+    )
+    for _ in range(dp.steps):
+        rows = poisson_sample_patients(ids, dp.sampling_rate, gen)
+        clipped = clipped_patient_sum(trainer, data, rows, ids, dp.clip_norm)
+        weights = trainer.get_weights()
+        trainer.set_weights(opt.apply(weights, opt.noisy_mean(clipped), config.learning_rate))
+    if not np.isfinite(trainer.get_weights()).all():
+        raise ManifestError("training diverged: weights became NaN or Inf", code="non_finite")
+    return FitResult(num_examples=n, loss=float("nan"), num_steps=dp.steps)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.errors import ArrayTypeError, ConfigError, DataError
+
 __all__ = [
     "Dataset",
     "Standardizer",
@@ -54,18 +56,51 @@ class Dataset:
 
     def __post_init__(self) -> None:
         if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(f"x must be (n, d) and y (n,), got {self.x.shape} and {self.y.shape}")
+            raise DataError(f"x must be (n, d) and y (n,), got {self.x.shape} and {self.y.shape}")
         if self.x.dtype != np.float32 or self.y.dtype != np.int64:
-            raise TypeError(f"x must be float32 and y int64, got {self.x.dtype}, {self.y.dtype}")
+            raise ArrayTypeError(
+                f"x must be float32 and y int64, got {self.x.dtype}, {self.y.dtype}"
+            )
         if not np.isfinite(self.x).all():
-            raise ValueError("x contains NaN or Inf")
+            raise DataError("x contains NaN or Inf")
         if self.y.size and self.y.min() < 0:
-            raise ValueError("labels must be non-negative")
+            raise DataError("labels must be non-negative")
         if self.patient_ids is not None and self.patient_ids.shape != self.y.shape:
-            raise ValueError("patient_ids must hold one id per row")
+            raise DataError("patient_ids must hold one id per row")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    @property
+    def labels(self) -> NDArray[np.int64]:
+        """``(n,)`` int64 labels (the same array as ``y``)."""
+        return self.y
+
+    def batch(self, index: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        """Return the features and labels of the rows at ``index``.
+
+        Parameters
+        ----------
+        index : numpy.ndarray
+            Row indices.
+
+        Returns
+        -------
+        tuple of numpy.ndarray
+            ``(x[index], y[index])``.
+
+        Examples
+        --------
+        >>> ds = Dataset(np.zeros((3, 2), np.float32), np.array([0, 1, 0]))
+        >>> ds.batch(np.array([2, 1]))[1].tolist()
+        [0, 1]
+        """
+        idx = np.asarray(index)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise DataError(f"index must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise DataError(f"index out of range [0, {len(self)})")
+        return self.x[idx], self.y[idx]
 
     @property
     def n_features(self) -> int:
@@ -189,28 +224,28 @@ def load_csv(
         try:
             header = next(reader)
         except StopIteration:
-            raise ValueError(f"{path}: empty CSV") from None
+            raise DataError(f"{path}: empty CSV") from None
         if label_column not in header:
-            raise ValueError(f"{path}: no column {label_column!r} in header {header}")
+            raise DataError(f"{path}: no column {label_column!r} in header {header}")
         if patient_id_column is not None and patient_id_column not in header:
-            raise ValueError(f"{path}: no column {patient_id_column!r} in header {header}")
+            raise DataError(f"{path}: no column {patient_id_column!r} in header {header}")
         rows = list(reader)
     li = header.index(label_column)
     pi = -1 if patient_id_column is None else header.index(patient_id_column)
     if pi == li:
-        raise ValueError(f"{path}: the label column cannot be the patient id column")
+        raise DataError(f"{path}: the label column cannot be the patient id column")
     features = tuple(h for i, h in enumerate(header) if i not in (li, pi))
     x = np.empty((len(rows), len(features)), dtype=np.float32)
     y = np.empty(len(rows), dtype=np.int64)
     ids: list[str] = []
     for r, row in enumerate(rows):
         if len(row) != len(header):
-            raise ValueError(f"{path}: row {r + 2} has {len(row)} cells, expected {len(header)}")
+            raise DataError(f"{path}: row {r + 2} has {len(row)} cells, expected {len(header)}")
         try:
             y[r] = int(row[li])
             x[r] = [float(v) for i, v in enumerate(row) if i not in (li, pi)]
         except ValueError as exc:
-            raise ValueError(f"{path}: row {r + 2}: {exc}") from exc
+            raise DataError(f"{path}: row {r + 2}: {exc}") from exc
         if pi >= 0:
             ids.append(row[pi])
     patient_ids = np.array(ids, dtype=np.str_) if pi >= 0 else None
@@ -272,7 +307,7 @@ def train_test_split(
         Disjoint parts.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     test_idx: list[NDArray[np.int64]] = []
     train_idx: list[NDArray[np.int64]] = []
@@ -309,7 +344,7 @@ def partition_iid(n_examples: int, n_parts: int, seed: int = 0) -> list[NDArray[
     [4, 3, 3]
     """
     if not 1 <= n_parts <= n_examples:
-        raise ValueError(f"need 1 <= n_parts <= n_examples, got {n_parts}, {n_examples}")
+        raise ConfigError(f"need 1 <= n_parts <= n_examples, got {n_parts}, {n_examples}")
     order = np.random.default_rng(seed).permutation(n_examples)
     return [np.sort(part).astype(np.int64) for part in np.array_split(order, n_parts)]
 
@@ -350,9 +385,9 @@ def partition_dirichlet(
         Bad parameters, or no draw met ``min_size``.
     """
     if not (alpha > 0 and np.isfinite(alpha)):
-        raise ValueError(f"alpha must be finite and > 0, got {alpha}")
+        raise ConfigError(f"alpha must be finite and > 0, got {alpha}")
     if n_parts < 1 or n_parts * min_size > len(y):
-        raise ValueError(f"cannot make {n_parts} sites of >= {min_size} rows from {len(y)}")
+        raise DataError(f"cannot make {n_parts} sites of >= {min_size} rows from {len(y)}")
     rng = np.random.default_rng(seed)
     for _ in range(100):
         parts: list[list[int]] = [[] for _ in range(n_parts)]
@@ -364,4 +399,4 @@ def partition_dirichlet(
                 parts[site].extend(int(i) for i in chunk)
         if min(len(p) for p in parts) >= min_size:
             return [np.array(sorted(p), dtype=np.int64) for p in parts]
-    raise ValueError(f"no Dirichlet({alpha}) draw gave every site {min_size} rows; raise alpha")
+    raise DataError(f"no Dirichlet({alpha}) draw gave every site {min_size} rows; raise alpha")

@@ -1,10 +1,10 @@
-"""SecAgg+ as a round mode: one :class:`~confide.secaggplus.ServerSecAgg` per round, durable.
+"""SecAgg+ as a round mode: one :class:`~confide.secagg.ServerSecAgg` per round, durable.
 
-The round engine (:mod:`confide_server.rounds`) owns the stages, deadlines and submission
+The round engine (:mod:`confide_server.engine.rounds`) owns the stages, deadlines and submission
 rows; this module owns the protocol state of the open secure round:
 
 * at round start :meth:`SecureRound.begin` derives ``k``, ``t`` and the modulus for the
-  cohort, announces the enrolled Ed25519 keys in the :class:`~confide.secaggplus.RoundSetup`
+  cohort, announces the enrolled Ed25519 keys in the :class:`~confide.secagg.RoundSetup`
   and writes the first snapshot in the same transaction as the round row;
 * every accepted message changes the state (:meth:`SecureRound.receive`) and is written
   durably, before it is acknowledged, as its submission row; each stage close writes a
@@ -26,7 +26,7 @@ import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from confide.secaggplus import AggregateResult, RoundSetup, SecAggParams, ServerSecAgg
+from confide.secagg import AggregateResult, RoundSetup, SecAggParams, ServerSecAgg
 from confide_server.config import SecAggConfig
 from confide_server.store import Store
 

@@ -35,9 +35,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
 
-from confide.secaggplus.crypto import KEY_BYTES, NONCE_BYTES, SIGNATURE_BYTES
-from confide.secaggplus.errors import InfeasibleConfigError, MessageFormatError
-from confide.secaggplus.params import SecAggParams
+from confide.errors import InfeasibleConfigError, MessageFormatError
+from confide.secagg.crypto import KEY_BYTES, NONCE_BYTES, SIGNATURE_BYTES
+from confide.secagg.params import SecAggParams
 
 __all__ = [
     "Advertisement",

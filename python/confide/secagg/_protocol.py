@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import numpy as np
-
-from confide.secagg import MaskDomain
-from confide.secaggplus.crypto import advert_payload, session_id
-from confide.secaggplus.graph import harary_graph
-from confide.secaggplus.messages import Advertisement, Message, RoundSetup
+from confide.secagg.crypto import advert_payload, session_id
+from confide.secagg.graph import harary_graph
+from confide.secagg.messages import Advertisement, Message, RoundSetup
+from confide.secagg.primitives import MaskDomain
 
 MASK_PURPOSE = "secaggplus/mask/v1"
 M = TypeVar("M", bound=Message)
@@ -21,7 +19,7 @@ def coerce(cls: type[M], msg: M | Mapping[str, Any]) -> M:
     if isinstance(msg, cls):
         return msg
     if isinstance(msg, Message):
-        from confide.secaggplus.errors import MessageFormatError
+        from confide.errors import MessageFormatError
 
         raise MessageFormatError(f"expected {cls.__name__}, got {type(msg).__name__}")
     return cls.from_json(msg)
@@ -62,11 +60,6 @@ def domain(setup: RoundSetup, session: bytes) -> MaskDomain:
     Self and pairwise masks share it: their seeds are independent (random vs. HKDF outputs).
     """
     return MaskDomain(session, setup.round, MASK_PURPOSE)
-
-
-def ring_dtype(bits: int) -> type[np.unsignedinteger[Any]]:
-    """Storage dtype of ring elements."""
-    return np.uint32 if bits <= 32 else np.uint64
 
 
 def packed_len(setup: RoundSetup) -> int:

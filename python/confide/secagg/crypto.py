@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from confide.secaggplus.errors import ProtocolViolationError
+from confide.errors import ProtocolViolationError
 
 __all__ = [
     "KEY_BYTES",

@@ -1,7 +1,7 @@
 """Internal reference driver: DP-SGD logistic regression and in-process FedAvg.
 
 Used by the tests and ``benches/python/bench_privacy.py`` until the real numpy trainer
-(``confide.trainer``) is wired to :mod:`confide.privacy`. Not public API; kept small on
+(``confide.training``) is wired to :mod:`confide.privacy`. Not public API; kept small on
 purpose. Parameters are one flat float32 vector ``[w (dim), b]``.
 """
 

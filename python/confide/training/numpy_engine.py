@@ -6,15 +6,12 @@
 regression, softmax regression and small MLPs with tanh or ReLU), trained by mini-batch SGD,
 with exact per-sample gradients (:meth:`NumpyTrainer.per_sample_gradients`) for DP-SGD.
 
-Patient-level DP-SGD: when ``TrainConfig.dp`` is set (a :class:`DPSGDConfig`, shipped by the
-server with the round task), :meth:`NumpyTrainer.fit` runs ``dp.steps`` steps of
-:class:`confide.privacy.DPSGD`: Poisson sampling of *patients* with rate ``q`` (uniforms
-from :class:`confide.SecureRng`), exact per-record gradients summed per patient (the
-``patient_ids`` argument; without it every row is its own patient), per-patient clipping to
-``C`` by the Rust kernel, Gaussian noise ``z * C`` from the Rust core, normalisation by the
-expected batch size ``q * n_patients`` and optional heavy-ball momentum. The training loss
-of a DP run is not reported (``FitResult.loss`` is NaN): it would be an un-noised statistic
-of the private data.
+Patient-level DP-SGD is not this engine's business: the engine is a
+:class:`~confide.training.base.PerSampleTrainer` (exact per-record gradients), and
+:func:`confide.privacy.run_dpsgd` owns the DP-SGD loop (Poisson sampling of patients,
+per-patient clipping by the Rust kernel, noise from the Rust core, normalisation, momentum).
+:meth:`NumpyTrainer.fit` refuses a config with ``dp`` set, so no code path trains a DP round
+without the privacy layer.
 
 Parameters are named ``layer{i}.weight`` (shape ``(fan_in, fan_out)``) and ``layer{i}.bias``
 (shape ``(fan_out,)``); the manifest's ``spec`` records the architecture so any site can
@@ -24,183 +21,25 @@ rebuild the model from the manifest alone (:meth:`NumpyTrainer.from_manifest`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.federation_errors import ManifestError
-from confide.manifest import Manifest
-from confide.noise import SecureRng
-from confide.privacy.dpsgd import DPSGD, poisson_sample_patients
+from confide.errors import (
+    ArrayTypeError,
+    ConfigError,
+    DataError,
+    ManifestError,
+    PrivacyUnsupportedError,
+)
+from confide.protocol.manifest import Manifest
+from confide.training.base import FitResult, SiteData, TrainConfig
 
-__all__ = ["DPSGDConfig", "FitResult", "NumpyTrainer", "TrainConfig", "Trainer"]
+__all__ = ["NumpyTrainer"]
 
 _KINDS = ("logistic", "softmax", "mlp")
 _ACTIVATIONS = ("tanh", "relu")
-
-
-@dataclass(frozen=True)
-class DPSGDConfig:
-    """Patient-level DP-SGD parameters of one round's local training.
-
-    The server derives them from the job's ``[privacy]`` section and accounts exactly this
-    mechanism: ``steps`` compositions of the Poisson-subsampled Gaussian with rate
-    ``sampling_rate`` and noise multiplier ``noise_multiplier``.
-
-    Parameters
-    ----------
-    noise_multiplier : float
-        ``z`` (>= 0); the sum of clipped per-patient gradients gets ``N(0, (z C)^2)``.
-    clip_norm : float
-        Per-patient L2 clip norm ``C`` (> 0).
-    sampling_rate : float
-        Poisson inclusion probability ``q`` of a patient at each step, in (0, 1].
-    steps : int
-        DP-SGD steps per round (>= 1).
-    momentum : float, default 0.0
-        Heavy-ball momentum in [0, 1) (post-processing).
-    """
-
-    noise_multiplier: float
-    clip_norm: float
-    sampling_rate: float
-    steps: int
-    momentum: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
-        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
-        if not 0.0 < self.sampling_rate <= 1.0:
-            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate!r}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form sent with a training task."""
-        return {
-            "noise_multiplier": self.noise_multiplier,
-            "clip_norm": self.clip_norm,
-            "sampling_rate": self.sampling_rate,
-            "steps": self.steps,
-            "momentum": self.momentum,
-        }
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Local training hyper-parameters, sent by the server with each training task.
-
-    Parameters
-    ----------
-    epochs : int
-        Passes over the local data (>= 1).
-    batch_size : int
-        Mini-batch size (>= 1).
-    learning_rate : float
-        SGD step size (finite, > 0).
-    dp : DPSGDConfig, optional
-        Patient-level DP-SGD; ``None`` (default) trains without DP (``epochs`` and
-        ``batch_size`` are then used; with DP, ``dp.steps`` and ``dp.sampling_rate``).
-    """
-
-    epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 0.1
-    dp: DPSGDConfig | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.dp, dict):  # JSON form, as a task carries it
-            object.__setattr__(self, "dp", DPSGDConfig(**self.dp))
-        self._validate()
-
-    @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> TrainConfig:
-        """Build a config from its JSON form (a task's ``config``).
-
-        Parameters
-        ----------
-        doc : dict
-            ``epochs``, ``batch_size``, ``learning_rate`` and optionally ``dp`` (a dict of
-            :class:`DPSGDConfig` fields, or ``None``).
-
-        Returns
-        -------
-        TrainConfig
-            The validated config.
-        """
-        fields = dict(doc)
-        dp = fields.pop("dp", None)
-        return cls(**fields, dp=None if dp is None else DPSGDConfig(**dp))
-
-    def _validate(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be an int >= 1, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate!r}")
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """What one call to ``fit`` did.
-
-    Parameters
-    ----------
-    num_examples : int
-        Local training examples (the FedAvg weight).
-    loss : float
-        Mean training loss over the last epoch.
-    num_steps : int
-        SGD steps taken.
-    """
-
-    num_examples: int
-    loss: float
-    num_steps: int
-
-
-@runtime_checkable
-class Trainer(Protocol):
-    """What the federated client needs from a training engine."""
-
-    @property
-    def manifest(self) -> Manifest:
-        """Names and shapes of the flat parameter vector."""
-        ...
-
-    def get_weights(self) -> NDArray[np.float32]:
-        """Return a copy of the flat parameter vector."""
-        ...
-
-    def set_weights(self, vector: NDArray[np.float32]) -> None:
-        """Replace the parameters with ``vector`` (copied)."""
-        ...
-
-    def fit(
-        self,
-        x: NDArray[np.float32],
-        y: NDArray[np.int64],
-        config: TrainConfig,
-        seed: int,
-        *,
-        patient_ids: NDArray[Any] | None = None,
-    ) -> FitResult:
-        """Train locally on ``(x, y)``; ``seed`` fixes the batch order.
-
-        ``patient_ids`` (one per row) groups records by patient for patient-level DP-SGD.
-        """
-        ...
-
-    def evaluate(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> dict[str, float]:
-        """Return at least ``loss``, ``accuracy`` and ``num_examples`` on ``(x, y)``."""
-        ...
 
 
 def _check_xy(
@@ -209,18 +48,18 @@ def _check_xy(
     x = np.asarray(x)
     y = np.asarray(y)
     if x.ndim != 2 or x.shape[1] != n_features:
-        raise ValueError(f"x must have shape (n, {n_features}), got {x.shape}")
+        raise DataError(f"x must have shape (n, {n_features}), got {x.shape}")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must have shape ({x.shape[0]},), got {y.shape}")
+        raise DataError(f"y must have shape ({x.shape[0]},), got {y.shape}")
     if x.shape[0] == 0:
-        raise ValueError("x and y must hold at least one example")
+        raise DataError("x and y must hold at least one example")
     if not np.issubdtype(y.dtype, np.integer):
-        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+        raise ArrayTypeError(f"y must hold integer class labels, got dtype {y.dtype}")
     if y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"labels must lie in [0, {n_classes}), got [{y.min()}, {y.max()}]")
+        raise DataError(f"labels must lie in [0, {n_classes}), got [{y.min()}, {y.max()}]")
     xf = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(xf).all():
-        raise ValueError("x contains NaN or Inf")
+        raise DataError("x contains NaN or Inf")
     return xf, y.astype(np.int64, copy=False)
 
 
@@ -239,9 +78,10 @@ class NumpyTrainer:
     >>> rng = np.random.default_rng(0)
     >>> x = rng.normal(size=(64, 3)).astype(np.float32)
     >>> y = (x[:, 0] > 0).astype(np.int64)
+    >>> from confide.data import Dataset
     >>> t = NumpyTrainer.create("logistic", n_features=3, n_classes=2, seed=0)
-    >>> _ = t.fit(x, y, TrainConfig(epochs=20, batch_size=16, learning_rate=0.5), seed=1)
-    >>> t.evaluate(x, y)["accuracy"] > 0.9
+    >>> _ = t.fit(Dataset(x, y), TrainConfig(epochs=20, batch_size=16, learning_rate=0.5), seed=1)
+    >>> t.evaluate(Dataset(x, y))["accuracy"] > 0.9
     True
     >>> t.per_sample_gradients(x[:5], y[:5]).shape
     (5, 4)
@@ -539,47 +379,46 @@ class NumpyTrainer:
         probs: NDArray[np.float32] = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
         return probs
 
-    def fit(
-        self,
-        x: NDArray[np.float32],
-        y: NDArray[np.int64],
-        config: TrainConfig,
-        seed: int,
-        *,
-        patient_ids: NDArray[Any] | None = None,
-        rng: SecureRng | None = None,
-    ) -> FitResult:
-        """Mini-batch SGD over ``(x, y)``, or patient-level DP-SGD when ``config.dp`` is set.
+    @property
+    def per_sample_chunk(self) -> int:
+        """Records per :meth:`per_sample_gradients` call in DP-SGD (bounds peak memory)."""
+        return max(1, (1 << 24) // max(1, self._manifest.size))
+
+    def _arrays(self, data: SiteData) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        if not isinstance(data, SiteData):
+            raise DataError(
+                f"expected a SiteData (e.g. confide.data.Dataset), got {type(data).__name__}"
+            )
+        x, y = data.batch(np.arange(len(data), dtype=np.int64))
+        return _check_xy(x, y, self._n_features, self._n_classes)
+
+    def fit(self, data: SiteData, config: TrainConfig, seed: int) -> FitResult:
+        """Mini-batch SGD over ``data`` (without DP).
 
         Parameters
         ----------
-        x : numpy.ndarray
-            ``(n, n_features)`` inputs.
-        y : numpy.ndarray
-            ``(n,)`` integer labels.
+        data : SiteData
+            Local records (e.g. :class:`confide.data.Dataset`).
         config : TrainConfig
-            Epochs, batch size, learning rate; ``dp`` for DP-SGD.
+            Epochs, batch size, learning rate. ``config.dp`` must be ``None``: DP-SGD runs
+            through :func:`confide.privacy.run_dpsgd`, which uses this engine's per-sample
+            gradients.
         seed : int
             Seeds the shuffling (``numpy.random.default_rng``; it protects no secret).
-            Unused by DP-SGD, whose sampling and noise come from ``rng``.
-        patient_ids : numpy.ndarray, optional
-            ``(n,)`` patient of each row (DP-SGD only): a patient's rows are sampled
-            together and their gradients summed before clipping. Without it every row is
-            its own patient.
-        rng : SecureRng, optional
-            DP-SGD sampling and noise generator; a fresh OS-keyed one by default (pass a
-            seeded one in tests only).
 
         Returns
         -------
         FitResult
-            Examples, last-epoch mean loss (NaN under DP), steps.
+            Examples, last-epoch mean loss, steps.
         """
-        xf, yi = _check_xy(x, y, self._n_features, self._n_classes)
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
         if config.dp is not None:
-            return self._fit_dpsgd(xf, yi, config, patient_ids, rng)
-        if patient_ids is not None and np.asarray(patient_ids).shape != (xf.shape[0],):
-            raise ValueError("patient_ids must hold one id per row")
+            raise PrivacyUnsupportedError(
+                "NumpyTrainer.fit trains without DP; run a DP-SGD config through "
+                "confide.privacy.run_dpsgd(trainer, data, config)"
+            )
+        xf, yi = self._arrays(data)
         shuffler = np.random.default_rng(seed)
         n = xf.shape[0]
         steps = 0
@@ -598,57 +437,20 @@ class NumpyTrainer:
             raise ManifestError("training diverged: weights became NaN or Inf", code="non_finite")
         return FitResult(num_examples=n, loss=epoch_loss, num_steps=steps)
 
-    def _fit_dpsgd(
-        self,
-        xf: NDArray[np.float32],
-        yi: NDArray[np.int64],
-        config: TrainConfig,
-        patient_ids: NDArray[Any] | None,
-        rng: SecureRng | None,
-    ) -> FitResult:
-        """``config.dp.steps`` steps of patient-level DP-SGD (see the module docstring)."""
-        dp = config.dp
-        assert dp is not None
-        n = xf.shape[0]
-        ids = np.arange(n) if patient_ids is None else np.asarray(patient_ids)
-        if ids.shape != (n,):
-            raise ValueError(f"patient_ids must have shape ({n},), got {ids.shape}")
-        n_patients = int(np.unique(ids).size)
-        gen = rng if rng is not None else SecureRng()
-        opt = DPSGD(
-            clip_norm=dp.clip_norm,
-            noise_multiplier=dp.noise_multiplier,
-            expected_batch_size=dp.sampling_rate * n_patients,
-            momentum=dp.momentum,
-            rng=gen,
-        )
-        for _ in range(dp.steps):
-            rows = poisson_sample_patients(ids, dp.sampling_rate, gen)
-            if rows.size:
-                grads = self._backward(xf[rows], yi[rows], per_sample=True)[1]
-            else:  # an empty batch still takes a (pure-noise) step: it is accounted
-                grads = np.zeros((0, self._manifest.size), dtype=np.float32)
-            self._vec[...] = opt.step(self._vec, grads, config.learning_rate, ids[rows])
-        if not np.isfinite(self._vec).all():
-            raise ManifestError("training diverged: weights became NaN or Inf", code="non_finite")
-        return FitResult(num_examples=n, loss=float("nan"), num_steps=dp.steps)
-
-    def evaluate(self, x: NDArray[np.float32], y: NDArray[np.int64]) -> dict[str, float]:
-        """Mean loss and accuracy on ``(x, y)``.
+    def evaluate(self, data: SiteData) -> dict[str, float]:
+        """Mean loss and accuracy on ``data``.
 
         Parameters
         ----------
-        x : numpy.ndarray
-            ``(n, n_features)`` inputs.
-        y : numpy.ndarray
-            ``(n,)`` integer labels.
+        data : SiteData
+            Records to evaluate on (e.g. :class:`confide.data.Dataset`).
 
         Returns
         -------
         dict of str to float
             ``loss``, ``accuracy`` and ``num_examples``.
         """
-        xf, yi = _check_xy(x, y, self._n_features, self._n_classes)
+        xf, yi = self._arrays(data)
         _, pre = self._forward(xf)
         loss, _ = self._loss_and_dlogits(pre[-1], yi)
         logits = pre[-1]

@@ -27,7 +27,7 @@ import numpy as np
 import safetensors.numpy
 from numpy.typing import NDArray
 
-from confide.federation_errors import ManifestError, WireFormatError
+from confide.errors import ManifestError, WireFormatError
 
 __all__ = [
     "Manifest",

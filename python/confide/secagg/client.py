@@ -40,11 +40,10 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 
-from confide.errors import ConfideError
+from confide.errors import ConfideError, ProtocolViolationError, SecAggAbortError
 from confide.noise import SecureRng
-from confide.secagg import apply_masks, pack_bits, quantize
-from confide.secaggplus import _protocol as proto
-from confide.secaggplus.crypto import (
+from confide.secagg import _protocol as proto
+from confide.secagg.crypto import (
     NONCE_BYTES,
     agree,
     decrypt_share,
@@ -58,8 +57,7 @@ from confide.secaggplus.crypto import (
     verify,
     x25519_public,
 )
-from confide.secaggplus.errors import ProtocolViolationError, SecAggAbortError
-from confide.secaggplus.messages import (
+from confide.secagg.messages import (
     Advertisement,
     ConsistencyRequest,
     ConsistencySignature,
@@ -72,6 +70,7 @@ from confide.secaggplus.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from confide.secagg.primitives import apply_masks, pack_bits, quantize, ring_dtype
 from confide.shamir import split_secret
 
 __all__ = ["ClientSecAgg"]
@@ -492,7 +491,7 @@ class ClientSecAgg:
             )
         except ConfideError as exc:
             self._abort("bad-update", str(exc))
-        vec = np.empty(self.setup.vector_length + 1, dtype=proto.ring_dtype(params.modulus_bits))
+        vec = np.empty(self.setup.vector_length + 1, dtype=ring_dtype(params.modulus_bits))
         vec[:-1] = q
         vec[-1] = weight
         return vec
@@ -516,7 +515,7 @@ class ClientSecAgg:
             and 0 <= weight <= params.max_weight
         ):
             self._abort("bad-weight", f"weight must be an int in [0, {params.max_weight}]")
-        vec = np.empty(self.setup.vector_length + 1, dtype=proto.ring_dtype(params.modulus_bits))
+        vec = np.empty(self.setup.vector_length + 1, dtype=ring_dtype(params.modulus_bits))
         vec[:-1] = x
         vec[-1] = weight
         return vec

@@ -1,4 +1,4 @@
-"""Client side of SecAgg+ rounds: one :class:`~confide.secaggplus.ClientSecAgg` per round.
+"""Client side of SecAgg+ rounds: one :class:`~confide.secagg.ClientSecAgg` per round.
 
 :class:`SecureParticipant` turns the server's secure tasks (``advertise``, ``share``,
 ``mask``, ``consistency``, ``unmask``) into protocol messages. Everything secret (the X25519
@@ -24,11 +24,10 @@ peer's identity after the fact.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,21 +35,26 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 
-from confide.data import Dataset
-from confide.federation_errors import IntegrityError
+from confide.errors import IntegrityError
 from confide.noise import SecureRng
-from confide.secaggplus import ClientSecAgg, RoundSetup, SecAggAbortError
-from confide.trainer import TrainConfig, Trainer
+from confide.secagg import ClientSecAgg, RoundSetup, SecAggAbortError
 
 if TYPE_CHECKING:
     from confide.privacy.client_dp import DDGParams
 
-__all__ = ["SecureParticipant", "debug_rng_seed", "train_delta"]
+__all__ = ["RngFactory", "SecureParticipant"]
 
 _PINS_FILE = "peers.json"
-# Test-only: derive each round's protocol randomness from this hex seed, so a test can
-# recompute the secrets and prove they are nowhere on disk. Never set it in production.
-_TEST_RNG_ENV = "CONFIDE_TEST_SECAGG_RNG_SEED"
+
+#: Makes the generator of one round's protocol randomness: called with a purpose
+#: (``"secagg"``: seeds, Shamir coefficients, nonces; ``"ddg"``: the distributed-DP noise
+#: share) and the round id. The default draws a fresh OS-keyed :class:`SecureRng` every
+#: time; tests inject a seeded factory through the constructor to recompute secrets.
+RngFactory = Callable[[str, int], SecureRng]
+
+
+def _os_rng(_purpose: str, _round_id: int) -> SecureRng:
+    return SecureRng()
 
 
 class SecureParticipant:
@@ -64,10 +68,21 @@ class SecureParticipant:
         Its enrolled identity key (signs the advertisements).
     state_dir : Path
         Client folder; ``peers.json`` (pinned public keys) is kept there.
+    rng_factory : RngFactory, optional
+        Source of each round's protocol randomness; OS-keyed by default. Only tests pass
+        one (a seeded factory makes a run reproducible and its secrets recomputable).
     """
 
-    def __init__(self, client_id: str, identity_key: Ed25519PrivateKey, state_dir: Path) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        identity_key: Ed25519PrivateKey,
+        state_dir: Path,
+        *,
+        rng_factory: RngFactory | None = None,
+    ) -> None:
         self.client_id = client_id
+        self._rng_factory: RngFactory = rng_factory or _os_rng
         self._identity = identity_key
         self._pins_path = Path(state_dir) / _PINS_FILE
         self._rounds: dict[int, ClientSecAgg] = {}
@@ -117,10 +132,7 @@ class SecureParticipant:
         self._ddg.clear()
         if ddg is not None:
             self._ddg[setup.round] = ddg
-        rng = None
-        test_seed = os.environ.get(_TEST_RNG_ENV)
-        if test_seed:
-            rng = SecureRng(debug_rng_seed(bytes.fromhex(test_seed), self.client_id, setup.round))
+        rng = self._rng_factory("secagg", setup.round)
         client = ClientSecAgg(setup, self.client_id, self._identity, rng=rng)
         self._rounds[setup.round] = client
         return client.advertise().to_json()
@@ -157,7 +169,8 @@ class SecureParticipant:
             if stage == "share":
                 return client.share_keys(task["broadcast"]).to_json()
             if stage == "mask":
-                assert update is not None
+                if update is None:
+                    raise IntegrityError("a mask task needs this round's update; none was trained")
                 p = client.setup.params
                 ddg = self._ddg.get(round_id)
                 if ddg is not None:
@@ -188,11 +201,7 @@ class SecureParticipant:
         raise ValueError(f"not a secure stage: {stage!r}")
 
     def _ddg_rng(self, round_id: int) -> SecureRng:
-        test_seed = os.environ.get(_TEST_RNG_ENV)
-        if test_seed:
-            seed = debug_rng_seed(bytes.fromhex(test_seed), self.client_id + "|ddg", round_id)
-            return SecureRng(seed)
-        return SecureRng()
+        return self._rng_factory("ddg", round_id)
 
     def finish(self, round_id: int) -> None:
         """Forget a round (its secrets with it)."""
@@ -219,9 +228,10 @@ def _check_ddg(
         if p.encoding == "ring":
             raise IntegrityError("the round uses ring inputs but ships no DDG parameters")
         return None
-    assert privacy is not None
+    if privacy is None:  # unreachable: distributed implies privacy; kept under -O
+        raise IntegrityError("distributed DP round without privacy parameters")
+    from confide.errors import InvalidPrivacyConfig
     from confide.privacy.client_dp import DDGConfig, DDGParams, calibrate_ddg
-    from confide.privacy.errors import InvalidPrivacyConfig
 
     try:
         shipped = DDGParams(**privacy["ddg"])
@@ -261,38 +271,3 @@ def _check_ddg(
                 "from the round's public parameters"
             )
     return mine, seed
-
-
-def debug_rng_seed(seed: bytes, client_id: str, round_id: int) -> bytes:
-    """Seed of the test-only deterministic protocol randomness (see ``_TEST_RNG_ENV``)."""
-    return hashlib.sha256(seed + f"|{client_id}|{round_id}".encode()).digest()
-
-
-def train_delta(
-    trainer: Trainer, weights: NDArray[np.float32], data: Dataset, config: TrainConfig, seed: int
-) -> tuple[NDArray[np.float32], int, float]:
-    """Train from ``weights``; return ``(new - weights, num_examples, loss)`` (a worker thread).
-
-    Parameters
-    ----------
-    trainer : Trainer
-        The local engine (its weights are overwritten).
-    weights : numpy.ndarray
-        The announced model.
-    data : Dataset
-        Local training data.
-    config : TrainConfig
-        Epochs, batch size, learning rate.
-    seed : int
-        Training seed.
-
-    Returns
-    -------
-    tuple
-        The delta, the number of examples and the final training loss.
-    """
-    trainer.set_weights(weights)
-    # patient_ids: patient-level DP-SGD samples and clips per patient (privacy mode "sample")
-    result = trainer.fit(data.x, data.y, config, seed, patient_ids=data.patient_ids)
-    delta: NDArray[np.float32] = (trainer.get_weights() - weights).astype(np.float32)
-    return delta, int(result.num_examples), float(result.loss)

@@ -4,7 +4,7 @@ Modes (``[privacy] mode``):
 
 * ``"none"``: no DP (the default of a bare config).
 * ``"sample"``: patient-level DP-SGD on the clients. The server ships a
-  :class:`confide.trainer.DPSGDConfig` with every training task and accounts, per round,
+  :class:`confide.training.DPSGDConfig` with every training task and accounts, per round,
   ``local_steps`` compositions of ``PoissonSampled(q, Gaussian(z))``.
 * ``"central"``: client-level DP. Every update is clipped to ``clip_norm`` (by the client and
   again by the server, Rust kernel), the clipped updates are summed with uniform weights,
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.federation_errors import ConfigError
+from confide.errors import ConfigError, InvalidPrivacyConfig
 from confide.noise import SecureRng
 from confide.privacy.client_dp import (
     DDGConfig,
@@ -58,11 +58,10 @@ from confide.privacy.client_dp import (
     ddg_decode,
     rotation_seed,
 )
-from confide.privacy.errors import InvalidPrivacyConfig
 
 if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyAccountant, PrivacyEvent
-    from confide.secaggplus import SecAggParams
+    from confide.secagg import SecAggParams
     from confide_server.store import Store
 
 __all__ = [
@@ -451,8 +450,8 @@ class JobPrivacy:
         """
         if not self.enabled or math.isinf(self.config.budget):
             return True
+        from confide.errors import BudgetExceeded
         from confide.privacy.accountant import Budget
-        from confide.privacy.errors import BudgetExceeded
 
         try:
             events = (

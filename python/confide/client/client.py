@@ -3,10 +3,10 @@
 A :class:`Client` keeps its state in one folder: ``identity.pem`` (the Ed25519 key, mode
 0600) and ``client.json`` (its id and server). It long-polls the server for a task; for a
 ``train`` task it downloads the announced model version, checks its SHA-256, trains with a
-:class:`~confide.trainer.Trainer`, and uploads the *delta* (new minus announced weights) as
+:class:`~confide.training.Trainer`, and uploads the *delta* (new minus announced weights) as
 safetensors with ``num_examples`` in the metadata; for an ``evaluate`` task it evaluates the
 announced model on its local test data and uploads the metrics as JSON. Every request is
-signed (:mod:`confide.signing`).
+signed (:mod:`confide.protocol.signing`).
 
 Connection failures and 503 answers are retried with backoff (the server may be restarting);
 a retried upload carries the same body, so the server answers with the same receipt.
@@ -16,7 +16,6 @@ Certificate failures are never retried.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import math
@@ -30,18 +29,18 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.data import Dataset
-from confide.federation_errors import (
+from confide.client.secure import RngFactory, SecureParticipant
+from confide.client.training import check_trainable, fit_round, train_delta
+from confide.errors import (
     ConfigError,
     IntegrityError,
     ServerError,
     TransportError,
 )
-from confide.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
-from confide.secaggplus import SecAggError
-from confide.secure_client import SecureParticipant, train_delta
-from confide.signing import Identity
-from confide.trainer import TrainConfig, Trainer
+from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.protocol.signing import Identity
+from confide.secagg import SecAggError
+from confide.training import SiteData, TrainConfig, Trainer
 
 __all__ = ["Client", "ClientResult", "client_ssl_context"]
 
@@ -117,6 +116,9 @@ class Client:
         Give up after the server has been unreachable this long.
     log : callable, optional
         Receives one line per event (round trained, uploaded, evaluated).
+    rng_factory : callable, optional
+        Source of the secure rounds' protocol randomness
+        (:data:`confide.client.secure.RngFactory`); OS-keyed by default. For tests only.
 
     Examples
     --------
@@ -134,6 +136,7 @@ class Client:
         poll_wait: float = 20.0,
         retry_timeout: float = 120.0,
         log: Callable[[str], None] | None = None,
+        rng_factory: RngFactory | None = None,
     ) -> None:
         if not server_url.startswith(("http://", "https://")):
             raise ConfigError(f"server URL must start with http:// or https://: {server_url!r}")
@@ -148,6 +151,7 @@ class Client:
         self.client_id: str | None = None
         self._model_cache: tuple[str, NDArray[np.float32]] | None = None
         self._secure: SecureParticipant | None = None
+        self._rng_factory = rng_factory
         # (round, background fit, the advertise task that asked for it)
         self._training: (
             tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], dict[str, Any]]
@@ -329,8 +333,8 @@ class Client:
     async def run(
         self,
         trainer: Trainer,
-        train: Dataset,
-        test: Dataset | None = None,
+        train: SiteData,
+        test: SiteData | None = None,
         *,
         on_task: Callable[[dict[str, Any]], None] | None = None,
     ) -> ClientResult:
@@ -340,9 +344,9 @@ class Client:
         ----------
         trainer : Trainer
             The local engine; its manifest must be the job's.
-        train : Dataset
+        train : SiteData
             Local training data.
-        test : Dataset, optional
+        test : SiteData, optional
             Local evaluation data (defaults to ``train``).
         on_task : callable, optional
             Called with every task before it is carried out (monitoring, fault injection).
@@ -382,15 +386,9 @@ class Client:
             try:
                 if action == "train":
                     cfg = TrainConfig.from_dict(task["config"])
+                    check_trainable(trainer, cfg)  # refused before anything is trained
                     result = await asyncio.to_thread(
-                        functools.partial(
-                            trainer.fit,
-                            train.x,
-                            train.y,
-                            cfg,
-                            self._seed(int(task["seed"])),
-                            patient_ids=train.patient_ids,
-                        )
+                        fit_round, trainer, train, cfg, self._seed(int(task["seed"]))
                     )
                     delta = _clip_for_privacy(trainer.get_weights() - weights, task)
                     meta = {"num_examples": str(result.num_examples)}
@@ -404,7 +402,7 @@ class Client:
                         f"{result.num_examples} examples, loss {result.loss:.4f}"
                     )
                 else:
-                    metrics = await asyncio.to_thread(trainer.evaluate, test.x, test.y)
+                    metrics = await asyncio.to_thread(trainer.evaluate, test)
                     num = int(metrics.pop("num_examples"))
                     clean = {k: v for k, v in metrics.items() if math.isfinite(v)}
                     body = json.dumps({"num_examples": num, "metrics": clean}).encode()
@@ -431,7 +429,7 @@ class Client:
                 self._log(f"{self.client_id}: background training failed: {exc}")
 
     async def _secure_step(
-        self, task: dict[str, Any], manifest: Manifest, trainer: Trainer, train: Dataset
+        self, task: dict[str, Any], manifest: Manifest, trainer: Trainer, train: SiteData
     ) -> int:
         """Carry out one SecAgg+ task; return 1 when a masked update was accepted, else 0.
 
@@ -445,22 +443,22 @@ class Client:
             if self._identity is None or self.client_id is None:
                 raise ConfigError("this client is not enrolled yet")
             self._secure = SecureParticipant(
-                self.client_id, self._identity.private_key, self.state_dir
+                self.client_id,
+                self._identity.private_key,
+                self.state_dir,
+                rng_factory=self._rng_factory,
             )
         part = self._secure
         try:
             if stage == "advertise":
                 await self._settle_training()
                 weights = await self.download_model(manifest, task["model_sha256"])
+                cfg = TrainConfig.from_dict(task["config"])
+                check_trainable(trainer, cfg)  # refused before the advertisement is sent
                 msg = part.advertise(task)
                 job = asyncio.ensure_future(
                     asyncio.to_thread(
-                        train_delta,
-                        trainer,
-                        weights,
-                        train,
-                        TrainConfig(**task["config"]),
-                        self._seed(int(task["seed"])),
+                        train_delta, trainer, weights, train, cfg, self._seed(int(task["seed"]))
                     )
                 )
                 self._training = (round_id, job, task)

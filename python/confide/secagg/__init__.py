@@ -1,18 +1,20 @@
-"""SecAgg+ secure aggregation (Bell et al., CCS 2020; Bonawitz et al., CCS 2017).
+"""Secure aggregation: the masking primitives and the SecAgg+ protocol.
+
+SecAgg+ follows Bell et al. (CCS 2020) and Bonawitz et al. (CCS 2017).
 
 A transport-independent protocol layer: pure logic and cryptography, explicit
 JSON-serialisable messages, no networking and no global state. The federation runtime
 carries the messages as round stages and calls the ``close_*`` methods at each deadline.
 
-* :mod:`~confide.secaggplus.params` -- threat model -> neighbour count, threshold, modulus.
-* :mod:`~confide.secaggplus.graph` -- random Harary graphs from the session id.
-* :mod:`~confide.secaggplus.crypto` -- X25519, HKDF, ChaCha20-Poly1305, Ed25519.
-* :mod:`~confide.secaggplus.messages` -- the messages and their strict JSON form.
+* :mod:`~confide.secagg.primitives` -- quantization, mask expansion, bit packing (Rust core).
+* :mod:`~confide.secagg.params` -- threat model -> neighbour count, threshold, modulus.
+* :mod:`~confide.secagg.graph` -- random Harary graphs from the session id.
+* :mod:`~confide.secagg.crypto` -- X25519, HKDF, ChaCha20-Poly1305, Ed25519.
+* :mod:`~confide.secagg.messages` -- the messages and their strict JSON form.
 * :class:`ClientSecAgg` / :class:`ServerSecAgg` -- the two state machines.
 """
 
-from confide.secaggplus.client import ClientSecAgg
-from confide.secaggplus.errors import (
+from confide.errors import (
     InfeasibleConfigError,
     LateSubmissionError,
     MessageFormatError,
@@ -20,8 +22,9 @@ from confide.secaggplus.errors import (
     SecAggAbortError,
     SecAggError,
 )
-from confide.secaggplus.graph import harary_graph
-from confide.secaggplus.messages import (
+from confide.secagg.client import ClientSecAgg
+from confide.secagg.graph import harary_graph
+from confide.secagg.messages import (
     Advertisement,
     ConsistencyRequest,
     ConsistencySignature,
@@ -35,14 +38,24 @@ from confide.secaggplus.messages import (
     UnmaskResponse,
     decode,
 )
-from confide.secaggplus.params import (
+from confide.secagg.params import (
     SecAggParams,
     ThreatModel,
     assess,
     derive_params,
     required_modulus_bits,
 )
-from confide.secaggplus.server import AggregateResult, ServerSecAgg
+from confide.secagg.primitives import (
+    MaskDomain,
+    apply_masks,
+    dequantize,
+    expand_mask,
+    pack_bits,
+    quantize,
+    ring_dtype,
+    unpack_bits,
+)
+from confide.secagg.server import AggregateResult, ServerSecAgg
 
 __all__ = [
     "Advertisement",
@@ -54,6 +67,7 @@ __all__ = [
     "InfeasibleConfigError",
     "KeyBroadcast",
     "LateSubmissionError",
+    "MaskDomain",
     "MaskedInput",
     "MessageFormatError",
     "ProtocolViolationError",
@@ -67,9 +81,16 @@ __all__ = [
     "ThreatModel",
     "UnmaskRequest",
     "UnmaskResponse",
+    "apply_masks",
     "assess",
     "decode",
+    "dequantize",
     "derive_params",
+    "expand_mask",
     "harary_graph",
+    "pack_bits",
+    "quantize",
     "required_modulus_bits",
+    "ring_dtype",
+    "unpack_bits",
 ]

@@ -36,10 +36,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from confide.federation_errors import ConfigError, FederationError, ManifestError
-from confide.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.errors import ConfigError, FederationError, ManifestError
 from confide.privacy.client_dp import DDGParams
-from confide.secaggplus import (
+from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.secagg import (
     AggregateResult,
     InfeasibleConfigError,
     LateSubmissionError,
@@ -48,8 +48,8 @@ from confide.secaggplus import (
     SecAggParams,
 )
 from confide_server.config import Config
-from confide_server.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
-from confide_server.secure import SECURE_STAGES, SecureRound
+from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
+from confide_server.engine.secure import SECURE_STAGES, SecureRound
 from confide_server.store import BlobStore, RoundRow, Store, SubmissionRow
 
 __all__ = [

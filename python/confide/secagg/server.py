@@ -32,22 +32,21 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import ShareError
-from confide.secagg import apply_masks, dequantize, pack_bits, unpack_bits
-from confide.secaggplus import _protocol as proto
-from confide.secaggplus.crypto import (
+from confide.errors import (
+    LateSubmissionError,
+    ProtocolViolationError,
+    SecAggAbortError,
+    ShareError,
+)
+from confide.secagg import _protocol as proto
+from confide.secagg.crypto import (
     agree,
     roster_payload,
     self_commitment,
     verify,
     x25519_public,
 )
-from confide.secaggplus.errors import (
-    LateSubmissionError,
-    ProtocolViolationError,
-    SecAggAbortError,
-)
-from confide.secaggplus.messages import (
+from confide.secagg.messages import (
     Advertisement,
     ConsistencyRequest,
     ConsistencySignature,
@@ -59,6 +58,7 @@ from confide.secaggplus.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from confide.secagg.primitives import apply_masks, dequantize, pack_bits, ring_dtype, unpack_bits
 from confide.shamir import combine_shares
 
 __all__ = ["AggregateResult", "ServerSecAgg"]
@@ -270,7 +270,8 @@ class ServerSecAgg:
 
     def key_broadcast(self) -> KeyBroadcast:
         """Return the broadcast of the share stage (re-sendable after a restart)."""
-        assert self._session is not None
+        if self._session is None:  # kept under python -O
+            raise ProtocolViolationError("no session yet: the round is not at this stage")
         adverts = tuple(self._adverts[c] for c in sorted(self._adverts))
         return KeyBroadcast(
             round=self.setup.round, session_id=self._session, advertisements=adverts
@@ -328,7 +329,8 @@ class ServerSecAgg:
 
     def share_deliveries(self) -> dict[str, ShareDelivery]:
         """Return the deliveries of the masked-input stage (re-sendable after a restart)."""
-        assert self._session is not None
+        if self._session is None:  # kept under python -O
+            raise ProtocolViolationError("no session yet: the round is not at this stage")
         inbox: dict[str, list[Any]] = {c: [] for c in self._u2}
         for sender in self._u2:
             for enc in self._uploads[sender].shares:
@@ -376,7 +378,7 @@ class ServerSecAgg:
         except ValueError:
             raise ProtocolViolationError(f"masked input of {mi.client_id!r} is malformed") from None
         if self._acc is None:
-            self._acc = np.zeros(self.setup.vector_length + 1, dtype=proto.ring_dtype(bits))
+            self._acc = np.zeros(self.setup.vector_length + 1, dtype=ring_dtype(bits))
         np.add(self._acc, vec, out=self._acc)
         if bits not in (32, 64):
             np.bitwise_and(self._acc, self._acc.dtype.type((1 << bits) - 1), out=self._acc)
@@ -409,13 +411,15 @@ class ServerSecAgg:
 
     def consistency_request(self) -> ConsistencyRequest:
         """Return the consistency-check request (re-sendable after a restart)."""
-        assert self._session is not None
+        if self._session is None:  # kept under python -O
+            raise ProtocolViolationError("no session yet: the round is not at this stage")
         return ConsistencyRequest(
             round=self.setup.round, session_id=self._session, survivors=self._u3
         )
 
     def _make_unmask_request(self) -> UnmaskRequest:
-        assert self._session is not None
+        if self._session is None:  # kept under python -O
+            raise ProtocolViolationError("no session yet: the round is not at this stage")
         alive = set(self._u3)
         return UnmaskRequest(
             round=self.setup.round,
@@ -441,7 +445,8 @@ class ServerSecAgg:
         self._accept("consistency", cs.client_id, cs.round, cs.session_id)
         if cs.client_id not in self._u3:
             raise ProtocolViolationError(f"{cs.client_id!r} sent no masked input")
-        assert self._session is not None
+        if self._session is None:  # kept under python -O
+            raise ProtocolViolationError("no session yet: the round is not at this stage")
         payload = roster_payload(self._session, self.setup.round, self._u3)
         if not verify(self.setup.identity_key(cs.client_id), cs.signature, payload):
             raise ProtocolViolationError(f"consistency signature of {cs.client_id!r} is invalid")
@@ -485,7 +490,8 @@ class ServerSecAgg:
         """
         resp = proto.coerce(UnmaskResponse, msg)
         self._accept("unmask", resp.client_id, resp.round, resp.session_id)
-        assert self._request is not None
+        if self._request is None:  # kept under python -O
+            raise ProtocolViolationError("no request yet: the round is not at this stage")
         if resp.client_id not in self._u3:
             raise ProtocolViolationError(f"{resp.client_id!r} is not alive")
         if resp.client_id in self._responses:
@@ -527,9 +533,12 @@ class ServerSecAgg:
             Some secret has fewer than ``t`` valid shares, or the aggregate is out of range.
         """
         self._require_stage("unmask")
-        assert self._request is not None
-        assert self._session is not None
-        assert self._acc is not None
+        if self._request is None:  # kept under python -O
+            raise ProtocolViolationError("no request yet: the round is not at this stage")
+        if self._session is None:  # kept under python -O
+            raise ProtocolViolationError("no session yet: the round is not at this stage")
+        if self._acc is None:  # kept under python -O
+            raise ProtocolViolationError("no acc yet: the round is not at this stage")
         self._drop_missing(self._u3, self._responses)
         setup, params = self.setup, self.setup.params
         self_shares: dict[str, list[bytes]] = {o: [] for o in self._request.alive}

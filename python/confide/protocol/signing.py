@@ -31,8 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from confide.federation_errors import ConfigError, SignatureError
-from confide.manifest import sha256_hex
+from confide.errors import ConfigError, SignatureError
+from confide.protocol.manifest import sha256_hex
 
 __all__ = [
     "HEADER_CLIENT",

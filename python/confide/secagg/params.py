@@ -51,7 +51,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from confide.secaggplus.errors import InfeasibleConfigError
+from confide.errors import InfeasibleConfigError
 
 __all__ = [
     "SecAggParams",

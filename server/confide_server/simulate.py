@@ -1,4 +1,4 @@
-"""``confide simulate``: a real federation on loopback, one process per party.
+"""``confide-server simulate``: a real federation on loopback, one process per party.
 
 It splits scikit-learn's bundled breast-cancer data into sites (IID or Dirichlet(alpha) label
 skew), writes each site's CSV, an initial model and a job config, starts ``confide-server``
@@ -7,7 +7,7 @@ the end compares the federated model with a centrally trained baseline on the sa
 writes a PNG plot of accuracy per round. It exits non-zero if anything failed, and never leaves
 a process behind.
 
-Differential privacy: ``confide simulate`` runs with patient-level DP-SGD by default
+Differential privacy: ``confide-server simulate`` runs with patient-level DP-SGD by default
 (``--dp sample``, noise calibrated so that the whole run reaches ``--epsilon`` at
 ``delta = 1e-5``, or a fixed ``--noise-multiplier``), and prints epsilon per round and at the
 end; ``--dp central`` gives client-level DP with server-side noise (SecAgg+ off),
@@ -44,8 +44,8 @@ from confide.data import (
     save_csv,
     train_test_split,
 )
-from confide.manifest import decode_tensors, encode_tensors
-from confide.trainer import NumpyTrainer, TrainConfig
+from confide.protocol.manifest import decode_tensors, encode_tensors
+from confide.training import NumpyTrainer, TrainConfig
 
 __all__ = ["JobFiles", "SimulationOptions", "free_port", "prepare_job", "run_simulation"]
 
@@ -87,7 +87,7 @@ class SimulationOptions:
     clip_norm: float = 1.0
     sampling_rate: float = 0.2
     local_steps: int = 0
-    secagg: bool = False  # SecAgg+ secure aggregation (`confide simulate` turns it on)
+    secagg: bool = False  # SecAgg+ secure aggregation (`confide-server simulate` turns it on)
     extra_secagg: dict[str, Any] = field(default_factory=dict)  # [secagg] overrides
 
 
@@ -167,7 +167,7 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
         **opts.extra_server,
     }
     lines = [
-        "# Written by `confide simulate`.",
+        "# Written by `confide-server simulate`.",
         "[job]",
         f'name = "breast-cancer-{opts.partition}"',
         f"rounds = {opts.rounds}",
@@ -270,8 +270,8 @@ def central_baseline(files: JobFiles, opts: SimulationOptions) -> float:
     """
     trainer = NumpyTrainer.from_manifest(files.trainer.manifest, files.trainer.get_weights())
     cfg = TrainConfig(opts.epochs * opts.rounds, opts.batch_size, opts.learning_rate)
-    trainer.fit(files.train.x, files.train.y, cfg, seed=opts.seed)
-    return trainer.evaluate(files.test.x, files.test.y)["accuracy"]
+    trainer.fit(files.train, cfg, seed=opts.seed)
+    return trainer.evaluate(files.test)["accuracy"]
 
 
 def _get_status(url: str) -> dict[str, Any] | None:
@@ -369,7 +369,7 @@ def run_simulation(
     logs.mkdir(exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     print(
-        f"confide simulate: {opts.clients} sites ({opts.partition}"
+        f"confide-server simulate: {opts.clients} sites ({opts.partition}"
         f"{f', alpha={opts.alpha}' if opts.partition == 'dirichlet' else ''}), "
         f"{opts.rounds} rounds, model {opts.model}, server {files.server_url}",
         flush=True,
@@ -480,7 +480,7 @@ def run_simulation(
         blob = (work / "state" / "models" / f"{model_sha}.safetensors").read_bytes()
         vec, _ = decode_tensors(files.trainer.manifest, blob)
         fed = NumpyTrainer.from_manifest(files.trainer.manifest, vec)
-        fed_acc = fed.evaluate(files.test.x, files.test.y)["accuracy"]
+        fed_acc = fed.evaluate(files.test)["accuracy"]
         base_acc = central_baseline(files, opts)
         plot_path = Path(plot) if plot is not None else work / "accuracy.png"
         _plot(status["rounds"], base_acc, plot_path)
@@ -515,10 +515,12 @@ def run_simulation(
 
 
 def main_simulate(argv: Sequence[str]) -> int:
-    """Parse ``confide simulate`` arguments and run it."""
+    """Parse ``confide-server simulate`` arguments and run it."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="confide simulate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="confide-server simulate", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--partition", choices=["iid", "dirichlet"], default="iid")

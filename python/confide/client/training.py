@@ -1,0 +1,102 @@
+"""The client's local training step: the one place that decides how a round is trained.
+
+A task without ``dp`` is trained by the engine's own ``fit``. A task with ``dp``
+(patient-level DP-SGD, privacy mode ``"sample"``) is trained by
+:func:`confide.privacy.run_dpsgd` on the engine's per-sample gradients; an engine that
+cannot give them is refused with :class:`~confide.errors.PrivacyUnsupportedError` before
+anything is trained or uploaded. A custom engine cannot get a patient-level epsilon reported
+for training it did not do under DP.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from confide.errors import PrivacyUnsupportedError
+from confide.noise import SecureRng
+from confide.privacy.dpsgd import run_dpsgd
+from confide.training.base import FitResult, PerSampleTrainer, SiteData, TrainConfig, Trainer
+
+__all__ = ["check_trainable", "fit_round", "train_delta"]
+
+
+def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
+    """Refuse a round the engine cannot train with the protection the task asks for.
+
+    Raises
+    ------
+    PrivacyUnsupportedError
+        ``config.dp`` is set and ``trainer`` gives no per-sample gradients.
+    """
+    if config.dp is not None and not isinstance(trainer, PerSampleTrainer):
+        raise PrivacyUnsupportedError(
+            f"this round asks for patient-level DP-SGD, but {type(trainer).__name__} gives no "
+            "per-sample gradients (confide.training.PerSampleTrainer); the round is refused "
+            "and nothing is uploaded"
+        )
+
+
+def fit_round(
+    trainer: Trainer,
+    data: SiteData,
+    config: TrainConfig,
+    seed: int,
+    *,
+    rng: SecureRng | None = None,
+) -> FitResult:
+    """Train one round: ``trainer.fit`` without DP, :func:`~confide.privacy.run_dpsgd` with.
+
+    Parameters
+    ----------
+    trainer : Trainer
+        The local engine.
+    data : SiteData
+        Local records.
+    config : TrainConfig
+        The task's training config.
+    seed : int
+        Batch-order seed (no secret).
+    rng : SecureRng, optional
+        DP-SGD sampling/noise generator (tests only; OS-keyed by default).
+
+    Returns
+    -------
+    FitResult
+        What the round did.
+    """
+    check_trainable(trainer, config)
+    if config.dp is not None:
+        if not isinstance(trainer, PerSampleTrainer):  # re-checked: -O must not skip it
+            raise PrivacyUnsupportedError("engine gives no per-sample gradients")
+        return run_dpsgd(trainer, data, config, rng=rng)
+    return trainer.fit(data, config, seed)
+
+
+def train_delta(
+    trainer: Trainer, weights: NDArray[np.float32], data: SiteData, config: TrainConfig, seed: int
+) -> tuple[NDArray[np.float32], int, float]:
+    """Train from ``weights``; return ``(new - weights, num_examples, loss)`` (a worker thread).
+
+    Parameters
+    ----------
+    trainer : Trainer
+        The local engine (its weights are overwritten).
+    weights : numpy.ndarray
+        The announced model.
+    data : SiteData
+        Local training data.
+    config : TrainConfig
+        Epochs, batch size, learning rate, and ``dp`` for patient-level DP-SGD.
+    seed : int
+        Training seed.
+
+    Returns
+    -------
+    tuple
+        The delta, the number of examples and the final training loss (NaN under DP).
+    """
+    trainer.set_weights(weights)
+    result = fit_round(trainer, data, config, seed)
+    delta: NDArray[np.float32] = (trainer.get_weights() - weights).astype(np.float32)
+    return delta, int(result.num_examples), float(result.loss)

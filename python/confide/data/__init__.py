@@ -1,0 +1,27 @@
+"""Local data: tabular loaders, image datasets and site partitioners.
+
+Every dataset implements :class:`confide.training.base.SiteData` (``len``, ``labels``,
+``patient_ids`` and ``batch(index)``), which is all an engine reads.
+"""
+
+from confide.data.tabular import (
+    Dataset,
+    Standardizer,
+    load_breast_cancer,
+    load_csv,
+    partition_dirichlet,
+    partition_iid,
+    save_csv,
+    train_test_split,
+)
+
+__all__ = [
+    "Dataset",
+    "Standardizer",
+    "load_breast_cancer",
+    "load_csv",
+    "partition_dirichlet",
+    "partition_iid",
+    "save_csv",
+    "train_test_split",
+]

@@ -1,0 +1,99 @@
+"""Test-only entry points: the real server and client commands plus fault injection.
+
+Crash injection and seeded protocol randomness are never part of the shipped commands;
+the e2e tests start these wrappers instead, which pass hooks through the constructor and
+function arguments the shipped code offers::
+
+    python -m tests.e2e.entry server [--crash-at POINT[:N]] run --config job.toml
+    python -m tests.e2e.entry site [--die-in-round R] [--die-at-stage S]
+        [--rng-seed HEX --rng-client ID] --server URL --data ...   (``confide client`` options)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from confide.cli import build_parser, run_client
+from confide_server.cli import serve
+from confide_server.config import load_config
+from tests.support import seeded_rng_factory
+
+#: Durable steps the server passes (see RoundEngine's crash hook).
+CRASH_POINTS = (
+    "submission_committed",
+    "model_written",
+    "stage_committed",
+    "before_round_commit",
+    "round_committed",
+    "round_started",
+    "round_aborted",
+)
+
+
+def _crash_hook(spec: str) -> Callable[[str], None]:
+    point, _, nth = spec.partition(":")
+    if point not in CRASH_POINTS:
+        raise SystemExit(f"unknown crash point {point!r}; expected one of {CRASH_POINTS}")
+    target = int(nth or "1")
+    seen = {"n": 0}
+
+    def hook(name: str) -> None:
+        if name == point:
+            seen["n"] += 1
+            if seen["n"] == target:
+                # Tell the test the point was reached before dying (it asserts on it).
+                print(f"CRASH-POINT-REACHED {point}:{target}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def _server(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="entry server")
+    p.add_argument("--crash-at", default=None)
+    p.add_argument("command", choices=["run"])
+    p.add_argument("--config", required=True)
+    a = p.parse_args(argv)
+    hook = _crash_hook(a.crash_at) if a.crash_at else None
+    return asyncio.run(serve(load_config(a.config), crash_hook=hook))
+
+
+def _site(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="entry site", add_help=False)
+    p.add_argument("--die-in-round", type=int, default=None)
+    p.add_argument("--die-at-stage", default="train")
+    p.add_argument("--rng-seed", default=None)
+    p.add_argument("--rng-client", default=None, help="client id the seeded RNG is keyed by")
+    a, rest = p.parse_known_args(argv)
+    args = build_parser().parse_args(["client", *rest])
+    on_task: Callable[[dict[str, Any]], None] | None = None
+    if a.die_in_round is not None:
+        die_in, stage = a.die_in_round, a.die_at_stage
+
+        def on_task(task: dict[str, Any]) -> None:
+            if task["action"] == stage and int(task["round"]) >= die_in:
+                print(f"DIE-POINT-REACHED {stage}:{task['round']}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    factory = None
+    if a.rng_seed is not None:
+        cid = a.rng_client or args.client_id
+        if not cid:
+            raise SystemExit("--rng-seed needs --rng-client or --client-id")
+        factory = seeded_rng_factory(bytes.fromhex(a.rng_seed), cid)
+    return asyncio.run(run_client(args, on_task=on_task, rng_factory=factory))
+
+
+def main() -> int:
+    kind, argv = sys.argv[1], sys.argv[2:]
+    return _server(argv) if kind == "server" else _site(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

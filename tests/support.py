@@ -1,0 +1,53 @@
+"""Test-only helpers: unvalidated arrays as site data, and seeded randomness factories.
+
+Nothing here ships in the wheel. Seeded generators are injected through constructor
+arguments (``Client(..., rng_factory=...)``), never through environment switches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from confide.noise import SecureRng
+
+
+@dataclass
+class Arrays:
+    """A :class:`confide.training.SiteData` over raw arrays, without any validation.
+
+    Lets a test hand an engine exactly the (possibly malformed) arrays it wants to check.
+    """
+
+    x: Any
+    y: Any
+    patient_ids: NDArray[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def labels(self) -> Any:
+        return self.y
+
+    def batch(self, index: NDArray[np.int64]) -> tuple[Any, Any]:
+        return self.x[index], self.y[index]
+
+
+def round_seed(seed: bytes, client_id: str, round_id: int) -> bytes:
+    """The 32-byte seed of one client's protocol randomness in one round."""
+    return hashlib.sha256(seed + f"|{client_id}|{round_id}".encode()).digest()
+
+
+def seeded_rng_factory(seed: bytes, client_id: str) -> Any:
+    """A ``RngFactory`` whose generators are recomputable from ``seed`` (tests only)."""
+
+    def make(purpose: str, round_id: int) -> SecureRng:
+        cid = client_id if purpose == "secagg" else f"{client_id}|{purpose}"
+        return SecureRng(round_seed(seed, cid, round_id))
+
+    return make
