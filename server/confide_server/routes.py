@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from confide_server import handlers
+from confide_server.releases import setup_release_routes
 
 __all__ = ["setup_routes"]
 
@@ -22,3 +23,4 @@ def setup_routes(app: web.Application) -> None:
         handlers.put_submission,
         expect_handler=handlers.expect_upload,
     )
+    setup_release_routes(app)  # /v1/releases/*: signed models for devices

@@ -1,0 +1,134 @@
+"""Server-side signed releases: the release key, the release book, the HTTP endpoints."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from confide.errors import ConfigError
+from confide.protocol.release import (
+    DevicePolicy,
+    DPGuarantee,
+    VersionStore,
+    key_fingerprint,
+    verify_release,
+)
+from confide_server.releases import (
+    ReleaseBook,
+    enrolment_fields,
+    head_release_onnx,
+    load_or_create_release_key,
+    setup_release_routes,
+)
+
+POLICY = DevicePolicy(max_epsilon=8.0, max_delta=1e-5)
+DP = DPGuarantee(3.2, 1e-5, "patient")
+
+
+def _release(book: ReleaseBook, model: bytes, dp: DPGuarantee | None = DP) -> Any:
+    return book.release(
+        job_id="job", model=model, manifest_sha256="ab" * 32, classes=["a", "b"], dp=dp
+    )
+
+
+def test_release_key_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    key = load_or_create_release_key(tmp_path)
+    path = tmp_path / "release_key.pem"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_release_key(tmp_path).public_key_b64 == key.public_key_b64
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="0600"):
+        load_or_create_release_key(tmp_path)
+
+
+def test_versions_grow_and_survive_a_restart(tmp_path: Path) -> None:
+    book = ReleaseBook(tmp_path)
+    assert book.latest() is None
+    assert [_release(book, b"m%d" % i).record.version for i in range(3)] == [1, 2, 3]
+    reopened = ReleaseBook(tmp_path)
+    assert reopened.versions() == [1, 2, 3]
+    assert _release(reopened, b"m3").record.version == 4
+    assert reopened.model(2) == b"m1" and reopened.model(99) is None
+    assert not list((tmp_path / "releases").glob("*.tmp"))
+
+
+def test_enrolment_fields_pin_the_release_key(tmp_path: Path) -> None:
+    book = ReleaseBook(tmp_path)
+    fields = enrolment_fields(book)
+    assert fields["release_public_key"] == book.public_key_b64
+    assert fields["release_key_fingerprint"] == key_fingerprint(book.public_key_b64)
+
+
+@pytest.fixture
+async def http(
+    tmp_path: Path, aiohttp_client: Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+) -> tuple[TestClient[Any, Any], ReleaseBook]:
+    app = web.Application()
+    setup_release_routes(app, state_dir=tmp_path)
+    from confide_server.releases import releases_key
+
+    client = await aiohttp_client(app)
+    return client, app[releases_key]
+
+
+async def test_endpoints_serve_verifiable_releases(http: Any) -> None:
+    client, book = http
+    resp = await client.get("/v1/releases/latest")
+    assert resp.status == 404
+    _release(book, b"first model")
+    _release(book, b"second model", DPGuarantee(5.0, 1e-5, "patient"))
+    key_doc = await (await client.get("/v1/releases/key")).json()
+    assert key_doc["public_key"] == book.public_key_b64
+    versions = VersionStore()
+    for path, model in (
+        ("/v1/releases/1", b"first model"),
+        ("/v1/releases/latest", b"second model"),
+    ):
+        doc = await (await client.get(path)).json()
+        got = await (await client.get(doc["model_url"])).read()
+        assert got == model
+        record = verify_release(
+            doc["record"].encode(),
+            base64.b64decode(doc["signature"]),
+            got,
+            key_doc["public_key"],
+            POLICY,
+            versions,
+        )
+        assert record.version == doc["version"] and record.model_sha256 == doc["model_sha256"]
+    assert (await client.get("/v1/releases/7")).status == 404
+    assert (await client.get("/v1/releases/7/model")).status == 404
+    assert (await client.get("/v1/releases/x")).status == 404
+
+
+def test_head_release_onnx_equals_the_numpy_trainer(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from confide.inference import load_model
+    from confide.training.numpy_engine import NumpyTrainer
+
+    backbone = Path(__file__).parents[1] / "inference" / "fixtures" / "tiny_cnn64.onnx"
+    for kind, hidden in (("logistic", ()), ("mlp", (6,))):
+        head = NumpyTrainer.create(kind, 8, 2, hidden, seed=2)
+        data = head_release_onnx(backbone.read_bytes(), head.manifest, head.get_weights())
+        model = load_model(data)
+        x = np.random.default_rng(0).uniform(size=(3, 3, 64, 64)).astype(np.float32)
+        out = model.run(x)
+        np.testing.assert_allclose(
+            out["probabilities"], head.predict_proba(out["features"]), atol=1e-6
+        )
+    with pytest.raises(ConfigError, match="numpy head"):
+        from confide.protocol.manifest import Manifest
+
+        head_release_onnx(
+            backbone.read_bytes(), Manifest.from_shapes([("w", (2,))]), np.zeros(2, np.float32)
+        )
