@@ -73,7 +73,8 @@ class Proc:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         assert self.p.stdout is not None
@@ -85,6 +86,7 @@ class Proc:
                 if self._ready in line and self.url is None:
                     self.url = line.split()[-1].rstrip("/")
                     self._event.set()
+        self.p.stdout.close()
         self._event.set()  # exited: wake the waiter, which then sees no URL
 
     def wait_ready(self, timeout: float = 60.0) -> str:
@@ -101,6 +103,7 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.p.kill()
                 self.p.wait()
+        self._reader.join(10)
 
 
 def _free_port() -> int:
@@ -110,7 +113,7 @@ def _free_port() -> int:
         return port
 
 
-def _wait_http(url: str, proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     """Poll a health URL (the server prints nothing when ready), failing fast if it exits."""
     import time
 
@@ -191,13 +194,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     )
     env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)])}
     procs: list[Proc] = []
-    server = subprocess.Popen(
-        [sys.executable, "-m", "confide_server", "run", "--config", str(config)],
-        cwd=REPO,
-        stdout=(logs / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with (logs / "server.log").open("wb") as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "confide_server", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         port = int(config.read_text().split("port = ")[1].split()[0])
         server_url = f"http://127.0.0.1:{port}"
@@ -279,12 +282,21 @@ def browser() -> Iterator[Any]:
 
 
 def _png(seed: int, size: tuple[int, int] = (180, 150)) -> bytes:
+    """A synthetic skin-lesion-like picture: a dark irregular blob on a skin tone."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    arr = (rng.uniform(size=(size[1], size[0], 3)) * 255).astype(np.uint8)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cx, cy = w * rng.uniform(0.4, 0.6), h * rng.uniform(0.4, 0.6)
+    angle = np.arctan2(yy - cy, xx - cx)
+    radius = min(w, h) * (0.25 + 0.04 * np.sin(3 * angle + rng.uniform(0, 6)))
+    inside = np.hypot(xx - cx, yy - cy) < radius
+    skin = np.array([224.0, 178.0, 150.0])
+    lesion = np.array([92.0, 58.0, 40.0])
+    img = np.where(inside[..., None], lesion, skin) + rng.normal(0, 8, size=(h, w, 3))
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
 
 

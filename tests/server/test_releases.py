@@ -57,7 +57,8 @@ def test_versions_grow_and_survive_a_restart(tmp_path: Path) -> None:
     reopened = ReleaseBook(tmp_path)
     assert reopened.versions() == [1, 2, 3]
     assert _release(reopened, b"m3").record.version == 4
-    assert reopened.model(2) == b"m1" and reopened.model(99) is None
+    assert reopened.model(2) == b"m1"
+    assert reopened.model(99) is None
     assert not list((tmp_path / "releases").glob("*.tmp"))
 
 
@@ -104,7 +105,8 @@ async def test_endpoints_serve_verifiable_releases(http: Any) -> None:
             POLICY,
             versions,
         )
-        assert record.version == doc["version"] and record.model_sha256 == doc["model_sha256"]
+        assert record.version == doc["version"]
+        assert record.model_sha256 == doc["model_sha256"]
     assert (await client.get("/v1/releases/7")).status == 404
     assert (await client.get("/v1/releases/7/model")).status == 404
     assert (await client.get("/v1/releases/x")).status == 404
@@ -126,9 +128,8 @@ def test_head_release_onnx_equals_the_numpy_trainer(tmp_path: Path) -> None:
         np.testing.assert_allclose(
             out["probabilities"], head.predict_proba(out["features"]), atol=1e-6
         )
-    with pytest.raises(ConfigError, match="numpy head"):
-        from confide.protocol.manifest import Manifest
+    from confide.protocol.manifest import Manifest
 
-        head_release_onnx(
-            backbone.read_bytes(), Manifest.from_shapes([("w", (2,))]), np.zeros(2, np.float32)
-        )
+    not_a_head = Manifest.from_shapes([("w", (2,))])
+    with pytest.raises(ConfigError, match="numpy head"):
+        head_release_onnx(backbone.read_bytes(), not_a_head, np.zeros(2, np.float32))
