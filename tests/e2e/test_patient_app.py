@@ -133,10 +133,13 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -
 class Stack:
     app_url: str
     server_url: str
+    proxy_url: str
     request_log: Path
     release_key: str
     model_bytes: bytes
-    logs: Path
+    config: Path
+    work: Path
+    env: dict[str, str]
 
 
 def _write_job(work: Path) -> tuple[Path, Path]:
@@ -159,10 +162,21 @@ def _write_job(work: Path) -> tuple[Path, Path]:
                 "[model]",
                 'manifest = "model.json"',
                 'weights = "init.safetensors"',
+                "[deadlines]",
+                "train = 60.0",
+                "evaluate = 60.0",
                 "[server]",
                 'host = "127.0.0.1"',
                 f"port = {port}",
                 'state_dir = "state"',
+                # Patient-level DP-SGD on the device (its records are one patient).
+                "[privacy]",
+                'mode = "sample"',
+                "delta = 1e-5",
+                "noise_multiplier = 1.1",
+                "clip_norm = 1.0",
+                "sampling_rate = 0.5",
+                "local_steps = 4",
             ]
         )
         + "\n"
@@ -246,7 +260,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             env,
         )
         procs.append(app)
-        yield Stack(app.wait_ready(), server_url, request_log, book.public_key_b64, model, logs)
+        yield Stack(
+            app.wait_ready(),
+            server_url,
+            proxy_url,
+            request_log,
+            book.public_key_b64,
+            model,
+            config,
+            work,
+            env,
+        )
     finally:
         for p in reversed(procs):
             p.stop()
@@ -461,3 +485,94 @@ def test_the_page_loads_nothing_from_outside(stack: Stack, browser: Any) -> None
     assert "connect-src 'self'" in csp
     assert "http://" not in html
     assert "https://" not in html
+
+
+def _post(url: str, body: bytes = b"", content_type: str = "application/json") -> Any:
+    req = urllib.request.Request(
+        url, data=body, method="POST", headers={"X-Patient-App": "1", "Content-Type": content_type}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_opt_in_training_takes_part_in_a_dp_round_without_sending_images(stack: Stack) -> None:
+    import time
+
+    token = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "confide_server",
+            "enroll",
+            "--config",
+            str(stack.config),
+            "-n",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout.split()[0]
+    token_file = stack.work / "token"
+    token_file.write_text(token)
+    app = Proc(
+        "app-train",
+        [
+            sys.executable,
+            "-m",
+            "patient_app",
+            "--state-dir",
+            str(stack.work / "device-2"),
+            "--release-key",
+            stack.release_key,
+            "--server",
+            stack.proxy_url,
+            "--port",
+            "0",
+            "--max-epsilon",
+            "4",
+            "--update-on-start",
+            "--enroll-token-file",
+            str(token_file),
+        ],
+        stack.work / "logs",
+        "patient-app listening on",
+        stack.env,
+    )
+    try:
+        url = app.wait_ready()
+        assert _get(url + "/api/status")["consent"] is False
+        assert _post(url + "/api/consent", json.dumps({"train": True}).encode())["consent"]
+        images = [_png(seed=10 + i) for i in range(4)]
+        for i, image in enumerate(images):
+            doc = _post(url + "/api/diagnose", image, "application/octet-stream")
+            body = json.dumps({"key": doc["label_key"], "label": i % 3}).encode()
+            assert _post(url + "/api/label", body)["labelled_images"] == i + 1
+        assert _post(url + "/api/train")["training"] == "started"
+        end = time.monotonic() + 120
+        while (training := _get(url + "/api/status")["training"])["status"] in ("idle", "running"):
+            assert time.monotonic() < end, app.lines[-20:]
+            threading.Event().wait(0.2)
+        assert training == {"status": "finished", "rounds_trained": 1}, training
+    finally:
+        app.stop()
+    status = _get(stack.server_url + "/v1/status")
+    assert status["rounds_completed"] == 1
+    assert status["privacy"]["epsilon"] > 0  # the device's round was accounted
+    # What reached the server: enrolment, tasks, the model, one DP update and the evaluation
+    # metrics; never an image or a feature vector.
+    raw = stack.request_log.read_bytes()
+    entries = [json.loads(line) for line in raw.splitlines()]
+    puts = [e for e in entries if e["method"] == "PUT"]
+    assert [e["path"] for e in puts] == ["/v1/rounds/1/train", "/v1/rounds/1/evaluate"]
+    for image in images:
+        for chunk in (image[60:120], image[-80:-20]):
+            assert base64.b64encode(chunk) not in raw
+            for e in entries:
+                assert chunk not in base64.b64decode(e["body_b64"])

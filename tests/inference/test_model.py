@@ -235,3 +235,17 @@ def test_repr_names_engine_and_signature() -> None:
     model = load_model(FIXTURES / "tiny_cnn64.onnx")
     assert "image(N, 3, 64, 64)" in repr(model)
     assert "onnx" in repr(model)
+
+
+def test_confide_export_of_numpy_heads_runs_on_both_paths(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from confide.export import export_onnx
+    from confide.training.numpy_engine import NumpyTrainer
+
+    trainer = NumpyTrainer.create("mlp", 6, 3, (5,), "relu", seed=1)
+    path = export_onnx(trainer, tmp_path / "head.onnx")
+    model = load_model(path)
+    assert model.metadata["confide.manifest_sha256"] == trainer.manifest.sha256
+    x = _rng_inputs((5, 6), seed=9)
+    np.testing.assert_allclose(model.predict(x), trainer.predict_proba(x), atol=1e-6)
