@@ -160,6 +160,9 @@ def bench_round(threads: int) -> dict[str, Any]:
 
 
 def _closure(root: str, extras: set[str]) -> set[str]:
+    """Installed distributions ``root[extras]`` needs, following markers as pip would."""
+    from packaging.requirements import Requirement
+
     seen: set[str] = set()
     todo: list[tuple[str, set[str]]] = [(root, extras)]
     while todo:
@@ -172,19 +175,11 @@ def _closure(root: str, extras: set[str]) -> set[str]:
         except metadata.PackageNotFoundError:
             continue
         seen.add(key)
-        for req in dist.requires or []:
-            spec, _, marker = req.partition(";")
-            marker = marker.strip()
-            if marker:
-                wanted = re.findall(r'extra\s*==\s*"([^"]+)"', marker)
-                if wanted and not set(wanted) & ex:
-                    continue
-                if not wanted and "python_version" in marker and "<" in marker:
-                    continue  # backports for older Pythons
-            m = re.match(r"\s*([A-Za-z0-9_.\-]+)(\[([^\]]+)\])?", spec)
-            if m:
-                sub = set((m.group(3) or "").replace(" ", "").split(",")) - {""}
-                todo.append((m.group(1), sub))
+        for text in dist.requires or []:
+            req = Requirement(text)
+            envs = [{"extra": e} for e in ex] or [{"extra": ""}]
+            if req.marker is None or any(req.marker.evaluate(env) for env in envs):
+                todo.append((req.name, set(req.extras)))
     return seen
 
 
