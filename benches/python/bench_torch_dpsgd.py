@@ -1,0 +1,481 @@
+"""DP-SGD step time of the torch engine vs a plain step vs Opacus, round time, peak RSS.
+
+Same model (SqueezeNet 1.1, 2 classes), same batch, same data (the synthetic-lesion tiles of
+``confide.data.lesions``) for every method, in one run:
+
+* ``plain``: one non-private SGD step (forward, backward, ``torch.optim.SGD`` momentum 0.9);
+* ``confide``: one patient-level DP-SGD step as :func:`confide.privacy.run_dpsgd` does it:
+  per-sample gradients (``torch.func``, chunked), per-patient sum, clipping by the Rust
+  kernel through a zero-copy view (CPU) or ``confide.privacy.torch_clip`` (CUDA), Gaussian
+  noise from the Rust core's CSPRNG (generated on CPU, moved to the device), expected-batch
+  normalisation, momentum, in-place update. Each record is its own patient here, so 32 rows
+  are clipped, as Opacus does;
+* ``opacus``: one step of Opacus 1.6 (``GradSampleModule`` hooks + ``DPOptimizer``, same clip
+  norm and noise multiplier; torch's non-cryptographic RNG).
+
+Times are medians over ``--repeat`` repeats after one untimed warm-up, with the methods
+interleaved in every repeat so a noisy neighbour hits them alike. Then the wall time of one
+site's round at 64x64 with 300 images (60 patients x 5 tiles; expected batch 32, 10 steps,
+DP and plain), and the peak RSS of a DP round at 224x224, B=32, measured in a fresh child
+process.
+
+Run::
+
+    python benches/python/bench_torch_dpsgd.py                 # CPU, one thread (~4 min)
+    python benches/python/bench_torch_dpsgd.py --quick         # 64x64 only, 3 repeats
+    python benches/python/bench_torch_dpsgd.py --device cuda   # see benches/gpu/
+
+Writes the table to stdout and JSON to ``--json`` (default
+``benches/results/torch_dpsgd_<device>.json``). Opacus is optional (``pip install
+opacus==1.6.*``; it is a benchmark peer, not a confide dependency); without it the column
+says ``-``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIP = 1.0
+NOISE = 1.0
+LR = 0.05
+MOMENTUM = 0.9
+
+
+def _parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", default="1", help="torch/rayon threads: an int or 'all'")
+    p.add_argument("--sizes", default="224,64", help="image sides to time, comma-separated")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="64x64 only, 3 repeats, no RSS child")
+    p.add_argument("--no-opacus", action="store_true")
+    p.add_argument("--no-round", action="store_true", help="skip the 300-image round")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child")
+    p.add_argument(
+        "--proposed-group-fix",
+        action="store_true",
+        help="also time the round with a per-patient summation in place of run_dpsgd's reduceat",
+    )
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeat, args.no_rss = "64", 3, True
+    return args
+
+
+def _set_threads(threads: str) -> int:
+    # Before torch/confide are imported: rayon sizes its pool once, from the environment.
+    n = (os.cpu_count() or 1) if threads == "all" else int(threads)
+    for var in ("RAYON_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    return n
+
+
+def _rss_mb() -> float:
+    """Peak resident set size of this process in MB (VmHWM).
+
+    Not ``getrusage``: on Linux ``ru_maxrss`` survives ``execve``, so a child started from a
+    big parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _grouped_sums_per_group(g: Any, pat: Any) -> tuple[Any, Any]:
+    """Drop-in for ``confide.privacy.dpsgd._group_sorted``, summing one patient at a time.
+
+    Same float64 accumulation and identical results (checked bit for bit before use); used
+    only with ``--proposed-group-fix`` to measure a proposed change to run_dpsgd.
+    """
+    import numpy as np
+
+    starts = np.flatnonzero(np.r_[True, pat[1:] != pat[:-1]])
+    ends = np.r_[starts[1:], len(pat)]
+    out = np.empty((len(starts), g.shape[1]), np.float32)
+    for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        out[k] = g[s] if e - s == 1 else g[s:e].sum(axis=0, dtype=np.float64)
+    return out, pat[starts]
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+class ConfideDPStep:
+    """One DP-SGD step with confide's pieces (what run_dpsgd does for one sampled batch).
+
+    TEMPORARY local copy of the loop body, kept only while ``confide.privacy.run_dpsgd`` is
+    not importable: when it is, the round benchmark below uses the real function.
+    """
+
+    def __init__(self, trainer: Any, expected_batch: float, seed: int = 0) -> None:
+        import torch
+
+        from confide.noise import SecureRng
+
+        self.trainer = trainer
+        self.expected = float(expected_batch)
+        self.rng = SecureRng(bytes([seed]) * 32)
+        self.velocity = torch.zeros_like(trainer.flat_parameters)
+
+    def __call__(self, x: Any, y: Any, patient_ids: Any | None = None) -> None:
+        import numpy as np
+        import torch
+
+        from confide.noise import gaussian
+        from confide.privacy.torch_clip import clip_rows
+
+        t = self.trainer
+        g = t.per_sample_gradients(x, y)
+        if patient_ids is not None:
+            _, inverse = np.unique(patient_ids, return_inverse=True)
+            sums = torch.zeros((int(inverse.max()) + 1, g.shape[1]), device=g.device)
+            sums.index_add_(0, torch.from_numpy(inverse.ravel()).to(g.device), g)
+            g = sums
+        clip_rows(g, CLIP)
+        total = g.sum(dim=0)
+        noise = gaussian(g.shape[1], NOISE * CLIP, rng=self.rng)
+        total += torch.from_numpy(noise).to(g.device, non_blocking=True)
+        with torch.no_grad():
+            self.velocity.mul_(MOMENTUM).add_(total, alpha=1.0 / self.expected)
+            t.flat_parameters.add_(self.velocity, alpha=-LR)
+
+
+class PlainStep:
+    """One non-private SGD step on the same trainer's module."""
+
+    def __init__(self, trainer: Any) -> None:
+        import torch
+
+        self.module = trainer.module
+        self.device = trainer.device
+        self.opt = torch.optim.SGD(self.module.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def __call__(self, x: Any, y: Any, patient_ids: Any | None = None) -> None:
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        self.module.train()
+        xt = torch.from_numpy(x).to(self.device)
+        yt = torch.from_numpy(y).to(self.device)
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.module(xt), yt).backward()
+        self.opt.step()
+
+
+class OpacusStep:
+    """One Opacus 1.6 DP-SGD step (hooks grad sampler, per-sample clipping, Gaussian noise)."""
+
+    def __init__(self, side: int, device: Any, batch: int) -> None:
+        import warnings
+
+        import torch
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        from confide.training.torch_models import SqueezeNet11
+
+        torch.manual_seed(0)
+        self.device = device
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.module = GradSampleModule(SqueezeNet11(num_classes=2).to(device))
+            self.opt = DPOptimizer(
+                torch.optim.SGD(self.module.parameters(), lr=LR, momentum=MOMENTUM),
+                noise_multiplier=NOISE,
+                max_grad_norm=CLIP,
+                expected_batch_size=batch,
+            )
+
+    def __call__(self, x: Any, y: Any, patient_ids: Any | None = None) -> None:
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        xt = torch.from_numpy(x).to(self.device)
+        yt = torch.from_numpy(y).to(self.device)
+        self.opt.zero_grad(set_to_none=True)
+        F.cross_entropy(self.module(xt), yt).backward()
+        self.opt.step()
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(side: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Median step times of plain / confide / opacus at one image size."""
+    import numpy as np
+
+    from confide.data.lesions import lesion_dataset
+    from confide.training.torch_engine import TorchTrainer
+
+    batch = args.batch
+    data = lesion_dataset(n_patients=batch, tiles_per_patient=1, size=side, seed=0)
+    x, y = data.batch(np.arange(batch, dtype=np.int64))
+    trainer_dp = TorchTrainer.create(
+        "squeezenet1_1", 2, (3, side, side), seed=0, device=args.device
+    )
+    trainer_plain = TorchTrainer.create(
+        "squeezenet1_1", 2, (3, side, side), seed=0, device=args.device
+    )
+    methods: dict[str, Any] = {
+        "plain": PlainStep(trainer_plain),
+        "confide": ConfideDPStep(trainer_dp, expected_batch=batch),
+    }
+    if not args.no_opacus:
+        try:
+            methods["opacus"] = OpacusStep(side, trainer_dp.device, batch)
+        except ImportError:
+            print("opacus not installed: its column is '-'", file=sys.stderr)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for step in methods.values():  # warm-up (vmap tracing, allocator, oneDNN kernels)
+        step(x, y)
+        _sync(trainer_dp.device)
+    for _ in range(args.repeat):
+        for name, step in methods.items():
+            _sync(trainer_dp.device)
+            t0 = time.perf_counter()
+            step(x, y)
+            _sync(trainer_dp.device)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: float(np.median(v)) for name, v in times.items()}
+    return {
+        "side": side,
+        "batch": batch,
+        "per_sample_chunk": trainer_dp.per_sample_chunk,
+        "median_s": med,
+        "all_s": times,
+        "ratio_confide_vs_plain": med["confide"] / med["plain"],
+        "ratio_opacus_vs_plain": med["opacus"] / med["plain"] if "opacus" in med else None,
+    }
+
+
+def time_round(args: argparse.Namespace) -> dict[str, Any]:
+    """Wall time of one site's round at 64x64 with 300 images (60 patients x 5 tiles)."""
+    import numpy as np
+
+    from confide.data.lesions import lesion_dataset
+    from confide.training.base import DPSGDConfig, TrainConfig
+    from confide.training.torch_engine import TorchTrainer
+
+    data = lesion_dataset(n_patients=60, tiles_per_patient=5, size=64, seed=1)
+    q = (args.batch / 5) / 60  # expected 32 records = 6.4 patients of 60
+    steps = 10  # ~one epoch of 300 images at batch 32
+    out: dict[str, Any] = {"images": len(data), "patients": 60, "sampling_rate": q, "steps": steps}
+
+    plain = TorchTrainer.create(
+        "squeezenet1_1", 2, (3, 64, 64), seed=0, device=args.device, momentum=MOMENTUM
+    )
+    plain.loss_and_gradient(*data.batch(np.arange(2, dtype=np.int64)))  # warm-up, untimed
+    t0 = time.perf_counter()
+    plain.fit(data, TrainConfig(epochs=1, batch_size=args.batch, learning_rate=LR), seed=0)
+    _sync(plain.device)
+    out["plain_round_s"] = time.perf_counter() - t0
+
+    trainer = TorchTrainer.create("squeezenet1_1", 2, (3, 64, 64), seed=0, device=args.device)
+    trainer.per_sample_gradients(*data.batch(np.arange(2, dtype=np.int64)))  # warm-up, untimed
+    dp = DPSGDConfig(
+        noise_multiplier=NOISE, clip_norm=CLIP, sampling_rate=q, steps=steps, momentum=MOMENTUM
+    )
+    try:
+        from confide.privacy.dpsgd import run_dpsgd
+    except ImportError:
+        run_dpsgd = None
+    t0 = time.perf_counter()
+    if run_dpsgd is not None:
+        from confide.noise import SecureRng
+
+        run_dpsgd(trainer, data, TrainConfig(learning_rate=LR, dp=dp), rng=SecureRng(bytes(32)))
+        out["loop"] = "confide.privacy.run_dpsgd"
+    else:  # TEMPORARY: the same loop with this file's ConfideDPStep
+        from confide.noise import SecureRng
+        from confide.privacy.dpsgd import poisson_sample_patients
+
+        step = ConfideDPStep(trainer, expected_batch=q * 60)
+        rng = SecureRng(bytes(32))
+        ids = data.patient_ids
+        for _ in range(steps):
+            rows = poisson_sample_patients(ids, q, rng)
+            if rows.size:
+                x, y = data.batch(rows)
+                step(x, y, ids[rows])
+        out["loop"] = "TEMPORARY local copy (run_dpsgd not importable)"
+    _sync(trainer.device)
+    out["dp_round_s"] = time.perf_counter() - t0
+    out["ratio_dp_vs_plain"] = out["dp_round_s"] / out["plain_round_s"]
+    if args.proposed_group_fix and run_dpsgd is not None:
+        from confide.noise import SecureRng
+        from confide.privacy import dpsgd
+
+        g = np.random.default_rng(0).standard_normal((12, 1000)).astype(np.float32)
+        pat = np.sort(np.random.default_rng(1).integers(0, 4, 12))
+        a, b = dpsgd._group_sorted(g, pat), _grouped_sums_per_group(g, pat)
+        if not (np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])):
+            raise RuntimeError("the proposed grouping differs from run_dpsgd's")
+        original = dpsgd._group_sorted
+        dpsgd._group_sorted = _grouped_sums_per_group
+        try:
+            fixed = TorchTrainer.create("squeezenet1_1", 2, (3, 64, 64), seed=0, device=args.device)
+            t0 = time.perf_counter()
+            run_dpsgd(fixed, data, TrainConfig(learning_rate=LR, dp=dp), rng=SecureRng(bytes(32)))
+            _sync(fixed.device)
+            out["dp_round_group_fix_s"] = time.perf_counter() - t0
+        finally:
+            dpsgd._group_sorted = original
+        out["ratio_dp_group_fix_vs_plain"] = out["dp_round_group_fix_s"] / out["plain_round_s"]
+    return out
+
+
+def rss_child(side: int, batch: int, device: str) -> None:
+    """Child process: RSS after imports, then peak RSS over a 3-step DP round."""
+    import numpy as np
+
+    from confide.data.lesions import lesion_dataset
+    from confide.training.torch_engine import TorchTrainer
+
+    base = _rss_mb()
+    data = lesion_dataset(n_patients=batch, tiles_per_patient=1, size=side, seed=0)
+    trainer = TorchTrainer.create("squeezenet1_1", 2, (3, side, side), seed=0, device=device)
+    step = ConfideDPStep(trainer, expected_batch=batch)
+    after_setup = _rss_mb()
+    for _ in range(3):
+        x, y = data.batch(np.arange(batch, dtype=np.int64))
+        step(x, y)
+    print(
+        json.dumps(
+            {
+                "rss_after_import_mb": base,
+                "rss_after_setup_mb": after_setup,
+                "peak_rss_mb": _rss_mb(),
+                "per_sample_chunk": trainer.per_sample_chunk,
+            }
+        )
+    )
+
+
+def measure_rss(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--rss-child",
+        "224",
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--threads",
+        args.threads,
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]), side=224, batch=args.batch)
+
+
+def _fmt(v: float | None, unit: str = "s") -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f} {unit}" if unit else f"{v:.2f}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    threads = _set_threads(args.threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    if args.rss_child:
+        rss_child(args.rss_child, args.batch, args.device)
+        return {}
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA requested but not available; nothing to do")
+        return {}
+    try:
+        import opacus
+
+        opacus_version = opacus.__version__
+    except ImportError:
+        opacus_version = None
+    result: dict[str, Any] = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "threads": threads,
+        "torch": torch.__version__,
+        "opacus": opacus_version,
+        "python": platform.python_version(),
+        "clip_norm": CLIP,
+        "noise_multiplier": NOISE,
+        "steps": [],
+    }
+    print(
+        f"# torch {torch.__version__}, opacus {opacus_version}, device {args.device}, "
+        f"{threads} thread(s), SqueezeNet 1.1 (2 classes), B={args.batch}, "
+        f"median of {args.repeat}"
+    )
+    print(
+        "| input | plain step | confide DP step | Opacus DP step | confide/plain | Opacus/plain |"
+    )
+    print("|---|---|---|---|---|---|")
+    for side in [int(s) for s in args.sizes.split(",") if s]:
+        r = time_steps(side, args)
+        result["steps"].append(r)
+        m = r["median_s"]
+        print(
+            f"| {side}x{side} | {_fmt(m['plain'])} | {_fmt(m['confide'])} | "
+            f"{_fmt(m.get('opacus'))} | {_fmt(r['ratio_confide_vs_plain'], '')}x | "
+            f"{_fmt(r['ratio_opacus_vs_plain'], '')}x |",
+            flush=True,
+        )
+    if not args.no_round:
+        rd = time_round(args)
+        result["round_64"] = rd
+        print(
+            f"\nround at 64x64, {rd['images']} images, {rd['steps']} steps: "
+            f"plain {rd['plain_round_s']:.2f} s, DP {rd['dp_round_s']:.2f} s "
+            f"({rd['ratio_dp_vs_plain']:.2f}x; {rd['loop']})"
+        )
+        if "dp_round_group_fix_s" in rd:
+            print(
+                "  with the proposed per-patient summation in run_dpsgd: "
+                f"{rd['dp_round_group_fix_s']:.2f} s ({rd['ratio_dp_group_fix_vs_plain']:.2f}x)"
+            )
+    if not args.no_rss and not args.device.startswith("cuda"):
+        rss = measure_rss(args)
+        result["rss_224"] = rss
+        print(
+            f"peak RSS of a DP round at 224x224 B={args.batch}: {rss['peak_rss_mb']:.0f} MB "
+            f"(torch + confide imported: {rss['rss_after_import_mb']:.0f} MB; "
+            f"chunk {rss['per_sample_chunk']})"
+        )
+    if args.device.startswith("cuda"):
+        result["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out = (
+        args.json or ROOT / "benches" / "results" / f"torch_dpsgd_{args.device.split(':')[0]}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nJSON: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
