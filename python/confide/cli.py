@@ -10,12 +10,13 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from confide.errors import ConfideError
 
 if TYPE_CHECKING:
     from confide.client.secure import RngFactory
+    from confide.protocol.tasks import Task
 
 __all__ = ["build_parser", "main", "run_client"]
 
@@ -23,7 +24,7 @@ __all__ = ["build_parser", "main", "run_client"]
 async def run_client(
     args: argparse.Namespace,
     *,
-    on_task: Callable[[dict[str, Any]], None] | None = None,
+    on_task: Callable[[Task], None] | None = None,
     rng_factory: RngFactory | None = None,
 ) -> int:
     """Run ``confide client`` with parsed ``args``.

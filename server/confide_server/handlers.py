@@ -113,8 +113,8 @@ async def get_task(request: web.Request) -> web.Response:
     while True:
         task = engine.task_for(signed.client_id)
         remaining = deadline - time.monotonic()
-        if task["action"] != "wait" or remaining <= 0:
-            return web.json_response(task)
+        if task.action != "wait" or remaining <= 0:
+            return web.json_response(task.to_json())
         await request.app[notifier_key].wait(remaining)
 
 

@@ -72,13 +72,13 @@ def _site(argv: list[str]) -> int:
     p.add_argument("--rng-client", default=None, help="client id the seeded RNG is keyed by")
     a, rest = p.parse_known_args(argv)
     args = build_parser().parse_args(["client", *rest])
-    on_task: Callable[[dict[str, Any]], None] | None = None
+    on_task: Callable[[Any], None] | None = None
     if a.die_in_round is not None:
         die_in, stage = a.die_in_round, a.die_at_stage
 
-        def on_task(task: dict[str, Any]) -> None:
-            if task["action"] == stage and int(task["round"]) >= die_in:
-                print(f"DIE-POINT-REACHED {stage}:{task['round']}", flush=True)
+        def on_task(task: Any) -> None:
+            if task.action == stage and task.round >= die_in:
+                print(f"DIE-POINT-REACHED {stage}:{task.round}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
 
     factory = None

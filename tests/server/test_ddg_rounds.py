@@ -55,7 +55,7 @@ def test_distributed_round_commits_noised_mean_and_accounts_it(tmp_path: Path) -
     fed = Fed(tmp_path, _ddg_config(tmp_path))
     base = fed.model()
     assert fed.eng.tick()
-    task = fed.eng.task_for("a")
+    task = fed.eng.task_for("a").to_json()
     setup = RoundSetup.from_json(task["setup"])
     # The SecAgg+ ring is the DDG ring; uniform weights; the upload is the padded rotation.
     assert setup.params.encoding == "ring"
@@ -155,11 +155,11 @@ def test_round_with_t_survivors_is_accounted_once(tmp_path: Path) -> None:
 def test_client_refuses_tampered_ddg_parameters(tmp_path: Path) -> None:
     fed = Fed(tmp_path, _ddg_config(tmp_path))
     assert fed.eng.tick()
-    task: dict[str, Any] = json.loads(json.dumps(fed.eng.task_for("a")))
+    task: dict[str, Any] = json.loads(json.dumps(fed.eng.task_for("a").to_json()))
     task["privacy"]["ddg"]["local_sigma"] = 0.0  # a server asking for no noise
     with pytest.raises(IntegrityError, match="local_sigma"):
         fed.parts["a"].advertise(task)
-    task = json.loads(json.dumps(fed.eng.task_for("b")))
+    task = json.loads(json.dumps(fed.eng.task_for("b").to_json()))
     del task["privacy"]  # ring inputs without DDG parameters
     with pytest.raises(IntegrityError, match="ring inputs"):
         fed.parts["b"].advertise(task)

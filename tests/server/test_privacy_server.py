@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from confide.federation_errors import ConfigError
-from confide.manifest import decode_tensors
+from confide.errors import ConfigError
 from confide.privacy.accountant import account, client_poisson_event, dpsgd_event
+from confide.protocol.manifest import decode_tensors
 from confide_server.app import open_engine
 from confide_server.cli import main as server_main
 from confide_server.config import Config
-from confide_server.privacy import BUDGET_EXHAUSTED, JobPrivacy, PrivacyConfig, read_privacy
-from confide_server.rounds import RoundEngine
+from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, PrivacyConfig, read_privacy
+from confide_server.engine.rounds import RoundEngine
 from tests.server.conftest import FakeClock
 from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
 
@@ -84,7 +84,7 @@ def test_budget_stops_the_job_before_it_is_exceeded(tmp_path: Path) -> None:
     assert eng.status == "finished"
     assert eng.status_reason == BUDGET_EXHAUSTED
     assert eng.store.get_round(3) is None
-    assert eng.task_for("a")["action"] == "finished"
+    assert eng.task_for("a").action == "finished"
     doc = eng.status_dict()
     assert doc["reason"] == BUDGET_EXHAUSTED
     assert doc["rounds_completed"] == 2
@@ -135,7 +135,7 @@ def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path:
     eng.store.close()
     eng = _engine(cfg, clock)  # restart
     assert eng.store.get_round(1).new_model == released  # type: ignore[union-attr]
-    assert eng.task_for("a")["model_sha256"] == released
+    assert eng.task_for("a").to_json()["model_sha256"] == released
     for cid in "abc":
         eng.commit_submission(eng.prepare(cid, 1, "evaluate", eval_body(0.5)), f"e{cid}")
     assert eng.tick()
@@ -185,7 +185,7 @@ def test_sample_mode_ships_dpsgd_and_accounts_at_round_start(tmp_path: Path) -> 
     )
     eng = _engine(cfg, FakeClock())
     assert eng.tick()
-    task = eng.task_for("a")
+    task = eng.task_for("a").to_json()
     dp = task["config"]["dp"]
     assert dp == {
         "noise_multiplier": 1.5,

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from confide.manifest import decode_tensors
+from confide.protocol.manifest import decode_tensors
 from confide_server.app import open_engine
 from confide_server.config import Config
-from confide_server.rounds import RoundEngine, RoundError
+from confide_server.engine.rounds import RoundEngine, RoundError
 from tests.server.conftest import FakeClock
 from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
 
@@ -121,7 +121,7 @@ def test_consecutive_aborts_fail_the_job(tmp_path: Path) -> None:
         clock.now += 31
         assert eng.tick()
     assert eng.status == "failed"
-    assert eng.task_for("a")["action"] == "failed"
+    assert eng.task_for("a").action == "failed"
 
 
 def test_cohort_sampling_is_seeded(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_cohort_sampling_is_seeded(tmp_path: Path) -> None:
     assert row is not None
     assert len(row.cohort) == 2
     outsider = ({"a", "b", "c"} - set(row.cohort)).pop()
-    assert eng.task_for(outsider)["action"] == "wait"
+    assert eng.task_for(outsider).action == "wait"
     with pytest.raises(RoundError, match="cohort"):
         eng.check_submission(outsider, 1, "train", "0" * 64)
 
@@ -152,11 +152,11 @@ def _run_job(tmp: Path, crash_points: list[str]) -> tuple[str, RoundEngine]:
             row = eng._current
             assert row is not None
             for cid in sorted(values):
-                if eng.task_for(cid)["action"] == "train":
+                if eng.task_for(cid).action == "train":
                     _submit(
                         eng, cid, "train", delta_body(MANIFEST, values[cid] * row.round), row.round
                     )
-                elif eng.task_for(cid)["action"] == "evaluate":
+                elif eng.task_for(cid).action == "evaluate":
                     _submit(eng, cid, "evaluate", eval_body(0.5), row.round)
             eng.tick()
         except Crash:
@@ -197,12 +197,12 @@ def test_acknowledged_submission_survives_restart(tmp_path: Path) -> None:
     assert _submit(eng2, "a", "train", delta_body(MANIFEST, 1.0)) == receipt
     with pytest.raises(RoundError, match="already submitted"):
         _submit(eng2, "a", "train", delta_body(MANIFEST, 2.0))
-    assert eng2.task_for("a")["action"] == "wait"
-    assert eng2.task_for("b")["action"] == "train"
+    assert eng2.task_for("a").action == "wait"
+    assert eng2.task_for("b").action == "train"
 
 
 def test_state_of_another_job_is_refused(tmp_path: Path) -> None:
-    from confide.federation_errors import ConfigError
+    from confide.errors import ConfigError
 
     eng = _engine(_config(tmp_path), FakeClock())
     eng.store.close()

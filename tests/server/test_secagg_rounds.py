@@ -94,7 +94,7 @@ class Fed:
 
     def answer(self, cid: str) -> tuple[str, dict[str, Any]] | None:
         """Let ``cid`` answer its current task; return (stage, message) or None."""
-        task = self.eng.task_for(cid)
+        task = self.eng.task_for(cid).to_json()
         stage = task["action"]
         if stage not in SECURE_STAGES:
             return None
@@ -127,7 +127,7 @@ class Fed:
 
     def finish_evaluate(self) -> None:
         for c in IDS:
-            task = self.eng.task_for(c)
+            task = self.eng.task_for(c).to_json()
             if task["action"] == "evaluate":
                 prepared = self.eng.prepare(c, 1, "evaluate", eval_body(0.5))
                 self.eng.commit_submission(prepared, nonce=f"{c}-eval")
@@ -155,7 +155,7 @@ def _start(fed: Fed) -> np.ndarray:
 def test_secure_round_commits_the_weighted_mean(tmp_path: Path) -> None:
     fed = Fed(tmp_path, _config(tmp_path))
     base = _start(fed)
-    task = fed.eng.task_for("a")
+    task = fed.eng.task_for("a").to_json()
     assert task["action"] == "advertise"
     assert task["model_sha256"] == fed.eng.current_model
     setup = RoundSetup.from_json(task["setup"])
@@ -195,14 +195,14 @@ def test_dropout_after_sharing_and_late_masked_input_is_rejected(tmp_path: Path)
     fed.run_stage()  # advertise
     fed.run_stage()  # share
     # c computes its masked input but only sends it after the deadline
-    late_task = fed.eng.task_for("c")
+    late_task = fed.eng.task_for("c").to_json()
     late = fed.parts["c"].answer(late_task, fed.updates["c"], fed.weights["c"])
     fed.run_stage(skip=("c",))  # mask closes at its deadline without c
     assert fed.stage() == "unmask"
     with pytest.raises(RoundError) as err:
         fed.submit("c", "mask", late)
     assert err.value.http_status == 409
-    assert fed.eng.task_for("c")["action"] == "wait"  # c is out of this round
+    assert fed.eng.task_for("c").action == "wait"  # c is out of this round
     fed.run_stage()  # unmask: a and b rebuild c's pairwise masks
     fed.finish_evaluate()
     row = fed.eng.store.get_round(1)
@@ -216,12 +216,12 @@ def test_dropout_after_sharing_and_late_masked_input_is_rejected(tmp_path: Path)
 def test_client_back_after_being_declared_dropped_is_refused(tmp_path: Path) -> None:
     fed = Fed(tmp_path, _config(tmp_path))
     _start(fed)
-    late_adv = fed.parts["b"].advertise(fed.eng.task_for("b"))
+    late_adv = fed.parts["b"].advertise(fed.eng.task_for("b").to_json())
     fed.run_stage(skip=("b",))  # b misses the advertise deadline
     with pytest.raises(RoundError) as err:  # late for advertise
         fed.submit("b", "advertise", late_adv)
     assert err.value.http_status == 409
-    assert fed.eng.task_for("b")["action"] == "wait"  # not asked to share
+    assert fed.eng.task_for("b").action == "wait"  # not asked to share
     fed.run_stage()  # share (a and c)
     assert fed.stage() == "mask"
     before = fed.eng.store.count_submissions()
@@ -312,7 +312,7 @@ def test_no_client_secret_reaches_the_server_state(tmp_path: Path) -> None:
 def test_pinned_peer_key_change_is_refused(tmp_path: Path) -> None:
     fed = Fed(tmp_path, _config(tmp_path))
     _start(fed)
-    task = fed.eng.task_for("a")
+    task = fed.eng.task_for("a").to_json()
     fed.parts["a"].advertise(task)  # pins b's and c's keys
     setup = dict(task["setup"])
     keys = dict(setup["identity_keys"])
@@ -339,7 +339,7 @@ def test_round_without_protocol_state_is_aborted_on_restart(tmp_path: Path) -> N
     assert row.status == "aborted"
     assert "protocol state" in (row.reason or "")
     assert fed.eng.tick()  # the next round starts normally
-    assert fed.eng.task_for("a")["action"] == "advertise"
+    assert fed.eng.task_for("a").action == "advertise"
 
 
 def _malformed(msg: dict[str, Any]) -> list[bytes]:
@@ -371,7 +371,7 @@ def test_malformed_secure_messages_are_rejected_and_change_nothing(tmp_path: Pat
     base = _start(fed)
     for stage in ("advertise", "share", "mask", "unmask"):
         assert fed.stage() == stage
-        task = fed.eng.task_for("a")
+        task = fed.eng.task_for("a").to_json()
         if stage == "advertise":
             genuine = fed.parts["a"].advertise(task)
         else:

@@ -39,14 +39,23 @@ from confide.errors import (
 )
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.protocol.signing import Identity
+from confide.protocol.tasks import (
+    EvaluateTask,
+    FailedTask,
+    FinishedTask,
+    PrivacyTask,
+    SecureTask,
+    Task,
+    TrainTask,
+    parse_task,
+)
 from confide.secagg import SecAggError
-from confide.training import SiteData, TrainConfig, Trainer
+from confide.training import SiteData, Trainer
 
 __all__ = ["Client", "ClientResult", "client_ssl_context"]
 
 _IDENTITY_FILE = "identity.pem"
 _STATE_FILE = "client.json"
-_SECURE_ACTIONS = ("advertise", "share", "mask", "consistency", "unmask")
 
 
 def client_ssl_context(
@@ -154,8 +163,7 @@ class Client:
         self._rng_factory = rng_factory
         # (round, background fit, the advertise task that asked for it)
         self._training: (
-            tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], dict[str, Any]]
-            | None
+            tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], SecureTask] | None
         ) = None
         self._load_state()
 
@@ -292,12 +300,10 @@ class Client:
             raise IntegrityError("manifest does not hash to the announced SHA-256")
         return manifest
 
-    async def next_task(self) -> dict[str, Any]:
-        """Long-poll the server for this client's next task."""
-        task: dict[str, Any] = await self._json(
-            "GET", "/v1/task", params={"wait": str(self.poll_wait)}
-        )
-        return task
+    async def next_task(self) -> Task:
+        """Long-poll the server for this client's next task (parsed strictly, once)."""
+        doc = await self._json("GET", "/v1/task", params={"wait": str(self.poll_wait)})
+        return parse_task(doc)
 
     async def download_model(self, manifest: Manifest, sha256: str) -> NDArray[np.float32]:
         """Download a model version and verify its SHA-256 before decoding it.
@@ -336,7 +342,7 @@ class Client:
         train: SiteData,
         test: SiteData | None = None,
         *,
-        on_task: Callable[[dict[str, Any]], None] | None = None,
+        on_task: Callable[[Task], None] | None = None,
     ) -> ClientResult:
         """Take part in the job until it finishes or fails.
 
@@ -363,34 +369,34 @@ class Client:
         trained = evaluated = 0
         while True:
             task = await self.next_task()
-            action = task["action"]
-            if action == "finished":
-                self._log(f"{self.client_id}: job finished after {task['rounds']} rounds")
-                return ClientResult("finished", trained, evaluated, task["model_sha256"])
-            if action == "failed":
-                self._log(f"{self.client_id}: job failed: {task.get('reason')}")
+            action = task.action
+            if isinstance(task, FinishedTask):
+                self._log(f"{self.client_id}: job finished after {task.rounds} rounds")
+                return ClientResult("finished", trained, evaluated, task.model_sha256)
+            if isinstance(task, FailedTask):
+                self._log(f"{self.client_id}: job failed: {task.reason}")
                 return ClientResult("failed", trained, evaluated, None)
-            if action in _SECURE_ACTIONS:
+            if isinstance(task, SecureTask):
                 if on_task is not None:
                     on_task(task)
                 trained += await self._secure_step(task, manifest, trainer, train)
                 continue
-            if action not in ("train", "evaluate"):
+            if not isinstance(task, TrainTask | EvaluateTask):
                 continue
             await self._settle_training()
             if on_task is not None:
                 on_task(task)
-            round_id = int(task["round"])
-            weights = await self.download_model(manifest, task["model_sha256"])
+            round_id = task.round
+            weights = await self.download_model(manifest, task.model_sha256)
             trainer.set_weights(weights)
             try:
-                if action == "train":
-                    cfg = TrainConfig.from_dict(task["config"])
+                if isinstance(task, TrainTask):
+                    cfg = task.config
                     check_trainable(trainer, cfg)  # refused before anything is trained
                     result = await asyncio.to_thread(
-                        fit_round, trainer, train, cfg, self._seed(int(task["seed"]))
+                        fit_round, trainer, train, cfg, self._seed(task.seed)
                     )
-                    delta = _clip_for_privacy(trainer.get_weights() - weights, task)
+                    delta = _clip_for_privacy(trainer.get_weights() - weights, task.privacy)
                     meta = {"num_examples": str(result.num_examples)}
                     if math.isfinite(result.loss):  # DP-SGD reports no (un-noised) loss
                         meta["train_loss"] = repr(float(result.loss))
@@ -429,7 +435,7 @@ class Client:
                 self._log(f"{self.client_id}: background training failed: {exc}")
 
     async def _secure_step(
-        self, task: dict[str, Any], manifest: Manifest, trainer: Trainer, train: SiteData
+        self, task: SecureTask, manifest: Manifest, trainer: Trainer, train: SiteData
     ) -> int:
         """Carry out one SecAgg+ task; return 1 when a masked update was accepted, else 0.
 
@@ -438,7 +444,7 @@ class Client:
         no state for (it restarted) is sat out; an inconsistent request or a refused message
         drops this client from the round, never the job.
         """
-        round_id, stage = int(task["round"]), str(task["stage"])
+        round_id, stage = task.round, task.stage
         if self._secure is None:
             if self._identity is None or self.client_id is None:
                 raise ConfigError("this client is not enrolled yet")
@@ -452,13 +458,15 @@ class Client:
         try:
             if stage == "advertise":
                 await self._settle_training()
-                weights = await self.download_model(manifest, task["model_sha256"])
-                cfg = TrainConfig.from_dict(task["config"])
+                if task.model_sha256 is None or task.config is None:  # parse_task ensures it
+                    raise IntegrityError("an advertise task without a model or config")
+                weights = await self.download_model(manifest, task.model_sha256)
+                cfg = task.config
                 check_trainable(trainer, cfg)  # refused before the advertisement is sent
                 msg = part.advertise(task)
                 job = asyncio.ensure_future(
                     asyncio.to_thread(
-                        train_delta, trainer, weights, train, cfg, self._seed(int(task["seed"]))
+                        train_delta, trainer, weights, train, cfg, self._seed(task.seed)
                     )
                 )
                 self._training = (round_id, job, task)
@@ -473,7 +481,7 @@ class Client:
                 if self._training is None or self._training[0] != round_id:
                     raise IntegrityError(f"no training result for round {round_id}")
                 delta, weight, loss = await self._training[1]
-                update = _clip_for_privacy(delta, self._training[2])
+                update = _clip_for_privacy(delta, self._training[2].privacy)
                 self._training = None
                 self._log(
                     f"{self.client_id}: round {round_id} trained on {weight} examples, "
@@ -493,9 +501,11 @@ class Client:
         return 0
 
 
-def _clip_for_privacy(delta: NDArray[np.float32], task: dict[str, Any]) -> NDArray[np.float32]:
+def _clip_for_privacy(
+    delta: NDArray[np.float32], privacy: PrivacyTask | None
+) -> NDArray[np.float32]:
     """Client-level DP (``privacy.update_clip_norm`` in the task): clip the update to ``C``."""
-    clip = (task.get("privacy") or {}).get("update_clip_norm")
+    clip = None if privacy is None else privacy.update_clip_norm
     if clip is None:
         return delta
     from confide.privacy.client_dp import clip_update

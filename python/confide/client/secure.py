@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from confide.errors import IntegrityError
 from confide.noise import SecureRng
+from confide.protocol.tasks import PrivacyTask, SecureTask, parse_task
 from confide.secagg import ClientSecAgg, RoundSetup, SecAggAbortError
 
 if TYPE_CHECKING:
@@ -112,7 +113,7 @@ class SecureParticipant:
             tmp.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
             os.replace(tmp, self._pins_path)
 
-    def advertise(self, task: Mapping[str, Any]) -> dict[str, Any]:
+    def advertise(self, task: SecureTask | Mapping[str, Any]) -> dict[str, Any]:
         """Start a round from its ``advertise`` task; return the signed advertisement.
 
         Raises
@@ -122,11 +123,14 @@ class SecureParticipant:
         SecAggAbortError
             The setup does not include this client with its enrolled key.
         """
-        setup = RoundSetup.from_json(task["setup"])
-        if setup.round != int(task["round"]) or setup.model_sha256.hex() != task["model_sha256"]:
+        task = _secure_task(task)
+        if task.stage != "advertise":
+            raise IntegrityError(f"expected an advertise task, got {task.stage!r}")
+        setup = RoundSetup.from_json(task.payload)
+        if setup.round != task.round or setup.model_sha256.hex() != task.model_sha256:
             raise IntegrityError("the secure round's setup names another round or model")
         self._pin(setup)
-        ddg = _check_ddg(setup, task.get("privacy"))
+        ddg = _check_ddg(setup, task.privacy)
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
         self._ddg.clear()
@@ -139,7 +143,7 @@ class SecureParticipant:
 
     def answer(
         self,
-        task: Mapping[str, Any],
+        task: SecureTask | Mapping[str, Any],
         update: NDArray[np.float32] | None = None,
         weight: int = 0,
     ) -> dict[str, Any]:
@@ -163,11 +167,12 @@ class SecureParticipant:
         KeyError
             This process holds no state for the round (it restarted).
         """
-        round_id, stage = int(task["round"]), str(task["stage"])
+        task = _secure_task(task)
+        round_id, stage, payload = task.round, task.stage, task.payload
         client = self._rounds[round_id]
         try:
             if stage == "share":
-                return client.share_keys(task["broadcast"]).to_json()
+                return client.share_keys(payload).to_json()
             if stage == "mask":
                 if update is None:
                     raise IntegrityError("a mask task needs this round's update; none was trained")
@@ -179,21 +184,21 @@ class SecureParticipant:
                     # Distributed DP: the noised ring vector, uniform weight 1.
                     ring = ddg_encode(update, ddg[0], ddg[1], rng=self._ddg_rng(round_id))
                     msg = client.masked_input(
-                        task["delivery"], ring, 1, model_sha256=client.setup.model_sha256
+                        payload, ring, 1, model_sha256=client.setup.model_sha256
                     )
                     return msg.to_json()
                 clipped = np.clip(update, -p.clip_range, p.clip_range).astype(np.float32)
                 msg = client.masked_input(
-                    task["delivery"],
+                    payload,
                     clipped,
                     min(int(weight), p.max_weight),
                     model_sha256=client.setup.model_sha256,
                 )
                 return msg.to_json()
             if stage == "consistency":
-                return client.consistency_check(task["request"]).to_json()
+                return client.consistency_check(payload).to_json()
             if stage == "unmask":
-                return client.unmask(task["request"]).to_json()
+                return client.unmask(payload).to_json()
         except SecAggAbortError:
             self._rounds.pop(round_id, None)
             self._ddg.pop(round_id, None)
@@ -209,9 +214,17 @@ class SecureParticipant:
         self._ddg.pop(round_id, None)
 
 
-def _check_ddg(
-    setup: RoundSetup, privacy: Mapping[str, Any] | None
-) -> tuple[DDGParams, bytes] | None:
+def _secure_task(task: SecureTask | Mapping[str, Any]) -> SecureTask:
+    """Return the typed task (a JSON mapping is parsed strictly, once)."""
+    if isinstance(task, SecureTask):
+        return task
+    parsed = parse_task(dict(task))
+    if not isinstance(parsed, SecureTask):
+        raise IntegrityError(f"not a secure-stage task: {parsed.action!r}")
+    return parsed
+
+
+def _check_ddg(setup: RoundSetup, privacy: PrivacyTask | None) -> tuple[DDGParams, bytes] | None:
     """Validate a distributed-DP round; return its DDG parameters and rotation seed.
 
     The parameters are recomputed here from the setup's public SecAgg+ parameters and the
@@ -223,7 +236,7 @@ def _check_ddg(
         Ring encoding without DDG parameters (or the reverse), or inconsistent parameters.
     """
     p = setup.params
-    distributed = privacy is not None and privacy.get("mode") == "distributed"
+    distributed = privacy is not None and privacy.mode == "distributed"
     if not distributed:
         if p.encoding == "ring":
             raise IntegrityError("the round uses ring inputs but ships no DDG parameters")
@@ -234,8 +247,8 @@ def _check_ddg(
     from confide.privacy.client_dp import DDGConfig, DDGParams, calibrate_ddg
 
     try:
-        shipped = DDGParams(**privacy["ddg"])
-        seed = bytes.fromhex(str(privacy["rotation_seed"]))
+        shipped = DDGParams(**(privacy.ddg or {}))
+        seed = bytes.fromhex(str(privacy.rotation_seed))
         mine = calibrate_ddg(
             DDGConfig(
                 dim=int(shipped.dim),

@@ -49,6 +49,7 @@ from numpy.typing import NDArray
 
 from confide.errors import ConfigError, InvalidPrivacyConfig
 from confide.noise import SecureRng
+from confide.protocol.tasks import DPSGDConfig, PrivacyTask
 from confide.privacy.client_dp import (
     DDGConfig,
     DDGParams,
@@ -527,7 +528,7 @@ class JobPrivacy:
                 return {"epsilon_round": rec.epsilon_round, "epsilon": rec.epsilon}
         return {}
 
-    def train_task(self, ddg: tuple[DDGParams, bytes] | None = None) -> dict[str, Any] | None:
+    def train_task(self, ddg: tuple[DDGParams, bytes] | None = None) -> PrivacyTask | None:
         """Client-side DP parameters for a training task (``None`` without DP).
 
         Parameters
@@ -535,31 +536,22 @@ class JobPrivacy:
         ddg : tuple, optional
             ``distributed`` mode: the round's DDG parameters and rotation seed.
         """
+        delta = self.config.delta
         if self.mode == "sample":
-            return {
-                "mode": "sample",
-                "delta": self.config.delta,
-                "dp": {
-                    "noise_multiplier": self.noise_multiplier,
-                    "clip_norm": self.config.clip_norm,
-                    "sampling_rate": self.config.sampling_rate,
-                    "steps": self.steps,
-                    "momentum": self.config.momentum,
-                },
-            }
+            dp = DPSGDConfig(
+                noise_multiplier=self.noise_multiplier,
+                clip_norm=self.config.clip_norm,
+                sampling_rate=self.config.sampling_rate,
+                steps=self.steps,
+                momentum=self.config.momentum,
+            )
+            return PrivacyTask("sample", delta, dp=dp)
         if self.mode == "central":
-            return {
-                "mode": "central",
-                "delta": self.config.delta,
-                "update_clip_norm": self.config.clip_norm,
-            }
+            return PrivacyTask("central", delta, update_clip_norm=self.config.clip_norm)
         if self.mode == "distributed" and ddg is not None:
-            return {
-                "mode": "distributed",
-                "delta": self.config.delta,
-                "ddg": ddg[0].to_dict(),
-                "rotation_seed": ddg[1].hex(),
-            }
+            return PrivacyTask(
+                "distributed", delta, ddg=ddg[0].to_dict(), rotation_seed=ddg[1].hex()
+            )
         return None
 
     # -- distributed discrete Gaussian ---------------------------------------------------

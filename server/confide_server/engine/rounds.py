@@ -37,6 +37,17 @@ from typing import Any, Literal
 import numpy as np
 
 from confide.errors import ConfigError, FederationError, ManifestError
+from confide.protocol.tasks import (
+    EvaluateTask,
+    FailedTask,
+    FinishedTask,
+    PrivacyTask,
+    SecureTask,
+    Task,
+    TrainConfig,
+    TrainTask,
+    WaitTask,
+)
 from confide.privacy.client_dp import DDGParams
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.secagg import (
@@ -406,79 +417,70 @@ class RoundEngine:
             return self.status == "running" and self._current is None
 
     # -- client-facing -----------------------------------------------------------------
-    def task_for(self, client_id: str) -> dict[str, Any]:
-        """Return what ``client_id`` should do now (JSON-ready).
+    def task_for(self, client_id: str) -> Task:
+        """Return what ``client_id`` should do now.
 
         Returns
         -------
-        dict
-            ``action`` is ``train``, ``evaluate``, ``wait``, ``finished`` or ``failed``.
+        Task
+            A typed task (:mod:`confide.protocol.tasks`); the handler sends ``to_json()``.
         """
         with self._lock:
             now = self._clock()
             if self.status == "finished":
-                return {
-                    "action": "finished",
-                    "model_sha256": self.current_model,
-                    "rounds": self.completed_rounds,
-                }
+                return FinishedTask(self.current_model, self.completed_rounds)
             if self.status == "failed":
-                return {"action": "failed", "reason": "too many consecutive aborted rounds"}
+                return FailedTask("too many consecutive aborted rounds")
             cur = self._current
             if (
-                cur is not None
-                and not self._closing
-                and client_id in cur.cohort
-                and client_id not in self._submitted.get((cur.round, cur.stage), set())
-                and now < cur.deadline
+                cur is None
+                or self._closing
+                or client_id not in cur.cohort
+                or client_id in self._submitted.get((cur.round, cur.stage), set())
+                or now >= cur.deadline
             ):
-                task: dict[str, Any] = {
-                    "action": cur.stage,
-                    "round": cur.round,
-                    "stage": cur.stage,
-                    "deadline": cur.deadline,
-                    "seed": cur.seed,
-                }
-                if cur.stage in SECURE_STAGES:
-                    assert self.secure is not None
-                    extra = self.secure.task(cur.stage, client_id)
-                    if extra is None:
-                        return {"action": "wait", "retry_after": 1.0}
-                    task.update(extra)
-                    if cur.stage == "advertise":
-                        s = self.config.strategy
-                        task["model_sha256"] = cur.base_model
-                        task["config"] = {
-                            "epochs": s.epochs,
-                            "batch_size": s.batch_size,
-                            "learning_rate": s.learning_rate,
-                        }
-                        self._add_privacy(task, self._round_ddg(cur.round))
-                    return task
-                if cur.stage == "train":
-                    s = self.config.strategy
-                    task["model_sha256"] = cur.base_model
-                    task["config"] = {
-                        "epochs": s.epochs,
-                        "batch_size": s.batch_size,
-                        "learning_rate": s.learning_rate,
-                    }
-                    self._add_privacy(task)
-                else:
-                    task["model_sha256"] = cur.new_model
-                return task
-            return {"action": "wait", "retry_after": 1.0}
+                return WaitTask(1.0)
+            if cur.stage in SECURE_STAGES:
+                if self.secure is None:
+                    raise RoundError("a secure stage is open without secure-round state")
+                payload = self.secure.task(cur.stage, client_id)
+                if payload is None:
+                    return WaitTask(1.0)
+                if cur.stage != "advertise":
+                    return SecureTask(cur.round, cur.stage, cur.deadline, cur.seed, payload)
+                privacy = self._privacy_task(self._round_ddg(cur.round))
+                return SecureTask(
+                    cur.round,
+                    cur.stage,
+                    cur.deadline,
+                    cur.seed,
+                    payload,
+                    model_sha256=cur.base_model,
+                    config=self._train_config(privacy),
+                    privacy=privacy,
+                )
+            if cur.stage == "train":
+                privacy = self._privacy_task()
+                return TrainTask(
+                    cur.round,
+                    cur.deadline,
+                    cur.seed,
+                    cur.base_model,
+                    self._train_config(privacy),
+                    privacy,
+                )
+            if cur.new_model is None:
+                raise RoundError(f"round {cur.round} evaluates a model it has not written")
+            return EvaluateTask(cur.round, cur.deadline, cur.seed, cur.new_model)
 
-    def _add_privacy(
-        self, task: dict[str, Any], ddg: tuple[DDGParams, bytes] | None = None
-    ) -> None:
-        """Ship the client-side DP parameters with a training task."""
-        extra = self.privacy.train_task(ddg)
-        if extra is None:
-            return
-        task["privacy"] = extra
-        if "dp" in extra:
-            task["config"]["dp"] = extra["dp"]
+    def _train_config(self, privacy: PrivacyTask | None) -> TrainConfig:
+        s = self.config.strategy
+        dp = privacy.dp if privacy is not None else None
+        return TrainConfig(s.epochs, s.batch_size, s.learning_rate, dp)
+
+    def _privacy_task(self, ddg: tuple[DDGParams, bytes] | None = None) -> PrivacyTask | None:
+        """The client-side DP parameters of a training task (``None`` without DP)."""
+        return self.privacy.train_task(ddg)
 
     def _existing_or_check(
         self, client_id: str, round_id: int, stage: str, sha256: str

@@ -222,28 +222,29 @@ class SecureRound:
         return srv.stage, None
 
     def task(self, stage: str, client_id: str) -> dict[str, Any] | None:
-        """Return what ``client_id`` needs for ``stage`` (JSON), or ``None`` if not asked."""
+        """Return ``stage``'s protocol message for ``client_id`` (JSON), or ``None`` if not asked.
+
+        The message is the payload of the stage's :class:`~confide.protocol.tasks.SecureTask`.
+        """
         srv = self.server
         if srv is None or srv.stage != stage or client_id not in srv.expected():
             return None
         if not self._outbox:
             if stage == "advertise":
                 setup = srv.setup.to_json()
-                self._outbox = {c: {"setup": setup} for c in srv.expected()}
+                self._outbox = {c: setup for c in srv.expected()}
             elif stage == "share":
                 bcast = srv.key_broadcast().to_json()
-                self._outbox = {c: {"broadcast": bcast} for c in srv.expected()}
+                self._outbox = {c: bcast for c in srv.expected()}
             elif stage == "mask":
-                self._outbox = {
-                    c: {"delivery": d.to_json()} for c, d in srv.share_deliveries().items()
-                }
+                self._outbox = {c: d.to_json() for c, d in srv.share_deliveries().items()}
             elif stage == "consistency":
                 req = srv.consistency_request().to_json()
-                self._outbox = {c: {"request": req} for c in srv.expected()}
+                self._outbox = {c: req for c in srv.expected()}
             else:
                 pending = srv.pending_unmask_request()
                 if pending is None:
                     return None
                 req = pending.to_json()
-                self._outbox = {c: {"request": req} for c in srv.expected()}
+                self._outbox = {c: req for c in srv.expected()}
         return self._outbox.get(client_id)
