@@ -12,11 +12,18 @@ key it pinned, not from the transport.
     "model_url", "model_sha256"}``; 404 before the first release.
 ``GET /v1/releases/{version}/model``
     The model bytes.
+
+``python -m confide_server.releases --config job.toml --classes A B ...`` releases the job's
+current model version by hand (what ``make demo`` does at the end of its job; the engine
+calls :func:`~confide_server.engine.releases.release_model_version` itself once wired at
+commit) and prints the version and the release public key.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import sys
 from pathlib import Path
 
 from aiohttp import web
@@ -28,6 +35,7 @@ from confide_server.engine.releases import (
     enrolment_fields,
     head_release_onnx,
     load_or_create_release_key,
+    release_model_version,
 )
 
 __all__ = [
@@ -39,6 +47,9 @@ __all__ = [
     "get_release_model",
     "head_release_onnx",
     "load_or_create_release_key",
+    "main",
+    "release_current_model",
+    "release_key_of",
     "releases_key",
     "setup_release_routes",
 ]
@@ -101,3 +112,77 @@ def setup_release_routes(app: web.Application, state_dir: Path | None = None) ->
     app.router.add_get("/v1/releases/latest", get_release)
     app.router.add_get("/v1/releases/{version:[0-9]{1,12}}", get_release)
     app.router.add_get("/v1/releases/{version:[0-9]{1,12}}/model", get_release_model)
+
+
+def release_current_model(
+    config_path: Path, classes: list[str], backbone: Path | None = None
+) -> Release:
+    """Release the current model version of the job at ``config_path``.
+
+    Parameters
+    ----------
+    config_path : Path
+        The job's TOML config (its state folder holds the model versions).
+    classes : list of str
+        Class names in output order.
+    backbone : Path, optional
+        Frozen ONNX backbone of a head job.
+
+    Returns
+    -------
+    Release
+        The release (the existing latest one if it already holds this model).
+    """
+    from confide.protocol.manifest import Manifest, decode_tensors
+    from confide_server.config import load_config
+    from confide_server.engine.privacy import read_privacy
+    from confide_server.store import BlobStore, Store
+
+    config = load_config(config_path)
+    manifest = Manifest.load(config.manifest)
+    store = Store(config.server.database)
+    try:
+        current = store.get_meta("current_model")
+        relpath = None if current is None else store.model_path(current)
+        if relpath is None:
+            raise SystemExit(f"job {config.job.name!r} has no model version yet")
+        weights, _ = decode_tensors(manifest, BlobStore(config.server.state_dir).read(relpath))
+        summary, _ = read_privacy(store)
+    finally:
+        store.close()
+    return release_model_version(
+        ReleaseBook(config.server.state_dir),
+        job_id=config.job.name,
+        manifest=manifest,
+        weights=weights,
+        privacy_summary=summary,
+        classes=classes,
+        backbone=None if backbone is None else backbone.read_bytes(),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: release a job's current model (see the module documentation)."""
+    p = argparse.ArgumentParser(prog="python -m confide_server.releases")
+    p.add_argument("--config", type=Path, required=True, help="the job's TOML config")
+    p.add_argument("--classes", nargs="+", required=True, help="class names, in output order")
+    p.add_argument("--backbone", type=Path, help="frozen ONNX backbone of a head job")
+    args = p.parse_args(argv)
+    release = release_current_model(args.config, args.classes, args.backbone)
+    book_key = release_key_of(args.config)
+    sys.stdout.write(
+        f"released version {release.record.version} of job {release.record.job_id} "
+        f"({'no DP' if release.record.dp is None else release.record.dp.describe()})\n"
+        f"release public key: {book_key}\n"
+    )
+
+
+def release_key_of(config_path: Path) -> str:
+    """Return the base64 release public key of the server configured at ``config_path``."""
+    from confide_server.config import load_config
+
+    return load_or_create_release_key(load_config(config_path).server.state_dir).public_key_b64
+
+
+if __name__ == "__main__":
+    main()

@@ -133,3 +133,56 @@ def test_head_release_onnx_equals_the_numpy_trainer(tmp_path: Path) -> None:
     not_a_head = Manifest.from_shapes([("w", (2,))])
     with pytest.raises(ConfigError, match="numpy head"):
         head_release_onnx(backbone.read_bytes(), not_a_head, np.zeros(2, np.float32))
+
+
+def test_dp_guarantee_follows_the_mechanism() -> None:
+    from confide_server.engine.releases import dp_guarantee
+
+    assert dp_guarantee({"mode": "none"}) is None
+    sample = dp_guarantee({"mode": "sample", "epsilon": 2.0, "delta": 1e-5})
+    assert sample == DPGuarantee(2.0, 1e-5, "patient")
+    for mode in ("central", "distributed"):
+        assert dp_guarantee({"mode": mode, "epsilon": 1.0, "delta": 1e-6}).unit == "site"
+
+
+def _write_job(tmp: Path) -> Path:
+    from confide.protocol.manifest import encode_tensors
+    from confide.training.numpy_engine import NumpyTrainer
+
+    head = NumpyTrainer.create("softmax", n_features=8, n_classes=3, seed=0)
+    head.manifest.save(tmp / "model.json")
+    (tmp / "init.safetensors").write_bytes(encode_tensors(head.manifest, head.get_weights()))
+    (tmp / "job.toml").write_text(
+        '[job]\nname = "cli-job"\nrounds = 1\ncohort_size = 1\nmin_clients = 1\n'
+        'wait_for_clients = 1\n[model]\nmanifest = "model.json"\nweights = "init.safetensors"\n'
+        '[server]\nstate_dir = "state"\n'
+    )
+    return tmp / "job.toml"
+
+
+def test_the_cli_releases_the_current_model_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from confide.inference import load_model
+    from confide_server.app import open_engine
+    from confide_server.config import load_config
+    from confide_server.releases import main
+
+    config = _write_job(tmp_path)
+    open_engine(load_config(config)).store.close()  # creates the state and version 0
+    backbone = Path(__file__).parents[1] / "inference" / "fixtures" / "tiny_cnn64.onnx"
+    argv = ["--config", str(config), "--classes", "a", "b", "c", "--backbone", str(backbone)]
+    main(argv)
+    out = capsys.readouterr().out
+    assert "released version 1 of job cli-job (no DP)" in out
+    main(argv)  # idempotent: the same model is not released twice
+    assert "released version 1" in capsys.readouterr().out
+    book = ReleaseBook(tmp_path / "state")
+    assert book.versions() == [1]
+    release = book.latest()
+    assert release is not None
+    model = load_model(book.model(1) or b"")
+    assert set(model.output_names) == {"probabilities", "features"}
+    assert book.public_key_b64 in out

@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confide.errors import ConfigError
-from confide.protocol.manifest import Manifest
+from confide.protocol.manifest import Manifest, sha256_hex
 from confide.protocol.release import (
     DPGuarantee,
     ReleaseRecord,
@@ -51,9 +51,12 @@ from confide.protocol.signing import Identity
 __all__ = [
     "Release",
     "ReleaseBook",
+    "device_model_onnx",
+    "dp_guarantee",
     "enrolment_fields",
     "head_release_onnx",
     "load_or_create_release_key",
+    "release_model_version",
 ]
 
 log = logging.getLogger("confide_server.releases")
@@ -352,3 +355,132 @@ def head_release_onnx(
     onnx.checker.check_model(model)
     data: bytes = model.SerializeToString(deterministic=True)
     return data
+
+
+# --- releasing a committed model version ---------------------------------------------------
+
+
+def dp_guarantee(privacy_summary: Mapping[str, Any] | None) -> DPGuarantee | None:
+    """Return the guarantee to record for a job's current model, from its privacy summary.
+
+    Parameters
+    ----------
+    privacy_summary : mapping or None
+        ``read_privacy(store)[0]``: ``mode``, ``delta`` and the cumulative ``epsilon``.
+
+    Returns
+    -------
+    DPGuarantee or None
+        ``None`` without DP. The unit follows the mechanism: ``sample`` (DP-SGD with
+        Poisson sampling and clipping per patient id) is ``"patient"``; ``central`` and
+        ``distributed`` (clipping and noising each site's update) are ``"site"``.
+
+    Examples
+    --------
+    >>> dp_guarantee({"mode": "sample", "epsilon": 1.25, "delta": 1e-5}).describe()
+    '(epsilon=1.25, delta=1e-05) patient-level DP'
+    >>> dp_guarantee(None) is None
+    True
+    """
+    if privacy_summary is None or privacy_summary.get("mode", "none") == "none":
+        return None
+    unit = "patient" if privacy_summary["mode"] == "sample" else "site"
+    return DPGuarantee(float(privacy_summary["epsilon"]), float(privacy_summary["delta"]), unit)
+
+
+def device_model_onnx(
+    manifest: Manifest, weights: NDArray[np.float32], backbone: bytes | None = None
+) -> bytes:
+    """Return the ONNX file devices run for a model version.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The job's manifest.
+    weights : numpy.ndarray
+        The version's flat float32 vector.
+    backbone : bytes, optional
+        Frozen ONNX backbone (output ``features``) of a head job: the device model is
+        :func:`head_release_onnx`. Without it a numpy model is exported on its own with
+        :func:`confide.export.export_onnx`.
+
+    Returns
+    -------
+    bytes
+        The ONNX model (output ``probabilities``).
+
+    Raises
+    ------
+    ConfigError
+        Not a numpy model (export torch models with ``confide.export.export_onnx`` and
+        release the file with :meth:`ReleaseBook.release`).
+    """
+    if backbone is not None:
+        return head_release_onnx(backbone, manifest, weights)
+    if dict(manifest.spec).get("engine") != "numpy":
+        raise ConfigError(
+            "only numpy models are exported by the server; export other engines with "
+            "confide.export.export_onnx and release the file with ReleaseBook.release"
+        )
+    import tempfile
+
+    from confide.export import export_onnx
+    from confide.training.numpy_engine import NumpyTrainer
+
+    trainer = NumpyTrainer.from_manifest(manifest, np.ascontiguousarray(weights, np.float32))
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_onnx(trainer, Path(tmp) / "model.onnx").read_bytes()
+
+
+def release_model_version(
+    book: ReleaseBook,
+    *,
+    job_id: str,
+    manifest: Manifest,
+    weights: NDArray[np.float32],
+    privacy_summary: Mapping[str, Any] | None,
+    classes: Sequence[str],
+    backbone: bytes | None = None,
+) -> Release:
+    """Sign and store a committed model version, unless it is already the latest release.
+
+    Idempotent, so the engine can call it after each commit and again when it recovers
+    after a crash between the commit and the release.
+
+    Parameters
+    ----------
+    book : ReleaseBook
+        The server's releases.
+    job_id : str
+        The job.
+    manifest : Manifest
+        The job's manifest (its SHA-256 is the release's architecture).
+    weights : numpy.ndarray
+        The committed flat vector.
+    privacy_summary : mapping or None
+        The job's privacy summary at that version (see :func:`dp_guarantee`).
+    classes : sequence of str
+        Class names in output order.
+    backbone : bytes, optional
+        Frozen backbone of a head job (see :func:`device_model_onnx`).
+
+    Returns
+    -------
+    Release
+        The new release, or the latest one when it already holds this model.
+    """
+    model = device_model_onnx(manifest, weights, backbone)
+    latest = book.latest()
+    if (
+        latest is not None
+        and latest.record.job_id == job_id
+        and latest.record.model_sha256 == sha256_hex(model)
+    ):
+        return latest
+    return book.release(
+        job_id=job_id,
+        model=model,
+        manifest_sha256=manifest.sha256,
+        classes=classes,
+        dp=dp_guarantee(privacy_summary),
+    )
