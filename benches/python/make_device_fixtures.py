@@ -38,11 +38,15 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     head = make_dense(6, 3, hidden=(5,), activation="tanh", seed=7)
     cnn = make_cnn(seed=11, channels=(4, 8), image=64, n_classes=3)
+    # The same weights at the device resolution: the engines must agree at 224x224 too.
+    cnn224 = make_cnn(seed=11, channels=(4, 8), image=224, n_classes=3)
     files = {
         "dense_head.onnx": dense_to_onnx(head),
         "dense_head.tflite": dense_to_tflite(head),
         "tiny_cnn64.onnx": cnn_to_onnx(cnn),
         "tiny_cnn64.tflite": cnn_to_tflite(cnn),
+        "tiny_cnn224.onnx": cnn_to_onnx(cnn224),
+        "tiny_cnn224.tflite": cnn_to_tflite(cnn224),
     }
     for name, data in files.items():
         (OUT / name).write_bytes(data)

@@ -90,7 +90,11 @@ def test_onnx_and_litert_agree_to_1e5() -> None:
     pytest.importorskip("onnxruntime")
     if "litert" not in available_engines():
         pytest.skip("ai-edge-litert not installed")
-    for name, shape in (("dense_head", (16, 6)), ("tiny_cnn64", (4, 3, 64, 64))):
+    for name, shape in (
+        ("dense_head", (16, 6)),
+        ("tiny_cnn64", (4, 3, 64, 64)),
+        ("tiny_cnn224", (2, 3, 224, 224)),
+    ):
         a = load_model(_path(name, "onnx"), "onnx")
         b = load_model(_path(name, "litert"), "litert")
         for batch in (1, shape[0]):  # LiteRT resizes its input for a new batch size
@@ -249,3 +253,17 @@ def test_confide_export_of_numpy_heads_runs_on_both_paths(tmp_path: Path) -> Non
     assert model.metadata["confide.manifest_sha256"] == trainer.manifest.sha256
     x = _rng_inputs((5, 6), seed=9)
     np.testing.assert_allclose(model.predict(x), trainer.predict_proba(x), atol=1e-6)
+
+
+def test_committed_fixtures_are_what_the_writers_produce(models: Any) -> None:
+    # The .tflite files are written by tests/inference/builders.py (no converter exists in
+    # the test environment); regenerating them from weights.npz gives the same bytes.
+    pytest.importorskip("onnx")
+    pytest.importorskip("ai_edge_litert")
+    from tests.inference.builders import cnn_to_onnx, cnn_to_tflite, dense_to_onnx, dense_to_tflite
+
+    head, cnn = models
+    assert dense_to_onnx(head) == (FIXTURES / "dense_head.onnx").read_bytes()
+    assert dense_to_tflite(head) == (FIXTURES / "dense_head.tflite").read_bytes()
+    assert cnn_to_onnx(cnn) == (FIXTURES / "tiny_cnn64.onnx").read_bytes()
+    assert cnn_to_tflite(cnn) == (FIXTURES / "tiny_cnn64.tflite").read_bytes()
