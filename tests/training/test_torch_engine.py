@@ -383,6 +383,32 @@ def test_dpsgd_with_no_noise_and_huge_clip_is_the_plain_gradient_step() -> None:
     np.testing.assert_allclose(t.get_weights(), w0 - 0.5 * grad.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_dpsgd_clips_each_patient_sum_across_chunks() -> None:
+    # sigma = 0 and q = 1: the update is exactly lr * sum_p clip(sum_{i in p} g_i, C) / P.
+    # per_sample_chunk=2 makes patients with 3 and 4 records span several chunks.
+    from confide.noise import SecureRng
+    from confide.privacy import run_dpsgd
+
+    n = 12
+    base = toy_data(n=n)
+    ids = np.array(["a", "a", "a", "b", "c", "c", "c", "c", "d", "e", "e", "f"])
+    data = ArrayDataset(base.x, base.labels, ids)
+    t = small(seed=9, per_sample_chunk=2)
+    w0 = t.get_weights()
+    g = t.per_sample_gradients(*data.batch(np.arange(n))).numpy().astype(np.float64)
+    clip = 0.05
+    expect = np.zeros(t.manifest.size)
+    for pid in np.unique(ids):
+        s = g[ids == pid].sum(axis=0)
+        norm = np.linalg.norm(s)
+        assert norm > clip  # every patient is clipped, so the test can fail
+        expect += s * min(1.0, clip / norm)
+    expect /= len(np.unique(ids))
+    dp = DPSGDConfig(noise_multiplier=0.0, clip_norm=clip, sampling_rate=1.0, steps=1)
+    run_dpsgd(t, data, TrainConfig(learning_rate=1.0, dp=dp), rng=SecureRng(bytes(32)))
+    np.testing.assert_allclose(t.get_weights(), w0 - expect, rtol=1e-4, atol=1e-7)
+
+
 def test_doctests() -> None:
     result = doctest.testmod(torch_engine, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
