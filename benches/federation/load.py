@@ -25,10 +25,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from confide.manifest import encode_tensors, sha256_hex
-from confide.signing import Identity, signing_payload
-from confide.simulate import free_port
-from confide.trainer import NumpyTrainer
+from confide.protocol.manifest import encode_tensors, sha256_hex
+from confide.protocol.signing import Identity, signing_payload
+from confide.training import NumpyTrainer
+from confide_server.simulate import free_port
 
 
 def write_job(work: Path, args: argparse.Namespace, port: int) -> Path:

@@ -1,7 +1,7 @@
 """Accuracy vs epsilon on the breast-cancer federation (3 sites), delta = 1e-5.
 
 Trains a logistic-regression model (31 parameters) with in-process FedAvg, using the
-internal reference driver ``confide.privacy._reference`` (the real ``confide.trainer`` is
+internal reference driver ``tests.privacy.reference`` (the real ``confide.training`` is
 not wired to the privacy layer yet), for every epsilon in {0.5, 1, 2, 4, 8, inf} with
 
 * patient-level DP-SGD at every site (Poisson sampling of patients, per-patient clipping,
@@ -43,8 +43,8 @@ from confide.privacy import (
     ddg_event,
     dpsgd_event,
 )
-from confide.privacy._reference import Site, accuracy, fedavg, local_dpsgd, local_sgd
 from confide.privacy.accountant import calibrate
+from tests.privacy.reference import Site, accuracy, fedavg, local_dpsgd, local_sgd
 
 DELTA = 1e-5
 EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0, math.inf]

@@ -5,7 +5,7 @@ For each cohort size n (default 10, 50, 100) and each dropout rate (0 % and 10 %
 cohort dropping *after* uploading its masked input, i.e. not answering the unmask request),
 a full round over a 1,235,496-parameter update (SqueezeNet 1.1) is run in process:
 
-* **confide**: :class:`confide.secaggplus.ClientSecAgg` / :class:`ServerSecAgg`, messages
+* **confide**: :class:`confide.secagg.ClientSecAgg` / :class:`ServerSecAgg`, messages
   passed as objects (no JSON), weighted aggregation on, Ed25519-signed advertisements.
 * **Flower** (``flwr``, if importable): the real ``SecAggPlusWorkflow`` server (all four
   stages, unmodified) driven by an in-process fake ``Grid`` that deep-copies each message
@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 try:
-    import confide.secaggplus
+    import confide.secagg
 except ImportError:  # no (recent enough) confide installed: use the built source tree
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
     for _name in [m for m in sys.modules if m == "confide" or m.startswith("confide.")]:
@@ -62,7 +62,7 @@ except ImportError:  # no (recent enough) confide installed: use the built sourc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import confide
-from confide.secaggplus import (
+from confide.secagg import (
     ClientSecAgg,
     RoundSetup,
     SecAggParams,
@@ -70,7 +70,7 @@ from confide.secaggplus import (
     assess,
     required_modulus_bits,
 )
-from confide.secaggplus.crypto import ed25519_public
+from confide.secagg.crypto import ed25519_public
 
 SQUEEZENET = 1_235_496
 QUANT_BITS = 22  # Flower's default quantization_range = 2**22
@@ -164,7 +164,7 @@ def run_confide(n: int, k: int, dim: int, rate: float, when: str = "unmask") -> 
         srv.receive_masked_input(mi)
         del mi
     req = srv.close_mask()
-    assert not isinstance(req, confide.secaggplus.ConsistencyRequest)
+    assert not isinstance(req, confide.secagg.ConsistencyRequest)
     responses = []
     for i, c in enumerate(ids):
         if i in dropped:

@@ -10,8 +10,8 @@ from hypothesis.extra.numpy import arrays
 
 from confide import SecureRng
 from confide.privacy import DPSGD, InvalidPrivacyConfig, poisson_sample, poisson_sample_patients
-from confide.privacy._reference import per_sample_grads
 from confide.privacy.dpsgd import group_by_patient
+from tests.privacy.reference import per_sample_grads
 
 
 def test_poisson_sample_rate_and_reproducibility(rng: SecureRng) -> None:

@@ -15,14 +15,14 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import confide
-from confide.secaggplus import (
+from confide.secagg import (
     AggregateResult,
     ClientSecAgg,
     RoundSetup,
     SecAggParams,
     ServerSecAgg,
 )
-from confide.secaggplus.crypto import ed25519_public
+from confide.secagg.crypto import ed25519_public
 
 STAGES = ("advertise", "share", "mask", "consistency", "unmask")
 MODEL = b"model-bytes"
@@ -54,7 +54,7 @@ def make_params(
     k = n - 1 if k is None else k
     t = (k + 3) // 2 if t is None else t
     d = n - t if max_dropouts is None else max_dropouts
-    bits = confide.secaggplus.required_modulus_bits(n, quant_bits, max_weight)
+    bits = confide.secagg.required_modulus_bits(n, quant_bits, max_weight)
     return SecAggParams(
         n=n,
         k=k,

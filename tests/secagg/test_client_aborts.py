@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from confide.secaggplus import ClientSecAgg, SecAggAbortError
-from confide.secaggplus.crypto import roster_payload, sign
+from confide.secagg import ClientSecAgg, SecAggAbortError
+from confide.secagg.crypto import roster_payload, sign
 from tests.secagg.driver import MODEL, Round, make_params, make_setup, wire
 
 ME = "c000"

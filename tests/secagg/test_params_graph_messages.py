@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from confide.secaggplus import (
+from confide.secagg import (
     ConsistencyRequest,
     InfeasibleConfigError,
     MessageFormatError,

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import confide.secaggplus.server as server_mod
-from confide.secaggplus import (
+import confide.secagg.server as server_mod
+from confide.secagg import (
     LateSubmissionError,
     SecAggAbortError,
     ServerSecAgg,
@@ -251,7 +251,7 @@ def test_ring_inputs_are_masked_as_is_and_sum_mod_the_ring() -> None:
     """``encoding = "ring"`` (distributed DP): pre-encoded ring vectors, weight 1 each."""
     import dataclasses
 
-    from confide.secaggplus import SecAggParams
+    from confide.secagg import SecAggParams
 
     base = make_params(4, max_dropouts=1, max_weight=1)
     params = dataclasses.replace(base, encoding="ring", modulus_bits=20)

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from confide.signing import Identity
+from confide.protocol.signing import Identity
 from confide_server.app import create_app, open_engine
 from confide_server.config import Config
+from confide_server.engine.rounds import RoundEngine
 from confide_server.keys import engine_key, wake_key
-from confide_server.rounds import RoundEngine
 from tests.server.util import signed, write_job
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from confide.manifest import decode_tensors, encode_tensors
-from confide.signing import Identity
+from confide.protocol.manifest import decode_tensors, encode_tensors
+from confide.protocol.signing import Identity
 from tests.server.conftest import Fed
 from tests.server.util import delta_body, eval_body, signed, tiny_manifest
 

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from confide.client import Client, client_ssl_context
-from confide.federation_errors import TransportError
-from confide.simulate import free_port
+from confide.errors import TransportError
 from confide_server.app import create_app
 from confide_server.cli import build_ssl_context
 from confide_server.config import TLSConfig
+from confide_server.simulate import free_port
 from tests.server.util import write_job
 
 

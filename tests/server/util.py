@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from confide.manifest import Manifest, encode_tensors
-from confide.signing import Identity
-from confide.trainer import NumpyTrainer
+from confide.protocol.manifest import Manifest, encode_tensors
+from confide.protocol.signing import Identity
+from confide.training import NumpyTrainer
 from confide_server.config import Config, parse_config
 
 N_FEATURES = 4
