@@ -16,7 +16,9 @@ from confide.errors import ConfideError
 
 if TYPE_CHECKING:
     from confide.client.secure import RngFactory
+    from confide.protocol.manifest import Manifest
     from confide.protocol.tasks import Task
+    from confide.training import SiteData
 
 __all__ = ["build_parser", "main", "run_client"]
 
@@ -33,15 +35,7 @@ async def run_client(
     randomness. The ``confide`` command passes neither: they are for embedding and tests.
     """
     from confide.client import Client, client_ssl_context
-    from confide.data import load_csv
-    from confide.training import NumpyTrainer
-
-    train = load_csv(args.data, args.label_column, args.patient_id_column)
-    test = (
-        load_csv(args.test_data, args.label_column, args.patient_id_column)
-        if args.test_data
-        else None
-    )
+    from confide.training import build_trainer
 
     def log(line: str) -> None:
         if not args.quiet:
@@ -58,15 +52,40 @@ async def run_client(
         rng_factory=rng_factory,
     )
     async with client:
+        # The manifest first: the engine and the data format follow from it, and bad local
+        # data is reported before a one-time enrolment token is spent.
+        manifest = await client.fetch_manifest()
+        trainer = build_trainer(manifest, **({"device": args.device} if args.device else {}))
+        train = load_site_data(manifest, args.data, args)
+        test = load_site_data(manifest, args.test_data, args) if args.test_data else None
         if not client.enrolled:
             if not args.token or not args.client_id:
                 print("not enrolled yet: pass --token and --client-id", file=sys.stderr)
                 return 2
             await client.enroll(args.token, args.client_id)
-        manifest = await client.fetch_manifest()
-        trainer = NumpyTrainer.from_manifest(manifest)
         result = await client.run(trainer, train, test, on_task=on_task)
     return 0 if result.status == "finished" else 1
+
+
+def load_site_data(manifest: Manifest, path: str, args: argparse.Namespace) -> SiteData:
+    """Load a site's data in the format the job's engine trains on.
+
+    A numpy job reads a table (``--label-column``, ``--patient-id-column``); a torch job
+    reads a labels CSV of images (``path,label,patient_id``), resized and normalised to the
+    manifest's ``input_shape``. Class names come from the manifest's ``classes`` when it
+    has them; otherwise labels must be the class indices ``0 .. num_classes - 1``.
+    """
+    spec = manifest.spec
+    if spec.get("engine") == "torch":
+        from confide.data.images import ImageDataset, ImageTransform
+
+        channels, height, width = (int(v) for v in spec["input_shape"])
+        classes = spec.get("classes") or [str(i) for i in range(int(spec["num_classes"]))]
+        transform = ImageTransform(size=(height, width), channels=channels)
+        return ImageDataset.from_csv(path, classes=[str(c) for c in classes], transform=transform)
+    from confide.data import load_csv
+
+    return load_csv(path, args.label_column, args.patient_id_column)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--server", required=True, help="http(s)://host:port")
     c.add_argument("--token", help="one-time enrolment token (first run only)")
     c.add_argument("--client-id", help="id to enrol under (first run only)")
-    c.add_argument("--data", required=True, help="training CSV (label column + features)")
-    c.add_argument("--test-data", help="evaluation CSV (default: the training data)")
+    c.add_argument(
+        "--data",
+        required=True,
+        help="training data: a CSV table (label column + features) for numpy jobs, or a "
+        "labels CSV of images (path,label,patient_id) for torch jobs",
+    )
+    c.add_argument("--test-data", help="evaluation data, same format (default: the training data)")
+    c.add_argument(
+        "--device",
+        default=None,
+        help="torch jobs: the device to train on (cpu, cuda, cuda:1; default cpu)",
+    )
     c.add_argument("--label-column", default="label")
     c.add_argument(
         "--patient-id-column",

@@ -31,6 +31,7 @@ SignatureError           ValueError   a request signature that is missing, stale
 IntegrityError           ValueError   downloaded bytes whose SHA-256 is not the announced one
 ConfigError              ValueError   an invalid job, client or training configuration
 DataError                ValueError   local data that cannot be used (file, column, row)
+ExportError              ValueError   a model that cannot be exported (ONNX), or disagrees
 ServerError              --           the server answered with an error (``status``, ``code``)
 TransportError           OSError      the server cannot be reached (refused, TLS failure)
 =======================  ===========  =====================================================
@@ -72,6 +73,7 @@ __all__ = [
     "ConfideError",
     "ConfigError",
     "DataError",
+    "ExportError",
     "FederationError",
     "InfeasibleConfigError",
     "IntegrityError",
@@ -171,6 +173,10 @@ class TransportError(FederationError, OSError):
     """The server could not be reached (connection refused or reset, TLS failure)."""
 
     code = "transport_error"
+
+
+class ExportError(ConfideError, ValueError):
+    """A model cannot be exported, or the exported graph disagrees with the model."""
 
 
 class DataError(FederationError, ValueError):

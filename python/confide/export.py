@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import ConfideError, ConfigError
+from confide.errors import ConfigError, ExportError
 
 if TYPE_CHECKING:
     import onnx
@@ -40,10 +40,6 @@ __all__ = ["ExportError", "export_onnx", "verify_onnx"]
 OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
-
-
-class ExportError(ConfideError, ValueError):
-    """A model cannot be exported, or the exported graph disagrees with the model."""
 
 
 def _is_numpy_trainer(obj: object) -> bool:

@@ -29,12 +29,19 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
     PrivacyUnsupportedError
         ``config.dp`` is set and ``trainer`` gives no per-sample gradients.
     """
-    if config.dp is not None and not isinstance(trainer, PerSampleTrainer):
+    if config.dp is None:
+        return
+    if not isinstance(trainer, PerSampleTrainer):
         raise PrivacyUnsupportedError(
             f"this round asks for patient-level DP-SGD, but {type(trainer).__name__} gives no "
             "per-sample gradients (confide.training.PerSampleTrainer); the round is refused "
             "and nothing is uploaded"
         )
+    # An engine may know that its model has no exact per-sample gradients (e.g. torch with
+    # BatchNorm, which mixes the records of a batch): it raises PrivacyUnsupportedError.
+    check = getattr(trainer, "check_per_sample", None)
+    if callable(check):
+        check()
 
 
 def fit_round(

@@ -341,10 +341,17 @@ class DPSGD:
 
 
 def _group_sorted(g: NDArray[np.float32], pat: NDArray[np.int64]) -> tuple[Any, NDArray[np.int64]]:
-    """Sum rows of consecutive equal ``pat`` values (``pat`` sorted): ``(k, dim)``, ids."""
+    """Sum rows of consecutive equal ``pat`` values (``pat`` sorted): ``(k, dim)``, ids.
+
+    A patient with one record is copied as is; several records are summed in float64. No
+    float64 copy of the whole batch is made (it dominated a DP-SGD step at 64x64).
+    """
     starts = np.flatnonzero(np.r_[True, pat[1:] != pat[:-1]])
-    sums = np.add.reduceat(g.astype(np.float64, copy=False), starts, axis=0)
-    return np.ascontiguousarray(sums, dtype=np.float32), pat[starts]
+    ends = np.r_[starts[1:], len(pat)]
+    out = np.empty((len(starts), g.shape[1]), dtype=np.float32)
+    for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        out[k] = g[s] if e - s == 1 else g[s:e].sum(axis=0, dtype=np.float64)
+    return out, pat[starts]
 
 
 def _as_numpy_rows(grads: Any, n: int, dim: int) -> Any:

@@ -2,6 +2,10 @@
 
 * :class:`NumpyTrainer` -- logistic/softmax regression and small MLPs in numpy, with exact
   per-sample gradients; the default on patient devices and for heads on frozen backbones.
+* :class:`~confide.training.torch_engine.TorchTrainer` -- any ``nn.Module`` (SqueezeNet 1.1
+  ships in :mod:`~confide.training.torch_models`), CPU or CUDA, per-sample gradients with
+  ``torch.func``; the ``confide[torch]`` extra (imported only when used).
+* :func:`build_trainer` -- the engine a manifest names (what a site client calls).
 
 An engine implements :class:`Trainer`; one that gives per-sample gradients implements
 :class:`PerSampleTrainer` and can run patient-level DP-SGD through
@@ -17,6 +21,7 @@ from confide.training.base import (
     Trainer,
 )
 from confide.training.numpy_engine import NumpyTrainer
+from confide.training.registry import build_trainer, engines, register_engine
 
 __all__ = [
     "DPSGDConfig",
@@ -26,4 +31,7 @@ __all__ = [
     "SiteData",
     "TrainConfig",
     "Trainer",
+    "build_trainer",
+    "engines",
+    "register_engine",
 ]

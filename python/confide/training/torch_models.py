@@ -249,7 +249,7 @@ _REGISTRY: dict[str, ModelFactory] = {
     "squeezenet1_1": squeezenet1_1,
     "small_cnn": small_cnn,
 }
-_SPEC_KEYS = frozenset({"engine", "arch", "num_classes", "input_shape", "options"})
+_SPEC_KEYS = frozenset({"engine", "arch", "num_classes", "input_shape", "options", "classes"})
 
 
 def register_architecture(name: str, factory: ModelFactory, *, replace: bool = False) -> None:
