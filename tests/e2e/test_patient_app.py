@@ -106,6 +106,15 @@ class Proc:
         self._reader.join(10)
 
 
+def _stop(p: subprocess.Popen[bytes]) -> None:
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,7 +151,7 @@ class Stack:
     env: dict[str, str]
 
 
-def _write_job(work: Path) -> tuple[Path, Path]:
+def _write_job(work: Path, devices: int = 1) -> tuple[Path, Path]:
     from confide.protocol.manifest import encode_tensors
     from confide.training.numpy_engine import NumpyTrainer
 
@@ -156,9 +165,9 @@ def _write_job(work: Path) -> tuple[Path, Path]:
                 "[job]",
                 'name = "derm-e2e"',
                 "rounds = 1",
-                "cohort_size = 1",
-                "min_clients = 1",
-                "wait_for_clients = 1",
+                f"cohort_size = {devices}",
+                f"min_clients = {max(1, devices - 1)}",
+                f"wait_for_clients = {devices}",
                 "[model]",
                 'manifest = "model.json"',
                 'weights = "init.safetensors"',
@@ -177,6 +186,18 @@ def _write_job(work: Path) -> tuple[Path, Path]:
                 "clip_norm = 1.0",
                 "sampling_rate = 0.5",
                 "local_steps = 4",
+                # SecAgg+ when several devices train together: a dropout-tolerant threat
+                # model for three (complete graph, k = 2, t = 2).
+                *(
+                    [
+                        "[secagg]",
+                        "enabled = true",
+                        "adversarial_fraction = 0.0",
+                        "dropout_fraction = 0.34",
+                    ]
+                    if devices > 1
+                    else []
+                ),
             ]
         )
         + "\n"
@@ -274,8 +295,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         for p in reversed(procs):
             p.stop()
-        server.terminate()
-        server.wait(10)
+        _stop(server)
 
 
 @pytest.fixture(scope="module")
@@ -576,3 +596,124 @@ def test_opt_in_training_takes_part_in_a_dp_round_without_sending_images(stack: 
             assert base64.b64encode(chunk) not in raw
             for e in entries:
                 assert chunk not in base64.b64decode(e["body_b64"])
+
+
+def test_three_opted_in_devices_train_with_secagg_and_dp(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    import time
+
+    from confide.protocol.release import DPGuarantee
+    from confide_server.releases import ReleaseBook
+
+    work = tmp_path_factory.mktemp("patient-secure")
+    logs = work / "logs"
+    logs.mkdir()
+    config, state = _write_job(work, devices=3)
+    book = ReleaseBook(state)
+    key = book.public_key_b64
+    book.release(
+        job_id="derm-e2e",
+        model=(FIXTURES / "tiny_cnn64.onnx").read_bytes(),
+        manifest_sha256="ab" * 32,
+        classes=CLASSES,
+        dp=DPGuarantee(2.5, 1e-5, "patient"),
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)])}
+    tokens = subprocess.run(
+        [sys.executable, "-m", "confide_server", "enroll", "--config", str(config), "-n", "3"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout.split()
+    procs: list[Proc] = []
+    with (logs / "server.log").open("wb") as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "confide_server", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        port = int(config.read_text().split("port = ")[1].split()[0])
+        server_url = f"http://127.0.0.1:{port}"
+        _wait_http(server_url + "/v1/health", server)
+        request_log = work / "requests.jsonl"
+        proxy = Proc(
+            "proxy",
+            [
+                sys.executable,
+                "-m",
+                "tests.e2e.recording_proxy",
+                "--upstream",
+                server_url,
+                "--log",
+                str(request_log),
+            ],
+            logs,
+            "proxy listening on",
+            env,
+        )
+        procs.append(proxy)
+        proxy_url = proxy.wait_ready()
+        urls = []
+        for k, token in enumerate(tokens):
+            (work / f"token-{k}").write_text(token)
+            app = Proc(
+                f"app-{k}",
+                [
+                    sys.executable,
+                    "-m",
+                    "patient_app",
+                    "--state-dir",
+                    str(work / f"device-{k}"),
+                    "--release-key",
+                    key,
+                    "--server",
+                    proxy_url,
+                    "--port",
+                    "0",
+                    "--max-epsilon",
+                    "4",
+                    "--update-on-start",
+                    "--enroll-token-file",
+                    str(work / f"token-{k}"),
+                ],
+                logs,
+                "patient-app listening on",
+                {**env},
+            )
+            procs.append(app)
+            urls.append(app.wait_ready())
+        images: list[bytes] = []
+        for k, url in enumerate(urls):
+            _post(url + "/api/consent", json.dumps({"train": True}).encode())
+            for i in range(2):
+                image = _png(seed=100 + 10 * k + i)
+                images.append(image)
+                doc = _post(url + "/api/diagnose", image, "application/octet-stream")
+                _post(
+                    url + "/api/label", json.dumps({"key": doc["label_key"], "label": i}).encode()
+                )
+        for url in urls:
+            assert _post(url + "/api/train")["training"] == "started"
+        end = time.monotonic() + 240
+        for url in urls:
+            while (t := _get(url + "/api/status")["training"])["status"] in ("idle", "running"):
+                assert time.monotonic() < end, [p.lines[-10:] for p in procs]
+                threading.Event().wait(0.2)
+            assert t == {"status": "finished", "rounds_trained": 1}, t
+        status = _get(server_url + "/v1/status")
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        _stop(server)
+    row = status["rounds"][0]
+    assert row["status"] == "committed"
+    assert row["metrics"]["secagg"]["n"] == 3
+    assert row["metrics"]["train_clients"] == 3
+    assert status["privacy"]["epsilon"] > 0
+    raw = request_log.read_bytes()
+    for image in images:
+        assert base64.b64encode(image[60:120]) not in raw

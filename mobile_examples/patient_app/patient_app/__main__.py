@@ -34,6 +34,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-delta", type=float, default=1e-5, help="device policy: largest delta")
     p.add_argument("--min-unit", choices=("record", "patient", "site"), default="patient")
     p.add_argument("--enroll-token-file", type=Path, help="one-time training enrolment token")
+    p.add_argument("--client-id", help="training client id (default: random, kept in the state)")
     p.add_argument("--update-on-start", action="store_true", help="fetch the latest release first")
     return p.parse_args(argv)
 
@@ -55,6 +56,7 @@ async def _serve(args: argparse.Namespace) -> None:
         policy=DevicePolicy(args.max_epsilon, args.max_delta, args.min_unit),
         engine=args.engine,
         enroll_token=token,
+        client_id=args.client_id,
         update_on_start=args.update_on_start,
     )
     app = create_app(config)

@@ -72,8 +72,9 @@ class AppConfig:
         ``"onnx"`` (default) or ``"litert"``.
     enroll_token : str, optional
         One-time token to enrol as a training client (only used after opt-in).
-    client_id : str
-        Client id used at enrolment.
+    client_id : str, optional
+        Client id used at enrolment; by default ``device-`` and 12 random hex digits,
+        chosen once and kept in the state folder (it names the device, not the patient).
     update_on_start : bool
         Fetch and verify the server's latest release when the app starts.
     """
@@ -86,7 +87,7 @@ class AppConfig:
     )
     engine: str = "onnx"
     enroll_token: str | None = None
-    client_id: str = "patient-device"
+    client_id: str | None = None
     update_on_start: bool = False
 
 
@@ -316,6 +317,15 @@ def _training_data(cfg: AppConfig) -> tuple[np.ndarray, np.ndarray]:
     return arr[:, :-1].astype(np.float32), arr[:, -1].astype(np.int64)
 
 
+def _client_id(cfg: AppConfig) -> str:
+    if cfg.client_id is not None:
+        return cfg.client_id
+    path = cfg.state_dir / "client_id"
+    if not path.exists():
+        path.write_text(f"device-{secrets.token_hex(6)}")
+    return path.read_text().strip()
+
+
 async def _participate(state: _State) -> None:
     from confide.client import Client
     from confide.training.numpy_engine import NumpyTrainer
@@ -331,7 +341,7 @@ async def _participate(state: _State) -> None:
             if not client.enrolled:
                 if cfg.enroll_token is None:
                     raise _Error(409, "This device is not enrolled for training.")
-                await client.enroll(cfg.enroll_token, cfg.client_id)
+                await client.enroll(cfg.enroll_token, _client_id(cfg))
             manifest = await client.fetch_manifest()
             head = NumpyTrainer.from_manifest(manifest)
             result = await client.run(head, data, data)
