@@ -238,3 +238,27 @@ async def test_posts_need_the_app_header_and_a_loopback_host(
     assert f'<script nonce="{nonce}">' in html
     assert "http://" not in html
     assert "https://" not in html
+
+
+async def test_offline_import_of_release_files(
+    tmp_path: Path, aiohttp_client: Callable[[web.Application], Awaitable[Client]]
+) -> None:
+    book = ReleaseBook(tmp_path / "server")
+    _release(book)
+    prefix = tmp_path / "server" / "releases" / "1"
+    cfg = AppConfig(
+        state_dir=tmp_path / "device", release_key=book.public_key_b64, import_release=prefix
+    )
+    app = await aiohttp_client(create_app(cfg))
+    status = await (await app.get("/api/status")).json()
+    assert status["model"]["version"] == 1
+    resp = await app.post("/api/update", headers=POST)
+    assert resp.status == 409  # offline: no server configured
+    assert "offline" in (await resp.json())["error"]
+    # tampered files are refused at import, and nothing is installed
+    (tmp_path / "server" / "releases" / "1.model").write_bytes(MODEL + b"x")
+    cfg2 = AppConfig(
+        state_dir=tmp_path / "device-2", release_key=book.public_key_b64, import_release=prefix
+    )
+    app2 = await aiohttp_client(create_app(cfg2))
+    assert (await (await app2.get("/api/status")).json())["model"] is None

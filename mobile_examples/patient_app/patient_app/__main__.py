@@ -35,6 +35,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-unit", choices=("record", "patient", "site"), default="patient")
     p.add_argument("--enroll-token-file", type=Path, help="one-time training enrolment token")
     p.add_argument("--client-id", help="training client id (default: random, kept in the state)")
+    p.add_argument(
+        "--import-release",
+        type=Path,
+        help="install the release files PATH.record/.sig/.model (e.g. state/releases/3)",
+    )
     p.add_argument("--update-on-start", action="store_true", help="fetch the latest release first")
     return p.parse_args(argv)
 
@@ -58,6 +63,7 @@ async def _serve(args: argparse.Namespace) -> None:
         enroll_token=token,
         client_id=args.client_id,
         update_on_start=args.update_on_start,
+        import_release=args.import_release,
     )
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=True, access_log=None)

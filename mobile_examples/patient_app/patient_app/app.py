@@ -77,6 +77,9 @@ class AppConfig:
         chosen once and kept in the state folder (it names the device, not the patient).
     update_on_start : bool
         Fetch and verify the server's latest release when the app starts.
+    import_release : Path, optional
+        Verify and install the release files ``<path>.record|.sig|.model`` at start (the
+        server's ``<state>/releases/<version>``), for a device that cannot reach it.
     """
 
     state_dir: Path
@@ -89,6 +92,7 @@ class AppConfig:
     enroll_token: str | None = None
     client_id: str | None = None
     update_on_start: bool = False
+    import_release: Path | None = None
 
 
 class _Error(Exception):
@@ -378,6 +382,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         timeout = aiohttp.ClientTimeout(total=120, sock_connect=10)
         state.session = aiohttp.ClientSession(timeout=timeout)
     await asyncio.to_thread(state.models.load_stored)
+    if state.config.import_release is not None:
+        try:
+            await asyncio.to_thread(state.models.import_release, state.config.import_release)
+        except UpdateError as exc:
+            log.warning("release import refused: %s", exc)
     if state.config.update_on_start and state.session is not None:
         try:
             await state.models.update(state.session)

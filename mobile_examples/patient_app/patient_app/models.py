@@ -137,6 +137,36 @@ class ModelManager:
         opened = load_model(model, self.engine, expected_sha256=record.model_sha256)
         return VerifiedModel(record, opened)
 
+    def import_release(self, prefix: Path) -> VerifiedModel:
+        """Verify and install a release from files (``<prefix>.record``, ``.sig``, ``.model``).
+
+        For a device without a connection to the server (or ``make app`` after a finished
+        demo job): the files are the server's ``<state>/releases/<version>.*``; they are
+        checked exactly as a download is.
+
+        Raises
+        ------
+        UpdateError
+            A file is missing, or the release is refused (the message says why).
+        """
+        try:
+            record_bytes, signature, model = (
+                Path(f"{prefix}{ext}").read_bytes() for ext in (".record", ".sig", ".model")
+            )
+        except OSError as exc:
+            raise UpdateError(f"The release files cannot be read: {exc}") from None
+        try:
+            verified = self._accept(record_bytes, signature, model)
+        except ReleaseError as exc:
+            raise UpdateError(f"The model was refused: {exc}") from None
+        self._store(record_bytes, signature, model)
+        self.current = verified
+        return verified
+
+    def _store(self, record_bytes: bytes, signature: bytes, model: bytes) -> None:
+        for name, data in (("model", model), ("signature", signature), ("record", record_bytes)):
+            _write(self.dir / name, data)
+
     async def update(self, session: aiohttp.ClientSession) -> VerifiedModel:
         """Fetch the latest release, verify it and switch to it.
 
