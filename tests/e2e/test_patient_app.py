@@ -1,15 +1,18 @@
 """The patient app in a real browser, against a real confide server with a released model.
 
 Processes (all real, on loopback): ``confide-server run`` with a signed release in its state
-folder (written by :class:`confide_server.releases.ReleaseBook`, as the server does when it
-commits a model), a recording proxy in front of it (confide-server keeps no access log; the
+folder (written before the server starts by :class:`confide_server.releases.ReleaseBook`, the
+same files ``python -m confide_server.releases`` writes; releasing at commit time is not yet
+wired into the round engine), a recording proxy in front of it (confide-server keeps no access log; the
 proxy writes every request, body included, before forwarding it), and the patient app
 (``python -m patient_app``) configured with the proxy as its server. Debian's headless
 Chromium, driven by selenium through ``/usr/bin/chromedriver`` (no Selenium Manager, no
 download), uploads images through the page's file input and reads the diagnosis from the
 page. The request log then shows that no request to the server carried the image.
 
-Set ``CONFIDE_SCREENSHOT=path.png`` to keep the page's screenshot (the app README's
+The browser tests skip, with the reason, when selenium or Debian's ``chromium`` and
+``chromium-driver`` are missing; the training tests (HTTP only) still run. Set
+``CONFIDE_SCREENSHOT=path.png`` to keep the page's screenshot (the app README's
 ``screenshot.png`` is made that way).
 """
 
@@ -42,13 +45,6 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("PIL")
-webdriver = pytest.importorskip("selenium.webdriver")
-if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip(
-        "Debian's chromium and chromium-driver are not installed "
-        "(apt-get install -y chromium chromium-driver)",
-        allow_module_level=True,
-    )
 
 pytestmark = pytest.mark.slow
 
@@ -300,6 +296,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Debian's headless Chromium; the browser tests skip (with the reason) without it."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed "
+            "(apt-get install -y chromium chromium-driver)"
+        )
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
