@@ -140,6 +140,8 @@ class ModelManager:
     def import_release(self, prefix: Path) -> VerifiedModel:
         """Verify and install a release from files (``<prefix>.record``, ``.sig``, ``.model``).
 
+        ``prefix`` may also be the server's ``releases`` folder: its newest version is used.
+
         For a device without a connection to the server (or ``make app`` after a finished
         demo job): the files are the server's ``<state>/releases/<version>.*``; they are
         checked exactly as a download is.
@@ -149,6 +151,11 @@ class ModelManager:
         UpdateError
             A file is missing, or the release is refused (the message says why).
         """
+        if prefix.is_dir():  # the releases folder itself: its newest version
+            versions = [int(p.stem) for p in prefix.glob("*.record") if p.stem.isdigit()]
+            if not versions:
+                raise UpdateError(f"There is no release in {prefix}.")
+            prefix = prefix / str(max(versions))
         try:
             record_bytes, signature, model = (
                 Path(f"{prefix}{ext}").read_bytes() for ext in (".record", ".sig", ".model")
