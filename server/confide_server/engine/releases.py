@@ -5,8 +5,9 @@ in :mod:`confide_server.releases`.
 
 The server signs every model version it releases to devices with its **release key**, an
 Ed25519 key created once in the state directory (``release_key.pem``, mode 0600) and never
-sent anywhere; its public key is what sites and devices pin (enrolment returns it, see
-:func:`enrolment_fields`, and so does ``GET /v1/releases/key``). Each release is a
+sent anywhere; its public key (also written to ``release_key.pub``) is what sites and
+devices pin. ``GET /v1/releases/key`` serves it; :func:`enrolment_fields` gives the fields
+the enrolment answer is to carry (not wired into the enrol handler yet). Each release is a
 :class:`confide.protocol.release.ReleaseRecord` (model SHA-256, version, manifest SHA-256,
 classes, the accounted DP guarantee) and its signature; the book keeps them as files::
 
