@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from confide.protocol.manifest import Manifest
+from confide_server.blobs import BlobStore
 from confide_server.config import Config
 from confide_server.engine.rounds import CrashHook, RoundEngine
 from confide_server.engine.secure import secure_upload_limit
@@ -25,7 +27,7 @@ from confide_server.keys import (
 )
 from confide_server.middlewares import error_middleware
 from confide_server.routes import setup_routes
-from confide_server.store import BlobStore, Store
+from confide_server.store import Store
 
 __all__ = ["create_app", "open_engine"]
 
@@ -57,8 +59,9 @@ def open_engine(
     manifest = Manifest.load(config.manifest)
     store = Store(config.server.database)
     blobs = BlobStore(config.server.state_dir)
-    kwargs = {} if clock is None else {"clock": clock}
-    engine = RoundEngine(config, store, blobs, manifest, crash_hook=crash_hook, **kwargs)
+    engine = RoundEngine(
+        config, store, blobs, manifest, clock=clock or time.time, crash_hook=crash_hook
+    )
     engine.initialise(config.weights.read_bytes())
     return engine
 

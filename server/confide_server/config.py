@@ -18,7 +18,7 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     weights = "init.safetensors"
 
     [strategy]
-    name = "fedavg"
+    name = "fedavg"          # a registered confide.strategies name (default "fedavg")
     epochs = 1
     batch_size = 32
     learning_rate = 0.1
@@ -81,6 +81,7 @@ from confide.secagg import (
     ThreatModel,
     derive_params,
 )
+from confide.strategies import available_strategies
 from confide_server.engine.privacy import PrivacyConfig, parse_privacy
 
 if sys.version_info >= (3, 11):
@@ -251,8 +252,11 @@ class Config:
             raise ConfigError("job.wait_for_clients must be 0 or >= job.min_clients")
         if job.max_consecutive_aborts < 1 or job.active_window_s <= 0:
             raise ConfigError("job.max_consecutive_aborts and job.active_window_s must be > 0")
-        if self.strategy.name != "fedavg":
-            raise ConfigError(f"strategy.name: only 'fedavg' exists, got {self.strategy.name!r}")
+        if self.strategy.name not in available_strategies():
+            raise ConfigError(
+                f"strategy.name must be one of {list(available_strategies())} "
+                f"(confide.strategies), got {self.strategy.name!r}"
+            )
         s = self.strategy
         if s.epochs < 1 or s.batch_size < 1 or not s.learning_rate > 0:
             raise ConfigError("strategy epochs, batch_size and learning_rate must be > 0")

@@ -1,9 +1,15 @@
-"""Durable state: SQLite (WAL, ``synchronous=FULL``) plus content-addressed blob files.
+"""Durable state: SQLite (WAL, ``synchronous=FULL``). Every SQL statement and the one schema.
+
+The engine (:mod:`confide_server.engine`) never writes SQL: it calls the methods here. Methods
+that take a ``cur`` (a :data:`Tx`) run inside the caller's :meth:`Store.transaction`, so one
+round transition (rows, privacy record, SecAgg+ snapshot, strategy state) is one transaction.
+Blob files live in :mod:`confide_server.blobs`.
 
 Invariants the round machine relies on:
 
-* a blob (model version or client update) is written to a temporary file, fsynced and renamed
-  into place, and its folder fsynced, *before* the SQLite row that refers to it is committed;
+* a blob (model version or client update) is written durably
+  (:class:`~confide_server.blobs.BlobStore`) *before* the SQLite row that refers to it is
+  committed;
 * an accepted submission is one SQLite transaction (row + nonce); once ``commit`` returns it
   survives SIGKILL and power loss, and only then is it acknowledged;
 * model versions are named by the SHA-256 of their bytes, so re-running an interrupted
@@ -18,8 +24,6 @@ from worker threads with ``asyncio.to_thread``.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -29,9 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confide.protocol.manifest import sha256_hex
+from confide_server.blobs import BlobStore
 
-__all__ = ["BlobStore", "RoundRow", "Store", "SubmissionRow"]
+__all__ = ["BlobStore", "PrivacyRow", "RoundRow", "Store", "SubmissionRow", "Tx"]
+
+#: The handle of an open transaction (what :meth:`Store.transaction` yields). The engine
+#: passes it through to the ``Store`` methods that take ``cur``; it never executes SQL on it.
+Tx = sqlite3.Cursor
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,6 +62,16 @@ CREATE TABLE IF NOT EXISTS nonces (
     nonce TEXT PRIMARY KEY, client_id TEXT NOT NULL, ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
     sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, round INTEGER, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS privacy_rounds (
+    round INTEGER PRIMARY KEY, mode TEXT NOT NULL, events TEXT NOT NULL,
+    epsilon_round REAL NOT NULL, epsilon REAL NOT NULL, epsilon_rdp REAL NOT NULL,
+    method TEXT NOT NULL, delta REAL NOT NULL, recorded_at_stage TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ddg_rounds (
+    round INTEGER PRIMARY KEY, params TEXT NOT NULL, rotation_seed TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS secagg_state (
+    round INTEGER PRIMARY KEY, state TEXT NOT NULL, result TEXT);
+CREATE TABLE IF NOT EXISTS strategy_states (
+    round INTEGER PRIMARY KEY, state TEXT NOT NULL);
 """
 
 
@@ -92,6 +110,21 @@ class RoundRow:
 
 
 @dataclass(frozen=True)
+class PrivacyRow:
+    """One row of the ``privacy_rounds`` table: a round's accounted release."""
+
+    round: int
+    mode: str
+    events: list[dict[str, Any]]
+    epsilon_round: float
+    epsilon: float
+    epsilon_rdp: float
+    method: str
+    delta: float
+    recorded_at_stage: str
+
+
+@dataclass(frozen=True)
 class SubmissionRow:
     """One accepted submission."""
 
@@ -103,74 +136,6 @@ class SubmissionRow:
     blob: str | None
     payload: dict[str, Any] | None
     receipt: dict[str, Any]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class BlobStore:
-    """Files written atomically and durably under a root folder.
-
-    Parameters
-    ----------
-    root : Path
-        Folder for ``models/`` and ``updates/``.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        (root / "models").mkdir(parents=True, exist_ok=True)
-        (root / "updates").mkdir(parents=True, exist_ok=True)
-
-    def write(self, relpath: str, data: bytes) -> Path:
-        """Write ``data`` to ``root/relpath`` durably (tmp + fsync + rename + dir fsync).
-
-        Parameters
-        ----------
-        relpath : str
-            Path relative to the root.
-        data : bytes
-            Content.
-
-        Returns
-        -------
-        Path
-            The final path.
-        """
-        final = self.root / relpath
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        return final
-
-    def model_relpath(self, sha256: str) -> str:
-        """Relative path of a model version."""
-        return f"models/{sha256}.safetensors"
-
-    def write_model(self, data: bytes) -> str:
-        """Store a model version under its SHA-256 and return the hash."""
-        digest = sha256_hex(data)
-        if not (self.root / self.model_relpath(digest)).exists():
-            self.write(self.model_relpath(digest), data)
-        return digest
-
-    def read(self, relpath: str) -> bytes:
-        """Read a stored blob."""
-        return (self.root / relpath).read_bytes()
 
 
 class Store:
@@ -200,7 +165,7 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Cursor]:
+    def transaction(self) -> Iterator[Tx]:
         """Run a block in one ``BEGIN IMMEDIATE`` transaction (commit or roll back)."""
         with self._lock:
             cur = self._db.cursor()
@@ -220,9 +185,16 @@ class Store:
         return None if row is None else str(row[0])
 
     @staticmethod
-    def set_meta(cur: sqlite3.Cursor, key: str, value: str) -> None:
+    def set_meta(cur: Tx, key: str, value: str) -> None:
         """Set a meta value inside a transaction."""
         cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    @staticmethod
+    def set_meta_once(cur: Tx, key: str, value: str) -> str:
+        """Set a meta value inside a transaction unless it exists; return the stored value."""
+        cur.execute("INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", (key, value))
+        row = cur.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0])
 
     # -- tokens and clients ------------------------------------------------------------
     def add_token_hashes(self, hashes: list[str]) -> None:
@@ -289,7 +261,7 @@ class Store:
 
     # -- models ------------------------------------------------------------------------
     @staticmethod
-    def add_model(cur: sqlite3.Cursor, sha256: str, path: str, round_id: int | None) -> None:
+    def add_model(cur: Tx, sha256: str, path: str, round_id: int | None) -> None:
         """Register a model version inside a transaction (idempotent)."""
         cur.execute(
             "INSERT OR IGNORE INTO models(sha256, path, round, created_at) VALUES (?, ?, ?, ?)",
@@ -343,7 +315,7 @@ class Store:
         return None if row is None else self._round(row)
 
     @staticmethod
-    def insert_round(cur: sqlite3.Cursor, r: RoundRow) -> None:
+    def insert_round(cur: Tx, r: RoundRow) -> None:
         """Insert a new open round inside a transaction."""
         cur.execute(
             "INSERT INTO rounds(round, status, stage, deadline, cohort, seed, base_model, "
@@ -359,6 +331,168 @@ class Store:
                 r.started_at,
             ),
         )
+
+    @staticmethod
+    def advance_round(
+        cur: Tx, round_id: int, from_stage: str, stage: str, deadline: float, new_model: str | None
+    ) -> None:
+        """Move an open round from ``from_stage`` to ``stage`` (guarded: at most once)."""
+        cur.execute(
+            "UPDATE rounds SET new_model=?, stage=?, deadline=? "
+            "WHERE round=? AND status='open' AND stage=?",
+            (new_model, stage, deadline, round_id, from_stage),
+        )
+
+    @staticmethod
+    def set_round_deadline(cur: Tx, round_id: int, stage: str, deadline: float) -> None:
+        """Re-open the open round's current stage until ``deadline``."""
+        cur.execute(
+            "UPDATE rounds SET deadline=? WHERE round=? AND status='open' AND stage=?",
+            (deadline, round_id, stage),
+        )
+
+    @staticmethod
+    def commit_round(
+        cur: Tx, round_id: int, stage: str, metrics: dict[str, Any], ended_at: float
+    ) -> int | None:
+        """Mark an open round committed; return the committed count (``None``: not open)."""
+        changed = cur.execute(
+            "UPDATE rounds SET status='committed', metrics=?, ended_at=? "
+            "WHERE round=? AND status='open' AND stage=?",
+            (json.dumps(metrics), ended_at, round_id, stage),
+        ).rowcount
+        if changed != 1:
+            return None
+        return int(
+            cur.execute("SELECT COUNT(*) FROM rounds WHERE status='committed'").fetchone()[0]
+        )
+
+    @staticmethod
+    def abort_round(cur: Tx, round_id: int, ended_at: float, reason: str) -> None:
+        """Mark an open round aborted with its reason."""
+        cur.execute(
+            "UPDATE rounds SET status='aborted', ended_at=?, reason=? "
+            "WHERE round=? AND status='open'",
+            (ended_at, reason, round_id),
+        )
+
+    # -- strategy state ----------------------------------------------------------------
+    @staticmethod
+    def save_strategy_state(cur: Tx, round_id: int, state: dict[str, Any]) -> None:
+        """Store the strategy state that comes with ``round_id``'s new model."""
+        cur.execute(
+            "INSERT OR REPLACE INTO strategy_states(round, state) VALUES (?, ?)",
+            (round_id, json.dumps(state, sort_keys=True)),
+        )
+
+    def committed_strategy_state(self) -> dict[str, Any] | None:
+        """Return the strategy state of the last committed round (``None`` before one)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT s.state FROM strategy_states s JOIN rounds r ON r.round = s.round "
+                "WHERE r.status='committed' ORDER BY s.round DESC LIMIT 1"
+            ).fetchone()
+        if row is None:
+            return None
+        state: dict[str, Any] = json.loads(row[0])
+        return state
+
+    # -- privacy -----------------------------------------------------------------------
+    @staticmethod
+    def insert_privacy_round(cur: Tx, row: PrivacyRow, accountant_state: dict[str, Any]) -> None:
+        """Record a round's release (idempotent) and the accountant's state, in ``cur``."""
+        cur.execute(
+            "INSERT OR IGNORE INTO privacy_rounds(round, mode, events, epsilon_round, epsilon, "
+            "epsilon_rdp, method, delta, recorded_at_stage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.round,
+                row.mode,
+                json.dumps(row.events),
+                row.epsilon_round,
+                row.epsilon,
+                row.epsilon_rdp,
+                row.method,
+                row.delta,
+                row.recorded_at_stage,
+            ),
+        )
+        Store.set_meta(cur, "privacy_accountant", json.dumps(accountant_state))
+
+    def privacy_rounds(self) -> list[PrivacyRow]:
+        """Every recorded privacy release, oldest round first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT round, mode, events, epsilon_round, epsilon, epsilon_rdp, method, delta, "
+                "recorded_at_stage FROM privacy_rounds ORDER BY round"
+            ).fetchall()
+        return [
+            PrivacyRow(
+                round=int(r[0]),
+                mode=str(r[1]),
+                events=json.loads(r[2]),
+                epsilon_round=float(r[3]),
+                epsilon=float(r[4]),
+                epsilon_rdp=float(r[5]),
+                method=str(r[6]),
+                delta=float(r[7]),
+                recorded_at_stage=str(r[8]),
+            )
+            for r in rows
+        ]
+
+    @staticmethod
+    def save_ddg(cur: Tx, round_id: int, params: dict[str, Any], rotation_seed: bytes) -> None:
+        """Store a distributed round's DDG parameters and public rotation seed, in ``cur``."""
+        cur.execute(
+            "INSERT OR REPLACE INTO ddg_rounds(round, params, rotation_seed) VALUES (?, ?, ?)",
+            (round_id, json.dumps(params), rotation_seed.hex()),
+        )
+
+    def load_ddg(self, round_id: int) -> tuple[dict[str, Any], bytes] | None:
+        """Return a round's stored DDG parameters (a dict) and rotation seed, or ``None``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT params, rotation_seed FROM ddg_rounds WHERE round=?", (round_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        params: dict[str, Any] = json.loads(row[0])
+        return params, bytes.fromhex(row[1])
+
+    # -- secure aggregation ------------------------------------------------------------
+    @staticmethod
+    def save_secagg_state(
+        cur: Tx, round_id: int, state: dict[str, Any], summary: dict[str, Any] | None
+    ) -> None:
+        """Write a round's SecAgg+ snapshot (and, once known, its public summary), in ``cur``."""
+        cur.execute(
+            "INSERT INTO secagg_state(round, state, result) VALUES (?, ?, ?) "
+            "ON CONFLICT(round) DO UPDATE SET state=excluded.state, "
+            "result=COALESCE(excluded.result, secagg_state.result)",
+            (round_id, json.dumps(state), None if summary is None else json.dumps(summary)),
+        )
+
+    def secagg_state(self, round_id: int) -> dict[str, Any] | None:
+        """Return a round's last SecAgg+ snapshot, or ``None``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state FROM secagg_state WHERE round=?", (round_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        state: dict[str, Any] = json.loads(row[0])
+        return state
+
+    def secagg_summary(self, round_id: int) -> dict[str, Any] | None:
+        """Return the public summary of a finished secure round, or ``None``."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT result FROM secagg_state WHERE round=?", (round_id,)
+            ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        doc: dict[str, Any] = json.loads(row[0])
+        return doc
 
     # -- submissions -------------------------------------------------------------------
     def get_submission(self, round_id: int, stage: str, client_id: str) -> SubmissionRow | None:

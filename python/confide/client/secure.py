@@ -244,19 +244,17 @@ def _check_ddg(setup: RoundSetup, privacy: PrivacyTask | None) -> tuple[DDGParam
     if privacy is None:  # unreachable: distributed implies privacy; kept under -O
         raise IntegrityError("distributed DP round without privacy parameters")
     from confide.errors import InvalidPrivacyConfig
-    from confide.privacy.client_dp import DDGConfig, DDGParams, calibrate_ddg
+    from confide.privacy.client_dp import DDGParams, calibrate_ddg, ddg_config_for, padded_dim
 
     try:
         shipped = DDGParams(**(privacy.ddg or {}))
         seed = bytes.fromhex(str(privacy.rotation_seed))
         mine = calibrate_ddg(
-            DDGConfig(
+            ddg_config_for(
+                p,
                 dim=int(shipped.dim),
                 clip_norm=float(shipped.clip_norm),
                 noise_multiplier=float(shipped.noise_multiplier),
-                num_clients=p.n,
-                threshold=p.min_survivors,
-                max_colluding=p.corrupt,
                 bits=p.modulus_bits,
                 beta=float(shipped.beta),
                 relation=shipped.relation,
@@ -268,6 +266,7 @@ def _check_ddg(setup: RoundSetup, privacy: PrivacyTask | None) -> tuple[DDGParam
         p.encoding != "ring"
         or p.max_weight != 1
         or setup.vector_length != mine.padded_dim
+        or mine.padded_dim != padded_dim(mine.dim)
         or len(seed) != 32
     ):
         raise IntegrityError("the secure round's setup does not match its DDG parameters")

@@ -98,6 +98,7 @@ from confide.secagg.primitives import ring_dtype
 
 if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyEvent
+    from confide.secagg.params import SecAggParams
 
 __all__ = [
     "DDGConfig",
@@ -105,9 +106,11 @@ __all__ = [
     "add_central_noise",
     "calibrate_ddg",
     "clip_update",
+    "ddg_config_for",
     "ddg_decode",
     "ddg_encode",
     "ddg_event",
+    "padded_dim",
     "rotate",
     "rotation_seed",
     "unrotate",
@@ -255,8 +258,21 @@ def _fwht(x: NDArray[np.float64]) -> NDArray[np.float64]:
     return out
 
 
-def _padded_dim(dim: int) -> int:
+def padded_dim(dim: int) -> int:
+    """Length of a DDG ring vector for a model of ``dim`` values: the next power of two.
+
+    The one padding rule: the server sizes a distributed round's masked uploads with it,
+    and clients check the setup's ``vector_length`` against it.
+
+    Examples
+    --------
+    >>> padded_dim(31), padded_dim(32), padded_dim(33)
+    (32, 32, 64)
+    """
     return 1 << max(0, (dim - 1).bit_length())
+
+
+_padded_dim = padded_dim
 
 
 def rotate(x: NDArray[np.floating], seed: bytes) -> NDArray[np.float64]:
@@ -453,6 +469,61 @@ class DDGParams:
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-safe dict (inverse: ``DDGParams(**d)``)."""
         return asdict(self)
+
+
+def ddg_config_for(
+    secagg: SecAggParams,
+    *,
+    dim: int,
+    clip_norm: float,
+    noise_multiplier: float,
+    bits: int,
+    beta: float = math.exp(-0.5),
+    relation: Literal["add_or_remove", "replace_one"] = "add_or_remove",
+) -> DDGConfig:
+    """Return the DDG configuration of a distributed round with SecAgg+ parameters ``secagg``.
+
+    The one mapping both sides use (the server to derive a round's parameters, each client
+    to re-derive and check what it was sent): the noise is calibrated for the worst case
+    of ``secagg.min_survivors - secagg.corrupt`` honest shares (no honest client unmasks
+    fewer than ``min_survivors`` masked inputs, at most ``corrupt`` collude with the server).
+
+    Parameters
+    ----------
+    secagg : SecAggParams
+        The round's SecAgg+ parameters (cohort ``n``, ``min_survivors``, ``corrupt``).
+    dim : int
+        Model length (before padding).
+    clip_norm, noise_multiplier : float
+        ``C`` and ``z``.
+    bits : int
+        Ring bits (``privacy.ddg_bits``; the round's SecAgg+ modulus).
+    beta : float, default exp(-0.5)
+        Conditional rounding parameter.
+    relation : {"add_or_remove", "replace_one"}
+        Neighbouring relation.
+
+    Returns
+    -------
+    DDGConfig
+        Input of :func:`calibrate_ddg`.
+
+    Raises
+    ------
+    InvalidPrivacyConfig
+        The combination is invalid (for instance no honest share).
+    """
+    return DDGConfig(
+        dim=dim,
+        clip_norm=clip_norm,
+        noise_multiplier=noise_multiplier,
+        num_clients=secagg.n,
+        threshold=secagg.min_survivors,
+        max_colluding=secagg.corrupt,
+        bits=bits,
+        beta=beta,
+        relation=relation,
+    )
 
 
 def _rounded_norm_bound(c: float, beta: float, d: int) -> float:

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import secrets
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,21 +48,21 @@ from numpy.typing import NDArray
 
 from confide.errors import ConfigError, InvalidPrivacyConfig
 from confide.noise import SecureRng
-from confide.protocol.tasks import DPSGDConfig, PrivacyTask
 from confide.privacy.client_dp import (
-    DDGConfig,
     DDGParams,
     add_central_noise,
     calibrate_ddg,
     clip_update,
+    ddg_config_for,
     ddg_decode,
     rotation_seed,
 )
+from confide.protocol.tasks import DPSGDConfig, PrivacyTask
+from confide_server.store import PrivacyRow, Store, Tx
 
 if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyAccountant, PrivacyEvent
     from confide.secagg import SecAggParams
-    from confide_server.store import Store
 
 __all__ = [
     "BUDGET_EXHAUSTED",
@@ -76,15 +75,6 @@ __all__ = [
 
 MODES = ("none", "sample", "central", "distributed")
 BUDGET_EXHAUSTED = "privacy budget exhausted"
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS privacy_rounds (
-    round INTEGER PRIMARY KEY, mode TEXT NOT NULL, events TEXT NOT NULL,
-    epsilon_round REAL NOT NULL, epsilon REAL NOT NULL, epsilon_rdp REAL NOT NULL,
-    method TEXT NOT NULL, delta REAL NOT NULL, recorded_at_stage TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS ddg_rounds (
-    round INTEGER PRIMARY KEY, params TEXT NOT NULL, rotation_seed TEXT NOT NULL);
-"""
 
 
 @dataclass(frozen=True)
@@ -223,18 +213,6 @@ def parse_privacy(sec: dict[str, Any]) -> PrivacyConfig:
     return PrivacyConfig(**values)
 
 
-def _ensure_schema(store: Store) -> None:
-    with store.transaction() as cur:
-        for stmt in _SCHEMA.strip().split(";"):
-            if stmt.strip():
-                cur.execute(stmt)
-
-
-def _meta(cur: sqlite3.Cursor, key: str) -> str | None:
-    row = cur.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-    return None if row is None else str(row[0])
-
-
 def read_privacy(store: Store) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
     """Read the job's privacy summary and per-round records without dp-accounting.
 
@@ -251,28 +229,23 @@ def read_privacy(store: Store) -> tuple[dict[str, Any] | None, dict[int, dict[st
     rounds : dict
         ``{round: {"epsilon_round", "epsilon", "epsilon_rdp", "method", "delta"}}``.
     """
-    _ensure_schema(store)
-    with store.transaction() as cur:
-        params = _meta(cur, "privacy_params")
-        rows = cur.execute(
-            "SELECT round, epsilon_round, epsilon, epsilon_rdp, method, delta "
-            "FROM privacy_rounds ORDER BY round"
-        ).fetchall()
-    per_round: dict[int, dict[str, Any]] = {
-        int(r[0]): {
-            "epsilon_round": float(r[1]),
-            "epsilon": float(r[2]),
-            "epsilon_rdp": float(r[3]),
-            "method": str(r[4]),
-            "delta": float(r[5]),
-        }
-        for r in rows
-    }
+    params = store.get_meta("privacy_params")
+    per_round: dict[int, dict[str, Any]] = {r.round: _record_doc(r) for r in store.privacy_rounds()}
     if params is None:
         return None, per_round
     summary: dict[str, Any] = json.loads(params)
     summary["epsilon"] = max((float(v["epsilon"]) for v in per_round.values()), default=0.0)
     return summary, per_round
+
+
+def _record_doc(row: PrivacyRow) -> dict[str, Any]:
+    return {
+        "epsilon_round": row.epsilon_round,
+        "epsilon": row.epsilon,
+        "epsilon_rdp": row.epsilon_rdp,
+        "method": row.method,
+        "delta": row.delta,
+    }
 
 
 class JobPrivacy:
@@ -347,25 +320,24 @@ class JobPrivacy:
         return self._events_for(self.noise_multiplier, 1)
 
     def _calibrate(self) -> float:
-        from confide.privacy.accountant import account, calibrate_noise_multiplier
+        from confide.privacy.accountant import account, calibrate, calibrate_noise_multiplier
 
         cfg = self.config
         q = cfg.sampling_rate if self.mode == "sample" else 1.0
         steps = self.steps * self.rounds if self.mode == "sample" else self.rounds
         z = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, q, steps)
         if self.mode == "distributed":
-            # DDG is accounted with RDP (no PLD for discrete Gaussian sums): bisect from the
-            # Gaussian's PLD value, which is a lower end.
-            lo, hi = z, 2.0 * z
-            while account(self._events_for(hi, self.rounds), cfg.delta).epsilon > (
-                cfg.target_epsilon
-            ):
-                lo, hi = hi, 2.0 * hi
-            while hi - lo > 1e-4 * hi:
-                mid = 0.5 * (lo + hi)
-                eps = account(self._events_for(mid, self.rounds), cfg.delta).epsilon
-                lo, hi = (mid, hi) if eps > cfg.target_epsilon else (lo, mid)
-            z = hi * 1.001  # margin for the realised per-round rho (budget-checked anyway)
+            # DDG is accounted with RDP (no PLD for discrete Gaussian sums): the Gaussian's
+            # PLD value is a lower end of the search.
+            z = calibrate(
+                lambda zz: self._events_for(zz, self.rounds),
+                cfg.target_epsilon,
+                cfg.delta,
+                lower=z,
+                upper=max(1e3, 64.0 * z),
+                tol=1e-4 * z,
+            )
+            z *= 1.001  # margin for the realised per-round rho (budget-checked anyway)
         # The budget is checked with the accountant's own PLD: step up until it agrees.
         while account(self._events_for(z, self.rounds), cfg.delta).epsilon > cfg.target_epsilon:
             z *= 1.001
@@ -378,7 +350,6 @@ class JobPrivacy:
         ``target_epsilon`` if asked) and stored, so a restart never changes it. The
         accountant is restored from its stored state; the spent budget never decreases.
         """
-        _ensure_schema(store)
         self._store = store
         stored = store.get_meta("privacy_params")
         stored_mode = "none" if stored is None else json.loads(stored)["mode"]
@@ -399,20 +370,10 @@ class JobPrivacy:
                 self.noise_multiplier = self._calibrate()
             params = self.summary_params()
             with store.transaction() as cur:
-                if _meta(cur, "privacy_params") is None:
-                    cur.execute(
-                        "INSERT INTO meta(key, value) VALUES ('privacy_params', ?)",
-                        (json.dumps(params),),
-                    )
+                Store.set_meta_once(cur, "privacy_params", json.dumps(params))
         if self.mode == "distributed":
             with store.transaction() as cur:
-                if _meta(cur, "ddg_job_seed") is None:
-                    cur.execute(
-                        "INSERT INTO meta(key, value) VALUES ('ddg_job_seed', ?)",
-                        (secrets.token_hex(32),),
-                    )
-            seed_hex = store.get_meta("ddg_job_seed")
-            assert seed_hex is not None
+                seed_hex = Store.set_meta_once(cur, "ddg_job_seed", secrets.token_hex(32))
             self._job_seed = bytes.fromhex(seed_hex)
         state = store.get_meta("privacy_accountant")
         if state is None:
@@ -465,18 +426,57 @@ class JobPrivacy:
             return False
         return True
 
-    def record(
-        self, cur: sqlite3.Cursor, round_id: int, stage: str, ddg: DDGParams | None = None
-    ) -> dict[str, Any]:
-        """Account ``round_id`` and persist it inside the caller's transaction.
+    def account(self, round_id: int, stage: str, ddg: DDGParams | None = None) -> PrivacyRow:
+        """Account ``round_id`` in memory (slow: PLD/RDP); persist it with :meth:`persist`.
 
-        Idempotent for a round already recorded with the same events. The in-memory
-        accountant may run ahead of the database if the transaction rolls back; that can
-        only over-count until the next restart.
+        Call it *outside* any lock or transaction, then persist the returned row in the
+        transaction that releases the round's noise. Idempotent for a round already
+        recorded with the same events. The in-memory accountant may run ahead of the
+        database if that transaction rolls back; that can only over-count until the next
+        restart.
 
         Parameters
         ----------
-        cur : sqlite3.Cursor
+        round_id : int
+            The round.
+        stage : str
+            The stage whose transition releases the noise (recorded for audits).
+        ddg : DDGParams, optional
+            ``distributed`` mode: the round's DDG parameters.
+
+        Returns
+        -------
+        PrivacyRow
+            The round's privacy record.
+        """
+        rec = self.accountant.record_round(round_id, self.round_events(ddg))
+        return PrivacyRow(
+            round=round_id,
+            mode=self.mode,
+            events=[e.to_dict() for e in rec.events],
+            epsilon_round=rec.epsilon_round,
+            epsilon=rec.epsilon,
+            epsilon_rdp=rec.epsilon_rdp,
+            method=rec.method,
+            delta=self.config.delta,
+            recorded_at_stage=stage,
+        )
+
+    def persist(self, cur: Tx, row: PrivacyRow) -> None:
+        """Write an accounted round and the accountant's state inside ``cur`` (fast)."""
+        Store.insert_privacy_round(cur, row, self.accountant.to_state())
+
+    def record(
+        self, cur: Tx, round_id: int, stage: str, ddg: DDGParams | None = None
+    ) -> dict[str, Any]:
+        """Account ``round_id`` and persist it inside the caller's transaction.
+
+        :meth:`account` then :meth:`persist`; the round engine calls those two apart so
+        the accounting runs outside the transaction.
+
+        Parameters
+        ----------
+        cur : Tx
             The caller's transaction.
         round_id : int
             The round.
@@ -490,34 +490,9 @@ class JobPrivacy:
         dict
             The round's privacy record (JSON-ready).
         """
-        rec = self.accountant.record_round(round_id, self.round_events(ddg))
-        doc = {
-            "epsilon_round": rec.epsilon_round,
-            "epsilon": rec.epsilon,
-            "epsilon_rdp": rec.epsilon_rdp,
-            "method": rec.method,
-            "delta": self.config.delta,
-        }
-        cur.execute(
-            "INSERT OR IGNORE INTO privacy_rounds(round, mode, events, epsilon_round, epsilon, "
-            "epsilon_rdp, method, delta, recorded_at_stage) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                round_id,
-                self.mode,
-                json.dumps([e.to_dict() for e in rec.events]),
-                rec.epsilon_round,
-                rec.epsilon,
-                rec.epsilon_rdp,
-                rec.method,
-                self.config.delta,
-                stage,
-            ),
-        )
-        cur.execute(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES ('privacy_accountant', ?)",
-            (json.dumps(self.accountant.to_state()),),
-        )
-        return doc
+        row = self.account(round_id, stage, ddg)
+        self.persist(cur, row)
+        return _record_doc(row)
 
     def round_metrics(self, round_id: int) -> dict[str, Any]:
         """``epsilon_round`` and cumulative ``epsilon`` of a recorded round (empty if none)."""
@@ -583,13 +558,11 @@ class JobPrivacy:
         """
         try:
             return calibrate_ddg(
-                DDGConfig(
+                ddg_config_for(
+                    secagg,
                     dim=dim,
                     clip_norm=self.config.clip_norm,
                     noise_multiplier=self.noise_multiplier,
-                    num_clients=secagg.n,
-                    threshold=secagg.min_survivors,
-                    max_colluding=secagg.corrupt,
                     bits=self.config.ddg_bits,
                 )
             )
@@ -606,24 +579,41 @@ class JobPrivacy:
             raise RuntimeError("JobPrivacy.open() was not called in distributed mode")
         return rotation_seed(self._job_seed, round_id)
 
-    def save_ddg(self, cur: sqlite3.Cursor, round_id: int, params: DDGParams) -> None:
+    def save_ddg(self, cur: Tx, round_id: int, params: DDGParams) -> None:
         """Store a round's DDG parameters inside the round-start transaction."""
-        cur.execute(
-            "INSERT OR REPLACE INTO ddg_rounds(round, params, rotation_seed) VALUES (?, ?, ?)",
-            (round_id, json.dumps(params.to_dict()), self.rotation_seed(round_id).hex()),
-        )
+        Store.save_ddg(cur, round_id, params.to_dict(), self.rotation_seed(round_id))
 
     def load_ddg(self, round_id: int) -> tuple[DDGParams, bytes] | None:
         """Return the stored DDG parameters and rotation seed of ``round_id`` (or ``None``)."""
         if self._store is None:
             return None
-        with self._store.transaction() as cur:
-            row = cur.execute(
-                "SELECT params, rotation_seed FROM ddg_rounds WHERE round=?", (round_id,)
-            ).fetchone()
-        if row is None:
+        found = self._store.load_ddg(round_id)
+        if found is None:
             return None
-        return DDGParams(**json.loads(row[0])), bytes.fromhex(row[1])
+        return DDGParams(**found[0]), found[1]
+
+    def ddg_sum(
+        self, total: NDArray[np.unsignedinteger[Any]], params: DDGParams, seed: bytes
+    ) -> NDArray[np.float32]:
+        """Decode the unmasked DDG ring sum into the noised float sum of the updates.
+
+        The strategy (:mod:`confide.strategies`) divides it by the round's cohort size.
+
+        Parameters
+        ----------
+        total : numpy.ndarray
+            The unmasked ring sum (``padded_dim`` elements, weight element removed).
+        params : DDGParams
+            The round's parameters.
+        seed : bytes
+            The round's rotation seed.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32`` noised sum of length ``params.dim``.
+        """
+        return ddg_decode(total, params, seed)
 
     def ddg_mean(
         self,
@@ -656,6 +646,37 @@ class JobPrivacy:
         """
         return ddg_decode(total, params, seed, normalize_by=float(max(1, cohort_size)))
 
+    def central_sum(
+        self, deltas: Sequence[NDArray[np.floating]], rng: SecureRng | None = None
+    ) -> NDArray[np.float32]:
+        """Clip each update to ``C``, sum them and add ``N(0, (z C)^2)`` to the sum once.
+
+        The strategy (:mod:`confide.strategies`) divides the noised sum by the round's
+        cohort size (fixed before any update was seen, so public).
+
+        Parameters
+        ----------
+        deltas : sequence of numpy.ndarray
+            The accepted updates, in a fixed order.
+        rng : SecureRng, optional
+            Noise generator; OS-keyed by default.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``float32`` noised sum.
+        """
+        return add_central_noise(
+            self._clipped_sum(deltas), self.noise_multiplier, self.config.clip_norm, rng=rng
+        )
+
+    def _clipped_sum(self, deltas: Sequence[NDArray[np.floating]]) -> NDArray[np.float64]:
+        total = np.zeros(deltas[0].shape[0] if deltas else 0, dtype=np.float64)
+        for d in deltas:
+            clipped, _ = clip_update(d, self.config.clip_norm)
+            total += clipped.astype(np.float64)
+        return total
+
     def central_mean(
         self,
         deltas: Sequence[NDArray[np.floating]],
@@ -678,11 +699,10 @@ class JobPrivacy:
         numpy.ndarray
             ``float32`` noised mean update.
         """
-        c = self.config.clip_norm
-        total = np.zeros(deltas[0].shape[0] if deltas else 0, dtype=np.float64)
-        for d in deltas:
-            clipped, _ = clip_update(d, c)
-            total += clipped.astype(np.float64)
         return add_central_noise(
-            total, self.noise_multiplier, c, normalize_by=float(max(1, cohort_size)), rng=rng
+            self._clipped_sum(deltas),
+            self.noise_multiplier,
+            self.config.clip_norm,
+            normalize_by=float(max(1, cohort_size)),
+            rng=rng,
         )

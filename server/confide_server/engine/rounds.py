@@ -1,4 +1,4 @@
-"""The round state machine: cohorts, stages with deadlines, quorum, FedAvg, recovery.
+"""The round state machine: cohorts, stages with deadlines, quorum, aggregation, recovery.
 
 No aiohttp here: the machine is synchronous, thread-safe and driven by two kinds of calls,
 so it is unit-tested directly with a fake clock.
@@ -18,8 +18,15 @@ the next round then starts normally. Every transition is one SQLite transaction 
 row's current status and stage, and blobs are written before the rows that name them, so a
 server killed at any instant restarts (:meth:`RoundEngine.initialise`) into a consistent state:
 acknowledged submissions are kept, nothing is counted twice, no round is committed twice.
-Aggregation iterates submissions sorted by client id and accumulates in float64, so the
-same inputs always give bit-identical model versions.
+Aggregation is the job's strategy (:mod:`confide.strategies`, ``[strategy] name``): the
+engine hands it the accepted updates sorted by client id (or, for secure and client-level DP
+rounds, their weighted sum), so the same inputs always give bit-identical model versions;
+the state it returns is stored in the transaction that registers the new model.
+
+Slow work never runs under the engine lock (which handlers take on the event loop): the
+tick reads a snapshot under the lock, does the accounting, SecAgg+ setup, aggregation and
+the durable commit without it, and swaps the new state in under the lock at the end. Only
+the tick changes a round's status or stage (``_tick_lock``), so the snapshot stays valid.
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
+from numpy.typing import NDArray
 
-from confide.errors import ConfigError, FederationError, ManifestError
+from confide.errors import AggregateError, ConfigError, FederationError, ManifestError
+from confide.privacy.client_dp import DDGParams, padded_dim
+from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.protocol.tasks import (
     EvaluateTask,
     FailedTask,
@@ -48,8 +58,6 @@ from confide.protocol.tasks import (
     TrainTask,
     WaitTask,
 )
-from confide.privacy.client_dp import DDGParams
-from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.secagg import (
     AggregateResult,
     InfeasibleConfigError,
@@ -58,10 +66,12 @@ from confide.secagg import (
     SecAggError,
     SecAggParams,
 )
+from confide.strategies import Strategy, StrategyState, get_strategy
+from confide_server.blobs import BlobStore
 from confide_server.config import Config
 from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
-from confide_server.store import BlobStore, RoundRow, Store, SubmissionRow
+from confide_server.store import PrivacyRow, RoundRow, Store, SubmissionRow
 
 __all__ = [
     "CrashHook",
@@ -197,6 +207,8 @@ class RoundEngine:
         Returns Unix time in seconds; tests pass a fake one.
     crash_hook : callable, optional
         Called with a crash-point name at each durable step (fault-injection tests).
+    strategy : Strategy, optional
+        The aggregation strategy; by default the one ``config.strategy.name`` names.
     """
 
     def __init__(
@@ -208,12 +220,21 @@ class RoundEngine:
         *,
         clock: Callable[[], float] = time.time,
         crash_hook: CrashHook | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
         self.manifest = manifest
         self.privacy = JobPrivacy(config.privacy, config.job.rounds, config.strategy.epochs)
+        self.strategy = strategy or get_strategy(
+            config.strategy.name, server_learning_rate=config.strategy.server_learning_rate
+        )
+        if self.secure_aggregation and not self.strategy.secure_compatible:
+            raise ConfigError(
+                f"strategy {self.strategy.name!r} needs the individual updates; it cannot run "
+                "with secure aggregation or client-level DP (choose another strategy)"
+            )
         self.status_reason: str | None = None
         self.secure: SecureRound | None = None
         if config.secagg.enabled:
@@ -295,11 +316,16 @@ class RoundEngine:
             self._clients = self.store.clients()
 
     @property
+    def secure_aggregation(self) -> bool:
+        """Whether the strategy only ever sees summed updates (SecAgg+ or client-level DP)."""
+        return self.config.secagg.enabled or self.privacy.mode in ("central", "distributed")
+
+    @property
     def secure_vector_length(self) -> int:
         """Elements of a masked upload: the model length, or its power-of-two DDG padding."""
         size = self.manifest.size
         if self.privacy.mode == "distributed":
-            return 1 << max(0, (size - 1).bit_length())
+            return padded_dim(size)
         return size
 
     def _secure_params(self, n: int) -> tuple[SecAggParams, DDGParams | None]:
@@ -357,16 +383,18 @@ class RoundEngine:
             return
         if cur.stage != "unmask":
             for sub in self.store.submissions(cur.round, cur.stage):
-                assert sub.payload is not None
+                if sub.payload is None:
+                    raise RoundError(
+                        f"stored {cur.stage!r} submission of {sub.client_id!r} in round "
+                        f"{cur.round} has no protocol message; the state folder is damaged",
+                        "corrupt_state",
+                    )
                 self.secure.receive(cur.stage, sub.payload["message"])
         else:
             self.store.delete_submissions(cur.round, "unmask")
             deadline = self._clock() + self._stage_by_name["unmask"].deadline_s
             with self.store.transaction() as db:
-                db.execute(
-                    "UPDATE rounds SET deadline=? WHERE round=? AND status='open' AND stage=?",
-                    (deadline, cur.round, cur.stage),
-                )
+                Store.set_round_deadline(db, cur.round, cur.stage, deadline)
             self._current = replace(cur, deadline=deadline)
 
     # -- identity ----------------------------------------------------------------------
@@ -479,7 +507,7 @@ class RoundEngine:
         return TrainConfig(s.epochs, s.batch_size, s.learning_rate, dp)
 
     def _privacy_task(self, ddg: tuple[DDGParams, bytes] | None = None) -> PrivacyTask | None:
-        """The client-side DP parameters of a training task (``None`` without DP)."""
+        """Return the client-side DP parameters of a training task (``None`` without DP)."""
         return self.privacy.train_task(ddg)
 
     def _existing_or_check(
@@ -659,7 +687,8 @@ class RoundEngine:
         restart replays on top of the stage's opening snapshot; per-message cost stays
         O(message). Unmask answers (released shares) are never written anywhere.
         """
-        assert self.secure is not None
+        if self.secure is None:
+            raise RoundError(f"stage {p.stage!r} is a secure stage but the job is not secure")
         with self._lock:
             prior = self._existing_or_check(p.client_id, p.round_id, p.stage, p.sha256)
             if prior is not None:
@@ -706,14 +735,20 @@ class RoundEngine:
                 now = self._clock()
                 cur = self._current
                 if cur is None:
-                    return self._maybe_start(now)
-                answered = self._submitted.get((cur.round, cur.stage), set())
-                waiting = set(cur.cohort)
-                if self.secure is not None and cur.stage in SECURE_STAGES:
-                    waiting = set(self.secure.expected())
-                if not waiting <= answered and now < cur.deadline:
-                    return False
-                self._closing = True
+                    # A snapshot: enrolment and polls change these while the round starts.
+                    clients = dict(self._clients)
+                    last_seen = dict(self._last_seen)
+                else:
+                    answered = set(self._submitted.get((cur.round, cur.stage), set()))
+                    waiting = set(cur.cohort)
+                    if self.secure is not None and cur.stage in SECURE_STAGES:
+                        waiting = set(self.secure.expected())
+                    if not waiting <= answered and now < cur.deadline:
+                        return False
+                    self._closing = True
+            if cur is None:
+                # Outside the engine lock: budget checks, SecAgg+ setup, the durable commit.
+                return self._maybe_start(now, clients, last_seen)
             try:
                 self._close_stage(cur, sorted(answered))
             finally:
@@ -721,12 +756,17 @@ class RoundEngine:
                     self._closing = False
             return True
 
-    def _maybe_start(self, now: float) -> bool:
+    def _maybe_start(
+        self, now: float, clients: dict[str, str], last_seen: dict[str, float]
+    ) -> bool:
+        """Start the next round if enough clients are active (tick lock held, engine lock not).
+
+        ``clients`` and ``last_seen`` are snapshots taken under the engine lock; the new
+        round becomes visible to handlers only at the end, under the lock.
+        """
         job = self.config.job
         window = job.active_window_s
-        available = sorted(
-            c for c in self._clients if now - self._last_seen.get(c, -math.inf) <= window
-        )
+        available = sorted(c for c in clients if now - last_seen.get(c, -math.inf) <= window)
         if len(available) < job.start_threshold:
             return False
         rounds = self.store.rounds()
@@ -765,7 +805,7 @@ class RoundEngine:
                 setup = self.secure.build_setup(
                     round_id,
                     cohort,
-                    self._clients,
+                    clients,
                     self.current_model,
                     self.manifest.size if ddg is None else ddg.padded_dim,
                     params=params,
@@ -779,17 +819,21 @@ class RoundEngine:
             if ddg is None and not self.privacy.allows_next_round():
                 self._stop_for_budget()
                 return True
+        released: PrivacyRow | None = None
+        if self.privacy.mode == "sample":
+            # Clients release noised updates as soon as they hold the task: write-ahead.
+            released = self.privacy.account(round_id, first.name)
         with self.store.transaction() as cur:
             Store.insert_round(cur, row)
-            if self.privacy.mode == "sample":
-                # Clients release noised updates as soon as they hold the task: write-ahead.
-                self.privacy.record(cur, round_id, first.name)
+            if released is not None:
+                self.privacy.persist(cur, released)
             if ddg is not None:
                 self.privacy.save_ddg(cur, round_id, ddg)
             if self.secure is not None and setup is not None:
                 self.secure.begin(cur, setup)
-        self._current = row
-        self._submitted[(round_id, first.name)] = set()
+        with self._lock:
+            self._current = row
+            self._submitted[(round_id, first.name)] = set()
         self._crash("round_started")
         if infeasible is not None:
             self._abort(row, f"secure aggregation infeasible for this cohort: {infeasible}")
@@ -808,20 +852,20 @@ class RoundEngine:
             )
             return
         if cur.stage == "train":
-            new_sha = self._aggregate(cur)
+            new_sha, state = self._aggregate(cur)
             self._crash("model_written")
             nxt = self.stages[1]
+            released = None
+            if self.privacy.mode == "central":
+                # The noised model is served only once registered, in the transaction below.
+                released = self.privacy.account(cur.round, cur.stage)
             deadline = self._clock() + nxt.deadline_s
             with self.store.transaction() as db:
                 Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
-                if self.privacy.mode == "central":
-                    # The noised model is served only once registered, in this transaction.
-                    self.privacy.record(db, cur.round, cur.stage)
-                db.execute(
-                    "UPDATE rounds SET new_model=?, stage=?, deadline=? "
-                    "WHERE round=? AND status='open' AND stage=?",
-                    (new_sha, nxt.name, deadline, cur.round, cur.stage),
-                )
+                Store.save_strategy_state(db, cur.round, state)
+                if released is not None:
+                    self.privacy.persist(db, released)
+                Store.advance_round(db, cur.round, cur.stage, nxt.name, deadline, new_sha)
             with self._lock:
                 self._current = replace(cur, new_model=new_sha, stage=nxt.name, deadline=deadline)
                 self._submitted[(cur.round, nxt.name)] = set()
@@ -834,14 +878,16 @@ class RoundEngine:
         with self.store.transaction() as db:
             Store.set_meta(db, "status", "finished")
             Store.set_meta(db, "status_reason", BUDGET_EXHAUSTED)
-        self.status = "finished"
-        self.status_reason = BUDGET_EXHAUSTED
+        with self._lock:
+            self.status = "finished"
+            self.status_reason = BUDGET_EXHAUSTED
         self._crash("budget_exhausted")
 
     def _close_secure(self, cur: RoundRow, answered: list[str]) -> None:
         """Close a SecAgg+ stage; after unmask, commit the weighted mean as the next model."""
         secure = self.secure
-        assert secure is not None
+        if secure is None:
+            raise RoundError(f"stage {cur.stage!r} is a secure stage but the job is not secure")
         spec = self._stage_by_name[cur.stage]
         if spec.quorum and len(answered) < self.config.job.min_clients:
             self._abort(
@@ -851,11 +897,12 @@ class RoundEngine:
             )
             return
         result: AggregateResult | None = None
+        new: tuple[str, StrategyState] | None = None
         ddg = self._round_ddg(cur.round)
         try:
             proto_next, result = secure.close(cur.stage)
-            new_sha = None if result is None else self._secure_model(cur, result, ddg)
-        except (SecAggAbortError, ManifestError) as exc:
+            new = None if result is None else self._secure_model(cur, result, ddg)
+        except (SecAggAbortError, ManifestError, AggregateError) as exc:
             # A DDG sum that was unmasked is paid for even if no model comes of it.
             self._abort(
                 cur,
@@ -863,25 +910,31 @@ class RoundEngine:
                 ddg=ddg[0] if ddg is not None and result is not None else None,
             )
             return
+        new_sha = None if new is None else new[0]
         if new_sha is not None:
             self._crash("model_written")
         order = [s.name for s in self.stages]
         nxt = self.stages[order.index(cur.stage) + 1]
-        assert result is not None or nxt.name == proto_next
+        if result is None and nxt.name != proto_next:
+            raise RoundError(
+                f"the SecAgg+ protocol moved from {cur.stage!r} to {proto_next!r}, but the "
+                f"round's next stage is {nxt.name!r}",
+                "stage_mismatch",
+            )
+        released = None
+        if new is not None and ddg is not None:
+            # Write-ahead, as in central mode: accounted in the transaction that registers
+            # the model (models are served only once registered).
+            released = self.privacy.account(cur.round, cur.stage, ddg[0])
         deadline = self._clock() + nxt.deadline_s
         with self.store.transaction() as db:
             secure.save(db, result)
-            if new_sha is not None:
-                Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
-                if ddg is not None:
-                    # Write-ahead, as in central mode: accounted in the transaction that
-                    # registers the model (models are served only once registered).
-                    self.privacy.record(db, cur.round, cur.stage, ddg[0])
-            db.execute(
-                "UPDATE rounds SET new_model=?, stage=?, deadline=? "
-                "WHERE round=? AND status='open' AND stage=?",
-                (new_sha, nxt.name, deadline, cur.round, cur.stage),
-            )
+            if new is not None:
+                Store.add_model(db, new[0], self.blobs.model_relpath(new[0]), cur.round)
+                Store.save_strategy_state(db, cur.round, new[1])
+                if released is not None:
+                    self.privacy.persist(db, released)
+            Store.advance_round(db, cur.round, cur.stage, nxt.name, deadline, new_sha)
         with self._lock:
             self._current = replace(cur, new_model=new_sha, stage=nxt.name, deadline=deadline)
             self._submitted[(cur.round, nxt.name)] = set()
@@ -889,68 +942,78 @@ class RoundEngine:
                 secure.forget()
         self._crash("stage_committed")
 
+    def _base_model(self, cur: RoundRow) -> NDArray[np.float32]:
+        base_path = self.store.model_path(cur.base_model)
+        if base_path is None:
+            raise ManifestError(f"base model {cur.base_model} is missing from the store")
+        base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
+        return base
+
+    def _strategy_state(self) -> StrategyState:
+        """Return the strategy state of the current model (the initial one before round 1)."""
+        state = self.store.committed_strategy_state()
+        return self.strategy.initial_state() if state is None else state
+
+    def _write_model(self, cur: RoundRow, new: NDArray[np.float32]) -> str:
+        if not np.isfinite(new).all():
+            raise ManifestError("aggregate is not finite", code="non_finite")
+        blob = encode_tensors(
+            self.manifest, new, {"round": str(cur.round), "parent": cur.base_model}
+        )
+        return self.blobs.write_model(blob)
+
     def _secure_model(
         self,
         cur: RoundRow,
         result: AggregateResult,
         ddg: tuple[DDGParams, bytes] | None = None,
-    ) -> str:
-        """Write the next model: base + server_lr * (mean of the unmasked updates).
+    ) -> tuple[str, StrategyState]:
+        """Write the next model from the unmasked sum; return its SHA-256 and strategy state.
 
-        Without distributed DP the mean is the SecAgg+ weighted mean. With it (``ddg``),
-        the ring sum is decoded (:func:`~confide.privacy.client_dp.ddg_decode`) and divided
-        by the round's cohort size: uniform weights, a normaliser fixed before any update.
+        Without distributed DP the strategy gets the SecAgg+ weighted sum and total weight.
+        With it (``ddg``), the ring sum is decoded (:meth:`JobPrivacy.ddg_sum`) and the
+        normaliser is the round's cohort size: uniform weights, fixed before any update.
         """
-        base_path = self.store.model_path(cur.base_model)
-        if base_path is None:
-            raise ManifestError(f"base model {cur.base_model} is missing from the store")
-        base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
+        base = self._base_model(cur)
         if ddg is not None:
             params, seed = ddg
-            mean = self.privacy.ddg_mean(result.total, params, seed, len(cur.cohort))
-            mean = mean.astype(np.float64)
+            total = self.privacy.ddg_sum(result.total, params, seed)
+            weight = float(max(1, len(cur.cohort)))
         else:
-            mean = result.weighted_mean().astype(np.float64)
-        lr = self.config.strategy.server_learning_rate
-        new = (base.astype(np.float64) + lr * mean).astype(np.float32)
-        if not np.isfinite(new).all():
-            raise ManifestError("aggregate is not finite", code="non_finite")
-        blob = encode_tensors(
-            self.manifest, new, {"round": str(cur.round), "parent": cur.base_model}
-        )
-        return self.blobs.write_model(blob)
+            if result.total_weight == 0:
+                raise SecAggAbortError("zero-weight", "the survivors' weights sum to zero")
+            total = result.weighted_sum()
+            weight = float(result.total_weight)
+        new, state = self.strategy.aggregate_sum(base, total, weight, self._strategy_state())
+        return self._write_model(cur, new), state
 
-    def _aggregate(self, cur: RoundRow) -> str:
-        """Weighted FedAvg of the accepted deltas; returns the new model's SHA-256."""
-        subs = self.store.submissions(cur.round, cur.stage)
-        base_path = self.store.model_path(cur.base_model)
-        if base_path is None:
-            raise ManifestError(f"base model {cur.base_model} is missing from the store")
-        base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
-        lr = self.config.strategy.server_learning_rate
+    def _aggregate(self, cur: RoundRow) -> tuple[str, StrategyState]:
+        """Aggregate the accepted deltas; return the new model's SHA-256 and strategy state.
+
+        Plain rounds hand the strategy every delta with its example count, sorted by client
+        id. Client-level central DP hands it the noised sum of the clipped deltas
+        (:meth:`JobPrivacy.central_sum`, uniform weights) and the cohort size.
+        """
+        subs = self.store.submissions(cur.round, cur.stage)  # sorted by client id
+        base = self._base_model(cur)
+        deltas = []
+        for s in subs:
+            if s.blob is None:
+                raise RoundError(
+                    f"stored {cur.stage!r} submission of {s.client_id!r} in round {cur.round} "
+                    "names no update file; the state folder is damaged",
+                    "corrupt_state",
+                )
+            deltas.append(decode_tensors(self.manifest, self.blobs.read(s.blob))[0])
+        state = self._strategy_state()
         if self.privacy.mode == "central":
-            # Client-level DP: clip, uniform weights, noise once, divide by the cohort size.
-            deltas = []
-            for s in subs:
-                assert s.blob is not None
-                deltas.append(decode_tensors(self.manifest, self.blobs.read(s.blob))[0])
-            mean = self.privacy.central_mean(deltas, len(cur.cohort)).astype(np.float64)
-            new = (base.astype(np.float64) + lr * mean).astype(np.float32)
+            noised = self.privacy.central_sum(deltas)
+            cohort = float(max(1, len(cur.cohort)))
+            new, state = self.strategy.aggregate_sum(base, noised, cohort, state)
         else:
-            acc = np.zeros(self.manifest.size, dtype=np.float64)
-            total = 0
-            for s in subs:  # sorted by client id: a fixed order makes the sum reproducible
-                assert s.blob is not None
-                delta, _ = decode_tensors(self.manifest, self.blobs.read(s.blob))
-                acc += s.num_examples * delta.astype(np.float64)
-                total += s.num_examples
-            new = (base.astype(np.float64) + lr * acc / total).astype(np.float32)
-        if not np.isfinite(new).all():
-            raise ManifestError("aggregate is not finite", code="non_finite")
-        blob = encode_tensors(
-            self.manifest, new, {"round": str(cur.round), "parent": cur.base_model}
-        )
-        return self.blobs.write_model(blob)
+            updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
+            new, state = self.strategy.aggregate(base, updates, state)
+        return self._write_model(cur, new), state
 
     def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
@@ -1000,23 +1063,19 @@ class RoundEngine:
             }
         self._crash("before_round_commit")
         now = self._clock()
+        if cur.new_model is None:
+            raise RoundError(f"round {cur.round} has no new model to commit", "no_model")
         with self.store.transaction() as db:
-            changed = db.execute(
-                "UPDATE rounds SET status='committed', metrics=?, ended_at=? "
-                "WHERE round=? AND status='open' AND stage=?",
-                (json.dumps(metrics), now, cur.round, cur.stage),
-            ).rowcount
-            if changed != 1:  # pragma: no cover - guarded by the tick lock
+            done = Store.commit_round(db, cur.round, cur.stage, metrics, now)
+            if done is None:  # pragma: no cover - guarded by the tick lock
                 raise RoundError(f"round {cur.round} was already closed", "round_closed")
-            done = db.execute("SELECT COUNT(*) FROM rounds WHERE status='committed'").fetchone()[0]
-            assert cur.new_model is not None
             Store.set_meta(db, "current_model", cur.new_model)
             Store.set_meta(db, "consecutive_aborts", "0")
             status = "finished" if done >= self.config.job.rounds else "running"
             Store.set_meta(db, "status", status)
         with self._lock:
             self.current_model = cur.new_model
-            self.completed_rounds = int(done)
+            self.completed_rounds = done
             self._consecutive_aborts = 0
             self.status = status
             self._current = None
@@ -1025,16 +1084,13 @@ class RoundEngine:
     def _abort(self, cur: RoundRow, reason: str, ddg: DDGParams | None = None) -> None:
         aborts = self._consecutive_aborts + 1
         status = "failed" if aborts >= self.config.job.max_consecutive_aborts else "running"
+        released = None if ddg is None else self.privacy.account(cur.round, cur.stage, ddg)
         with self.store.transaction() as db:
-            db.execute(
-                "UPDATE rounds SET status='aborted', ended_at=?, reason=? "
-                "WHERE round=? AND status='open'",
-                (self._clock(), reason, cur.round),
-            )
+            Store.abort_round(db, cur.round, self._clock(), reason)
             Store.set_meta(db, "consecutive_aborts", str(aborts))
             Store.set_meta(db, "status", status)
-            if ddg is not None:
-                self.privacy.record(db, cur.round, cur.stage, ddg)
+            if released is not None:
+                self.privacy.persist(db, released)
         with self._lock:
             self._consecutive_aborts = aborts
             self.status = status

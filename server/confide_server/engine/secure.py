@@ -21,23 +21,16 @@ rows; this module owns the protocol state of the open secure round:
 from __future__ import annotations
 
 import base64
-import json
-import sqlite3
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from confide.secagg import AggregateResult, RoundSetup, SecAggParams, ServerSecAgg
 from confide_server.config import SecAggConfig
-from confide_server.store import Store
+from confide_server.store import Store, Tx
 
 __all__ = ["SECURE_STAGES", "SecureRound", "secure_upload_limit"]
 
 SECURE_STAGES = ("advertise", "share", "mask", "consistency", "unmask")
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS secagg_state ("
-    "round INTEGER PRIMARY KEY, state TEXT NOT NULL, result TEXT)"
-)
 
 
 def secure_upload_limit(vector_length: int) -> int:
@@ -55,7 +48,7 @@ class SecureRound:
     Parameters
     ----------
     store : Store
-        The job's database (the table is created if missing).
+        The job's database.
     config : SecAggConfig
         Threat model, quantization and consistency check.
     """
@@ -66,8 +59,6 @@ class SecureRound:
         self.round: int | None = None
         self.server: ServerSecAgg | None = None
         self._outbox: dict[str, dict[str, Any]] = {}
-        with store.transaction() as cur:
-            cur.execute(_SCHEMA)
 
     # -- lifecycle ---------------------------------------------------------------------
     def build_setup(
@@ -111,7 +102,7 @@ class SecureRound:
             consistency_check=self.config.consistency_check,
         )
 
-    def begin(self, cur: sqlite3.Cursor, setup: RoundSetup) -> None:
+    def begin(self, cur: Tx, setup: RoundSetup) -> None:
         """Start the protocol for ``setup`` and write its first snapshot inside ``cur``."""
         self.server = ServerSecAgg(setup)
         self.round = setup.round
@@ -120,13 +111,10 @@ class SecureRound:
 
     def recover(self, round_id: int) -> bool:
         """Load the snapshot of ``round_id``; return whether one exists."""
-        with self.store.transaction() as cur:
-            row = cur.execute(
-                "SELECT state FROM secagg_state WHERE round=?", (round_id,)
-            ).fetchone()
-        if row is None:
+        state = self.store.secagg_state(round_id)
+        if state is None:
             return False
-        self.server = ServerSecAgg.from_state(json.loads(row[0]))
+        self.server = ServerSecAgg.from_state(state)
         self.round = round_id
         self._outbox = {}
         return True
@@ -137,39 +125,27 @@ class SecureRound:
         self.round = None
         self._outbox = {}
 
-    def save(self, cur: sqlite3.Cursor, result: AggregateResult | None = None) -> None:
+    def save(self, cur: Tx, result: AggregateResult | None = None) -> None:
         """Write the snapshot (and the aggregate's public summary) inside ``cur``."""
         srv = self._srv()
+        if self.round is None:
+            raise RuntimeError("no secure round is open")
         summary = None
         if result is not None:
             p = result.setup.params
-            summary = json.dumps(
-                {
-                    "survivors": list(result.survivors),
-                    "total_weight": result.total_weight,
-                    "k": p.k,
-                    "t": p.t,
-                    "n": p.n,
-                    "modulus_bits": p.modulus_bits,
-                }
-            )
-        cur.execute(
-            "INSERT INTO secagg_state(round, state, result) VALUES (?, ?, ?) "
-            "ON CONFLICT(round) DO UPDATE SET state=excluded.state, "
-            "result=COALESCE(excluded.result, secagg_state.result)",
-            (self.round, json.dumps(srv.to_state()), summary),
-        )
+            summary = {
+                "survivors": list(result.survivors),
+                "total_weight": result.total_weight,
+                "k": p.k,
+                "t": p.t,
+                "n": p.n,
+                "modulus_bits": p.modulus_bits,
+            }
+        Store.save_secagg_state(cur, self.round, srv.to_state(), summary)
 
     def summary(self, round_id: int) -> dict[str, Any] | None:
         """Return the public summary of a finished secure round (survivors, weight, k, t)."""
-        with self.store.transaction() as cur:
-            row = cur.execute(
-                "SELECT result FROM secagg_state WHERE round=?", (round_id,)
-            ).fetchone()
-        if row is None or row[0] is None:
-            return None
-        doc: dict[str, Any] = json.loads(row[0])
-        return doc
+        return self.store.secagg_summary(round_id)
 
     def _srv(self) -> ServerSecAgg:
         if self.server is None:

@@ -1,0 +1,96 @@
+"""Weighted FedAvg (McMahan et al. 2017) with a server learning rate.
+
+``w' = w + eta * sum(n_i * d_i) / sum(n_i)``: the weighted mean of the deltas, scaled by the
+server learning rate ``eta`` (1 is plain FedAvg). Accumulation is in float64, in the order
+the updates are given (the engine sorts them by client id), so the same inputs always give
+bit-identical models. Stateless: the state stays ``{}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from confide.errors import AggregateError, ConfigError, ShapeError
+from confide.strategies.base import (
+    StrategyState,
+    Update,
+    check_updates,
+    finite_model,
+    register,
+)
+
+__all__ = ["FedAvg"]
+
+
+@register("fedavg")
+class FedAvg:
+    """Weighted federated averaging.
+
+    Parameters
+    ----------
+    server_learning_rate : float, default 1.0
+        ``eta`` (> 0), the step the server takes along the mean delta.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> base = np.zeros(2, np.float32)
+    >>> ups = [(np.array([1.0, 0.0], np.float32), 1.0), (np.array([0.0, 3.0], np.float32), 3.0)]
+    >>> new, state = FedAvg().aggregate(base, ups, {})
+    >>> new.tolist(), state
+    ([0.25, 2.25], {})
+    """
+
+    name: ClassVar[str]
+    secure_compatible: ClassVar[bool] = True
+
+    def __init__(self, server_learning_rate: float = 1.0) -> None:
+        if not (math.isfinite(server_learning_rate) and server_learning_rate > 0):
+            raise ConfigError(
+                f"strategy.server_learning_rate must be finite and > 0, got {server_learning_rate}"
+            )
+        self.server_learning_rate = float(server_learning_rate)
+
+    def initial_state(self) -> StrategyState:
+        """FedAvg keeps no state."""
+        return {}
+
+    def aggregate(
+        self,
+        base: NDArray[np.float32],
+        updates: Sequence[Update],
+        state: StrategyState,
+    ) -> tuple[NDArray[np.float32], StrategyState]:
+        """Return ``base + eta * (weighted mean of the deltas)`` (see the module docstring)."""
+        check_updates(base, updates)
+        acc = np.zeros(base.shape[0], dtype=np.float64)
+        total = 0.0
+        for delta, weight in updates:  # the caller's fixed order keeps the sum reproducible
+            acc += weight * delta.astype(np.float64)
+            total += weight
+        return self._step(base, acc / total), {}
+
+    def aggregate_sum(
+        self,
+        base: NDArray[np.float32],
+        weighted_sum: NDArray[np.floating[Any]],
+        total_weight: float,
+        state: StrategyState,
+    ) -> tuple[NDArray[np.float32], StrategyState]:
+        """Return ``base + eta * weighted_sum / total_weight``."""
+        if weighted_sum.shape != base.shape:
+            raise ShapeError(f"summed update has shape {weighted_sum.shape}, expected {base.shape}")
+        if not (math.isfinite(total_weight) and total_weight > 0):
+            raise AggregateError(
+                f"the total weight is {total_weight!r}; expected a finite value > 0"
+            )
+        return self._step(base, weighted_sum.astype(np.float64) / total_weight), {}
+
+    def _step(self, base: NDArray[np.float32], mean: NDArray[np.float64]) -> NDArray[np.float32]:
+        new = (base.astype(np.float64) + self.server_learning_rate * mean).astype(np.float32)
+        return finite_model(new)

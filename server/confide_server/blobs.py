@@ -1,0 +1,85 @@
+"""Content-addressed blob files: model versions and client updates, written durably.
+
+A blob is written to a temporary file, fsynced, renamed into place and its folder fsynced,
+so a blob named by a committed SQLite row (:mod:`confide_server.store`) is always complete.
+Model versions are named by the SHA-256 of their bytes: re-running an interrupted
+aggregation rewrites the same file under the same name.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from confide.protocol.manifest import sha256_hex
+
+__all__ = ["BlobStore"]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Files written atomically and durably under a root folder.
+
+    Parameters
+    ----------
+    root : Path
+        Folder for ``models/`` and ``updates/``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "models").mkdir(parents=True, exist_ok=True)
+        (root / "updates").mkdir(parents=True, exist_ok=True)
+
+    def write(self, relpath: str, data: bytes) -> Path:
+        """Write ``data`` to ``root/relpath`` durably (tmp + fsync + rename + dir fsync).
+
+        Parameters
+        ----------
+        relpath : str
+            Path relative to the root.
+        data : bytes
+            Content.
+
+        Returns
+        -------
+        Path
+            The final path.
+        """
+        final = self.root / relpath
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def model_relpath(self, sha256: str) -> str:
+        """Relative path of a model version."""
+        return f"models/{sha256}.safetensors"
+
+    def write_model(self, data: bytes) -> str:
+        """Store a model version under its SHA-256 and return the hash."""
+        digest = sha256_hex(data)
+        if not (self.root / self.model_relpath(digest)).exists():
+            self.write(self.model_relpath(digest), data)
+        return digest
+
+    def read(self, relpath: str) -> bytes:
+        """Read a stored blob."""
+        return (self.root / relpath).read_bytes()
