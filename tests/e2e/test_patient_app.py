@@ -3,8 +3,9 @@
 Processes (all real, on loopback): ``confide-server run`` with a signed release in its state
 folder (written before the server starts by :class:`confide_server.releases.ReleaseBook`, the
 same files ``python -m confide_server.releases`` writes; releasing at commit time is not yet
-wired into the round engine), a recording proxy in front of it (confide-server keeps no access log; the
-proxy writes every request, body included, before forwarding it), and the patient app
+wired into the round engine), a recording proxy in front of it (confide-server keeps no
+access log; the proxy writes every request, body included, before forwarding it), and the
+patient app
 (``python -m patient_app``) configured with the proxy as its server. Debian's headless
 Chromium, driven by selenium through ``/usr/bin/chromedriver`` (no Selenium Manager, no
 download), uploads images through the page's file input and reads the diagnosis from the
