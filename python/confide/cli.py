@@ -1,4 +1,7 @@
-"""The ``confide`` command: ``confide client`` joins a federation as one site.
+"""The ``confide`` command: join a federation as one site, or export a model to ONNX.
+
+``confide client`` takes part in a job; ``confide export`` writes a model (manifest plus
+safetensors weights) as ONNX for on-device inference and checks it with onnxruntime.
 
 Whole simulated federations (a server and several sites) are the server distribution's
 ``confide-server simulate``: the SDK never imports or starts the server.
@@ -10,9 +13,10 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from confide.errors import ConfideError
+from confide.errors import ConfideError, ConfigError
 
 if TYPE_CHECKING:
     from confide.client.secure import RngFactory
@@ -88,6 +92,29 @@ def load_site_data(manifest: Manifest, path: str, args: argparse.Namespace) -> S
     return load_csv(path, args.label_column, args.patient_id_column)
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """Run ``confide export``: build the model the manifest names, write and check ONNX."""
+    from confide.export import export_onnx, verify_onnx
+    from confide.protocol.manifest import Manifest, decode_tensors
+    from confide.training import build_trainer
+
+    manifest = Manifest.load(args.manifest)
+    trainer = build_trainer(manifest)
+    try:
+        data = Path(args.weights).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read weights file {args.weights!r}: {exc.strerror}") from None
+    weights, _ = decode_tensors(manifest, data)
+    trainer.set_weights(weights)
+    out = export_onnx(trainer, args.out)
+    worst = verify_onnx(trainer, out, atol=args.atol)
+    print(
+        f"wrote {out} ({manifest.spec.get('engine')} model, {manifest.size} parameters); "
+        f"onnxruntime agrees with the model to {worst:.2e} (tolerance {args.atol:g})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide`` argument parser."""
     parser = argparse.ArgumentParser(prog="confide", description=__doc__)
@@ -122,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--poll-wait", type=float, default=20.0)
     c.add_argument("--retry-timeout", type=float, default=120.0)
     c.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("export", help="write a model as ONNX for on-device inference")
+    e.add_argument("--manifest", required=True, help="the job's model.json")
+    e.add_argument("--weights", required=True, help="a model version (.safetensors)")
+    e.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
+    e.add_argument("--out", required=True, help="output file (e.g. model.onnx)")
+    e.add_argument(
+        "--atol",
+        type=float,
+        default=1e-5,
+        help="largest allowed difference between onnxruntime and the model (default 1e-5)",
+    )
     return parser
 
 
@@ -130,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "export":
+            return run_export(args)
         return asyncio.run(run_client(args))
     except (ConfideError, OSError, ValueError) as exc:
-        print(f"confide client: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"confide {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
