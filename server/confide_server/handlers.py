@@ -165,7 +165,10 @@ async def _precheck(request: web.Request) -> _Pre:
     if length > limit:
         raise RequestError(413, "payload_too_large", f"{length} bytes > limit of {limit}")
     signed = await authenticate(request, round_id=round_id, stage=stage, durable_nonce=True)
-    prior = engine.check_submission(signed.client_id, round_id, stage, signed.body_sha256)
+    # In a worker thread: an identical retry or an old round reads SQLite.
+    prior = await asyncio.to_thread(
+        engine.check_submission, signed.client_id, round_id, stage, signed.body_sha256
+    )
     return _Pre(round_id, stage, length, signed, prior)
 
 

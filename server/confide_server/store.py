@@ -461,15 +461,17 @@ class Store:
 
     # -- secure aggregation ------------------------------------------------------------
     @staticmethod
-    def save_secagg_state(
-        cur: Tx, round_id: int, state: dict[str, Any], summary: dict[str, Any] | None
-    ) -> None:
-        """Write a round's SecAgg+ snapshot (and, once known, its public summary), in ``cur``."""
+    def save_secagg_state(cur: Tx, round_id: int, state: str, summary: str | None) -> None:
+        """Write a round's SecAgg+ snapshot (and, once known, its public summary), in ``cur``.
+
+        ``state`` and ``summary`` are JSON text, serialised by the caller before the
+        transaction (a snapshot holds every masked vector: not work to do under the lock).
+        """
         cur.execute(
             "INSERT INTO secagg_state(round, state, result) VALUES (?, ?, ?) "
             "ON CONFLICT(round) DO UPDATE SET state=excluded.state, "
             "result=COALESCE(excluded.result, secagg_state.result)",
-            (round_id, json.dumps(state), None if summary is None else json.dumps(summary)),
+            (round_id, state, summary),
         )
 
     def secagg_state(self, round_id: int) -> dict[str, Any] | None:

@@ -823,14 +823,17 @@ class RoundEngine:
         if self.privacy.mode == "sample":
             # Clients release noised updates as soon as they hold the task: write-ahead.
             released = self.privacy.account(round_id, first.name)
+        snapshot = None
+        if self.secure is not None and setup is not None:
+            snapshot = self.secure.begin(setup)
         with self.store.transaction() as cur:
             Store.insert_round(cur, row)
             if released is not None:
                 self.privacy.persist(cur, released)
             if ddg is not None:
                 self.privacy.save_ddg(cur, round_id, ddg)
-            if self.secure is not None and setup is not None:
-                self.secure.begin(cur, setup)
+            if snapshot is not None:
+                SecureRound.save(cur, snapshot)
         with self._lock:
             self._current = row
             self._submitted[(round_id, first.name)] = set()
@@ -927,8 +930,9 @@ class RoundEngine:
             # the model (models are served only once registered).
             released = self.privacy.account(cur.round, cur.stage, ddg[0])
         deadline = self._clock() + nxt.deadline_s
+        snapshot = secure.snapshot(result)
         with self.store.transaction() as db:
-            secure.save(db, result)
+            secure.save(db, snapshot)
             if new is not None:
                 Store.add_model(db, new[0], self.blobs.model_relpath(new[0]), cur.round)
                 Store.save_strategy_state(db, cur.round, new[1])

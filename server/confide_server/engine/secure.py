@@ -21,16 +21,25 @@ rows; this module owns the protocol state of the open secure round:
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from confide.secagg import AggregateResult, RoundSetup, SecAggParams, ServerSecAgg
 from confide_server.config import SecAggConfig
 from confide_server.store import Store, Tx
 
-__all__ = ["SECURE_STAGES", "SecureRound", "secure_upload_limit"]
+__all__ = ["SECURE_STAGES", "SecureRound", "Snapshot", "secure_upload_limit"]
 
 SECURE_STAGES = ("advertise", "share", "mask", "consistency", "unmask")
+
+
+class Snapshot(NamedTuple):
+    """A serialised SecAgg+ state: the round, its JSON state and public summary (or ``None``)."""
+
+    round: int
+    state: str
+    summary: str | None
 
 
 def secure_upload_limit(vector_length: int) -> int:
@@ -102,12 +111,16 @@ class SecureRound:
             consistency_check=self.config.consistency_check,
         )
 
-    def begin(self, cur: Tx, setup: RoundSetup) -> None:
-        """Start the protocol for ``setup`` and write its first snapshot inside ``cur``."""
+    def begin(self, setup: RoundSetup) -> Snapshot:
+        """Start the protocol for ``setup``; return its first snapshot (write it with :meth:`save`).
+
+        The snapshot is built here, outside any transaction: the caller writes it in the
+        same transaction as the round row.
+        """
         self.server = ServerSecAgg(setup)
         self.round = setup.round
         self._outbox = {}
-        self.save(cur)
+        return self.snapshot()
 
     def recover(self, round_id: int) -> bool:
         """Load the snapshot of ``round_id``; return whether one exists."""
@@ -125,8 +138,8 @@ class SecureRound:
         self.round = None
         self._outbox = {}
 
-    def save(self, cur: Tx, result: AggregateResult | None = None) -> None:
-        """Write the snapshot (and the aggregate's public summary) inside ``cur``."""
+    def snapshot(self, result: AggregateResult | None = None) -> Snapshot:
+        """Serialise the protocol state (and the aggregate's public summary), no lock held."""
         srv = self._srv()
         if self.round is None:
             raise RuntimeError("no secure round is open")
@@ -141,7 +154,16 @@ class SecureRound:
                 "n": p.n,
                 "modulus_bits": p.modulus_bits,
             }
-        Store.save_secagg_state(cur, self.round, srv.to_state(), summary)
+        return Snapshot(
+            self.round,
+            json.dumps(srv.to_state()),
+            None if summary is None else json.dumps(summary),
+        )
+
+    @staticmethod
+    def save(cur: Tx, snapshot: Snapshot) -> None:
+        """Write a snapshot inside ``cur`` (the transaction of the round's transition)."""
+        Store.save_secagg_state(cur, snapshot.round, snapshot.state, snapshot.summary)
 
     def summary(self, round_id: int) -> dict[str, Any] | None:
         """Return the public summary of a finished secure round (survivors, weight, k, t)."""
