@@ -262,3 +262,34 @@ async def test_offline_import_of_release_files(
     )
     app2 = await aiohttp_client(create_app(cfg2))
     assert (await (await app2.get("/api/status")).json())["model"] is None
+
+
+async def test_litert_engine_gives_the_onnx_diagnosis(
+    release_server: Any, make_app: MakeClient, tmp_path: Path
+) -> None:
+    pytest.importorskip("ai_edge_litert")
+    server, book = release_server
+    book.release(
+        job_id="j",
+        model=(FIXTURES / "tiny_cnn64.tflite").read_bytes(),
+        manifest_sha256="ab" * 32,
+        classes=CLASSES,
+        dp=DPGuarantee(2.0, 1e-5, "patient"),
+        model_format="tflite",
+    )
+    policy = DevicePolicy(max_epsilon=4.0, max_delta=1e-5, model_formats=("tflite",))
+    app = await make_app(server, book, engine="litert", policy=policy)
+    resp = await app.post("/api/update", headers=POST)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["model"]["engine"] == "litert"
+    image = _png(seed=5)
+    lite = await (await app.post("/api/diagnose", data=image, headers=POST)).json()
+    from patient_app.imaging import to_model_input
+
+    from confide.inference import load_model
+
+    onnx_model = load_model(MODEL)
+    x = to_model_input(decode_image(image), onnx_model.input.shape)
+    expected = dict(zip(CLASSES, onnx_model.predict(x)[0].tolist(), strict=True))
+    for c in lite["classes"]:
+        assert c["probability"] == pytest.approx(expected[c["name"]], abs=1e-5)

@@ -58,7 +58,12 @@ async def _serve(args: argparse.Namespace) -> None:
         state_dir=args.state_dir,
         release_key=key,
         server_url=args.server,
-        policy=DevicePolicy(args.max_epsilon, args.max_delta, args.min_unit),
+        policy=DevicePolicy(
+            args.max_epsilon,
+            args.max_delta,
+            args.min_unit,
+            model_formats=("tflite",) if args.engine == "litert" else ("onnx",),
+        ),
         engine=args.engine,
         enroll_token=token,
         client_id=args.client_id,

@@ -190,6 +190,7 @@ class ReleaseBook:
         classes: Sequence[str],
         dp: DPGuarantee | None,
         created_at: int | None = None,
+        model_format: str = "onnx",
     ) -> Release:
         """Sign and store ``model`` as the next version.
 
@@ -207,6 +208,8 @@ class ReleaseBook:
             The guarantee accounted for this model version (cumulative over the job).
         created_at : int, optional
             Unix seconds (now when omitted).
+        model_format : {"onnx", "tflite"}, default "onnx"
+            Format of ``model``.
 
         Returns
         -------
@@ -224,6 +227,7 @@ class ReleaseBook:
                 classes=classes,
                 dp=dp,
                 created_at=created_at,
+                model_format=model_format,
             )
             data = record.to_bytes()
             signature = sign_release(record, self.key)
