@@ -62,7 +62,6 @@ class BusyError(FederationError):
     """Too many uploads are queued; the client should retry later (503)."""
 
     code = "busy"
-    http_status = 503
 
 
 class UploadGate:

@@ -21,7 +21,7 @@ from confide_server.keys import (
     upload_gate_key,
     wake_key,
 )
-from confide_server.middlewares import RequestError, error_response, json_error
+from confide_server.middlewares import RequestError, error_response
 
 __all__ = [
     "enroll_client",
@@ -62,9 +62,9 @@ async def enroll_client(request: web.Request) -> web.Response:
     """
     length = request.content_length
     if length is None:
-        return json_error(411, "length_required", "Content-Length is required")
+        raise RequestError("Content-Length is required", "length_required")
     if length > _MAX_ENROLL_BYTES:
-        return json_error(413, "payload_too_large", f"enrolment body over {_MAX_ENROLL_BYTES} B")
+        raise RequestError(f"enrolment body over {_MAX_ENROLL_BYTES} B", "payload_too_large")
     body = await request.read()
     try:
         doc = json.loads(body)
@@ -125,7 +125,7 @@ async def get_model(request: web.Request) -> web.Response:
     sha = request.match_info["sha256"]
     relpath = await asyncio.to_thread(engine.store.model_path, sha)
     if relpath is None:
-        return json_error(404, "unknown_model", f"no model version {sha}")
+        raise RequestError(f"no model version {sha}", "unknown_model")
     data = await asyncio.to_thread(engine.blobs.read, relpath)
     return web.Response(
         body=data,
@@ -150,7 +150,7 @@ async def _precheck(request: web.Request) -> _Pre:
     try:
         round_id = int(request.match_info["round"])
     except ValueError:
-        raise RequestError(404, "not_found", "round must be an integer") from None
+        raise RequestError("round must be an integer", "not_found") from None
     stage = request.match_info["stage"]
     engine = request.app[engine_key]
     payload_kind = engine.stage_payload(stage)
@@ -161,9 +161,9 @@ async def _precheck(request: web.Request) -> _Pre:
         limit = max(limit, secure_upload_limit(engine.secure_vector_length))
     length = request.content_length
     if length is None:
-        raise RequestError(411, "length_required", "Content-Length is required")
+        raise RequestError("Content-Length is required", "length_required")
     if length > limit:
-        raise RequestError(413, "payload_too_large", f"{length} bytes > limit of {limit}")
+        raise RequestError(f"{length} bytes > limit of {limit}", "payload_too_large")
     signed = await authenticate(request, round_id=round_id, stage=stage, durable_nonce=True)
     # In a worker thread: an identical retry or an old round reads SQLite.
     prior = await asyncio.to_thread(
@@ -180,7 +180,7 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
     buffers while uploads wait (memory stays bounded by the upload cap).
     """
     if request.headers.get("Expect", "").lower() != "100-continue":
-        return json_error(417, "expectation_failed", "only 100-continue is supported")
+        return error_response(RequestError("only 100-continue is supported", "expectation_failed"))
     try:
         pre = await _precheck(request)
         if pre.prior is not None:

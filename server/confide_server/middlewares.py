@@ -1,8 +1,9 @@
 """The one place where exceptions become HTTP responses: a JSON body with a code and a message.
 
-Domain errors carry their status (``http_status``) and ``code``; aiohttp's own HTTP errors
-(413 from ``client_max_size``, 404, 405) are re-encoded as JSON; anything unexpected is logged
-and answered 500 with no detail (none is expected for any client input).
+:data:`HTTP_STATUS` is the one table from a domain error (its class, optionally narrowed by
+its ``code``) to an HTTP status; the engine's errors know nothing of HTTP. aiohttp's own HTTP
+errors (413 from ``client_max_size``, 404, 405) are re-encoded as JSON; anything unexpected
+is logged and answered 500 with no detail (none is expected for any client input).
 """
 
 from __future__ import annotations
@@ -15,15 +16,60 @@ from aiohttp.typedefs import Handler
 from confide.errors import (
     ConfigError,
     FederationError,
+    IntegrityError,
     ManifestError,
     SignatureError,
     WireFormatError,
 )
+from confide_server.engine.rounds import EnrollmentError, InvalidSubmissionError, RoundError
+from confide_server.events import BusyError
 
-__all__ = ["RequestError", "error_middleware", "error_response", "json_error"]
+__all__ = [
+    "HTTP_STATUS",
+    "RequestError",
+    "error_middleware",
+    "error_response",
+    "json_error",
+    "status_for",
+]
 
 log = logging.getLogger("confide_server")
 
+
+class RequestError(FederationError):
+    """A request refused by the HTTP layer before the engine sees it (its ``code`` says why)."""
+
+    code = "bad_request"
+
+
+#: ``(error class, code or None) -> HTTP status``. :func:`status_for` walks the error's MRO
+#: and takes, per class, the entry for its code first, then the class's own (``None``).
+HTTP_STATUS: dict[tuple[type[FederationError], str | None], int] = {
+    # the HTTP layer: route, size and protocol checks before the body is read
+    (RequestError, None): 400,
+    (RequestError, "not_found"): 404,
+    (RequestError, "unknown_model"): 404,
+    (RequestError, "length_required"): 411,
+    (RequestError, "payload_too_large"): 413,
+    (RequestError, "expectation_failed"): 417,
+    # identity
+    (SignatureError, None): 401,
+    (SignatureError, "replay"): 409,
+    (EnrollmentError, None): 409,  # client_exists, key_exists
+    (EnrollmentError, "bad_token"): 401,
+    (EnrollmentError, "bad_client_id"): 422,
+    # rounds and submissions
+    (RoundError, None): 409,
+    (InvalidSubmissionError, None): 422,
+    (ManifestError, None): 422,
+    (WireFormatError, None): 422,
+    (IntegrityError, None): 422,
+    (BusyError, None): 503,
+    (ConfigError, None): 400,
+    (FederationError, None): 400,
+}
+
+# aiohttp's own HTTP errors: the code put in their JSON body
 _CODES = {
     400: "bad_request",
     401: "unauthenticated",
@@ -39,35 +85,24 @@ _CODES = {
 }
 
 
+def status_for(exc: FederationError) -> int:
+    """Return the HTTP status of a domain error (from :data:`HTTP_STATUS`)."""
+    for cls in type(exc).__mro__:
+        for key in ((cls, exc.code), (cls, None)):
+            status = HTTP_STATUS.get(key)
+            if status is not None:
+                return status
+    return 400  # unreachable: FederationError is in the table
+
+
 def json_error(status: int, code: str, message: str) -> web.Response:
     """Build a JSON error response ``{"error": {"code", "message"}}``."""
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
-class RequestError(FederationError):
-    """A request refused before its body is read (404, 411, 413, ...)."""
-
-    def __init__(self, http_status: int, code: str, message: str) -> None:
-        super().__init__(message, code)
-        self.http_status = http_status
-
-
 def error_response(exc: FederationError) -> web.Response:
     """Return the JSON error response of a domain error."""
-    return json_error(_status_for(exc), exc.code, exc.message)
-
-
-def _status_for(exc: FederationError) -> int:
-    status = getattr(exc, "http_status", None)
-    if isinstance(status, int):
-        return status
-    if isinstance(exc, SignatureError):
-        return 409 if exc.code == "replay" else 401
-    if isinstance(exc, (ManifestError, WireFormatError)):
-        return 422
-    if isinstance(exc, ConfigError):
-        return 400
-    return 400
+    return json_error(status_for(exc), exc.code, exc.message)
 
 
 @web.middleware

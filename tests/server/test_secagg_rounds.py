@@ -20,6 +20,7 @@ from confide_server.app import open_engine
 from confide_server.config import Config
 from confide_server.engine.rounds import RoundEngine, RoundError
 from confide_server.engine.secure import SECURE_STAGES
+from confide_server.middlewares import status_for
 from tests.server.conftest import FakeClock
 from tests.server.util import eval_body, tiny_manifest, write_job
 from tests.support import round_seed, seeded_rng_factory
@@ -201,7 +202,7 @@ def test_dropout_after_sharing_and_late_masked_input_is_rejected(tmp_path: Path)
     assert fed.stage() == "unmask"
     with pytest.raises(RoundError) as err:
         fed.submit("c", "mask", late)
-    assert err.value.http_status == 409
+    assert status_for(err.value) == 409
     assert fed.eng.task_for("c").action == "wait"  # c is out of this round
     fed.run_stage()  # unmask: a and b rebuild c's pairwise masks
     fed.finish_evaluate()
@@ -220,14 +221,14 @@ def test_client_back_after_being_declared_dropped_is_refused(tmp_path: Path) -> 
     fed.run_stage(skip=("b",))  # b misses the advertise deadline
     with pytest.raises(RoundError) as err:  # late for advertise
         fed.submit("b", "advertise", late_adv)
-    assert err.value.http_status == 409
+    assert status_for(err.value) == 409
     assert fed.eng.task_for("b").action == "wait"  # not asked to share
     fed.run_stage()  # share (a and c)
     assert fed.stage() == "mask"
     before = fed.eng.store.count_submissions()
     with pytest.raises(RoundError) as err:  # and not taken in later stages either
         fed.submit("b", "mask", {"round": 1, "client_id": "b"})
-    assert err.value.http_status == 409
+    assert status_for(err.value) == 409
     assert fed.eng.store.count_submissions() == before
 
 

@@ -109,5 +109,5 @@ def test_strategy_state_is_persisted_and_restored_after_restart(tmp_path: Path) 
 
 
 def test_unknown_strategy_name_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="strategy.name must be one of.*fedavg"):
+    with pytest.raises(ConfigError, match=r"strategy\.name must be one of.*fedavg"):
         write_job(tmp_path, strategy__name="fedmedian")

@@ -92,26 +92,26 @@ _CLIENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 _MAX_METRICS = 32
 
 
+# The HTTP status of each error (and code) is in the one table,
+# confide_server.middlewares.HTTP_STATUS: the engine knows nothing of HTTP.
+
+
 class RoundError(FederationError):
     """A submission that does not fit the current round (wrong round/stage, late, duplicate)."""
 
     code = "wrong_round"
-    http_status = 409
 
 
 class InvalidSubmissionError(FederationError, ValueError):
-    """A submission body that fails validation (422)."""
+    """A submission body that fails validation."""
 
     code = "invalid_payload"
-    http_status = 422
 
 
 class EnrollmentError(FederationError):
-    """Enrolment refused: bad or used token (401), taken id or key (409), bad id (422)."""
+    """Enrolment refused: bad or used token, taken id or key, bad id (see ``code``)."""
 
-    def __init__(self, message: str, code: str, http_status: int) -> None:
-        super().__init__(message, code)
-        self.http_status = http_status
+    code = "enrollment_refused"
 
 
 @dataclass(frozen=True)
@@ -416,15 +416,15 @@ class RoundEngine:
         """
         if not 1 <= len(client_id) <= 64 or not set(client_id) <= _CLIENT_ID_CHARS:
             raise EnrollmentError(
-                "client_id must be 1-64 characters from [A-Za-z0-9_.-]", "bad_client_id", 422
+                "client_id must be 1-64 characters from [A-Za-z0-9_.-]", "bad_client_id"
             )
         outcome = self.store.enroll(hash_token(token), client_id, public_key)
         if outcome == "bad_token":
-            raise EnrollmentError("unknown or already used enrolment token", "bad_token", 401)
+            raise EnrollmentError("unknown or already used enrolment token", "bad_token")
         if outcome == "client_exists":
-            raise EnrollmentError(f"client id {client_id!r} is taken", "client_exists", 409)
+            raise EnrollmentError(f"client id {client_id!r} is taken", "client_exists")
         if outcome == "key_exists":
-            raise EnrollmentError("this public key is already enrolled", "key_exists", 409)
+            raise EnrollmentError("this public key is already enrolled", "key_exists")
         with self._lock:
             self._clients[client_id] = public_key
 
