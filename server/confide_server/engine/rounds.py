@@ -1126,7 +1126,7 @@ class RoundEngine:
 def _positive_int(value: Any, name: str) -> int:
     try:
         n = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON 1e309 is inf
         raise InvalidSubmissionError(f"{name} must be a positive integer, got {value!r}") from None
     if isinstance(value, (bool, float)) or not 1 <= n <= 10**9:
         raise InvalidSubmissionError(f"{name} must be an integer in [1, 1e9], got {value!r}")
@@ -1136,7 +1136,7 @@ def _positive_int(value: Any, name: str) -> int:
 def _finite_float(value: Any, name: str) -> float:
     try:
         f = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON int of 400 digits
         raise InvalidSubmissionError(f"{name} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(f):
         raise InvalidSubmissionError(f"{name} must be finite, got {value!r}")
