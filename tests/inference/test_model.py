@@ -267,3 +267,13 @@ def test_committed_fixtures_are_what_the_writers_produce(models: Any) -> None:
     assert dense_to_tflite(head) == (FIXTURES / "dense_head.tflite").read_bytes()
     assert cnn_to_onnx(cnn) == (FIXTURES / "tiny_cnn64.onnx").read_bytes()
     assert cnn_to_tflite(cnn) == (FIXTURES / "tiny_cnn64.tflite").read_bytes()
+
+
+def test_the_finiteness_scan_can_be_turned_off() -> None:
+    pytest.importorskip("onnxruntime")
+    model = load_model(FIXTURES / "dense_head.onnx", check_finite=False)
+    x = np.zeros((1, 6), np.float32)
+    x[0, 0] = np.nan
+    assert np.isnan(model.predict(x)).all()  # the engine propagates NaN; nothing raised
+    with pytest.raises(ShapeError):  # shape and dtype are still checked
+        model.predict(np.zeros((1, 5), np.float32))

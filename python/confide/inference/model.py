@@ -258,6 +258,8 @@ class LocalModel:
         The model's outputs, in the model's order.
     output : str
         The output :meth:`predict` returns.
+    check_finite : bool
+        Whether inputs are scanned for NaN and Inf (see :func:`load_model`).
     metadata : dict of str to str
         ONNX ``metadata_props`` (empty for LiteRT).
 
@@ -270,8 +272,15 @@ class LocalModel:
         model.predict(np.zeros((1, 4), np.float32))      # (1, n_classes) probabilities
     """
 
-    def __init__(self, backend: _OnnxBackend | _LiteRTBackend, sha256: str, output: str) -> None:
+    def __init__(
+        self,
+        backend: _OnnxBackend | _LiteRTBackend,
+        sha256: str,
+        output: str,
+        check_finite: bool = True,
+    ) -> None:
         self._backend = backend
+        self.check_finite = check_finite
         self.engine: str = backend.engine
         self.sha256 = sha256
         self.input = backend.inputs[0]
@@ -310,7 +319,7 @@ class LocalModel:
         ShapeError
             Wrong rank, a fixed dimension that differs, or an empty batch.
         NonFiniteError
-            NaN or Inf in ``x``.
+            NaN or Inf in ``x`` (unless the model was loaded with ``check_finite=False``).
         """
         if not isinstance(x, np.ndarray):
             raise ArrayTypeError(
@@ -333,7 +342,7 @@ class LocalModel:
             raise ShapeError("input batch is empty")
         with np.errstate(over="ignore"):  # out-of-range values become inf, refused below
             arr = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(arr).all():
+        if self.check_finite and not np.isfinite(arr).all():
             raise NonFiniteError("input contains NaN or Inf (after conversion to float32)")
         return arr
 
@@ -392,6 +401,7 @@ def load_model(
     expected_sha256: str | None = None,
     output: str | None = None,
     num_threads: int | None = None,
+    check_finite: bool = True,
 ) -> LocalModel:
     """Open a model on this device with ONNX Runtime or LiteRT.
 
@@ -409,6 +419,11 @@ def load_model(
         model has it, else its first output.
     num_threads : int, optional
         Intra-op threads of the engine (engine default when omitted).
+    check_finite : bool, default True
+        Scan every input for NaN and Inf and refuse it with
+        :class:`~confide.errors.NonFiniteError`. The scan reads the whole input once (about
+        0.05-0.1 ms for a 224x224 RGB image); a caller that produces its inputs itself
+        (decoded 8-bit images are always finite) may turn it off.
 
     Returns
     -------
@@ -464,4 +479,4 @@ def load_model(
         output = "probabilities" if "probabilities" in names else names[0]
     elif output not in names:
         raise ConfigError(f"model has no output {output!r}; it has {names}")
-    return LocalModel(backend, digest, output)
+    return LocalModel(backend, digest, output, check_finite=bool(check_finite))
