@@ -13,8 +13,9 @@ One run measures:
 2. **One on-device training round** on 50 images at 224x224, in a fresh child process:
    backbone features for 50 images (ONNX Runtime), then patient-level DP-SGD on a softmax
    head (``NumpyTrainer`` via ``confide.inference.train_head``). Reported: wall time of the
-   round (features + DP-SGD), and the child's peak RSS (``ru_maxrss``), which includes the
-   interpreter, numpy, onnxruntime and confide. Target: RSS <= 250 MB.
+   round (features + DP-SGD), and the child's peak RSS, which includes the
+   interpreter, numpy, onnxruntime and confide (``VmHWM``; run before torch is loaded in
+   the parent). Target: RSS <= 250 MB.
 3. **Install size** of the device extras, summed over the files each installed
    distribution lists in its ``RECORD`` (the dependency closure of ``confide[onnx]`` /
    ``confide[litert]`` resolved from installed metadata, confide itself included). Target:
