@@ -134,9 +134,9 @@ def release_current_model(
         The release (the existing latest one if it already holds this model).
     """
     from confide.protocol.manifest import Manifest, decode_tensors
+    from confide_server.blobs import BlobStore
     from confide_server.config import load_config
     from confide_server.engine.privacy import read_privacy
-    from confide_server.blobs import BlobStore
     from confide_server.store import Store
 
     config = load_config(config_path)
