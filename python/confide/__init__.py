@@ -23,6 +23,8 @@ from confide.errors import (
     ConfideError,
     ConfigError,
     DataError,
+    DeviceError,
+    ExportError,
     FederationError,
     IntegrityError,
     InvalidArgumentError,
@@ -32,6 +34,7 @@ from confide.errors import (
     PrivacyError,
     PrivacyUnsupportedError,
     RandomSourceError,
+    ReleaseError,
     SecAggAbortError,
     SecAggError,
     ServerError,
@@ -41,6 +44,7 @@ from confide.errors import (
     TransportError,
     WireFormatError,
 )
+from confide.inference import LocalModel, load_model
 from confide.noise import (
     SecureRng,
     add_gaussian_noise,
@@ -50,6 +54,7 @@ from confide.noise import (
     laplace,
 )
 from confide.protocol.manifest import Manifest
+from confide.protocol.release import DevicePolicy, DPGuarantee, ReleaseRecord, verify_release
 from confide.protocol.signing import Identity
 from confide.secagg import (
     MaskDomain,
@@ -79,15 +84,20 @@ __all__ = [
     "ClientResult",
     "ConfideError",
     "ConfigError",
+    "DPGuarantee",
     "DPSGDConfig",
     "DataError",
     "Dataset",
+    "DeviceError",
+    "DevicePolicy",
+    "ExportError",
     "FederationError",
     "FitResult",
     "Identity",
     "IntegrityError",
     "InvalidArgumentError",
     "InvalidPrivacyConfig",
+    "LocalModel",
     "Manifest",
     "ManifestError",
     "MaskDomain",
@@ -97,6 +107,8 @@ __all__ = [
     "PrivacyError",
     "PrivacyUnsupportedError",
     "RandomSourceError",
+    "ReleaseError",
+    "ReleaseRecord",
     "SecAggAbortError",
     "SecAggError",
     "SecureRng",
@@ -124,12 +136,14 @@ __all__ = [
     "laplace",
     "load_breast_cancer",
     "load_csv",
+    "load_model",
     "pack_bits",
     "partition_dirichlet",
     "partition_iid",
     "quantize",
     "split_secret",
     "unpack_bits",
+    "verify_release",
 ]
 
 

@@ -32,9 +32,15 @@ IntegrityError           ValueError   downloaded bytes whose SHA-256 is not the 
 ConfigError              ValueError   an invalid job, client or training configuration
 DataError                ValueError   local data that cannot be used (file, column, row)
 ExportError              ValueError   a model that cannot be exported (ONNX), or disagrees
+ReleaseError             ValueError   a model release a device refuses (signature, hash,
+                                      replayed version, DP weaker than the device policy)
 ServerError              --           the server answered with an error (``status``, ``code``)
 TransportError           OSError      the server cannot be reached (refused, TLS failure)
 =======================  ===========  =====================================================
+
+**Devices** (:mod:`confide.inference`): ``DeviceError``, with ``EngineUnavailableError``
+(also an ``ImportError``: the engine's extra is not installed) and ``ModelFormatError``
+(``ValueError``: bytes that are not a runnable model).
 
 **Privacy**:
 
@@ -73,6 +79,8 @@ __all__ = [
     "ConfideError",
     "ConfigError",
     "DataError",
+    "DeviceError",
+    "EngineUnavailableError",
     "ExportError",
     "FederationError",
     "InfeasibleConfigError",
@@ -82,12 +90,18 @@ __all__ = [
     "LateSubmissionError",
     "ManifestError",
     "MessageFormatError",
+    "ModelFormatError",
     "NonFiniteError",
     "PrivacyError",
     "PrivacyStateError",
     "PrivacyUnsupportedError",
     "ProtocolViolationError",
     "RandomSourceError",
+    "ReleaseError",
+    "ReleaseIntegrityError",
+    "ReleasePolicyError",
+    "ReleaseReplayError",
+    "ReleaseSignatureError",
     "SecAggAbortError",
     "SecAggError",
     "ServerError",
@@ -183,6 +197,52 @@ class DataError(FederationError, ValueError):
     """Local data cannot be used: a file, column or row is missing, malformed or unreadable."""
 
     code = "bad_data"
+
+
+class DeviceError(ConfideError):
+    """Base class of on-device inference errors (:mod:`confide.inference`)."""
+
+
+class EngineUnavailableError(DeviceError, ImportError):
+    """The requested inference engine is not installed; the message names the pip extra."""
+
+
+class ModelFormatError(DeviceError, ValueError):
+    """The model bytes are not a model the engine can run.
+
+    Raised for corrupt or truncated files, the other engine's format, and unsupported
+    signatures (several inputs, a non-float32 input, no batch dimension).
+    """
+
+
+class ReleaseError(FederationError, ValueError):
+    """A release the device refuses to run; nothing of the model is used."""
+
+    code = "release_refused"
+
+
+class ReleaseSignatureError(ReleaseError, SignatureError):
+    """The release is unsigned, or its signature does not verify under the pinned key."""
+
+    code = "release_bad_signature"
+
+
+class ReleaseIntegrityError(ReleaseError, IntegrityError):
+    """The model bytes do not hash to the record's ``model_sha256`` (tampered download)."""
+
+    code = "release_integrity"
+
+
+class ReleaseReplayError(ReleaseError):
+    """The version is older than one already accepted, or reuses it for another model."""
+
+    code = "release_replayed"
+
+
+class ReleasePolicyError(ReleaseError):
+    """The record's DP guarantee is weaker than the device policy allows (or absent)."""
+
+    code = "release_policy"
 
 
 # --- privacy --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -13,6 +14,7 @@ from confide.errors import FederationError, SignatureError, WireFormatError
 from confide.protocol.manifest import sha256_hex
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
 from confide_server.auth import authenticate, check_body
+from confide_server.engine.releases import enrolment_fields
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.keys import (
     config_key,
@@ -22,6 +24,7 @@ from confide_server.keys import (
     wake_key,
 )
 from confide_server.middlewares import RequestError, error_response
+from confide_server.releases import releases_key
 
 __all__ = [
     "enroll_client",
@@ -88,13 +91,15 @@ async def enroll_client(request: web.Request) -> web.Response:
     )
     engine = request.app[engine_key]
     await asyncio.to_thread(engine.enroll, doc["token"], doc["client_id"], doc["public_key"])
-    return web.json_response(
-        {
-            "client_id": doc["client_id"],
-            "job": engine.config.job.name,
-            "manifest_sha256": engine.manifest.sha256,
-        }
-    )
+    answer: dict[str, Any] = {
+        "client_id": doc["client_id"],
+        "job": engine.config.job.name,
+        "manifest_sha256": engine.manifest.sha256,
+    }
+    book = request.app.get(releases_key)
+    if book is not None:  # the site pins the model-release key at enrolment
+        answer.update(enrolment_fields(book))
+    return web.json_response(answer)
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -105,17 +110,21 @@ async def get_task(request: web.Request) -> web.Response:
         wait = float(request.query.get("wait", "0"))
     except ValueError:
         wait = 0.0
+    if not math.isfinite(wait):  # NaN would slip through min/max below
+        wait = 0.0
     wait = min(max(wait, 0.0), request.app[config_key].server.long_poll_max_s)
-    if engine.idle:
-        # A newly active client may complete the set a round is waiting for.
-        request.app[wake_key].set()
     deadline = time.monotonic() + wait
     while True:
+        if engine.idle:
+            # A client that is (still) polling may complete the set a round is waiting for.
+            request.app[wake_key].set()
         task = engine.task_for(signed.client_id)
         remaining = deadline - time.monotonic()
         if task.action != "wait" or remaining <= 0:
             return web.json_response(task.to_json())
         await request.app[notifier_key].wait(remaining)
+        # Still polling after a state change (e.g. a round closed): this client is alive.
+        engine.touch(signed.client_id)
 
 
 async def get_model(request: web.Request) -> web.Response:

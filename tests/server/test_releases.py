@@ -186,3 +186,20 @@ def test_the_cli_releases_the_current_model_once(
     model = load_model(book.model(1) or b"")
     assert set(model.output_names) == {"probabilities", "features"}
     assert book.public_key_b64 in out
+
+
+async def test_enrolment_answer_pins_the_release_key(make_fed: Any, tmp_path: Path) -> None:
+    """A site learns the model-release public key when it enrols and keeps it on disk."""
+    from confide.client import Client
+    from confide_server.releases import releases_key
+
+    fed = await make_fed()
+    server = fed.http.server
+    url = f"http://{server.host}:{server.port}"
+    token = fed.engine.create_tokens(1)[0]
+    async with Client(url, tmp_path / "site") as client:
+        await client.enroll(token, "site-x")
+        key = client.release_public_key
+    assert key == fed.http.app[releases_key].public_key_b64
+    again = Client(url, tmp_path / "site")  # a restarted site reads it back from its state
+    assert again.release_public_key == key

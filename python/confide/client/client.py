@@ -36,6 +36,7 @@ from confide.errors import (
     IntegrityError,
     ServerError,
     TransportError,
+    WireFormatError,
 )
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.protocol.signing import Identity
@@ -174,6 +175,14 @@ class Client:
             doc = json.loads(state.read_text())
             self.client_id = str(doc["client_id"])
             self._identity = Identity.load(self.state_dir / _IDENTITY_FILE)
+            key = doc.get("release_public_key")
+            self.release_public_key = str(key) if isinstance(key, str) else None
+
+    #: The server's model-release public key (base64 Ed25519), pinned at enrolment: every
+    #: model a device runs must carry a release record signed by it
+    #: (:func:`confide.protocol.release.verify_release`). ``None`` before enrolment or when
+    #: the server offers no releases.
+    release_public_key: str | None = None
 
     @property
     def enrolled(self) -> bool:
@@ -276,7 +285,7 @@ class Client:
         body = json.dumps(
             {"token": token, "client_id": client_id, "public_key": identity.public_key_b64}
         ).encode()
-        await self._request(
+        data, _ = await self._request(
             "POST",
             "/v1/enroll",
             stage="enroll",
@@ -284,10 +293,19 @@ class Client:
             identity=identity,
             client_id=client_id,
         )
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            answer = {}
+        key = answer.get("release_public_key") if isinstance(answer, dict) else None
+        if key is not None and not isinstance(key, str):
+            raise WireFormatError("enrolment answer: release_public_key must be a string")
         identity.save(self.state_dir / _IDENTITY_FILE)
-        (self.state_dir / _STATE_FILE).write_text(
-            json.dumps({"client_id": client_id, "server": self.server_url}) + "\n"
-        )
+        state: dict[str, Any] = {"client_id": client_id, "server": self.server_url}
+        if key is not None:
+            state["release_public_key"] = key
+        (self.state_dir / _STATE_FILE).write_text(json.dumps(state) + "\n")
+        self.release_public_key = key
         self._identity = identity
         self.client_id = client_id
         self._log(f"{client_id}: enrolled")

@@ -35,9 +35,10 @@ from numpy.typing import ArrayLike, NDArray
 
 from confide.errors import (
     ArrayTypeError,
-    ConfideError,
     ConfigError,
+    EngineUnavailableError,
     IntegrityError,
+    ModelFormatError,
     NonFiniteError,
     ShapeError,
 )
@@ -59,18 +60,6 @@ ENGINES = ("onnx", "litert")
 # A released device model is small (a CNN backbone plus a head); this bounds what a
 # corrupted or hostile download can make the device parse.
 _MAX_MODEL_BYTES = 512 << 20
-
-
-class EngineUnavailableError(ConfideError, ImportError):
-    """The requested inference engine is not installed; the message names the pip extra."""
-
-
-class ModelFormatError(ConfideError, ValueError):
-    """The model bytes are not a model the engine can run.
-
-    Raised for corrupt or truncated files, the other engine's format, and unsupported
-    signatures (several inputs, a non-float32 input, no batch dimension).
-    """
 
 
 @dataclass(frozen=True)
@@ -446,7 +435,7 @@ def load_model(
     >>> load_model(b"", engine="onnx")
     Traceback (most recent call last):
     ...
-    confide.inference.model.ModelFormatError: model is empty (0 bytes)
+    confide.errors.ModelFormatError: model is empty (0 bytes)
     >>> load_model(b"...", engine="gpu")
     Traceback (most recent call last):
     ...

@@ -60,7 +60,7 @@ Examples
 >>> verify_release(record.to_bytes(), signature, b"tampered", key.public_key_b64, policy)
 Traceback (most recent call last):
 ...
-confide.protocol.release.ReleaseIntegrityError: model SHA-256 ... is not the released ...
+confide.errors.ReleaseIntegrityError: model SHA-256 ... is not the released ...
 """
 
 from __future__ import annotations
@@ -82,7 +82,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from confide.errors import ConfigError, FederationError, IntegrityError, SignatureError
+from confide.errors import (
+    ConfigError,
+    ReleaseError,
+    ReleaseIntegrityError,
+    ReleasePolicyError,
+    ReleaseReplayError,
+    ReleaseSignatureError,
+    SignatureError,
+)
 from confide.protocol.manifest import sha256_hex
 from confide.protocol.signing import Identity, decode_public_key
 
@@ -132,36 +140,6 @@ _MAX_RECORD_BYTES = 64 << 10
 
 
 # --- errors -------------------------------------------------------------------------------
-
-
-class ReleaseError(FederationError, ValueError):
-    """A release the device refuses to run; nothing of the model is used."""
-
-    code = "release_refused"
-
-
-class ReleaseSignatureError(ReleaseError, SignatureError):
-    """The release is unsigned, or its signature does not verify under the pinned key."""
-
-    code = "release_bad_signature"
-
-
-class ReleaseIntegrityError(ReleaseError, IntegrityError):
-    """The model bytes do not hash to the record's ``model_sha256`` (tampered download)."""
-
-    code = "release_integrity"
-
-
-class ReleaseReplayError(ReleaseError):
-    """The version is older than one already accepted, or reuses it for another model."""
-
-    code = "release_replayed"
-
-
-class ReleasePolicyError(ReleaseError):
-    """The record's DP guarantee is weaker than the device policy allows (or absent)."""
-
-    code = "release_policy"
 
 
 # --- record -------------------------------------------------------------------------------
