@@ -98,9 +98,6 @@ def test_round_without_quorum_aborts_and_next_round_succeeds(tmp_path: Path) -> 
     assert eng.status == "running"
     with pytest.raises(RoundError, match="aborted"):
         _submit(eng, "b", "train", delta_body(MANIFEST, 1.0))
-    assert not eng.tick()  # nobody has polled since round 1 closed: no cohort yet
-    for cid in "abc":
-        eng.touch(cid)  # the live sites poll again
     assert eng.tick()  # round 2 starts normally
     for cid in "abc":
         _submit(eng, cid, "train", delta_body(MANIFEST, 1.0), r=2)
@@ -120,8 +117,6 @@ def test_consecutive_aborts_fail_the_job(tmp_path: Path) -> None:
     clock = FakeClock()
     eng = _engine(_config(tmp_path), clock)
     for _ in range(2):
-        for cid in "abc":
-            eng.touch(cid)  # the sites poll, but never train
         assert eng.tick()
         clock.now += 31
         assert eng.tick()
@@ -213,23 +208,3 @@ def test_state_of_another_job_is_refused(tmp_path: Path) -> None:
     eng.store.close()
     with pytest.raises(ConfigError, match="belongs to job"):
         open_engine(_config(tmp_path, job__name="other"))
-
-
-def test_sites_not_seen_since_the_last_round_closed_are_not_selected(tmp_path: Path) -> None:
-    # All sites died in round 1 (seen shortly before it closed, within the active window):
-    # round 2 must not be started with them, only with sites seen after round 1 closed.
-    clock = FakeClock()
-    eng = _engine(_config(tmp_path, job__wait_for_clients=2), clock)
-    eng.tick()
-    clock.now += 31
-    assert eng.tick()  # round 1 aborts: nobody trained
-    assert eng.store.get_round(1).status == "aborted"  # type: ignore[union-attr]
-    clock.now += 1  # well inside the active window of the earlier polls
-    assert not eng.tick()
-    eng.touch("a")
-    assert not eng.tick()  # one live site is below the start threshold of 2
-    eng.touch("b")
-    assert eng.tick()
-    r2 = eng.store.get_round(2)
-    assert r2 is not None
-    assert set(r2.cohort) == {"a", "b"}  # c, dead since round 1, is not in the cohort

@@ -251,8 +251,6 @@ class RoundEngine:
         self._submitted: dict[tuple[int, str], set[str]] = {}
         self._closing = False
         self._last_seen: dict[str, float] = {}
-        # Clock time the last round of this process closed (committed or aborted).
-        self._last_closed_at = -math.inf
         self._clients: dict[str, str] = {}
         self.status = "running"
         self.current_model = ""
@@ -767,11 +765,8 @@ class RoundEngine:
         round becomes visible to handlers only at the end, under the lock.
         """
         job = self.config.job
-        # Active: seen within the window *and* since the last round closed, so sites that
-        # died in that round are not put in the next cohort just because they were seen
-        # shortly before (they would make it abort again at its deadline).
-        since = max(now - job.active_window_s, self._last_closed_at)
-        available = sorted(c for c in clients if last_seen.get(c, -math.inf) >= since)
+        window = job.active_window_s
+        available = sorted(c for c in clients if now - last_seen.get(c, -math.inf) <= window)
         if len(available) < job.start_threshold:
             return False
         rounds = self.store.rounds()
@@ -1088,7 +1083,6 @@ class RoundEngine:
             self._consecutive_aborts = 0
             self.status = status
             self._current = None
-            self._last_closed_at = self._clock()
         self._crash("round_committed")
 
     def _abort(self, cur: RoundRow, reason: str, ddg: DDGParams | None = None) -> None:
@@ -1105,7 +1099,6 @@ class RoundEngine:
             self._consecutive_aborts = aborts
             self.status = status
             self._current = None
-            self._last_closed_at = self._clock()
             if self.secure is not None:
                 self.secure.forget()
         self._crash("round_aborted")
