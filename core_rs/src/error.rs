@@ -2,21 +2,39 @@
 //! [`CoreError`]. The Python layer maps `CoreError` to exceptions in exactly one place
 //! (`py/errors.rs`). Messages always say what was expected and what was given.
 
+use std::fmt;
+
 use thiserror::Error;
+
+/// A float formatted compactly for messages: plain decimal for moderate magnitudes,
+/// scientific otherwise (`1e-251`, not 250 zeros).
+#[derive(Clone, Copy, Debug)]
+pub struct Num(pub f64);
+
+impl fmt::Display for Num {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        if v == 0.0 || !v.is_finite() || (1e-4..1e16).contains(&v.abs()) {
+            write!(f, "{v}")
+        } else {
+            write!(f, "{v:e}")
+        }
+    }
+}
 
 /// Errors of the clipping kernels.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum ClipError {
     /// The clipping bound is not a finite positive number.
-    #[error("max_norm must be a finite number > 0, got {0}")]
+    #[error("max_norm must be a finite number > 0, got {}", Num(*.0))]
     InvalidMaxNorm(f64),
     /// The input holds NaN or +/-Inf (the L2 norm is not finite).
-    #[error("{what} must hold only finite values, but its L2 norm is {norm} (NaN or Inf present)")]
+    #[error("x must hold only finite values, found {} at {location}", Num(*.value))]
     NonFinite {
-        /// Which input (e.g. "x" or "row 3").
-        what: String,
-        /// The offending norm.
-        norm: f64,
+        /// Where the first offending element is (e.g. "x[7]" or "x[3, 1] (row 3)").
+        location: String,
+        /// The offending element.
+        value: f64,
     },
     /// A (batch, dim) buffer whose length is not batch * dim.
     #[error("expected a buffer of {expected} = rows * dim elements, got {got}")]
@@ -32,7 +50,7 @@ pub enum ClipError {
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum NoiseError {
     /// A scale parameter (sigma, b) is not finite and >= 0 (or > 0 where required).
-    #[error("{name} must be a finite number {requirement}, got {value}")]
+    #[error("{name} must be a finite number {requirement}, got {}", Num(*.value))]
     InvalidScale {
         /// Parameter name.
         name: &'static str,
@@ -42,7 +60,7 @@ pub enum NoiseError {
         value: f64,
     },
     /// Input array holds NaN or Inf where finite values are required.
-    #[error("x must hold only finite values, found {value} at index {index}")]
+    #[error("x must hold only finite values, found {} at index {index}", Num(*.value))]
     NonFinite {
         /// Index of the first offending element.
         index: usize,
@@ -75,8 +93,20 @@ pub enum MaskError {
         /// The value given.
         value: u32,
     },
+    /// A valid ring bit width that the array's storage type cannot hold.
+    #[error(
+        "bits = {bits} needs numpy.uint64 storage, but {what} is numpy.uint{storage} (which holds at most {storage} bits): pass {what}.astype(numpy.uint64)"
+    )]
+    StorageTooNarrow {
+        /// Which array.
+        what: &'static str,
+        /// The bit width asked for.
+        bits: u32,
+        /// Width of the storage type in bits.
+        storage: u32,
+    },
     /// An invalid real-valued parameter.
-    #[error("{name} must be {requirement}, got {value}")]
+    #[error("{name} must be {requirement}, got {}", Num(*.value))]
     InvalidParameter {
         /// Parameter name.
         name: &'static str,
@@ -86,7 +116,7 @@ pub enum MaskError {
         value: f64,
     },
     /// NaN/Inf in a float input.
-    #[error("x must hold only finite values, found {value} at index {index}")]
+    #[error("x must hold only finite values, found {} at index {index}", Num(*.value))]
     NonFinite {
         /// Index of the first offending element.
         index: usize,
@@ -174,6 +204,9 @@ pub enum ShareError {
     /// different secrets).
     #[error("the shares are inconsistent: {0}")]
     Inconsistent(String),
+    /// An empty list of shares (the threshold t is read from the shares themselves).
+    #[error("reconstruction needs exactly t shares (t is recorded in each share), got none")]
+    NoShares,
     /// Not exactly t shares.
     #[error("reconstruction uses exactly t = {t} shares, got {got}")]
     WrongCount {
@@ -212,6 +245,19 @@ mod tests {
             e.to_string(),
             "expected 1 <= t <= n <= 65535, got t = 5, n = 3"
         );
+        let e: CoreError = NoiseError::InvalidScale {
+            name: "sigma",
+            requirement: "in [2^-10, 2^28]",
+            value: 1e-251,
+        }
+        .into();
+        assert_eq!(
+            e.to_string(),
+            "sigma must be a finite number in [2^-10, 2^28], got 1e-251"
+        );
+        assert_eq!(Num(0.5).to_string(), "0.5");
+        assert_eq!(Num(1e300).to_string(), "1e300");
+        assert_eq!(Num(f64::NAN).to_string(), "NaN");
         let e: CoreError = NoiseError::SeedLength(31).into();
         assert!(e.to_string().contains("exactly 32 bytes, got 31"));
     }

@@ -220,11 +220,19 @@ pub enum Distribution {
     Laplace,
 }
 
-/// The lattice step `gamma` for a scale (see module docs); an exact power of two.
+/// `floor(log2(v))` exactly, for a positive normal `v`: its unbiased binary exponent (the
+/// float `log2().floor()` rounds up for `v` a few ulps below a power of two).
+#[must_use]
+pub fn exponent(v: f64) -> i32 {
+    // Bits 52..63 of a positive f64 are its biased exponent (11 bits, bias 1023).
+    ((v.to_bits() >> 52) & 0x7ff) as i32 - 1023
+}
+
+/// The lattice step `gamma = 2^(floor(log2 scale) - 32)` for a scale in [1e-250, 1e250]
+/// (see module docs); an exact power of two, with `scale / gamma` in `[2^32, 2^33)`.
 #[must_use]
 pub fn lattice_step(scale: f64) -> f64 {
-    let e = scale.log2().floor() as i32 - 32;
-    2f64.powi(e)
+    2f64.powi(exponent(scale) - 32)
 }
 
 fn check_scale(name: &'static str, scale: f64) -> Result<(), NoiseError> {
@@ -435,7 +443,7 @@ impl DiscreteGaussianParams {
             });
         }
         let s2 = sigma * sigma;
-        let k = (20 - s2.log2().floor() as i32).clamp(0, 60);
+        let k = (20 - exponent(s2)).clamp(0, 60);
         let b = 1u128 << k;
         let a = (s2 * b as f64).ceil() as u128;
         let t = sigma.floor() as u128 + 1;
@@ -556,6 +564,31 @@ mod tests {
             assert_eq!(fast_round(v), v.round(), "round {v}");
             if v.abs() < 4e18 {
                 assert_eq!(fast_floor(v), v.floor(), "floor {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn lattice_step_is_exact_below_powers_of_two() {
+        // Known answers: sigma = 2 - 2^-52 (one ulp below 2) has floor(log2) = 0, so gamma is
+        // 2^-32 (f64 `log2().floor()` gives 1 and doubled the step).
+        let below_two = f64::from_bits(2f64.to_bits() - 1);
+        assert_eq!(lattice_step(below_two), 2f64.powi(-32));
+        assert_eq!(lattice_step(2.0), 2f64.powi(-31));
+        assert_eq!(lattice_step(1.0), 2f64.powi(-32));
+        assert_eq!(lattice_step(0.75), 2f64.powi(-33));
+        for e in -830..=830 {
+            let p = 2f64.powi(e);
+            if !(MIN_SCALE..=MAX_SCALE).contains(&p) {
+                continue;
+            }
+            assert_eq!(lattice_step(p), 2f64.powi(e - 32), "2^{e}");
+            for k in 1..=4u64 {
+                let v = f64::from_bits(p.to_bits() - k);
+                let g = lattice_step(v);
+                assert_eq!(g, 2f64.powi(e - 33), "2^{e} - {k} ulp");
+                let s = v / g;
+                assert!((2f64.powi(32)..2f64.powi(33)).contains(&s), "s = {s}");
             }
         }
     }

@@ -2,9 +2,15 @@
 
 Clipping bounds the sensitivity of everything downstream: client-level DP clips each model
 update, DP-SGD clips each per-sample gradient (each row of a ``(batch, dim)`` matrix). After a
-successful call every clipped vector has L2 norm at most ``max_norm`` exactly (the factor is
-shrunk by 2**-20 to absorb float32 rounding). Inputs containing NaN or Inf are rejected
-before anything is written.
+successful call every clipped vector has L2 norm at most ``max_norm`` exactly, for every
+finite input and bound (the factor is shrunk by 2**-20 to absorb float32 rounding; where the
+float32 factor or the products would be subnormal, each element is scaled in float64 and
+rounded toward zero instead). Inputs containing NaN or Inf are rejected before anything is
+written, naming the first offending element.
+
+Rows are rows of the logical (row-major) matrix: the kernels accept only C-contiguous
+arrays and raise ``ArrayTypeError`` for F-ordered, transposed, reversed or sliced views
+(pass ``np.ascontiguousarray(x)``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ def l2_norm(x: NDArray[np.float32]) -> float:
     -------
     float
         ``sqrt(sum(x**2))``.
+
+    Raises
+    ------
+    NonFiniteError
+        ``x`` holds NaN or Inf (the message gives the first index).
+    ArrayTypeError
+        ``x`` is not a C-contiguous 1-D float32 array.
 
     Examples
     --------
@@ -81,7 +94,8 @@ def clip_rows(x: NDArray[np.float32], max_norm: float) -> NDArray[np.float64]:
     Parameters
     ----------
     x : numpy.ndarray
-        Writeable, C-contiguous 2-D ``float32`` array (e.g. per-sample gradients).
+        Writeable, C-contiguous (row-major) 2-D ``float32`` array (e.g. per-sample
+        gradients); F-ordered or strided views are refused, not clipped by memory runs.
     max_norm : float
         Finite bound > 0 applied to each row.
 
@@ -93,9 +107,10 @@ def clip_rows(x: NDArray[np.float32], max_norm: float) -> NDArray[np.float64]:
     Raises
     ------
     ArrayTypeError
-        Wrong dtype, rank or layout.
+        Wrong dtype or rank, or not C-contiguous (the message says to pass
+        ``np.ascontiguousarray(x)``).
     NonFiniteError
-        A row holds NaN or Inf; no row is modified.
+        A row holds NaN or Inf (the message names the element); no row is modified.
 
     Examples
     --------

@@ -60,7 +60,9 @@ def add_gaussian_noise(
     Parameters
     ----------
     x : numpy.ndarray
-        C-contiguous ``float32`` or ``float64`` array of any shape; all values finite.
+        ``float32`` or ``float64`` array of any shape and memory layout (C or F order,
+        transposed, reversed or sliced views: elements are read in logical order, the
+        result is C-contiguous with ``x``'s shape); all values finite.
     sigma : float
         Standard deviation, 0 or in [1e-250, 1e250]. ``0`` adds nothing.
     rng : SecureRng, optional
@@ -80,7 +82,7 @@ def add_gaussian_noise(
     InvalidArgumentError
         ``sigma`` is negative, not finite or out of range.
     ArrayTypeError
-        ``x`` is not a contiguous float32/float64 array.
+        ``x`` is not a float32/float64 array (or not writeable with ``inplace``).
 
     Examples
     --------
@@ -101,7 +103,8 @@ def add_laplace_noise(
     Parameters
     ----------
     x : numpy.ndarray
-        C-contiguous ``float32`` or ``float64`` array; all values finite.
+        ``float32`` or ``float64`` array of any shape and memory layout (as in
+        :func:`add_gaussian_noise`); all values finite.
     scale : float
         Laplace scale ``b``, 0 or in [1e-250, 1e250].
     rng : SecureRng, optional

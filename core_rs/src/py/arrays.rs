@@ -92,29 +92,84 @@ pub fn is_array_of<T: Element>(obj: &Bound<'_, PyAny>) -> bool {
     obj.cast::<PyArrayDyn<T>>().is_ok()
 }
 
+/// How a non-C-contiguous array is laid out, for error messages.
+fn layout(flags_f: bool) -> &'static str {
+    if flags_f {
+        "an F-contiguous (column-major) array"
+    } else {
+        "a strided view (transposed, reversed or sliced)"
+    }
+}
+
+/// The error for an array that is not C-contiguous (row-major, positive unit strides).
+fn not_c_contiguous(name: &str, shape: &[usize], strides: &[isize], fortran: bool) -> PyErr {
+    error(
+        Kind::ArrayType,
+        format!(
+            "{name} must be C-contiguous (row-major), got {} of shape {shape:?} with strides \
+             {strides:?} bytes: pass np.ascontiguousarray({name})",
+            layout(fortran)
+        ),
+    )
+}
+
 /// The C-contiguous data of an array as a slice.
 ///
+/// Only C order is accepted: rust-numpy's `as_slice` also accepts F-contiguous arrays, whose
+/// memory order is not the logical (row-major) order that kernels interpreting rows or
+/// reshaping their output rely on.
+///
 /// # Errors
-/// `ArrayTypeError` for a non-contiguous array.
+/// `ArrayTypeError` for an array that is not C-contiguous.
 pub fn contiguous<'a, T: Element, D: numpy::ndarray::Dimension>(
     arr: &'a numpy::PyReadonlyArray<'_, T, D>,
     name: &str,
 ) -> PyResult<&'a [T]> {
-    arr.as_slice().map_err(|_| {
-        error(Kind::ArrayType, format!("{name} must be C-contiguous, got a strided view of shape {:?} (use numpy.ascontiguousarray)", arr.shape()))
-    })
+    if !arr.is_c_contiguous() {
+        return Err(not_c_contiguous(
+            name,
+            arr.shape(),
+            arr.strides(),
+            arr.is_fortran_contiguous(),
+        ));
+    }
+    arr.as_slice()
+        .map_err(|_| not_c_contiguous(name, arr.shape(), arr.strides(), false))
 }
 
-/// The C-contiguous data of a writeable array as a mutable slice.
+/// The C-contiguous data of a writeable array as a mutable slice (C order only, see
+/// [`contiguous`]).
 ///
 /// # Errors
-/// `ArrayTypeError` for a non-contiguous array.
+/// `ArrayTypeError` for an array that is not C-contiguous.
 pub fn contiguous_mut<'a, T: Element, D: numpy::ndarray::Dimension>(
     arr: &'a mut numpy::PyReadwriteArray<'_, T, D>,
     name: &str,
 ) -> PyResult<&'a mut [T]> {
     let shape = arr.shape().to_vec();
-    arr.as_slice_mut().map_err(|_| {
-        error(Kind::ArrayType, format!("{name} must be C-contiguous, got a strided view of shape {shape:?} (use numpy.ascontiguousarray)"))
-    })
+    let strides = arr.strides().to_vec();
+    if !arr.is_c_contiguous() {
+        return Err(not_c_contiguous(
+            name,
+            &shape,
+            &strides,
+            arr.is_fortran_contiguous(),
+        ));
+    }
+    arr.as_slice_mut()
+        .map_err(|_| not_c_contiguous(name, &shape, &strides, false))
+}
+
+/// The elements of an array of any layout (C, F, negative or sliced strides) copied in
+/// logical (row-major) order.
+#[must_use]
+pub fn logical_copy<T: Element + Copy, D: numpy::ndarray::Dimension>(
+    arr: &numpy::PyReadonlyArray<'_, T, D>,
+) -> Vec<T> {
+    if arr.is_c_contiguous()
+        && let Ok(s) = arr.as_slice()
+    {
+        return s.to_vec();
+    }
+    arr.as_array().iter().copied().collect()
 }

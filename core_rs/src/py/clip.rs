@@ -11,12 +11,12 @@ use crate::clip;
 
 const F32_1D: &str = "a 1-D numpy.float32 array";
 
-/// L2 norm of a 1-D float32 array (accumulated in float64).
+/// L2 norm of a 1-D float32 array (accumulated in float64); NaN/Inf raise `NonFiniteError`.
 #[pyfunction(name = "l2_norm")]
 pub fn l2_norm_py(py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<f64> {
     let arr = readonly1::<f32>(x, "x", F32_1D)?;
     let s = contiguous(&arr, "x")?;
-    run_detached(py, || Ok::<_, crate::CoreError>(clip::l2_norm(s)))
+    run_detached(py, || clip::checked_l2_norm(s))
 }
 
 /// Clip a 1-D float32 array in place to L2 norm `max_norm`; returns the pre-clip norm.

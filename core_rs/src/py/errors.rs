@@ -155,6 +155,7 @@ fn kind_of(e: &CoreError) -> Kind {
         },
         CoreError::Mask(m) => match m {
             MaskError::InvalidBits { .. }
+            | MaskError::StorageTooNarrow { .. }
             | MaskError::InvalidParameter { .. }
             | MaskError::OutOfRange { .. }
             | MaskError::SeedLength(_) => Kind::InvalidArgument,
@@ -170,7 +171,8 @@ fn kind_of(e: &CoreError) -> Kind {
             | ShareError::Mismatch { .. }
             | ShareError::DuplicateX { .. }
             | ShareError::Inconsistent(_)
-            | ShareError::WrongCount { .. } => Kind::Share,
+            | ShareError::WrongCount { .. }
+            | ShareError::NoShares => Kind::Share,
         },
     }
 }
@@ -194,8 +196,8 @@ mod tests {
             ),
             (
                 ClipError::NonFinite {
-                    what: "x".into(),
-                    norm: f64::NAN,
+                    location: "x[0]".into(),
+                    value: f64::NAN,
                 }
                 .into(),
                 "NonFiniteError",
@@ -229,6 +231,16 @@ mod tests {
                 "ShapeError",
             ),
             (ShareError::WrongCount { t: 2, got: 1 }.into(), "ShareError"),
+            (ShareError::NoShares.into(), "ShareError"),
+            (
+                MaskError::StorageTooNarrow {
+                    what: "x",
+                    bits: 40,
+                    storage: 32,
+                }
+                .into(),
+                "InvalidArgumentError",
+            ),
             (
                 ShareError::InvalidThreshold { t: 2, n: 1 }.into(),
                 "InvalidArgumentError",

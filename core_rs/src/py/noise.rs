@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::arrays::{
-    contiguous, contiguous_mut, describe, is_array_of, readonly_dyn, readwrite_dyn,
+    contiguous_mut, describe, is_array_of, logical_copy, readonly_dyn, readwrite_dyn,
 };
 use super::errors::{Kind, error};
 use super::gil::run_detached;
@@ -108,7 +108,9 @@ fn noised_copy<'py, T: NoiseFloat + numpy::Element>(
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
     let arr = readonly_dyn::<T>(x, "x", FLOAT_ARR)?;
     let shape = arr.shape().to_vec();
-    let mut v = contiguous(&arr, "x")?.to_vec();
+    // Logical (row-major) order whatever the memory layout, so that the output, built
+    // C-contiguous with the input's shape, holds each element's noised value in its place.
+    let mut v = logical_copy(&arr);
     drop(arr);
     let v = run_detached(py, move || {
         rng.with(|r| noise::add_noise(&mut v, dist, scale, r))
@@ -126,13 +128,26 @@ fn noise_in_place<T: NoiseFloat + numpy::Element>(
     rng: &PySecureRng,
 ) -> PyResult<()> {
     let mut arr = readwrite_dyn::<T>(x, "x", FLOAT_ARR)?;
-    let s = contiguous_mut(&mut arr, "x")?;
-    let mut v = s.to_vec();
-    let v = run_detached(py, move || {
-        rng.with(|r| noise::add_noise(&mut v, dist, scale, r))
-            .map(|()| v)
-    })?;
-    s.copy_from_slice(&v);
+    if arr.is_c_contiguous() {
+        let s = contiguous_mut(&mut arr, "x")?;
+        let mut v = s.to_vec();
+        let v = run_detached(py, move || {
+            rng.with(|r| noise::add_noise(&mut v, dist, scale, r))
+                .map(|()| v)
+        })?;
+        s.copy_from_slice(&v);
+    } else {
+        // Any other layout (F order, negative or sliced strides): read and write back in
+        // logical order, so element i gets the same noise as in a C-contiguous copy.
+        let mut v: Vec<T> = arr.as_array().iter().copied().collect();
+        let v = run_detached(py, move || {
+            rng.with(|r| noise::add_noise(&mut v, dist, scale, r))
+                .map(|()| v)
+        })?;
+        for (dst, src) in arr.as_array_mut().iter_mut().zip(v) {
+            *dst = src;
+        }
+    }
     Ok(())
 }
 
@@ -158,7 +173,7 @@ pub fn add_noise_py<'py>(
     }
 }
 
-/// Add lattice noise to `x` (float32/float64, any shape, C-contiguous, writeable) in place.
+/// Add lattice noise to `x` (float32/float64, any shape and memory layout, writeable) in place.
 #[pyfunction(name = "add_noise_inplace")]
 pub fn add_noise_inplace_py(
     py: Python<'_>,

@@ -50,7 +50,8 @@ fn to_py<'py>(py: Python<'py>, v: RingVec) -> PyResult<Bound<'py, PyUntypedArray
     }
 }
 
-/// Quantize a 1-D float32 array to integers in [0, 2^bits - 1] with stochastic rounding.
+/// Quantize a 1-D float32 array to uint32 integers in [0, 2^bits - 1] (bits in [1, 32]) with
+/// stochastic rounding.
 #[pyfunction(name = "quantize")]
 pub fn quantize_py<'py>(
     py: Python<'py>,
@@ -63,17 +64,12 @@ pub fn quantize_py<'py>(
     let v = contiguous(&arr, "x")?.to_vec();
     drop(arr);
     let rng = rng.get();
-    if bits <= 32 {
-        let q = run_detached(py, move || {
-            rng.with(|r| quant::quantize::<u32>(&v, clip_range, bits, r))
-        })?;
-        ring_array(py, q)
-    } else {
-        let q = run_detached(py, move || {
-            rng.with(|r| quant::quantize::<u64>(&v, clip_range, bits, r))
-        })?;
-        ring_array(py, q)
-    }
+    // The quantizer is at most 32 bits wide (`quant` module docs), so its output is u32;
+    // wider `bits` are rejected by `quantize` with the [1, 32] range.
+    let q = run_detached(py, move || {
+        rng.with(|r| quant::quantize::<u32>(&v, clip_range, bits, r))
+    })?;
+    ring_array(py, q)
 }
 
 /// Dequantize a sum of `n` quantized vectors to float32 (the mean when `mean`).
@@ -96,6 +92,18 @@ pub fn dequantize_py<'py>(
         run_detached(py, || quant::dequantize(s, clip_range, bits, n, mean))?
     };
     Ok(out.into_pyarray(py))
+}
+
+/// The round number of a mask domain as a u64, with a typed error naming the parameter
+/// (pyo3's own extraction raises a bare `OverflowError` for a negative or huge int).
+fn round_u64(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    obj.extract::<u64>().map_err(|_| {
+        let given = obj.repr().map_or_else(|_| describe(obj), |r| r.to_string());
+        error(
+            Kind::InvalidArgument,
+            format!("round must be an int in [0, 2**64 - 1], got {given}"),
+        )
+    })
 }
 
 fn parse_masks(masks: Vec<(Vec<u8>, i64)>) -> PyResult<Vec<MaskSpec>> {
@@ -127,9 +135,10 @@ pub fn expand_mask_py<'py>(
     n: usize,
     bits: u32,
     session: Vec<u8>,
-    round: u64,
+    round: &Bound<'py, PyAny>,
     purpose: String,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let round = round_u64(round)?;
     let v = run_detached(py, move || {
         let s = seed32(&seed)?;
         let domain = MaskDomain {
@@ -162,9 +171,10 @@ pub fn apply_masks_py<'py>(
     masks: Vec<(Vec<u8>, i64)>,
     bits: u32,
     session: Vec<u8>,
-    round: u64,
+    round: &Bound<'py, PyAny>,
     purpose: String,
 ) -> PyResult<Bound<'py, PyUntypedArray>> {
+    let round = round_u64(round)?;
     let specs = parse_masks(masks)?;
     let domain = MaskDomain {
         session,

@@ -46,20 +46,27 @@ impl Drop for MaskSpec {
     }
 }
 
-/// Check a ring bit width against the storage type.
+/// Check a ring bit width (`1 <= bits <= 64`) and then against the storage type.
 ///
 /// # Errors
-/// [`MaskError::InvalidBits`] unless `1 <= bits <= W::BITS`.
+/// [`MaskError::InvalidBits`] unless `1 <= bits <= 64`; [`MaskError::StorageTooNarrow`]
+/// when `bits > W::BITS` (a valid width that needs u64 storage).
 pub fn check_bits<W: Word>(bits: u32) -> Result<(), MaskError> {
-    if (1..=W::BITS).contains(&bits) {
-        Ok(())
-    } else {
+    if !(1..=64).contains(&bits) {
         Err(MaskError::InvalidBits {
             name: "bits",
             min: 1,
-            max: W::BITS,
+            max: 64,
             value: bits,
         })
+    } else if bits > W::BITS {
+        Err(MaskError::StorageTooNarrow {
+            what: "x",
+            bits,
+            storage: W::BITS,
+        })
+    } else {
+        Ok(())
     }
 }
 
@@ -231,7 +238,11 @@ mod tests {
         ));
         assert!(matches!(
             apply_masks(&mut x, &spec, 33, &dom()),
-            Err(MaskError::InvalidBits { .. })
+            Err(MaskError::StorageTooNarrow {
+                bits: 33,
+                storage: 32,
+                ..
+            })
         ));
         assert!(matches!(
             apply_masks(&mut x, &spec, 0, &dom()),

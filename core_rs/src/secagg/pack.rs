@@ -148,7 +148,7 @@ mod tests {
         ));
         assert!(matches!(
             unpack_bits::<u32>(&[0; 8], 33, 1),
-            Err(MaskError::InvalidBits { .. })
+            Err(MaskError::StorageTooNarrow { .. })
         ));
     }
 

@@ -1,15 +1,29 @@
 //! Fixed-point quantization for secure aggregation, with unbiased stochastic rounding.
 //!
 //! `q = sround((clip(x, -r, r) + r) * L / (2r))` with `L = 2^bits - 1` levels above zero, so
-//! every `q` is in `[0, L]`. Rounding up happens with probability equal to the fractional part
-//! (32 random bits from the secure generator, so to within 2^-32 of a step), so `E[q]` equals
-//! the scaled value and the
-//! dequantized value is unbiased for inputs inside the clipping range. The error of one
-//! element is below one step, `2r / L = r / (2^(bits-1) - 1/2)`, i.e. `r / 2^(bits-1)` up to a
-//! factor `1 + 2^-bits` (the price of having a level exactly at both `-r` and `+r`, which keeps
-//! the rounding unbiased over the whole range). A sum of `n` quantized vectors is at most `n * L`; the caller picks a ring
-//! modulus 2^B with `B >= bits + ceil(log2 n)` so that the sum cannot wrap, and
-//! [`dequantize`] rejects any element above `n * L` (a wrapped sum or a wrong `n`).
+//! every `q` is in `[0, L]`; `bits` is in `[1, 32]` (see below). With `y` the scaled value,
+//! rounding up happens with probability equal to the fractional part of `y` to within 2^-32
+//! (32 random bits from the secure generator), so `E[q] = y` and the dequantized value is
+//! unbiased for inputs inside the clipping range, up to the floating-point error of `y`
+//! itself: `y` is computed in f64 with three correctly rounded operations (`c + r`,
+//! `L / (2r)`, the product), so it is within `3 * 2^-53 * L < 2^(bits - 51)` steps of the
+//! exact value. Hence the bias of one element is below `2^(bits - 51) + 2^-32` steps
+//! (`2^-19` steps at 32 bits, `2^-35` at 16) and its error below `1 + 2^(bits - 51)` steps.
+//! One step is `2r / L = r / (2^(bits-1) - 1/2)`, i.e. `r / 2^(bits-1)` times
+//! `1 / (1 - 2^-bits)` (the price of having a level exactly at both `-r` and `+r`, which
+//! keeps the rounding unbiased over the whole range).
+//!
+//! Why at most 32 bits: the f64 error above grows as `2^(bits - 51)` steps, so wider
+//! quantizers would be biased (0.01 to 0.1 step at 48..52 bits) and beyond 52 bits `y` no
+//! longer resolves a step at all (deterministic rounding, errors of many steps). The `SecAgg+`
+//! parameters cap `quant_bits` at 32 as well; the *ring* (mask, packing, sum) may still be
+//! up to 64 bits wide.
+//!
+//! A sum of `n` quantized vectors is at most `n * L`; the caller picks a ring modulus 2^B with
+//! `B >= bits + ceil(log2 n)` so that the sum cannot wrap. [`dequantize`] checks only what
+//! the sum itself can show: it rejects an element above `n * L` (a wrapped sum that landed
+//! there, or a wrong `n`); a sum that wrapped to a value at most `n * L` is indistinguishable
+//! from a valid one, which is why the ring width is fixed from `n` before any masking.
 
 use rayon::prelude::*;
 
@@ -25,7 +39,10 @@ fn levels(bits: u32) -> u64 {
     super::low_mask(bits)
 }
 
-fn check_params<W: Word>(clip_range: f64, bits: u32) -> Result<(), MaskError> {
+/// Widest quantizer supported (see module docs).
+pub const MAX_QUANT_BITS: u32 = 32;
+
+fn check_params(clip_range: f64, bits: u32) -> Result<(), MaskError> {
     if !(clip_range.is_finite() && clip_range > 0.0) {
         return Err(MaskError::InvalidParameter {
             name: "clip_range",
@@ -33,28 +50,29 @@ fn check_params<W: Word>(clip_range: f64, bits: u32) -> Result<(), MaskError> {
             value: clip_range,
         });
     }
-    if !(1..=W::BITS).contains(&bits) {
+    if !(1..=MAX_QUANT_BITS).contains(&bits) {
         return Err(MaskError::InvalidBits {
             name: "bits",
             min: 1,
-            max: W::BITS,
+            max: MAX_QUANT_BITS,
             value: bits,
         });
     }
     Ok(())
 }
 
-/// Quantize `x` to integers in `[0, 2^bits - 1]` (see module docs).
+/// Quantize `x` to integers in `[0, 2^bits - 1]`, `1 <= bits <= 32` (see module docs).
 ///
 /// # Errors
-/// [`MaskError::InvalidParameter`], [`MaskError::InvalidBits`], [`MaskError::NonFinite`].
+/// [`MaskError::InvalidParameter`], [`MaskError::InvalidBits`] (bits outside `[1, 32]`),
+/// [`MaskError::NonFinite`].
 pub fn quantize<W: Word>(
     x: &[f32],
     clip_range: f64,
     bits: u32,
     rng: &mut SecureRng,
 ) -> Result<Vec<W>, MaskError> {
-    check_params::<W>(clip_range, bits)?;
+    check_params(clip_range, bits)?;
     if let Some(index) = first_failing(x, f32::is_finite) {
         return Err(MaskError::NonFinite {
             index,
@@ -67,13 +85,7 @@ pub fn quantize<W: Word>(
     let mut out = vec![W::default(); x.len()];
     let chunk = |(c, (o, xs)): (usize, (&mut [W], &[f32]))| {
         let mut stream = AesCtr::at_chunk(&key, c as u64);
-        if bits <= LATTICE_MAX_BITS {
-            crate::simd::quantize_chunk(o, xs, clip_range, scale, l, &mut stream);
-        } else if bits <= 62 {
-            quantize_chunk::<W, true>(o, xs, clip_range, scale, l, &mut stream);
-        } else {
-            quantize_chunk::<W, false>(o, xs, clip_range, scale, l, &mut stream);
-        }
+        crate::simd::quantize_chunk(o, xs, clip_range, scale, l, &mut stream);
     };
     if run_sequentially(x.len(), CHUNK) {
         out.chunks_mut(CHUNK)
@@ -89,15 +101,12 @@ pub fn quantize<W: Word>(
     Ok(out)
 }
 
-/// Widest `bits` handled by [`quantize_chunk_lattice`]: every scaled value is then below
-/// 2^52, where adding 2^52 rounds it to an integer exactly.
-const LATTICE_MAX_BITS: u32 = 52;
-
 /// `2^52`: for `0 <= y < 2^52`, `y + 2^52` is `round(y) + 2^52` exactly (the spacing of
 /// doubles in `[2^52, 2^53)` is 1), and its low 52 mantissa bits are `round(y)` as an integer.
 const TWO52: f64 = 4_503_599_627_370_496.0;
 
-/// Quantize one chunk for `bits <= 52`, with the same arithmetic and the same random words as
+/// Quantize one chunk (`bits <= 32`; the arithmetic is valid up to 52 bits, where every
+/// scaled value is below 2^52 and adding 2^52 rounds it to an integer exactly), with the same arithmetic and the same random words as
 /// [`quantize_chunk`] (bit-identical output), but written without float<->int conversions so
 /// that it vectorises: `floor(y)` comes from the 2^52 rounding trick above (round, then step
 /// down when the rounded value exceeds `y`), and the integer result is read from the bits of
@@ -149,10 +158,10 @@ pub(crate) fn quantize_chunk_lattice<W: Word>(
     }
 }
 
-/// Quantize one chunk. Random words are drawn 256 at a time into a buffer so that the inner
-/// loop is branch-free and vectorisable. `SMALL` (bits <= 62) allows the signed conversions,
-/// which are single instructions at baseline x86-64 (`f64::floor` is a libm call there).
-#[inline]
+/// The reference kernel that [`quantize_chunk_lattice`] is tested against: the textbook
+/// conversions. Random words are drawn 256 at a time, as there. `SMALL` (bits <= 62) uses the
+/// signed conversions.
+#[cfg(test)]
 fn quantize_chunk<W: Word, const SMALL: bool>(
     o: &mut [W],
     xs: &[f32],
@@ -191,8 +200,9 @@ fn quantize_chunk<W: Word, const SMALL: bool>(
 /// mean when `mean` is true.
 ///
 /// # Errors
-/// [`MaskError::InvalidParameter`] / [`MaskError::InvalidBits`] for bad parameters and
-/// [`MaskError::Inconsistent`] for an element above `n * (2^bits - 1)`.
+/// [`MaskError::InvalidParameter`] / [`MaskError::InvalidBits`] (the quantizer's `bits`,
+/// in `[1, 32]`) for bad parameters and [`MaskError::Inconsistent`] for an element above
+/// `n * (2^bits - 1)` (the only wrap this can detect, see module docs).
 pub fn dequantize<W: Word>(
     sum: &[W],
     clip_range: f64,
@@ -200,7 +210,7 @@ pub fn dequantize<W: Word>(
     n: u64,
     mean: bool,
 ) -> Result<Vec<f32>, MaskError> {
-    check_params::<u64>(clip_range, bits)?;
+    check_params(clip_range, bits)?;
     if n == 0 {
         return Err(MaskError::InvalidParameter {
             name: "n",
@@ -279,6 +289,13 @@ mod tests {
             Err(MaskError::NonFinite { index: 2049, .. })
         ));
         assert!(quantize::<u32>(&[1.0], 1.0, 33, &mut rng).is_err());
+        let err = quantize::<u64>(&[1.0], 1.0, 40, &mut rng).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bits must be an integer in [1, 32], got 40"
+        );
+        assert!(quantize::<u32>(&[1.0], 1.0, 0, &mut rng).is_err());
+        assert!(dequantize(&[0u64], 1.0, 33, 1, false).is_err());
         assert!(quantize::<u32>(&[1.0], 0.0, 8, &mut rng).is_err());
     }
 

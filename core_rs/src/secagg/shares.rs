@@ -240,7 +240,7 @@ pub fn interpolate_at_zero(shares: &[Share]) -> Vec<u64> {
 /// [`ShareError::Inconsistent`] (see module docs).
 pub fn combine(shares: &[Share]) -> Result<Vec<u8>, ShareError> {
     let Some(first) = shares.first() else {
-        return Err(ShareError::WrongCount { t: 1, got: 0 });
+        return Err(ShareError::NoShares);
     };
     for (i, s) in shares.iter().enumerate().skip(1) {
         if s.t != first.t {
@@ -319,6 +319,7 @@ mod tests {
             combine(&[shares[4].clone(), shares[0].clone(), shares[2].clone()]).unwrap(),
             secret
         );
+        assert_eq!(combine(&[]), Err(ShareError::NoShares));
         assert!(matches!(
             combine(&shares[..2]),
             Err(ShareError::WrongCount { t: 3, got: 2 })

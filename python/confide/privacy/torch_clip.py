@@ -17,8 +17,9 @@ This module gives torch tensors the same treatment:
   every clipped row is recomputed and any row still above ``C`` is halved until it is not.
   That only happens in the subnormal range (a subnormal ``C``, or ``norm / C > 2**126`` so
   the float32 factor itself is subnormal: rounding it, or a product, can then lose more
-  than the ``2**-20`` margin; the Rust kernel has no such pass); such a row is clipped
-  again with a fresh factor, then halved if need be. That makes the bound unconditional.
+  than the ``2**-20`` margin; the Rust kernel handles that range by scaling in float64 and
+  rounding toward zero instead); such a row is clipped again with a fresh factor, then
+  halved if need be. That makes the bound unconditional.
 
 Inputs holding NaN or Inf are rejected before anything is written, as in the Rust kernel.
 """

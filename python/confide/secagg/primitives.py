@@ -19,6 +19,7 @@ from numpy.typing import NDArray
 
 from confide import _core
 from confide._validate import as_bytes
+from confide.errors import InvalidArgumentError
 from confide.noise import SecureRng
 
 __all__ = [
@@ -56,6 +57,15 @@ class MaskDomain:
     round: int
     purpose: str
 
+    def __post_init__(self) -> None:
+        """Check the round number (a u64 on the wire) and the field types."""
+        if not isinstance(self.round, int) or isinstance(self.round, bool):
+            raise InvalidArgumentError(
+                f"round must be an int in [0, 2**64 - 1], got {type(self.round).__name__}"
+            )
+        if not 0 <= self.round < 1 << 64:
+            raise InvalidArgumentError(f"round must be in [0, 2**64 - 1], got {self.round}")
+
 
 def ring_dtype(bits: int) -> type[np.unsignedinteger]:
     """Return the storage dtype of ring elements mod ``2**bits``.
@@ -84,9 +94,12 @@ def quantize(
     """Quantize ``x`` to integers in ``[0, 2**bits - 1]`` with stochastic rounding.
 
     Each value is clipped to ``[-clip_range, clip_range]`` and mapped linearly onto
-    ``2**bits - 1`` steps; rounding up happens with probability equal to the fractional part,
-    so the dequantized value is unbiased. The error of one element is below one step,
-    ``2 * clip_range / (2**bits - 1)``.
+    ``2**bits - 1`` steps; rounding up happens with probability equal to the fractional part
+    (to within ``2**-32``), so the dequantized value is unbiased up to the float64 error of
+    the scaled position, below ``2**(bits - 51)`` steps (``2**-19`` at 32 bits). The error
+    of one element is below one step, ``2 * clip_range / (2**bits - 1)``, plus that amount.
+    ``bits`` is at most 32: wider quantizers cannot be computed exactly in float64 (the
+    ring that holds the masked sum may still be up to 64 bits wide).
 
     Parameters
     ----------
@@ -95,14 +108,21 @@ def quantize(
     clip_range : float
         Finite bound > 0.
     bits : int
-        Quantization bits, 1..64.
+        Quantization bits, 1..32.
     rng : SecureRng, optional
         Generator for the rounding; a fresh OS-keyed one by default.
 
     Returns
     -------
     numpy.ndarray
-        ``ring_dtype(bits)`` array of the same length.
+        ``numpy.uint32`` array of the same length.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``bits`` outside ``[1, 32]`` or ``clip_range`` not finite and positive.
+    NonFiniteError
+        ``x`` holds NaN or Inf (the message gives the first index).
 
     Examples
     --------
@@ -138,7 +158,9 @@ def dequantize(
     Raises
     ------
     AggregateError
-        An element exceeds ``n * (2**bits - 1)``: the sum wrapped or ``n`` is wrong.
+        An element exceeds ``n * (2**bits - 1)``: the sum wrapped or ``n`` is wrong. Only
+        such elements are detected; a sum that wrapped to a value at most ``n * (2**bits -
+        1)`` looks valid, so the ring must be wide enough before masking.
 
     Examples
     --------
