@@ -203,3 +203,18 @@ async def test_enrolment_answer_pins_the_release_key(make_fed: Any, tmp_path: Pa
     assert key == fed.http.app[releases_key].public_key_b64
     again = Client(url, tmp_path / "site")  # a restarted site reads it back from its state
     assert again.release_public_key == key
+
+
+def test_torch_model_versions_are_released_as_checked_onnx() -> None:
+    """A torch job's committed model becomes the ONNX devices run, equal to the trainer."""
+    pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    from confide.training.torch_engine import TorchTrainer
+    from confide_server.engine.releases import device_model_onnx
+
+    t = TorchTrainer.create("small_cnn", 2, (1, 8, 8), seed=4)
+    model = device_model_onnx(t.manifest, t.get_weights())
+    x = np.random.default_rng(1).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    probs = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    np.testing.assert_allclose(probs, t.predict_proba(x).detach().numpy(), atol=1e-5)

@@ -406,8 +406,8 @@ def device_model_onnx(
         The version's flat float32 vector.
     backbone : bytes, optional
         Frozen ONNX backbone (output ``features``) of a head job: the device model is
-        :func:`head_release_onnx`. Without it a numpy model is exported on its own with
-        :func:`confide.export.export_onnx`.
+        :func:`head_release_onnx`. Without it a numpy or torch model is exported on its
+        own with :func:`confide.export.export_onnx` and checked against onnxruntime.
 
     Returns
     -------
@@ -417,24 +417,27 @@ def device_model_onnx(
     Raises
     ------
     ConfigError
-        Not a numpy model (export torch models with ``confide.export.export_onnx`` and
-        release the file with :meth:`ReleaseBook.release`).
+        Neither a numpy nor a torch model.
     """
     if backbone is not None:
         return head_release_onnx(backbone, manifest, weights)
-    if dict(manifest.spec).get("engine") != "numpy":
+    engine = dict(manifest.spec).get("engine")
+    if engine not in ("numpy", "torch"):
         raise ConfigError(
-            "only numpy models are exported by the server; export other engines with "
-            "confide.export.export_onnx and release the file with ReleaseBook.release"
+            f"the server exports numpy and torch models, not engine {engine!r}; export it "
+            "with confide.export.export_onnx and release the file with ReleaseBook.release"
         )
     import tempfile
 
-    from confide.export import export_onnx
-    from confide.training.numpy_engine import NumpyTrainer
+    from confide.export import export_onnx, verify_onnx
+    from confide.training import build_trainer
 
-    trainer = NumpyTrainer.from_manifest(manifest, np.ascontiguousarray(weights, np.float32))
+    trainer = build_trainer(manifest)
+    trainer.set_weights(np.ascontiguousarray(weights, np.float32))
     with tempfile.TemporaryDirectory() as tmp:
-        return export_onnx(trainer, Path(tmp) / "model.onnx").read_bytes()
+        path = export_onnx(trainer, Path(tmp) / "model.onnx")
+        verify_onnx(trainer, path)  # what devices run must be what was trained
+        return path.read_bytes()
 
 
 def release_model_version(
