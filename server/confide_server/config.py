@@ -69,6 +69,7 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,8 @@ __all__ = [
     "StrategyConfig",
     "TLSConfig",
     "load_config",
+    "parse_config",
+    "render_toml",
 ]
 
 
@@ -446,3 +449,61 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p} is not valid TOML: {exc}") from exc
     return parse_config(doc, p.resolve().parent)
+
+
+def _toml_scalar(value: Any, key: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's too
+    raise ConfigError(f"{key}: cannot write a {type(value).__name__} to a job config")
+
+
+def render_toml(doc: dict[str, dict[str, Any]], header: str = "") -> str:
+    """Render a config document (the form :func:`parse_config` takes) as TOML text.
+
+    Sections are tables of scalars (str, bool, int, float, Path). Validate the document
+    with :func:`parse_config` first; :func:`load_config` reads the text back to the same
+    :class:`Config`.
+
+    Parameters
+    ----------
+    doc : dict
+        ``{section: {key: value}}``.
+    header : str
+        Comment lines put first (each prefixed with ``# ``).
+
+    Returns
+    -------
+    str
+        The TOML text.
+
+    Raises
+    ------
+    ConfigError
+        A value that is not a finite scalar.
+
+    Examples
+    --------
+    >>> print(render_toml({"job": {"name": "demo", "rounds": 3}, "deadlines": {"train": 30.0}}))
+    [job]
+    name = "demo"
+    rounds = 3
+    <BLANKLINE>
+    [deadlines]
+    train = 30.0
+    <BLANKLINE>
+    """
+    lines = [f"# {line}" for line in header.splitlines()]
+    for section, table in doc.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_scalar(v, f'{section}.{k}')}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

@@ -24,12 +24,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,17 +43,19 @@ from confide.data import (
 )
 from confide.protocol.manifest import decode_tensors, encode_tensors
 from confide.training import NumpyTrainer, TrainConfig
+from confide_server.config import Config, load_config, parse_config, render_toml
+from confide_server.launcher import Launcher, free_port, get_json
 
-__all__ = ["JobFiles", "SimulationOptions", "free_port", "prepare_job", "run_simulation"]
+__all__ = [
+    "JobFiles",
+    "SimulationOptions",
+    "free_port",
+    "job_document",
+    "prepare_job",
+    "run_simulation",
+]
 
 _MARKER = ".confide-simulate"
-
-
-def free_port() -> int:
-    """Return a TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -103,14 +102,7 @@ class JobFiles:
     train: Dataset
     test: Dataset
     trainer: NumpyTrainer
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
+    job: Config | None = None  # the typed job config written to ``config``
 
 
 def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
@@ -157,70 +149,80 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
     trainer.manifest.save(work / "model.json")
     (work / "init.safetensors").write_bytes(encode_tensors(trainer.manifest, trainer.get_weights()))
     port = opts.port or free_port()
-    min_clients = opts.min_clients or max(1, math.ceil(2 * opts.clients / 3))
-    server = {
-        "host": "127.0.0.1",
-        "port": port,
-        "state_dir": "state",
-        "exit_when_finished": opts.exit_when_finished,
-        "linger_s": 1.0,
-        **opts.extra_server,
-    }
-    lines = [
-        "# Written by `confide-server simulate`.",
-        "[job]",
-        f'name = "breast-cancer-{opts.partition}"',
-        f"rounds = {opts.rounds}",
-        f"seed = {opts.seed}",
-        f"cohort_size = {opts.clients}",
-        f"min_clients = {min_clients}",
-        f"wait_for_clients = {opts.clients}",
-        "",
-        "[model]",
-        'manifest = "model.json"',
-        'weights = "init.safetensors"',
-        "",
-        "[strategy]",
-        'name = "fedavg"',
-        f"epochs = {opts.epochs}",
-        f"batch_size = {opts.batch_size}",
-        f"learning_rate = {opts.learning_rate!r}",
-        "",
-        "[deadlines]",
-        f"train = {opts.train_deadline!r}",
-        f"evaluate = {opts.evaluate_deadline!r}",
-        "",
-        "[server]",
-        *(f"{k} = {_toml_value(v)}" for k, v in server.items()),
-        "",
-        *_privacy_lines(opts),
-        *_secagg_lines(opts),
-    ]
+    doc = job_document(opts, port)
+    job = parse_config(doc, work)  # typed and validated before any process starts
     config = work / "job.toml"
-    config.write_text("\n".join(lines))
+    config.write_text(render_toml(doc, header="Written by `confide-server simulate`."))
     return JobFiles(
-        work, config, f"http://127.0.0.1:{port}", site_train, site_test, train, test, trainer
+        work,
+        config,
+        f"http://127.0.0.1:{port}",
+        site_train,
+        site_test,
+        train,
+        test,
+        trainer,
+        job,
     )
 
 
-def _secagg_lines(opts: SimulationOptions) -> list[str]:
-    if not opts.secagg:
-        return []
-    # The masked update is sent after local training: the mask stage gets the train deadline.
-    secagg = {"enabled": True, "mask": opts.train_deadline, **opts.extra_secagg}
-    return ["[secagg]", *(f"{k} = {_toml_value(v)}" for k, v in secagg.items()), ""]
+def job_document(opts: SimulationOptions, port: int) -> dict[str, dict[str, Any]]:
+    """Return the job config of a simulation as a document (``{section: {key: value}}``).
+
+    :func:`~confide_server.config.parse_config` turns it into the typed
+    :class:`~confide_server.config.Config`; :func:`~confide_server.config.render_toml`
+    writes it as the ``job.toml`` the server reads.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``dp`` mode, or ``dp="distributed"`` without SecAgg+.
+    """
+    min_clients = opts.min_clients or max(1, math.ceil(2 * opts.clients / 3))
+    doc: dict[str, dict[str, Any]] = {
+        "job": {
+            "name": f"breast-cancer-{opts.partition}",
+            "rounds": opts.rounds,
+            "seed": opts.seed,
+            "cohort_size": opts.clients,
+            "min_clients": min_clients,
+            "wait_for_clients": opts.clients,
+        },
+        "model": {"manifest": "model.json", "weights": "init.safetensors"},
+        "strategy": {
+            "name": "fedavg",
+            "epochs": opts.epochs,
+            "batch_size": opts.batch_size,
+            "learning_rate": opts.learning_rate,
+        },
+        "deadlines": {"train": opts.train_deadline, "evaluate": opts.evaluate_deadline},
+        "server": {
+            "host": "127.0.0.1",
+            "port": port,
+            "state_dir": "state",
+            "exit_when_finished": opts.exit_when_finished,
+            "linger_s": 1.0,
+            **opts.extra_server,
+        },
+    }
+    privacy = _privacy_section(opts)
+    if privacy:
+        doc["privacy"] = privacy
+    if opts.secagg:
+        # The masked update is sent after local training: the mask stage gets the train
+        # deadline.
+        doc["secagg"] = {"enabled": True, "mask": opts.train_deadline, **opts.extra_secagg}
+    return doc
 
 
-def _secagg_line(files: JobFiles, n: int) -> str:
+def _secagg_line(job: Config, n: int) -> str:
     """One line saying whether secure aggregation is on, with its k, t and ring bits."""
-    from confide_server.config import load_config
-
-    cfg = load_config(files.config).secagg
+    cfg = job.secagg
     if not cfg.enabled:
         return "secure aggregation: off (plain FedAvg: the server sees each update)"
     p = cfg.params(n)
     graph = "complete graph" if p.complete else "Harary graph"
-    privacy = load_config(files.config).privacy
+    privacy = job.privacy
     if privacy.mode == "distributed":
         encoding = (
             f"ring 2^{privacy.ddg_bits}, distributed discrete Gaussian encoding "
@@ -235,7 +237,7 @@ def _secagg_line(files: JobFiles, n: int) -> str:
     )
 
 
-def _privacy_lines(opts: SimulationOptions) -> list[str]:
+def _privacy_section(opts: SimulationOptions) -> dict[str, Any]:
     if opts.dp not in ("none", "sample", "central", "distributed"):
         raise ValueError(
             f"dp must be 'none', 'sample', 'central' or 'distributed', got {opts.dp!r}"
@@ -243,19 +245,19 @@ def _privacy_lines(opts: SimulationOptions) -> list[str]:
     if opts.dp == "distributed" and not opts.secagg:
         raise ValueError("dp 'distributed' needs secure aggregation (secagg=True)")
     if opts.dp == "none":
-        return []
-    lines = ["[privacy]", f'mode = "{opts.dp}"', f"delta = {opts.delta!r}"]
+        return {}
+    sec: dict[str, Any] = {"mode": opts.dp, "delta": opts.delta}
     if opts.noise_multiplier > 0:
-        lines.append(f"noise_multiplier = {opts.noise_multiplier!r}")
+        sec["noise_multiplier"] = opts.noise_multiplier
     else:
-        lines.append(f"target_epsilon = {opts.epsilon or 4.0!r}")
+        sec["target_epsilon"] = opts.epsilon or 4.0
     if opts.epsilon_budget > 0:
-        lines.append(f"epsilon_budget = {opts.epsilon_budget!r}")
-    lines.append(f"clip_norm = {opts.clip_norm!r}")
+        sec["epsilon_budget"] = opts.epsilon_budget
+    sec["clip_norm"] = opts.clip_norm
     if opts.dp == "sample":
-        lines.append(f"sampling_rate = {opts.sampling_rate!r}")
-        lines.append(f"local_steps = {opts.local_steps}")
-    return [*lines, ""]
+        sec["sampling_rate"] = opts.sampling_rate
+        sec["local_steps"] = opts.local_steps
+    return sec
 
 
 def _eps(doc: dict[str, Any] | None, key: str) -> str:
@@ -274,37 +276,8 @@ def central_baseline(files: JobFiles, opts: SimulationOptions) -> float:
     return trainer.evaluate(files.test)["accuracy"]
 
 
-def _get_status(url: str) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(url + "/v1/status", timeout=5) as resp:  # noqa: S310
-            doc: dict[str, Any] = json.loads(resp.read())
-            return doc
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-
-
 def _server_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "confide_server", *args]
-
-
-def _tail(path: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
-
-
-def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    end = time.monotonic() + 5
-    for p in procs:
-        try:
-            p.wait(max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def _plot(rows: list[dict[str, Any]], baseline: float, path: Path) -> None:
@@ -366,28 +339,20 @@ def run_simulation(
             shutil.rmtree(work / sub, ignore_errors=True)
     files = prepare_job(work, opts)
     logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    procs: list[subprocess.Popen[bytes]] = []
+    launcher = Launcher(logs)
+    status_url = files.server_url + "/v1/status"
     print(
         f"confide-server simulate: {opts.clients} sites ({opts.partition}"
         f"{f', alpha={opts.alpha}' if opts.partition == 'dirichlet' else ''}), "
         f"{opts.rounds} rounds, model {opts.model}, server {files.server_url}",
         flush=True,
     )
-    print(_secagg_line(files, opts.clients), flush=True)
+    print(_secagg_line(files.job or load_config(files.config), opts.clients), flush=True)
     try:
-        with (logs / "server.log").open("wb") as out:
-            server = subprocess.Popen(  # noqa: S603
-                _server_cmd("run", "--config", str(files.config)),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        procs.append(server)
-        while _get_status(files.server_url) is None:
-            if server.poll() is not None or time.monotonic() - t0 > 30:
-                print(f"server did not start:\n{_tail(logs / 'server.log')}", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
+        server = launcher.spawn("server", _server_cmd("run", "--config", str(files.config)))
+        if not launcher.wait_ready(status_url, timeout=30.0, proc=server):
+            print(f"server did not start:\n{launcher.tail('server')}", file=sys.stderr)
+            return 1
         tokens = subprocess.run(  # noqa: S603
             _server_cmd("enroll", "--config", str(files.config), "-n", str(opts.clients)),
             check=True,
@@ -413,8 +378,7 @@ def run_simulation(
                 "--state",
                 str(work / "clients" / f"hospital-{k}"),
             ]
-            with (logs / f"hospital-{k}.log").open("wb") as out:
-                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))  # noqa: S603
+            launcher.spawn(f"hospital-{k}", cmd)
         print(
             f"{'round':>5}  {'status':<9}  {'clients':>7}  {'train loss':>10}  "
             f"{'accuracy':>8}  {'eps(round)':>10}  {'eps(total)':>10}  {'elapsed':>7}",
@@ -426,7 +390,7 @@ def run_simulation(
             if time.monotonic() - t0 > timeout:
                 print(f"timed out after {timeout} s", file=sys.stderr)
                 return 1
-            doc = _get_status(files.server_url)
+            doc = get_json(status_url)
             if doc is not None:
                 status = doc
                 for r in doc["rounds"]:
@@ -455,7 +419,7 @@ def run_simulation(
         )
         status = json.loads(final.stdout)
         client_rcs = []
-        for p in procs[1:]:
+        for p in launcher.children[1:]:
             try:
                 client_rcs.append(p.wait(timeout=30))
             except subprocess.TimeoutExpired:
@@ -473,9 +437,8 @@ def run_simulation(
                 file=sys.stderr,
             )
             for log in sorted(logs.glob("*.log")):
-                print(f"--- {log.name}\n{_tail(log)}", file=sys.stderr)
+                print(f"--- {log.name}\n{launcher.tail(log.stem)}", file=sys.stderr)
             return 1
-        assert status is not None
         model_sha = status["current_model"]
         blob = (work / "state" / "models" / f"{model_sha}.safetensors").read_bytes()
         vec, _ = decode_tensors(files.trainer.manifest, blob)
@@ -511,7 +474,7 @@ def run_simulation(
         print(f"done in {time.monotonic() - t0:.1f} s; logs in {logs}", flush=True)
         return 0
     finally:
-        _stop(procs)
+        launcher.stop_all()
 
 
 def main_simulate(argv: Sequence[str]) -> int:

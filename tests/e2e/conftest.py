@@ -1,19 +1,21 @@
-"""Real processes on loopback: a confide-server and confide clients, always reaped."""
+"""Real processes on loopback: a confide-server and confide clients, always reaped.
+
+Processes are started, logged, polled and killed by :class:`confide_server.launcher.Launcher`,
+the launcher ``confide-server simulate`` uses too.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from confide_server.launcher import Launcher, get_json
 from confide_server.simulate import JobFiles
 
 ENTRY = [sys.executable, "-m", "tests.e2e.entry"]
@@ -33,23 +35,22 @@ class Procs:
 
     def __init__(self, files: JobFiles) -> None:
         self.files = files
-        self.children: list[subprocess.Popen[bytes]] = []
         self.logs = files.workdir / "logs"
-        self.logs.mkdir(exist_ok=True)
+        self.launcher = Launcher(self.logs, cwd=REPO)
+
+    @property
+    def children(self) -> list[subprocess.Popen[bytes]]:
+        """Every process spawned for this job (the fixture reaps them)."""
+        return self.launcher.children
+
+    @children.setter
+    def children(self, value: list[subprocess.Popen[bytes]]) -> None:
+        self.launcher.children = value
 
     def _spawn(
         self, name: str, cmd: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{name}.log").open("ab") as out:
-            p = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env={**os.environ, **(env or {})},
-            )
-        self.children.append(p)
-        return p
+        return self.launcher.spawn(name, cmd, env=env)
 
     def server(self, crash_at: str | None = None) -> subprocess.Popen[bytes]:
         """Start the server; ``crash_at="point:n"`` SIGKILLs it the n-th time at ``point``."""
@@ -104,12 +105,7 @@ class Procs:
         return self._spawn(f"site-{k}", cmd)
 
     def status(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(self.files.server_url + "/v1/status", timeout=2) as r:
-                doc: dict[str, Any] = json.loads(r.read())
-                return doc
-        except OSError:
-            return None
+        return get_json(self.files.server_url + "/v1/status", timeout=2)
 
     def final_status(self) -> dict[str, Any]:
         out = subprocess.run(
@@ -129,12 +125,9 @@ class Procs:
         doc: dict[str, Any] = json.loads(out.stdout)
         return doc
 
-    def wait_until(self, cond: Any, timeout: float = 90.0) -> None:
-        end = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > end:
-                raise AssertionError(f"timed out; logs:\n{self.all_logs()}")
-            time.sleep(0.05)
+    def wait_until(self, cond: Callable[[], bool], timeout: float = 90.0) -> None:
+        if not self.launcher.wait_for(cond, timeout=timeout):
+            raise AssertionError(f"timed out; logs:\n{self.all_logs()}")
 
     def wait_exit(self, p: subprocess.Popen[bytes], timeout: float = 90.0) -> int:
         try:
@@ -148,20 +141,13 @@ class Procs:
         return "CRASH-POINT-REACHED" in text or "DIE-POINT-REACHED" in text
 
     def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
+        return self.launcher.log(name)
 
     def all_logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-            for p in sorted(self.logs.glob("*.log"))
-        )
+        return self.launcher.all_logs()
 
     def kill_all(self) -> None:
-        for p in self.children:
-            if p.poll() is None:
-                p.kill()
-        for p in self.children:
-            p.wait()
+        self.launcher.kill_all()
 
 
 @pytest.fixture

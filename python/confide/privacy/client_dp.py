@@ -272,9 +272,6 @@ def padded_dim(dim: int) -> int:
     return 1 << max(0, (dim - 1).bit_length())
 
 
-_padded_dim = padded_dim
-
-
 def rotate(x: NDArray[np.floating], seed: bytes) -> NDArray[np.float64]:
     """Randomized Hadamard transform ``H D x / sqrt(d)`` after zero-padding to ``d = 2**k``.
 
@@ -301,7 +298,7 @@ def rotate(x: NDArray[np.floating], seed: bytes) -> NDArray[np.float64]:
     True
     """
     v = np.asarray(x, dtype=np.float64).ravel()
-    d = _padded_dim(v.size)
+    d = padded_dim(v.size)
     p = np.zeros(d, dtype=np.float64)
     p[: v.size] = v
     return _fwht(p * _signs(seed, d)) / math.sqrt(d)
@@ -326,7 +323,7 @@ def unrotate(y: NDArray[np.floating], seed: bytes, dim: int) -> NDArray[np.float
     """
     v = np.asarray(y, dtype=np.float64).ravel()
     d = v.size
-    if d != _padded_dim(d) or dim > d:
+    if d != padded_dim(d) or dim > d:
         raise InvalidPrivacyConfig(f"rotated length {d} is not a power of two >= dim {dim}")
     return (_fwht(v) * _signs(seed, d) / math.sqrt(d))[:dim]
 
@@ -576,7 +573,7 @@ def calibrate_ddg(config: DDGConfig) -> DDGParams:
         config.bits,
         config.k_stddevs,
     )
-    d = _padded_dim(config.dim)
+    d = padded_dim(config.dim)
     h = config.threshold - config.max_colluding
     room = 2.0 ** (2 * b) - n * k * k
     if room <= 0:
