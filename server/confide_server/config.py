@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ from confide.secagg import (
     ThreatModel,
     derive_params,
 )
-from confide.strategies import available_strategies
+from confide.strategies import Strategy, available_strategies, get_strategy
 from confide_server.engine.privacy import PrivacyConfig, parse_privacy
 
 if sys.version_info >= (3, 11):
@@ -125,13 +125,32 @@ class JobConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """Aggregation strategy and the local training it asks clients for."""
+    """Aggregation strategy and the local training it asks clients for.
+
+    ``name`` selects a :mod:`confide.strategies` strategy; ``server_learning_rate`` and any
+    other key of the ``[strategy]`` table (kept in ``options``, scalars only) are passed to
+    its constructor, which refuses options it does not know. A new strategy with its own
+    options therefore needs no change here.
+    """
 
     name: str = "fedavg"
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.1
     server_learning_rate: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Strategy:
+        """Build the configured strategy.
+
+        Raises
+        ------
+        ConfigError
+            Unknown name, or options the strategy does not take or refuses.
+        """
+        return get_strategy(
+            self.name, server_learning_rate=self.server_learning_rate, **self.options
+        )
 
 
 @dataclass(frozen=True)
@@ -260,6 +279,7 @@ class Config:
                 f"strategy.name must be one of {list(available_strategies())} "
                 f"(confide.strategies), got {self.strategy.name!r}"
             )
+        self.strategy.build()  # the strategy validates its own options
         s = self.strategy
         if s.epochs < 1 or s.batch_size < 1 or not s.learning_rate > 0:
             raise ConfigError("strategy epochs, batch_size and learning_rate must be > 0")
@@ -363,9 +383,17 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "learning_rate": float,
         "server_learning_rate": float,
     }
-    strategy = _typed(
-        _section(doc, "strategy", set(strat_types)), "strategy", StrategyConfig, strat_types
-    )
+    # Keys other than these are the strategy's own options (its constructor checks them).
+    strat_sec = doc.get("strategy", {})
+    strat_keys = set(strat_sec) if isinstance(strat_sec, dict) else set()
+    strat_doc = dict(_section(doc, "strategy", strat_keys))
+    options = {k: strat_doc.pop(k) for k in sorted(set(strat_doc) - set(strat_types))}
+    for key, value in options.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"strategy.{key} must be a number, a string or a boolean")
+    strategy = _typed(strat_doc, "strategy", StrategyConfig, strat_types)
+    if options:
+        strategy = replace(strategy, options=options)
     model = _section(doc, "model", {"manifest", "weights"})
     if "manifest" not in model or "weights" not in model:
         raise ConfigError("[model] needs 'manifest' and 'weights'")

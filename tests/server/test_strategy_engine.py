@@ -111,3 +111,16 @@ def test_strategy_state_is_persisted_and_restored_after_restart(tmp_path: Path) 
 def test_unknown_strategy_name_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"strategy\.name must be one of.*fedavg"):
         write_job(tmp_path, strategy__name="fedmedian")
+
+
+def test_strategy_options_go_to_the_strategy_which_checks_them(tmp_path: Path) -> None:
+    cfg = write_job(tmp_path, strategy__server_learning_rate=0.5)
+    assert cfg.strategy.options == {}
+    strategy = cfg.strategy.build()
+    assert isinstance(strategy, FedAvg)
+    assert strategy.server_learning_rate == 0.5
+    # a key the strategy does not take is refused when the config is read
+    with pytest.raises(ConfigError, match=r"'fedavg' does not take options \['beta1'\]"):
+        write_job(tmp_path, strategy__beta1=0.9)
+    with pytest.raises(ConfigError, match="must be a number, a string or a boolean"):
+        write_job(tmp_path, strategy__beta1=[0.9])

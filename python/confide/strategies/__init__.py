@@ -16,6 +16,7 @@ True
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from typing import Any
 
@@ -79,10 +80,12 @@ def get_strategy(name: str, **options: Any) -> Strategy:
         raise ConfigError(
             f"strategy.name: unknown strategy {name!r}; available: {list(available_strategies())}"
         )
-    try:
-        strategy: Strategy = cls(**options)
-    except TypeError as exc:
+    takes = sorted(inspect.signature(cls).parameters)
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
         raise ConfigError(
-            f"strategy {name!r} does not take options {sorted(options)}: {exc}"
-        ) from None
+            f"strategy {name!r} does not take options {unknown}; it takes {takes} "
+            "([strategy] keys of the job config)"
+        )
+    strategy: Strategy = cls(**options)
     return strategy

@@ -66,7 +66,7 @@ from confide.secagg import (
     SecAggError,
     SecAggParams,
 )
-from confide.strategies import Strategy, StrategyState, get_strategy
+from confide.strategies import Strategy, StrategyState
 from confide_server.blobs import BlobStore
 from confide_server.config import Config
 from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
@@ -227,9 +227,7 @@ class RoundEngine:
         self.blobs = blobs
         self.manifest = manifest
         self.privacy = JobPrivacy(config.privacy, config.job.rounds, config.strategy.epochs)
-        self.strategy = strategy or get_strategy(
-            config.strategy.name, server_learning_rate=config.strategy.server_learning_rate
-        )
+        self.strategy = strategy or config.strategy.build()
         if self.secure_aggregation and not self.strategy.secure_compatible:
             raise ConfigError(
                 f"strategy {self.strategy.name!r} needs the individual updates; it cannot run "
