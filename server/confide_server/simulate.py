@@ -42,6 +42,7 @@ from confide.data import (
     train_test_split,
 )
 from confide.protocol.manifest import decode_tensors, encode_tensors
+from confide.strategies import available_strategies
 from confide.training import NumpyTrainer, TrainConfig
 from confide_server.config import Config, load_config, parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
@@ -87,6 +88,8 @@ class SimulationOptions:
     sampling_rate: float = 0.2
     local_steps: int = 0
     secagg: bool = False  # SecAgg+ secure aggregation (`confide-server simulate` turns it on)
+    strategy: str = "fedavg"  # a confide.strategies name
+    extra_strategy: dict[str, Any] = field(default_factory=dict)  # the strategy's options
     extra_secagg: dict[str, Any] = field(default_factory=dict)  # [secagg] overrides
 
 
@@ -190,10 +193,11 @@ def job_document(opts: SimulationOptions, port: int) -> dict[str, dict[str, Any]
         },
         "model": {"manifest": "model.json", "weights": "init.safetensors"},
         "strategy": {
-            "name": "fedavg",
+            "name": opts.strategy,
             "epochs": opts.epochs,
             "batch_size": opts.batch_size,
             "learning_rate": opts.learning_rate,
+            **opts.extra_strategy,
         },
         "deadlines": {"train": opts.train_deadline, "evaluate": opts.evaluate_deadline},
         "server": {
@@ -495,6 +499,12 @@ def main_simulate(argv: Sequence[str]) -> int:
     parser.add_argument("--lr", type=float, default=None, help="0.1; 0.5 with --dp sample")
     parser.add_argument("--min-clients", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strategy",
+        choices=available_strategies(),
+        default="fedavg",
+        help="aggregation strategy ([strategy] name of the job config)",
+    )
     parser.add_argument("--out", default="simulation", help="output folder")
     parser.add_argument("--plot", default=None, help="PNG path (default OUT/accuracy.png)")
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -557,5 +567,6 @@ def main_simulate(argv: Sequence[str]) -> int:
         clip_norm=args.clip_norm,
         sampling_rate=args.sampling_rate,
         secagg=not args.no_secagg and args.dp != "central",
+        strategy=args.strategy,
     )
     return run_simulation(args.out, opts, plot=args.plot, timeout=args.timeout)
