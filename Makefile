@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: setup build test test-rust test-python lint lint-rust lint-python bench bench-rust demo clean
+.PHONY: setup build test test-rust test-python lint lint-rust lint-python bench bench-rust demo demo-images app clean
 
 # Dependencies are (re)installed only when pyproject.toml changes.
 $(STAMP): pyproject.toml server/pyproject.toml
@@ -32,8 +32,8 @@ lint-rust:
 	cargo clippy --workspace --all-targets --all-features -- -D warnings
 
 lint-python: setup
-	$(VENV)/bin/ruff format --check python server tests benches
-	$(VENV)/bin/ruff check python server tests benches
+	$(VENV)/bin/ruff format --check python server tests benches mobile_examples
+	$(VENV)/bin/ruff check python server tests benches mobile_examples
 	$(VENV)/bin/mypy --strict python/confide server/confide_server
 	$(PY) -m mypy.stubtest confide._core
 	# Architecture contracts: confide never imports confide_server; the engine never aiohttp.
@@ -90,6 +90,23 @@ bench: $(STAMP) $(PEERS_STAMP)
 # over HTTP, ~10 rounds, then federated vs central accuracy and demo-output/accuracy.png.
 demo: setup
 	$(VENV)/bin/confide-server simulate --clients 3 --rounds 10 --out demo-output
+
+# The Dopamine-style image federation on loopback: 10 hospitals train SqueezeNet 1.1 at
+# 64x64 over HTTP on the lesion task (synthetic lesions on real scans shipped by pydicom and
+# scikit-image), patient-level DP-SGD with Rust-core noise under SecAgg+; then the final
+# model is signed as a device release and `make app` opens the patient app on it.
+demo-images: setup
+	$(VENV)/bin/confide-server simulate --data lesions --model squeezenet --clients 10 \
+	  --rounds 5 --image-size 64 --lr 0.05 --timeout 900 --out demo-images --release
+
+# The patient diagnosis app (mobile_examples/patient_app) on this machine's loopback, with
+# the release `make demo-images` signed (verified against its pinned release key).
+app: setup
+	@test -f demo-images/state/release_key.pub || { echo "run 'make demo-images' first"; exit 2; }
+	PYTHONPATH=mobile_examples/patient_app $(PY) -m patient_app \
+	  --state-dir demo-images/patient-device \
+	  --release-key-file demo-images/state/release_key.pub \
+	  --import-release demo-images/state/releases --port 8770
 
 clean:
 	rm -rf $(VENV) target

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,6 +160,11 @@ def _torch_graph(module: torch.nn.Module, input_shape: tuple[int, ...], path: Pa
     wrapped = _probabilities_module(module)
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     batch = torch.export.Dim("batch", min=1)
+    # The exporter warns, once per process, that torchvision's detection ops are not
+    # registered; confide's models use none of them, so the warning is noise for users.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
         torch.onnx.export(
             wrapped,
@@ -174,6 +180,8 @@ def _torch_graph(module: torch.nn.Module, input_shape: tuple[int, ...], path: Pa
         )
     except Exception as exc:  # the exporter raises many types (torch.export, onnxscript)
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        registration.setLevel(level)
 
 
 def _add_metadata(path: Path, metadata: Mapping[str, str]) -> None:

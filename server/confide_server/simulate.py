@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from confide.data import (
-    Dataset,
     Standardizer,
     load_breast_cancer,
     partition_dirichlet,
@@ -43,7 +42,7 @@ from confide.data import (
 )
 from confide.protocol.manifest import decode_tensors, encode_tensors
 from confide.strategies import available_strategies
-from confide.training import NumpyTrainer, TrainConfig
+from confide.training import NumpyTrainer, SiteData, TrainConfig, Trainer, build_trainer
 from confide_server.config import Config, load_config, parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
 
@@ -91,6 +90,10 @@ class SimulationOptions:
     strategy: str = "fedavg"  # a confide.strategies name
     extra_strategy: dict[str, Any] = field(default_factory=dict)  # the strategy's options
     extra_secagg: dict[str, Any] = field(default_factory=dict)  # [secagg] overrides
+    data: str = "breast_cancer"  # "breast_cancer" (table) | "lesions" (images, torch models)
+    image_size: int = 64  # lesions: tile side in pixels
+    patients_per_site: int = 6  # lesions: pseudo-patients per site (5 tiles each)
+    release: bool = False  # sign the final model as a release for devices (patient app)
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,9 @@ class JobFiles:
     server_url: str
     site_train: list[Path]
     site_test: list[Path]
-    train: Dataset
-    test: Dataset
-    trainer: NumpyTrainer
+    train: SiteData
+    test: SiteData
+    trainer: Trainer
     job: Config | None = None  # the typed job config written to ``config``
 
 
@@ -128,6 +131,10 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     (work / _MARKER).touch()
+    if opts.data == "lesions":
+        return _prepare_image_job(work, opts)
+    if opts.data != "breast_cancer":
+        raise ValueError(f"data must be 'breast_cancer' or 'lesions', got {opts.data!r}")
     full = load_breast_cancer()
     train, test = train_test_split(full, 0.2, seed=opts.seed)
     scaler = Standardizer.fit(train.x)
@@ -162,6 +169,48 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
         f"http://127.0.0.1:{port}",
         site_train,
         site_test,
+        train,
+        test,
+        trainer,
+        job,
+    )
+
+
+def _prepare_image_job(work: Path, opts: SimulationOptions) -> JobFiles:
+    """Write the lesion task for torch models (:mod:`confide_server.simulate_images`)."""
+    from confide.data.images import ImageDataset, ImageTransform
+    from confide.protocol.manifest import Manifest
+    from confide_server.simulate_images import write_image_job_data
+
+    job_data = write_image_job_data(
+        work,
+        model=opts.model,
+        sites=opts.clients,
+        image_size=opts.image_size,
+        patients_per_site=opts.patients_per_site,
+        tiles_per_patient=5,
+        partition=opts.partition,
+        alpha=opts.alpha,
+        seed=opts.seed,
+    )
+    manifest = Manifest.load(job_data.manifest_path)
+    trainer = build_trainer(manifest)
+    trainer.set_weights(decode_tensors(manifest, job_data.weights_path.read_bytes())[0])
+    transform = ImageTransform(size=(opts.image_size, opts.image_size), channels=3)
+    classes = list(manifest.spec["classes"])
+    train = ImageDataset.from_csv(job_data.train_csv, classes=classes, transform=transform)
+    test = ImageDataset.from_csv(job_data.test_csv, classes=classes, transform=transform)
+    port = opts.port or free_port()
+    doc = job_document(opts, port)
+    job = parse_config(doc, work)
+    config = work / "job.toml"
+    config.write_text(render_toml(doc, header="Written by `confide-server simulate`."))
+    return JobFiles(
+        work,
+        config,
+        f"http://127.0.0.1:{port}",
+        job_data.site_train,
+        job_data.site_test,
         train,
         test,
         trainer,
@@ -274,7 +323,8 @@ def central_baseline(files: JobFiles, opts: SimulationOptions) -> float:
 
     Same initial weights and SGD settings; ``rounds * epochs`` epochs.
     """
-    trainer = NumpyTrainer.from_manifest(files.trainer.manifest, files.trainer.get_weights())
+    trainer = build_trainer(files.trainer.manifest)
+    trainer.set_weights(files.trainer.get_weights())
     cfg = TrainConfig(opts.epochs * opts.rounds, opts.batch_size, opts.learning_rate)
     trainer.fit(files.train, cfg, seed=opts.seed)
     return trainer.evaluate(files.test)["accuracy"]
@@ -446,7 +496,8 @@ def run_simulation(
         model_sha = status["current_model"]
         blob = (work / "state" / "models" / f"{model_sha}.safetensors").read_bytes()
         vec, _ = decode_tensors(files.trainer.manifest, blob)
-        fed = NumpyTrainer.from_manifest(files.trainer.manifest, vec)
+        fed = build_trainer(files.trainer.manifest)
+        fed.set_weights(vec)
         fed_acc = fed.evaluate(files.test)["accuracy"]
         base_acc = central_baseline(files, opts)
         plot_path = Path(plot) if plot is not None else work / "accuracy.png"
@@ -474,11 +525,27 @@ def run_simulation(
             )
         if status.get("reason"):
             print(f"job stopped early: {status['reason']}")
+        if opts.release:
+            _release(files)
         print(f"plot: {plot_path}")
         print(f"done in {time.monotonic() - t0:.1f} s; logs in {logs}", flush=True)
         return 0
     finally:
         launcher.stop_all()
+
+
+def _release(files: JobFiles) -> None:
+    """Sign the final model as a device release and say how to open the patient app on it."""
+    from confide_server.releases import release_current_model
+
+    classes = [str(c) for c in files.trainer.manifest.spec.get("classes", ["0", "1"])]
+    release = release_current_model(files.config, classes)
+    state = files.workdir / "state"
+    print(
+        f"released model version {release.record.version} for devices "
+        f"(ONNX, {release.record.model_sha256[:12]}..., signed with {state / 'release_key.pem'})"
+    )
+    print("open the patient app on it:  make app")
 
 
 def main_simulate(argv: Sequence[str]) -> int:
@@ -492,7 +559,28 @@ def main_simulate(argv: Sequence[str]) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--partition", choices=["iid", "dirichlet"], default="iid")
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    parser.add_argument("--model", choices=["logistic", "softmax", "mlp"], default="logistic")
+    parser.add_argument(
+        "--data",
+        choices=["breast_cancer", "lesions"],
+        default="breast_cancer",
+        help="scikit-learn's breast-cancer table, or the lesion-detection images "
+        "(synthetic lesions on real scans shipped by pydicom/scikit-image; torch models)",
+    )
+    parser.add_argument(
+        "--model",
+        choices=["logistic", "softmax", "mlp", "squeezenet", "small_cnn"],
+        default=None,
+        help="logistic (table default), softmax, mlp; squeezenet (images default), small_cnn",
+    )
+    parser.add_argument("--image-size", type=int, default=64, help="lesions: tile side")
+    parser.add_argument(
+        "--patients-per-site", type=int, default=6, help="lesions: pseudo-patients per site"
+    )
+    parser.add_argument(
+        "--release",
+        action="store_true",
+        help="sign the final model as a release for devices (the patient app)",
+    )
     parser.add_argument("--hidden", type=int, nargs="*", default=[16])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -538,6 +626,10 @@ def main_simulate(argv: Sequence[str]) -> int:
         "whose server-side clipping needs the individual updates)",
     )
     args = parser.parse_args(argv)
+    images = args.data == "lesions"
+    model = args.model or ("squeezenet" if images else "logistic")
+    if images != (model in ("squeezenet", "small_cnn")):
+        parser.error(f"--model {model} does not fit --data {args.data}")
     if args.dp == "distributed" and args.no_secagg:
         parser.error("--dp distributed needs SecAgg+ (drop --no-secagg)")
     noise = args.noise_multiplier
@@ -553,7 +645,7 @@ def main_simulate(argv: Sequence[str]) -> int:
         rounds=args.rounds,
         partition=args.partition,
         alpha=args.alpha,
-        model=args.model,
+        model=model,
         hidden=tuple(args.hidden),
         seed=args.seed,
         epochs=args.epochs,
@@ -568,5 +660,9 @@ def main_simulate(argv: Sequence[str]) -> int:
         sampling_rate=args.sampling_rate,
         secagg=not args.no_secagg and args.dp != "central",
         strategy=args.strategy,
+        data=args.data,
+        image_size=args.image_size,
+        patients_per_site=args.patients_per_site,
+        release=args.release,
     )
     return run_simulation(args.out, opts, plot=args.plot, timeout=args.timeout)
