@@ -118,7 +118,8 @@ async def get_task(request: web.Request) -> web.Response:
         if engine.idle:
             # A client that is (still) polling may complete the set a round is waiting for.
             request.app[wake_key].set()
-        task = engine.task_for(signed.client_id)
+        # In a worker thread: the engine lock may be held by a durable commit.
+        task = await asyncio.to_thread(engine.task_for, signed.client_id)
         remaining = deadline - time.monotonic()
         if task.action != "wait" or remaining <= 0:
             return web.json_response(task.to_json())

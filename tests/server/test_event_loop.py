@@ -20,7 +20,7 @@ import pytest
 
 from confide_server.engine.rounds import RoundEngine
 from tests.server.conftest import Fed
-from tests.server.util import write_job
+from tests.server.util import delta_body, tiny_manifest, write_job
 
 SLOW_S = 3.0
 BOUND_S = 1.0
@@ -84,3 +84,33 @@ async def test_health_and_polls_answer_during_slow_accounting(
     task = await fed.wait_for("alice", "train")
     assert task["round"] == 1
     assert task["privacy"]["mode"] == mode
+
+
+async def test_health_answers_while_a_submission_commit_holds_the_engine_lock(
+    make_fed: Callable[..., Awaitable[Fed]], tmp_path: Path
+) -> None:
+    """A durable commit (synchronous=FULL) runs under the engine lock in a worker thread;
+    a concurrent poll must wait for it in a worker thread too, not on the event loop."""
+    fed = await make_fed(write_job(tmp_path))
+    await fed.enroll("alice")
+    await fed.enroll("bob")
+    await fed.task("alice")
+    await fed.task("bob")
+    await fed.wait_for("alice", "train")
+    engine: RoundEngine = fed.engine
+    slow = SlowCall(engine.store.insert_submission)
+    engine.store.insert_submission = slow  # type: ignore[method-assign]
+    upload = asyncio.ensure_future(fed.put("alice", 1, "train", delta_body(tiny_manifest(), 0.1)))
+    assert await asyncio.to_thread(slow.entered.wait, 30), "the commit never started"
+    poll = asyncio.ensure_future(fed.task("bob"))  # needs the engine lock the commit holds
+    t0 = time.monotonic()
+    resp = await fed.http.get("/v1/health")
+    health_s = time.monotonic() - t0
+    still_running = not slow.done.is_set()
+    slow.release.set()
+    assert resp.status == 200
+    assert still_running, "the commit ended before /v1/health was answered"
+    assert health_s < BOUND_S, f"/v1/health took {health_s:.2f} s behind a slow commit"
+    status, doc = await upload
+    assert status == 200, doc
+    assert (await poll)["action"] in ("train", "wait")

@@ -248,6 +248,9 @@ class RoundEngine:
         self._current: RoundRow | None = None
         self._submitted: dict[tuple[int, str], set[str]] = {}
         self._closing = False
+        # Enrolled keys and last-seen times have their own lock: authentication takes it on
+        # the event loop for every request, so it is never held across slow work.
+        self._peers_lock = threading.Lock()
         self._last_seen: dict[str, float] = {}
         self._clients: dict[str, str] = {}
         self.status = "running"
@@ -311,7 +314,9 @@ class RoundEngine:
                 for stage in self.stages:
                     subs = self.store.submissions(self._current.round, stage.name)
                     self._submitted[(self._current.round, stage.name)] = {s.client_id for s in subs}
-            self._clients = self.store.clients()
+            clients = self.store.clients()
+            with self._peers_lock:
+                self._clients = clients
 
     @property
     def secure_aggregation(self) -> bool:
@@ -423,24 +428,28 @@ class RoundEngine:
             raise EnrollmentError(f"client id {client_id!r} is taken", "client_exists")
         if outcome == "key_exists":
             raise EnrollmentError("this public key is already enrolled", "key_exists")
-        with self._lock:
+        with self._peers_lock:
             self._clients[client_id] = public_key
 
     def public_key(self, client_id: str) -> str | None:
         """Return the enrolled base64 public key of ``client_id``, or ``None``."""
-        with self._lock:
+        with self._peers_lock:
             return self._clients.get(client_id)
 
     def touch(self, client_id: str) -> None:
         """Mark a client as seen now (it is available for cohort selection)."""
-        with self._lock:
-            self._last_seen[client_id] = self._clock()
+        now = self._clock()
+        with self._peers_lock:
+            self._last_seen[client_id] = now
 
     @property
     def idle(self) -> bool:
-        """Whether the job runs but no round is open (a round may start)."""
-        with self._lock:
-            return self.status == "running" and self._current is None
+        """Whether the job runs but no round is open (a round may start).
+
+        Lock-free (two attribute reads): the event loop asks it on every poll, and a stale
+        answer only delays or adds one wake-up of the round timer.
+        """
+        return self.status == "running" and self._current is None
 
     # -- client-facing -----------------------------------------------------------------
     def task_for(self, client_id: str) -> Task:
@@ -734,8 +743,9 @@ class RoundEngine:
                 cur = self._current
                 if cur is None:
                     # A snapshot: enrolment and polls change these while the round starts.
-                    clients = dict(self._clients)
-                    last_seen = dict(self._last_seen)
+                    with self._peers_lock:
+                        clients = dict(self._clients)
+                        last_seen = dict(self._last_seen)
                 else:
                     answered = set(self._submitted.get((cur.round, cur.stage), set()))
                     waiting = set(cur.cohort)
@@ -1106,6 +1116,8 @@ class RoundEngine:
         """Job status and per-round history (JSON-ready)."""
         rounds = self.store.rounds()
         privacy, per_round = read_privacy(self.store)
+        with self._peers_lock:
+            enrolled = len(self._clients)
         with self._lock:
             return {
                 "job": self.config.job.name,
@@ -1116,7 +1128,7 @@ class RoundEngine:
                 "rounds_completed": self.completed_rounds,
                 "current_model": self.current_model,
                 "manifest_sha256": self.manifest.sha256,
-                "enrolled": len(self._clients),
+                "enrolled": enrolled,
                 "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
             }
 
