@@ -264,7 +264,13 @@ def job_document(opts: SimulationOptions, port: int) -> dict[str, dict[str, Any]
     if opts.secagg:
         # The masked update is sent after local training: the mask stage gets the train
         # deadline.
-        doc["secagg"] = {"enabled": True, "mask": opts.train_deadline, **opts.extra_secagg}
+        secagg: dict[str, Any] = {"enabled": True, "mask": opts.train_deadline}
+        if opts.data == "lesions":
+            # Torch sites start slowly (importing torch, the first vmap) and a secure round
+            # that aborts still spends its patient-level budget: give every stage the train
+            # deadline; each stage still closes as soon as the whole cohort has answered.
+            secagg.update(advertise=opts.train_deadline, share=opts.train_deadline)
+        doc["secagg"] = {**secagg, **opts.extra_secagg}
     return doc
 
 
@@ -640,7 +646,9 @@ def main_simulate(argv: Sequence[str]) -> int:
     lr = args.lr
     if args.dp == "sample" and lr is None:
         lr = 0.5
+    deadlines = {"train_deadline": 300.0, "evaluate_deadline": 120.0} if images else {}
     opts = SimulationOptions(
+        **deadlines,
         clients=args.clients,
         rounds=args.rounds,
         partition=args.partition,

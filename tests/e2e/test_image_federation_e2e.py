@@ -19,84 +19,44 @@ pytest.importorskip("skimage")
 
 from confide.data.images import ImageDataset, ImageTransform
 from confide.privacy.accountant import account, dpsgd_event
-from confide.protocol.manifest import Manifest, decode_tensors
+from confide.protocol.manifest import decode_tensors
 from confide.training.torch_engine import TorchTrainer
-from confide_server.simulate import JobFiles, free_port
-from confide_server.simulate_images import write_image_job_data
+from confide_server.simulate import JobFiles, SimulationOptions, main_simulate, prepare_job
 from tests.e2e.conftest import Procs
 
 Z, Q, STEPS, ROUNDS = 1.1, 0.5, 2, 2
 
 
 def _job(tmp: Path) -> JobFiles:
-    job = write_image_job_data(
-        tmp,
+    # The same job `confide-server simulate --data lesions --model squeezenet` writes.
+    opts = SimulationOptions(
+        clients=3,
+        rounds=ROUNDS,
+        seed=3,
+        data="lesions",
         model="squeezenet",
-        sites=3,
         image_size=32,
         patients_per_site=4,
-        tiles_per_patient=2,
-        partition="iid",
-        alpha=0.5,
-        seed=3,
+        learning_rate=0.05,
+        min_clients=2,
+        train_deadline=120.0,
+        evaluate_deadline=60.0,
+        dp="sample",
+        noise_multiplier=Z,
+        sampling_rate=Q,
+        local_steps=STEPS,
+        secagg=True,
+        extra_secagg={"adversarial_fraction": 0.0, "dropout_fraction": 0.34},
     )
-    port = free_port()
-    config = tmp / "job.toml"
-    config.write_text(
-        "\n".join(
-            [
-                "[job]",
-                'name = "lesions-squeezenet"',
-                f"rounds = {ROUNDS}",
-                "seed = 5",
-                "cohort_size = 3",
-                "min_clients = 2",
-                "wait_for_clients = 3",
-                "[model]",
-                'manifest = "model.json"',
-                'weights = "init.safetensors"',
-                "[strategy]",
-                'name = "fedavg"',
-                "learning_rate = 0.05",
-                "[deadlines]",
-                "train = 120.0",
-                "evaluate = 60.0",
-                "[server]",
-                'host = "127.0.0.1"',
-                f"port = {port}",
-                'state_dir = "state"',
-                "exit_when_finished = true",
-                "linger_s = 1.0",
-                "[privacy]",
-                'mode = "sample"',
-                "delta = 1e-5",
-                f"noise_multiplier = {Z}",
-                "clip_norm = 1.0",
-                f"sampling_rate = {Q}",
-                f"local_steps = {STEPS}",
-                "[secagg]",
-                "enabled = true",
-                "mask = 120.0",
-                "adversarial_fraction = 0.0",
-                "dropout_fraction = 0.34",
-                "",
-            ]
-        )
-    )
-    manifest = Manifest.load(job.manifest_path)
-    trainer = TorchTrainer.from_manifest(
-        manifest, decode_tensors(manifest, job.weights_path.read_bytes())[0]
-    )
-    return JobFiles(
-        tmp,
-        config,
-        f"http://127.0.0.1:{port}",
-        job.site_train,
-        job.site_test,
-        job.train_csv,  # type: ignore[arg-type]  # image jobs keep their data on disk
-        job.test_csv,  # type: ignore[arg-type]
-        trainer,  # type: ignore[arg-type]
-    )
+    return prepare_job(tmp, opts)
+
+
+def test_simulate_refuses_a_model_that_does_not_fit_the_data(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main_simulate(["--data", "breast_cancer", "--model", "squeezenet"])
+    assert "does not fit" in capsys.readouterr().err
 
 
 @pytest.mark.slow
