@@ -233,7 +233,9 @@ def job_document(opts: SimulationOptions, port: int) -> dict[str, dict[str, Any]
     min_clients = opts.min_clients or max(1, math.ceil(2 * opts.clients / 3))
     doc: dict[str, dict[str, Any]] = {
         "job": {
-            "name": f"breast-cancer-{opts.partition}",
+            "name": f"breast-cancer-{opts.partition}"
+            if opts.data == "breast_cancer"
+            else f"{opts.data}-{opts.model}-{opts.partition}",
             "rounds": opts.rounds,
             "seed": opts.seed,
             "cohort_size": opts.clients,
