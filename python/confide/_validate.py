@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from confide.errors import ArrayTypeError
+
 
 def as_bytes(value: Any, name: str) -> bytes:
-    """Return ``value`` as ``bytes`` if it is a bytes-like object, else raise ``TypeError``.
+    """Return ``value`` as ``bytes`` if it is bytes-like, else raise ``ArrayTypeError``.
 
     ``bytes(n)`` on an integer would silently build an ``n``-byte zero buffer, so integers
     and other objects are refused explicitly.
@@ -15,4 +17,4 @@ def as_bytes(value: Any, name: str) -> bytes:
         return value
     if isinstance(value, (bytearray, memoryview)):
         return bytes(value)
-    raise TypeError(f"{name} must be bytes, got {type(value).__name__}")
+    raise ArrayTypeError(f"{name} must be bytes, got {type(value).__name__}")

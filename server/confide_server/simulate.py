@@ -40,6 +40,7 @@ from confide.data import (
     save_csv,
     train_test_split,
 )
+from confide.errors import ConfigError
 from confide.protocol.manifest import decode_tensors, encode_tensors
 from confide.strategies import available_strategies
 from confide.training import NumpyTrainer, SiteData, TrainConfig, Trainer, build_trainer
@@ -127,14 +128,14 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
         Paths and the pooled train/test data.
     """
     if opts.clients < 1 or opts.rounds < 1:
-        raise ValueError("clients and rounds must be >= 1")
+        raise ConfigError("clients and rounds must be >= 1")
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     (work / _MARKER).touch()
     if opts.data == "lesions":
         return _prepare_image_job(work, opts)
     if opts.data != "breast_cancer":
-        raise ValueError(f"data must be 'breast_cancer' or 'lesions', got {opts.data!r}")
+        raise ConfigError(f"data must be 'breast_cancer' or 'lesions', got {opts.data!r}")
     full = load_breast_cancer()
     train, test = train_test_split(full, 0.2, seed=opts.seed)
     scaler = Standardizer.fit(train.x)
@@ -144,7 +145,7 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
     elif opts.partition == "dirichlet":
         parts = partition_dirichlet(train.y, opts.clients, opts.alpha, seed=opts.seed)
     else:
-        raise ValueError(f"partition must be 'iid' or 'dirichlet', got {opts.partition!r}")
+        raise ConfigError(f"partition must be 'iid' or 'dirichlet', got {opts.partition!r}")
     test_parts = partition_iid(len(test), opts.clients, seed=opts.seed + 1)
     sites = work / "sites"
     sites.mkdir(exist_ok=True)
@@ -300,11 +301,11 @@ def _secagg_line(job: Config, n: int) -> str:
 
 def _privacy_section(opts: SimulationOptions) -> dict[str, Any]:
     if opts.dp not in ("none", "sample", "central", "distributed"):
-        raise ValueError(
+        raise ConfigError(
             f"dp must be 'none', 'sample', 'central' or 'distributed', got {opts.dp!r}"
         )
     if opts.dp == "distributed" and not opts.secagg:
-        raise ValueError("dp 'distributed' needs secure aggregation (secagg=True)")
+        raise ConfigError("dp 'distributed' needs secure aggregation (secagg=True)")
     if opts.dp == "none":
         return {}
     sec: dict[str, Any] = {"mode": opts.dp, "delta": opts.delta}

@@ -203,7 +203,7 @@ class SecureParticipant:
             self._rounds.pop(round_id, None)
             self._ddg.pop(round_id, None)
             raise
-        raise ValueError(f"not a secure stage: {stage!r}")
+        raise IntegrityError(f"not a secure stage: {stage!r}")
 
     def _ddg_rng(self, round_id: int) -> SecureRng:
         return self._rng_factory("ddg", round_id)

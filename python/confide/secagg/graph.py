@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from confide.errors import InfeasibleConfigError
 from confide.noise import SecureRng
 
 __all__ = ["harary_graph", "shuffle"]
@@ -94,11 +95,11 @@ def harary_graph(ids: Sequence[str], k: int, seed: bytes) -> dict[str, tuple[str
     ordered = sorted(ids)
     n = len(ordered)
     if len(set(ordered)) != n:
-        raise ValueError("client ids must be distinct")
+        raise InfeasibleConfigError("client ids must be distinct")
     if k >= n - 1:
         return {i: tuple(j for j in ordered if j != i) for i in ordered}
     if k < 2 or k % 2:
-        raise ValueError(f"k must be even and >= 2 below the complete graph, got {k}")
+        raise InfeasibleConfigError(f"k must be even and >= 2 below the complete graph, got {k}")
     ring = shuffle(ordered, seed)
     half = k // 2
     graph: dict[str, tuple[str, ...]] = {}

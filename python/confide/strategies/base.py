@@ -34,7 +34,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import AggregateError, NonFiniteError, ShapeError
+from confide.errors import AggregateError, ConfigError, NonFiniteError, ShapeError
 
 __all__ = [
     "REGISTRY",
@@ -145,7 +145,7 @@ def register(name: str) -> Callable[[_S], _S]:
     def deco(cls: _S) -> _S:
         other = REGISTRY.get(name)
         if other is not None and other is not cls:
-            raise ValueError(f"strategy name {name!r} is taken by {other.__qualname__}")
+            raise ConfigError(f"strategy name {name!r} is taken by {other.__qualname__}")
         cls.name = name
         REGISTRY[name] = cls
         return cls

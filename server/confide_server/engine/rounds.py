@@ -404,7 +404,7 @@ class RoundEngine:
     def create_tokens(self, n: int) -> list[str]:
         """Create ``n`` one-time enrolment tokens; only their hashes are stored."""
         if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+            raise ConfigError(f"n must be >= 1, got {n}")
         tokens = [new_token() for _ in range(n)]
         self.store.add_token_hashes([hash_token(t) for t in tokens])
         return tokens

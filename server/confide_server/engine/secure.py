@@ -25,6 +25,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from confide.errors import ProtocolViolationError
 from confide.secagg import AggregateResult, RoundSetup, SecAggParams, ServerSecAgg
 from confide_server.config import SecAggConfig
 from confide_server.store import Store, Tx
@@ -193,7 +194,7 @@ class SecureRound:
         elif stage == "unmask":
             srv.receive_unmask_response(doc)
         else:
-            raise ValueError(f"not a secure stage: {stage!r}")
+            raise ProtocolViolationError(f"not a secure stage: {stage!r}")
 
     def close(self, stage: str) -> tuple[str, AggregateResult | None]:
         """Close ``stage``; return the protocol's next stage and, after unmask, the sum.
@@ -216,7 +217,7 @@ class SecureRound:
         elif stage == "unmask":
             return srv.stage, srv.close_unmask()
         else:
-            raise ValueError(f"not a secure stage: {stage!r}")
+            raise ProtocolViolationError(f"not a secure stage: {stage!r}")
         return srv.stage, None
 
     def task(self, stage: str, client_id: str) -> dict[str, Any] | None:
