@@ -54,6 +54,7 @@ from numpy.typing import NDArray
 from confide.errors import InvalidPrivacyConfig
 from confide.noise import SecureRng, discrete_gaussian, discrete_gaussian_variance
 from confide.privacy._random import uniforms
+from confide.privacy.client_dp import _tau  # KLS21 tau, shared with the client-level DDG
 from confide.secagg.primitives import ring_dtype
 
 __all__ = [
@@ -169,17 +170,6 @@ class SampleDDGParams:
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (inverse: ``SampleDDGParams(**d)``)."""
         return asdict(self)
-
-
-def _tau(sigma: float, summands: int) -> float:
-    """KLS21 ``tau``: how far a sum of ``summands`` DG(sigma) is from a discrete Gaussian."""
-    total = 0.0
-    for k in range(1, summands):
-        term = math.exp(-2.0 * (math.pi * sigma) ** 2 * k / (k + 1))
-        total += term
-        if term == 0.0:
-            break
-    return 10.0 * total
 
 
 def calibrate(config: SampleDDGConfig) -> SampleDDGParams:

@@ -169,11 +169,12 @@ def group_by_patient(
         raise InvalidPrivacyConfig(
             f"expected (n, dim) gradients and (n,) patient ids, got {g.shape} and {ids.shape}"
         )
+    if not ids.size:
+        return np.zeros((0, g.shape[1]), dtype=np.float32)
     _, inverse = np.unique(ids, return_inverse=True)
-    n_patients = int(inverse.max()) + 1 if inverse.size else 0
-    out = np.zeros((n_patients, g.shape[1]), dtype=np.float64)
-    np.add.at(out, inverse.ravel(), g.astype(np.float64, copy=False))
-    return np.ascontiguousarray(out, dtype=np.float32)
+    order = np.argsort(inverse.ravel(), kind="stable")
+    sums, _ = _group_sorted(g[order], inverse.ravel()[order])  # float64 sums, float32 out
+    return sums
 
 
 @dataclass
@@ -340,7 +341,9 @@ class DPSGD:
         self._velocity = None
 
 
-def _group_sorted(g: NDArray[np.float32], pat: NDArray[np.int64]) -> tuple[Any, NDArray[np.int64]]:
+def _group_sorted(
+    g: NDArray[np.floating], pat: NDArray[np.int64]
+) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
     """Sum rows of consecutive equal ``pat`` values (``pat`` sorted): ``(k, dim)``, ids.
 
     A patient with one record is copied as is; several records are summed in float64. No
