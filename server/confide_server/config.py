@@ -57,14 +57,20 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     [privacy]                # optional: differential privacy (see docs/privacy.md)
     mode = "sample"          # "none" | "sample" (patient-level DP-SGD) | "central"
                              # | "distributed" (DDG; needs [secagg] enabled = true)
+                             # | "sample_distributed" (patient-level DP-SGD under
+                             #   SecAgg+, one step per round; needs [secagg])
     delta = 1e-5
     noise_multiplier = 1.1   # or target_epsilon = 4.0 (calibrated for job.rounds rounds)
     epsilon_budget = 8.0     # 0: target_epsilon if set, else no budget
     clip_norm = 1.0
     sampling_rate = 0.2      # sample mode: Poisson rate of a patient per step
     local_steps = 0          # sample mode: steps per round; 0 = epochs * ceil(1/q)
-    momentum = 0.0
-    ddg_bits = 32            # distributed mode: the SecAgg+ ring is Z_(2**ddg_bits)
+    momentum = 0.0           # sample mode: local heavy-ball momentum
+    ddg_bits = 0             # ring modes: the SecAgg+ ring is Z_(2**ddg_bits);
+                             # 0 = 32 (distributed) or 48 (sample_distributed)
+    expected_batch_size = 0  # sample_distributed: public q * (patients of all sites)
+    site_clip_norm = 0       # sample_distributed: bound on a site's gradient sum
+                             # (0 = clip_norm * expected_batch_size)
 """
 
 from __future__ import annotations
@@ -309,6 +315,12 @@ class Config:
                 "privacy.mode = 'distributed' (distributed discrete Gaussian) adds each site's "
                 "noise share under secure aggregation, so only the noised sum is ever seen; "
                 "it needs [secagg] enabled = true (or use 'central' without secagg)"
+            )
+        if self.privacy.mode == "sample_distributed" and not self.secagg.enabled:
+            raise ConfigError(
+                "privacy.mode = 'sample_distributed' (distributed patient-level DP-SGD) adds "
+                "each site's noise share under secure aggregation; it needs [secagg] "
+                "enabled = true (or use 'sample', where every site noises its own update)"
             )
 
 

@@ -23,14 +23,20 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
 from confide.client.secure import RngFactory, SecureParticipant
-from confide.client.training import check_trainable, fit_round, train_delta
+from confide.client.training import (
+    check_per_sample,
+    check_trainable,
+    fit_round,
+    sample_ddg_step,
+    train_delta,
+)
 from confide.errors import (
     ConfigError,
     IntegrityError,
@@ -52,6 +58,10 @@ from confide.protocol.tasks import (
 )
 from confide.secagg import SecAggError
 from confide.training import SiteData, Trainer
+
+if TYPE_CHECKING:
+    from confide.noise import SecureRng
+    from confide.privacy.distributed_dpsgd import SampleDDGParams
 
 __all__ = ["Client", "ClientResult", "client_ssl_context"]
 
@@ -480,13 +490,31 @@ class Client:
                     raise IntegrityError("an advertise task without a model or config")
                 weights = await self.download_model(manifest, task.model_sha256)
                 cfg = task.config
-                check_trainable(trainer, cfg)  # refused before the advertisement is sent
-                msg = part.advertise(task)
-                job = asyncio.ensure_future(
-                    asyncio.to_thread(
-                        train_delta, trainer, weights, train, cfg, self._seed(task.seed)
-                    )
+                distributed_sgd = task.privacy is not None and (
+                    task.privacy.mode == "sample_distributed"
                 )
+                # Refused before the advertisement is sent.
+                if distributed_sgd:
+                    check_per_sample(trainer, "distributed patient-level DP-SGD")
+                else:
+                    check_trainable(trainer, cfg)
+                msg = part.advertise(task)
+                sddg = part.sample_ddg(round_id)
+                if sddg is not None:
+                    rng = (
+                        None if self._rng_factory is None else self._rng_factory("dpsgd", round_id)
+                    )
+                    job = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            _sample_ddg_job, trainer, weights, train, sddg, rng, len(train)
+                        )
+                    )
+                else:
+                    job = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            train_delta, trainer, weights, train, cfg, self._seed(task.seed)
+                        )
+                    )
                 self._training = (round_id, job, task)
                 await self.submit(round_id, stage, json.dumps(msg).encode())
                 return 0
@@ -499,12 +527,19 @@ class Client:
                 if self._training is None or self._training[0] != round_id:
                     raise IntegrityError(f"no training result for round {round_id}")
                 delta, weight, loss = await self._training[1]
-                update = _clip_for_privacy(delta, self._training[2].privacy)
+                if part.sample_ddg(round_id) is not None:
+                    update = delta  # the noised ring vector of one DP-SGD step
+                    self._log(
+                        f"{self.client_id}: round {round_id}: one distributed DP-SGD step "
+                        f"over {weight} local records (noised share; loss not computed)"
+                    )
+                else:
+                    update = _clip_for_privacy(delta, self._training[2].privacy)
+                    self._log(
+                        f"{self.client_id}: round {round_id} trained on {weight} examples, "
+                        f"loss {loss:.4f} (secure aggregation)"
+                    )
                 self._training = None
-                self._log(
-                    f"{self.client_id}: round {round_id} trained on {weight} examples, "
-                    f"loss {loss:.4f} (secure aggregation)"
-                )
             msg = part.answer(task, update, weight)
             await self.submit(round_id, stage, json.dumps(msg).encode())
             return 1 if stage == "mask" else 0
@@ -517,6 +552,18 @@ class Client:
             part.finish(round_id)
             self._log(f"{self.client_id}: round {round_id} {stage} not accepted: {exc}")
         return 0
+
+
+def _sample_ddg_job(
+    trainer: Trainer,
+    weights: NDArray[np.float32],
+    data: SiteData,
+    params: SampleDDGParams,
+    rng: SecureRng | None,
+    records: int,
+) -> tuple[NDArray[Any], int, float]:
+    """Worker-thread job of a distributed DP-SGD round, shaped like :func:`train_delta`."""
+    return sample_ddg_step(trainer, weights, data, params, rng=rng), records, float("nan")
 
 
 def _clip_for_privacy(

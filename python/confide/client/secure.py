@@ -16,6 +16,14 @@ public per-round rotation, scale, conditional rounding, its discrete Gaussian no
 reduction mod ``2**bits``) and masks it with **weight 1**: client-level DP needs uniform
 weights (weighting by sample count would raise the sensitivity and reveal the count).
 
+**Distributed patient-level DP-SGD** (``"sample_distributed"``): the same ring inputs, one
+DP-SGD step per round. The client re-derives the round's
+:class:`~confide.privacy.distributed_dpsgd.SampleDDGParams` from the setup's public SecAgg+
+parameters and the shipped ``C``, ``z``, ``q`` and site bound ``B``
+(:func:`~confide.privacy.distributed_dpsgd.rederive`) and refuses a mismatch; its background
+job (:func:`confide.client.training.sample_ddg_step`) computes the ring vector (its noised sum
+of clipped per-patient gradients), which is masked with weight 1 as it is.
+
 Peers' identity keys are pinned on first use in ``peers.json`` (public keys only): a round
 that announces another key for a known client id is refused, so a server cannot swap a
 peer's identity after the fact.
@@ -42,6 +50,7 @@ from confide.secagg import ClientSecAgg, RoundSetup, SecAggAbortError
 
 if TYPE_CHECKING:
     from confide.privacy.client_dp import DDGParams
+    from confide.privacy.distributed_dpsgd import SampleDDGParams
 
 __all__ = ["RngFactory", "SecureParticipant"]
 
@@ -88,6 +97,7 @@ class SecureParticipant:
         self._pins_path = Path(state_dir) / _PINS_FILE
         self._rounds: dict[int, ClientSecAgg] = {}
         self._ddg: dict[int, tuple[DDGParams, bytes]] = {}
+        self._sddg: dict[int, SampleDDGParams] = {}
 
     def known(self, round_id: int) -> bool:
         """Whether this process holds the protocol state of ``round_id``."""
@@ -130,16 +140,24 @@ class SecureParticipant:
         if setup.round != task.round or setup.model_sha256.hex() != task.model_sha256:
             raise IntegrityError("the secure round's setup names another round or model")
         self._pin(setup)
-        ddg = _check_ddg(setup, task.privacy)
+        sddg = _check_sample_ddg(setup, task.privacy)
+        ddg = None if sddg is not None else _check_ddg(setup, task.privacy)
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
         self._ddg.clear()
+        self._sddg.clear()
         if ddg is not None:
             self._ddg[setup.round] = ddg
+        if sddg is not None:
+            self._sddg[setup.round] = sddg
         rng = self._rng_factory("secagg", setup.round)
         client = ClientSecAgg(setup, self.client_id, self._identity, rng=rng)
         self._rounds[setup.round] = client
         return client.advertise().to_json()
+
+    def sample_ddg(self, round_id: int) -> SampleDDGParams | None:
+        """Return the checked distributed DP-SGD parameters of a round (``None``: other mode)."""
+        return self._sddg.get(round_id)
 
     def answer(
         self,
@@ -177,6 +195,19 @@ class SecureParticipant:
                 if update is None:
                     raise IntegrityError("a mask task needs this round's update; none was trained")
                 p = client.setup.params
+                sddg = self._sddg.get(round_id)
+                if sddg is not None:
+                    # Distributed DP-SGD: the site's ring vector (already noised), weight 1.
+                    vec = np.asarray(update)
+                    if vec.dtype.kind != "u" or vec.shape != (sddg.dim,):
+                        raise IntegrityError(
+                            "a distributed DP-SGD round masks the site's ring vector "
+                            f"(unsigned, ({sddg.dim},)), got {vec.dtype} {vec.shape}"
+                        )
+                    msg = client.masked_input(
+                        payload, vec, 1, model_sha256=client.setup.model_sha256
+                    )
+                    return msg.to_json()
                 ddg = self._ddg.get(round_id)
                 if ddg is not None:
                     from confide.privacy.client_dp import ddg_encode
@@ -200,8 +231,7 @@ class SecureParticipant:
             if stage == "unmask":
                 return client.unmask(payload).to_json()
         except SecAggAbortError:
-            self._rounds.pop(round_id, None)
-            self._ddg.pop(round_id, None)
+            self.finish(round_id)
             raise
         raise IntegrityError(f"not a secure stage: {stage!r}")
 
@@ -212,6 +242,7 @@ class SecureParticipant:
         """Forget a round (its secrets with it)."""
         self._rounds.pop(round_id, None)
         self._ddg.pop(round_id, None)
+        self._sddg.pop(round_id, None)
 
 
 def _secure_task(task: SecureTask | Mapping[str, Any]) -> SecureTask:
@@ -222,6 +253,35 @@ def _secure_task(task: SecureTask | Mapping[str, Any]) -> SecureTask:
     if not isinstance(parsed, SecureTask):
         raise IntegrityError(f"not a secure-stage task: {parsed.action!r}")
     return parsed
+
+
+def _check_sample_ddg(setup: RoundSetup, privacy: PrivacyTask | None) -> SampleDDGParams | None:
+    """Validate a distributed DP-SGD round; return its re-derived parameters (or ``None``).
+
+    Raises
+    ------
+    IntegrityError
+        Parameters that differ from those derived from the round's public SecAgg+
+        parameters, or a setup that is not a weight-1 ring of the model's length.
+    """
+    if privacy is None or privacy.mode != "sample_distributed":
+        return None
+    from confide.privacy.distributed_dpsgd import rederive
+
+    p = setup.params
+    mine = rederive(
+        dict(privacy.sample_ddg or {}),
+        num_sites=p.n,
+        min_survivors=p.min_survivors,
+        max_colluding=p.corrupt,
+        bits=p.modulus_bits,
+    )
+    if p.encoding != "ring" or p.max_weight != 1 or setup.vector_length != mine.dim:
+        raise IntegrityError(
+            "the secure round's setup does not match its distributed DP-SGD parameters "
+            f"(need ring inputs of length {mine.dim} with weight 1)"
+        )
+    return mine
 
 
 def _check_ddg(setup: RoundSetup, privacy: PrivacyTask | None) -> tuple[DDGParams, bytes] | None:

@@ -6,9 +6,16 @@ A task without ``dp`` is trained by the engine's own ``fit``. A task with ``dp``
 cannot give them is refused with :class:`~confide.errors.PrivacyUnsupportedError` before
 anything is trained or uploaded. A custom engine cannot get a patient-level epsilon reported
 for training it did not do under DP.
+
+A distributed DP-SGD round (privacy mode ``"sample_distributed"``) trains nothing locally:
+:func:`sample_ddg_step` computes the site's noised, ring-encoded share of one DP-SGD step
+(:func:`confide.privacy.distributed_dpsgd.site_step`), again only on an engine with
+per-sample gradients.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -18,7 +25,32 @@ from confide.noise import SecureRng
 from confide.privacy.dpsgd import run_dpsgd
 from confide.training.base import FitResult, PerSampleTrainer, SiteData, TrainConfig, Trainer
 
-__all__ = ["check_trainable", "fit_round", "train_delta"]
+if TYPE_CHECKING:
+    from confide.privacy.distributed_dpsgd import SampleDDGParams
+
+__all__ = ["check_per_sample", "check_trainable", "fit_round", "sample_ddg_step", "train_delta"]
+
+
+def check_per_sample(trainer: Trainer, what: str) -> None:
+    """Refuse an engine without exact per-sample gradients for a patient-level DP round.
+
+    Raises
+    ------
+    PrivacyUnsupportedError
+        ``trainer`` is not a :class:`~confide.training.PerSampleTrainer`, or says its model
+        has no exact per-sample gradients (``check_per_sample()``, e.g. torch BatchNorm).
+    """
+    if not isinstance(trainer, PerSampleTrainer):
+        raise PrivacyUnsupportedError(
+            f"this round asks for {what}, but {type(trainer).__name__} gives no "
+            "per-sample gradients (confide.training.PerSampleTrainer); the round is refused "
+            "and nothing is uploaded"
+        )
+    # An engine may know that its model has no exact per-sample gradients (e.g. torch with
+    # BatchNorm, which mixes the records of a batch): it raises PrivacyUnsupportedError.
+    check = getattr(trainer, "check_per_sample", None)
+    if callable(check):
+        check()
 
 
 def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
@@ -31,17 +63,7 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
     """
     if config.dp is None:
         return
-    if not isinstance(trainer, PerSampleTrainer):
-        raise PrivacyUnsupportedError(
-            f"this round asks for patient-level DP-SGD, but {type(trainer).__name__} gives no "
-            "per-sample gradients (confide.training.PerSampleTrainer); the round is refused "
-            "and nothing is uploaded"
-        )
-    # An engine may know that its model has no exact per-sample gradients (e.g. torch with
-    # BatchNorm, which mixes the records of a batch): it raises PrivacyUnsupportedError.
-    check = getattr(trainer, "check_per_sample", None)
-    if callable(check):
-        check()
+    check_per_sample(trainer, "patient-level DP-SGD")
 
 
 def fit_round(
@@ -107,3 +129,38 @@ def train_delta(
     result = fit_round(trainer, data, config, seed)
     delta: NDArray[np.float32] = (trainer.get_weights() - weights).astype(np.float32)
     return delta, int(result.num_examples), float(result.loss)
+
+
+def sample_ddg_step(
+    trainer: Trainer,
+    weights: NDArray[np.float32],
+    data: SiteData,
+    params: SampleDDGParams,
+    *,
+    rng: SecureRng | None = None,
+) -> NDArray[Any]:
+    """Return the ring vector of one distributed DP-SGD step at ``weights`` (worker thread).
+
+    Parameters
+    ----------
+    trainer : Trainer
+        The local engine (must give per-sample gradients; its weights are overwritten).
+    weights : numpy.ndarray
+        The announced model.
+    data : SiteData
+        Local records.
+    params : SampleDDGParams
+        The round's checked parameters.
+    rng : SecureRng, optional
+        Sampling, rounding and noise generator (tests only; OS-keyed by default).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(dim,)`` ring vector to mask with weight 1.
+    """
+    from confide.privacy.distributed_dpsgd import site_step
+
+    check_per_sample(trainer, "distributed patient-level DP-SGD")
+    trainer.set_weights(weights)
+    return site_step(trainer, data, params, rng=rng)

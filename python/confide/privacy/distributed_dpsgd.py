@@ -64,6 +64,8 @@ __all__ = [
     "decode_sum",
     "encode_site_sum",
     "event",
+    "rederive",
+    "site_step",
 ]
 
 _TAU_MAX = 1e-12
@@ -324,3 +326,157 @@ def event(params: SampleDDGParams, steps: int = 1) -> Any:
     from confide.privacy.accountant import dpsgd_event
 
     return dpsgd_event(params.sampling_rate, params.effective_noise_multiplier, steps)
+
+
+def rederive(
+    shipped: dict[str, Any],
+    *,
+    num_sites: int,
+    min_survivors: int,
+    max_colluding: int,
+    bits: int,
+) -> SampleDDGParams:
+    """Recompute a round's parameters from its public SecAgg+ parameters; refuse a mismatch.
+
+    A site never trusts the noise share the server ships: it takes only the operator's
+    choices (``dim``, ``C``, ``z``, ``q``, ``B``) from ``shipped`` and derives everything else
+    from the round's SecAgg+ parameters (cohort ``n``, ``min_survivors``, colluding sites,
+    ring width), which the protocol enforces. Shipped derived values that differ are refused.
+
+    Parameters
+    ----------
+    shipped : dict
+        The task's ``sample_ddg`` (:meth:`SampleDDGParams.to_dict`).
+    num_sites, min_survivors, max_colluding, bits : int
+        From the round's SecAgg+ parameters.
+
+    Returns
+    -------
+    SampleDDGParams
+        The parameters this site uses.
+
+    Raises
+    ------
+    IntegrityError
+        Missing or ill-typed fields, an infeasible configuration, or a shipped value that
+        differs from the derived one.
+
+    Examples
+    --------
+    >>> p = calibrate(SampleDDGConfig(dim=4, clip_norm=1.0, noise_multiplier=1.0,
+    ...     sampling_rate=0.5, num_sites=3, min_survivors=2, site_clip_norm=2.0))
+    >>> rederive(p.to_dict(), num_sites=3, min_survivors=2, max_colluding=0, bits=48) == p
+    True
+    """
+    from confide.errors import IntegrityError
+
+    if not isinstance(shipped, dict) or set(shipped) != set(SampleDDGParams.__dataclass_fields__):
+        raise IntegrityError(
+            "the distributed DP-SGD parameters must have exactly the fields "
+            f"{sorted(SampleDDGParams.__dataclass_fields__)}"
+        )
+
+    def num(key: str) -> float:
+        v = shipped[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise IntegrityError(f"sample_ddg.{key} must be a finite number, got {v!r}")
+        return float(v)
+
+    dim = shipped["dim"]
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise IntegrityError(f"sample_ddg.dim must be an integer, got {dim!r}")
+    try:
+        mine = calibrate(
+            SampleDDGConfig(
+                dim=dim,
+                clip_norm=num("clip_norm"),
+                noise_multiplier=num("noise_multiplier"),
+                sampling_rate=num("sampling_rate"),
+                num_sites=num_sites,
+                min_survivors=min_survivors,
+                site_clip_norm=num("site_clip_norm"),
+                max_colluding=max_colluding,
+                bits=bits,
+            )
+        )
+    except InvalidPrivacyConfig as exc:
+        raise IntegrityError(f"bad distributed DP-SGD parameters: {exc}") from None
+    for key, value in mine.to_dict().items():
+        other = shipped[key]
+        same = (
+            isinstance(other, int | float)
+            and not isinstance(other, bool)
+            and math.isclose(value, other, rel_tol=1e-12, abs_tol=0.0)
+            if isinstance(value, float)
+            else value == other
+        )
+        if not same:
+            raise IntegrityError(
+                f"the shipped distributed DP-SGD parameter {key}={other!r} differs from "
+                f"{value!r} derived from the round's public parameters"
+            )
+    return mine
+
+
+def site_step(
+    trainer: Any,
+    data: Any,
+    params: SampleDDGParams,
+    *,
+    rng: SecureRng | None = None,
+) -> NDArray[np.unsignedinteger[Any]]:
+    """One hospital's share of one distributed DP-SGD step, ready for SecAgg+ masking.
+
+    Poisson-samples patients with rate ``q`` (all records of a sampled patient), sums each
+    sampled patient's gradients at the trainer's current weights, clips each patient's sum
+    to ``C`` (:func:`~confide.privacy.dpsgd.clipped_patient_sum`) and encodes the site sum
+    with its noise share (:func:`encode_site_sum`). Nothing else leaves the site: not the
+    number of patients sampled, not a loss.
+
+    Parameters
+    ----------
+    trainer : confide.training.PerSampleTrainer
+        An engine with exact per-sample gradients, at the round's model.
+    data : confide.training.SiteData
+        The site's records (``patient_ids`` groups them; ``None``: a record per patient).
+    params : SampleDDGParams
+        The round's parameters (after :func:`rederive`).
+    rng : SecureRng, optional
+        Sampling, rounding and noise generator (OS-keyed by default; seeded in tests only).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(dim,)`` ring vector mod ``2**bits``.
+
+    Raises
+    ------
+    PrivacyUnsupportedError
+        ``trainer`` gives no per-sample gradients.
+    ConfigError
+        Empty data, or patient ids of the wrong shape.
+    """
+    from confide.errors import ConfigError, PrivacyUnsupportedError
+    from confide.privacy.dpsgd import clipped_patient_sum, poisson_sample_patients
+    from confide.training.base import PerSampleTrainer
+
+    if not isinstance(trainer, PerSampleTrainer):
+        raise PrivacyUnsupportedError(
+            f"{type(trainer).__name__} gives no per-sample gradients, so it cannot take part "
+            "in distributed patient-level DP-SGD; the round is refused and nothing is uploaded"
+        )
+    if trainer.manifest.size != params.dim:
+        raise ConfigError(
+            f"the round's parameters are for {params.dim} parameters, the model has "
+            f"{trainer.manifest.size}"
+        )
+    n = len(data)
+    if n == 0:
+        raise ConfigError("cannot take a DP-SGD step on an empty dataset")
+    ids = np.arange(n) if data.patient_ids is None else np.asarray(data.patient_ids)
+    if ids.shape != (n,):
+        raise ConfigError(f"patient_ids must have shape ({n},), got {ids.shape}")
+    gen = rng if rng is not None else SecureRng()
+    rows = poisson_sample_patients(ids, params.sampling_rate, gen)
+    clipped = clipped_patient_sum(trainer, data, rows, ids, params.clip_norm)
+    return encode_site_sum(clipped, params, rng=gen)

@@ -54,7 +54,7 @@ SECURE_STAGES: tuple[str, ...] = ("advertise", "share", "mask", "consistency", "
 #: Every stage name a task or an upload route may carry.
 STAGES: tuple[str, ...] = (*SECURE_STAGES[:3], "train", *SECURE_STAGES[3:], "evaluate")
 #: Privacy modes a task may announce.
-PRIVACY_MODES: tuple[str, ...] = ("sample", "central", "distributed")
+PRIVACY_MODES: tuple[str, ...] = ("sample", "central", "distributed", "sample_distributed")
 
 # The key that carries each secure stage's protocol message.
 _SECURE_PAYLOAD = {
@@ -258,10 +258,12 @@ class PrivacyTask:
 
     Parameters
     ----------
-    mode : {"sample", "central", "distributed"}
+    mode : {"sample", "central", "distributed", "sample_distributed"}
         Patient-level DP-SGD on the site; client-level DP with server-side noise (the site
-        clips its update to ``update_clip_norm``); or client-level DP with the distributed
-        discrete Gaussian inside SecAgg+ (``ddg`` parameters and ``rotation_seed``).
+        clips its update to ``update_clip_norm``); client-level DP with the distributed
+        discrete Gaussian inside SecAgg+ (``ddg`` parameters and ``rotation_seed``); or
+        patient-level DP-SGD distributed under SecAgg+ (``sample_ddg``: one step per round,
+        each site masks its noised sum of clipped per-patient gradients).
     delta : float
         The job's delta.
     dp : DPSGDConfig, optional
@@ -272,14 +274,18 @@ class PrivacyTask:
         ``distributed`` mode only: the round's DDG parameters (checked by the client).
     rotation_seed : str, optional
         ``distributed`` mode only: hex seed of the round's public random rotation.
+    sample_ddg : dict, optional
+        ``sample_distributed`` mode only: the round's
+        :class:`~confide.privacy.distributed_dpsgd.SampleDDGParams` (checked by the client).
     """
 
-    mode: Literal["sample", "central", "distributed"]
+    mode: Literal["sample", "central", "distributed", "sample_distributed"]
     delta: float
     dp: DPSGDConfig | None = None
     update_clip_norm: float | None = None
     ddg: dict[str, Any] | None = None
     rotation_seed: str | None = None
+    sample_ddg: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in PRIVACY_MODES:
@@ -289,6 +295,7 @@ class PrivacyTask:
             "sample": self.dp is not None,
             "central": self.update_clip_norm is not None,
             "distributed": self.ddg is not None and self.rotation_seed is not None,
+            "sample_distributed": self.sample_ddg is not None,
         }
         if not need[self.mode]:
             raise ConfigError(f"privacy mode {self.mode!r} lacks its parameters")
@@ -304,19 +311,29 @@ class PrivacyTask:
             out["ddg"] = dict(self.ddg)
         if self.rotation_seed is not None:
             out["rotation_seed"] = self.rotation_seed
+        if self.sample_ddg is not None:
+            out["sample_ddg"] = dict(self.sample_ddg)
         return out
 
     @classmethod
     def from_json(cls, doc: Any) -> PrivacyTask:
         """Parse the JSON form (strict)."""
         what = "task.privacy"
-        _fields(doc, what, {"mode", "delta"}, {"dp", "update_clip_norm", "ddg", "rotation_seed"})
+        _fields(
+            doc,
+            what,
+            {"mode", "delta"},
+            {"dp", "update_clip_norm", "ddg", "rotation_seed", "sample_ddg"},
+        )
         try:
             dp = None if doc.get("dp") is None else DPSGDConfig(**doc["dp"])
             clip = doc.get("update_clip_norm")
             ddg = doc.get("ddg")
             if ddg is not None and not isinstance(ddg, dict):
                 raise WireFormatError(f"{what}.ddg must be a JSON object")
+            sample_ddg = doc.get("sample_ddg")
+            if sample_ddg is not None and not isinstance(sample_ddg, dict):
+                raise WireFormatError(f"{what}.sample_ddg must be a JSON object")
             return cls(
                 mode=doc["mode"],
                 delta=_num(doc, "delta", what),
@@ -326,6 +343,7 @@ class PrivacyTask:
                 rotation_seed=None
                 if doc.get("rotation_seed") is None
                 else _str(doc, "rotation_seed", what),
+                sample_ddg=sample_ddg,
             )
         except (ConfigError, TypeError) as exc:
             raise WireFormatError(f"{what}: {exc}") from None

@@ -21,6 +21,17 @@ Modes (``[privacy] mode``):
   rotation, scale, conditional rounding, their noise share) and mask the ring vector with
   weight 1; the server unmasks the ring sum, decodes it and divides by the cohort size. Each
   round is accounted as ``ddg_event`` (zCDP, add/remove one site, no amplification).
+* ``"sample_distributed"``: patient-level DP-SGD distributed over the hospitals under
+  SecAgg+ (what Dopamine proposed; needs ``[secagg] enabled = true``). One DP-SGD step per
+  round: every site Poisson-samples its patients with rate ``q``, sums each sampled patient's
+  gradients, clips them to ``C``, clips its site sum to ``site_clip_norm`` and adds its
+  share of discrete Gaussian noise in the ring (:mod:`confide.privacy.distributed_dpsgd`),
+  calibrated for the worst case of ``h = min_survivors - corrupt`` honest shares; the server
+  unmasks the noised sum of clipped gradients, divides it by the public
+  ``expected_batch_size`` and takes the step ``-learning_rate * g`` through the strategy
+  (server momentum, e.g. ``fedavgm``, is post-processing). Each round is accounted as one
+  step of the Poisson-subsampled Gaussian (``q``, the realised noise multiplier) over the
+  union of the hospitals' patients: the guarantee of central DP-SGD.
 
 Persistence (:class:`JobPrivacy`): the accountant's state (``meta.privacy_accountant``) and
 one ``privacy_rounds`` row per round are written in the *same* SQLite transaction as the
@@ -62,18 +73,25 @@ from confide_server.store import PrivacyRow, Store, Tx
 
 if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyAccountant, PrivacyEvent
+    from confide.privacy.distributed_dpsgd import SampleDDGParams
     from confide.secagg import SecAggParams
+
+    #: A ring round's noise parameters: client-level DDG or distributed DP-SGD.
+    RoundNoise = DDGParams | SampleDDGParams
 
 __all__ = [
     "BUDGET_EXHAUSTED",
     "MODES",
+    "RING_MODES",
     "JobPrivacy",
     "PrivacyConfig",
     "parse_privacy",
     "read_privacy",
 ]
 
-MODES = ("none", "sample", "central", "distributed")
+MODES = ("none", "sample", "central", "distributed", "sample_distributed")
+#: Modes whose noise is added by the sites inside the secure sum (ring-encoded SecAgg+ inputs).
+RING_MODES = ("distributed", "sample_distributed")
 BUDGET_EXHAUSTED = "privacy budget exhausted"
 
 
@@ -106,9 +124,19 @@ class PrivacyConfig:
     momentum : float
         ``sample`` only: heavy-ball momentum in [0, 1).
     ddg_bits : int
-        ``distributed`` only: width of the secure-aggregation ring ``Z_(2**ddg_bits)`` the
-        DDG encoding lives in, 8..62; the SecAgg+ modulus of a distributed round is exactly
-        this (``secagg.quant_bits`` and ``clip_range`` are then unused).
+        ``distributed`` and ``sample_distributed``: width of the secure-aggregation ring
+        ``Z_(2**ddg_bits)`` the noised encoding lives in, 8..62; ``0`` (the default) means 32
+        for ``distributed`` and 48 for ``sample_distributed``. The SecAgg+ modulus of such a
+        round is exactly this (``secagg.quant_bits`` and ``clip_range`` are then unused).
+    expected_batch_size : float
+        ``sample_distributed`` only (required there): the public expected number of sampled
+        patients per step over all hospitals, ``q`` times the consortium's patient count; the
+        noised gradient sum is divided by it. It must not be computed from the data of a
+        round (it would then depend on the patients).
+    site_clip_norm : float
+        ``sample_distributed`` only: public bound ``B`` on one hospital's sum of clipped
+        patient gradients (clipping the sum keeps the per-patient sensitivity ``C``; it only
+        bounds the ring); ``0`` (default) means ``C * expected_batch_size``.
     """
 
     mode: str = "none"
@@ -120,13 +148,40 @@ class PrivacyConfig:
     sampling_rate: float = 0.1
     local_steps: int = 0
     momentum: float = 0.0
-    ddg_bits: int = 32
+    ddg_bits: int = 0
+    expected_batch_size: float = 0.0
+    site_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"privacy.mode must be one of {MODES}, got {self.mode!r}")
-        if not 8 <= self.ddg_bits <= 62:
-            raise ConfigError(f"privacy.ddg_bits must be in [8, 62], got {self.ddg_bits}")
+        if self.ddg_bits != 0 and not 8 <= self.ddg_bits <= 62:
+            raise ConfigError(
+                f"privacy.ddg_bits must be in [8, 62] (or 0 for the mode's default), "
+                f"got {self.ddg_bits}"
+            )
+        for key in ("expected_batch_size", "site_clip_norm"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"privacy.{key} must be finite and >= 0, got {value}")
+        if self.mode == "sample_distributed":
+            if self.expected_batch_size <= 0:
+                raise ConfigError(
+                    "privacy.mode = 'sample_distributed' needs privacy.expected_batch_size "
+                    "> 0: the public expected number of sampled patients per step over all "
+                    "sites (sampling_rate times the consortium's patient count)"
+                )
+            if self.local_steps > 1:
+                raise ConfigError(
+                    "privacy.mode = 'sample_distributed' takes one DP-SGD step per round; "
+                    f"local_steps must be 0 or 1, got {self.local_steps} (run more rounds)"
+                )
+            if self.momentum > 0:
+                raise ConfigError(
+                    "privacy.momentum is the sites' local momentum (mode 'sample'); with "
+                    "'sample_distributed' momentum is server-side: set [strategy] "
+                    'name = "fedavgm" and its momentum'
+                )
         if not 0.0 < self.delta < 1.0:
             raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
         for key in ("epsilon_budget", "target_epsilon", "noise_multiplier"):
@@ -152,6 +207,18 @@ class PrivacyConfig:
         return self.mode != "none"
 
     @property
+    def ring_bits(self) -> int:
+        """The ring width of a ring mode (``ddg_bits``, or the mode's default)."""
+        if self.ddg_bits:
+            return self.ddg_bits
+        return 48 if self.mode == "sample_distributed" else 32
+
+    @property
+    def site_bound(self) -> float:
+        """``site_clip_norm`` (or its default ``C * expected_batch_size``)."""
+        return self.site_clip_norm or self.clip_norm * max(1.0, self.expected_batch_size)
+
+    @property
     def budget(self) -> float:
         """The effective epsilon budget (``inf`` when there is none)."""
         if self.epsilon_budget > 0:
@@ -161,7 +228,9 @@ class PrivacyConfig:
         return math.inf
 
     def steps_per_round(self, epochs: int) -> int:
-        """DP-SGD steps per round (``sample`` mode)."""
+        """DP-SGD steps per round (``sample`` mode; one in ``sample_distributed``)."""
+        if self.mode == "sample_distributed":
+            return 1
         return self.local_steps or epochs * math.ceil(1.0 / self.sampling_rate)
 
 
@@ -176,6 +245,8 @@ _TYPES: dict[str, type] = {
     "local_steps": int,
     "momentum": float,
     "ddg_bits": int,
+    "expected_batch_size": float,
+    "site_clip_norm": float,
 }
 
 
@@ -294,7 +365,7 @@ class JobPrivacy:
             dpsgd_event,
         )
 
-        if self.mode == "sample":
+        if self.mode in ("sample", "sample_distributed"):
             return [dpsgd_event(self.config.sampling_rate, z, self.steps * rounds)]
         if self.mode == "distributed":
             # Calibration only: a DDG round is zCDP with rho = 1/(2 z^2) up to the realised
@@ -303,18 +374,24 @@ class JobPrivacy:
             return [PrivacyEvent("zcdp", rho=0.5 / (z * z), count=rounds, label="ddg")]
         return [client_poisson_event(1.0, z, rounds)]
 
-    def round_events(self, ddg: DDGParams | None = None) -> list[PrivacyEvent]:
+    def round_events(self, ddg: RoundNoise | None = None) -> list[PrivacyEvent]:
         """Return the events one round releases.
 
         Parameters
         ----------
-        ddg : DDGParams, optional
-            ``distributed`` mode: the round's DDG parameters (required there).
+        ddg : DDGParams or SampleDDGParams, optional
+            Ring modes: the round's noise parameters (required there).
         """
+        if self.mode == "sample_distributed":
+            from confide.privacy.distributed_dpsgd import SampleDDGParams, event
+
+            if not isinstance(ddg, SampleDDGParams):
+                raise RuntimeError("a distributed DP-SGD round is accounted with its params")
+            return [event(ddg)]
         if self.mode == "distributed":
             from confide.privacy.client_dp import ddg_event
 
-            if ddg is None:
+            if not isinstance(ddg, DDGParams):
                 raise RuntimeError("a distributed-DP round is accounted with its DDG params")
             return [ddg_event(ddg)]
         return self._events_for(self.noise_multiplier, 1)
@@ -323,8 +400,9 @@ class JobPrivacy:
         from confide.privacy.accountant import account, calibrate, calibrate_noise_multiplier
 
         cfg = self.config
-        q = cfg.sampling_rate if self.mode == "sample" else 1.0
-        steps = self.steps * self.rounds if self.mode == "sample" else self.rounds
+        sampled = self.mode in ("sample", "sample_distributed")
+        q = cfg.sampling_rate if sampled else 1.0
+        steps = self.steps * self.rounds if sampled else self.rounds
         z = calibrate_noise_multiplier(cfg.target_epsilon, cfg.delta, q, steps)
         if self.mode == "distributed":
             # DDG is accounted with RDP (no PLD for discrete Gaussian sums): the Gaussian's
@@ -371,7 +449,7 @@ class JobPrivacy:
             params = self.summary_params()
             with store.transaction() as cur:
                 Store.set_meta_once(cur, "privacy_params", json.dumps(params))
-        if self.mode == "distributed":
+        if self.mode in RING_MODES:
             with store.transaction() as cur:
                 seed_hex = Store.set_meta_once(cur, "ddg_job_seed", secrets.token_hex(32))
             self._job_seed = bytes.fromhex(seed_hex)
@@ -391,24 +469,27 @@ class JobPrivacy:
             "clip_norm": cfg.clip_norm,
             "epsilon_budget": None if math.isinf(cfg.budget) else cfg.budget,
         }
-        if self.mode == "sample":
+        if self.mode in ("sample", "sample_distributed"):
             doc["sampling_rate"] = cfg.sampling_rate
             doc["local_steps"] = self.steps
             doc["unit"] = "patient"
         else:
             doc["unit"] = "site"
-        if self.mode == "distributed":
-            doc["ddg_bits"] = cfg.ddg_bits
+        if self.mode in RING_MODES:
+            doc["ddg_bits"] = cfg.ring_bits
+        if self.mode == "sample_distributed":
+            doc["expected_batch_size"] = cfg.expected_batch_size
+            doc["site_clip_norm"] = cfg.site_bound
         return doc
 
-    def allows_next_round(self, ddg: DDGParams | None = None) -> bool:
+    def allows_next_round(self, ddg: RoundNoise | None = None) -> bool:
         """Whether one more round fits in the budget (checked before a round starts).
 
         Parameters
         ----------
-        ddg : DDGParams, optional
-            ``distributed`` mode: the next round's DDG parameters; without them the
-            calibration event (``rho = 1 / (2 z^2)``) is checked.
+        ddg : DDGParams or SampleDDGParams, optional
+            Ring modes: the next round's noise parameters; without them the calibration
+            event (``rho = 1 / (2 z^2)``, or the configured ``z``) is checked.
         """
         if not self.enabled or math.isinf(self.config.budget):
             return True
@@ -418,7 +499,7 @@ class JobPrivacy:
         try:
             events = (
                 self._events_for(self.noise_multiplier, 1)
-                if self.mode == "distributed" and ddg is None
+                if self.mode in RING_MODES and ddg is None
                 else self.round_events(ddg)
             )
             Budget(self.config.budget, self.config.delta).check(self.accountant, events)
@@ -426,7 +507,7 @@ class JobPrivacy:
             return False
         return True
 
-    def account(self, round_id: int, stage: str, ddg: DDGParams | None = None) -> PrivacyRow:
+    def account(self, round_id: int, stage: str, ddg: RoundNoise | None = None) -> PrivacyRow:
         """Account ``round_id`` in memory (slow: PLD/RDP); persist it with :meth:`persist`.
 
         Call it *outside* any lock or transaction, then persist the returned row in the
@@ -467,7 +548,7 @@ class JobPrivacy:
         Store.insert_privacy_round(cur, row, self.accountant.to_state())
 
     def record(
-        self, cur: Tx, round_id: int, stage: str, ddg: DDGParams | None = None
+        self, cur: Tx, round_id: int, stage: str, ddg: RoundNoise | None = None
     ) -> dict[str, Any]:
         """Account ``round_id`` and persist it inside the caller's transaction.
 
@@ -503,7 +584,7 @@ class JobPrivacy:
                 return {"epsilon_round": rec.epsilon_round, "epsilon": rec.epsilon}
         return {}
 
-    def train_task(self, ddg: tuple[DDGParams, bytes] | None = None) -> PrivacyTask | None:
+    def train_task(self, ddg: tuple[RoundNoise, bytes] | None = None) -> PrivacyTask | None:
         """Client-side DP parameters for a training task (``None`` without DP).
 
         Parameters
@@ -527,6 +608,8 @@ class JobPrivacy:
             return PrivacyTask(
                 "distributed", delta, ddg=ddg[0].to_dict(), rotation_seed=ddg[1].hex()
             )
+        if self.mode == "sample_distributed" and ddg is not None:
+            return PrivacyTask("sample_distributed", delta, sample_ddg=ddg[0].to_dict())
         return None
 
     # -- distributed discrete Gaussian ---------------------------------------------------
@@ -563,15 +646,65 @@ class JobPrivacy:
                     dim=dim,
                     clip_norm=self.config.clip_norm,
                     noise_multiplier=self.noise_multiplier,
-                    bits=self.config.ddg_bits,
+                    bits=self.config.ring_bits,
                 )
             )
         except InvalidPrivacyConfig as exc:
             raise ConfigError(
                 f"privacy.mode = 'distributed' is infeasible for a cohort of {secagg.n} "
                 f"(min_survivors {secagg.min_survivors}, {secagg.corrupt} colluding, "
-                f"ddg_bits {self.config.ddg_bits}, model length {dim}): {exc}"
+                f"ddg_bits {self.config.ring_bits}, model length {dim}): {exc}"
             ) from None
+
+    def sample_ddg_params(self, dim: int, secagg: SecAggParams) -> SampleDDGParams:
+        """Derive a distributed DP-SGD round's parameters from its SecAgg+ parameters.
+
+        As for DDG, the noise is calibrated for ``h = secagg.min_survivors - secagg.corrupt``
+        honest shares; the ring is ``Z_(2**ddg_bits)`` (48 bits by default).
+
+        Raises
+        ------
+        ConfigError
+            Infeasible for this cohort (ring too small, noise share out of range).
+        """
+        from confide.privacy.distributed_dpsgd import SampleDDGConfig, calibrate
+
+        cfg = self.config
+        try:
+            return calibrate(
+                SampleDDGConfig(
+                    dim=dim,
+                    clip_norm=cfg.clip_norm,
+                    noise_multiplier=self.noise_multiplier,
+                    sampling_rate=cfg.sampling_rate,
+                    num_sites=secagg.n,
+                    min_survivors=secagg.min_survivors,
+                    max_colluding=secagg.corrupt,
+                    site_clip_norm=cfg.site_bound,
+                    bits=cfg.ring_bits,
+                )
+            )
+        except InvalidPrivacyConfig as exc:
+            raise ConfigError(
+                f"privacy.mode = 'sample_distributed' is infeasible for a cohort of {secagg.n} "
+                f"(min_survivors {secagg.min_survivors}, {secagg.corrupt} colluding, "
+                f"ddg_bits {cfg.ring_bits}, model length {dim}): {exc}"
+            ) from None
+
+    def sample_ddg_step(
+        self, total: NDArray[np.unsignedinteger[Any]], params: SampleDDGParams, lr: float
+    ) -> NDArray[np.float32]:
+        """Decode the unmasked ring sum into the DP-SGD model step ``-lr * g / E``.
+
+        ``g`` is the noised sum of the survivors' clipped patient gradients, ``E`` the public
+        ``expected_batch_size``: post-processing of the accounted sum.
+        """
+        from confide.privacy.distributed_dpsgd import decode_sum
+
+        g = decode_sum(total, params)
+        step = (-lr / self.config.expected_batch_size) * g
+        out: NDArray[np.float32] = step.astype(np.float32)
+        return out
 
     def rotation_seed(self, round_id: int) -> bytes:
         """Public rotation seed of ``round_id`` (from the job's random ``ddg_job_seed``)."""
@@ -579,17 +712,21 @@ class JobPrivacy:
             raise RuntimeError("JobPrivacy.open() was not called in distributed mode")
         return rotation_seed(self._job_seed, round_id)
 
-    def save_ddg(self, cur: Tx, round_id: int, params: DDGParams) -> None:
-        """Store a round's DDG parameters inside the round-start transaction."""
+    def save_ddg(self, cur: Tx, round_id: int, params: RoundNoise) -> None:
+        """Store a round's noise parameters inside the round-start transaction."""
         Store.save_ddg(cur, round_id, params.to_dict(), self.rotation_seed(round_id))
 
-    def load_ddg(self, round_id: int) -> tuple[DDGParams, bytes] | None:
-        """Return the stored DDG parameters and rotation seed of ``round_id`` (or ``None``)."""
+    def load_ddg(self, round_id: int) -> tuple[RoundNoise, bytes] | None:
+        """Return a ring round's stored parameters and rotation seed (or ``None``)."""
         if self._store is None:
             return None
         found = self._store.load_ddg(round_id)
         if found is None:
             return None
+        if self.mode == "sample_distributed":
+            from confide.privacy.distributed_dpsgd import SampleDDGParams
+
+            return SampleDDGParams(**found[0]), found[1]
         return DDGParams(**found[0]), found[1]
 
     def ddg_sum(

@@ -46,6 +46,7 @@ from numpy.typing import NDArray
 
 from confide.errors import AggregateError, ConfigError, FederationError, ManifestError
 from confide.privacy.client_dp import DDGParams, padded_dim
+from confide.privacy.distributed_dpsgd import SampleDDGParams
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.protocol.tasks import (
     EvaluateTask,
@@ -69,7 +70,12 @@ from confide.secagg import (
 from confide.strategies import Strategy, StrategyState
 from confide_server.blobs import BlobStore
 from confide_server.config import Config
-from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
+from confide_server.engine.privacy import (
+    BUDGET_EXHAUSTED,
+    RING_MODES,
+    JobPrivacy,
+    read_privacy,
+)
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
 from confide_server.store import PrivacyRow, RoundRow, Store, SubmissionRow
 
@@ -257,7 +263,7 @@ class RoundEngine:
         self.current_model = ""
         self.completed_rounds = 0
         self._consecutive_aborts = 0
-        self._ddg: dict[int, tuple[DDGParams, bytes]] = {}
+        self._ddg: dict[int, tuple[DDGParams | SampleDDGParams, bytes]] = {}
 
     # -- start-up and recovery ---------------------------------------------------------
     def initialise(self, initial_weights: bytes) -> None:
@@ -291,7 +297,7 @@ class RoundEngine:
         elif self.store.get_meta("manifest_sha256") != self.manifest.sha256:
             raise ConfigError("state was created with another manifest")
         self.privacy.open(self.store)
-        if self.privacy.mode == "distributed":
+        if self.privacy.mode in RING_MODES:
             # Refuse at start-up what no round could do: both ends of the cohort range.
             job = self.config.job
             for n in sorted({max(job.start_threshold, 2), job.cohort_size}):
@@ -321,7 +327,7 @@ class RoundEngine:
     @property
     def secure_aggregation(self) -> bool:
         """Whether the strategy only ever sees summed updates (SecAgg+ or client-level DP)."""
-        return self.config.secagg.enabled or self.privacy.mode in ("central", "distributed")
+        return self.config.secagg.enabled or self.privacy.mode in ("central", *RING_MODES)
 
     @property
     def secure_vector_length(self) -> int:
@@ -331,12 +337,13 @@ class RoundEngine:
             return padded_dim(size)
         return size
 
-    def _secure_params(self, n: int) -> tuple[SecAggParams, DDGParams | None]:
-        """SecAgg+ parameters for a cohort of ``n`` (and DDG's in distributed mode).
+    def _secure_params(self, n: int) -> tuple[SecAggParams, DDGParams | SampleDDGParams | None]:
+        """SecAgg+ parameters for a cohort of ``n`` (and the noise's in a ring mode).
 
-        In distributed mode the ring is the DDG ring: ``encoding = "ring"``,
-        ``modulus_bits = privacy.ddg_bits`` and ``max_weight = 1`` (every site masks weight
-        1: uniform weights, so the weight element of the sum counts the masked inputs).
+        In the ring modes (``distributed``: DDG; ``sample_distributed``: distributed DP-SGD)
+        the ring is the noise encoding's: ``encoding = "ring"``, ``modulus_bits =
+        privacy.ddg_bits`` and ``max_weight = 1`` (every site masks weight 1: uniform
+        weights, so the weight element of the sum counts the masked inputs).
 
         Raises
         ------
@@ -346,9 +353,13 @@ class RoundEngine:
             Distributed DP is infeasible for ``n`` clients with this ring.
         """
         params = self.config.secagg.params(n)
-        if self.privacy.mode != "distributed":
+        if self.privacy.mode not in RING_MODES:
             return params, None
-        ddg = self.privacy.ddg_params(self.manifest.size, params)
+        ddg: DDGParams | SampleDDGParams
+        if self.privacy.mode == "sample_distributed":
+            ddg = self.privacy.sample_ddg_params(self.manifest.size, params)
+        else:
+            ddg = self.privacy.ddg_params(self.manifest.size, params)
         try:
             ring = replace(params, encoding="ring", modulus_bits=ddg.bits, max_weight=1)
         except InfeasibleConfigError as exc:
@@ -357,9 +368,9 @@ class RoundEngine:
             ) from None
         return ring, ddg
 
-    def _round_ddg(self, round_id: int) -> tuple[DDGParams, bytes] | None:
-        """Return the DDG parameters and rotation seed of a distributed round (cached)."""
-        if self.privacy.mode != "distributed":
+    def _round_ddg(self, round_id: int) -> tuple[DDGParams | SampleDDGParams, bytes] | None:
+        """Return a ring round's noise parameters and rotation seed (cached)."""
+        if self.privacy.mode not in RING_MODES:
             return None
         if round_id not in self._ddg:
             found = self.privacy.load_ddg(round_id)
@@ -513,7 +524,9 @@ class RoundEngine:
         dp = privacy.dp if privacy is not None else None
         return TrainConfig(s.epochs, s.batch_size, s.learning_rate, dp)
 
-    def _privacy_task(self, ddg: tuple[DDGParams, bytes] | None = None) -> PrivacyTask | None:
+    def _privacy_task(
+        self, ddg: tuple[DDGParams | SampleDDGParams, bytes] | None = None
+    ) -> PrivacyTask | None:
         """Return the client-side DP parameters of a training task (``None`` without DP)."""
         return self.privacy.train_task(ddg)
 
@@ -779,8 +792,8 @@ class RoundEngine:
             return False
         rounds = self.store.rounds()
         round_id = (rounds[-1].round + 1) if rounds else 1
-        # Distributed DP is budget-checked below, with the round's own DDG parameters.
-        if self.privacy.mode != "distributed" and not self.privacy.allows_next_round():
+        # Ring modes are budget-checked below, with the round's own noise parameters.
+        if self.privacy.mode not in RING_MODES and not self.privacy.allows_next_round():
             self._stop_for_budget()
             return True
         if len(available) > job.cohort_size:
@@ -806,7 +819,7 @@ class RoundEngine:
         )
         setup = None
         infeasible = None
-        ddg: DDGParams | None = None
+        ddg: DDGParams | SampleDDGParams | None = None
         if self.secure is not None:
             try:
                 params, ddg = self._secure_params(len(cohort))
@@ -815,12 +828,12 @@ class RoundEngine:
                     cohort,
                     clients,
                     self.current_model,
-                    self.manifest.size if ddg is None else ddg.padded_dim,
+                    self.manifest.size if not isinstance(ddg, DDGParams) else ddg.padded_dim,
                     params=params,
                 )
             except (InfeasibleConfigError, ConfigError) as exc:
                 infeasible = str(exc)
-        if self.privacy.mode == "distributed":
+        if self.privacy.mode in RING_MODES:
             if ddg is not None and not self.privacy.allows_next_round(ddg):
                 self._stop_for_budget()
                 return True
@@ -978,18 +991,24 @@ class RoundEngine:
         self,
         cur: RoundRow,
         result: AggregateResult,
-        ddg: tuple[DDGParams, bytes] | None = None,
+        ddg: tuple[DDGParams | SampleDDGParams, bytes] | None = None,
     ) -> tuple[str, StrategyState]:
         """Write the next model from the unmasked sum; return its SHA-256 and strategy state.
 
         Without distributed DP the strategy gets the SecAgg+ weighted sum and total weight.
         With it (``ddg``), the ring sum is decoded (:meth:`JobPrivacy.ddg_sum`) and the
         normaliser is the round's cohort size: uniform weights, fixed before any update.
+        With distributed DP-SGD (``SampleDDGParams``) the decoded noised gradient sum becomes
+        the step ``-learning_rate * g / expected_batch_size``, handed to the strategy as the
+        round's (already averaged) update with weight 1: server momentum is post-processing.
         """
         base = self._base_model(cur)
-        if ddg is not None:
-            params, seed = ddg
-            total = self.privacy.ddg_sum(result.total, params, seed)
+        if ddg is not None and isinstance(ddg[0], SampleDDGParams):
+            lr = float(self.config.strategy.learning_rate)
+            total = self.privacy.sample_ddg_step(result.total, ddg[0], lr)
+            weight = 1.0
+        elif ddg is not None and isinstance(ddg[0], DDGParams):
+            total = self.privacy.ddg_sum(result.total, ddg[0], ddg[1])
             weight = float(max(1, len(cur.cohort)))
         else:
             if result.total_weight == 0:
@@ -1064,7 +1083,17 @@ class RoundEngine:
         metrics = self._round_metrics(cur)
         metrics.update(self.privacy.round_metrics(cur.round))
         ddg = self._round_ddg(cur.round)
-        if ddg is not None:
+        if ddg is not None and isinstance(ddg[0], SampleDDGParams):
+            sp = ddg[0]
+            metrics["sample_ddg"] = {
+                "honest_shares": sp.honest_shares,
+                "bits": sp.bits,
+                "gamma": sp.gamma,
+                "effective_noise_multiplier": sp.effective_noise_multiplier,
+                "worst_case_noise_std": sp.worst_case_noise_std,
+                "expected_batch_size": self.config.privacy.expected_batch_size,
+            }
+        elif ddg is not None and isinstance(ddg[0], DDGParams):
             p = ddg[0]
             metrics["ddg"] = {
                 "honest_shares": p.honest_shares,
@@ -1093,7 +1122,9 @@ class RoundEngine:
             self._current = None
         self._crash("round_committed")
 
-    def _abort(self, cur: RoundRow, reason: str, ddg: DDGParams | None = None) -> None:
+    def _abort(
+        self, cur: RoundRow, reason: str, ddg: DDGParams | SampleDDGParams | None = None
+    ) -> None:
         aborts = self._consecutive_aborts + 1
         status = "failed" if aborts >= self.config.job.max_consecutive_aborts else "running"
         released = None if ddg is None else self.privacy.account(cur.round, cur.stage, ddg)
