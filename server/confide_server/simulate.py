@@ -28,9 +28,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from confide.data import (
     Standardizer,
@@ -79,7 +81,7 @@ class SimulationOptions:
     port: int = 0  # 0: a free port
     exit_when_finished: bool = True
     extra_server: dict[str, Any] = field(default_factory=dict)
-    dp: str = "none"  # "none" | "sample" | "central" | "distributed" (needs secagg)
+    dp: str = "none"  # "none" | "sample" | "central" | "distributed" | "sample_distributed"
     epsilon: float = 0.0  # target epsilon of the whole run (0: use noise_multiplier)
     noise_multiplier: float = 0.0
     epsilon_budget: float = 0.0
@@ -95,6 +97,8 @@ class SimulationOptions:
     image_size: int = 64  # lesions: tile side in pixels
     patients_per_site: int = 6  # lesions: pseudo-patients per site (5 tiles each)
     release: bool = False  # sign the final model as a release for devices (patient app)
+    # sample_distributed: public q * (patients of all sites); 0 = computed from the split
+    expected_batch_size: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
     trainer.manifest.save(work / "model.json")
     (work / "init.safetensors").write_bytes(encode_tensors(trainer.manifest, trainer.get_weights()))
     port = opts.port or free_port()
+    opts = _with_expected_batch(opts, len(train))  # breast cancer: a record per patient
     doc = job_document(opts, port)
     job = parse_config(doc, work)  # typed and validated before any process starts
     config = work / "job.toml"
@@ -202,6 +207,7 @@ def _prepare_image_job(work: Path, opts: SimulationOptions) -> JobFiles:
     train = ImageDataset.from_csv(job_data.train_csv, classes=classes, transform=transform)
     test = ImageDataset.from_csv(job_data.test_csv, classes=classes, transform=transform)
     port = opts.port or free_port()
+    opts = _with_expected_batch(opts, len(set(np.asarray(train.patient_ids).tolist())))
     doc = job_document(opts, port)
     job = parse_config(doc, work)
     config = work / "job.toml"
@@ -217,6 +223,17 @@ def _prepare_image_job(work: Path, opts: SimulationOptions) -> JobFiles:
         trainer,
         job,
     )
+
+
+def _with_expected_batch(opts: SimulationOptions, patients: int) -> SimulationOptions:
+    """Fill in the public expected batch ``q * patients`` of a distributed DP-SGD job.
+
+    The simulator plays the consortium, which agrees on its patient count before the job
+    (a public number, as in Dopamine); it is not computed by the server from any round.
+    """
+    if opts.dp != "sample_distributed" or opts.expected_batch_size > 0:
+        return opts
+    return replace(opts, expected_batch_size=opts.sampling_rate * patients)
 
 
 def job_document(opts: SimulationOptions, port: int) -> dict[str, dict[str, Any]]:
@@ -287,8 +304,13 @@ def _secagg_line(job: Config, n: int) -> str:
     privacy = job.privacy
     if privacy.mode == "distributed":
         encoding = (
-            f"ring 2^{privacy.ddg_bits}, distributed discrete Gaussian encoding "
+            f"ring 2^{privacy.ring_bits}, distributed discrete Gaussian encoding "
             f"(noise for {p.min_survivors - p.corrupt} honest shares)"
+        )
+    elif privacy.mode == "sample_distributed":
+        encoding = (
+            f"ring 2^{privacy.ring_bits}, distributed DP-SGD: each site noises its clipped "
+            f"patient sum (noise for {p.min_survivors - p.corrupt} honest shares)"
         )
     else:
         encoding = f"ring 2^{p.modulus_bits}, {p.quant_bits}-bit quantization"
@@ -300,12 +322,13 @@ def _secagg_line(job: Config, n: int) -> str:
 
 
 def _privacy_section(opts: SimulationOptions) -> dict[str, Any]:
-    if opts.dp not in ("none", "sample", "central", "distributed"):
+    if opts.dp not in ("none", "sample", "central", "distributed", "sample_distributed"):
         raise ConfigError(
-            f"dp must be 'none', 'sample', 'central' or 'distributed', got {opts.dp!r}"
+            "dp must be 'none', 'sample', 'central', 'distributed' or 'sample_distributed', "
+            f"got {opts.dp!r}"
         )
-    if opts.dp == "distributed" and not opts.secagg:
-        raise ConfigError("dp 'distributed' needs secure aggregation (secagg=True)")
+    if opts.dp in ("distributed", "sample_distributed") and not opts.secagg:
+        raise ConfigError(f"dp {opts.dp!r} needs secure aggregation (secagg=True)")
     if opts.dp == "none":
         return {}
     sec: dict[str, Any] = {"mode": opts.dp, "delta": opts.delta}
@@ -319,6 +342,9 @@ def _privacy_section(opts: SimulationOptions) -> dict[str, Any]:
     if opts.dp == "sample":
         sec["sampling_rate"] = opts.sampling_rate
         sec["local_steps"] = opts.local_steps
+    if opts.dp == "sample_distributed":
+        sec["sampling_rate"] = opts.sampling_rate
+        sec["expected_batch_size"] = opts.expected_batch_size
     return sec
 
 
@@ -524,6 +550,7 @@ def run_simulation(
             unit = {
                 "sample": "patient-level DP-SGD",
                 "distributed": "client-level DP (distributed discrete Gaussian)",
+                "sample_distributed": "patient-level DP-SGD distributed under SecAgg+",
             }.get(priv["mode"], "client-level DP")
             budget = priv.get("epsilon_budget")
             print(
@@ -607,7 +634,7 @@ def main_simulate(argv: Sequence[str]) -> int:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument(
         "--dp",
-        choices=["none", "sample", "central", "distributed"],
+        choices=["none", "sample", "central", "distributed", "sample_distributed"],
         default="sample",
         help="differential privacy: patient-level DP-SGD (default), client-level with "
         "server noise (central), client-level with noise shares under SecAgg+ "
@@ -639,8 +666,8 @@ def main_simulate(argv: Sequence[str]) -> int:
     model = args.model or ("squeezenet" if images else "logistic")
     if images != (model in ("squeezenet", "small_cnn")):
         parser.error(f"--model {model} does not fit --data {args.data}")
-    if args.dp == "distributed" and args.no_secagg:
-        parser.error("--dp distributed needs SecAgg+ (drop --no-secagg)")
+    if args.dp in ("distributed", "sample_distributed") and args.no_secagg:
+        parser.error(f"--dp {args.dp} needs SecAgg+ (drop --no-secagg)")
     noise = args.noise_multiplier
     if noise is None:
         # Precomputed so the demo starts at once: z = 1.82 with q = 0.2 and 5 steps per

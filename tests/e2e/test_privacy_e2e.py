@@ -121,3 +121,44 @@ def test_simulate_dp_distributed_runs_under_secagg(
     assert [r for r, _ in stored] == [1, 2]
     assert summary["epsilon"] == pytest.approx(account(events, 1e-5).epsilon, rel=1e-9)
     assert sorted(per_round) == [1, 2]
+
+
+def test_simulate_distributed_dpsgd_runs_under_secagg(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--dp sample_distributed``: real processes, one noised DP-SGD step per secure round."""
+    from confide.privacy.distributed_dpsgd import SampleDDGParams, event
+    from confide_server.simulate import main_simulate
+
+    out = tmp_path / "sim"
+    argv = ["--dp", "sample_distributed", "--rounds", "2", "--noise-multiplier", "1.0"]
+    argv += ["--sampling-rate", "0.5", "--lr", "1.0"]
+    assert main_simulate([*argv, "--out", str(out), "--timeout", "240"]) == 0
+    printed = capsys.readouterr().out
+    assert "distributed DP-SGD" in printed
+    store = Store(load_config(out / "job.toml").server.database)
+    try:
+        summary, per_round = read_privacy(store)
+        rows = store.rounds()
+        with store.transaction() as cur:
+            stored = cur.execute("SELECT round, params FROM ddg_rounds ORDER BY round").fetchall()
+    finally:
+        store.close()
+    assert [r.status for r in rows] == ["committed", "committed"]
+    for r in rows:
+        assert r.metrics is not None
+        assert r.metrics["train_clients"] == 3
+        assert r.metrics["train_examples"] == 3  # weight 1 per site: no record counts
+        assert r.metrics["sample_ddg"]["honest_shares"] >= 1
+    assert summary is not None
+    assert summary["mode"] == "sample_distributed"
+    assert summary["unit"] == "patient"
+    # 456 training records, one per patient: E = q * 456, fixed before the job.
+    assert summary["expected_batch_size"] == pytest.approx(0.5 * 456)
+    params = [SampleDDGParams(**json.loads(p)) for _, p in stored]
+    assert [r for r, _ in stored] == [1, 2]
+    assert all(p.effective_noise_multiplier >= 1.0 * (1 - 1e-9) for p in params)
+    assert summary["epsilon"] == pytest.approx(
+        account([event(p) for p in params], 1e-5).epsilon, rel=1e-9
+    )
+    assert sorted(per_round) == [1, 2]
