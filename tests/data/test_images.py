@@ -356,3 +356,20 @@ def test_doctests() -> None:
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0, module.__name__
         assert result.failed == 0, module.__name__
+
+
+def test_lesion_polarity_and_size_are_checked_and_used() -> None:
+    pytest.importorskip("pydicom")
+    pytest.importorskip("skimage")
+    from confide.data import lesions
+
+    bright = lesions.generate_lesion_tiles(n_patients=8, tiles_per_patient=2, size=32, seed=2)
+    both = lesions.generate_lesion_tiles(
+        n_patients=8, tiles_per_patient=2, size=32, seed=2, polarity="both"
+    )
+    assert bright.images.shape == both.images.shape
+    assert not np.array_equal(bright.images, both.images)
+    with pytest.raises(ConfigError, match="polarity"):
+        lesions.generate_lesion_tiles(polarity="dark")
+    with pytest.raises(ConfigError, match="lesion_size"):
+        lesions.generate_lesion_tiles(lesion_size=(0.3, 0.9))

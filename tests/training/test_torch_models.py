@@ -22,6 +22,7 @@ from confide.training.torch_models import (  # noqa: E402
     count_parameters,
     load_weights,
     register_architecture,
+    squeezenet1_1,
 )
 
 
@@ -196,3 +197,19 @@ def test_doctests() -> None:
     result = doctest.testmod(torch_models, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_squeezenet_without_final_relu_keeps_the_parameters_and_gives_signed_logits() -> None:
+    torch.manual_seed(0)
+    ref = squeezenet1_1(2, (3, 64, 64))
+    torch.manual_seed(0)
+    plain = squeezenet1_1(2, (3, 64, 64), final_relu=False)
+    assert [n for n, _ in ref.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert count_parameters(plain) == 723522
+    x = torch.randn(16, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ref(x), plain(x)
+    assert (a >= 0).all()  # the reference's logits are averaged ReLU outputs
+    assert (b < 0).any()  # without the ReLU they can be negative (it cannot die)
+    with pytest.raises(ManifestError, match="final_relu"):
+        squeezenet1_1(2, (3, 64, 64), final_relu=1)  # type: ignore[arg-type]

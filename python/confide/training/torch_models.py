@@ -107,15 +107,26 @@ class SqueezeNet11(nn.Module):
         Dropout probability before the final convolution.
     in_channels : int, default 3
         Input channels (the reference model has 3).
+    final_relu : bool, default True
+        Whether the final convolution is followed by a ReLU, as in the reference. Without it
+        (same parameters, same names) the logits can be negative: trained from scratch on a
+        two-class task, the reference's final ReLU often dies (every logit 0, loss stuck at
+        ``log 2``); the lesion demo turns it off.
 
     Notes
     -----
     Weights are initialised as the reference does: Kaiming-uniform for every convolution but
     the last, ``N(0, 0.01^2)`` for the last, zero biases. The output is ``(N, num_classes)``
-    logits (average-pooled ReLU outputs of the final convolution).
+    logits (average-pooled (ReLU) outputs of the final convolution).
     """
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        dropout: float = 0.5,
+        in_channels: int = 3,
+        final_relu: bool = True,
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.features = nn.Sequential(
@@ -137,7 +148,7 @@ class SqueezeNet11(nn.Module):
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout),
             final_conv,
-            nn.ReLU(inplace=False),
+            nn.ReLU(inplace=False) if final_relu else nn.Identity(),
             nn.AdaptiveAvgPool2d((1, 1)),
         )
         for m in self.modules():
@@ -187,7 +198,11 @@ class SmallCNN(nn.Module):
 
 
 def squeezenet1_1(
-    num_classes: int, input_shape: tuple[int, ...], *, dropout: float = 0.5
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    *,
+    dropout: float = 0.5,
+    final_relu: bool = True,
 ) -> nn.Module:
     """Build SqueezeNet 1.1 (registered as ``"squeezenet1_1"``).
 
@@ -200,6 +215,8 @@ def squeezenet1_1(
         vanish in the pooling stack).
     dropout : float, default 0.5
         Dropout probability before the final convolution.
+    final_relu : bool, default True
+        Keep the reference's ReLU after the final convolution (see :class:`SqueezeNet11`).
 
     Returns
     -------
@@ -210,10 +227,19 @@ def squeezenet1_1(
     --------
     >>> count_parameters(squeezenet1_1(1000, (3, 224, 224)))
     1235496
+    >>> count_parameters(squeezenet1_1(2, (3, 64, 64), final_relu=False))
+    723522
     """
+    if not isinstance(final_relu, bool):
+        raise ManifestError(f"squeezenet1_1 option final_relu must be a bool, got {final_relu!r}")
     if input_shape[1] < 17 or input_shape[2] < 17:
         raise ManifestError(f"squeezenet1_1 needs images of at least 17x17, got {input_shape}")
-    return SqueezeNet11(num_classes=num_classes, dropout=dropout, in_channels=input_shape[0])
+    return SqueezeNet11(
+        num_classes=num_classes,
+        dropout=dropout,
+        in_channels=input_shape[0],
+        final_relu=final_relu,
+    )
 
 
 def small_cnn(num_classes: int, input_shape: tuple[int, ...], *, width: int = 8) -> nn.Module:
