@@ -402,6 +402,7 @@ def run_simulation(
     *,
     plot: str | Path | None = None,
     timeout: float = 300.0,
+    central: bool = True,
 ) -> int:
     """Run a whole federation on loopback; return the process exit code (0 = success).
 
@@ -415,6 +416,9 @@ def run_simulation(
         PNG file for accuracy per round (default ``workdir/accuracy.png``).
     timeout : float
         Seconds before the run is declared failed.
+    central : bool, default True
+        Also train the central baseline and plot accuracy per round (the Dopamine
+        experiment, :mod:`confide_server.dopamine`, runs its own baseline and plot).
 
     Returns
     -------
@@ -534,13 +538,15 @@ def run_simulation(
         fed = build_trainer(files.trainer.manifest)
         fed.set_weights(vec)
         fed_acc = fed.evaluate(files.test)["accuracy"]
-        base_acc = central_baseline(files, opts)
+        base_acc = central_baseline(files, opts) if central else None
         plot_path = Path(plot) if plot is not None else work / "accuracy.png"
-        _plot(status["rounds"], base_acc, plot_path)
+        if base_acc is not None:
+            _plot(status["rounds"], base_acc, plot_path)
         print(
             f"federated accuracy (final model, pooled test set of {len(files.test)}): {fed_acc:.4f}"
         )
-        print(f"central baseline   (same split, same model and SGD):   {base_acc:.4f}")
+        if base_acc is not None:
+            print(f"central baseline   (same split, same model and SGD):   {base_acc:.4f}")
         priv = status.get("privacy")
         if priv is None:
             print(
@@ -563,7 +569,8 @@ def run_simulation(
             print(f"job stopped early: {status['reason']}")
         if opts.release:
             _release(files)
-        print(f"plot: {plot_path}")
+        if base_acc is not None:
+            print(f"plot: {plot_path}")
         print(f"done in {time.monotonic() - t0:.1f} s; logs in {logs}", flush=True)
         return 0
     finally:
