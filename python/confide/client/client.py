@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confide.client.secure import RngFactory, SecureParticipant
-from confide.client.training import check_trainable, fit_round, train_delta
+from confide.client.training import bound_update, check_trainable, fit_round, train_delta
 from confide.errors import (
     ConfigError,
     IntegrityError,
@@ -414,7 +414,8 @@ class Client:
                     result = await asyncio.to_thread(
                         fit_round, trainer, train, cfg, self._seed(task.seed)
                     )
-                    delta = _clip_for_privacy(trainer.get_weights() - weights, task.privacy)
+                    delta = bound_update(trainer.get_weights() - weights, cfg)
+                    delta = _clip_for_privacy(delta, task.privacy)
                     meta = {"num_examples": str(result.num_examples)}
                     if math.isfinite(result.loss):  # DP-SGD reports no (un-noised) loss
                         meta["train_loss"] = repr(float(result.loss))

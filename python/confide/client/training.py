@@ -6,6 +6,12 @@ A task without ``dp`` is trained by the engine's own ``fit``. A task with ``dp``
 cannot give them is refused with :class:`~confide.errors.PrivacyUnsupportedError` before
 anything is trained or uploaded. A custom engine cannot get a patient-level epsilon reported
 for training it did not do under DP.
+
+Two strategy fields of the task are honoured here too. ``proximal_mu`` (FedProx) is the
+engine's business without DP (an engine says it implements it with ``supports_proximal =
+True``; one that does not is refused rather than silently training plain FedAvg) and
+:func:`~confide.privacy.run_dpsgd`'s with DP. ``update_clip_norm`` (norm bounding) is applied
+to the delta after local training by :func:`bound_update`, before it is uploaded or masked.
 """
 
 from __future__ import annotations
@@ -13,12 +19,12 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import PrivacyUnsupportedError
+from confide.errors import ConfigError, PrivacyUnsupportedError
 from confide.noise import SecureRng
 from confide.privacy.dpsgd import run_dpsgd
 from confide.training.base import FitResult, PerSampleTrainer, SiteData, TrainConfig, Trainer
 
-__all__ = ["check_trainable", "fit_round", "train_delta"]
+__all__ = ["bound_update", "check_trainable", "fit_round", "train_delta"]
 
 
 def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
@@ -28,8 +34,18 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
     ------
     PrivacyUnsupportedError
         ``config.dp`` is set and ``trainer`` gives no per-sample gradients.
+    ConfigError
+        ``config.proximal_mu > 0`` without DP and ``trainer`` does not implement the
+        proximal term (``supports_proximal``).
     """
     if config.dp is None:
+        if config.proximal_mu > 0 and not getattr(trainer, "supports_proximal", False):
+            raise ConfigError(
+                f"this round asks for FedProx (proximal_mu={config.proximal_mu}), but "
+                f"{type(trainer).__name__} does not implement the proximal term (it sets no "
+                "supports_proximal = True); the round is refused and nothing is uploaded. "
+                "Use NumpyTrainer or TorchTrainer, or add mu * (w - w_global) to the gradient"
+            )
         return
     if not isinstance(trainer, PerSampleTrainer):
         raise PrivacyUnsupportedError(
@@ -105,5 +121,30 @@ def train_delta(
     """
     trainer.set_weights(weights)
     result = fit_round(trainer, data, config, seed)
-    delta: NDArray[np.float32] = (trainer.get_weights() - weights).astype(np.float32)
+    delta = bound_update((trainer.get_weights() - weights).astype(np.float32), config)
     return delta, int(result.num_examples), float(result.loss)
+
+
+def bound_update(delta: NDArray[np.float32], config: TrainConfig) -> NDArray[np.float32]:
+    """Scale ``delta`` down to L2 norm ``config.update_clip_norm`` (norm bounding); else as is.
+
+    Uses the Rust clipping kernel (:func:`confide.clip_l2`) on a copy, so the result's norm
+    is at most the bound.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from confide.training import TrainConfig
+    >>> d = np.array([3.0, 4.0], np.float32)
+    >>> bound_update(d, TrainConfig(update_clip_norm=1.0)).tolist()
+    [0.6000000238418579, 0.800000011920929]
+    >>> bound_update(d, TrainConfig()) is d
+    True
+    """
+    if config.update_clip_norm is None:
+        return delta
+    from confide.clip import clip_l2
+
+    out = np.array(delta, dtype=np.float32, copy=True)
+    clip_l2(out, float(config.update_clip_norm))
+    return out

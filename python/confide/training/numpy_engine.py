@@ -87,6 +87,9 @@ class NumpyTrainer:
     (5, 4)
     """
 
+    #: :meth:`fit` implements FedProx's proximal term (``TrainConfig.proximal_mu``).
+    supports_proximal = True
+
     def __init__(self, manifest: Manifest, weights: NDArray[np.float32] | None = None) -> None:
         spec = dict(manifest.spec)
         if spec.get("engine") != "numpy" or spec.get("kind") not in _KINDS:
@@ -400,9 +403,11 @@ class NumpyTrainer:
         data : SiteData
             Local records (e.g. :class:`confide.data.Dataset`).
         config : TrainConfig
-            Epochs, batch size, learning rate. ``config.dp`` must be ``None``: DP-SGD runs
-            through :func:`confide.privacy.run_dpsgd`, which uses this engine's per-sample
-            gradients.
+            Epochs, batch size, learning rate, and ``proximal_mu`` (FedProx: the gradient of
+            ``mu/2 ||w - w0||^2`` is added at every step, ``w0`` the weights ``fit`` starts
+            from; the reported loss is the data loss only). ``config.dp`` must be ``None``:
+            DP-SGD runs through :func:`confide.privacy.run_dpsgd`, which uses this engine's
+            per-sample gradients.
         seed : int
             Seeds the shuffling (``numpy.random.default_rng``; it protects no secret).
 
@@ -423,12 +428,16 @@ class NumpyTrainer:
         n = xf.shape[0]
         steps = 0
         epoch_loss = 0.0
+        mu = np.float32(config.proximal_mu)
+        anchor = self._vec.copy()  # w_global: the round's model, set before fit
         for _ in range(config.epochs):
             order = shuffler.permutation(n)
             total = 0.0
             for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
                 loss, grad = self._backward(xf[idx], yi[idx], per_sample=False)
+                if mu > 0:  # FedProx: grad of mu/2 ||w - w_global||^2 (mu = 0: FedAvg's bits)
+                    grad = grad + mu * (self._vec - anchor)
                 self._vec -= np.float32(config.learning_rate) * grad
                 total += loss * len(idx)
                 steps += 1
