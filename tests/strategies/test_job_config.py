@@ -134,3 +134,21 @@ def test_norm_bounding_under_secagg_clips_on_the_sites(tmp_path: Path) -> None:
     assert row is not None
     assert row.status == "committed"
     np.testing.assert_allclose(fed.model(), fed.expected(IDS, base), atol=2e-4)
+
+
+def test_simulate_passes_strategy_options_into_the_job(tmp_path: Path) -> None:
+    import argparse
+
+    from confide_server.simulate import SimulationOptions, _strategy_options, prepare_job
+
+    parser = argparse.ArgumentParser()
+    opts = _strategy_options(parser, ["mu=0.05", "flag=true", "name=x", "n=3"])
+    assert opts == {"mu": 0.05, "flag": True, "name": "x", "n": 3}
+    with pytest.raises(SystemExit):
+        _strategy_options(parser, ["mu"])
+    files = prepare_job(
+        tmp_path,
+        SimulationOptions(clients=3, rounds=1, strategy="fedprox", extra_strategy={"mu": 0.05}),
+    )
+    assert files.job is not None
+    assert files.job.strategy.build().client_options() == {"proximal_mu": 0.05}  # type: ignore[attr-defined]
