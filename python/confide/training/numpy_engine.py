@@ -477,12 +477,14 @@ class NumpyTrainer:
         """
         xf, _ = self._xy(x, np.zeros(len(x), np.int64))
         logits = self._forward(xf)[1][-1]
+        out: NDArray[np.float32]
         if self._regression:
-            out: NDArray[np.float32] = logits[:, 0].astype(np.float32)
-            return out
-        if self._kind == "logistic":
-            return (logits[:, 0] > 0).astype(np.float32)
-        return logits.argmax(axis=1).astype(np.float32)
+            out = logits[:, 0].astype(np.float32)
+        elif self._kind == "logistic":
+            out = (logits[:, 0] > 0).astype(np.float32)
+        else:
+            out = logits.argmax(axis=1).astype(np.float32)
+        return out
 
     def _xy(self, x: NDArray[Any], y: NDArray[Any]) -> tuple[NDArray[np.float32], NDArray[Any]]:
         if self._regression:
