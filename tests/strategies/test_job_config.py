@@ -152,3 +152,58 @@ def test_simulate_passes_strategy_options_into_the_job(tmp_path: Path) -> None:
     )
     assert files.job is not None
     assert files.job.strategy.build().client_options() == {"proximal_mu": 0.05}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("norm_bounding", {"strategy__max_norm": 0.01}), ("fedprox", {"strategy__mu": 0.5})],
+)
+async def test_real_clients_honour_the_strategy_fields(
+    make_fed: Any, tmp_path: Path, name: str, options: dict[str, Any]
+) -> None:
+    """Two confide.Client sites over real HTTP run a 2-round job: every task carries the
+    strategy's field, and with norm bounding every stored update is within the bound."""
+    import asyncio
+
+    from confide.client import Client
+    from confide.data import Dataset
+    from confide.protocol.manifest import decode_tensors
+    from confide.protocol.tasks import TrainTask
+    from confide.training import NumpyTrainer
+    from tests.server.util import N_FEATURES
+
+    cfg = write_job(tmp_path / "job", strategy__name=name, strategy__learning_rate=1.0, **options)
+    fed = await make_fed(cfg)
+    server = fed.http.server
+    url = f"http://{server.host}:{server.port}"
+    rng = np.random.default_rng(5)
+    seen: list[TrainConfig] = []
+
+    async def site(cid: str) -> str:
+        x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
+        data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
+        trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
+
+        def watch(task: Any) -> None:
+            if isinstance(task, TrainTask):
+                seen.append(task.config)
+
+        async with Client(url, tmp_path / cid, retry_timeout=5.0) as client:
+            await client.enroll(fed.engine.create_tokens(1)[0], cid)
+            result = await client.run(trainer, data, on_task=watch)
+        return result.status
+
+    statuses = await asyncio.wait_for(asyncio.gather(site("a"), site("b")), timeout=240)
+    assert statuses == ["finished", "finished"]
+    assert len(seen) == 4
+    if name == "norm_bounding":
+        assert all(c.update_clip_norm == 0.01 for c in seen)
+        for r in (1, 2):
+            subs = fed.engine.store.submissions(r, "train")
+            assert len(subs) == 2
+            for s in subs:
+                assert s.blob is not None
+                delta = decode_tensors(fed.engine.manifest, fed.engine.blobs.read(s.blob))[0]
+                assert float(np.linalg.norm(delta.astype(np.float64))) <= 0.01 * (1 + 1e-6)
+    else:
+        assert all(c.proximal_mu == 0.5 and c.update_clip_norm is None for c in seen)
