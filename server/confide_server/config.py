@@ -18,10 +18,14 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     weights = "init.safetensors"
 
     [strategy]
-    name = "fedavg"          # a registered confide.strategies name (default "fedavg")
+    name = "fedavg"          # a registered confide.strategies name (default "fedavg"):
+                             # fedavg fedprox fedavgm fedadam fedyogi fedadagrad median
+                             # trimmed_mean norm_bounding (docs/strategies.md)
     epochs = 1
     batch_size = 32
     learning_rate = 0.1
+    # server_learning_rate = 1.0, and the strategy's own keys (mu, momentum, beta1,
+    # beta2, tau, trim_fraction, max_norm) go here too
 
     [deadlines]              # seconds each stage stays open at most
     train = 30.0
@@ -82,13 +86,19 @@ from pathlib import Path
 from typing import Any
 
 from confide.errors import ConfigError
+from confide.protocol.tasks import DPSGDConfig, TrainConfig
 from confide.secagg import (
     InfeasibleConfigError,
     SecAggParams,
     ThreatModel,
     derive_params,
 )
-from confide.strategies import Strategy, available_strategies, get_strategy
+from confide.strategies import (
+    Strategy,
+    available_strategies,
+    client_train_options,
+    get_strategy,
+)
 from confide_server.engine.privacy import PrivacyConfig, parse_privacy
 
 if sys.version_info >= (3, 11):
@@ -143,7 +153,8 @@ class StrategyConfig:
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.1
-    server_learning_rate: float = 1.0
+    # None: the strategy's own default (1.0 for FedAvg, 0.1 for the adaptive optimizers).
+    server_learning_rate: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Strategy:
@@ -154,9 +165,21 @@ class StrategyConfig:
         ConfigError
             Unknown name, or options the strategy does not take or refuses.
         """
-        return get_strategy(
-            self.name, server_learning_rate=self.server_learning_rate, **self.options
-        )
+        options = dict(self.options)
+        if self.server_learning_rate is not None:
+            options["server_learning_rate"] = self.server_learning_rate
+        return get_strategy(self.name, **options)
+
+    def train_config(self, strategy: Strategy, dp: DPSGDConfig | None) -> TrainConfig:
+        """Return the local-training config of a round's task.
+
+        ``epochs``, ``batch_size`` and ``learning_rate`` of this section, the round's DP-SGD
+        parameters, and what the strategy asks the sites for
+        (:func:`~confide.strategies.client_train_options`: FedProx's ``proximal_mu``, norm
+        bounding's ``update_clip_norm``).
+        """
+        extra = client_train_options(strategy)
+        return TrainConfig(self.epochs, self.batch_size, self.learning_rate, dp, **extra)
 
 
 @dataclass(frozen=True)
@@ -285,12 +308,29 @@ class Config:
                 f"strategy.name must be one of {list(available_strategies())} "
                 f"(confide.strategies), got {self.strategy.name!r}"
             )
-        self.strategy.build()  # the strategy validates its own options
+        built = self.strategy.build()  # the strategy validates its own options
         s = self.strategy
         if s.epochs < 1 or s.batch_size < 1 or not s.learning_rate > 0:
             raise ConfigError("strategy epochs, batch_size and learning_rate must be > 0")
-        if not s.server_learning_rate > 0:
+        if s.server_learning_rate is not None and not s.server_learning_rate > 0:
             raise ConfigError("strategy.server_learning_rate must be > 0")
+        s.train_config(built, None)  # what it asks the sites for must be a valid task
+        if not built.secure_compatible:
+            hides = (
+                "[secagg] enabled = true"
+                if self.secagg.enabled
+                else f"privacy.mode = {self.privacy.mode!r}"
+                if self.privacy.mode in ("central", "distributed")
+                else None
+            )
+            if hides is not None:
+                raise ConfigError(
+                    f"strategy {s.name!r} needs every site's update in the clear (a "
+                    f"coordinate-wise rule over individual updates), but with {hides} the "
+                    "server only ever sees their sum; turn secure aggregation / client-level "
+                    "DP off, or choose a strategy that works on the sum (fedavg, fedprox, "
+                    "fedavgm, fedadam, fedyogi, fedadagrad, norm_bounding)"
+                )
         for stage in ("train", "evaluate"):
             if not self.deadlines.get(stage, 0) > 0:
                 raise ConfigError(f"deadlines.{stage} must be a number of seconds > 0")

@@ -102,7 +102,7 @@ class DopamineOptions:
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
 
     def dp_arm(self) -> SimulationOptions:
-        """The distributed DP-SGD federation."""
+        """Return the distributed DP-SGD federation's options."""
         return SimulationOptions(
             clients=self.sites,
             rounds=self.rounds,
@@ -126,7 +126,7 @@ class DopamineOptions:
         )
 
     def fedavg_arm(self) -> SimulationOptions:
-        """The non-private FedAvg federation (same sites, same split)."""
+        """Return the non-private FedAvg federation's options (same sites, same split)."""
         return SimulationOptions(
             clients=self.sites,
             rounds=self.fedavg_rounds,
@@ -146,7 +146,7 @@ class DopamineOptions:
 
 
 def _rounds(workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Committed rounds (round, accuracy, epsilon) and the privacy summary of a finished run."""
+    """Return the committed rounds (round, accuracy, epsilon) and the privacy summary."""
     from confide_server.engine.privacy import read_privacy
 
     store = Store(load_config(workdir / "job.toml").server.database)

@@ -21,6 +21,7 @@ handed to the sites (a deployment would compute them with a federated statistics
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import shutil
@@ -44,7 +45,7 @@ from confide.data import (
 )
 from confide.errors import ConfigError
 from confide.protocol.manifest import decode_tensors, encode_tensors
-from confide.strategies import available_strategies
+from confide.strategies import available_strategies, get_strategy
 from confide.training import NumpyTrainer, SiteData, TrainConfig, Trainer, build_trainer
 from confide_server.config import Config, load_config, parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
@@ -365,6 +366,27 @@ def central_baseline(files: JobFiles, opts: SimulationOptions) -> float:
     return trainer.evaluate(files.test)["accuracy"]
 
 
+def _strategy_options(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """Parse ``--strategy-option KEY=VALUE`` items (numbers, true/false, else strings)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--strategy-option expects KEY=VALUE, got {item!r}")
+        value: Any = text
+        if text.lower() in ("true", "false"):
+            value = text.lower() == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    value = conv(text)
+                    break
+                except ValueError:
+                    continue
+        out[key] = value
+    return out
+
+
 def _server_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "confide_server", *args]
 
@@ -593,8 +615,6 @@ def _release(files: JobFiles) -> None:
 
 def main_simulate(argv: Sequence[str]) -> int:
     """Parse ``confide-server simulate`` arguments and run it."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="confide-server simulate", description=__doc__.split("\n")[0]
     )
@@ -634,7 +654,15 @@ def main_simulate(argv: Sequence[str]) -> int:
         "--strategy",
         choices=available_strategies(),
         default="fedavg",
-        help="aggregation strategy ([strategy] name of the job config)",
+        help="aggregation strategy ([strategy] name of the job config; docs/strategies.md)",
+    )
+    parser.add_argument(
+        "--strategy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [strategy] option, e.g. mu=0.01, momentum=0.9, trim_fraction=0.2, "
+        "max_norm=1.0, server_learning_rate=0.1 (repeatable)",
     )
     parser.add_argument("--out", default="simulation", help="output folder")
     parser.add_argument("--plot", default=None, help="PNG path (default OUT/accuracy.png)")
@@ -675,6 +703,17 @@ def main_simulate(argv: Sequence[str]) -> int:
         parser.error(f"--model {model} does not fit --data {args.data}")
     if args.dp in ("distributed", "sample_distributed") and args.no_secagg:
         parser.error(f"--dp {args.dp} needs SecAgg+ (drop --no-secagg)")
+    strategy_options = _strategy_options(parser, args.strategy_option)
+    # Median and trimmed mean need the individual updates: SecAgg+ is off for them.
+    try:
+        clear_only = not get_strategy(args.strategy, **strategy_options).secure_compatible
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if clear_only and args.dp in ("central", "distributed", "sample_distributed"):
+        parser.error(
+            f"--strategy {args.strategy} needs every update in the clear; --dp {args.dp} "
+            "only shows the server their sum (use --dp sample or none)"
+        )
     noise = args.noise_multiplier
     if noise is None:
         # Precomputed so the demo starts at once: z = 1.82 with q = 0.2 and 5 steps per
@@ -704,8 +743,9 @@ def main_simulate(argv: Sequence[str]) -> int:
         epsilon_budget=args.epsilon_budget,
         clip_norm=args.clip_norm,
         sampling_rate=args.sampling_rate,
-        secagg=not args.no_secagg and args.dp != "central",
+        secagg=not args.no_secagg and args.dp != "central" and not clear_only,
         strategy=args.strategy,
+        extra_strategy=strategy_options,
         data=args.data,
         image_size=args.image_size,
         patients_per_site=args.patients_per_site,

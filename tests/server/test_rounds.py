@@ -137,10 +137,10 @@ def test_cohort_sampling_is_seeded(tmp_path: Path) -> None:
         eng.check_submission(outsider, 1, "train", "0" * 64)
 
 
-def _run_job(tmp: Path, crash_points: list[str]) -> tuple[str, RoundEngine]:
+def _run_job(tmp: Path, crash_points: list[str], **kw: object) -> tuple[str, RoundEngine]:
     """Run a 2-round job, 'killing' the engine at each crash point and reopening it."""
     clock = FakeClock()
-    cfg = _config(tmp)
+    cfg = _config(tmp, **kw)
     pending = list(crash_points)
     eng = _engine(cfg, clock, pending[0] if pending else None)
     values = {"a": 0.5, "b": -0.25, "c": 2.0}
@@ -175,14 +175,31 @@ def _run_job(tmp: Path, crash_points: list[str]) -> tuple[str, RoundEngine]:
         ["round_committed", "round_started"],
     ],
 )
-def test_crash_anywhere_gives_the_same_final_model(tmp_path: Path, points: list[str]) -> None:
-    reference, _ = _run_job(tmp_path / "ref", [])
-    final, eng = _run_job(tmp_path / "crash", points)
-    assert final == reference
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_crash_anywhere_gives_the_same_final_model(
+    tmp_path: Path, points: list[str], strategy: str
+) -> None:
+    """SIGKILL equals no crash, for FedAvg and every server optimizer: their state (moments,
+    step) is committed with the round, so the resumed job ends on the same bits."""
+    reference, ref_eng = _run_job(tmp_path / "ref", [], strategy__name=strategy)
+    final, eng = _run_job(tmp_path / "crash", points, strategy__name=strategy)
+    assert final == reference  # the model's SHA-256: bit-identical
+    assert eng.store.committed_strategy_state() == ref_eng.store.committed_strategy_state()
+    if strategy != "fedavg":
+        assert eng.store.committed_strategy_state()["step"] == 2  # type: ignore[index]
     rounds = eng.store.rounds()
     assert [r.status for r in rounds] == ["committed", "committed"]
     for r in rounds:  # nothing lost, nothing counted twice
         assert len(eng.store.submissions(r.round, "train")) == 3
+
+
+def test_server_optimizers_change_the_trajectory(tmp_path: Path) -> None:
+    """The crash test above is not vacuous: each optimizer ends on its own model."""
+    finals = {
+        name: _run_job(tmp_path / name, [], strategy__name=name)[0]
+        for name in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+    }
+    assert len(set(finals.values())) == len(finals)
 
 
 def test_acknowledged_submission_survives_restart(tmp_path: Path) -> None:

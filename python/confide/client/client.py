@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 
 from confide.client.secure import RngFactory, SecureParticipant
 from confide.client.training import (
+    bound_update,
     check_per_sample,
     check_trainable,
     fit_round,
@@ -424,7 +425,8 @@ class Client:
                     result = await asyncio.to_thread(
                         fit_round, trainer, train, cfg, self._seed(task.seed)
                     )
-                    delta = _clip_for_privacy(trainer.get_weights() - weights, task.privacy)
+                    delta = bound_update(trainer.get_weights() - weights, cfg)
+                    delta = _clip_for_privacy(delta, task.privacy)
                     meta = {"num_examples": str(result.num_examples)}
                     if math.isfinite(result.loss):  # DP-SGD reports no (un-noised) loss
                         meta["train_loss"] = repr(float(result.loss))

@@ -11,6 +11,12 @@ A distributed DP-SGD round (privacy mode ``"sample_distributed"``) trains nothin
 :func:`sample_ddg_step` computes the site's noised, ring-encoded share of one DP-SGD step
 (:func:`confide.privacy.distributed_dpsgd.site_step`), again only on an engine with
 per-sample gradients.
+
+Two strategy fields of the task are honoured here too. ``proximal_mu`` (FedProx) is the
+engine's business without DP (an engine says it implements it with ``supports_proximal =
+True``; one that does not is refused rather than silently training plain FedAvg) and
+:func:`~confide.privacy.run_dpsgd`'s with DP. ``update_clip_norm`` (norm bounding) is applied
+to the delta after local training by :func:`bound_update`, before it is uploaded or masked.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import PrivacyUnsupportedError
+from confide.errors import ConfigError, PrivacyUnsupportedError
 from confide.noise import SecureRng
 from confide.privacy.dpsgd import run_dpsgd
 from confide.training.base import FitResult, PerSampleTrainer, SiteData, TrainConfig, Trainer
@@ -28,7 +34,14 @@ from confide.training.base import FitResult, PerSampleTrainer, SiteData, TrainCo
 if TYPE_CHECKING:
     from confide.privacy.distributed_dpsgd import SampleDDGParams
 
-__all__ = ["check_per_sample", "check_trainable", "fit_round", "sample_ddg_step", "train_delta"]
+__all__ = [
+    "bound_update",
+    "check_per_sample",
+    "check_trainable",
+    "fit_round",
+    "sample_ddg_step",
+    "train_delta",
+]
 
 
 def check_per_sample(trainer: Trainer, what: str) -> None:
@@ -60,8 +73,18 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
     ------
     PrivacyUnsupportedError
         ``config.dp`` is set and ``trainer`` gives no per-sample gradients.
+    ConfigError
+        ``config.proximal_mu > 0`` without DP and ``trainer`` does not implement the
+        proximal term (``supports_proximal``).
     """
     if config.dp is None:
+        if config.proximal_mu > 0 and not getattr(trainer, "supports_proximal", False):
+            raise ConfigError(
+                f"this round asks for FedProx (proximal_mu={config.proximal_mu}), but "
+                f"{type(trainer).__name__} does not implement the proximal term (it sets no "
+                "supports_proximal = True); the round is refused and nothing is uploaded. "
+                "Use NumpyTrainer or TorchTrainer, or add mu * (w - w_global) to the gradient"
+            )
         return
     check_per_sample(trainer, "patient-level DP-SGD")
 
@@ -127,8 +150,34 @@ def train_delta(
     """
     trainer.set_weights(weights)
     result = fit_round(trainer, data, config, seed)
-    delta: NDArray[np.float32] = (trainer.get_weights() - weights).astype(np.float32)
+    delta = bound_update((trainer.get_weights() - weights).astype(np.float32), config)
     return delta, int(result.num_examples), float(result.loss)
+
+
+def bound_update(delta: NDArray[np.float32], config: TrainConfig) -> NDArray[np.float32]:
+    """Scale ``delta`` down to L2 norm ``config.update_clip_norm`` (norm bounding); else as is.
+
+    Uses the Rust clipping kernel (:func:`confide.clip_l2`) on a copy, so the result's norm
+    is at most the bound.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from confide.training import TrainConfig
+    >>> d = np.array([3.0, 4.0], np.float32)
+    >>> out = bound_update(d, TrainConfig(update_clip_norm=1.0))
+    >>> bool(np.linalg.norm(out) <= 1.0), bool(np.allclose(out, [0.6, 0.8], atol=1e-5))
+    (True, True)
+    >>> bound_update(d, TrainConfig()) is d
+    True
+    """
+    if config.update_clip_norm is None:
+        return delta
+    from confide.clip import clip_l2
+
+    out = np.array(delta, dtype=np.float32, copy=True)
+    clip_l2(out, float(config.update_clip_norm))
+    return out
 
 
 def sample_ddg_step(

@@ -6,9 +6,11 @@ Every dataset implements :class:`confide.training.base.SiteData` (``len``, ``lab
 
 from confide.data.tabular import (
     Dataset,
+    RegressionDataset,
     Standardizer,
     load_breast_cancer,
     load_csv,
+    load_diabetes,
     partition_dirichlet,
     partition_iid,
     save_csv,
@@ -17,9 +19,11 @@ from confide.data.tabular import (
 
 __all__ = [
     "Dataset",
+    "RegressionDataset",
     "Standardizer",
     "load_breast_cancer",
     "load_csv",
+    "load_diabetes",
     "partition_dirichlet",
     "partition_iid",
     "save_csv",

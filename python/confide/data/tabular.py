@@ -22,9 +22,11 @@ from confide.errors import ArrayTypeError, ConfigError, DataError
 
 __all__ = [
     "Dataset",
+    "RegressionDataset",
     "Standardizer",
     "load_breast_cancer",
     "load_csv",
+    "load_diabetes",
     "partition_dirichlet",
     "partition_iid",
     "save_csv",
@@ -122,6 +124,66 @@ class Dataset:
         """
         ids = None if self.patient_ids is None else self.patient_ids[index]
         return Dataset(self.x[index], self.y[index], self.feature_names, ids)
+
+
+@dataclass(frozen=True)
+class RegressionDataset:
+    """Features and a real-valued target (for the numpy engine's regression head).
+
+    :class:`Dataset` holds integer class labels; a length-of-stay or disease-progression
+    target is a float and lives here, so no classification path sees it by accident.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``(n, d)`` float32 features, finite.
+    y : numpy.ndarray
+        ``(n,)`` float32 targets, finite.
+    patient_ids : numpy.ndarray, optional
+        ``(n,)`` patient of each row (patient-level DP-SGD groups by it).
+
+    Examples
+    --------
+    >>> ds = RegressionDataset(np.zeros((2, 3), np.float32), np.array([1.5, -2.0], np.float32))
+    >>> ds.batch(np.array([1]))[1].tolist()
+    [-2.0]
+    """
+
+    x: NDArray[np.float32]
+    y: NDArray[np.float32]
+    patient_ids: NDArray[np.str_] | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
+            raise DataError(f"x must be (n, d) and y (n,), got {self.x.shape} and {self.y.shape}")
+        if self.x.dtype != np.float32 or self.y.dtype != np.float32:
+            raise ArrayTypeError(f"x and y must be float32, got {self.x.dtype}, {self.y.dtype}")
+        if not (np.isfinite(self.x).all() and np.isfinite(self.y).all()):
+            raise DataError("x or y contains NaN or Inf")
+        if self.patient_ids is not None and self.patient_ids.shape != self.y.shape:
+            raise DataError("patient_ids must hold one id per row")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def labels(self) -> NDArray[np.float32]:
+        """``(n,)`` float32 targets (the same array as ``y``)."""
+        return self.y
+
+    def batch(self, index: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+        """Return the features and targets of the rows at ``index``."""
+        idx = np.asarray(index)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise DataError(f"index must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise DataError(f"index out of range [0, {len(self)})")
+        return self.x[idx], self.y[idx]
+
+    def subset(self, index: NDArray[np.int64]) -> RegressionDataset:
+        """Return the rows at ``index`` (copies)."""
+        ids = None if self.patient_ids is None else self.patient_ids[index]
+        return RegressionDataset(self.x[index], self.y[index], ids)
 
 
 class Standardizer:
@@ -285,6 +347,24 @@ def load_breast_cancer() -> Dataset:
     bunch: Any = _load()
     names = tuple(str(n).replace(" ", "_") for n in bunch.feature_names)
     return Dataset(bunch.data.astype(np.float32), bunch.target.astype(np.int64), names)
+
+
+def load_diabetes() -> RegressionDataset:
+    """Return scikit-learn's bundled diabetes set (442 x 10, a real-valued target).
+
+    The target is a measure of disease progression one year after baseline (25 to 346);
+    the features (age, sex, BMI, blood pressure, six serum measurements) come centred and
+    scaled by scikit-learn. A stand-in for length-of-stay-style regression.
+
+    Returns
+    -------
+    RegressionDataset
+        Features and target as float32.
+    """
+    from sklearn.datasets import load_diabetes as _load
+
+    bunch: Any = _load()
+    return RegressionDataset(bunch.data.astype(np.float32), bunch.target.astype(np.float32))
 
 
 def train_test_split(

@@ -566,11 +566,20 @@ def run_dpsgd(
         momentum=dp.momentum,
         rng=gen,
     )
+    anchor = trainer.get_weights()  # w_global for FedProx (the round's public model)
+    mu = config.proximal_mu
     for _ in range(dp.steps):
         rows = poisson_sample_patients(ids, dp.sampling_rate, gen)
         clipped = clipped_patient_sum(trainer, data, rows, ids, dp.clip_norm)
         weights = trainer.get_weights()
-        trainer.set_weights(opt.apply(weights, opt.noisy_mean(clipped), config.learning_rate))
+        g = opt.noisy_mean(clipped)
+        if mu > 0:
+            # FedProx's mu (w - w_global) is data-independent: added after clipping and
+            # noise it is post-processing of DP outputs and costs no privacy (docs/strategies.md).
+            g = (g.astype(np.float64) + mu * (weights - anchor).astype(np.float64)).astype(
+                np.float32
+            )
+        trainer.set_weights(opt.apply(weights, g, config.learning_rate))
     if not np.isfinite(trainer.get_weights()).all():
         raise ManifestError("training diverged: weights became NaN or Inf", code="non_finite")
     return FitResult(num_examples=n, loss=float("nan"), num_steps=dp.steps)

@@ -197,17 +197,27 @@ class TrainConfig:
     dp : DPSGDConfig, optional
         Patient-level DP-SGD; ``None`` (default) trains without DP (``epochs`` and
         ``batch_size`` are then used; with DP, ``dp.steps`` and ``dp.sampling_rate``).
+    proximal_mu : float, default 0.0
+        FedProx: add ``mu/2 ||w - w_global||^2`` to the local objective (finite, >= 0;
+        ``w_global`` is the round's model). 0 trains exactly as without it.
+    update_clip_norm : float, optional
+        Norm bounding: the site scales its delta down to this L2 norm (finite, > 0) before
+        uploading or masking it. ``None`` (default): no such clip.
 
     Examples
     --------
     >>> TrainConfig.from_dict({"epochs": 2, "batch_size": 8, "learning_rate": 0.1}).epochs
     2
+    >>> TrainConfig(proximal_mu=0.1).to_dict()["proximal_mu"]
+    0.1
     """
 
     epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.1
     dp: DPSGDConfig | None = None
+    proximal_mu: float = 0.0
+    update_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dp, dict):  # JSON form, as a task carries it
@@ -215,6 +225,9 @@ class TrainConfig:
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_float("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        _check_float("proximal_mu", self.proximal_mu, low=0.0, low_open=False)
+        if self.update_clip_norm is not None:
+            _check_float("update_clip_norm", self.update_clip_norm, low=0.0, low_open=True)
 
     @classmethod
     def from_dict(cls, doc: Any) -> TrainConfig:
@@ -224,7 +237,8 @@ class TrainConfig:
         ----------
         doc : dict
             ``epochs``, ``batch_size``, ``learning_rate`` and optionally ``dp`` (a dict of
-            :class:`DPSGDConfig` fields, or ``None``).
+            :class:`DPSGDConfig` fields, or ``None``), ``proximal_mu`` and
+            ``update_clip_norm``.
 
         Returns
         -------
@@ -241,7 +255,7 @@ class TrainConfig:
             raise ConfigError(f"invalid training config {doc!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the JSON form (``dp`` omitted when ``None``)."""
+        """Return the JSON form (optional fields omitted at their defaults)."""
         out: dict[str, Any] = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,
@@ -249,6 +263,11 @@ class TrainConfig:
         }
         if self.dp is not None:
             out["dp"] = self.dp.to_dict()
+        # Omitted at their defaults, so a plain FedAvg task reads the same as before.
+        if self.proximal_mu != 0.0:
+            out["proximal_mu"] = self.proximal_mu
+        if self.update_clip_norm is not None:
+            out["update_clip_norm"] = self.update_clip_norm
         return out
 
 

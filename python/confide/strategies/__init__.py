@@ -21,15 +21,34 @@ import pkgutil
 from typing import Any
 
 from confide.errors import ConfigError
-from confide.strategies.base import REGISTRY, Strategy, StrategyState, Update, register
+from confide.strategies.base import (
+    REGISTRY,
+    Strategy,
+    StrategyState,
+    Update,
+    client_train_options,
+    register,
+)
 from confide.strategies.fedavg import FedAvg
+from confide.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
+from confide.strategies.fedprox import FedProx
+from confide.strategies.robust import Median, NormBounding, TrimmedMean
 
 __all__ = [
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedYogi",
+    "Median",
+    "NormBounding",
     "Strategy",
     "StrategyState",
+    "TrimmedMean",
     "Update",
     "available_strategies",
+    "client_train_options",
     "get_strategy",
     "register",
 ]

@@ -21,6 +21,11 @@ momentum buffer. The engine stores the state returned with a round's new model i
 SQLite transaction as the model, and hands the state of the last committed round to the
 next call, so a restarted server continues with exactly the state it had.
 
+A strategy may also ask the sites for something in their local training: an optional
+``client_options()`` method returns keyword fields of the task's
+:class:`~confide.protocol.tasks.TrainConfig` (FedProx's ``proximal_mu``, norm bounding's
+``update_clip_norm``); :func:`client_train_options` reads it, ``{}`` when absent.
+
 A new strategy is one module in this package that defines a class implementing
 :class:`Strategy` and decorates it with :func:`register`; :func:`confide.strategies.get_strategy`
 finds it by name (the job config's ``[strategy] name``).
@@ -28,6 +33,9 @@ finds it by name (the job config's ``[strategy] name``).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -41,9 +49,14 @@ __all__ = [
     "Strategy",
     "StrategyState",
     "Update",
+    "check_sum",
     "check_updates",
+    "client_train_options",
+    "decode_vector",
+    "encode_vector",
     "finite_model",
     "register",
+    "weighted_mean",
 ]
 
 #: JSON-serialisable strategy state (floats, ints, strings, lists, dicts).
@@ -153,7 +166,9 @@ def register(name: str) -> Callable[[_S], _S]:
     return deco
 
 
-def check_updates(base: NDArray[np.float32], updates: Sequence[Update]) -> None:
+def check_updates(
+    base: NDArray[np.float32], updates: Sequence[tuple[NDArray[np.floating[Any]], float]]
+) -> None:
     """Refuse an empty round, updates whose length differs from ``base``, bad weights.
 
     Raises
@@ -183,3 +198,112 @@ def finite_model(new: NDArray[np.float32]) -> NDArray[np.float32]:
     if not np.isfinite(new).all():
         raise NonFiniteError("the aggregated model is not finite; refusing to publish it")
     return new
+
+
+def check_sum(
+    base: NDArray[np.float32], weighted_sum: NDArray[np.floating[Any]], total_weight: float
+) -> None:
+    """Refuse a summed update of another shape than ``base`` or a total weight that is not > 0.
+
+    Raises
+    ------
+    ShapeError
+        ``weighted_sum`` and ``base`` differ in shape.
+    AggregateError
+        ``total_weight`` is not finite and > 0.
+    """
+    if weighted_sum.shape != base.shape:
+        raise ShapeError(f"summed update has shape {weighted_sum.shape}, expected {base.shape}")
+    if not (math.isfinite(total_weight) and total_weight > 0):
+        raise AggregateError(f"the total weight is {total_weight!r}; expected a finite value > 0")
+
+
+def weighted_mean(
+    base: NDArray[np.float32], updates: Sequence[tuple[NDArray[np.floating[Any]], float]]
+) -> NDArray[np.float64]:
+    """Return ``sum(w_i * d_i) / sum(w_i)`` in float64, summed in the given order.
+
+    The engine gives the updates in a fixed order (sorted by client id), so the same round
+    always gives the same bits.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ups = [(np.array([1.0], np.float32), 1.0), (np.array([4.0], np.float32), 3.0)]
+    >>> weighted_mean(np.zeros(1, np.float32), ups).tolist()
+    [3.25]
+    """
+    check_updates(base, updates)
+    acc = np.zeros(base.shape[0], dtype=np.float64)
+    total = 0.0
+    for delta, weight in updates:
+        acc += weight * delta.astype(np.float64)
+        total += weight
+    out: NDArray[np.float64] = acc / total
+    return out
+
+
+def encode_vector(vector: NDArray[np.floating[Any]]) -> str:
+    """Encode a vector for a JSON :data:`StrategyState`: base64 of its little-endian float32 bytes.
+
+    Exact: :func:`decode_vector` gives back the same float32 bits, so a server restarted from
+    the stored state continues bit-identically. (float32 halves the state of large models;
+    strategies keep their moments in float32 and compute in float64.)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> v = np.array([0.1, -2.5, 3e-38], np.float32)
+    >>> bool((decode_vector(encode_vector(v), 3) == v).all())
+    True
+    """
+    raw = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_vector(text: Any, size: int, what: str = "state vector") -> NDArray[np.float64]:
+    """Decode :func:`encode_vector` output of ``size`` float32 values (as float64).
+
+    Raises
+    ------
+    AggregateError
+        Not base64 text of ``size`` finite float32 values (a damaged state).
+    """
+    try:
+        if not isinstance(text, str):
+            raise TypeError(type(text).__name__)
+        raw = base64.b64decode(text.encode("ascii"), validate=True)
+    except (TypeError, ValueError, binascii.Error) as exc:
+        raise AggregateError(
+            f"strategy state {what} is not base64 text of float32 values ({exc}); the stored "
+            "state is damaged"
+        ) from None
+    if len(raw) != 4 * size:
+        raise AggregateError(
+            f"strategy state {what} holds {len(raw) // 4} values, expected {size} (one per "
+            "model parameter); the state belongs to another model or is damaged"
+        )
+    out = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+    if not np.isfinite(out).all():
+        raise AggregateError(f"strategy state {what} holds NaN or Inf; the state is damaged")
+    return out
+
+
+def client_train_options(strategy: object) -> dict[str, Any]:
+    """Return the training-task fields a strategy asks the sites for (``{}`` if none).
+
+    Examples
+    --------
+    >>> from confide.strategies import FedAvg
+    >>> client_train_options(FedAvg())
+    {}
+    """
+    options = getattr(strategy, "client_options", None)
+    if not callable(options):
+        return {}
+    out = options()
+    if not isinstance(out, dict):
+        raise ConfigError(
+            f"{type(strategy).__name__}.client_options() must return a dict, got {out!r}"
+        )
+    return dict(out)

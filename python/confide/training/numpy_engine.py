@@ -6,6 +6,14 @@
 regression, softmax regression and small MLPs with tanh or ReLU), trained by mini-batch SGD,
 with exact per-sample gradients (:meth:`NumpyTrainer.per_sample_gradients`) for DP-SGD.
 
+Two heads. The **classification** head (the default) takes integer class labels and
+cross-entropy. The **regression** head (``kind="linear"``, or ``kind="mlp"`` with
+``head="regression"``) has one output, takes real-valued targets and the squared error
+``(f(x) - y)^2``; its manifest spec says ``"head": "regression"`` (classification manifests
+carry no ``head`` key, so their hashes are unchanged). A classification model refuses float
+labels with :class:`~confide.errors.ArrayTypeError`, so a regression target never reaches a
+cross-entropy by mistake.
+
 Patient-level DP-SGD is not this engine's business: the engine is a
 :class:`~confide.training.base.PerSampleTrainer` (exact per-record gradients), and
 :func:`confide.privacy.run_dpsgd` owns the DP-SGD loop (Poisson sampling of patients,
@@ -38,8 +46,31 @@ from confide.training.base import FitResult, SiteData, TrainConfig
 
 __all__ = ["NumpyTrainer"]
 
-_KINDS = ("logistic", "softmax", "mlp")
+_KINDS = ("logistic", "softmax", "mlp", "linear")
 _ACTIVATIONS = ("tanh", "relu")
+_HEADS = ("classification", "regression")
+
+
+def _check_regression_xy(
+    x: NDArray[Any], y: NDArray[Any], n_features: int
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 2 or x.shape[1] != n_features:
+        raise DataError(f"x must have shape (n, {n_features}), got {x.shape}")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise DataError(f"y must have shape ({x.shape[0]},), got {y.shape}")
+    if x.shape[0] == 0:
+        raise DataError("x and y must hold at least one example")
+    if y.dtype == np.bool_ or not (
+        np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)
+    ):
+        raise ArrayTypeError(f"a regression target must be real numbers, got dtype {y.dtype}")
+    xf = np.ascontiguousarray(x, dtype=np.float32)
+    yf = np.ascontiguousarray(y, dtype=np.float32)
+    if not (np.isfinite(xf).all() and np.isfinite(yf).all()):
+        raise DataError("x or y contains NaN or Inf (or a target too large for float32)")
+    return xf, yf
 
 
 def _check_xy(
@@ -54,7 +85,10 @@ def _check_xy(
     if x.shape[0] == 0:
         raise DataError("x and y must hold at least one example")
     if not np.issubdtype(y.dtype, np.integer):
-        raise ArrayTypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+        raise ArrayTypeError(
+            f"y must hold integer class labels, got dtype {y.dtype}; a real-valued target "
+            "needs a regression head (NumpyTrainer.create('linear', ...) or head='regression')"
+        )
     if y.min() < 0 or y.max() >= n_classes:
         raise DataError(f"labels must lie in [0, {n_classes}), got [{y.min()}, {y.max()}]")
     xf = np.ascontiguousarray(x, dtype=np.float32)
@@ -87,6 +121,9 @@ class NumpyTrainer:
     (5, 4)
     """
 
+    #: :meth:`fit` implements FedProx's proximal term (``TrainConfig.proximal_mu``).
+    supports_proximal = True
+
     def __init__(self, manifest: Manifest, weights: NDArray[np.float32] | None = None) -> None:
         spec = dict(manifest.spec)
         if spec.get("engine") != "numpy" or spec.get("kind") not in _KINDS:
@@ -97,6 +134,7 @@ class NumpyTrainer:
             int(spec["n_classes"]),
             tuple(int(h) for h in spec.get("hidden", [])),
             str(spec.get("activation", "tanh")),
+            str(spec.get("head", "classification")),
         )
         if expected != manifest:
             raise ManifestError("manifest tensors do not match its numpy spec")
@@ -105,6 +143,7 @@ class NumpyTrainer:
         self._n_features = int(spec["n_features"])
         self._n_classes = int(spec["n_classes"])
         self._activation = str(spec.get("activation", "tanh"))
+        self._regression = spec.get("head") == "regression"
         self._n_layers = len(manifest.tensors) // 2
         self._vec = np.zeros(manifest.size, dtype=np.float32)
         if weights is not None:
@@ -117,33 +156,57 @@ class NumpyTrainer:
         n_classes: int,
         hidden: tuple[int, ...] = (),
         activation: str = "tanh",
+        head: str = "classification",
     ) -> Manifest:
         """Return the manifest of a numpy model.
 
         Parameters
         ----------
-        kind : {"logistic", "softmax", "mlp"}
-            Binary logistic regression (one sigmoid output), softmax regression, or an MLP
-            with softmax output.
+        kind : {"logistic", "softmax", "mlp", "linear"}
+            Binary logistic regression (one sigmoid output), softmax regression, an MLP
+            (softmax output, or one linear output with the regression head), or linear
+            regression (always the regression head).
         n_features : int
             Input width (>= 1).
         n_classes : int
-            Number of classes (2 for ``logistic``; >= 2 otherwise).
+            Number of classes (2 for ``logistic``; >= 2 otherwise); 1 (the one output) for
+            the regression head.
         hidden : tuple of int
             Hidden layer widths; must be empty unless ``kind == "mlp"`` (then non-empty).
         activation : {"tanh", "relu"}
             Hidden activation.
+        head : {"classification", "regression"}
+            Cross-entropy on integer classes, or squared error on a real target.
+            ``kind="linear"`` implies ``"regression"``.
 
         Returns
         -------
         Manifest
             Names, shapes and spec.
+
+        Examples
+        --------
+        >>> NumpyTrainer.build_manifest("linear", 3, 1).spec["head"]
+        'regression'
         """
         if kind not in _KINDS:
             raise ManifestError(f"kind must be one of {_KINDS}, got {kind!r}")
         if activation not in _ACTIVATIONS:
             raise ManifestError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-        if n_features < 1 or n_classes < 2:
+        if head not in _HEADS:
+            raise ManifestError(f"head must be one of {_HEADS}, got {head!r}")
+        if kind == "linear":
+            head = "regression"
+        regression = head == "regression"
+        if regression and kind not in ("linear", "mlp"):
+            raise ManifestError(
+                f"the regression head is kind 'linear' or 'mlp', got {kind!r} (a classifier)"
+            )
+        if regression and n_classes != 1:
+            raise ManifestError(
+                f"the regression head has one output: pass n_classes=1, got {n_classes}"
+            )
+        if n_features < 1 or (n_classes < 2 and not regression):
             raise ManifestError(
                 f"need n_features >= 1 and n_classes >= 2, got {n_features}, {n_classes}"
             )
@@ -151,7 +214,7 @@ class NumpyTrainer:
             raise ManifestError(f"logistic regression is binary, got n_classes={n_classes}")
         if (kind == "mlp") != bool(hidden) or any(h < 1 for h in hidden):
             raise ManifestError(f"hidden={hidden} does not fit kind={kind!r}")
-        outputs = 1 if kind == "logistic" else n_classes
+        outputs = 1 if kind == "logistic" or regression else n_classes
         widths = [n_features, *hidden, outputs]
         entries: list[tuple[str, tuple[int, ...]]] = []
         for i in range(len(widths) - 1):
@@ -165,6 +228,8 @@ class NumpyTrainer:
             "hidden": list(hidden),
             "activation": activation,
         }
+        if regression:  # only then: classification manifests (and hashes) stay as they were
+            spec["head"] = "regression"
         return Manifest.from_shapes(entries, spec)
 
     @classmethod
@@ -176,12 +241,13 @@ class NumpyTrainer:
         hidden: tuple[int, ...] = (),
         activation: str = "tanh",
         seed: int = 0,
+        head: str = "classification",
     ) -> NumpyTrainer:
         """Build a model with Glorot-uniform weights and zero biases.
 
         Parameters
         ----------
-        kind, n_features, n_classes, hidden, activation
+        kind, n_features, n_classes, hidden, activation, head
             See :meth:`build_manifest`.
         seed : int
             Seed of the (non-privacy) initialisation generator.
@@ -191,7 +257,7 @@ class NumpyTrainer:
         NumpyTrainer
             The initialised trainer.
         """
-        manifest = cls.build_manifest(kind, n_features, n_classes, hidden, activation)
+        manifest = cls.build_manifest(kind, n_features, n_classes, hidden, activation, head)
         trainer = cls(manifest)
         rng = np.random.default_rng(seed)
         for name, view in manifest.unflatten(trainer._vec).items():
@@ -224,6 +290,11 @@ class NumpyTrainer:
     def manifest(self) -> Manifest:
         """Names and shapes of the flat parameter vector."""
         return self._manifest
+
+    @property
+    def head(self) -> str:
+        """``"classification"`` or ``"regression"``."""
+        return "regression" if self._regression else "classification"
 
     def get_weights(self) -> NDArray[np.float32]:
         """Return a copy of the flat parameter vector.
@@ -268,9 +339,12 @@ class NumpyTrainer:
         return inputs, pre
 
     def _loss_and_dlogits(
-        self, logits: NDArray[Any], y: NDArray[np.int64]
+        self, logits: NDArray[Any], y: NDArray[Any]
     ) -> tuple[NDArray[Any], NDArray[Any]]:
         """Per-example loss and d(loss_i)/d(logits_i)."""
+        if self._regression:  # squared error (f(x) - y)^2
+            r = logits[:, 0] - y
+            return r * r, (2.0 * r)[:, None].astype(np.float32)
         if self._kind == "logistic":
             z = logits[:, 0]
             loss = np.logaddexp(0.0, z) - y * z
@@ -284,7 +358,7 @@ class NumpyTrainer:
         return loss, probs.astype(np.float32)
 
     def _backward(
-        self, x: NDArray[np.float32], y: NDArray[np.int64], per_sample: bool
+        self, x: NDArray[np.float32], y: NDArray[Any], per_sample: bool
     ) -> tuple[float, NDArray[np.float32]]:
         inputs, pre = self._forward(x)
         loss, dz = self._loss_and_dlogits(pre[-1], y)
@@ -333,7 +407,7 @@ class NumpyTrainer:
         gradient : numpy.ndarray
             1-D float32, same layout as the weights.
         """
-        xf, yi = _check_xy(x, y, self._n_features, self._n_classes)
+        xf, yi = self._xy(x, y)
         return self._backward(xf, yi, per_sample=False)
 
     def per_sample_gradients(
@@ -354,7 +428,7 @@ class NumpyTrainer:
             C-contiguous ``(n, manifest.size)`` float32 matrix (ready for
             :func:`confide.clip_rows`); its mean over rows is the batch gradient.
         """
-        xf, yi = _check_xy(x, y, self._n_features, self._n_classes)
+        xf, yi = self._xy(x, y)
         return self._backward(xf, yi, per_sample=True)[1]
 
     def predict_proba(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -370,6 +444,8 @@ class NumpyTrainer:
         numpy.ndarray
             Rows sum to one.
         """
+        if self._regression:
+            raise ConfigError("a regression model has no class probabilities; use predict")
         xf, _ = _check_xy(x, np.zeros(len(x), np.int64), self._n_features, self._n_classes)
         logits = self._forward(xf)[1][-1]
         if self._kind == "logistic":
@@ -379,18 +455,54 @@ class NumpyTrainer:
         probs: NDArray[np.float32] = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
         return probs
 
+    def predict(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Predictions: the class (classification) or the real-valued output (regression).
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            ``(n, n_features)`` inputs.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` float32 outputs (regression) or int64 classes as float32.
+
+        Examples
+        --------
+        >>> t = NumpyTrainer.create("linear", n_features=2, n_classes=1)
+        >>> t.set_weights(np.array([1.0, 2.0, 0.5], np.float32))
+        >>> t.predict(np.array([[1.0, 1.0]], np.float32)).tolist()
+        [3.5]
+        """
+        xf, _ = self._xy(x, np.zeros(len(x), np.int64))
+        logits = self._forward(xf)[1][-1]
+        out: NDArray[np.float32]
+        if self._regression:
+            out = logits[:, 0].astype(np.float32)
+        elif self._kind == "logistic":
+            out = (logits[:, 0] > 0).astype(np.float32)
+        else:
+            out = logits.argmax(axis=1).astype(np.float32)
+        return out
+
+    def _xy(self, x: NDArray[Any], y: NDArray[Any]) -> tuple[NDArray[np.float32], NDArray[Any]]:
+        if self._regression:
+            return _check_regression_xy(x, y, self._n_features)
+        return _check_xy(x, y, self._n_features, self._n_classes)
+
     @property
     def per_sample_chunk(self) -> int:
         """Records per :meth:`per_sample_gradients` call in DP-SGD (bounds peak memory)."""
         return max(1, (1 << 24) // max(1, self._manifest.size))
 
-    def _arrays(self, data: SiteData) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+    def _arrays(self, data: SiteData) -> tuple[NDArray[np.float32], NDArray[Any]]:
         if not isinstance(data, SiteData):
             raise DataError(
                 f"expected a SiteData (e.g. confide.data.Dataset), got {type(data).__name__}"
             )
         x, y = data.batch(np.arange(len(data), dtype=np.int64))
-        return _check_xy(x, y, self._n_features, self._n_classes)
+        return self._xy(x, y)
 
     def fit(self, data: SiteData, config: TrainConfig, seed: int) -> FitResult:
         """Mini-batch SGD over ``data`` (without DP).
@@ -400,9 +512,11 @@ class NumpyTrainer:
         data : SiteData
             Local records (e.g. :class:`confide.data.Dataset`).
         config : TrainConfig
-            Epochs, batch size, learning rate. ``config.dp`` must be ``None``: DP-SGD runs
-            through :func:`confide.privacy.run_dpsgd`, which uses this engine's per-sample
-            gradients.
+            Epochs, batch size, learning rate, and ``proximal_mu`` (FedProx: the gradient of
+            ``mu/2 ||w - w0||^2`` is added at every step, ``w0`` the weights ``fit`` starts
+            from; the reported loss is the data loss only). ``config.dp`` must be ``None``:
+            DP-SGD runs through :func:`confide.privacy.run_dpsgd`, which uses this engine's
+            per-sample gradients.
         seed : int
             Seeds the shuffling (``numpy.random.default_rng``; it protects no secret).
 
@@ -423,12 +537,16 @@ class NumpyTrainer:
         n = xf.shape[0]
         steps = 0
         epoch_loss = 0.0
+        mu = np.float32(config.proximal_mu)
+        anchor = self._vec.copy()  # w_global: the round's model, set before fit
         for _ in range(config.epochs):
             order = shuffler.permutation(n)
             total = 0.0
             for start in range(0, n, config.batch_size):
                 idx = order[start : start + config.batch_size]
                 loss, grad = self._backward(xf[idx], yi[idx], per_sample=False)
+                if mu > 0:  # FedProx: grad of mu/2 ||w - w_global||^2 (mu = 0: FedAvg's bits)
+                    grad = grad + mu * (self._vec - anchor)
                 self._vec -= np.float32(config.learning_rate) * grad
                 total += loss * len(idx)
                 steps += 1
@@ -448,11 +566,26 @@ class NumpyTrainer:
         Returns
         -------
         dict of str to float
-            ``loss``, ``accuracy`` and ``num_examples``.
+            ``loss``, ``accuracy`` and ``num_examples``; for the regression head ``loss``
+            and ``mse`` (mean squared error), ``r2`` (``1 - SSE / SST`` on ``data``, NaN
+            when the targets are constant), ``accuracy`` NaN (not reported) and
+            ``num_examples``.
         """
         xf, yi = self._arrays(data)
         _, pre = self._forward(xf)
         loss, _ = self._loss_and_dlogits(pre[-1], yi)
+        if self._regression:
+            mse = float(loss.astype(np.float64).mean())
+            y64 = yi.astype(np.float64)
+            sst = float(((y64 - y64.mean()) ** 2).sum())
+            sse = float(loss.astype(np.float64).sum())
+            return {
+                "loss": mse,
+                "mse": mse,
+                "r2": 1.0 - sse / sst if sst > 0 else float("nan"),
+                "accuracy": float("nan"),
+                "num_examples": float(len(yi)),
+            }
         logits = pre[-1]
         pred = (logits[:, 0] > 0).astype(np.int64) if self._kind == "logistic" else logits.argmax(1)
         return {

@@ -173,6 +173,9 @@ class TorchTrainer:
     True
     """
 
+    #: :meth:`fit` implements FedProx's proximal term (``TrainConfig.proximal_mu``).
+    supports_proximal = True
+
     def __init__(
         self,
         module: nn.Module,
@@ -541,7 +544,9 @@ class TorchTrainer:
         data : SiteData
             The site's records.
         config : TrainConfig
-            ``epochs``, ``batch_size``, ``learning_rate``; ``dp`` must be ``None``.
+            ``epochs``, ``batch_size``, ``learning_rate``, ``proximal_mu`` (FedProx: the
+            gradient ``mu (w - w0)`` of the proximal term is added before every optimizer
+            step, ``w0`` the weights ``fit`` starts from); ``dp`` must be ``None``.
         seed : int
             Fixes the batch order (numpy) and dropout (torch); protects no secret.
 
@@ -590,6 +595,10 @@ class TorchTrainer:
         self._module.train()
         steps = 0
         epoch_loss = math.nan
+        mu = float(config.proximal_mu)
+        # FedProx: w_global is the weights fit starts from (the round's model).
+        params = [p for p in self._module.parameters() if p.requires_grad]
+        anchors = [p.detach().clone() for p in params] if mu > 0 else []
         with self._seeded(seed, "dropout"):
             for _ in range(config.epochs):
                 order = shuffler.permutation(n).astype(np.int64)
@@ -600,6 +609,9 @@ class TorchTrainer:
                     optimizer.zero_grad(set_to_none=True)
                     loss = F.cross_entropy(self._module(x), y)
                     loss.backward()  # type: ignore[no-untyped-call]
+                    for p, a in zip(params, anchors, strict=False):  # grad of mu/2 ||w - a||^2
+                        if p.grad is not None:
+                            p.grad.add_(p.detach() - a, alpha=mu)
                     optimizer.step()
                     total += float(loss.detach()) * len(idx)
                     steps += 1

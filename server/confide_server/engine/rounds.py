@@ -520,9 +520,8 @@ class RoundEngine:
             return EvaluateTask(cur.round, cur.deadline, cur.seed, cur.new_model)
 
     def _train_config(self, privacy: PrivacyTask | None) -> TrainConfig:
-        s = self.config.strategy
         dp = privacy.dp if privacy is not None else None
-        return TrainConfig(s.epochs, s.batch_size, s.learning_rate, dp)
+        return self.config.strategy.train_config(self.strategy, dp)
 
     def _privacy_task(
         self, ddg: tuple[DDGParams | SampleDDGParams, bytes] | None = None
