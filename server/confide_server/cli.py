@@ -1,4 +1,4 @@
-"""``confide-server``: ``run``, ``enroll`` (one-time tokens), ``status`` and ``simulate``."""
+"""``confide-server``: ``run``, ``enroll``, ``status``, ``simulate`` and ``dopamine``."""
 
 from __future__ import annotations
 
@@ -175,11 +175,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_cmd_status)
     sub.add_parser("simulate", help="run a whole federation on loopback", add_help=False)
+    sub.add_parser(
+        "dopamine",
+        help="the Dopamine experiment: distributed DP-SGD under SecAgg+ vs FedAvg vs central",
+        add_help=False,
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulate"]:
         from confide_server.simulate import main_simulate
 
         return main_simulate(argv[1:])
+    if argv[:1] == ["dopamine"]:
+        from confide_server.dopamine import main_dopamine
+
+        return main_dopamine(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     try:

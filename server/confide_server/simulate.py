@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -474,6 +475,9 @@ def run_simulation(
             capture_output=True,
             text=True,
         ).stdout.split()
+        # More torch sites than cores: one intra-op thread each, or they oversubscribe.
+        many = opts.data == "lesions" and opts.clients > (os.cpu_count() or 1)
+        site_env = {"OMP_NUM_THREADS": "1"} if many else None
         for k, token in enumerate(tokens, start=1):
             cmd = [
                 sys.executable,
@@ -493,7 +497,7 @@ def run_simulation(
                 "--state",
                 str(work / "clients" / f"hospital-{k}"),
             ]
-            launcher.spawn(f"hospital-{k}", cmd)
+            launcher.spawn(f"hospital-{k}", cmd, env=site_env)
         print(
             f"{'round':>5}  {'status':<9}  {'clients':>7}  {'train loss':>10}  "
             f"{'accuracy':>8}  {'eps(round)':>10}  {'eps(total)':>10}  {'elapsed':>7}",
