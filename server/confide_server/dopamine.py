@@ -51,12 +51,14 @@ class DopamineOptions:
     ----------
     sites : int
         Hospitals (>= 3).
+    model : {"squeezenet", "small_cnn"}
+        SqueezeNet 1.1 (the experiment) or the small CNN (fast tests).
     rounds : int
         Rounds of the DP arm: one DP-SGD step each.
     fedavg_rounds : int
         Rounds of the non-private FedAvg arm (``local_epochs`` local epochs each).
-    image_size, patients_per_site, seed
-        The lesion task (5 tiles per patient) and its split.
+    image_size, patients_per_site, tiles_per_patient, seed
+        The lesion task and its split by patient.
     sampling_rate : float
         Poisson rate ``q`` of a patient per step.
     noise_multiplier : float
@@ -71,10 +73,12 @@ class DopamineOptions:
     """
 
     sites: int = 10
+    model: str = "squeezenet"
     rounds: int = 24
     fedavg_rounds: int = 4
     image_size: int = 64
-    patients_per_site: int = 16
+    patients_per_site: int = 100
+    tiles_per_patient: int = 1
     seed: int = 0
     sampling_rate: float = 0.3
     noise_multiplier: float = 0.8
@@ -87,9 +91,18 @@ class DopamineOptions:
     release: bool = False
 
     def __post_init__(self) -> None:
+        if self.model not in ("squeezenet", "small_cnn"):
+            raise ConfigError(f"model must be 'squeezenet' or 'small_cnn', got {self.model!r}")
         if self.sites < 3:
             raise ConfigError(f"sites must be >= 3 (SecAgg+ needs a cohort), got {self.sites}")
-        for name in ("rounds", "fedavg_rounds", "patients_per_site", "local_epochs"):
+        names = (
+            "rounds",
+            "fedavg_rounds",
+            "patients_per_site",
+            "tiles_per_patient",
+            "local_epochs",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.sampling_rate <= 1.0:
@@ -106,10 +119,11 @@ class DopamineOptions:
         return SimulationOptions(
             clients=self.sites,
             rounds=self.rounds,
-            model="squeezenet",
+            model=self.model,
             data="lesions",
             image_size=self.image_size,
             patients_per_site=self.patients_per_site,
+            tiles_per_patient=self.tiles_per_patient,
             seed=self.seed,
             learning_rate=self.dp_learning_rate,
             batch_size=self.batch_size,
@@ -130,10 +144,11 @@ class DopamineOptions:
         return SimulationOptions(
             clients=self.sites,
             rounds=self.fedavg_rounds,
-            model="squeezenet",
+            model=self.model,
             data="lesions",
             image_size=self.image_size,
             patients_per_site=self.patients_per_site,
+            tiles_per_patient=self.tiles_per_patient,
             seed=self.seed,
             epochs=self.local_epochs,
             batch_size=self.batch_size,
@@ -225,7 +240,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right", fontsize=8)
     ax.set_title(
-        f"confide: {result['options']['sites']} hospitals, SqueezeNet 1.1 at "
+        f"confide: {result['options']['sites']} hospitals, {result['options']['model']} at "
         f"{result['options']['image_size']}x{result['options']['image_size']}, lesion task"
     )
     ax.grid(alpha=0.3)
@@ -310,10 +325,12 @@ def main_dopamine(argv: Sequence[str]) -> int:
     )
     p.add_argument("--out", default="demo-images", help="output folder (default %(default)s)")
     p.add_argument("--sites", type=int, default=d.sites, help="hospitals (%(default)s)")
+    p.add_argument("--model", choices=["squeezenet", "small_cnn"], default=d.model)
     p.add_argument("--rounds", type=int, default=d.rounds, help="DP-SGD steps (%(default)s)")
     p.add_argument("--fedavg-rounds", type=int, default=d.fedavg_rounds, help="(%(default)s)")
     p.add_argument("--image-size", type=int, default=d.image_size, help="(%(default)s)")
     p.add_argument("--patients-per-site", type=int, default=d.patients_per_site)
+    p.add_argument("--tiles-per-patient", type=int, default=d.tiles_per_patient)
     p.add_argument("--sampling-rate", type=float, default=d.sampling_rate, help="q")
     p.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier, help="z")
     p.add_argument("--clip-norm", type=float, default=d.clip_norm, help="C per patient")
@@ -329,10 +346,12 @@ def main_dopamine(argv: Sequence[str]) -> int:
     try:
         opts = DopamineOptions(
             sites=a.sites,
+            model=a.model,
             rounds=a.rounds,
             fedavg_rounds=a.fedavg_rounds,
             image_size=a.image_size,
             patients_per_site=a.patients_per_site,
+            tiles_per_patient=a.tiles_per_patient,
             seed=a.seed,
             sampling_rate=a.sampling_rate,
             noise_multiplier=a.noise_multiplier,

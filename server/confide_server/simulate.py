@@ -97,7 +97,8 @@ class SimulationOptions:
     extra_secagg: dict[str, Any] = field(default_factory=dict)  # [secagg] overrides
     data: str = "breast_cancer"  # "breast_cancer" (table) | "lesions" (images, torch models)
     image_size: int = 64  # lesions: tile side in pixels
-    patients_per_site: int = 6  # lesions: pseudo-patients per site (5 tiles each)
+    patients_per_site: int = 6  # lesions: pseudo-patients per site
+    tiles_per_patient: int = 5  # lesions: tiles of each pseudo-patient
     release: bool = False  # sign the final model as a release for devices (patient app)
     # sample_distributed: public q * (patients of all sites); 0 = computed from the split
     expected_batch_size: float = 0.0
@@ -196,7 +197,7 @@ def _prepare_image_job(work: Path, opts: SimulationOptions) -> JobFiles:
         sites=opts.clients,
         image_size=opts.image_size,
         patients_per_site=opts.patients_per_site,
-        tiles_per_patient=5,
+        tiles_per_patient=opts.tiles_per_patient,
         partition=opts.partition,
         alpha=opts.alpha,
         seed=opts.seed,

@@ -1,0 +1,59 @@
+"""``confide-server dopamine`` end to end: both federations over HTTP, central arm, JSON, PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("pydicom")
+pytest.importorskip("skimage")
+
+from confide.privacy.accountant import account
+from confide.privacy.distributed_dpsgd import SampleDDGParams, event
+from confide_server.config import load_config
+from confide_server.dopamine import main_dopamine
+from confide_server.store import Store
+
+
+def test_dopamine_three_arms_report_accuracy_and_epsilon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "dop"
+    argv = ["--out", str(out), "--sites", "3", "--model", "small_cnn", "--rounds", "2"]
+    argv += ["--fedavg-rounds", "1", "--image-size", "32", "--patients-per-site", "4"]
+    argv += ["--timeout", "400"]
+    assert main_dopamine(argv) == 0
+    printed = capsys.readouterr().out
+    assert "distributed DP-SGD" in printed
+    assert "FedAvg, no DP" in printed
+    result = json.loads((out / "dopamine.json").read_text())
+    assert (out / "dopamine.png").stat().st_size > 1000
+    dp = result["dp"]["rounds"]
+    assert [r["round"] for r in dp] == [1, 2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in dp)
+    assert dp[0]["epsilon"] < dp[1]["epsilon"] == pytest.approx(result["dp"]["epsilon"])
+    assert [r["round"] for r in result["fedavg"]["rounds"]] == [1]
+    assert 0.0 <= result["central"]["accuracy"] <= 1.0
+    # The reported epsilon is the accountant's over the rounds' stored parameters.
+    store = Store(load_config(out / "job.toml").server.database)
+    try:
+        with store.transaction() as cur:
+            stored = cur.execute("SELECT params FROM ddg_rounds ORDER BY round").fetchall()
+    finally:
+        store.close()
+    params = [SampleDDGParams(**json.loads(p)) for (p,) in stored]
+    assert result["dp"]["epsilon"] == pytest.approx(
+        account([event(p) for p in params], 1e-5).epsilon, rel=1e-9
+    )
+    # The public expected batch: q times the training patients (3 sites x 4).
+    assert result["dp"]["expected_batch_size"] == pytest.approx(0.3 * 12)
+
+
+def test_dopamine_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main_dopamine(["--sites", "2"])
+    assert exc.value.code == 2
+    assert "sites must be >= 3" in capsys.readouterr().err
