@@ -7,6 +7,8 @@ Every dataset implements :class:`confide.training.base.SiteData` (``len``, ``lab
 from confide.data.tabular import (
     Dataset,
     Standardizer,
+    check_feature_names,
+    id_like_columns,
     load_breast_cancer,
     load_csv,
     partition_dirichlet,
@@ -18,6 +20,8 @@ from confide.data.tabular import (
 __all__ = [
     "Dataset",
     "Standardizer",
+    "check_feature_names",
+    "id_like_columns",
     "load_breast_cancer",
     "load_csv",
     "partition_dirichlet",
