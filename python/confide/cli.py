@@ -243,7 +243,7 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         data = Path(args.weights).read_bytes()
     except OSError as exc:
-        raise ConfigError(f"--weights {args.weights}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(f"cannot read weights file {args.weights!r}: {exc.strerror}") from None
     weights, _ = decode_tensors(manifest, data)
     trainer.set_weights(weights)
     out = export_onnx(trainer, args.out)
