@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,11 @@ from confide_server.config import (
     parse_config,
 )
 from confide_server.engine.privacy import PrivacyConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "job.md"
 
