@@ -421,6 +421,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Import names of optional dependencies and the extra that installs each (README "Install").
+OPTIONAL_PACKAGES = {
+    "sklearn": "confide-server[demo]",
+    "matplotlib": "confide-server[demo]",
+    "dp_accounting": "confide[privacy]",
+    "torch": "confide[torch]",
+    "onnx": "confide[export]",
+    "onnxscript": "confide[export]",
+    "onnxruntime": "confide[onnx]",
+    "ai_edge_litert": "confide[litert]",
+    "PIL": "confide[images]",
+    "pydicom": "confide[dicom]",
+    "skimage": "confide[lesions]",
+}
+
+
+def missing_package(exc: ModuleNotFoundError) -> str:
+    """One line naming a missing optional package and the extra that installs it."""
+    extra = OPTIONAL_PACKAGES.get((exc.name or "").split(".")[0])
+    hint = f"pip install '{extra}'" if extra else "see the README's Install section"
+    return f"the Python package {exc.name!r} is not installed: {hint}"
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for a user mistake: what went wrong, naming the file, column or option."""
     if isinstance(exc, ConfideError):
@@ -451,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`| head`): say nothing more on a closed stdout.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except ModuleNotFoundError as exc:
+        print(f"{prog}: {missing_package(exc)}", file=sys.stderr)
+        return 2
     except (ConfideError, OSError, ValueError) as exc:
         print(f"{prog}: {describe_error(exc)}", file=sys.stderr)
         return 2

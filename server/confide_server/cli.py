@@ -298,6 +298,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _stdout_gone()
+    except ModuleNotFoundError as exc:
+        from confide.cli import missing_package
+
+        print(f"{name}: {missing_package(exc)}", file=sys.stderr)
+        return 2
     except (ConfideError, OSError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:
             what = f"{exc.filename}: {exc.strerror or exc}"

@@ -420,8 +420,12 @@ def _server_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "confide_server", *args]
 
 
-def _plot(rows: list[dict[str, Any]], baseline: float, path: Path) -> None:
-    import matplotlib
+def _plot(rows: list[dict[str, Any]], baseline: float, path: Path) -> bool:
+    """Write the accuracy plot; ``False`` when matplotlib (``[demo]``) is not installed."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -445,6 +449,7 @@ def _plot(rows: list[dict[str, Any]], baseline: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def run_simulation(
@@ -596,7 +601,7 @@ def run_simulation(
         fed_acc = fed.evaluate(files.test)["accuracy"]
         base_acc = central_baseline(files, opts)
         plot_path = Path(plot) if plot is not None else work / "accuracy.png"
-        _plot(status["rounds"], base_acc, plot_path)
+        plotted = _plot(status["rounds"], base_acc, plot_path)
         print(
             f"federated accuracy (final model, pooled test set of {len(files.test)}): {fed_acc:.4f}"
         )
@@ -622,7 +627,10 @@ def run_simulation(
             print(f"job stopped early: {status['reason']}")
         if opts.release:
             _release(files)
-        print(f"plot: {plot_path}")
+        if plotted:
+            print(f"plot: {plot_path}")
+        else:
+            print("plot: skipped (matplotlib is not installed: pip install 'confide-server[demo]')")
         print(f"done in {time.monotonic() - t0:.1f} s; logs in {logs}", flush=True)
         return 0
     finally:
