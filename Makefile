@@ -137,8 +137,8 @@ dist: $(STAMP)
 	    || { cat $(DIST)/build-$$t.log; exit 1; }; \
 	done
 	$(VENV)/bin/maturin sdist -o $(DIST) -q
-	$(PY) -m pip wheel -q --no-deps --no-build-isolation server -w $(DIST)
-	cd server && ../$(PY) -c 'from setuptools import build_meta as b; b.build_sdist("../$(DIST)")' >/dev/null
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./server -w $(DIST)
+	cd server && $(abspath $(PY)) -c 'from setuptools import build_meta as b; b.build_sdist("$(abspath $(DIST))")' >/dev/null 2>&1
 	rm -rf server/build $(DIST)/build-*.log
 	@for w in $(DIST)/confide-*.whl; do $(VENV)/bin/auditwheel show $$w | tr '\n' ' ' | sed 's/  */ /g'; echo; done
 	@ls -l $(DIST)

@@ -172,6 +172,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         unused, used = store.count_tokens()
         clients = sorted(store.clients())
         privacy, per_round = read_privacy(store)
+        current = store.get_meta("current_model")
+        rel = store.model_path(current) if current else None
+        model_file = None if rel is None else str(config.server.state_dir / rel)
+        if args.model_path:
+            if model_file is None:
+                raise ConfigError(f"no model version recorded yet in {config.server.state_dir}")
+            print(model_file)
+            return 0
         job_status = store.get_meta("status")
         if job_status == "running" and store.get_meta(SERVER_STATE_KEY) == "stopped":
             job_status = "stopped"
@@ -180,7 +188,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "status": job_status,
             "reason": store.get_meta("status_reason"),
             "privacy": privacy,
-            "current_model": store.get_meta("current_model"),
+            "current_model": current,
+            "current_model_path": model_file,
             "rounds_target": config.job.rounds,
             "rounds_completed": sum(r.status == "committed" for r in rounds),
             "clients": clients,
@@ -207,6 +216,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"noise_multiplier={privacy['noise_multiplier']:.4f}, "
             f"clip_norm={privacy['clip_norm']:g}"
         )
+    if model_file is not None:
+        print(f"current model: {model_file}")
     for r in rounds:
         acc = (r.metrics or {}).get("eval_accuracy")
         extra = f" accuracy={acc:.4f}" if isinstance(acc, float) else ""
@@ -257,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--version", action="version", version=version_string())
     status.add_argument("--config", required=True, help="the job config (job.toml)")
     status.add_argument("--json", action="store_true", help="print the state as JSON")
+    status.add_argument(
+        "--model-path",
+        action="store_true",
+        help="print only the file of the current model version (for scripts: confide export)",
+    )
     status.set_defaults(func=_cmd_status)
     sub.add_parser(
         "simulate",
