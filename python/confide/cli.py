@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from confide.protocol.tasks import Task
     from confide.training import SiteData
 
-__all__ = ["build_parser", "check_scheme", "main", "run_client"]
+__all__ = ["HelpFormatter", "build_parser", "check_scheme", "main", "run_client"]
 
 DESCRIPTION = """\
 confide: join a federated-learning job as one site (client), write the initial model of a
@@ -41,6 +41,15 @@ for a command's options."""
 
 #: Seconds the scheme probe waits to connect and for the first bytes of an answer.
 _PROBE_TIMEOUT = 10.0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (``None``, a flag's off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _version() -> str:
@@ -308,7 +317,7 @@ def run_init_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide`` argument parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(prog="confide", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

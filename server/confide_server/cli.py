@@ -234,7 +234,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide-server`` argument parser (``simulate`` has its own)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    from confide.cli import HelpFormatter
+
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(prog="confide-server", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

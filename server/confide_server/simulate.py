@@ -655,6 +655,7 @@ def build_simulate_parser() -> Any:
     """Build the ``confide-server simulate`` argument parser."""
     import argparse
 
+    from confide.cli import HelpFormatter
     from confide_server.cli import version_string
 
     parser = argparse.ArgumentParser(
@@ -663,7 +664,7 @@ def build_simulate_parser() -> Any:
         "client process per site, over HTTP, on scikit-learn's breast-cancer table, your own "
         "CSV table (--data FILE.csv) or the lesion images; then compare with central "
         "training and plot accuracy per round.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=version_string())
     parser.add_argument("--clients", type=int, default=3, help="number of sites (processes)")
