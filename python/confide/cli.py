@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -87,12 +88,17 @@ def _check_readable(path: str | None, option: str) -> None:
         raise ConfigError(f"{option} {path}: no such file")
 
 
-async def check_scheme(url: str, *, timeout: float = _PROBE_TIMEOUT) -> None:
+async def check_scheme(url: str, *, timeout: float = _PROBE_TIMEOUT) -> str | None:
     """Fail fast when ``url``'s scheme does not match what the server speaks.
 
     One plain-text ``HEAD`` request on a fresh TCP connection: a plain HTTP server answers
     ``HTTP/...``, a TLS server answers with an alert or closes the connection. A server that
     cannot be reached yet is left to the client's retry loop (it may be starting).
+
+    Returns
+    -------
+    str or None
+        Why the server could not be reached (connection refused, a timeout), or ``None``.
 
     Raises
     ------
@@ -105,14 +111,20 @@ async def check_scheme(url: str, *, timeout: float = _PROBE_TIMEOUT) -> None:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except ConnectionRefusedError:
+        return "connection refused: is confide-server running on that port?"
+    except socket.gaierror:
+        return f"unknown host {host!r}"
+    except OSError as exc:
+        return exc.strerror or str(exc)
     try:
         writer.write(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
         await writer.drain()
         first = await asyncio.wait_for(reader.read(5), timeout)
     except asyncio.TimeoutError:
-        return
+        return None
     except OSError:
         first = b""
     finally:
@@ -130,6 +142,7 @@ async def check_scheme(url: str, *, timeout: float = _PROBE_TIMEOUT) -> None:
             f"{url} answers plain HTTP, not TLS: pass --server http://{parts.netloc}, or ask "
             "the operator to set [tls] cert and key in the job config"
         )
+    return None
 
 
 async def run_client(
@@ -158,7 +171,12 @@ async def run_client(
         _check_readable(data, "--data" if data == args.data else "--test-data")
     if not args.server.startswith(("http://", "https://")):
         raise ConfigError(f"--server must start with http:// or https://, got {args.server!r}")
-    await check_scheme(args.server)
+    unreachable = await check_scheme(args.server)
+    if unreachable is not None:
+        log(
+            f"{args.server} cannot be reached yet ({unreachable}); retrying for up to "
+            f"{args.retry_timeout:g} s (--retry-timeout)"
+        )
     ctx = client_ssl_context(args.ca_file, args.cert, args.key)
     client = Client(
         args.server,

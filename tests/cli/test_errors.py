@@ -208,3 +208,18 @@ def test_ctrl_c_on_simulate(tmp_path: Path, launcher: Launcher) -> None:
     )
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_a_server_that_is_not_running_is_said_before_retrying(tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("x,label\n1,0\n")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run(_client(f"http://127.0.0.1:{port}", data, "--retry-timeout", "1"))
+    assert r.rc == 2
+    assert (
+        f"http://127.0.0.1:{port} cannot be reached yet (connection refused: is confide-server "
+        "running on that port?); retrying for up to 1 s (--retry-timeout)"
+    ) in r.out
+    assert "server unreachable for 1.0 s" in r.short_error()
