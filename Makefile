@@ -134,7 +134,7 @@ DIST_TARGETS ?= x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu
 dist: $(STAMP)
 	rm -rf $(DIST) server/build && mkdir -p $(DIST)
 	@for t in $(DIST_TARGETS); do \
-	  rustup target list --installed | grep -qx $$t || rustup target add $$t >/dev/null 2>&1; \
+	  rustup target list --installed 2>/dev/null | grep -qx $$t || rustup target add $$t >/dev/null 2>&1 || true; \
 	  echo "building the confide wheel for $$t (release, manylinux_2_28)..."; \
 	  PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --strip --zig \
 	    --compatibility manylinux_2_28 --target $$t -i $(PY) -o $(DIST) -q >$(DIST)/build-$$t.log 2>&1 \
