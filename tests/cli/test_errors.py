@@ -223,3 +223,9 @@ def test_a_server_that_is_not_running_is_said_before_retrying(tmp_path: Path) ->
         "running on that port?); retrying for up to 1 s (--retry-timeout)"
     ) in r.out
     assert "server unreachable for 1.0 s" in r.short_error()
+
+
+def test_simulate_with_a_missing_csv(tmp_path: Path) -> None:
+    r = run([*SERVER, "simulate", "--data", str(tmp_path / "my.csv"), "--out", str(tmp_path / "s")])
+    assert r.rc == 2
+    assert f"--data {tmp_path / 'my.csv'}: no such file" in r.short_error()
