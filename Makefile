@@ -6,26 +6,38 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+# Setup and build output goes to this log; it is printed only when a step fails.
+SETUP_LOG := $(VENV)/setup.log
+RUST_SOURCES := $(shell find core_rs/src -name '*.rs') Cargo.toml Cargo.lock core_rs/Cargo.toml
+# Run a noisy command with its output in $(SETUP_LOG), shown only if it fails.
+quietly = { $(1); } >>$(SETUP_LOG) 2>&1 || { cat $(SETUP_LOG); echo "failed: $(1) (log: $(SETUP_LOG))" >&2; exit 1; }
 
-.PHONY: setup build test test-rust test-python lint lint-rust lint-python bench bench-rust demo demo-images app clean
+.PHONY: setup build test test-rust test-python lint lint-rust lint-python bench bench-rust demo demo-images app clean dist
 
 # Dependencies are (re)installed only when pyproject.toml changes.
 $(STAMP): pyproject.toml server/pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# pip gets the requirement strings as separate arguments (they may hold ';', '<', quotes).
-	$(PY) -c 'import subprocess, sys, tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]; subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "maturin>=1.9.4,<2", *d["dependencies"], *d["optional-dependencies"]["dev"]])'
-	# confide-server depends on confide, which is not on PyPI: build confide first, then
-	# install the server without resolving dependencies (they are all listed above).
-	$(VENV)/bin/maturin develop --release -q
-	$(PY) -m pip install -q --no-deps -e server
-	touch $(STAMP)
+	@echo "setting up $(VENV) (dependencies from PyPI; a few minutes the first time)..."
+	@python3 -m venv $(VENV)
+	@: > $(SETUP_LOG)
+	@$(call quietly,$(PY) -m pip install -q --upgrade pip)
+	@# pip gets the requirement strings as separate arguments (they may hold ';', '<', quotes).
+	@$(PY) -c 'import subprocess, sys, tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]; subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "maturin>=1.9.4,<2", *d["dependencies"], *d["optional-dependencies"]["dev"]])' \
+	  >>$(SETUP_LOG) 2>&1 || { cat $(SETUP_LOG); echo "failed: installing the dependencies (log: $(SETUP_LOG))" >&2; exit 1; }
+	@touch $(STAMP)
 
-setup: $(STAMP) build
+# Release build (the statistical tests draw millions of samples), once per change of the
+# Rust sources; then confide-server, which depends on confide (not on PyPI), without
+# resolving dependencies (they are all installed above).
+$(BUILD_STAMP): $(STAMP) $(RUST_SOURCES)
+	@echo "building the Rust core (release)..."
+	@$(call quietly,$(VENV)/bin/maturin develop --release -q)
+	@$(call quietly,$(PY) -m pip install -q --no-deps -e server)
+	@touch $(BUILD_STAMP)
 
-# Release build: the statistical tests draw millions of samples.
-build: $(STAMP)
-	$(VENV)/bin/maturin develop --release -q
+setup: $(BUILD_STAMP)
+
+build: $(BUILD_STAMP)
 
 lint-rust:
 	cargo fmt --all --check
@@ -44,8 +56,12 @@ lint: lint-rust lint-python
 test-rust:
 	cargo test --workspace --release
 
+# The wheel test (tests/cli/test_dist.py) installs what `make dist` built (for this
+# machine's target only, to save a cross build) into a fresh virtualenv;
+# CONFIDE_REQUIRE_DIST makes it fail, not skip, if the wheels are missing.
 test-python: setup
-	$(PY) -m pytest
+	$(MAKE) --no-print-directory dist DIST_TARGETS=$(NATIVE_TARGET)
+	CONFIDE_REQUIRE_DIST=1 $(PY) -m pytest
 
 test: lint test-rust test-python
 
@@ -108,5 +124,30 @@ app: setup
 	  --release-key-file demo-images/state/release_key.pub \
 	  --import-release demo-images/state/releases --port 8770
 
+# Installable artifacts in $(DIST): the confide wheel (abi3, release, stripped, linked with
+# zig against glibc 2.28: runs on manylinux_2_28 and newer, e.g. RHEL 8, Ubuntu 20.04), the
+# same for aarch64 (Raspberry Pi-class boards, patient devices; needs the rustup target), the
+# confide-server wheel and both sdists. auditwheel prints the platform each wheel fits.
+DIST ?= dist
+NATIVE_TARGET := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+DIST_TARGETS ?= x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu
+dist: $(STAMP)
+	rm -rf $(DIST) server/build && mkdir -p $(DIST)
+	@for t in $(DIST_TARGETS); do \
+	  rustup target list --installed 2>/dev/null | grep -qx $$t || rustup target add $$t >/dev/null 2>&1 || true; \
+	  echo "building the confide wheel for $$t (release, manylinux_2_28)..."; \
+	  PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --strip --zig \
+	    --compatibility manylinux_2_28 --target $$t -i $(PY) -o $(DIST) -q >$(DIST)/build-$$t.log 2>&1 \
+	    || { cat $(DIST)/build-$$t.log; exit 1; }; \
+	done
+	$(VENV)/bin/maturin sdist -o $(DIST) >/dev/null 2>&1
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation ./server -w $(DIST)
+	cd server && $(abspath $(PY)) -c 'from setuptools import build_meta as b; b.build_sdist("$(abspath $(DIST))")' >/dev/null 2>&1
+	rm -rf server/build $(DIST)/build-*.log
+	@for w in $(DIST)/confide-*.whl; do \
+	  echo "$$(basename $$w): $$($(VENV)/bin/auditwheel show $$w | tr '\n' ' ' | sed -n 's/.*consistent with the following platform tag: *\("[^"]*"\).*/fits \1/p')"; \
+	done
+	@ls -l $(DIST)
+
 clean:
-	rm -rf $(VENV) target
+	rm -rf $(VENV) target $(DIST)

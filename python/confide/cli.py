@@ -1,22 +1,31 @@
-"""The ``confide`` command: join a federation as one site, or export a model to ONNX.
+"""The ``confide`` command: join a federation as one site, write an initial model, export one.
 
-``confide client`` takes part in a job; ``confide export`` writes a model (manifest plus
-safetensors weights) as ONNX for on-device inference and checks it with onnxruntime.
+``confide client`` takes part in a job; ``confide init-model`` writes the initial model of a
+table job (``model.json`` and ``init.safetensors``); ``confide export`` writes a model
+(manifest plus safetensors weights) as ONNX for on-device inference and checks it with
+onnxruntime.
 
 Whole simulated federations (a server and several sites) are the server distribution's
 ``confide-server simulate``: the SDK never imports or starts the server.
+
+A user mistake (a missing file, a refused token, a column that is not a number, Ctrl-C) is
+reported in one or two lines on stderr with a non-zero exit status, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
-from confide.errors import ConfideError, ConfigError
+from confide.errors import ConfideError, ConfigError, ServerError, TransportError
 
 if TYPE_CHECKING:
     from confide.client.secure import RngFactory
@@ -24,7 +33,116 @@ if TYPE_CHECKING:
     from confide.protocol.tasks import Task
     from confide.training import SiteData
 
-__all__ = ["build_parser", "main", "run_client"]
+__all__ = ["HelpFormatter", "build_parser", "check_scheme", "main", "run_client"]
+
+DESCRIPTION = """\
+confide: join a federated-learning job as one site (client), write the initial model of a
+table job (init-model), or export a model as ONNX (export). Run 'confide COMMAND --help'
+for a command's options."""
+
+#: Seconds the scheme probe waits to connect and for the first bytes of an answer.
+_PROBE_TIMEOUT = 10.0
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (``None``, a flag's off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from confide import __version__
+
+    return f"%(prog)s {__version__}"
+
+
+def check_ca_file(path: str, option: str = "--ca-file") -> None:
+    """Refuse a CA bundle that does not exist or holds no PEM certificate.
+
+    Raises
+    ------
+    ConfigError
+        The message names the file and says what to pass instead.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{option} {path}: no such file; pass the CA certificate (PEM) that signed the "
+            "server's certificate (ask the server's operator for it)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(
+            f"{option} {path}: not a PEM certificate (no '-----BEGIN CERTIFICATE-----' "
+            f"block); convert a DER file with 'openssl x509 -inform der -in {path} -out ca.pem'"
+        )
+
+
+def _check_readable(path: str | None, option: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{option} {path}: no such file")
+
+
+async def check_scheme(url: str, *, timeout: float = _PROBE_TIMEOUT) -> str | None:
+    """Fail fast when ``url``'s scheme does not match what the server speaks.
+
+    One plain-text ``HEAD`` request on a fresh TCP connection: a plain HTTP server answers
+    ``HTTP/...``, a TLS server answers with an alert or closes the connection. A server that
+    cannot be reached yet is left to the client's retry loop (it may be starting).
+
+    Returns
+    -------
+    str or None
+        Why the server could not be reached (connection refused, a timeout), or ``None``.
+
+    Raises
+    ------
+    TransportError
+        ``http://`` against a TLS server, or ``https://`` against a plain HTTP server; the
+        message names the URL and the one to use.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except ConnectionRefusedError:
+        return "connection refused: is confide-server running on that port?"
+    except socket.gaierror:
+        return f"unknown host {host!r}"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        writer.write(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        first = await asyncio.wait_for(reader.read(5), timeout)
+    except asyncio.TimeoutError:
+        return None
+    except OSError:
+        first = b""
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    plain = first.startswith(b"HTTP/")
+    if parts.scheme == "http" and not plain:
+        raise TransportError(
+            f"{url} does not answer plain HTTP; the server probably uses TLS: pass "
+            f"--server https://{parts.netloc} with --ca-file"
+        )
+    if parts.scheme == "https" and plain:
+        raise TransportError(
+            f"{url} answers plain HTTP, not TLS: pass --server http://{parts.netloc}, or ask "
+            "the operator to set [tls] cert and key in the job config"
+        )
+    return None
 
 
 async def run_client(
@@ -45,6 +163,20 @@ async def run_client(
         if not args.quiet:
             print(line, flush=True)
 
+    if args.ca_file is not None:
+        check_ca_file(args.ca_file)
+    _check_readable(args.cert, "--cert")
+    _check_readable(args.key, "--key")
+    for data in (args.data, args.test_data):
+        _check_readable(data, "--data" if data == args.data else "--test-data")
+    if not args.server.startswith(("http://", "https://")):
+        raise ConfigError(f"--server must start with http:// or https://, got {args.server!r}")
+    unreachable = await check_scheme(args.server)
+    if unreachable is not None:
+        log(
+            f"{args.server} cannot be reached yet ({unreachable}); retrying for up to "
+            f"{args.retry_timeout:g} s (--retry-timeout)"
+        )
     ctx = client_ssl_context(args.ca_file, args.cert, args.key)
     client = Client(
         args.server,
@@ -66,7 +198,16 @@ async def run_client(
             if not args.token or not args.client_id:
                 print("not enrolled yet: pass --token and --client-id", file=sys.stderr)
                 return 2
-            await client.enroll(args.token, args.client_id)
+            try:
+                await client.enroll(args.token, args.client_id)
+            except ServerError as exc:
+                if exc.code == "bad_token":
+                    raise ConfigError(
+                        "the server refused the enrolment token (unknown or already used): ask "
+                        "the job's operator for a new one ('confide-server enroll --config "
+                        "job.toml' prints it)"
+                    ) from None
+                raise
         result = await client.run(trainer, train, test, on_task=on_task)
     return 0 if result.status == "finished" else 1
 
@@ -87,9 +228,34 @@ def load_site_data(manifest: Manifest, path: str, args: argparse.Namespace) -> S
         classes = spec.get("classes") or [str(i) for i in range(int(spec["num_classes"]))]
         transform = ImageTransform(size=(height, width), channels=channels)
         return ImageDataset.from_csv(path, classes=[str(c) for c in classes], transform=transform)
-    from confide.data import load_csv
+    from confide.data import check_feature_names, load_csv
 
-    return load_csv(path, args.label_column, args.patient_id_column)
+    table = load_csv(path, args.label_column, args.patient_id_column)
+    expected = spec.get("feature_names")
+    if expected is not None:
+        check_feature_names(table, [str(n) for n in expected], path)
+    warn_id_like(table, path, args.patient_id_column)
+    return table
+
+
+def warn_id_like(table: SiteData, path: str | Path, patient_id_column: str | None) -> None:
+    """Print a warning (stderr) for each feature column that looks like an identifier."""
+    from confide.data import Dataset, id_like_columns
+
+    if not isinstance(table, Dataset):
+        return
+    for name in id_like_columns(table):
+        hint = (
+            f"pass --patient-id-column {name} if it names the patient"
+            if patient_id_column is None
+            else "remove it if it identifies a person or a record"
+        )
+        print(
+            f"warning: {path}: column {name!r} looks like an identifier but is used as a "
+            f"feature; {hint} (without a patient id column every row is its own patient for "
+            "differential privacy)",
+            file=sys.stderr,
+        )
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -98,6 +264,7 @@ def run_export(args: argparse.Namespace) -> int:
     from confide.protocol.manifest import Manifest, decode_tensors
     from confide.training import build_trainer
 
+    _check_readable(args.manifest, "--manifest")
     manifest = Manifest.load(args.manifest)
     trainer = build_trainer(manifest)
     try:
@@ -115,62 +282,228 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_init_model(args: argparse.Namespace) -> int:
+    """Run ``confide init-model``: write ``model.json`` and ``init.safetensors`` to ``--out``.
+
+    With ``--from-csv`` the feature count, the feature names (recorded in the manifest, so a
+    site with other columns is refused) and the number of classes come from the table.
+    """
+    from confide.data import load_csv
+    from confide.protocol.manifest import Manifest, encode_tensors
+    from confide.training import NumpyTrainer
+
+    names: list[str] | None = None
+    classes = args.classes
+    if args.from_csv is not None:
+        _check_readable(args.from_csv, "--from-csv")
+        table = load_csv(args.from_csv, args.label_column, args.patient_id_column)
+        warn_id_like(table, args.from_csv, args.patient_id_column)
+        names = list(table.feature_names)
+        features = table.n_features
+        if classes is None:
+            classes = max(2, int(table.y.max()) + 1) if len(table) else 2
+    elif args.features is not None:
+        features = args.features
+    else:
+        raise ConfigError("pass --features N or --from-csv FILE (the table the sites hold)")
+    if features < 1:
+        raise ConfigError(f"--features must be >= 1, got {features}")
+    classes = 2 if classes is None else classes
+    if classes < 2:
+        raise ConfigError(f"--classes must be >= 2, got {classes}")
+    if args.arch == "mlp":
+        kind, hidden = "mlp", tuple(args.hidden)
+    else:
+        kind, hidden = ("logistic" if classes == 2 else "softmax"), ()
+    trainer = NumpyTrainer.create(kind, features, classes, hidden, seed=args.seed)
+    manifest = trainer.manifest
+    if names is not None:
+        manifest = Manifest(manifest.tensors, {**manifest.spec, "feature_names": names})
+    out = Path(args.out)
+    targets = [out / "model.json", out / "init.safetensors"]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.force:
+        raise ConfigError(f"{', '.join(existing)} already exist; pass --force to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.save(targets[0])
+    targets[1].write_bytes(encode_tensors(manifest, trainer.get_weights()))
+    what = f"{kind} model, {features} features, {classes} classes, {manifest.size} parameters"
+    print(f"wrote {targets[0]} and {targets[1]} ({what})")
+    print('name them in job.toml: [model] manifest = "model.json", weights = "init.safetensors"')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide`` argument parser."""
-    parser = argparse.ArgumentParser(prog="confide", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("client", help="join a federated job as one site")
-    c.add_argument("--server", required=True, help="http(s)://host:port")
-    c.add_argument("--token", help="one-time enrolment token (first run only)")
-    c.add_argument("--client-id", help="id to enrol under (first run only)")
+    fmt = HelpFormatter
+    parser = argparse.ArgumentParser(prog="confide", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser(
+        "client",
+        help="join a federated job as one site",
+        description="Join a federated job as one site: enrol once with a one-time token, then "
+        "train and evaluate on local data until the job ends. Data never leaves this machine.",
+        formatter_class=fmt,
+    )
+    c.add_argument("--version", action="version", version=_version())
+    c.add_argument("--server", required=True, help="the job's server, http(s)://host:port")
+    c.add_argument("--token", help="one-time enrolment token from the operator (first run only)")
+    c.add_argument("--client-id", help="id to enrol under, e.g. hospital-1 (first run only)")
     c.add_argument(
         "--data",
         required=True,
-        help="training data: a CSV table (label column + features) for numpy jobs, or a "
-        "labels CSV of images (path,label,patient_id) for torch jobs",
+        help="training data: a CSV table (label column + numeric features) for table jobs, or "
+        "a labels CSV of images (path,label,patient_id) for image jobs",
     )
     c.add_argument("--test-data", help="evaluation data, same format (default: the training data)")
     c.add_argument(
         "--device",
         default=None,
-        help="torch jobs: the device to train on (cpu, cuda, cuda:1; default cpu)",
+        help="image (torch) jobs: the device to train on: cpu, cuda, cuda:1 (default: cpu)",
     )
-    c.add_argument("--label-column", default="label")
+    c.add_argument("--label-column", default="label", help="the CSV column holding the label")
     c.add_argument(
         "--patient-id-column",
         default=None,
-        help="column naming each row's patient (not a feature); required for patient-level "
-        "DP when a patient has several rows",
+        help="CSV column naming each row's patient (not a feature); needed for patient-level "
+        "differential privacy when a patient has several rows",
     )
-    c.add_argument("--state", default=".confide-client", help="identity and state folder")
-    c.add_argument("--ca-file", help="CA bundle to verify the server (https)")
-    c.add_argument("--cert", help="client certificate (mutual TLS)")
-    c.add_argument("--key", help="client certificate key (mutual TLS)")
-    c.add_argument("--poll-wait", type=float, default=20.0)
-    c.add_argument("--retry-timeout", type=float, default=120.0)
-    c.add_argument("--quiet", action="store_true")
-    e = sub.add_parser("export", help="write a model as ONNX for on-device inference")
+    c.add_argument(
+        "--state", default=".confide-client", help="folder for this site's identity and state"
+    )
+    c.add_argument(
+        "--ca-file", help="CA certificate (PEM) the server's certificate chains to (https)"
+    )
+    c.add_argument("--cert", help="this site's certificate (PEM), for mutual TLS")
+    c.add_argument("--key", help="this site's certificate key (PEM), for mutual TLS")
+    c.add_argument(
+        "--poll-wait", type=float, default=20.0, help="seconds one long-poll for work may wait"
+    )
+    c.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to keep retrying an unreachable or busy server before giving up",
+    )
+    c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    i = sub.add_parser(
+        "init-model",
+        help="write the initial model of a table job (model.json + init.safetensors)",
+        description="Write the initial model of a table job: model.json (the manifest) and "
+        "init.safetensors (Glorot-uniform weights, zero biases), for [model] in job.toml. "
+        "With --from-csv the feature names are recorded, so sites whose columns differ are "
+        "refused before they enrol.",
+        formatter_class=fmt,
+    )
+    i.add_argument("--version", action="version", version=_version())
+    i.add_argument(
+        "--arch",
+        choices=["logreg", "mlp"],
+        default="logreg",
+        help="logistic (2 classes) or softmax regression, or a multi-layer perceptron",
+    )
+    src = i.add_mutually_exclusive_group()
+    src.add_argument("--features", type=int, help="number of feature columns")
+    src.add_argument(
+        "--from-csv", help="a CSV table like the sites': features, names and classes from it"
+    )
+    i.add_argument("--label-column", default="label", help="with --from-csv: the label column")
+    i.add_argument(
+        "--patient-id-column", default=None, help="with --from-csv: the patient id column"
+    )
+    i.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="number of classes (default: 2, or the table's largest label + 1)",
+    )
+    i.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="mlp: hidden layer widths",
+    )
+    i.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    i.add_argument("--out", required=True, help="output folder (created)")
+    i.add_argument("--force", action="store_true", help="replace an existing model there")
+    e = sub.add_parser(
+        "export",
+        help="write a model as ONNX for on-device inference",
+        description="Write a model version as ONNX and check it against onnxruntime.",
+        formatter_class=fmt,
+    )
+    e.add_argument("--version", action="version", version=_version())
     e.add_argument("--manifest", required=True, help="the job's model.json")
     e.add_argument("--weights", required=True, help="a model version (.safetensors)")
     e.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
-    e.add_argument("--out", required=True, help="output file (e.g. model.onnx)")
+    e.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     e.add_argument(
         "--atol",
         type=float,
         default=1e-5,
-        help="largest allowed difference between onnxruntime and the model (default 1e-5)",
+        help="largest allowed difference between onnxruntime and the model",
     )
     return parser
+
+
+#: Import names of optional dependencies and the extra that installs each (README "Install").
+OPTIONAL_PACKAGES = {
+    "sklearn": "confide-server[demo]",
+    "matplotlib": "confide-server[demo]",
+    "dp_accounting": "confide[privacy]",
+    "torch": "confide[torch]",
+    "onnx": "confide[export]",
+    "onnxscript": "confide[export]",
+    "onnxruntime": "confide[onnx]",
+    "ai_edge_litert": "confide[litert]",
+    "PIL": "confide[images]",
+    "pydicom": "confide[dicom]",
+    "skimage": "confide[lesions]",
+}
+
+
+def missing_package(exc: ModuleNotFoundError) -> str:
+    """One line naming a missing optional package and the extra that installs it."""
+    extra = OPTIONAL_PACKAGES.get((exc.name or "").split(".")[0])
+    hint = f"pip install '{extra}'" if extra else "see the README's Install section"
+    return f"the Python package {exc.name!r} is not installed: {hint}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user mistake: what went wrong, naming the file, column or option."""
+    if isinstance(exc, ConfideError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``confide`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    prog = f"confide {args.command}"
     try:
         if args.command == "export":
-            return run_export(args)
-        return asyncio.run(run_client(args))
+            rc = run_export(args)
+        elif args.command == "init-model":
+            rc = run_init_model(args)
+        else:
+            rc = asyncio.run(run_client(args))
+        sys.stdout.flush()
+        return rc
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`| head`): say nothing more on a closed stdout.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except ModuleNotFoundError as exc:
+        print(f"{prog}: {missing_package(exc)}", file=sys.stderr)
+        return 2
     except (ConfideError, OSError, ValueError) as exc:
-        print(f"confide {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{prog}: {describe_error(exc)}", file=sys.stderr)
         return 2

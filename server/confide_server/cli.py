@@ -1,11 +1,21 @@
-"""``confide-server``: ``run``, ``enroll``, ``status``, ``simulate`` and ``dopamine``."""
+"""``confide-server``: ``run``, ``enroll``, ``status``, ``simulate`` and ``dopamine``.
+
+``enroll`` prints one-time tokens; ``dopamine`` is the three-arm distributed DP-SGD experiment.
+
+A user mistake (a port in use, a missing model file, an infeasible job, Ctrl-C, a closed
+pipe) is reported in one or two lines on stderr with a non-zero exit status, never a
+traceback. A server stopped by Ctrl-C or SIGTERM records a clean stop, which ``status``
+shows (``stopped``; ``run`` resumes the job).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
+import os
 import signal
 import ssl
 import sys
@@ -14,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from confide.errors import FederationError
+from confide.errors import ConfideError, ConfigError
 from confide_server.app import create_app
 from confide_server.config import Config, TLSConfig, load_config
 from confide_server.engine.privacy import read_privacy
@@ -22,9 +32,29 @@ from confide_server.engine.rounds import CrashHook, hash_token, new_token
 from confide_server.keys import engine_key, finished_key
 from confide_server.store import Store
 
-__all__ = ["build_ssl_context", "main", "serve"]
+__all__ = ["build_parser", "build_ssl_context", "main", "serve"]
 
 log = logging.getLogger("confide_server")
+
+DESCRIPTION = """\
+confide-server: serve a federated-learning job (run), print one-time enrolment tokens for
+its sites (enroll), show its state (status), or run a whole federation on loopback
+(simulate). Run 'confide-server COMMAND --help' for a command's options."""
+
+#: The ``meta`` key that says whether a server is serving the job or stopped cleanly.
+SERVER_STATE_KEY = "server_state"
+
+
+def version_string() -> str:
+    """``confide-server <version>`` (the distribution's version, pinned to the SDK's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"confide-server {version('confide-server')}"
+    except PackageNotFoundError:  # pragma: no cover - a source checkout on PYTHONPATH
+        from confide import __version__
+
+        return f"confide-server {__version__}"
 
 
 def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
@@ -59,16 +89,35 @@ async def serve(config: Config, *, crash_hook: CrashHook | None = None) -> int:
         ssl_context=build_ssl_context(config.tls),
         backlog=4096,
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {config.server.port} on {config.server.host} is already in use "
+                "(another confide-server?): stop that process, or set another [server] port "
+                "in the job config"
+            ) from None
+        raise
+    store = app[engine_key].store
+    with store.transaction() as cur:
+        store.set_meta(cur, SERVER_STATE_KEY, "serving")
     scheme = "https" if config.tls.cert else "http"
     for addr in runner.addresses:
         print(
             f"confide-server: job {config.job.name!r} on {scheme}://{addr[0]}:{addr[1]}", flush=True
         )
     stop = asyncio.Event()
+    stopped_by: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        stopped_by.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     waits = [asyncio.ensure_future(stop.wait())]
     if config.server.exit_when_finished:
         waits.append(asyncio.ensure_future(app[finished_key].wait()))
@@ -79,7 +128,19 @@ async def serve(config: Config, *, crash_hook: CrashHook | None = None) -> int:
     if status != "running" and not stop.is_set():
         # Let long-polling clients learn that the job is over before the port closes.
         await asyncio.sleep(config.server.linger_s)
+    clean_stop = stop.is_set() and status == "running"
+    # A clean stop: `status` says "stopped" (recorded before cleanup closes the store), and
+    # `run` with the same config resumes the job.
+    with store.transaction() as cur:
+        store.set_meta(cur, SERVER_STATE_KEY, "stopped")
     await runner.cleanup()
+    if clean_stop:
+        print(
+            f"confide-server: stopped cleanly; job {config.job.name!r} is resumable "
+            "(run the same command again)",
+            flush=True,
+        )
+        return 130 if stopped_by[:1] == [signal.SIGINT] else 0
     print(f"confide-server: job {status}", flush=True)
     return 1 if status == "failed" else 0
 
@@ -113,12 +174,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
         unused, used = store.count_tokens()
         clients = sorted(store.clients())
         privacy, per_round = read_privacy(store)
+        current = store.get_meta("current_model")
+        rel = store.model_path(current) if current else None
+        model_file = None if rel is None else str(config.server.state_dir / rel)
+        if args.model_path:
+            if model_file is None:
+                raise ConfigError(f"no model version recorded yet in {config.server.state_dir}")
+            print(model_file)
+            return 0
+        job_status = store.get_meta("status")
+        if job_status == "running" and store.get_meta(SERVER_STATE_KEY) == "stopped":
+            job_status = "stopped"
         doc: dict[str, Any] = {
             "job": store.get_meta("job_name"),
-            "status": store.get_meta("status"),
+            "status": job_status,
             "reason": store.get_meta("status_reason"),
             "privacy": privacy,
-            "current_model": store.get_meta("current_model"),
+            "current_model": current,
+            "current_model_path": model_file,
             "rounds_target": config.job.rounds,
             "rounds_completed": sum(r.status == "committed" for r in rounds),
             "clients": clients,
@@ -145,6 +218,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"noise_multiplier={privacy['noise_multiplier']:.4f}, "
             f"clip_norm={privacy['clip_norm']:g}"
         )
+    if model_file is not None:
+        print(f"current model: {model_file}")
     for r in rounds:
         acc = (r.metrics or {}).get("eval_accuracy")
         extra = f" accuracy={acc:.4f}" if isinstance(acc, float) else ""
@@ -159,40 +234,109 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``confide-server``."""
-    parser = argparse.ArgumentParser(prog="confide-server", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="serve a job")
-    run.add_argument("--config", required=True, help="job TOML file")
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``confide-server`` argument parser (``simulate`` has its own)."""
+    from confide.cli import HelpFormatter
+
+    fmt = HelpFormatter
+    parser = argparse.ArgumentParser(prog="confide-server", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=version_string())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="serve a job",
+        description="Serve one job until it ends or Ctrl-C/SIGTERM (a stopped job resumes "
+        "when run again with the same config).",
+        formatter_class=fmt,
+    )
+    run.add_argument("--version", action="version", version=version_string())
+    run.add_argument("--config", required=True, help="the job config (job.toml; docs/job.md)")
     run.set_defaults(func=_cmd_run)
-    enroll = sub.add_parser("enroll", help="print new one-time enrolment tokens")
-    enroll.add_argument("--config", required=True)
-    enroll.add_argument("-n", "--count", type=int, default=1)
+    enroll = sub.add_parser(
+        "enroll",
+        help="print new one-time enrolment tokens",
+        description="Print new one-time enrolment tokens, one per line, one per site (only "
+        "their hashes are stored). Hand each site its token over a trusted channel.",
+        formatter_class=fmt,
+    )
+    enroll.add_argument("--version", action="version", version=version_string())
+    enroll.add_argument("--config", required=True, help="the job config (job.toml)")
+    enroll.add_argument("-n", "--count", type=int, default=1, help="number of tokens")
     enroll.set_defaults(func=_cmd_enroll)
-    status = sub.add_parser("status", help="show the job's state")
-    status.add_argument("--config", required=True)
-    status.add_argument("--json", action="store_true")
+    status = sub.add_parser(
+        "status",
+        help="show the job's state",
+        description="Show the job's state: status, rounds, accuracy and epsilon per round.",
+        formatter_class=fmt,
+    )
+    status.add_argument("--version", action="version", version=version_string())
+    status.add_argument("--config", required=True, help="the job config (job.toml)")
+    status.add_argument("--json", action="store_true", help="print the state as JSON")
+    status.add_argument(
+        "--model-path",
+        action="store_true",
+        help="print only the file of the current model version (for scripts: confide export)",
+    )
     status.set_defaults(func=_cmd_status)
-    sub.add_parser("simulate", help="run a whole federation on loopback", add_help=False)
+    sub.add_parser(
+        "simulate",
+        help="run a whole federation on loopback",
+        add_help=False,
+    )
     sub.add_parser(
         "dopamine",
         help="the Dopamine experiment: distributed DP-SGD under SecAgg+ vs FedAvg vs central",
         add_help=False,
     )
+    return parser
+
+
+def _stdout_gone() -> int:
+    # The reader went away (`status | head`): nothing more can be said on stdout.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``confide-server``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["simulate"]:
-        from confide_server.simulate import main_simulate
-
-        return main_simulate(argv[1:])
-    if argv[:1] == ["dopamine"]:
-        from confide_server.dopamine import main_dopamine
-
-        return main_dopamine(argv[1:])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    parser = build_parser()
+    name = "confide-server"
     try:
-        return int(args.func(args))
-    except FederationError as exc:
-        print(f"confide-server: {exc}", file=sys.stderr)
+        if argv[:1] == ["simulate"]:
+            from confide_server.simulate import main_simulate
+
+            name = "confide-server simulate"
+            rc = main_simulate(argv[1:])
+        elif argv[:1] == ["dopamine"]:
+            from confide_server.dopamine import main_dopamine
+
+            name = "confide-server dopamine"
+            rc = main_dopamine(argv[1:])
+        else:
+            args = parser.parse_args(argv)
+            name = f"confide-server {args.command}"
+            logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+            if args.command == "enroll" and args.count < 1:
+                raise ConfigError(f"--count must be >= 1, got {args.count}")
+            rc = int(args.func(args))
+        sys.stdout.flush()
+        return rc
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return _stdout_gone()
+    except ModuleNotFoundError as exc:
+        from confide.cli import missing_package
+
+        print(f"{name}: {missing_package(exc)}", file=sys.stderr)
+        return 2
+    except (ConfideError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is not None:
+            what = f"{exc.filename}: {exc.strerror or exc}"
+        else:
+            what = str(exc)
+        print(f"{name}: {what}", file=sys.stderr)
         return 2

@@ -37,15 +37,17 @@ from typing import Any
 import numpy as np
 
 from confide.data import (
+    Dataset,
     Standardizer,
     load_breast_cancer,
+    load_csv,
     partition_dirichlet,
     partition_iid,
     save_csv,
     train_test_split,
 )
 from confide.errors import ConfigError
-from confide.protocol.manifest import decode_tensors, encode_tensors
+from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors
 from confide.strategies import available_strategies, get_strategy
 from confide.training import NumpyTrainer, SiteData, TrainConfig, Trainer, build_trainer
 from confide_server.config import Config, load_config, parse_config, render_toml
@@ -95,7 +97,9 @@ class SimulationOptions:
     strategy: str = "fedavg"  # a confide.strategies name
     extra_strategy: dict[str, Any] = field(default_factory=dict)  # the strategy's options
     extra_secagg: dict[str, Any] = field(default_factory=dict)  # [secagg] overrides
-    data: str = "breast_cancer"  # "breast_cancer" (table) | "lesions" (images, torch models)
+    data: str = "breast_cancer"  # "breast_cancer" | a CSV file (tables) | "lesions" (images)
+    label_column: str = "label"  # a CSV file's label column
+    patient_id_column: str | None = None  # a CSV file's patient id column (not a feature)
     image_size: int = 64  # lesions: tile side in pixels
     patients_per_site: int = 6  # lesions: pseudo-patients per site
     tiles_per_patient: int = 5  # lesions: tiles of each pseudo-patient
@@ -141,29 +145,33 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
     (work / _MARKER).touch()
     if opts.data == "lesions":
         return _prepare_image_job(work, opts)
-    if opts.data != "breast_cancer":
-        raise ConfigError(f"data must be 'breast_cancer' or 'lesions', got {opts.data!r}")
-    full = load_breast_cancer()
-    train, test = train_test_split(full, 0.2, seed=opts.seed)
-    scaler = Standardizer.fit(train.x)
-    train, test = scaler.apply(train), scaler.apply(test)
-    if opts.partition == "iid":
-        parts = partition_iid(len(train), opts.clients, seed=opts.seed)
-    elif opts.partition == "dirichlet":
-        parts = partition_dirichlet(train.y, opts.clients, opts.alpha, seed=opts.seed)
-    else:
+    if opts.partition not in ("iid", "dirichlet"):
         raise ConfigError(f"partition must be 'iid' or 'dirichlet', got {opts.partition!r}")
-    test_parts = partition_iid(len(test), opts.clients, seed=opts.seed + 1)
+    full = load_breast_cancer() if opts.data == "breast_cancer" else _load_table(opts)
+    n_classes = max(2, int(full.y.max()) + 1)
+    if opts.model == "logistic" and n_classes > 2:
+        raise ConfigError(
+            f"{opts.data} has {n_classes} classes and logistic regression is binary: "
+            "pass --model softmax or --model mlp"
+        )
+    train, test, parts, test_parts = _split(full, opts)
     sites = work / "sites"
     sites.mkdir(exist_ok=True)
     site_train, site_test = [], []
     for k, (tr, te) in enumerate(zip(parts, test_parts, strict=True), start=1):
         site_train.append(sites / f"site-{k}-train.csv")
         site_test.append(sites / f"site-{k}-test.csv")
-        save_csv(train.subset(tr), site_train[-1])
-        save_csv(test.subset(te), site_test[-1])
+        for ds, path in ((train.subset(tr), site_train[-1]), (test.subset(te), site_test[-1])):
+            save_csv(ds, path, opts.label_column, opts.patient_id_column)
     hidden = opts.hidden if opts.model == "mlp" else ()
-    trainer = NumpyTrainer.create(opts.model, train.n_features, 2, hidden, seed=opts.seed)
+    created = NumpyTrainer.create(opts.model, train.n_features, n_classes, hidden, seed=opts.seed)
+    # The manifest records the feature columns: a site whose table differs is refused
+    # before it spends its enrolment token.
+    named = Manifest(
+        created.manifest.tensors,
+        {**created.manifest.spec, "feature_names": list(train.feature_names)},
+    )
+    trainer = NumpyTrainer(named, created.get_weights())
     trainer.manifest.save(work / "model.json")
     (work / "init.safetensors").write_bytes(encode_tensors(trainer.manifest, trainer.get_weights()))
     port = opts.port or free_port()
@@ -183,6 +191,71 @@ def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
         trainer,
         job,
     )
+
+
+def _load_table(opts: SimulationOptions) -> Dataset:
+    """Read ``opts.data`` as a CSV table and warn about id-like feature columns."""
+    from confide.cli import warn_id_like
+
+    path = Path(opts.data)
+    if not path.is_file():
+        raise ConfigError(
+            f"--data {opts.data}: no such file (pass breast_cancer, lesions or a CSV table "
+            "with a header row)"
+        )
+    table = load_csv(path, opts.label_column, opts.patient_id_column)
+    warn_id_like(table, path, opts.patient_id_column)
+    return table
+
+
+def _split(full: Dataset, opts: SimulationOptions) -> tuple[Dataset, Dataset, list[Any], list[Any]]:
+    """Train/test split, standardised, and each side's rows per site.
+
+    With patient ids every patient's rows stay together: in one site, on one side.
+    """
+    if full.patient_ids is None:
+        train, test = train_test_split(full, 0.2, seed=opts.seed)
+    else:
+        patients = np.unique(full.patient_ids)
+        if len(patients) < 2 * opts.clients:
+            raise ConfigError(
+                f"{opts.data} has {len(patients)} patients: too few for {opts.clients} sites "
+                "with a train and a test part each"
+            )
+        order = np.random.default_rng(opts.seed).permutation(patients)
+        held_out = np.isin(full.patient_ids, order[: max(opts.clients, len(order) // 5)])
+        train = full.subset(np.flatnonzero(~held_out))
+        test = full.subset(np.flatnonzero(held_out))
+    scaler = Standardizer.fit(train.x)
+    train, test = scaler.apply(train), scaler.apply(test)
+    if full.patient_ids is None:
+        if opts.partition == "iid":
+            parts = partition_iid(len(train), opts.clients, seed=opts.seed)
+        else:
+            parts = partition_dirichlet(train.y, opts.clients, opts.alpha, seed=opts.seed)
+        test_parts = partition_iid(len(test), opts.clients, seed=opts.seed + 1)
+        return train, test, parts, test_parts
+    if opts.partition != "iid":
+        raise ConfigError(
+            "--partition dirichlet splits rows by label; with --patient-id-column pass "
+            "--partition iid (patients are then spread over sites at random)"
+        )
+    return (
+        train,
+        test,
+        _patient_parts(train, opts.clients, opts.seed),
+        _patient_parts(test, opts.clients, opts.seed + 1),
+    )
+
+
+def _patient_parts(ds: Dataset, n: int, seed: int) -> list[Any]:
+    """Row indices per site, each patient's rows in one site (patients split IID)."""
+    ids = ds.patient_ids
+    if ids is None:
+        raise ConfigError("a patient-level split needs patient ids")
+    patients = np.unique(ids)
+    groups = partition_iid(len(patients), n, seed=seed)
+    return [np.flatnonzero(np.isin(ids, patients[g])) for g in groups]
 
 
 def _prepare_image_job(work: Path, opts: SimulationOptions) -> JobFiles:
@@ -256,7 +329,9 @@ def job_document(opts: SimulationOptions, port: int) -> dict[str, dict[str, Any]
         "job": {
             "name": f"breast-cancer-{opts.partition}"
             if opts.data == "breast_cancer"
-            else f"{opts.data}-{opts.model}-{opts.partition}",
+            else f"{opts.data}-{opts.model}-{opts.partition}"
+            if opts.data == "lesions"
+            else f"{Path(opts.data).stem}-{opts.partition}",
             "rounds": opts.rounds,
             "seed": opts.seed,
             "cohort_size": opts.clients,
@@ -393,8 +468,12 @@ def _server_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "confide_server", *args]
 
 
-def _plot(rows: list[dict[str, Any]], baseline: float, path: Path) -> None:
-    import matplotlib
+def _plot(rows: list[dict[str, Any]], baseline: float, path: Path) -> bool:
+    """Write the accuracy plot; ``False`` when matplotlib (``[demo]``) is not installed."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -418,6 +497,7 @@ def _plot(rows: list[dict[str, Any]], baseline: float, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def run_simulation(
@@ -451,6 +531,11 @@ def run_simulation(
     """
     t0 = time.monotonic()
     work = Path(workdir).resolve()
+    if work.is_dir() and not (work / _MARKER).exists() and any(work.iterdir()):
+        raise ConfigError(
+            f"--out {work}: the folder is not empty and was not written by confide-server "
+            "simulate; pass a new or empty folder (earlier simulation output is replaced)"
+        )
     if (work / _MARKER).exists():
         for sub in ("state", "sites", "clients", "logs"):
             shutil.rmtree(work / sub, ignore_errors=True)
@@ -497,7 +582,11 @@ def run_simulation(
                 str(files.site_test[k - 1]),
                 "--state",
                 str(work / "clients" / f"hospital-{k}"),
+                "--label-column",
+                opts.label_column,
             ]
+            if opts.patient_id_column is not None:
+                cmd += ["--patient-id-column", opts.patient_id_column]
             launcher.spawn(f"hospital-{k}", cmd, env=site_env)
         print(
             f"{'round':>5}  {'status':<9}  {'clients':>7}  {'train loss':>10}  "
@@ -567,8 +656,7 @@ def run_simulation(
         fed_acc = fed.evaluate(files.test)["accuracy"]
         base_acc = central_baseline(files, opts) if central else None
         plot_path = Path(plot) if plot is not None else work / "accuracy.png"
-        if base_acc is not None:
-            _plot(status["rounds"], base_acc, plot_path)
+        plotted = base_acc is not None and _plot(status["rounds"], base_acc, plot_path)
         print(
             f"federated accuracy (final model, pooled test set of {len(files.test)}): {fed_acc:.4f}"
         )
@@ -596,8 +684,10 @@ def run_simulation(
             print(f"job stopped early: {status['reason']}")
         if opts.release:
             _release(files)
-        if base_acc is not None:
+        if plotted:
             print(f"plot: {plot_path}")
+        elif central:
+            print("plot: skipped (matplotlib is not installed: pip install 'confide-server[demo]')")
         print(f"done in {time.monotonic() - t0:.1f} s; logs in {logs}", flush=True)
         return 0
     finally:
@@ -618,21 +708,48 @@ def _release(files: JobFiles) -> None:
     print("open the patient app on it:  make app")
 
 
-def main_simulate(argv: Sequence[str]) -> int:
-    """Parse ``confide-server simulate`` arguments and run it."""
+def build_simulate_parser() -> Any:
+    """Build the ``confide-server simulate`` argument parser."""
+    import argparse
+
+    from confide.cli import HelpFormatter
+    from confide_server.cli import version_string
+
     parser = argparse.ArgumentParser(
-        prog="confide-server simulate", description=__doc__.split("\n")[0]
+        prog="confide-server simulate",
+        description="Run a real federation on loopback: one confide-server and one confide "
+        "client process per site, over HTTP, on scikit-learn's breast-cancer table, your own "
+        "CSV table (--data FILE.csv) or the lesion images; then compare with central "
+        "training and plot accuracy per round.",
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--clients", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--partition", choices=["iid", "dirichlet"], default="iid")
-    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    parser.add_argument("--version", action="version", version=version_string())
+    parser.add_argument("--clients", type=int, default=3, help="number of sites (processes)")
+    parser.add_argument("--rounds", type=int, default=10, help="federated rounds")
+    parser.add_argument(
+        "--partition",
+        choices=["iid", "dirichlet"],
+        default="iid",
+        help="how rows are spread over sites: at random, or with Dirichlet label skew",
+    )
+    parser.add_argument(
+        "--alpha", type=float, default=0.5, help="Dirichlet concentration (small: more skew)"
+    )
     parser.add_argument(
         "--data",
-        choices=["breast_cancer", "lesions"],
         default="breast_cancer",
-        help="scikit-learn's breast-cancer table, or the lesion-detection images "
-        "(synthetic lesions on real scans shipped by pydicom/scikit-image; torch models)",
+        help="breast_cancer (scikit-learn's table), a CSV file of your own (header row, a "
+        "label column, numeric features), or lesions (synthetic lesions on real scans "
+        "shipped by pydicom/scikit-image; torch models)",
+    )
+    parser.add_argument(
+        "--label-column", default="label", help="with --data FILE.csv: the label column"
+    )
+    parser.add_argument(
+        "--patient-id-column",
+        default=None,
+        help="with --data FILE.csv: the column naming each row's patient (not a feature; "
+        "a patient's rows stay on one site, and DP protects the patient)",
     )
     parser.add_argument(
         "--model",
@@ -649,12 +766,21 @@ def main_simulate(argv: Sequence[str]) -> int:
         action="store_true",
         help="sign the final model as a release for devices (the patient app)",
     )
-    parser.add_argument("--hidden", type=int, nargs="*", default=[16])
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="0.1; 0.5 with --dp sample")
-    parser.add_argument("--min-clients", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--hidden", type=int, nargs="*", default=[16], help="mlp: hidden layer widths"
+    )
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--batch-size", type=int, default=16, help="local batch size")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default 0.1; 0.5 with --dp sample)"
+    )
+    parser.add_argument(
+        "--min-clients",
+        type=int,
+        default=0,
+        help="quorum per round (0: two thirds of the sites, at least one)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the model")
     parser.add_argument(
         "--strategy",
         choices=available_strategies(),
@@ -669,14 +795,20 @@ def main_simulate(argv: Sequence[str]) -> int:
         help="a [strategy] option, e.g. mu=0.01, momentum=0.9, trim_fraction=0.2, "
         "max_norm=1.0, server_learning_rate=0.1 (repeatable)",
     )
-    parser.add_argument("--out", default="simulation", help="output folder")
-    parser.add_argument("--plot", default=None, help="PNG path (default OUT/accuracy.png)")
-    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--out",
+        default="simulation",
+        help="output folder: new, empty, or an earlier simulation's (replaced)",
+    )
+    parser.add_argument("--plot", default=None, help="PNG path (default: OUT/accuracy.png)")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds before the run is declared failed"
+    )
     parser.add_argument(
         "--dp",
         choices=["none", "sample", "central", "distributed", "sample_distributed"],
         default="sample",
-        help="differential privacy: patient-level DP-SGD (default), client-level with "
+        help="differential privacy: patient-level DP-SGD (sample), client-level with "
         "server noise (central), client-level with noise shares under SecAgg+ "
         "(distributed), or none",
     )
@@ -684,7 +816,8 @@ def main_simulate(argv: Sequence[str]) -> int:
         "--epsilon",
         type=float,
         default=0.0,
-        help="target epsilon of the whole run at delta 1e-5 (calibrates the noise; slower)",
+        help="target epsilon of the whole run at delta 1e-5 (calibrates the noise; slower; "
+        "0: use --noise-multiplier)",
     )
     parser.add_argument(
         "--noise-multiplier",
@@ -692,15 +825,33 @@ def main_simulate(argv: Sequence[str]) -> int:
         default=None,
         help="fixed noise multiplier (default for --dp sample: 1.82, epsilon just under 4)",
     )
-    parser.add_argument("--epsilon-budget", type=float, default=0.0)
-    parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--sampling-rate", type=float, default=0.2)
+    parser.add_argument(
+        "--epsilon-budget",
+        type=float,
+        default=0.0,
+        help="stop the job before its epsilon exceeds this (0: no budget)",
+    )
+    parser.add_argument(
+        "--clip-norm", type=float, default=1.0, help="DP clip norm (per patient or per update)"
+    )
+    parser.add_argument(
+        "--sampling-rate",
+        type=float,
+        default=0.2,
+        help="--dp sample: Poisson rate of a patient per DP-SGD step",
+    )
     parser.add_argument(
         "--no-secagg",
         action="store_true",
         help="turn SecAgg+ secure aggregation off (on by default; off with --dp central, "
         "whose server-side clipping needs the individual updates)",
     )
+    return parser
+
+
+def main_simulate(argv: Sequence[str]) -> int:
+    """Parse ``confide-server simulate`` arguments and run it."""
+    parser = build_simulate_parser()
     args = parser.parse_args(argv)
     images = args.data == "lesions"
     model = args.model or ("squeezenet" if images else "logistic")
@@ -719,6 +870,9 @@ def main_simulate(argv: Sequence[str]) -> int:
             f"--strategy {args.strategy} needs every update in the clear; --dp {args.dp} "
             "only shows the server their sum (use --dp sample or none)"
         )
+    table = args.data not in ("breast_cancer", "lesions")
+    if not table and (args.label_column != "label" or args.patient_id_column is not None):
+        parser.error("--label-column and --patient-id-column go with --data FILE.csv")
     noise = args.noise_multiplier
     if noise is None:
         # Precomputed so the demo starts at once: z = 1.82 with q = 0.2 and 5 steps per
@@ -755,5 +909,12 @@ def main_simulate(argv: Sequence[str]) -> int:
         image_size=args.image_size,
         patients_per_site=args.patients_per_site,
         release=args.release,
+        label_column=args.label_column,
+        patient_id_column=args.patient_id_column,
     )
-    return run_simulation(args.out, opts, plot=args.plot, timeout=args.timeout)
+    try:
+        return run_simulation(args.out, opts, plot=args.plot, timeout=args.timeout)
+    except ConfigError as exc:
+        if opts.secagg and "[secagg] is infeasible" in str(exc):
+            raise ConfigError(f"{exc}; here: pass --clients 3 or more, or --no-secagg") from None
+        raise

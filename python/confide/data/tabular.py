@@ -11,6 +11,8 @@ it shuffles experiments and protects no secret.
 from __future__ import annotations
 
 import csv
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ __all__ = [
     "Dataset",
     "RegressionDataset",
     "Standardizer",
+    "check_feature_names",
+    "id_like_columns",
     "load_breast_cancer",
     "load_csv",
     "load_diabetes",
@@ -252,7 +256,7 @@ class Standardizer:
         Dataset
             Standardised copy.
         """
-        return Dataset(self.transform(ds.x), ds.y, ds.feature_names)
+        return Dataset(self.transform(ds.x), ds.y, ds.feature_names, ds.patient_ids)
 
 
 def load_csv(
@@ -278,8 +282,9 @@ def load_csv(
 
     Raises
     ------
-    ValueError
-        No such label column, ragged rows, non-numeric or non-finite cells.
+    DataError
+        No such label column, ragged rows, non-numeric or non-finite cells (the message
+        names the file, row and column).
     """
     with Path(path).open(newline="") as fh:
         reader = csv.reader(fh)
@@ -305,16 +310,122 @@ def load_csv(
             raise DataError(f"{path}: row {r + 2} has {len(row)} cells, expected {len(header)}")
         try:
             y[r] = int(row[li])
+        except ValueError:
+            raise DataError(
+                f"{path}: row {r + 2}: label column {label_column!r} holds {row[li]!r}, "
+                "expected an integer class index (0, 1, ...)"
+            ) from None
+        try:
             x[r] = [float(v) for i, v in enumerate(row) if i not in (li, pi)]
-        except ValueError as exc:
-            raise DataError(f"{path}: row {r + 2}: {exc}") from exc
+        except ValueError:
+            col = next(i for i, v in enumerate(row) if i not in (li, pi) and not _is_float(v))
+            raise DataError(
+                f"{path}: row {r + 2}: column {header[col]!r} holds {row[col]!r}, not a number; "
+                "every column except the label is a numeric feature. If it identifies the "
+                f"patient, pass --patient-id-column {header[col]}; otherwise remove it"
+            ) from None
         if pi >= 0:
             ids.append(row[pi])
     patient_ids = np.array(ids, dtype=np.str_) if pi >= 0 else None
     return Dataset(x, y, features, patient_ids)
 
 
-def save_csv(ds: Dataset, path: str | Path, label_column: str = "label") -> None:
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+#: Column names that usually identify a person or a record rather than describe one.
+_ID_NAME = re.compile(r"mrn|patient|subject|(^|[^a-z])(id|ids|record|ssn|nhs)([^a-z]|$)")
+
+
+def id_like_columns(ds: Dataset) -> list[str]:
+    """Return the feature columns that look like identifiers rather than measurements.
+
+    A column is id-like when its name reads like one (``id``, ``mrn``, ``patient_id``,
+    ``subject``, ``record``...), or when it holds only integers that are distinct on
+    (nearly) every row, like a medical record number. Such a column should not be a feature:
+    the model could memorise it, and without ``patient_id_column`` the unit of differential
+    privacy silently becomes the row instead of the patient.
+
+    Parameters
+    ----------
+    ds : Dataset
+        A table with ``feature_names``.
+
+    Returns
+    -------
+    list of str
+        The suspicious feature names, in column order.
+
+    Examples
+    --------
+    >>> x = np.array([[101, 0.5], [102, 0.7], [103, 0.5]], dtype=np.float32)
+    >>> id_like_columns(Dataset(x, np.array([0, 1, 0]), ("visit", "dose")))
+    ['visit']
+    """
+    found = []
+    n = len(ds)
+    for j, name in enumerate(ds.feature_names):
+        col = ds.x[:, j]
+        integral = bool(np.all(col == np.round(col)))
+        distinct = len(np.unique(col))
+        near_unique = n >= 3 and integral and distinct >= max(3, int(0.95 * n))
+        camel_id = name.endswith(("Id", "ID")) and len(name) > 2
+        if _ID_NAME.search(name.lower()) or camel_id or near_unique:
+            found.append(name)
+    return found
+
+
+def check_feature_names(ds: Dataset, expected: Sequence[str], source: str | Path) -> None:
+    """Refuse a table whose feature columns are not the job's, in the job's order.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The site's table.
+    expected : sequence of str
+        The feature names the job's manifest records (``spec["feature_names"]``).
+    source : str or Path
+        The table's file, for the message.
+
+    Raises
+    ------
+    DataError
+        Columns are missing, unexpected, or in another order; the message names them.
+    """
+    have, want = list(ds.feature_names), list(expected)
+    if have == want:
+        return
+    missing = [c for c in want if c not in have]
+    extra = [c for c in have if c not in want]
+    parts = []
+    if missing:
+        parts.append(f"missing columns {missing}")
+    if extra:
+        parts.append(f"unexpected columns {extra}")
+    if not parts:
+        first = next(i for i, (a, b) in enumerate(zip(have, want, strict=True)) if a != b)
+        parts.append(
+            f"columns in another order (column {first + 1} is {have[first]!r}, the job expects "
+            f"{want[first]!r})"
+        )
+    raise DataError(
+        f"{source}: the feature columns do not match the job's model: {'; '.join(parts)}. "
+        f"The job expects, in this order: {', '.join(want)} (plus the label column and, if "
+        "any, the patient id column)"
+    )
+
+
+def save_csv(
+    ds: Dataset,
+    path: str | Path,
+    label_column: str = "label",
+    patient_id_column: str | None = None,
+) -> None:
     """Write ``ds`` as CSV readable by :func:`load_csv` (float32 values round-trip exactly).
 
     Parameters
@@ -325,13 +436,19 @@ def save_csv(ds: Dataset, path: str | Path, label_column: str = "label") -> None
         Destination.
     label_column : str
         Name of the label column (written last).
+    patient_id_column : str, optional
+        Name of the patient id column, written first when ``ds`` has ``patient_ids``
+        (default ``"patient_id"`` then).
     """
     names = ds.feature_names or tuple(f"f{i}" for i in range(ds.n_features))
+    ids = ds.patient_ids
+    id_header = [patient_id_column or "patient_id"] if ids is not None else []
     with Path(path).open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow([*names, label_column])
-        for xi, yi in zip(ds.x, ds.y, strict=True):
-            writer.writerow([*(repr(float(v)) for v in xi), int(yi)])
+        writer.writerow([*id_header, *names, label_column])
+        for r, (xi, yi) in enumerate(zip(ds.x, ds.y, strict=True)):
+            lead = [str(ids[r])] if ids is not None else []
+            writer.writerow([*lead, *(repr(float(v)) for v in xi), int(yi)])
 
 
 def load_breast_cancer() -> Dataset:

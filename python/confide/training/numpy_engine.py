@@ -136,6 +136,17 @@ class NumpyTrainer:
             str(spec.get("activation", "tanh")),
             str(spec.get("head", "classification")),
         )
+        # Optional: the table's feature columns, in order (`confide init-model --from-csv`);
+        # sites check their own columns against them before enrolling.
+        names = spec.get("feature_names")
+        if names is not None:
+            if not (
+                isinstance(names, list)
+                and len(names) == int(spec["n_features"])
+                and all(isinstance(n, str) for n in names)
+            ):
+                raise ManifestError("spec.feature_names must list one name per feature")
+            expected = Manifest(expected.tensors, {**expected.spec, "feature_names": names})
         if expected != manifest:
             raise ManifestError("manifest tensors do not match its numpy spec")
         self._manifest = manifest
