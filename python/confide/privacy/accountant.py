@@ -792,10 +792,13 @@ class PrivacyAccountant:
 
     def _reaccount_restored(self) -> None:
         # One accounting per distinct round and one of the whole merged ledger.
+        own: dict[tuple[PrivacyEvent, ...], float] = {}
         for i, rec in enumerate(self._rounds):
-            one = self._account(tuple(_run_length(rec.events)), self.delta)
-            if one.epsilon > rec.epsilon_round:
-                self._rounds[i] = replace(rec, epsilon_round=one.epsilon)
+            merged = tuple(_run_length(rec.events))
+            if merged not in own:
+                own[merged] = self._account(merged, self.delta).epsilon
+            if own[merged] > rec.epsilon_round:
+                self._rounds[i] = replace(rec, epsilon_round=own[merged])
         if not self._rounds:
             return
         total = self._account(self._merged(), self.delta)
