@@ -1,10 +1,10 @@
 """Privacy accounting over Google's ``dp-accounting`` (PLD primary, RDP cross-check).
 
-Nothing here computes a privacy loss by hand: every epsilon comes from
-``dp_accounting.pld.PLDAccountant`` (privacy loss distributions, Koskela et al.; Doroshenko
-et al.) or ``dp_accounting.rdp.RdpAccountant`` (Renyi DP, Mironov et al.). This module only
-decides *which* ``DpEvent`` describes what the SDK actually did, records those events per
-round, and keeps the record durable.
+Every mechanism's privacy loss comes from dp-accounting: its discretised, pessimistic
+privacy loss distributions (Koskela et al.; Doroshenko et al.) and its Renyi DP curves
+(Mironov et al.). This module decides *which* ``DpEvent`` describes what the SDK actually
+did, records those events per round, keeps the record durable, and composes the rounds
+fast enough to run before every round of a long job (see "Fast accounting").
 
 Events and neighbouring relations
 ---------------------------------
@@ -44,6 +44,27 @@ Reported epsilon
 and the RDP epsilon otherwise (then ``method == "rdp"``). The RDP value is always computed
 as a cross-check; for PLD-supported ledgers it is never below the PLD value (both are upper
 bounds; PLD is the tighter one).
+
+Fast accounting
+---------------
+Every epsilon is a function of the run-length merged ledger (each distinct event with its
+total count; composition is commutative), computed from scratch in time that does not grow
+with the job's length:
+
+* un-sampled Gaussian events (``q = 1``) compose exactly into one Gaussian mechanism with
+  ``mu^2 = sum(count / z^2)``; its epsilon is the analytic Gaussian mechanism's (Balle &
+  Wang 2018), exact, never above dp-accounting's PLD and within 1e-9 relative of it where
+  that is computable (a q = 1, z = 0.6 job of 1,000 rounds took dp-accounting ~90 s);
+* a Poisson-sampled Gaussian applied ``n`` times is dp-accounting's one-step PMF raised to
+  the ``n``-th power by FFT, as ``PLDAccountant`` does, with the one-step spectrum cached;
+  several kinds are convolved with dp-accounting's tail truncation, and epsilon is read off
+  the PMF with a vectorised form of dp-accounting's ``get_epsilon_for_delta``: the same
+  upper bound as ``PLDAccountant`` to rounding (measured within 1e-9 relative);
+* RDP is dp-accounting's sum ``sum(count * curve)``, each event kind's curve computed once.
+
+:meth:`PrivacyAccountant.epsilon_if` (the budget check) costs one such accounting and is
+cached, so recording the checked round next is free; :meth:`PrivacyAccountant.from_state`
+rebuilds the merged ledger from the stored events and re-accounts only the current total.
 
 Crash safety
 ------------
