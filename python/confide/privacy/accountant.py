@@ -1,10 +1,10 @@
 """Privacy accounting over Google's ``dp-accounting`` (PLD primary, RDP cross-check).
 
-Nothing here computes a privacy loss by hand: every epsilon comes from
-``dp_accounting.pld.PLDAccountant`` (privacy loss distributions, Koskela et al.; Doroshenko
-et al.) or ``dp_accounting.rdp.RdpAccountant`` (Renyi DP, Mironov et al.). This module only
-decides *which* ``DpEvent`` describes what the SDK actually did, records those events per
-round, and keeps the record durable.
+Every mechanism's privacy loss comes from dp-accounting: its discretised, pessimistic
+privacy loss distributions (Koskela et al.; Doroshenko et al.) and its Renyi DP curves
+(Mironov et al.). This module decides *which* ``DpEvent`` describes what the SDK actually
+did, records those events per round, keeps the record durable, and composes the rounds
+fast enough to run before every round of a long job (see "Fast accounting").
 
 Events and neighbouring relations
 ---------------------------------
@@ -45,6 +45,29 @@ and the RDP epsilon otherwise (then ``method == "rdp"``). The RDP value is alway
 as a cross-check; for PLD-supported ledgers it is never below the PLD value (both are upper
 bounds; PLD is the tighter one).
 
+Fast accounting
+---------------
+Every epsilon is a function of the run-length merged ledger (each distinct event with its
+total count; composition is commutative), computed from scratch in time that does not grow
+with the job's length:
+
+* un-sampled Gaussian events (``q = 1``) compose exactly into one Gaussian mechanism with
+  ``mu^2 = sum(count / z^2)``; its epsilon is the analytic Gaussian mechanism's (Balle &
+  Wang 2018), exact, hence never above dp-accounting's pessimistic PLD (4e-10 relative
+  below it for short jobs, 6e-4 below for z = 0.6 over 1,000 rounds, where dp-accounting
+  takes ~90 s);
+* a Poisson-sampled Gaussian applied ``n`` times is dp-accounting's one-step PMF raised to
+  the ``n``-th power by FFT, as ``PLDAccountant`` does, with the one-step spectrum cached;
+  several kinds are convolved with dp-accounting's tail truncation, and epsilon is read off
+  the PMF with a vectorised form of dp-accounting's ``get_epsilon_for_delta``: the same
+  upper bound as ``PLDAccountant`` to FFT rounding (1e-9 relative up to ~10^4 steps,
+  1.4e-7 at 10^6);
+* RDP is dp-accounting's sum ``sum(count * curve)``, each event kind's curve computed once.
+
+:meth:`PrivacyAccountant.epsilon_if` (the budget check) costs one such accounting and is
+cached, so recording the checked round next is free; :meth:`PrivacyAccountant.from_state`
+rebuilds the merged ledger from the stored events and re-accounts only the current total.
+
 Crash safety
 ------------
 :meth:`PrivacyAccountant.record_round` is idempotent per round id: recording the same round
@@ -59,11 +82,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import dp_accounting  # type: ignore[import-untyped]
+import numpy as np
 from dp_accounting import pld, rdp
+from scipy import special  # type: ignore[import-untyped]
 
 from confide.errors import BudgetExceeded, InvalidPrivacyConfig, PrivacyStateError
 
@@ -343,34 +368,46 @@ def client_fixed_cohort_event(
     )
 
 
+_MergeKey = tuple[str, str, float, float, int, int, float, float]
+
+
+def _merge_key(e: PrivacyEvent) -> _MergeKey:
+    """Everything that determines an event's privacy loss except its ``count``."""
+    return (
+        e.kind,
+        e.relation,
+        e.noise_multiplier,
+        e.sampling_rate,
+        e.population,
+        e.sample_size,
+        e.rho,
+        e.xi,
+    )
+
+
+def _merge_into(ledger: dict[_MergeKey, PrivacyEvent], events: Sequence[PrivacyEvent]) -> None:
+    """Add ``events`` to a run-length ledger (insertion order = first appearance)."""
+    for e in events:
+        if e.count == 0:
+            continue
+        key = _merge_key(e)
+        prev = ledger.get(key)
+        ledger[key] = (
+            replace(e, label="") if prev is None else replace(prev, count=prev.count + e.count)
+        )
+
+
 def _run_length(events: Sequence[PrivacyEvent]) -> list[PrivacyEvent]:
     """Merge events that differ only in ``count`` (and ``label``), summing the counts.
 
     Composition is commutative, so composing ``SelfComposed(e, a + b)`` is the same
-    mechanism as composing ``e`` ``a`` times and later ``b`` times. dp-accounting's PLD is
-    much faster (and slightly tighter) on the merged form. The merge is canonical (first
+    mechanism as composing ``e`` ``a`` times and later ``b`` times; the merged ledger
+    (labels dropped) is what every epsilon is computed from. The merge is canonical (first
     appearance order), so a ledger always re-accounts to the same number.
     """
-    out: list[PrivacyEvent] = []
-    for e in events:
-        if e.count == 0:
-            continue
-        for i, prev in enumerate(out):
-            if _same_but_count(prev, e):
-                out[i] = PrivacyEvent(**{**prev.to_dict(), "count": prev.count + e.count})
-                break
-        else:
-            out.append(e)
-    return out
-
-
-def _same_but_count(a: PrivacyEvent, b: PrivacyEvent) -> bool:
-    da, db = a.to_dict(), b.to_dict()
-    da.pop("count")
-    db.pop("count")
-    da.pop("label")
-    db.pop("label")
-    return da == db
+    ledger: dict[_MergeKey, PrivacyEvent] = {}
+    _merge_into(ledger, events)
+    return list(ledger.values())
 
 
 @dataclass(frozen=True)
@@ -427,6 +464,14 @@ class RoundRecord:
         }
 
 
+def _method(x: Any) -> Literal["pld", "rdp"]:
+    if x == "pld":
+        return "pld"
+    if x == "rdp":
+        return "rdp"
+    raise PrivacyStateError(f"expected method 'pld' or 'rdp', got {x!r}")
+
+
 def _enc(x: float) -> float | str:
     return "inf" if math.isinf(x) else x
 
@@ -468,6 +513,8 @@ class PrivacyAccountant:
     relation: Relation = "add_or_remove"
     pld_discretization: float = 1e-4
     _rounds: list[RoundRecord] = field(default_factory=list, init=False, repr=False)
+    _index: dict[int, int] = field(default_factory=dict, init=False, repr=False)
+    _ledger: dict[_MergeKey, PrivacyEvent] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.delta < 1.0:
@@ -507,7 +554,7 @@ class PrivacyAccountant:
         """
         if delta is None and self._rounds:
             return self._rounds[-1].epsilon
-        return self._account(self.events, self._delta(delta)).epsilon
+        return self._account(self._merged(), self._delta(delta)).epsilon
 
     def epsilon_rdp(self, delta: float | None = None) -> float:
         """Cumulative RDP epsilon at ``delta`` (the cross-check).
@@ -524,7 +571,7 @@ class PrivacyAccountant:
         """
         if delta is None and self._rounds:
             return self._rounds[-1].epsilon_rdp
-        return self._account(self.events, self._delta(delta)).epsilon_rdp
+        return self._account(self._merged(), self._delta(delta)).epsilon_rdp
 
     def epsilon_if(self, events: Sequence[PrivacyEvent], delta: float | None = None) -> float:
         """Cumulative epsilon the job would have after also releasing ``events``.
@@ -539,10 +586,20 @@ class PrivacyAccountant:
         Returns
         -------
         float
-            Projected cumulative epsilon.
+            Projected cumulative epsilon (never below the spent epsilon at the job's
+            delta).
+
+        Notes
+        -----
+        Costs one accounting of the merged ledger, whatever the job's length; the result
+        is cached, so recording the same events next is free.
         """
         self._check_relation(events)
-        return self._account([*self.events, *events], self._delta(delta)).epsilon
+        d = self._delta(delta)
+        eps = self._account(self._merged(events), d).epsilon
+        if self._rounds and d == self.delta:
+            eps = max(eps, self._rounds[-1].epsilon)
+        return eps
 
     def round_epsilon(self, round_id: int) -> float:
         """Epsilon of one recorded round's events alone.
@@ -589,25 +646,30 @@ class PrivacyAccountant:
         """
         evs = tuple(events)
         self._check_relation(evs)
-        for r in self._rounds:
-            if r.round_id == round_id:
-                if r.events == evs:
-                    return r
-                raise PrivacyStateError(
-                    f"round {round_id} was already recorded with different events; a "
-                    "released round is never re-noised (start a new round id instead)"
-                )
-        one = self._account(evs, self.delta)
-        total = self._account([*self.events, *evs], self.delta)
+        known = self._index.get(round_id)
+        if known is not None:
+            r = self._rounds[known]
+            if r.events == evs:
+                return r
+            raise PrivacyStateError(
+                f"round {round_id} was already recorded with different events; a "
+                "released round is never re-noised (start a new round id instead)"
+            )
+        one = self._account(tuple(_run_length(evs)), self.delta)
+        total = self._account(self._merged(evs), self.delta)
+        eps, eps_rdp = total.epsilon, total.epsilon_rdp
+        if self._rounds:  # the spent budget never decreases (e.g. after a restore)
+            eps = max(eps, self._rounds[-1].epsilon)
+            eps_rdp = max(eps_rdp, self._rounds[-1].epsilon_rdp)
         rec = RoundRecord(
             round_id=int(round_id),
             events=evs,
             epsilon_round=one.epsilon,
-            epsilon=total.epsilon,
-            epsilon_rdp=total.epsilon_rdp,
+            epsilon=eps,
+            epsilon_rdp=eps_rdp,
             method=total.method,
         )
-        self._rounds.append(rec)
+        self._append(rec)
         return rec
 
     # ------------------------------------------------------------------ durability
@@ -632,19 +694,25 @@ class PrivacyAccountant:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], *, strict: bool = False) -> PrivacyAccountant:
-        """Restore an accountant from :meth:`to_state` output, re-accounting every round.
+        """Restore an accountant from :meth:`to_state` output without replaying the job.
 
-        Every round is re-accounted from its events. The restored per-round values are the
-        *larger* of the stored and the recomputed ones, so a restart can never lower the
-        spent budget (e.g. after a dp-accounting upgrade).
+        The state's rounds are read back as stored, the run-length ledger (event kind ->
+        total count) is rebuilt from their events, and only what the job reports from now
+        on is re-accounted: each distinct round's own epsilon and the current cumulative
+        epsilon, in one accounting of the merged ledger each (seconds, whatever the job's
+        length). Re-accounted values replace the stored ones only where they are *larger*,
+        so a restart (or a library upgrade) never lowers the spent budget. Earlier rounds'
+        cumulative values are history and kept as stored. States written by every earlier
+        version of this module (``version`` 1, same layout) are read.
 
         Parameters
         ----------
         state : dict
             Output of :meth:`to_state` (possibly through ``json``).
         strict : bool, default False
-            Raise when a recomputed epsilon differs from the stored one by more than a
-            relative 1e-9 (same library version expected).
+            Also re-account every round's cumulative epsilon (a full replay, slow for long
+            jobs) and raise when a stored value differs from the re-accounted one by more
+            than a relative 1e-9 (an audit; same library version expected).
 
         Returns
         -------
@@ -665,31 +733,28 @@ class PrivacyAccountant:
                 pld_discretization=float(state["pld_discretization"]),
             )
             stored = list(state["rounds"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise PrivacyStateError(f"malformed accountant state: {exc!r}") from exc
         for raw in stored:
             try:
-                events = [PrivacyEvent.from_dict(e) for e in raw["events"]]
-                rec = acc.record_round(int(raw["round"]), events)
-                saved = {k: _dec(raw[k]) for k in ("epsilon_round", "epsilon", "epsilon_rdp")}
-            except (KeyError, TypeError) as exc:
+                events = tuple(PrivacyEvent.from_dict(e) for e in raw["events"])
+                acc._check_relation(events)
+                rec = RoundRecord(
+                    round_id=int(raw["round"]),
+                    events=events,
+                    epsilon_round=_dec(raw["epsilon_round"]),
+                    epsilon=_dec(raw["epsilon"]),
+                    epsilon_rdp=_dec(raw["epsilon_rdp"]),
+                    method=_method(raw["method"]),
+                )
+            except (KeyError, TypeError, ValueError) as exc:
                 raise PrivacyStateError(f"malformed round record {raw!r}: {exc!r}") from exc
-            fresh = {k: getattr(rec, k) for k in saved}
+            if rec.round_id in acc._index:
+                raise PrivacyStateError(f"round {rec.round_id} is stored twice")
             if strict:
-                for k, v in saved.items():
-                    if not _close(v, fresh[k]):
-                        raise PrivacyStateError(
-                            f"round {rec.round_id}: stored {k}={v!r} does not reproduce "
-                            f"(re-accounted {fresh[k]!r})"
-                        )
-            acc._rounds[-1] = RoundRecord(
-                round_id=rec.round_id,
-                events=rec.events,
-                epsilon_round=max(saved["epsilon_round"], fresh["epsilon_round"]),
-                epsilon=max(saved["epsilon"], fresh["epsilon"]),
-                epsilon_rdp=max(saved["epsilon_rdp"], fresh["epsilon_rdp"]),
-                method=rec.method,
-            )
+                acc._check_reproduces(rec)
+            acc._append(rec)
+        acc._reaccount_restored()
         return acc
 
     # ------------------------------------------------------------------ internals
@@ -716,8 +781,57 @@ class PrivacyAccountant:
                     f"{e.relation!r} but the accountant uses {self.relation!r}"
                 )
 
-    def _account(self, events: Sequence[PrivacyEvent], delta: float) -> _Epsilons:
-        return account(events, delta, self.relation, self.pld_discretization)
+    def _merged(self, extra: Sequence[PrivacyEvent] = ()) -> tuple[PrivacyEvent, ...]:
+        if not extra:
+            return tuple(self._ledger.values())
+        ledger = dict(self._ledger)
+        _merge_into(ledger, extra)
+        return tuple(ledger.values())
+
+    def _append(self, rec: RoundRecord) -> None:
+        self._index[rec.round_id] = len(self._rounds)
+        self._rounds.append(rec)
+        _merge_into(self._ledger, rec.events)
+
+    def _account(self, merged: tuple[PrivacyEvent, ...], delta: float) -> _Epsilons:
+        return _account_cached(merged, float(delta), self.relation, self.pld_discretization)
+
+    def _check_reproduces(self, rec: RoundRecord) -> None:
+        # strict restore: re-account this round as record_round did when it was released.
+        one = self._account(tuple(_run_length(rec.events)), self.delta)
+        total = self._account(self._merged(rec.events), self.delta)
+        fresh = {
+            "epsilon_round": one.epsilon,
+            "epsilon": total.epsilon,
+            "epsilon_rdp": total.epsilon_rdp,
+        }
+        for k, v in fresh.items():
+            saved = getattr(rec, k)
+            if not _close(saved, v):
+                raise PrivacyStateError(
+                    f"round {rec.round_id}: stored {k}={saved!r} does not reproduce "
+                    f"(re-accounted {v!r})"
+                )
+
+    def _reaccount_restored(self) -> None:
+        # One accounting per distinct round and one of the whole merged ledger.
+        own: dict[tuple[PrivacyEvent, ...], float] = {}
+        for i, rec in enumerate(self._rounds):
+            merged = tuple(_run_length(rec.events))
+            if merged not in own:
+                own[merged] = self._account(merged, self.delta).epsilon
+            if own[merged] > rec.epsilon_round:
+                self._rounds[i] = replace(rec, epsilon_round=own[merged])
+        if not self._rounds:
+            return
+        total = self._account(self._merged(), self.delta)
+        last = self._rounds[-1]
+        self._rounds[-1] = replace(
+            last,
+            epsilon=max(last.epsilon, total.epsilon),
+            epsilon_rdp=max(last.epsilon_rdp, total.epsilon_rdp),
+            method=total.method,
+        )
 
 
 def _close(a: float, b: float) -> bool:
@@ -769,18 +883,303 @@ def _account_cached(
 ) -> _Epsilons:
     # Pure function of a canonical ledger: cached so that identical rounds (the common case)
     # and what-if budget checks do not recompute the same PLD.
-    rel = _RELATIONS[relation]
-    r = rdp.RdpAccountant(neighboring_relation=rel)
-    for e in merged:
-        r.compose(e.to_dp_event())
-    eps_rdp = 0.0 if not merged else float(r.get_epsilon(delta))
+    eps_rdp = _rdp_cached(merged, delta, relation)
     if all(e.pld_supported for e in merged):
-        p = pld.PLDAccountant(rel, value_discretization_interval=pld_discretization)
-        for e in merged:
-            p.compose(e.to_dp_event())
-        eps_pld = 0.0 if not merged else float(p.get_epsilon(delta))
+        eps_pld = _pld_cached(merged, delta, pld_discretization)
         return _Epsilons(eps_pld, eps_pld, eps_rdp, "pld")
     return _Epsilons(eps_rdp, None, eps_rdp, "rdp")
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_cached(merged: tuple[PrivacyEvent, ...], delta: float, relation: Relation) -> float:
+    if not merged:
+        return 0.0
+    try:
+        # dp-accounting's RdpAccountant adds count * (RDP curve of one event) per event:
+        # the same sum, with each event kind's curve computed once.
+        total: Any = 0.0
+        orders: Any = None
+        for e in merged:
+            orders, curve = _rdp_curve(replace(e, count=1), relation)
+            total = total + e.count * curve
+        return float(rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+    except AttributeError:  # pragma: no cover - a dp-accounting with another layout
+        r = rdp.RdpAccountant(neighboring_relation=_RELATIONS[relation])
+        for e in merged:
+            r.compose(e.to_dp_event())
+        return float(r.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_curve(one: PrivacyEvent, relation: Relation) -> tuple[Any, Any]:
+    """``(orders, RDP at each order)`` of one application of ``one``."""
+    r = rdp.RdpAccountant(neighboring_relation=_RELATIONS[relation])
+    r.compose(one.to_dp_event())
+    return r._orders, r._rdp.copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _pld_cached(merged: tuple[PrivacyEvent, ...], delta: float, disc: float) -> float:
+    try:
+        return _pld_epsilon(merged, delta, disc)
+    except AttributeError:  # pragma: no cover - a dp-accounting without the dense PMF layout
+        return _pld_epsilon_dp_accounting(merged, delta, disc)
+
+
+def _pld_epsilon_dp_accounting(merged: Sequence[PrivacyEvent], delta: float, disc: float) -> float:
+    """PLD epsilon of ``merged`` with dp-accounting's ``PLDAccountant`` (the reference).
+
+    What this module computed before the fast engine; slow for long ledgers (a q = 1 ledger
+    of 1,000 rounds at z = 0.6 takes about 90 s). Kept as the fallback and as the reference
+    the tests and ``benches/python/bench_accountant.py`` compare against.
+    """
+    p = pld.PLDAccountant(_RELATIONS["add_or_remove"], value_discretization_interval=float(disc))
+    for e in merged:
+        p.compose(e.to_dp_event())
+    return 0.0 if not merged else float(p.get_epsilon(delta))
+
+
+# ---------------------------------------------------------------------- fast PLD engine
+#
+# The cumulative epsilon is a function of the run-length merged ledger (event kind ->
+# total count), so it is computed from scratch every time, without history, in time that
+# does not grow with the number of rounds:
+#
+# * Un-sampled Gaussian events (q = 1) compose exactly into one Gaussian mechanism with
+#   mu^2 = sum(count / z^2) (Dong, Roth, Su 2019), whose epsilon(delta) is the analytic
+#   Gaussian mechanism's (Balle & Wang 2018, Thm. 8): exact, no discretisation.
+# * A Poisson-sampled Gaussian repeated n times is dp-accounting's discretised PLD of one
+#   step (the same pessimistic PMFs ``PLDAccountant`` builds) raised to the n-th power in
+#   the Fourier domain, as dp-accounting's ``self_compose`` does; the one-step spectrum is
+#   cached per FFT length, so a new count costs one complex power and one inverse FFT.
+# * Several kinds are convolved (dp-accounting's ``compose``, same tail truncation), and
+#   epsilon(delta) is read off the final PMFs with a vectorised form of dp-accounting's
+#   ``get_epsilon_for_delta``.
+
+_TAIL_MASS = 1e-15  # dp-accounting's default tail_mass_truncation (compose, self_compose)
+
+
+@dataclass(frozen=True)
+class _Pmf:
+    """A dense, pessimistic privacy-loss PMF: ``probs[i]`` at loss ``(lower + i) * disc``."""
+
+    lower: int
+    probs: np.ndarray[Any, np.dtype[np.float64]]
+    infinity_mass: float
+
+
+def _fft_len(n: int) -> int:
+    """Smallest ``2^k`` or ``3 * 2^k`` that is ``>= n`` (coarse, so spectra are reused)."""
+    k = max(0, (n - 1).bit_length())
+    p2 = 1 << k
+    p3 = 3 << max(0, k - 2)
+    return p3 if n <= p3 < p2 else p2
+
+
+class _StepPmf:
+    """One step's PMF with what its self-compositions need: Chernoff terms and spectra."""
+
+    def __init__(self, pmf: _Pmf) -> None:
+        self.pmf = pmf
+        size = pmf.probs.size
+        self._orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / size
+        idx = np.arange(size)
+        self._log_mgfs = [
+            float(special.logsumexp(idx * order, b=pmf.probs)) for order in self._orders
+        ]
+        # FFT length -> log of the one-step spectrum (F^n = exp(n log F), as numpy's
+        # complex power computes it), for the last length used.
+        self._log_spectra: dict[int, np.ndarray[Any, np.dtype[np.complex128]]] = {}
+
+    def _bounds(self, n: int) -> tuple[int, int]:
+        # dp-accounting's compute_self_convolve_bounds, with the log-MGFs computed once.
+        upper, lower = (self.pmf.probs.size - 1) * n, 0
+        log_term = math.log(2 / _TAIL_MASS)
+        for order, log_mgf in zip(self._orders, self._log_mgfs, strict=True):
+            bound = (n * log_mgf + log_term) / order
+            if not math.isfinite(bound):
+                continue
+            if order > 0:
+                upper = min(upper, math.ceil(bound))
+            else:
+                lower = max(lower, math.floor(bound))
+        return lower, upper
+
+    def power(self, n: int) -> _Pmf:
+        """Return the PMF of ``n`` compositions (dp-accounting's ``self_compose``)."""
+        lo, hi = self._bounds(n)
+        out_len = hi - lo + 1
+        size = _fft_len(max(out_len, self.pmf.probs.size))
+        log_spec = self._log_spectra.get(size)
+        if log_spec is None:
+            self._log_spectra.clear()  # one length kept: memory stays flat (lengths grow)
+            with np.errstate(divide="ignore"):
+                log_spec = np.log(np.fft.rfft(self.pmf.probs, size))
+            # An exact zero of F: a finite log keeps n * log F free of inf * 0 = nan.
+            log_spec[np.isneginf(log_spec.real)] = -1e300
+            self._log_spectra[size] = log_spec
+        with np.errstate(over="ignore"):
+            full = np.fft.irfft(np.exp(n * log_spec), size)
+        start = lo % size  # the FFT wraps around modulo size (np.roll(full, -lo))
+        if start + out_len <= size:
+            probs = full[start : start + out_len].copy()
+        else:
+            probs = np.concatenate((full[start:], full[: start + out_len - size]))
+        inf = _TAIL_MASS - math.expm1(n * math.log1p(-self.pmf.infinity_mass))
+        return _Pmf(self.pmf.lower * n + lo, probs, inf)
+
+
+def _dense(pmf: Any) -> _Pmf:
+    d = pmf.to_dense_pmf()
+    if not d._pessimistic_estimate:  # pragma: no cover - every PMF built here is pessimistic
+        raise AttributeError("optimistic PMF")
+    return _Pmf(int(d._lower_loss), np.asarray(d._probs, dtype=np.float64), d._infinity_mass)
+
+
+@functools.lru_cache(maxsize=4)
+def _sampled_step(q: float, z: float, disc: float) -> tuple[_StepPmf, _StepPmf]:
+    """``(remove, add)`` PMFs of one ``PoissonSampled(q, Gaussian(z))`` step."""
+    p = pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=z,
+        value_discretization_interval=disc,
+        sampling_prob=q,
+        neighboring_relation=_RELATIONS["add_or_remove"],
+    )
+    remove = _StepPmf(_dense(p._pmf_remove))
+    return remove, (remove if p._symmetric else _StepPmf(_dense(p._pmf_add)))
+
+
+def _gaussian_pmf(mu: float, disc: float) -> _Pmf:
+    """PMF of one Gaussian mechanism with ``mu = sensitivity / std`` (symmetric)."""
+    p = pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=1.0 / mu, value_discretization_interval=disc
+    )
+    return _dense(p._pmf_remove)
+
+
+def _truncate(probs: np.ndarray[Any, Any]) -> tuple[int, np.ndarray[Any, Any], float]:
+    # dp-accounting's pessimistic _truncate_tails, vectorised (same prefix sums).
+    half = _TAIL_MASS / 2
+
+    def prefix(arr: np.ndarray[Any, Any]) -> int:
+        hit = np.flatnonzero(np.cumsum(arr) > half)
+        return int(hit[0]) if hit.size else int(arr.size)
+
+    left = prefix(probs)
+    right = max(probs.size - prefix(probs[::-1]), left + 1)
+    left_mass, right_mass = float(np.sum(probs[:left])), float(np.sum(probs[right:]))
+    out = probs[left:right].copy()
+    out[0] += left_mass
+    return left, out, right_mass
+
+
+def _compose(a: _Pmf, b: _Pmf) -> _Pmf:
+    """dp-accounting's ``DensePLDPmf.compose`` (FFT convolution, tail truncation)."""
+    n = a.probs.size + b.probs.size - 1
+    size = _fft_len(n)
+    conv = np.fft.irfft(np.fft.rfft(a.probs, size) * np.fft.rfft(b.probs, size), size)[:n]
+    inf = a.infinity_mass + b.infinity_mass - a.infinity_mass * b.infinity_mass
+    offset, probs, right = _truncate(conv)
+    return _Pmf(a.lower + b.lower + offset, probs, inf + right)
+
+
+def _pmf_epsilon(p: _Pmf, delta: float, disc: float) -> float:
+    """dp-accounting's ``DensePLDPmf.get_epsilon_for_delta``, vectorised.
+
+    Walks the losses from the largest down, accumulating ``mass_upper = sum p`` and
+    ``mass_lower = sum p * exp(-loss)``, and stops at the first loss ``l`` where
+    ``log((mass_upper - delta) / mass_lower) >= l`` (the loop's prefix sums, computed in
+    chunks from the top: only the upper tail is ever read).
+    """
+    if p.infinity_mass > delta:
+        return math.inf
+    size = p.probs.size
+    top = p.lower + size - 1
+    mass_upper, mass_lower = p.infinity_mass, 0.0
+    start, chunk = 0, 1 << 15
+    while start < size:
+        stop_at = min(size, start + chunk)
+        probs = p.probs[size - stop_at : size - start][::-1]
+        losses = (top - np.arange(start, stop_at)) * disc
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            upper_after = mass_upper + np.cumsum(probs)
+            lower_after = mass_lower + np.cumsum(np.exp(-losses) * probs)
+            upper_before = np.concatenate(([mass_upper], upper_after[:-1]))
+            lower_before = np.concatenate(([mass_lower], lower_after[:-1]))
+            ok = (upper_before > delta) & (lower_before > 0)
+            stop = np.zeros(probs.size, dtype=bool)
+            stop[ok] = np.log((upper_before[ok] - delta) / lower_before[ok]) >= losses[ok]
+            early = (upper_after >= delta) & (lower_after == 0)
+        k_stop = int(np.argmax(stop)) if stop.any() else probs.size
+        k_early = int(np.argmax(early)) if early.any() else probs.size
+        if k_early < k_stop:
+            return max(0.0, float(losses[k_early]))
+        if k_stop < probs.size:
+            mass_upper, mass_lower = float(upper_before[k_stop]), float(lower_before[k_stop])
+            break
+        mass_upper, mass_lower = float(upper_after[-1]), float(lower_after[-1])
+        start, chunk = stop_at, 2 * chunk
+    if mass_upper <= mass_lower + delta:
+        return 0.0
+    return math.log((mass_upper - delta) / mass_lower)
+
+
+def _gaussian_log_delta(mu: float, eps: float) -> float:
+    # log delta(eps) of the Gaussian mechanism with mu = sensitivity / std (Balle & Wang
+    # 2018, Thm. 8): delta = Phi(mu/2 - eps/mu) - exp(eps) Phi(-mu/2 - eps/mu).
+    la = float(special.log_ndtr(mu / 2 - eps / mu))
+    lb = eps + float(special.log_ndtr(-mu / 2 - eps / mu))
+    if lb >= la:
+        return -math.inf
+    return la + math.log1p(-math.exp(lb - la))
+
+
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon(delta) of a Gaussian mechanism with ``mu = sensitivity / std``.
+
+    Bisection on the analytic hockey-stick divergence, keeping the invariant
+    ``delta(hi) <= delta``; the returned ``hi`` is a valid upper bound, within a relative
+    ``1e-12`` of the exact value.
+    """
+    target = math.log(delta)
+    if _gaussian_log_delta(mu, 0.0) <= target:
+        return 0.0
+    lo, hi = 0.0, max(1.0, mu * mu / 2 + 4 * mu)
+    while _gaussian_log_delta(mu, hi) > target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        if _gaussian_log_delta(mu, mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _pld_epsilon(merged: Sequence[PrivacyEvent], delta: float, disc: float) -> float:
+    """PLD epsilon of a merged, PLD-supported ledger (see the engine notes above)."""
+    mu2 = 0.0
+    sampled: list[tuple[float, float, int]] = []
+    for e in merged:
+        if e.count == 0:
+            continue
+        if e.noise_multiplier == 0.0:
+            return math.inf  # NonPrivateDpEvent, as in to_dp_event
+        if e.kind == "gaussian" or e.sampling_rate == 1.0:
+            mu2 += e.count / (e.noise_multiplier * e.noise_multiplier)
+        elif e.sampling_rate > 0.0:
+            sampled.append((e.sampling_rate, e.noise_multiplier, e.count))
+    if not sampled:
+        return 0.0 if mu2 == 0.0 else _gaussian_epsilon(math.sqrt(mu2), delta)
+    gauss = _gaussian_pmf(math.sqrt(mu2), disc) if mu2 > 0.0 else None
+    eps = 0.0
+    for side in (0, 1):
+        parts = [_sampled_step(q, z, disc)[side].power(n) for q, z, n in sampled]
+        acc = parts[0] if gauss is None else _compose(gauss, parts[0])
+        for part in parts[1:]:
+            acc = _compose(acc, part)
+        eps = max(eps, _pmf_epsilon(acc, delta, disc))
+    return eps
 
 
 @dataclass(frozen=True)
