@@ -74,16 +74,16 @@ class DopamineOptions:
 
     sites: int = 10
     model: str = "squeezenet"
-    rounds: int = 24
-    fedavg_rounds: int = 4
+    rounds: int = 20
+    fedavg_rounds: int = 3
     image_size: int = 64
-    patients_per_site: int = 100
+    patients_per_site: int = 60
     tiles_per_patient: int = 1
     seed: int = 0
-    sampling_rate: float = 0.3
-    noise_multiplier: float = 0.8
+    sampling_rate: float = 0.2
+    noise_multiplier: float = 0.9
     clip_norm: float = 1.0
-    dp_learning_rate: float = 0.5
+    dp_learning_rate: float = 0.1
     momentum: float = 0.9
     learning_rate: float = 0.05
     local_epochs: int = 1

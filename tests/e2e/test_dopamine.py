@@ -24,7 +24,7 @@ def test_dopamine_three_arms_report_accuracy_and_epsilon(
     out = tmp_path / "dop"
     argv = ["--out", str(out), "--sites", "3", "--model", "small_cnn", "--rounds", "2"]
     argv += ["--fedavg-rounds", "1", "--image-size", "32", "--patients-per-site", "4"]
-    argv += ["--timeout", "400"]
+    argv += ["--sampling-rate", "0.5", "--timeout", "400"]
     assert main_dopamine(argv) == 0
     printed = capsys.readouterr().out
     assert "distributed DP-SGD" in printed
@@ -49,7 +49,7 @@ def test_dopamine_three_arms_report_accuracy_and_epsilon(
         account([event(p) for p in params], 1e-5).epsilon, rel=1e-9
     )
     # The public expected batch: q times the training patients (3 sites x 4).
-    assert result["dp"]["expected_batch_size"] == pytest.approx(0.3 * 12)
+    assert result["dp"]["expected_batch_size"] == pytest.approx(0.5 * 12)
 
 
 def test_dopamine_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
