@@ -128,7 +128,14 @@ def create_app(
     if config.secagg.enabled:
         upload_limit = max(upload_limit, secure_upload_limit(engine.secure_vector_length))
     # Explicit body cap (aiohttp's default is 1 MiB); handlers check Content-Length first.
-    app = web.Application(client_max_size=upload_limit + 4096, middlewares=[error_middleware])
+    # No request body is ever inflated: a compressed one is refused (415) by the error
+    # middleware, and with auto_decompress off the parser never runs a decompressor on it
+    # (no gzip bomb in memory, no decoder error outside any handler).
+    app = web.Application(
+        client_max_size=upload_limit + 4096,
+        middlewares=[error_middleware],
+        handler_args={"auto_decompress": False},
+    )
     app[config_key] = config
     app[engine_key] = engine
     app[notifier_key] = Notifier()

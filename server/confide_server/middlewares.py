@@ -30,6 +30,7 @@ __all__ = [
     "error_middleware",
     "error_response",
     "json_error",
+    "refuse_encoded_body",
     "status_for",
 ]
 
@@ -52,6 +53,7 @@ HTTP_STATUS: dict[tuple[type[FederationError], str | None], int] = {
     (RequestError, "length_required"): 411,
     (RequestError, "payload_too_large"): 413,
     (RequestError, "expectation_failed"): 417,
+    (RequestError, "unsupported_encoding"): 415,
     # identity
     (SignatureError, None): 401,
     (SignatureError, "replay"): 409,
@@ -79,6 +81,7 @@ _CODES = {
     409: "conflict",
     411: "length_required",
     413: "payload_too_large",
+    415: "unsupported_encoding",
     417: "expectation_failed",
     422: "invalid_payload",
     503: "busy",
@@ -105,10 +108,27 @@ def error_response(exc: FederationError) -> web.Response:
     return json_error(status_for(exc), exc.code, exc.message)
 
 
+def refuse_encoded_body(request: web.Request) -> None:
+    """Refuse a compressed request body (415): no route takes one.
+
+    aiohttp inflates ``Content-Encoding: gzip/deflate/br`` bodies on read, so a small
+    upload could become a large one in memory (a decompression bomb) and an invalid stream
+    fails inside the framework. Upload-handling code (the ``Expect`` handler, which runs
+    before middlewares) calls this too.
+    """
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise RequestError(
+            f"Content-Encoding {encoding[:32]!r} is not accepted; send the body uncompressed",
+            "unsupported_encoding",
+        )
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a JSON body with a code and a message."""
     try:
+        refuse_encoded_body(request)
         return await handler(request)
     except FederationError as exc:
         return error_response(exc)

@@ -32,7 +32,6 @@ the tick changes a round's status or stage (``_tick_lock``), so the snapshot sta
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import secrets
 import threading
@@ -44,8 +43,15 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import AggregateError, ConfigError, FederationError, ManifestError
+from confide.errors import (
+    AggregateError,
+    ConfigError,
+    FederationError,
+    ManifestError,
+    WireFormatError,
+)
 from confide.privacy.client_dp import DDGParams, padded_dim
+from confide.protocol.jsonio import loads_bounded
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.protocol.tasks import (
     EvaluateTask,
@@ -90,6 +96,7 @@ __all__ = [
 CrashHook = Callable[[str], None]
 _CLIENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _MAX_METRICS = 32
+_MAX_METRIC_ABS = 1e12  # x 1e9 examples x any cohort stays far below float64's 1.8e308
 
 
 # The HTTP status of each error (and code) is in the one table,
@@ -596,26 +603,21 @@ class RoundEngine:
         sha = sha256_hex(body)
         kind = self.stage_payload(stage)
         if kind == "secagg":
-            try:
-                msg = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidSubmissionError(f"body is not JSON: {exc}", "malformed_body") from exc
+            msg = _bounded_json(body)
             if not isinstance(msg, dict):
                 raise InvalidSubmissionError("expected a SecAgg+ message (a JSON object)")
             if msg.get("client_id") != client_id or msg.get("round") != round_id:
                 raise InvalidSubmissionError("the message names another client or round")
             return Prepared(round_id, stage, client_id, sha, 1, None, {"message": msg})
         if kind == "tensors":
-            _, meta = decode_tensors(self.manifest, body)
+            delta, meta = decode_tensors(self.manifest, body)
             num = _positive_int(meta.get("num_examples"), "num_examples")
+            self._check_bounds(delta, num)
             payload: dict[str, Any] = {}
             if "train_loss" in meta:
                 payload["train_loss"] = _finite_float(meta["train_loss"], "train_loss")
             return Prepared(round_id, stage, client_id, sha, num, body, payload)
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidSubmissionError(f"body is not JSON: {exc}", "malformed_body") from exc
+        doc = _bounded_json(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
             raise InvalidSubmissionError('expected {"num_examples": int, "metrics": {...}}')
         num = _positive_int(doc.get("num_examples"), "num_examples")
@@ -628,6 +630,27 @@ class RoundEngine:
                 raise InvalidSubmissionError(f"bad metric name {key!r}")
             clean[key] = _finite_float(value, f"metrics.{key}")
         return Prepared(round_id, stage, client_id, sha, num, None, {"metrics": clean})
+
+    def _check_bounds(self, delta: NDArray[np.float32], num_examples: int) -> None:
+        """Refuse a plain update outside the job's policy (``max_weight``, ``max_update_norm``).
+
+        Without these, one site's finite but huge delta (3e38 with 1e9 examples) replaces the
+        model and overflows the next round's aggregate.
+        """
+        job = self.config.job
+        if num_examples > job.max_weight:
+            raise InvalidSubmissionError(
+                f"num_examples {num_examples} exceeds job.max_weight = {job.max_weight}",
+                "over_max_weight",
+            )
+        if job.max_update_norm > 0:
+            norm = float(np.linalg.norm(delta.astype(np.float64)))
+            if not norm <= job.max_update_norm:
+                raise InvalidSubmissionError(
+                    f"update L2 norm {norm:.6g} exceeds job.max_update_norm = "
+                    f"{job.max_update_norm}; clip the update before sending it",
+                    "over_max_norm",
+                )
 
     def commit_submission(self, prepared: Prepared, nonce: str) -> dict[str, Any]:
         """Write a prepared submission durably and return its receipt.
@@ -1058,7 +1081,8 @@ class RoundEngine:
                 metrics[f"eval_{key}"] = (
                     sum(s.num_examples * (s.payload or {})["metrics"][key] for s in evals) / total
                 )
-        return metrics
+        # Never a NaN/Infinity in the status (not JSON); inputs are bounded, this is a backstop.
+        return {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
 
     def _commit(self, cur: RoundRow) -> None:
         metrics = self._round_metrics(cur)
@@ -1133,6 +1157,14 @@ class RoundEngine:
             }
 
 
+def _bounded_json(body: bytes) -> Any:
+    """Decode a JSON body with the one bounded decoder (422 ``malformed_body`` if refused)."""
+    try:
+        return loads_bounded(body, max_bytes=max(len(body), 1))
+    except WireFormatError as exc:
+        raise InvalidSubmissionError(exc.message, "malformed_body") from None
+
+
 def _positive_int(value: Any, name: str) -> int:
     try:
         n = int(value)
@@ -1147,7 +1179,10 @@ def _finite_float(value: Any, name: str) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON int of 400 digits
-        raise InvalidSubmissionError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(f):
-        raise InvalidSubmissionError(f"{name} must be finite, got {value!r}")
+        raise InvalidSubmissionError(f"{name} must be a number, got {value!r:.80}") from None
+    # Bounded so that example-weighted sums of them stay finite (status stays valid JSON).
+    if isinstance(value, bool) or not abs(f) <= _MAX_METRIC_ABS:
+        raise InvalidSubmissionError(
+            f"{name} must be a finite number within +-{_MAX_METRIC_ABS:g}, got {value!r:.80}"
+        )
     return f
