@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sqlite3
 import time
 from typing import Any, NamedTuple
 
@@ -24,7 +25,12 @@ from confide_server.keys import (
     upload_gate_key,
     wake_key,
 )
-from confide_server.middlewares import RequestError, error_response, refuse_encoded_body
+from confide_server.middlewares import (
+    RequestError,
+    error_response,
+    refuse_encoded_body,
+    storage_error,
+)
 from confide_server.releases import releases_key
 
 __all__ = [
@@ -208,6 +214,8 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
         await request.app[upload_gate_key].acquire()
     except FederationError as exc:
         return error_response(exc)
+    except (sqlite3.OperationalError, OSError) as exc:  # runs before the error middleware
+        return error_response(storage_error(exc))
     request[_PRE] = pre
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     return None

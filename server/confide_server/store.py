@@ -23,6 +23,7 @@ from worker threads with ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -33,9 +34,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confide_server.blobs import BlobStore
+from confide.errors import FederationError
+from confide_server.blobs import BlobStore, FaultHook
 
-__all__ = ["BlobStore", "PrivacyRow", "RoundRow", "Store", "SubmissionRow", "Tx"]
+__all__ = [
+    "BlobStore",
+    "PrivacyRow",
+    "RoundRow",
+    "StorageError",
+    "Store",
+    "SubmissionRow",
+    "Tx",
+]
+
+
+class StorageError(FederationError):
+    """The disk refused a durable write (full, I/O error): nothing was acknowledged.
+
+    Transient by nature: the HTTP layer answers 503 with ``Retry-After`` and clients retry.
+    """
+
+    code = "storage_unavailable"
+
 
 #: The handle of an open transaction (what :meth:`Store.transaction` yields). The engine
 #: passes it through to the ``Store`` methods that take ``cur``; it never executes SQL on it.
@@ -147,8 +167,9 @@ class Store:
         Database file (created with its folder).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fault_hook: FaultHook | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._fault = fault_hook or (lambda _step: None)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(
             path, check_same_thread=False, isolation_level=None, timeout=30.0
@@ -166,7 +187,14 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """Run a block in one ``BEGIN IMMEDIATE`` transaction (commit or roll back)."""
+        """Run a block in one ``BEGIN IMMEDIATE`` transaction (commit or roll back).
+
+        Raises
+        ------
+        StorageError
+            The commit failed (disk full, I/O error): the transaction is rolled back and
+            nothing of it is durable, so the caller must not acknowledge anything.
+        """
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
@@ -175,7 +203,14 @@ class Store:
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
-            cur.execute("COMMIT")
+            try:
+                self._fault("db_commit")
+                cur.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:  # a failed COMMIT can leave it open
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
+                raise StorageError(f"the database refused a commit: {exc}") from exc
 
     # -- meta --------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

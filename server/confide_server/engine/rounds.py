@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -73,11 +74,11 @@ from confide.secagg import (
     SecAggParams,
 )
 from confide.strategies import Strategy, StrategyState
-from confide_server.blobs import BlobStore
+from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
 from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
-from confide_server.store import PrivacyRow, RoundRow, Store, SubmissionRow
+from confide_server.store import PrivacyRow, RoundRow, StorageError, Store, SubmissionRow
 
 __all__ = [
     "CrashHook",
@@ -304,6 +305,23 @@ class RoundEngine:
             for n in sorted({max(job.start_threshold, 2), job.cohort_size}):
                 self._secure_params(n)
         self._load()
+        self._check_current_model()
+
+    def _check_current_model(self) -> None:
+        """Refuse to start on a current model whose file is missing or damaged.
+
+        Every round would start from it and fail; better a clear message at start.
+        """
+        path = self.store.model_path(self.current_model)
+        try:
+            if path is None:
+                raise DamagedBlobError(f"current model {self.current_model} is not registered")
+            self.blobs.read_verified(path, self.current_model, "current model")
+        except DamagedBlobError as exc:
+            raise ConfigError(
+                f"cannot start: {exc}. Restore the state folder "
+                f"({self.blobs.root}) from a backup, or move it away to start the job anew"
+            ) from None
 
     def _load(self) -> None:
         with self._lock:
@@ -782,6 +800,12 @@ class RoundEngine:
                 return self._maybe_start(now, clients, last_seen)
             try:
                 self._close_stage(cur, sorted(answered))
+            except (StorageError, OSError, sqlite3.OperationalError):
+                raise  # transient disk trouble: the timer retries the close
+            except Exception as exc:
+                # Anything else would fail the same way on every retry (a non-finite
+                # aggregate, a damaged blob, a strategy error): abort the round, never wedge.
+                self._abort(cur, f"stage {cur.stage!r} could not close: {exc}")
             finally:
                 with self._lock:
                     self._closing = False
@@ -981,7 +1005,8 @@ class RoundEngine:
         base_path = self.store.model_path(cur.base_model)
         if base_path is None:
             raise ManifestError(f"base model {cur.base_model} is missing from the store")
-        base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
+        data = self.blobs.read_verified(base_path, cur.base_model, "base model")
+        base, _ = decode_tensors(self.manifest, data)
         return base
 
     def _strategy_state(self) -> StrategyState:
@@ -1039,7 +1064,8 @@ class RoundEngine:
                     "names no update file; the state folder is damaged",
                     "corrupt_state",
                 )
-            deltas.append(decode_tensors(self.manifest, self.blobs.read(s.blob))[0])
+            data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
+            deltas.append(decode_tensors(self.manifest, data)[0])
         state = self._strategy_state()
         if self.privacy.mode == "central":
             noised = self.privacy.central_sum(deltas)
