@@ -1067,13 +1067,16 @@ class RoundEngine:
             data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
             deltas.append(decode_tensors(self.manifest, data)[0])
         state = self._strategy_state()
-        if self.privacy.mode == "central":
-            noised = self.privacy.central_sum(deltas)
-            cohort = float(max(1, len(cur.cohort)))
-            new, state = self.strategy.aggregate_sum(base, noised, cohort, state)
-        else:
-            updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
-            new, state = self.strategy.aggregate(base, updates, state)
+        # An overflow is not an error here: _write_model refuses a non-finite aggregate with a
+        # clear reason, and the round is aborted (never committed).
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.privacy.mode == "central":
+                noised = self.privacy.central_sum(deltas)
+                cohort = float(max(1, len(cur.cohort)))
+                new, state = self.strategy.aggregate_sum(base, noised, cohort, state)
+            else:
+                updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
+                new, state = self.strategy.aggregate(base, updates, state)
         return self._write_model(cur, new), state
 
     def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
