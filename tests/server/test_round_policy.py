@@ -181,7 +181,7 @@ def test_damaged_current_model_refuses_to_start(tmp_path: Path) -> None:
     assert path is not None
     engine.store.close()
     (engine.blobs.root / path).write_bytes(delta_body(MANIFEST, 0.7))
-    with pytest.raises(ConfigError, match="cannot start: current model file .* hashes to"):
+    with pytest.raises(ConfigError, match=r"cannot start: current model file .* hashes to"):
         open_engine(cfg, clock=clock)
     (engine.blobs.root / path).unlink()
     with pytest.raises(ConfigError, match="missing"):
