@@ -10,7 +10,8 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     seed = 42
     cohort_size = 3          # clients asked per round
     min_clients = 2          # quorum: fewer survivors abort the round
-    wait_for_clients = 3     # active clients needed before a round starts
+    wait_for_clients = 3     # active clients needed before the first round starts (later
+                             # rounds: see docs/operations.md, "Cohorts after sites die")
     max_consecutive_aborts = 5
     max_weight = 10000000    # plain rounds: a larger num_examples is refused (422)
     max_update_norm = 0.0    # plain rounds: a larger delta L2 norm is refused; 0: no bound

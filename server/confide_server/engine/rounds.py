@@ -81,6 +81,7 @@ from confide_server.engine.secure import SECURE_STAGES, SecureRound
 from confide_server.store import PrivacyRow, RoundRow, StorageError, Store, SubmissionRow
 
 __all__ = [
+    "COHORT_GRACE_S",
     "CrashHook",
     "EnrollmentError",
     "InvalidSubmissionError",
@@ -97,6 +98,9 @@ __all__ = [
 CrashHook = Callable[[str], None]
 _CLIENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _MAX_METRICS = 32
+#: Seconds after a round closed before the next starts with fewer than wait_for_clients
+#: (but at least min_clients) of the sites seen since: the survivors' polls arrive first.
+COHORT_GRACE_S = 5.0
 _MAX_METRIC_ABS = 1e12  # x 1e9 examples x any cohort stays far below float64's 1.8e308
 
 
@@ -266,6 +270,9 @@ class RoundEngine:
         self.completed_rounds = 0
         self._consecutive_aborts = 0
         self._ddg: dict[int, tuple[DDGParams, bytes]] = {}
+        # When the last round committed or aborted (None before the first): the next
+        # cohort is drawn from the sites seen since.
+        self._last_closed: float | None = None
 
     # -- start-up and recovery ---------------------------------------------------------
     def initialise(self, initial_weights: bytes) -> None:
@@ -332,6 +339,8 @@ class RoundEngine:
             rounds = self.store.rounds()
             self.completed_rounds = sum(r.status == "committed" for r in rounds)
             self._current = next((r for r in rounds if r.status == "open"), None)
+            ended = [r.ended_at for r in rounds if r.ended_at is not None]
+            self._last_closed = max(ended) if ended else None
             self._submitted = {}
             if self._current is not None:
                 self._recover_secure(self._current)
@@ -822,8 +831,20 @@ class RoundEngine:
         job = self.config.job
         window = job.active_window_s
         available = sorted(c for c in clients if now - last_seen.get(c, -math.inf) <= window)
-        if len(available) < job.start_threshold:
-            return False
+        closed = self._last_closed
+        if closed is None:
+            if len(available) < job.start_threshold:  # the first round: wait_for_clients
+                return False
+        else:
+            # Later rounds: only sites seen (polled) since the last round closed, so the
+            # dead are not drawn again. They start as soon as wait_for_clients such sites
+            # are back or, after a short grace for the survivors to poll, with min_clients:
+            # a job that lost sites for good goes on with fewer (never stalls).
+            available = [c for c in available if last_seen.get(c, -math.inf) >= closed]
+            if len(available) < job.start_threshold and (
+                len(available) < job.min_clients or now - closed < COHORT_GRACE_S
+            ):
+                return False
         rounds = self.store.rounds()
         round_id = (rounds[-1].round + 1) if rounds else 1
         # Distributed DP is budget-checked below, with the round's own DDG parameters.
@@ -1144,14 +1165,16 @@ class RoundEngine:
             self._consecutive_aborts = 0
             self.status = status
             self._current = None
+            self._last_closed = now
         self._crash("round_committed")
 
     def _abort(self, cur: RoundRow, reason: str, ddg: DDGParams | None = None) -> None:
         aborts = self._consecutive_aborts + 1
         status = "failed" if aborts >= self.config.job.max_consecutive_aborts else "running"
         released = None if ddg is None else self.privacy.account(cur.round, cur.stage, ddg)
+        now = self._clock()
         with self.store.transaction() as db:
-            Store.abort_round(db, cur.round, self._clock(), reason)
+            Store.abort_round(db, cur.round, now, reason)
             Store.set_meta(db, "consecutive_aborts", str(aborts))
             Store.set_meta(db, "status", status)
             if released is not None:
@@ -1160,6 +1183,7 @@ class RoundEngine:
             self._consecutive_aborts = aborts
             self.status = status
             self._current = None
+            self._last_closed = now
             if self.secure is not None:
                 self.secure.forget()
         self._crash("round_aborted")
