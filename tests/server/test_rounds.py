@@ -119,6 +119,8 @@ def test_consecutive_aborts_fail_the_job(tmp_path: Path) -> None:
     clock = FakeClock()
     eng = _engine(_config(tmp_path), clock)
     for _ in range(2):
+        for cid in "abc":  # the sites poll (but never answer)
+            eng.touch(cid)
         assert eng.tick()
         clock.now += 31
         assert eng.tick()
