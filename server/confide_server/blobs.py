@@ -54,6 +54,19 @@ class BlobStore:
         (root / "models").mkdir(parents=True, exist_ok=True)
         (root / "updates").mkdir(parents=True, exist_ok=True)
 
+    @staticmethod
+    def write_file(final: Path, data: bytes) -> None:
+        """Write ``data`` to ``final`` durably (tmp + fsync + rename + dir fsync), no hook."""
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
     def write(self, relpath: str, data: bytes) -> Path:
         """Write ``data`` to ``root/relpath`` durably (tmp + fsync + rename + dir fsync).
 
