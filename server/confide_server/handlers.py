@@ -151,8 +151,21 @@ async def get_model(request: web.Request) -> web.Response:
     )
 
 
+def _finite(doc: Any) -> Any:
+    """``doc`` with every non-finite float replaced by ``None`` (JSON has no Infinity)."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_finite(v) for v in doc]
+    return doc
+
+
 def _strict_dumps(doc: Any) -> str:
-    return json.dumps(doc, allow_nan=False)
+    # Inputs are bounded so no metric is infinite; an accountant's epsilon may be (a budget
+    # that cannot be met): such a value reads as null, and the answer stays strict JSON.
+    return json.dumps(_finite(doc), allow_nan=False)
 
 
 def _path_int(text: str, name: str) -> int:

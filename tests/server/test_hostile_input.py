@@ -234,3 +234,23 @@ def test_encode_then_decode_round_trips() -> None:
     header, meta, _ = read_safetensors_header(blob)
     assert set(header) == set(MANIFEST.names)
     assert meta == {"num_examples": "4"}
+
+
+async def test_status_is_strict_json_even_with_an_infinite_value(fed: Fed) -> None:
+    real = fed.engine.status_dict
+
+    def with_inf() -> dict[str, object]:
+        doc = real()
+        doc["privacy"] = {"epsilon": float("inf"), "rounds": [float("nan"), 1.5]}
+        return doc
+
+    fed.engine.status_dict = with_inf  # type: ignore[method-assign]
+    resp = await fed.http.get("/v1/status")
+    assert resp.status == 200
+    text = await resp.text()
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"status holds {constant}")
+
+    doc = json.loads(text, parse_constant=refuse)
+    assert doc["privacy"] == {"epsilon": None, "rounds": [None, 1.5]}
