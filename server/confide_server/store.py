@@ -42,6 +42,7 @@ from confide_server.blobs import BlobStore, FaultHook
 log = logging.getLogger("confide_server")
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "BlobStore",
     "DamagedStateError",
     "PrivacyRow",
@@ -79,6 +80,15 @@ class StorageError(FederationError):
     """
 
     code = "storage_unavailable"
+
+
+#: Errors of a full or failing disk (transient: retry, never abort a round over them). The
+#: engine catches these without importing sqlite3 (store.py owns the database).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    StorageError,
+    OSError,
+    sqlite3.OperationalError,
+)
 
 
 #: The handle of an open transaction (what :meth:`Store.transaction` yields). The engine
@@ -324,8 +334,10 @@ class Store:
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
-            except BaseException:
+            except BaseException as exc:
                 cur.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):  # e.g. "database or disk is full"
+                    raise StorageError(f"the database refused a write: {exc}") from exc
                 raise
             try:
                 self._fault("db_commit")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -78,7 +77,13 @@ from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
 from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, read_privacy
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
-from confide_server.store import PrivacyRow, RoundRow, StorageError, Store, SubmissionRow
+from confide_server.store import (
+    TRANSIENT_ERRORS,
+    PrivacyRow,
+    RoundRow,
+    Store,
+    SubmissionRow,
+)
 
 __all__ = [
     "COHORT_GRACE_S",
@@ -809,7 +814,7 @@ class RoundEngine:
                 return self._maybe_start(now, clients, last_seen)
             try:
                 self._close_stage(cur, sorted(answered))
-            except (StorageError, OSError, sqlite3.OperationalError):
+            except TRANSIENT_ERRORS:
                 raise  # transient disk trouble: the timer retries the close
             except Exception as exc:
                 # Anything else would fail the same way on every retry (a non-finite
