@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from confide.protocol.manifest import Manifest
-from confide_server.blobs import BlobStore
+from confide_server.blobs import BlobStore, FaultHook
 from confide_server.config import Config
 from confide_server.engine.rounds import CrashHook, RoundEngine
 from confide_server.engine.secure import secure_upload_limit
@@ -39,6 +39,7 @@ def open_engine(
     *,
     clock: Callable[[], float] | None = None,
     crash_hook: CrashHook | None = None,
+    fault_hook: FaultHook | None = None,
 ) -> RoundEngine:
     """Open the job's state (creating it on first start) and recover the open round.
 
@@ -50,6 +51,9 @@ def open_engine(
         Unix-time source (tests).
     crash_hook : callable, optional
         Fault-injection hook (tests).
+    fault_hook : callable, optional
+        Storage fault injection (tests): called before each durable write step
+        (:data:`confide_server.blobs.FaultHook`).
 
     Returns
     -------
@@ -57,8 +61,8 @@ def open_engine(
         The recovered engine.
     """
     manifest = Manifest.load(config.manifest)
-    store = Store(config.server.database)
-    blobs = BlobStore(config.server.state_dir)
+    store = Store(config.server.database, fault_hook=fault_hook)
+    blobs = BlobStore(config.server.state_dir, fault_hook=fault_hook)
     engine = RoundEngine(
         config, store, blobs, manifest, clock=clock or time.time, crash_hook=crash_hook
     )
@@ -74,14 +78,21 @@ async def _round_timer(app: web.Application) -> AsyncIterator[None]:
     finished = app[finished_key]
 
     async def loop() -> None:
+        backoff = 1.0
         while True:
             wake.clear()
             try:
                 changed = await asyncio.to_thread(engine.tick)
-            except Exception:
-                log.exception("round timer failed; retrying in 1 s")
+                backoff = 1.0
+            except Exception as exc:
+                # Only transient storage trouble gets here (the engine aborts a round whose
+                # close fails otherwise): retry with a growing pause, one line per retry.
+                log.warning(
+                    "round timer: %s: %s; retrying in %.0f s", type(exc).__name__, exc, backoff
+                )
                 changed = False
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
             if changed:
                 notifier.notify()
                 continue
@@ -105,6 +116,7 @@ def create_app(
     *,
     engine: RoundEngine | None = None,
     crash_hook: CrashHook | None = None,
+    fault_hook: FaultHook | None = None,
 ) -> web.Application:
     """Build the confide-server application for one job.
 
@@ -116,6 +128,8 @@ def create_app(
         A pre-built engine (tests); opened from ``config`` when omitted.
     crash_hook : callable, optional
         Fault-injection hook passed to the engine (tests).
+    fault_hook : callable, optional
+        Storage fault injection passed to the store and blob store (tests).
 
     Returns
     -------
@@ -123,12 +137,19 @@ def create_app(
         The application; its round timer runs between startup and cleanup.
     """
     if engine is None:
-        engine = open_engine(config, crash_hook=crash_hook)
+        engine = open_engine(config, crash_hook=crash_hook, fault_hook=fault_hook)
     upload_limit = config.server.max_upload_bytes or (engine.manifest.nbytes + 65536)
     if config.secagg.enabled:
         upload_limit = max(upload_limit, secure_upload_limit(engine.secure_vector_length))
     # Explicit body cap (aiohttp's default is 1 MiB); handlers check Content-Length first.
-    app = web.Application(client_max_size=upload_limit + 4096, middlewares=[error_middleware])
+    # No request body is ever inflated: a compressed one is refused (415) by the error
+    # middleware, and with auto_decompress off the parser never runs a decompressor on it
+    # (no gzip bomb in memory, no decoder error outside any handler).
+    app = web.Application(
+        client_max_size=upload_limit + 4096,
+        middlewares=[error_middleware],
+        handler_args={"auto_decompress": False},
+    )
     app[config_key] = config
     app[engine_key] = engine
     app[notifier_key] = Notifier()

@@ -15,7 +15,19 @@ from confide.errors import SignatureError
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
 from confide_server.keys import config_key, engine_key, nonce_cache_key
 
-__all__ = ["authenticate", "check_body"]
+__all__ = ["authenticate", "check_body", "signed_headers"]
+
+
+def signed_headers(request: web.Request) -> SignedRequest:
+    """Parse the signature headers, refusing any that is not ASCII (401).
+
+    aiohttp decodes header bytes that are not UTF-8 into lone surrogates, which cannot be
+    encoded again for the signature check; every confide header is ASCII by construction.
+    """
+    for name, value in request.headers.items():
+        if name.lower().startswith("x-confide-") and not value.isascii():
+            raise SignatureError(f"header {name[:40]} is not ASCII", "unauthenticated")
+    return SignedRequest.from_headers(request.headers)
 
 
 async def authenticate(
@@ -44,7 +56,7 @@ async def authenticate(
         401 for missing/stale/bad signatures and unknown clients, 409 (``replay``) for a
         nonce already seen.
     """
-    signed = SignedRequest.from_headers(request.headers)
+    signed = signed_headers(request)
     if signed.round_id != round_id or signed.stage != stage:
         raise SignatureError(
             f"signed round/stage ({signed.round_id}, {signed.stage!r}) differ from the "

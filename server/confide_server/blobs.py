@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
+from confide.errors import FederationError
 from confide.protocol.manifest import sha256_hex
 
-__all__ = ["BlobStore"]
+__all__ = ["BlobStore", "DamagedBlobError", "FaultHook"]
+
+#: Test-only fault injection: called with a step name before each durable write step
+#: (``"blob_write:<relpath>"``, ``"db_commit"``); it may raise ``OSError`` or
+#: ``sqlite3.OperationalError`` to stand in for a full or failing disk. Shipped commands
+#: never pass one (the e2e tests' own entry point does).
+FaultHook = Callable[[str], None]
+
+
+class DamagedBlobError(FederationError):
+    """A stored blob is missing or its bytes do not hash to the SHA-256 recorded for it."""
+
+    code = "corrupt_state"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,10 +48,24 @@ class BlobStore:
         Folder for ``models/`` and ``updates/``.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, fault_hook: FaultHook | None = None) -> None:
         self.root = root
+        self._fault = fault_hook or (lambda _step: None)
         (root / "models").mkdir(parents=True, exist_ok=True)
         (root / "updates").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def write_file(final: Path, data: bytes) -> None:
+        """Write ``data`` to ``final`` durably (tmp + fsync + rename + dir fsync), no hook."""
+        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
 
     def write(self, relpath: str, data: bytes) -> Path:
         """Write ``data`` to ``root/relpath`` durably (tmp + fsync + rename + dir fsync).
@@ -62,9 +90,13 @@ class BlobStore:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
+            self._fault(f"blob_write:{relpath}")
             os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            tmp.unlink(missing_ok=True)  # a failed write leaves no partial file behind
+            raise
+        os.close(fd)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return final
@@ -83,3 +115,25 @@ class BlobStore:
     def read(self, relpath: str) -> bytes:
         """Read a stored blob."""
         return (self.root / relpath).read_bytes()
+
+    def read_verified(self, relpath: str, sha256: str, what: str) -> bytes:
+        """Read a stored blob and check it against the SHA-256 recorded for it.
+
+        Raises
+        ------
+        DamagedBlobError
+            The file is missing or its bytes hash to something else (disk damage, an edit).
+        """
+        try:
+            data = self.read(relpath)
+        except FileNotFoundError:
+            raise DamagedBlobError(
+                f"{what} file {relpath} is missing from {self.root}; the state folder is damaged"
+            ) from None
+        got = sha256_hex(data)
+        if got != sha256:
+            raise DamagedBlobError(
+                f"{what} file {relpath} hashes to {got[:16]}..., not the recorded "
+                f"{sha256[:16]}...; the state folder is damaged"
+            )
+        return data

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from confide.errors import ConfideError, ConfigError
 from confide_server.app import create_app
+from confide_server.blobs import FaultHook
 from confide_server.config import Config, TLSConfig, load_config
 from confide_server.engine.privacy import read_privacy
 from confide_server.engine.rounds import CrashHook, hash_token, new_token
@@ -73,13 +74,18 @@ def build_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(config: Config, *, crash_hook: CrashHook | None = None) -> int:
+async def serve(
+    config: Config,
+    *,
+    crash_hook: CrashHook | None = None,
+    fault_hook: FaultHook | None = None,
+) -> int:
     """Serve ``config``'s job until it ends or SIGTERM/SIGINT; return the exit status.
 
-    ``crash_hook`` is for crash-injection tests (their own entry point passes one); the
-    ``confide-server`` command never sets it.
+    ``crash_hook`` and ``fault_hook`` are for crash- and storage-fault-injection tests (their
+    own entry point passes them); the ``confide-server`` command never sets them.
     """
-    app = create_app(config, crash_hook=crash_hook)
+    app = create_app(config, crash_hook=crash_hook, fault_hook=fault_hook)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(

@@ -10,8 +10,11 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     seed = 42
     cohort_size = 3          # clients asked per round
     min_clients = 2          # quorum: fewer survivors abort the round
-    wait_for_clients = 3     # active clients needed before a round starts
+    wait_for_clients = 3     # active clients needed before the first round starts (later
+                             # rounds: see docs/operations.md, "Cohorts after sites die")
     max_consecutive_aborts = 5
+    max_weight = 10000000    # plain rounds: a larger num_examples is refused (422)
+    max_update_norm = 0.0    # plain rounds: a larger delta L2 norm is refused; 0: no bound
 
     [model]
     manifest = "model.json"
@@ -80,6 +83,7 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,6 +136,10 @@ class JobConfig:
     max_consecutive_aborts: int = 5
     # A client counts as available for cohort selection if it was seen this recently.
     active_window_s: float = 60.0
+    # Plain rounds: a train upload with more examples is refused (422), so one site cannot
+    # outweigh all others; and, when > 0, a delta whose L2 norm exceeds it is refused.
+    max_weight: int = 10_000_000
+    max_update_norm: float = 0.0
 
     @property
     def start_threshold(self) -> int:
@@ -303,6 +311,12 @@ class Config:
             raise ConfigError("job.wait_for_clients must be 0 or >= job.min_clients")
         if job.max_consecutive_aborts < 1 or job.active_window_s <= 0:
             raise ConfigError("job.max_consecutive_aborts and job.active_window_s must be > 0")
+        if not 1 <= job.max_weight <= 10**9:
+            raise ConfigError(f"job.max_weight must be in [1, 1e9], got {job.max_weight}")
+        if not (math.isfinite(job.max_update_norm) and job.max_update_norm >= 0):
+            raise ConfigError(
+                f"job.max_update_norm must be >= 0 (0: no bound), got {job.max_update_norm}"
+            )
         if self.strategy.name not in available_strategies():
             raise ConfigError(
                 f"strategy.name must be one of {list(available_strategies())} "
@@ -426,6 +440,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "wait_for_clients": int,
         "max_consecutive_aborts": int,
         "active_window_s": float,
+        "max_weight": int,
+        "max_update_norm": float,
     }
     job = _typed(_section(doc, "job", set(job_types)), "job", JobConfig, job_types)
     strat_types = {

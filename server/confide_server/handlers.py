@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sqlite3
 import time
 from typing import Any, NamedTuple
 
 from aiohttp import web
 
 from confide.errors import FederationError, SignatureError, WireFormatError
+from confide.protocol.jsonio import loads_bounded
 from confide.protocol.manifest import sha256_hex
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
-from confide_server.auth import authenticate, check_body
+from confide_server.auth import authenticate, check_body, signed_headers
 from confide_server.engine.releases import enrolment_fields
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.keys import (
@@ -23,7 +25,12 @@ from confide_server.keys import (
     upload_gate_key,
     wake_key,
 )
-from confide_server.middlewares import RequestError, error_response
+from confide_server.middlewares import (
+    RequestError,
+    error_response,
+    refuse_encoded_body,
+    storage_error,
+)
 from confide_server.releases import releases_key
 
 __all__ = [
@@ -49,7 +56,9 @@ async def get_health(request: web.Request) -> web.Response:
 async def get_status(request: web.Request) -> web.Response:
     """Job status and per-round metrics."""
     engine = request.app[engine_key]
-    return web.json_response(await asyncio.to_thread(engine.status_dict))
+    doc = await asyncio.to_thread(engine.status_dict)
+    # Strict JSON: a non-finite number would make the answer unreadable to JSON parsers.
+    return web.json_response(doc, dumps=_strict_dumps)
 
 
 async def get_manifest(request: web.Request) -> web.Response:
@@ -63,21 +72,19 @@ async def enroll_client(request: web.Request) -> web.Response:
 
     The request is signed with the key being registered (proof of possession).
     """
+    refuse_encoded_body(request)
     length = request.content_length
     if length is None:
         raise RequestError("Content-Length is required", "length_required")
     if length > _MAX_ENROLL_BYTES:
         raise RequestError(f"enrolment body over {_MAX_ENROLL_BYTES} B", "payload_too_large")
     body = await request.read()
-    try:
-        doc = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WireFormatError(f"body is not JSON: {exc}") from exc
+    doc = loads_bounded(body, max_bytes=_MAX_ENROLL_BYTES, max_depth=4)
     if not isinstance(doc, dict) or not all(
         isinstance(doc.get(k), str) for k in ("token", "client_id", "public_key")
     ):
         raise WireFormatError('expected {"token", "client_id", "public_key"} strings')
-    signed = SignedRequest.from_headers(request.headers)
+    signed = signed_headers(request)
     if signed.client_id != doc["client_id"] or signed.stage != "enroll":
         raise SignatureError("signed client id/stage differ from the enrolment request")
     verify_request(
@@ -144,6 +151,30 @@ async def get_model(request: web.Request) -> web.Response:
     )
 
 
+def _finite(doc: Any) -> Any:
+    """``doc`` with every non-finite float replaced by ``None`` (JSON has no Infinity)."""
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    if isinstance(doc, dict):
+        return {k: _finite(v) for k, v in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [_finite(v) for v in doc]
+    return doc
+
+
+def _strict_dumps(doc: Any) -> str:
+    # Inputs are bounded so no metric is infinite; an accountant's epsilon may be (a budget
+    # that cannot be met): such a value reads as null, and the answer stays strict JSON.
+    return json.dumps(_finite(doc), allow_nan=False)
+
+
+def _path_int(text: str, name: str) -> int:
+    """Parse a positive path integer: ASCII digits only (``int()`` also takes Unicode digits)."""
+    if not (text.isascii() and text.isdigit() and 1 <= len(text) <= 9) or int(text) < 1:
+        raise RequestError(f"{name} must be a positive integer of ASCII digits", "not_found")
+    return int(text)
+
+
 class _Pre(NamedTuple):
     round_id: int
     stage: str
@@ -157,10 +188,8 @@ _PRE = web.RequestKey("confide_precheck", _Pre)
 
 async def _precheck(request: web.Request) -> _Pre:
     """Check everything that needs no body: route, size, signature, round and stage."""
-    try:
-        round_id = int(request.match_info["round"])
-    except ValueError:
-        raise RequestError("round must be an integer", "not_found") from None
+    refuse_encoded_body(request)
+    round_id = _path_int(request.match_info["round"], "round")
     stage = request.match_info["stage"]
     engine = request.app[engine_key]
     payload_kind = engine.stage_payload(stage)
@@ -198,6 +227,8 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
         await request.app[upload_gate_key].acquire()
     except FederationError as exc:
         return error_response(exc)
+    except (sqlite3.OperationalError, OSError) as exc:  # runs before the error middleware
+        return error_response(storage_error(exc))
     request[_PRE] = pre
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     return None

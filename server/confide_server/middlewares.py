@@ -9,6 +9,7 @@ is logged and answered 500 with no detail (none is expected for any client input
 from __future__ import annotations
 
 import logging
+import sqlite3
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -21,8 +22,10 @@ from confide.errors import (
     SignatureError,
     WireFormatError,
 )
+from confide_server.blobs import DamagedBlobError
 from confide_server.engine.rounds import EnrollmentError, InvalidSubmissionError, RoundError
 from confide_server.events import BusyError
+from confide_server.store import StorageError
 
 __all__ = [
     "HTTP_STATUS",
@@ -30,7 +33,9 @@ __all__ = [
     "error_middleware",
     "error_response",
     "json_error",
+    "refuse_encoded_body",
     "status_for",
+    "storage_error",
 ]
 
 log = logging.getLogger("confide_server")
@@ -52,6 +57,7 @@ HTTP_STATUS: dict[tuple[type[FederationError], str | None], int] = {
     (RequestError, "length_required"): 411,
     (RequestError, "payload_too_large"): 413,
     (RequestError, "expectation_failed"): 417,
+    (RequestError, "unsupported_encoding"): 415,
     # identity
     (SignatureError, None): 401,
     (SignatureError, "replay"): 409,
@@ -65,6 +71,8 @@ HTTP_STATUS: dict[tuple[type[FederationError], str | None], int] = {
     (WireFormatError, None): 422,
     (IntegrityError, None): 422,
     (BusyError, None): 503,
+    (StorageError, None): 503,  # transient disk trouble: retry; nothing was acknowledged
+    (DamagedBlobError, None): 503,
     (ConfigError, None): 400,
     (FederationError, None): 400,
 }
@@ -79,6 +87,7 @@ _CODES = {
     409: "conflict",
     411: "length_required",
     413: "payload_too_large",
+    415: "unsupported_encoding",
     417: "expectation_failed",
     422: "invalid_payload",
     503: "busy",
@@ -100,18 +109,50 @@ def json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+#: Seconds a client is told to wait before retrying a 503.
+RETRY_AFTER_S = 2
+
+
 def error_response(exc: FederationError) -> web.Response:
-    """Return the JSON error response of a domain error."""
-    return json_error(status_for(exc), exc.code, exc.message)
+    """Return the JSON error response of a domain error (503s carry ``Retry-After``)."""
+    resp = json_error(status_for(exc), exc.code, exc.message)
+    if resp.status == 503:
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return resp
+
+
+def storage_error(exc: BaseException) -> StorageError:
+    """Wrap an OS or SQLite error from a durable step as a (503) :class:`StorageError`."""
+    log.warning("storage error, answered 503: %s: %s", type(exc).__name__, exc)
+    return StorageError(f"the server could not store this durably ({type(exc).__name__}); retry")
+
+
+def refuse_encoded_body(request: web.Request) -> None:
+    """Refuse a compressed request body (415): no route takes one.
+
+    aiohttp inflates ``Content-Encoding: gzip/deflate/br`` bodies on read, so a small
+    upload could become a large one in memory (a decompression bomb) and an invalid stream
+    fails inside the framework. Upload-handling code (the ``Expect`` handler, which runs
+    before middlewares) calls this too.
+    """
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise RequestError(
+            f"Content-Encoding {encoding[:32]!r} is not accepted; send the body uncompressed",
+            "unsupported_encoding",
+        )
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into a JSON body with a code and a message."""
     try:
+        refuse_encoded_body(request)
         return await handler(request)
     except FederationError as exc:
         return error_response(exc)
+    except (sqlite3.OperationalError, OSError) as exc:  # a full or failing disk: transient
+        return error_response(storage_error(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

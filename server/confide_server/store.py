@@ -23,7 +23,10 @@ from worker threads with ``asyncio.to_thread``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import secrets
 import sqlite3
 import threading
 import time
@@ -33,9 +36,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confide_server.blobs import BlobStore
+from confide.errors import ConfigError, FederationError
+from confide_server.blobs import BlobStore, FaultHook
 
-__all__ = ["BlobStore", "PrivacyRow", "RoundRow", "Store", "SubmissionRow", "Tx"]
+log = logging.getLogger("confide_server")
+
+__all__ = [
+    "TRANSIENT_ERRORS",
+    "BlobStore",
+    "DamagedStateError",
+    "PrivacyRow",
+    "RoundRow",
+    "StorageError",
+    "Store",
+    "SubmissionRow",
+    "Tx",
+]
+
+
+class DamagedStateError(ConfigError):
+    """The state folder does not match what was last committed: refuse to start.
+
+    Raised for a database that cannot be read or fails ``PRAGMA quick_check``, and for a
+    database that is older than (or another job than) its job manifest says: its
+    write-ahead log or the database itself was deleted or replaced. Starting anyway would
+    silently lose acknowledged work (or start a new, empty job).
+    """
+
+    code = "damaged_state"
+
+
+_RECOVERY = (
+    "Stop the server, restore the state folder (the database and its -wal file together) "
+    "from a backup, or move the folder away to start a new job; do not start on it as is"
+)
+_MANIFEST_FORMAT = "confide-state/1"
+
+
+class StorageError(FederationError):
+    """The disk refused a durable write (full, I/O error): nothing was acknowledged.
+
+    Transient by nature: the HTTP layer answers 503 with ``Retry-After`` and clients retry.
+    """
+
+    code = "storage_unavailable"
+
+
+#: Errors of a full or failing disk (transient: retry, never abort a round over them). The
+#: engine catches these without importing sqlite3 (store.py owns the database).
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    StorageError,
+    OSError,
+    sqlite3.OperationalError,
+)
+
 
 #: The handle of an open transaction (what :meth:`Store.transaction` yields). The engine
 #: passes it through to the ``Store`` methods that take ``cur``; it never executes SQL on it.
@@ -147,17 +201,118 @@ class Store:
         Database file (created with its folder).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fault_hook: FaultHook | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        #: The job manifest beside the database: job id and commit counter, fsynced.
+        self.manifest_path = path.with_name(path.name + ".job.json")
+        self._fault = fault_hook or (lambda _step: None)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(
-            path, check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk (WAL fsynced) when it returns, so acks are durable.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk (WAL fsynced) when it returns, so acks are durable.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            check = str(self._db.execute("PRAGMA quick_check").fetchone()[0])
+            if check == "ok":
+                self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise DamagedStateError(
+                f"{path} is not a readable confide database ({exc}). {_RECOVERY}"
+            ) from None
+        if check != "ok":
+            self._db.close()
+            raise DamagedStateError(
+                f"{path} failed its integrity check ({check[:200]}). {_RECOVERY}"
+            )
+        self._manifest_commits = 0
+        self._manifest_commits = self._check_identity()
+
+    # -- job identity ------------------------------------------------------------------
+    def _read_manifest(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads(self.manifest_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise DamagedStateError(
+                f"{self.manifest_path} cannot be read ({exc}). {_RECOVERY}"
+            ) from None
+        if (
+            not isinstance(doc, dict)
+            or doc.get("format") != _MANIFEST_FORMAT
+            or not isinstance(doc.get("job_id"), str)
+            or not isinstance(doc.get("commits"), int)
+        ):
+            raise DamagedStateError(f"{self.manifest_path} is not a confide job manifest")
+        return doc
+
+    def _write_manifest(self, job_id: str, commits: int) -> None:
+        doc = {"format": _MANIFEST_FORMAT, "job_id": job_id, "commits": commits}
+        BlobStore.write_file(self.manifest_path, (json.dumps(doc) + "\n").encode())
+
+    def _check_identity(self) -> int:
+        """Compare the database with its job manifest; create both on a new state folder.
+
+        Returns the commit count the manifest holds. A database that lost committed work
+        (its WAL deleted, an older copy) has a lower counter than the manifest, or no job at
+        all: refused. A higher counter means a crash between a commit and the manifest
+        update (the manifest is only ever behind): the manifest is brought up to date.
+        """
+        manifest = self._read_manifest()
+        job_id = self.get_meta("job_id")
+        commits = int(self.get_meta("commit_counter") or 0)
+        if job_id is None:
+            if manifest is not None:
+                raise DamagedStateError(
+                    f"{self.path} holds no job, but {self.manifest_path.name} records job "
+                    f"{manifest['job_id']} with {manifest['commits']} commits: the database or "
+                    f"its write-ahead log ({self.path.name}-wal) was deleted or replaced. "
+                    f"{_RECOVERY}"
+                )
+            job_id = secrets.token_hex(16)
+            with self.transaction() as cur:
+                Store.set_meta(cur, "job_id", job_id)
+                Store.set_meta(cur, "commit_counter", "0")
+        elif manifest is not None and manifest["job_id"] != job_id:
+            raise DamagedStateError(
+                f"{self.path} belongs to job {job_id}, but {self.manifest_path.name} records "
+                f"job {manifest['job_id']}: the database was replaced. {_RECOVERY}"
+            )
+        elif manifest is not None and manifest["commits"] > commits:
+            raise DamagedStateError(
+                f"{self.path} holds {commits} commits, but {self.manifest_path.name} records "
+                f"{manifest['commits']}: committed work is missing (the write-ahead log "
+                f"{self.path.name}-wal was deleted, or an older copy restored). {_RECOVERY}"
+            )
+        if manifest is None or manifest["commits"] != commits:
+            self._write_manifest(job_id, commits)
+        return commits
+
+    def _sync_manifest(self) -> None:
+        """After a commit: write the manifest if the commit counter moved (lock held)."""
+        row = self._db.execute(
+            "SELECT a.value, b.value FROM meta a, meta b "
+            "WHERE a.key='job_id' AND b.key='commit_counter'"
+        ).fetchone()
+        if row is None or int(row[1]) <= self._manifest_commits:
+            return
+        try:
+            self._write_manifest(str(row[0]), int(row[1]))
+        except OSError as exc:  # the commit stands; a manifest that is behind is harmless
+            log.warning("could not update %s: %s", self.manifest_path, exc)
+            return
+        self._manifest_commits = int(row[1])
+
+    @staticmethod
+    def bump_commits(cur: Tx) -> None:
+        """Count one job-level commit (round start/close, enrolment) in a transaction."""
+        cur.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='commit_counter'")
 
     def close(self) -> None:
         """Close the connection."""
@@ -166,16 +321,33 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """Run a block in one ``BEGIN IMMEDIATE`` transaction (commit or roll back)."""
+        """Run a block in one ``BEGIN IMMEDIATE`` transaction (commit or roll back).
+
+        Raises
+        ------
+        StorageError
+            The commit failed (disk full, I/O error): the transaction is rolled back and
+            nothing of it is durable, so the caller must not acknowledge anything.
+        """
         with self._lock:
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
                 yield cur
-            except BaseException:
+            except BaseException as exc:
                 cur.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):  # e.g. "database or disk is full"
+                    raise StorageError(f"the database refused a write: {exc}") from exc
                 raise
-            cur.execute("COMMIT")
+            try:
+                self._fault("db_commit")
+                cur.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if self._db.in_transaction:  # a failed COMMIT can leave it open
+                    with contextlib.suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
+                raise StorageError(f"the database refused a commit: {exc}") from exc
+            self._sync_manifest()
 
     # -- meta --------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -233,6 +405,7 @@ class Store:
                 "INSERT INTO clients(client_id, public_key, enrolled_at) VALUES (?, ?, ?)",
                 (client_id, public_key, now),
             )
+            Store.bump_commits(cur)
         return "ok"
 
     def clients(self) -> dict[str, str]:
@@ -317,6 +490,7 @@ class Store:
     @staticmethod
     def insert_round(cur: Tx, r: RoundRow) -> None:
         """Insert a new open round inside a transaction."""
+        Store.bump_commits(cur)
         cur.execute(
             "INSERT INTO rounds(round, status, stage, deadline, cohort, seed, base_model, "
             "started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -363,6 +537,7 @@ class Store:
         ).rowcount
         if changed != 1:
             return None
+        Store.bump_commits(cur)
         return int(
             cur.execute("SELECT COUNT(*) FROM rounds WHERE status='committed'").fetchone()[0]
         )
@@ -370,6 +545,7 @@ class Store:
     @staticmethod
     def abort_round(cur: Tx, round_id: int, ended_at: float, reason: str) -> None:
         """Mark an open round aborted with its reason."""
+        Store.bump_commits(cur)
         cur.execute(
             "UPDATE rounds SET status='aborted', ended_at=?, reason=? "
             "WHERE round=? AND status='open'",

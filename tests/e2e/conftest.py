@@ -52,9 +52,16 @@ class Procs:
     ) -> subprocess.Popen[bytes]:
         return self.launcher.spawn(name, cmd, env=env)
 
-    def server(self, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-        """Start the server; ``crash_at="point:n"`` SIGKILLs it the n-th time at ``point``."""
+    def server(
+        self, crash_at: str | None = None, fail_writes: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start the server; ``crash_at="point:n"`` SIGKILLs it the n-th time at ``point``.
+
+        ``fail_writes`` injects storage faults (``STEP:FROM:COUNT``, see tests.e2e.entry).
+        """
         crash = ["--crash-at", crash_at] if crash_at else []
+        for spec in fail_writes:
+            crash += ["--fail-writes", spec]
         p = self._spawn(
             "server", [*ENTRY, "server", *crash, "run", "--config", str(self.files.config)]
         )

@@ -4,7 +4,8 @@ Crash injection and seeded protocol randomness are never part of the shipped com
 the e2e tests start these wrappers instead, which pass hooks through the constructor and
 function arguments the shipped code offers::
 
-    python -m tests.e2e.entry server [--crash-at POINT[:N]] run --config job.toml
+    python -m tests.e2e.entry server [--crash-at POINT[:N]] [--fail-writes STEP:FROM:COUNT]
+        run --config job.toml
     python -m tests.e2e.entry site [--die-in-round R] [--die-at-stage S]
         [--rng-seed HEX --rng-client ID] --server URL --data ...   (``confide client`` options)
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -54,14 +57,41 @@ def _crash_hook(spec: str) -> Callable[[str], None]:
     return hook
 
 
+def _fault_hook(specs: list[str]) -> Callable[[str], None]:
+    """Storage faults: ``STEP_PREFIX:FROM:COUNT`` fails calls FROM..FROM+COUNT-1 (1-based).
+
+    ``blob_write:...`` steps raise ``OSError(ENOSPC)`` (disk full); ``db_commit`` raises
+    ``sqlite3.OperationalError("disk I/O error")``. Each failure prints a line the test
+    counts.
+    """
+    rules = []
+    for spec in specs:
+        prefix, first, count = spec.rsplit(":", 2)
+        rules.append((prefix, int(first), int(count), {"n": 0}))
+
+    def hook(step: str) -> None:
+        for prefix, first, count, seen in rules:
+            if step.startswith(prefix):
+                seen["n"] += 1
+                if first <= seen["n"] < first + count:
+                    print(f"FAULT-INJECTED {step}", flush=True)
+                    if step == "db_commit":
+                        raise sqlite3.OperationalError("disk I/O error")
+                    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    return hook
+
+
 def _server(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="entry server")
     p.add_argument("--crash-at", default=None)
+    p.add_argument("--fail-writes", action="append", default=[])
     p.add_argument("command", choices=["run"])
     p.add_argument("--config", required=True)
     a = p.parse_args(argv)
     hook = _crash_hook(a.crash_at) if a.crash_at else None
-    return asyncio.run(serve(load_config(a.config), crash_hook=hook))
+    faults = _fault_hook(a.fail_writes) if a.fail_writes else None
+    return asyncio.run(serve(load_config(a.config), crash_hook=hook, fault_hook=faults))
 
 
 def _site(argv: list[str]) -> int:

@@ -98,6 +98,8 @@ def test_round_without_quorum_aborts_and_next_round_succeeds(tmp_path: Path) -> 
     assert eng.status == "running"
     with pytest.raises(RoundError, match="aborted"):
         _submit(eng, "b", "train", delta_body(MANIFEST, 1.0))
+    for cid in "abc":  # the sites poll again (the next cohort is drawn from those seen since)
+        eng.touch(cid)
     assert eng.tick()  # round 2 starts normally
     for cid in "abc":
         _submit(eng, cid, "train", delta_body(MANIFEST, 1.0), r=2)
@@ -117,6 +119,8 @@ def test_consecutive_aborts_fail_the_job(tmp_path: Path) -> None:
     clock = FakeClock()
     eng = _engine(_config(tmp_path), clock)
     for _ in range(2):
+        for cid in "abc":  # the sites poll (but never answer)
+            eng.touch(cid)
         assert eng.tick()
         clock.now += 31
         assert eng.tick()

@@ -8,9 +8,11 @@ safetensors with ``num_examples`` in the metadata; for an ``evaluate`` task it e
 announced model on its local test data and uploads the metrics as JSON. Every request is
 signed (:mod:`confide.protocol.signing`).
 
-Connection failures and 503 answers are retried with backoff (the server may be restarting);
-a retried upload carries the same body, so the server answers with the same receipt.
-Certificate failures are never retried.
+Connection failures, 5xx answers and 408/425/429 are retried with exponential backoff and
+jitter (at least the server's ``Retry-After``) until ``retry_timeout``; each retry is logged
+with its URL and reason. A retried upload carries the same body, so the server answers with
+the same receipt. Any other 4xx is a definitive refusal (:class:`~confide.errors.ServerError`);
+certificate failures are never retried.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import math
+import random
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,7 +233,8 @@ class Client:
             raise ConfigError("use the client as 'async with Client(...) as client'")
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.retry_timeout
-        delay = 0.2
+        url = self.server_url + path
+        attempt = 0
         while True:
             headers = {"Content-Type": "application/octet-stream"}
             if signed:
@@ -239,10 +243,11 @@ class Client:
                 if ident is None or cid is None:
                     raise ConfigError("this client is not enrolled yet")
                 headers.update(ident.sign_request(cid, method, path, round_id, stage, body))
+            retry_after: float | None = None
             try:
                 async with self._session.request(
                     method,
-                    self.server_url + path,
+                    url,
                     data=body or None,
                     headers=headers,
                     params=params,
@@ -254,8 +259,10 @@ class Client:
                     if resp.status < 400:
                         return data, dict(resp.headers)
                     code, message = _error_fields(data)
-                    if resp.status != 503:
+                    if not _retryable(resp.status):
                         raise ServerError(resp.status, code, message)
+                    reason = f"HTTP {resp.status} {code}: {message[:200]}"
+                    retry_after = _retry_after(resp.headers.get("Retry-After"))
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise TransportError(f"TLS verification of the server failed: {exc}") from exc
             except aiohttp.ClientSSLError as exc:
@@ -265,14 +272,21 @@ class Client:
                 aiohttp.ClientPayloadError,
                 asyncio.TimeoutError,
             ) as exc:
-                if loop.time() > give_up:
-                    raise TransportError(
-                        f"server unreachable for {self.retry_timeout} s: {exc}"
-                    ) from exc
-            if loop.time() > give_up:
-                raise TransportError(f"server busy for {self.retry_timeout} s")
+                reason = f"{type(exc).__name__}: {exc}"
+            attempt += 1
+            delay = _backoff(attempt, retry_after)
+            left = give_up - loop.time()
+            if left <= 0 or delay > left:
+                raise TransportError(
+                    f"{method} {url} failed for {self.retry_timeout:.0f} s "
+                    f"({attempt} attempts); last: {reason}"
+                )
+            # No silent waits: every retry says what failed, where, and when it tries again.
+            self._log(
+                f"{self.client_id or client_id or 'client'}: {method} {url}: {reason}; "
+                f"retry {attempt} in {delay:.1f} s (gives up in {left:.0f} s)"
+            )
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         data, _ = await self._request(method, path, **kwargs)
@@ -579,6 +593,38 @@ def _clip_for_privacy(
 
     clipped, _ = clip_update(delta, float(clip))
     return clipped
+
+
+#: 4xx answers that mean "later", not "no": request timeout, too early, too many requests.
+_RETRYABLE_4XX = frozenset({408, 425, 429})
+_BACKOFF_BASE_S = 0.2
+_BACKOFF_CAP_S = 10.0
+
+
+def _retryable(status: int) -> bool:
+    """Whether an HTTP error status is transient (5xx, 408, 425, 429): retried, not fatal."""
+    return status >= 500 or status in _RETRYABLE_4XX
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After: <int>`` header (bounded to 60 s), else ``None``."""
+    if value is None or not value.isascii() or not value.strip().isdigit():
+        return None
+    return float(min(int(value.strip()), 60))
+
+
+def _backoff(attempt: int, retry_after: float | None) -> float:
+    """Exponential backoff with jitter: ``U(1/2, 1) * min(cap, base * 2**attempt)``.
+
+    The jitter spreads the retries of many sites after a server restart; a server's
+    ``Retry-After`` is a lower bound.
+    """
+    ceiling = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2.0 ** min(attempt, 16))
+    delay = ceiling * (0.5 + 0.5 * _JITTER.random())
+    return delay if retry_after is None else max(delay, retry_after)
+
+
+_JITTER = random.SystemRandom()  # timing jitter only; never used for anything secret
 
 
 def _error_fields(data: bytes) -> tuple[str, str]:

@@ -28,6 +28,7 @@ import safetensors.numpy
 from numpy.typing import NDArray
 
 from confide.errors import ManifestError, WireFormatError
+from confide.protocol.jsonio import loads_bounded
 
 __all__ = [
     "Manifest",
@@ -383,10 +384,14 @@ def read_safetensors_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]
         raise WireFormatError(
             f"safetensors header of {header_len} bytes does not fit in {len(data)} bytes"
         )
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WireFormatError(f"safetensors header is not JSON: {exc}") from exc
+    # Bounded: depth, integer size, duplicate names (two tensors of one name) refused.
+    header = loads_bounded(
+        data[8 : 8 + header_len],
+        max_bytes=_MAX_HEADER_BYTES,
+        max_depth=4,
+        max_int_digits=20,
+        what="safetensors header",
+    )
     if not isinstance(header, dict):
         raise WireFormatError("safetensors header is not a JSON object")
     raw_meta = header.pop("__metadata__", {})

@@ -32,7 +32,6 @@ the tick changes a round's status or stage (``_tick_lock``), so the snapshot sta
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import secrets
 import threading
@@ -44,9 +43,16 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import AggregateError, ConfigError, FederationError, ManifestError
+from confide.errors import (
+    AggregateError,
+    ConfigError,
+    FederationError,
+    ManifestError,
+    WireFormatError,
+)
 from confide.privacy.client_dp import DDGParams, padded_dim
 from confide.privacy.distributed_dpsgd import SampleDDGParams
+from confide.protocol.jsonio import loads_bounded
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
 from confide.protocol.tasks import (
     EvaluateTask,
@@ -68,7 +74,7 @@ from confide.secagg import (
     SecAggParams,
 )
 from confide.strategies import Strategy, StrategyState
-from confide_server.blobs import BlobStore
+from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
 from confide_server.engine.privacy import (
     BUDGET_EXHAUSTED,
@@ -77,9 +83,16 @@ from confide_server.engine.privacy import (
     read_privacy,
 )
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
-from confide_server.store import PrivacyRow, RoundRow, Store, SubmissionRow
+from confide_server.store import (
+    TRANSIENT_ERRORS,
+    PrivacyRow,
+    RoundRow,
+    Store,
+    SubmissionRow,
+)
 
 __all__ = [
+    "COHORT_GRACE_S",
     "CrashHook",
     "EnrollmentError",
     "InvalidSubmissionError",
@@ -96,6 +109,10 @@ __all__ = [
 CrashHook = Callable[[str], None]
 _CLIENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 _MAX_METRICS = 32
+#: Seconds after a round closed before the next starts with fewer than wait_for_clients
+#: (but at least min_clients) of the sites seen since: the survivors' polls arrive first.
+COHORT_GRACE_S = 5.0
+_MAX_METRIC_ABS = 1e12  # x 1e9 examples x any cohort stays far below float64's 1.8e308
 
 
 # The HTTP status of each error (and code) is in the one table,
@@ -264,6 +281,9 @@ class RoundEngine:
         self.completed_rounds = 0
         self._consecutive_aborts = 0
         self._ddg: dict[int, tuple[DDGParams | SampleDDGParams, bytes]] = {}
+        # When the last round committed or aborted (None before the first): the next
+        # cohort is drawn from the sites seen since.
+        self._last_closed: float | None = None
 
     # -- start-up and recovery ---------------------------------------------------------
     def initialise(self, initial_weights: bytes) -> None:
@@ -303,6 +323,23 @@ class RoundEngine:
             for n in sorted({max(job.start_threshold, 2), job.cohort_size}):
                 self._secure_params(n)
         self._load()
+        self._check_current_model()
+
+    def _check_current_model(self) -> None:
+        """Refuse to start on a current model whose file is missing or damaged.
+
+        Every round would start from it and fail; better a clear message at start.
+        """
+        path = self.store.model_path(self.current_model)
+        try:
+            if path is None:
+                raise DamagedBlobError(f"current model {self.current_model} is not registered")
+            self.blobs.read_verified(path, self.current_model, "current model")
+        except DamagedBlobError as exc:
+            raise ConfigError(
+                f"cannot start: {exc}. Restore the state folder "
+                f"({self.blobs.root}) from a backup, or move it away to start the job anew"
+            ) from None
 
     def _load(self) -> None:
         with self._lock:
@@ -313,6 +350,8 @@ class RoundEngine:
             rounds = self.store.rounds()
             self.completed_rounds = sum(r.status == "committed" for r in rounds)
             self._current = next((r for r in rounds if r.status == "open"), None)
+            ended = [r.ended_at for r in rounds if r.ended_at is not None]
+            self._last_closed = max(ended) if ended else None
             self._submitted = {}
             if self._current is not None:
                 self._recover_secure(self._current)
@@ -608,26 +647,21 @@ class RoundEngine:
         sha = sha256_hex(body)
         kind = self.stage_payload(stage)
         if kind == "secagg":
-            try:
-                msg = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidSubmissionError(f"body is not JSON: {exc}", "malformed_body") from exc
+            msg = _bounded_json(body)
             if not isinstance(msg, dict):
                 raise InvalidSubmissionError("expected a SecAgg+ message (a JSON object)")
             if msg.get("client_id") != client_id or msg.get("round") != round_id:
                 raise InvalidSubmissionError("the message names another client or round")
             return Prepared(round_id, stage, client_id, sha, 1, None, {"message": msg})
         if kind == "tensors":
-            _, meta = decode_tensors(self.manifest, body)
+            delta, meta = decode_tensors(self.manifest, body)
             num = _positive_int(meta.get("num_examples"), "num_examples")
+            self._check_bounds(delta, num)
             payload: dict[str, Any] = {}
             if "train_loss" in meta:
                 payload["train_loss"] = _finite_float(meta["train_loss"], "train_loss")
             return Prepared(round_id, stage, client_id, sha, num, body, payload)
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InvalidSubmissionError(f"body is not JSON: {exc}", "malformed_body") from exc
+        doc = _bounded_json(body)
         if not isinstance(doc, dict) or not isinstance(doc.get("metrics"), dict):
             raise InvalidSubmissionError('expected {"num_examples": int, "metrics": {...}}')
         num = _positive_int(doc.get("num_examples"), "num_examples")
@@ -640,6 +674,27 @@ class RoundEngine:
                 raise InvalidSubmissionError(f"bad metric name {key!r}")
             clean[key] = _finite_float(value, f"metrics.{key}")
         return Prepared(round_id, stage, client_id, sha, num, None, {"metrics": clean})
+
+    def _check_bounds(self, delta: NDArray[np.float32], num_examples: int) -> None:
+        """Refuse a plain update outside the job's policy (``max_weight``, ``max_update_norm``).
+
+        Without these, one site's finite but huge delta (3e38 with 1e9 examples) replaces the
+        model and overflows the next round's aggregate.
+        """
+        job = self.config.job
+        if num_examples > job.max_weight:
+            raise InvalidSubmissionError(
+                f"num_examples {num_examples} exceeds job.max_weight = {job.max_weight}",
+                "over_max_weight",
+            )
+        if job.max_update_norm > 0:
+            norm = float(np.linalg.norm(delta.astype(np.float64)))
+            if not norm <= job.max_update_norm:
+                raise InvalidSubmissionError(
+                    f"update L2 norm {norm:.6g} exceeds job.max_update_norm = "
+                    f"{job.max_update_norm}; clip the update before sending it",
+                    "over_max_norm",
+                )
 
     def commit_submission(self, prepared: Prepared, nonce: str) -> dict[str, Any]:
         """Write a prepared submission durably and return its receipt.
@@ -771,6 +826,12 @@ class RoundEngine:
                 return self._maybe_start(now, clients, last_seen)
             try:
                 self._close_stage(cur, sorted(answered))
+            except TRANSIENT_ERRORS:
+                raise  # transient disk trouble: the timer retries the close
+            except Exception as exc:
+                # Anything else would fail the same way on every retry (a non-finite
+                # aggregate, a damaged blob, a strategy error): abort the round, never wedge.
+                self._abort(cur, f"stage {cur.stage!r} could not close: {exc}")
             finally:
                 with self._lock:
                     self._closing = False
@@ -787,8 +848,20 @@ class RoundEngine:
         job = self.config.job
         window = job.active_window_s
         available = sorted(c for c in clients if now - last_seen.get(c, -math.inf) <= window)
-        if len(available) < job.start_threshold:
-            return False
+        closed = self._last_closed
+        if closed is None:
+            if len(available) < job.start_threshold:  # the first round: wait_for_clients
+                return False
+        else:
+            # Later rounds: only sites seen (polled) since the last round closed, so the
+            # dead are not drawn again. They start as soon as wait_for_clients such sites
+            # are back or, after a short grace for the survivors to poll, with min_clients:
+            # a job that lost sites for good goes on with fewer (never stalls).
+            available = [c for c in available if last_seen.get(c, -math.inf) >= closed]
+            if len(available) < job.start_threshold and (
+                len(available) < job.min_clients or now - closed < COHORT_GRACE_S
+            ):
+                return False
         rounds = self.store.rounds()
         round_id = (rounds[-1].round + 1) if rounds else 1
         # Ring modes are budget-checked below, with the round's own noise parameters.
@@ -970,7 +1043,8 @@ class RoundEngine:
         base_path = self.store.model_path(cur.base_model)
         if base_path is None:
             raise ManifestError(f"base model {cur.base_model} is missing from the store")
-        base, _ = decode_tensors(self.manifest, self.blobs.read(base_path))
+        data = self.blobs.read_verified(base_path, cur.base_model, "base model")
+        base, _ = decode_tensors(self.manifest, data)
         return base
 
     def _strategy_state(self) -> StrategyState:
@@ -1034,15 +1108,19 @@ class RoundEngine:
                     "names no update file; the state folder is damaged",
                     "corrupt_state",
                 )
-            deltas.append(decode_tensors(self.manifest, self.blobs.read(s.blob))[0])
+            data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
+            deltas.append(decode_tensors(self.manifest, data)[0])
         state = self._strategy_state()
-        if self.privacy.mode == "central":
-            noised = self.privacy.central_sum(deltas)
-            cohort = float(max(1, len(cur.cohort)))
-            new, state = self.strategy.aggregate_sum(base, noised, cohort, state)
-        else:
-            updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
-            new, state = self.strategy.aggregate(base, updates, state)
+        # An overflow is not an error here: _write_model refuses a non-finite aggregate with a
+        # clear reason, and the round is aborted (never committed).
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.privacy.mode == "central":
+                noised = self.privacy.central_sum(deltas)
+                cohort = float(max(1, len(cur.cohort)))
+                new, state = self.strategy.aggregate_sum(base, noised, cohort, state)
+            else:
+                updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
+                new, state = self.strategy.aggregate(base, updates, state)
         return self._write_model(cur, new), state
 
     def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
@@ -1076,7 +1154,8 @@ class RoundEngine:
                 metrics[f"eval_{key}"] = (
                     sum(s.num_examples * (s.payload or {})["metrics"][key] for s in evals) / total
                 )
-        return metrics
+        # Never a NaN/Infinity in the status (not JSON); inputs are bounded, this is a backstop.
+        return {k: v for k, v in metrics.items() if not isinstance(v, float) or math.isfinite(v)}
 
     def _commit(self, cur: RoundRow) -> None:
         metrics = self._round_metrics(cur)
@@ -1119,6 +1198,7 @@ class RoundEngine:
             self._consecutive_aborts = 0
             self.status = status
             self._current = None
+            self._last_closed = now
         self._crash("round_committed")
 
     def _abort(
@@ -1127,8 +1207,9 @@ class RoundEngine:
         aborts = self._consecutive_aborts + 1
         status = "failed" if aborts >= self.config.job.max_consecutive_aborts else "running"
         released = None if ddg is None else self.privacy.account(cur.round, cur.stage, ddg)
+        now = self._clock()
         with self.store.transaction() as db:
-            Store.abort_round(db, cur.round, self._clock(), reason)
+            Store.abort_round(db, cur.round, now, reason)
             Store.set_meta(db, "consecutive_aborts", str(aborts))
             Store.set_meta(db, "status", status)
             if released is not None:
@@ -1137,6 +1218,7 @@ class RoundEngine:
             self._consecutive_aborts = aborts
             self.status = status
             self._current = None
+            self._last_closed = now
             if self.secure is not None:
                 self.secure.forget()
         self._crash("round_aborted")
@@ -1163,6 +1245,14 @@ class RoundEngine:
             }
 
 
+def _bounded_json(body: bytes) -> Any:
+    """Decode a JSON body with the one bounded decoder (422 ``malformed_body`` if refused)."""
+    try:
+        return loads_bounded(body, max_bytes=max(len(body), 1))
+    except WireFormatError as exc:
+        raise InvalidSubmissionError(exc.message, "malformed_body") from None
+
+
 def _positive_int(value: Any, name: str) -> int:
     try:
         n = int(value)
@@ -1177,7 +1267,10 @@ def _finite_float(value: Any, name: str) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON int of 400 digits
-        raise InvalidSubmissionError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(f):
-        raise InvalidSubmissionError(f"{name} must be finite, got {value!r}")
+        raise InvalidSubmissionError(f"{name} must be a number, got {value!r:.80}") from None
+    # Bounded so that example-weighted sums of them stay finite (status stays valid JSON).
+    if isinstance(value, bool) or not abs(f) <= _MAX_METRIC_ABS:
+        raise InvalidSubmissionError(
+            f"{name} must be a finite number within +-{_MAX_METRIC_ABS:g}, got {value!r:.80}"
+        )
     return f
