@@ -111,9 +111,11 @@ demo: setup
 # 64x64 over HTTP on the lesion task (synthetic lesions on real scans shipped by pydicom and
 # scikit-image), patient-level DP-SGD with Rust-core noise under SecAgg+; then the final
 # model is signed as a device release and `make app` opens the patient app on it.
+# The Dopamine experiment (confide-server dopamine): 10 hospitals, SqueezeNet 1.1 at 64x64,
+# distributed patient-level DP-SGD under SecAgg+ next to non-private FedAvg and central
+# training on the same split; the final DP model is signed for the patient app.
 demo-images: setup
-	$(VENV)/bin/confide-server simulate --data lesions --model squeezenet --clients 10 \
-	  --rounds 5 --image-size 64 --lr 0.05 --timeout 900 --out demo-images --release
+	$(VENV)/bin/confide-server dopamine --out demo-images --release
 
 # The patient diagnosis app (mobile_examples/patient_app) on this machine's loopback, with
 # the release `make demo-images` signed (verified against its pinned release key).

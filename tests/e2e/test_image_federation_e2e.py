@@ -2,7 +2,7 @@
 torch (confide's privacy code, Rust-core noise), SecAgg+ on, images read from PNG folders.
 
 Small on purpose (32x32 tiles, 2 rounds) so it runs in ``make test`` on two cores; the
-Dopamine-sized run (10 sites, 64x64) is ``make demo-images``.
+Dopamine-sized run (10 sites, 64x64, ``confide-server dopamine``) is ``make demo-images``.
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ async def test_retry_deadline_ends_the_attempts(
 ) -> None:
     result, lines, hits = await _run(tmp_path, aiohttp_server, [500] * 100, retry_timeout=1.0)
     assert isinstance(result, TransportError)
-    assert "failed for 1 s" in str(result)
+    assert "failed for 1.0 s" in str(result)
     assert "HTTP 500" in str(result)
     assert len(hits) == len(lines) + 1
 

@@ -244,6 +244,7 @@ class Client:
                     raise ConfigError("this client is not enrolled yet")
                 headers.update(ident.sign_request(cid, method, path, round_id, stage, body))
             retry_after: float | None = None
+            unreachable = False
             try:
                 async with self._session.request(
                     method,
@@ -272,13 +273,20 @@ class Client:
                 aiohttp.ClientPayloadError,
                 asyncio.TimeoutError,
             ) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                unreachable = isinstance(exc, aiohttp.ClientConnectorError)
+                reason = (
+                    f"connection to {self.server_url} failed ({exc.os_error.strerror or exc}): "
+                    "is confide-server running there?"
+                    if isinstance(exc, aiohttp.ClientConnectorError)
+                    else f"{type(exc).__name__}: {exc}"
+                )
             attempt += 1
             delay = _backoff(attempt, retry_after)
             left = give_up - loop.time()
             if left <= 0 or delay > left:
+                what = "server unreachable" if unreachable else "failed"
                 raise TransportError(
-                    f"{method} {url} failed for {self.retry_timeout:.0f} s "
+                    f"{method} {url}: {what} for {self.retry_timeout:.1f} s "
                     f"({attempt} attempts); last: {reason}"
                 )
             # No silent waits: every retry says what failed, where, and when it tries again.
