@@ -696,6 +696,9 @@ def main_simulate(argv: Sequence[str]) -> int:
         help="turn SecAgg+ secure aggregation off (on by default; off with --dp central, "
         "whose server-side clipping needs the individual updates)",
     )
+    from confide_server.simulate_ray import add_ray_arguments, run_from_args
+
+    add_ray_arguments(parser)  # --backend, --ray-*: confide_server.simulate_ray
     args = parser.parse_args(argv)
     images = args.data == "lesions"
     model = args.model or ("squeezenet" if images else "logistic")
@@ -751,4 +754,6 @@ def main_simulate(argv: Sequence[str]) -> int:
         patients_per_site=args.patients_per_site,
         release=args.release,
     )
+    if args.backend == "ray":
+        return run_from_args(args, opts)
     return run_simulation(args.out, opts, plot=args.plot, timeout=args.timeout)
