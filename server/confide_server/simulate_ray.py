@@ -65,7 +65,7 @@ from confide.data import (
 )
 from confide.errors import ConfigError
 from confide.protocol.manifest import encode_tensors
-from confide.protocol.tasks import Task
+from confide.protocol.tasks import EvaluateTask, SecureTask, Task, TrainTask
 from confide.training import NumpyTrainer, build_trainer
 from confide_server.config import parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
@@ -109,6 +109,9 @@ class RayOptions:
         Clients asked per round (0: every client).
     poll_wait : float
         Seconds one long poll of a virtual client may wait on the server.
+    server_host : str
+        Address the server listens on and the clients dial (``127.0.0.1``; on a cluster, an
+        address of the head node that the other nodes reach).
     """
 
     address: str | None = None
@@ -116,6 +119,7 @@ class RayOptions:
     num_gpus: float = 0.0
     cohort: int = 0
     poll_wait: float = 10.0
+    server_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,8 @@ async def _virtual_client(
     outcome: dict[str, Any] = {"client_id": spec.client_id, "dropouts": 0, "trained": 0}
 
     def on_task(task: Task) -> None:
+        if not isinstance(task, TrainTask | EvaluateTask | SecureTask):
+            return
         r = task.round
         if spec.fail_round and r >= spec.fail_round:
             raise _Failure(f"injected failure in round {r}")
@@ -296,7 +302,7 @@ async def run_sites(
     sites: Sequence[SiteSpec],
     *,
     poll_wait: float = 10.0,
-    retry_timeout: float = 120.0,
+    retry_timeout: float = 20.0,
     log_file: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run ``sites`` as asyncio tasks in this process; return their outcomes and memory.
@@ -335,7 +341,7 @@ class SiteWorker:
         log_file: str | None = None,
     ) -> None:
         # Imports done before the baseline RSS is taken (a fresh worker imports lazily).
-        import confide.client.secure  # noqa: F401
+        import confide.client.secure
         import confide.training  # noqa: F401
 
         self.server_url = server_url
@@ -394,7 +400,7 @@ class RayReport:
         }
 
     def lines(self) -> list[str]:
-        """The end-of-run report."""
+        """Return the end-of-run report, one line per item."""
         mem = self.memory()
         n_rounds = len(self.committed)
         per_round = sum(self.rounds_s) / len(self.rounds_s) if self.rounds_s else float("nan")
@@ -469,6 +475,10 @@ def _job_doc(
     job["wait_for_clients"] = max(job["min_clients"], opts.clients - failing)
     # A virtual client in the cohort may be busy: count it as available for a long window.
     job.setdefault("active_window_s", 120.0)
+    doc["server"]["host"] = ray_opts.server_host
+    # Clients sitting a stage out poll once a second: let them all hear that the job ended.
+    doc["server"].setdefault("linger_s", 5.0)
+    doc["server"]["linger_s"] = max(5.0, float(doc["server"]["linger_s"]))
     if opts.secagg and faults.dropout > 0 and "dropout_fraction" not in opts.extra_secagg:
         lost = 1.0 - (1.0 - faults.dropout) ** 4 + faults.stragglers + faults.failures
         doc["secagg"]["dropout_fraction"] = min(0.6, round(lost + 0.05, 2))
@@ -540,7 +550,9 @@ def run_ray_simulation(
     ray_opts = ray_opts or RayOptions()
     faults = faults or FaultOptions(seed=opts.seed)
     if opts.data != "breast_cancer":
-        raise ConfigError("the ray backend runs the breast-cancer table only (--data breast_cancer)")
+        raise ConfigError(
+            "the ray backend runs the breast-cancer table only (--data breast_cancer)"
+        )
     if opts.clients < 2 or opts.rounds < 1:
         raise ConfigError("the ray backend needs clients >= 2 and rounds >= 1")
 
@@ -570,8 +582,10 @@ def run_ray_simulation(
     job = parse_config(doc, work)
     train_csv, test_csv, _ = _sites_for(opts, work)
     config = work / "job.toml"
-    config.write_text(render_toml(doc, header="Written by `confide-server simulate --backend ray`."))
-    server_url = f"http://127.0.0.1:{port}"
+    config.write_text(
+        render_toml(doc, header="Written by `confide-server simulate --backend ray`.")
+    )
+    server_url = f"http://{ray_opts.server_host}:{port}"
     status_url = server_url + "/v1/status"
     expected = expected_answers(job.job.cohort_size, stages, faults.dropout)
     say(
@@ -617,9 +631,9 @@ def run_ray_simulation(
             else:
                 ray.init(address=ray_opts.address, log_to_driver=False)
             started_ray = True
-        n_actors = ray_opts.num_cpus or int(ray.cluster_resources().get("CPU", 1))
+        n_actors = ray_opts.num_cpus or int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
         n_actors = max(1, min(n_actors, opts.clients))
-        actor_cls = ray.remote(num_cpus=1, num_gpus=ray_opts.num_gpus)(SiteWorker)
+        actor_cls: Any = ray.remote(num_cpus=1, num_gpus=ray_opts.num_gpus)(SiteWorker)
         actors = [
             actor_cls.remote(
                 server_url,
@@ -663,6 +677,7 @@ def run_ray_simulation(
         )
         if final.returncode == 0:
             status = json.loads(final.stdout)
+        finished = status is not None and status["status"] == "finished"
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=60.0)
         for ref in ready:
             actors_info.append(ray.get(ref))
@@ -673,6 +688,8 @@ def run_ray_simulation(
             for a in actors_info
             for o in a["outcomes"]
             if o["status"] not in ("finished", "failed (injected)")
+            # Sitting a stage out when the server exited: it missed the end, nothing else.
+            and not (finished and o["status"].startswith("error: TransportError"))
         ]
         errors.extend(bad[:10])
         if server_rc != 0:
@@ -716,6 +733,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument(
         "--ray-num-cpus", type=int, default=0, help="CPUs = actors (0: all cores/the cluster's)"
     )
+    ray_group.add_argument(
+        "--ray-server-host",
+        default="127.0.0.1",
+        help="address the server listens on and clients dial (a cluster: the head's)",
+    )
     ray_group.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per actor")
     ray_group.add_argument("--ray-cohort", type=int, default=0, help="clients per round (0: all)")
     ray_group.add_argument(
@@ -740,6 +762,7 @@ def run_from_args(args: argparse.Namespace, opts: SimulationOptions) -> int:
         num_cpus=args.ray_num_cpus,
         num_gpus=args.ray_num_gpus,
         cohort=args.ray_cohort,
+        server_host=args.ray_server_host,
     )
     faults = FaultOptions(
         dropout=args.ray_dropout,
@@ -749,9 +772,7 @@ def run_from_args(args: argparse.Namespace, opts: SimulationOptions) -> int:
         seed=opts.seed,
     )
     try:
-        report = run_ray_simulation(
-            args.out, opts, ray_opts, faults, timeout=args.timeout
-        )
+        report = run_ray_simulation(args.out, opts, ray_opts, faults, timeout=args.timeout)
     except ConfigError as exc:
         print(f"confide-server simulate: {exc}", file=sys.stderr)
         return 2
