@@ -118,7 +118,7 @@ class RayOptions:
     num_cpus: int = 0
     num_gpus: float = 0.0
     cohort: int = 0
-    poll_wait: float = 10.0
+    poll_wait: float = 25.0
     server_host: str = "127.0.0.1"
 
 
@@ -301,7 +301,7 @@ async def run_sites(
     server_url: str,
     sites: Sequence[SiteSpec],
     *,
-    poll_wait: float = 10.0,
+    poll_wait: float = 25.0,
     retry_timeout: float = 20.0,
     log_file: str | Path | None = None,
 ) -> dict[str, Any]:
