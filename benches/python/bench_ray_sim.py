@@ -77,7 +77,9 @@ class PeakRss:
         self._thread.join()
 
 
-def run_confide(clients: int, cohort: int, rounds: int, secure: bool, cpus: int) -> dict[str, Any]:
+def run_confide(
+    clients: int, cohort: int, rounds: int, secure: bool, cpus: int, dropout: float = 0.1
+) -> dict[str, Any]:
     from confide_server.simulate import SimulationOptions
     from confide_server.simulate_ray import FaultOptions, RayOptions, run_ray_simulation
 
@@ -92,7 +94,7 @@ def run_confide(clients: int, cohort: int, rounds: int, secure: bool, cpus: int)
         evaluate_deadline=30.0,
         extra_secagg={"advertise": 15.0, "share": 15.0, "unmask": 15.0} if secure else {},
     )
-    faults = FaultOptions(dropout=0.1 if secure else 0.0)
+    faults = FaultOptions(dropout=dropout if secure else 0.0)
     with tempfile.TemporaryDirectory() as tmp, PeakRss() as peak:
         t0 = time.monotonic()
         report = run_ray_simulation(
@@ -111,7 +113,7 @@ def run_confide(clients: int, cohort: int, rounds: int, secure: bool, cpus: int)
         "clients": clients,
         "cohort": cohort,
         "rounds": rounds,
-        "mode": "secagg+ 10% dropout" if secure else "plain",
+        "mode": f"secagg+ {dropout:.0%} dropout" if secure else "plain",
         "ok": report.rc == 0,
         "committed": len(report.committed),
         "updates_per_round": [(r["metrics"] or {}).get("train_clients") for r in report.committed],
@@ -229,7 +231,13 @@ def main() -> int:
     p.add_argument("--cohort", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--modes", nargs="+", choices=["plain", "secagg"], default=["plain", "secagg"])
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["plain", "secagg", "secagg-nodrop"],
+        default=["plain", "secagg"],
+        help="secagg: 10 %% dropout per stage; secagg-nodrop: SecAgg+ without dropouts",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--flower-python", default=None, help="the peers venv's python (flwr)")
     p.add_argument("--flower-worker", action="store_true", help=argparse.SUPPRESS)
@@ -253,7 +261,9 @@ def main() -> int:
                 rows.append({"engine": "flower-sim", "clients": n, "ok": False, "error": tail})
             print(json.dumps(rows[-1]), flush=True)
         for mode in a.modes:
-            rows.append(run_confide(n, cohort, a.rounds, mode == "secagg", a.cpus))
+            secure = mode.startswith("secagg")
+            drop = 0.1 if mode == "secagg" else 0.0
+            rows.append(run_confide(n, cohort, a.rounds, secure, a.cpus, drop))
             print(json.dumps(rows[-1]), flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

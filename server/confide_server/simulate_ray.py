@@ -600,6 +600,7 @@ def run_ray_simulation(
     server_peak = 0
     n_actors = 0
     started_ray = False
+    actors: list[Any] = []
     try:
         server = launcher.spawn("server", _server_cmd("run", "--config", str(config)))
         if not launcher.wait_ready(status_url, timeout=60.0, proc=server):
@@ -715,6 +716,8 @@ def run_ray_simulation(
         return report
     finally:
         launcher.stop_all()
+        for actor in actors:  # on a shared cluster too: no virtual client outlives the run
+            ray.kill(actor)
         if started_ray:
             ray.shutdown()
 

@@ -123,3 +123,34 @@ def test_ray_secagg_dp_federation_with_dropouts(tmp_path: Path) -> None:
     assert 0 < mem["per_client_all_in_mib"] < mem["actors_peak_mib"]
     assert report.updates == ROUNDS * expected["mask"]
     assert any(line.startswith("throughput:") for line in report.lines())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_stragglers_and_failures_miss_their_rounds(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    n, rounds = 6, 2
+    faults = FaultOptions(failures=0.2, stragglers=0.2, straggler_delay=40.0, seed=1)
+    ids = [f"hospital-{k}" for k in range(1, n + 1)]
+    _, fails, slow = plan_faults(ids, rounds, ("train",), faults)
+    assert len(fails) == 1
+    assert len(slow) == 1
+    opts = SimulationOptions(
+        clients=n, rounds=rounds, seed=1, train_deadline=8.0, evaluate_deadline=8.0
+    )
+    report = run_ray_simulation(
+        tmp_path / "sim", opts, RayOptions(num_cpus=2), faults, timeout=300.0, quiet=True
+    )
+    assert report.rc == 0, report.errors
+    assert report.status is not None
+    rows = report.status["rounds"]
+    assert [r["status"] for r in rows] == ["committed"] * rounds
+    for r in rows:
+        dead = {c for c, at in fails.items() if at <= r["round"]}
+        # The straggler's update arrives 40 s after an 8 s deadline: never in time.
+        # Round 1 may start with n - 1 clients up (wait_for_clients counts the failure out).
+        assert len(r["cohort"]) >= n - 1
+        assert r["metrics"]["train_clients"] == len(set(r["cohort"]) - dead - slow)
+    outcomes = {o["client_id"]: o for a in report.actors_info for o in a["outcomes"]}
+    (failed,) = fails
+    assert outcomes[failed]["status"] == "failed (injected)"
