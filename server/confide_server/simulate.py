@@ -846,6 +846,9 @@ def build_simulate_parser() -> Any:
         help="turn SecAgg+ secure aggregation off (on by default; off with --dp central, "
         "whose server-side clipping needs the individual updates)",
     )
+    from confide_server.simulate_ray import add_ray_arguments
+
+    add_ray_arguments(parser)  # --backend, --ray-*: confide_server.simulate_ray
     return parser
 
 
@@ -913,6 +916,10 @@ def main_simulate(argv: Sequence[str]) -> int:
         patient_id_column=args.patient_id_column,
     )
     try:
+        if args.backend == "ray":
+            from confide_server.simulate_ray import run_from_args
+
+            return run_from_args(args, opts)
         return run_simulation(args.out, opts, plot=args.plot, timeout=args.timeout)
     except ConfigError as exc:
         if opts.secagg and "[secagg] is infeasible" in str(exc):

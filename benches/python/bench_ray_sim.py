@@ -1,0 +1,275 @@
+"""Large simulated federations: confide on Ray vs Flower's simulation engine (issue 16).
+
+confide: ``confide_server.simulate_ray.run_ray_simulation`` (a real confide-server, virtual
+clients that are the real ``confide.Client`` in Ray actors, real HTTP), breast-cancer MLP,
+cohort 100 per round, plain FedAvg and SecAgg+ with 10 % dropout per stage. Flower:
+``flwr.simulation.run_simulation`` with the same MLP in numpy, the same sites, cohort and
+rounds (``--flower-python`` names the peers environment's interpreter; this script re-runs
+itself there with ``--flower-worker``).
+
+Reported per configuration: wall time per round (confide: the server's round timestamps;
+Flower: the wall time of the run less its start-up, per round), and the peak RSS of the whole
+process tree (driver, server, Ray's processes and actors), sampled every 0.2 s.
+
+    PYTHONPATH=python:server .venv/bin/python benches/python/bench_ray_sim.py \\
+        --clients 100 1000 --rounds 3 --json benches/results/ray-sim.json \\
+        --flower-python .venv-peers/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+MIB = 1024.0 * 1024.0
+
+
+def _tree_rss(root: int) -> int:
+    """RSS of ``root`` and all its descendants (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(entry.name)] = int((entry / "statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+class PeakRss:
+    """Sample the RSS of this process tree in a thread; ``peak`` in bytes."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss(os.getpid()))
+            self._stop.wait(interval)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_confide(
+    clients: int, cohort: int, rounds: int, secure: bool, cpus: int, dropout: float = 0.1
+) -> dict[str, Any]:
+    from confide_server.simulate import SimulationOptions
+    from confide_server.simulate_ray import FaultOptions, RayOptions, run_ray_simulation
+
+    opts = SimulationOptions(
+        clients=clients,
+        rounds=rounds,
+        model="mlp",
+        hidden=(16,),
+        secagg=secure,
+        dp="none",
+        train_deadline=30.0,
+        evaluate_deadline=30.0,
+        extra_secagg={"advertise": 15.0, "share": 15.0, "unmask": 15.0} if secure else {},
+    )
+    faults = FaultOptions(dropout=dropout if secure else 0.0)
+    with tempfile.TemporaryDirectory() as tmp, PeakRss() as peak:
+        t0 = time.monotonic()
+        report = run_ray_simulation(
+            Path(tmp) / "sim",
+            opts,
+            RayOptions(num_cpus=cpus, cohort=cohort),
+            faults,
+            timeout=600.0 + 120.0 * rounds,
+            quiet=True,
+        )
+        wall = time.monotonic() - t0
+    mem = report.memory()
+    per_round = report.rounds_s
+    return {
+        "engine": "confide-ray",
+        "clients": clients,
+        "cohort": cohort,
+        "rounds": rounds,
+        "mode": f"secagg+ {dropout:.0%} dropout" if secure else "plain",
+        "ok": report.rc == 0,
+        "committed": len(report.committed),
+        "updates_per_round": [(r["metrics"] or {}).get("train_clients") for r in report.committed],
+        "s_per_round": sum(per_round) / len(per_round) if per_round else None,
+        "wall_s": wall,
+        "peak_rss_mib": peak.peak / MIB,
+        "per_client_mib": mem["per_client_mib"],
+        "actors_peak_mib": mem["actors_peak_mib"],
+        "server_peak_mib": mem["server_peak_mib"],
+        "errors": report.errors[:3],
+    }
+
+
+def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str, Any]:
+    """Run in the peers environment: Flower's simulation engine on the same task."""
+    import numpy as np
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, len(x), size=max(4, len(x) // clients)) for _ in range(clients)]
+    w_init = [
+        (rng.standard_normal((30, 16)) * 0.1).astype(np.float32),
+        np.zeros(16, np.float32),
+        (rng.standard_normal((16, 2)) * 0.1).astype(np.float32),
+        np.zeros(2, np.float32),
+    ]
+
+    def sgd(w: list[Any], xs: Any, ys: Any, lr: float = 0.1, bs: int = 16) -> list[Any]:
+        w = [a.copy() for a in w]
+        for i in range(0, len(xs), bs):
+            xb, yb = xs[i : i + bs], ys[i : i + bs]
+            h = np.tanh(xb @ w[0] + w[1])
+            z = h @ w[2] + w[3]
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(yb)), yb] -= 1.0
+            p /= len(yb)
+            dh = (p @ w[2].T) * (1 - h * h)
+            grads = [xb.T @ dh, dh.sum(0), h.T @ p, p.sum(0)]
+            w = [a - lr * g for a, g in zip(w, grads, strict=True)]
+        return w
+
+    class Site(NumPyClient):  # type: ignore[misc]
+        def __init__(self, k: int) -> None:
+            self.x, self.y = x[rows[k]], y[rows[k]]
+
+        def fit(self, parameters: Any, config: Any) -> Any:
+            return sgd(parameters, self.x, self.y), len(self.y), {}
+
+        def evaluate(self, parameters: Any, config: Any) -> Any:
+            return 0.0, len(self.y), {}
+
+    def client_fn(context: Context) -> Any:
+        return Site(int(context.node_config["partition-id"])).to_client()
+
+    frac = cohort / clients
+
+    def server_fn(context: Context) -> Any:
+        strategy = FedAvg(
+            fraction_fit=frac,
+            fraction_evaluate=frac,
+            min_fit_clients=cohort,
+            min_evaluate_clients=cohort,
+            min_available_clients=clients,
+            initial_parameters=ndarrays_to_parameters(w_init),
+        )
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+
+    import logging
+    import re
+
+    said: list[str] = []
+
+    class _Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logging.getLogger("flwr").addHandler(_Grab())
+    with PeakRss() as peak:
+        t0 = time.monotonic()
+        run_simulation(
+            server_app=ServerApp(server_fn=server_fn),
+            client_app=ClientApp(client_fn=client_fn),
+            num_supernodes=clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+        wall = time.monotonic() - t0
+    import flwr
+
+    m = [g for line in said for g in re.findall(r"Run finished \d+ round\(s\) in ([0-9.]+)s", line)]
+    return {
+        "engine": f"flower-sim {flwr.__version__}",
+        "clients": clients,
+        "cohort": cohort,
+        "rounds": rounds,
+        "mode": "plain",
+        "ok": True,
+        # Flower's own "Run finished N round(s) in X s" (its rounds, without Ray's start-up).
+        "s_per_round": (float(m[0]) if m else wall) / rounds,
+        "wall_s": wall,
+        "peak_rss_mib": peak.peak / MIB,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    p.add_argument("--cohort", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["plain", "secagg", "secagg-nodrop"],
+        default=["plain", "secagg"],
+        help="secagg: 10 %% dropout per stage; secagg-nodrop: SecAgg+ without dropouts",
+    )
+    p.add_argument("--json", default=None)
+    p.add_argument("--flower-python", default=None, help="the peers venv's python (flwr)")
+    p.add_argument("--flower-worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.flower_worker:
+        out = flower_worker(a.clients[0], a.cohort, a.rounds, a.cpus)
+        print("RESULT " + json.dumps(out), flush=True)
+        return 0
+    rows: list[dict[str, Any]] = []
+    for n in a.clients:
+        cohort = min(a.cohort, n)
+        if a.flower_python:
+            cmd = [a.flower_python, __file__, "--flower-worker", "--clients", str(n)]
+            cmd += ["--cohort", str(cohort), "--rounds", str(a.rounds), "--cpus", str(a.cpus)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if found:
+                rows.append(json.loads(found[-1][7:]))
+            else:
+                tail = (proc.stderr or proc.stdout)[-400:]
+                rows.append({"engine": "flower-sim", "clients": n, "ok": False, "error": tail})
+            print(json.dumps(rows[-1]), flush=True)
+        for mode in a.modes:
+            secure = mode.startswith("secagg")
+            drop = 0.1 if mode == "secagg" else 0.0
+            rows.append(run_confide(n, cohort, a.rounds, secure, a.cpus, drop))
+            print(json.dumps(rows[-1]), flush=True)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""``simulate --backend ray``: a SecAgg+ + DP-SGD federation of virtual clients on local Ray.
+
+The real ``confide-server`` process, the real :class:`confide.client.Client` in two Ray
+actors (2 CPUs), real HTTP, 10 % of the clients dropping out at every SecAgg+ stage. The
+fault plan is seeded, so the number of masked updates per round is known in advance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from confide.errors import ConfigError
+from confide_server.simulate import SimulationOptions
+from confide_server.simulate_ray import (
+    FaultOptions,
+    RayOptions,
+    expected_answers,
+    plan_faults,
+    run_ray_simulation,
+)
+
+STAGES = ("advertise", "share", "mask", "unmask")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 300),
+    rounds=st.integers(1, 4),
+    dropout=st.sampled_from([0.0, 0.05, 0.1, 0.3]),
+    seed=st.integers(0, 2**31),
+)
+def test_fault_plan_drops_the_announced_number_per_stage(
+    n: int, rounds: int, dropout: float, seed: int
+) -> None:
+    ids = [f"c{k}" for k in range(n)]
+    drops, fails, slow = plan_faults(ids, rounds, STAGES, FaultOptions(dropout=dropout, seed=seed))
+    assert fails == {}
+    assert slow == set()
+    expected = expected_answers(n, STAGES, dropout)
+    for r in range(1, rounds + 1):
+        left = n
+        for stage in STAGES:
+            left -= sum(1 for c in ids if drops[c].get(r) == stage)
+            assert left == expected[stage]
+    again, _, _ = plan_faults(ids, rounds, STAGES, FaultOptions(dropout=dropout, seed=seed))
+    assert again == drops  # seeded: the same plan every time
+
+
+def test_fault_plan_known_answer_and_failures() -> None:
+    assert expected_answers(100, STAGES, 0.1) == {
+        "advertise": 90,
+        "share": 81,
+        "mask": 73,
+        "unmask": 66,
+    }
+    ids = [f"c{k}" for k in range(50)]
+    _, fails, slow = plan_faults(ids, 3, STAGES, FaultOptions(failures=0.1, stragglers=0.2))
+    assert len(fails) == 5
+    assert all(1 <= r <= 3 for r in fails.values())
+    assert len(slow) == 10
+
+
+@pytest.mark.parametrize("bad", [FaultOptions(dropout=1.0), FaultOptions(straggler_delay=-1)])
+def test_fault_plan_refuses_bad_fractions(bad: FaultOptions) -> None:
+    with pytest.raises(ConfigError):
+        plan_faults(["a", "b"], 1, STAGES, bad)
+
+
+#: The largest federation that runs in about 2-3 minutes on the busy 2-core CI machine;
+#: the 100-client run is benches/python/bench_ray_sim.py.
+CLIENTS = 40
+ROUNDS = 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_secagg_dp_federation_with_dropouts(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    opts = SimulationOptions(
+        clients=CLIENTS,
+        rounds=ROUNDS,
+        dp="sample",
+        noise_multiplier=1.0,
+        learning_rate=0.5,
+        secagg=True,
+        seed=3,
+        # Every stage loses 10 % of its clients, so every stage runs to its deadline.
+        # Generous for a busy machine: a live client must make every stage.
+        train_deadline=20.0,
+        evaluate_deadline=30.0,
+        extra_secagg={"advertise": 12.0, "share": 12.0, "unmask": 12.0},
+    )
+    report = run_ray_simulation(
+        tmp_path / "sim",
+        opts,
+        RayOptions(num_cpus=2),
+        FaultOptions(dropout=0.1, seed=3),
+        timeout=540.0,
+        quiet=True,
+    )
+    assert report.rc == 0, report.errors
+    assert report.actors == 2
+    status = report.status
+    assert status is not None
+    assert status["status"] == "finished"
+    rounds = status["rounds"]
+    assert [r["status"] for r in rounds] == ["committed"] * ROUNDS
+    expected = expected_answers(CLIENTS, STAGES, 0.1)
+    assert expected["mask"] == 29  # 40 -> 36 advertise -> 32 share -> 29 masked updates
+    for r in rounds:
+        assert len(r["cohort"]) == CLIENTS
+        assert r["metrics"]["train_clients"] == expected["mask"]
+        assert r["privacy"]["epsilon"] > 0
+    eps = [r["privacy"]["epsilon"] for r in rounds]
+    assert eps == sorted(eps)
+    assert status["privacy"]["epsilon"] == pytest.approx(eps[-1])
+    dropouts = sum(o["dropouts"] for a in report.actors_info for o in a["outcomes"])
+    assert dropouts == ROUNDS * (CLIENTS - expected["unmask"])
+    mem = report.memory()
+    assert 0 < mem["per_client_all_in_mib"] < mem["actors_peak_mib"]
+    assert report.updates == ROUNDS * expected["mask"]
+    assert any(line.startswith("throughput:") for line in report.lines())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_stragglers_and_failures_miss_their_rounds(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    n, rounds = 6, 2
+    faults = FaultOptions(failures=0.2, stragglers=0.2, straggler_delay=40.0, seed=1)
+    ids = [f"hospital-{k}" for k in range(1, n + 1)]
+    _, fails, slow = plan_faults(ids, rounds, ("train",), faults)
+    assert len(fails) == 1
+    assert len(slow) == 1
+    opts = SimulationOptions(
+        clients=n, rounds=rounds, seed=1, train_deadline=15.0, evaluate_deadline=15.0
+    )
+    report = run_ray_simulation(
+        tmp_path / "sim", opts, RayOptions(num_cpus=2), faults, timeout=300.0, quiet=True
+    )
+    assert report.rc == 0, report.errors
+    assert report.status is not None
+    rows = report.status["rounds"]
+    assert [r["status"] for r in rows] == ["committed"] * rounds
+    for r in rows:
+        dead = {c for c, at in fails.items() if at <= r["round"]}
+        # The straggler's update arrives 40 s after a 15 s deadline: never in time.
+        # Round 1 may start with n - 1 clients up (wait_for_clients counts the failure out).
+        assert len(r["cohort"]) >= n - 1
+        assert r["metrics"]["train_clients"] == len(set(r["cohort"]) - dead - slow)
+    outcomes = {o["client_id"]: o for a in report.actors_info for o in a["outcomes"]}
+    (failed,) = fails
+    assert outcomes[failed]["status"] == "failed (injected)"
