@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from confide.errors import ConfideError, ConfigError
-from confide_server.app import create_app
+from confide_server.app import create_app, listen_socket, open_engine, recover_listening
 from confide_server.blobs import FaultHook
 from confide_server.config import Config, TLSConfig, load_config
 from confide_server.engine.privacy import read_privacy
@@ -85,20 +85,12 @@ async def serve(
     ``crash_hook`` and ``fault_hook`` are for crash- and storage-fault-injection tests (their
     own entry point passes them); the ``confide-server`` command never sets them.
     """
-    app = create_app(config, crash_hook=crash_hook, fault_hook=fault_hook)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        config.server.host,
-        config.server.port,
-        ssl_context=build_ssl_context(config.tls),
-        backlog=4096,
-    )
+    ssl_context = build_ssl_context(config.tls)
+    # Listen first, then recover: during recovery every route answers 503 "recovering"
+    # (clients wait), and a long job's restart is never a refused connection.
     try:
-        await site.start()
+        sock = listen_socket(config.server.host, config.server.port)
     except OSError as exc:
-        await runner.cleanup()
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(
                 f"port {config.server.port} on {config.server.host} is already in use "
@@ -106,6 +98,20 @@ async def serve(
                 "in the job config"
             ) from None
         raise
+    try:
+        engine = await recover_listening(
+            sock,
+            lambda: open_engine(config, crash_hook=crash_hook, fault_hook=fault_hook),
+            ssl_context=ssl_context,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(config, engine=engine)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.SockSite(runner, sock, ssl_context=ssl_context)
+    await site.start()
     store = app[engine_key].store
     with store.transaction() as cur:
         store.set_meta(cur, SERVER_STATE_KEY, "serving")

@@ -263,6 +263,9 @@ class Client:
                         raise ServerError(resp.status, code, message)
                     reason = f"HTTP {resp.status} {code}: {message[:200]}"
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    if resp.status == 503 and code == "recovering":
+                        # A restarting server is alive: wait for it, however long the job.
+                        give_up = max(give_up, loop.time() + self.retry_timeout)
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise TransportError(f"TLS verification of the server failed: {exc}") from exc
             except aiohttp.ClientSSLError as exc:
