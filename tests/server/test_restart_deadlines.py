@@ -50,7 +50,8 @@ def test_a_restart_longer_than_the_stage_keeps_its_remaining_time(tmp_path: Path
     clock.now += 10 * TRAIN_S  # down far longer than the stage
     eng = _engine(cfg, clock)
     row = eng.store.get_round(1)
-    assert row is not None and row.stage == "train"
+    assert row is not None
+    assert row.stage == "train"
     assert row.deadline == clock.now + 18.0
     assert not eng.tick()  # not due: b and c still have their time
     clock.now += 17.0
@@ -58,7 +59,8 @@ def test_a_restart_longer_than_the_stage_keeps_its_remaining_time(tmp_path: Path
     _submit(eng, "c")
     assert eng.tick()
     row = eng.store.get_round(1)
-    assert row is not None and row.stage == "evaluate"
+    assert row is not None
+    assert row.stage == "evaluate"
     assert row.deadline > opened + TRAIN_S
 
 
@@ -70,17 +72,20 @@ def test_repeated_restarts_never_add_up_nor_shorten(tmp_path: Path) -> None:
     eng.store.close()
     eng = _engine(cfg, clock)  # idle time before a crash counts as downtime: 30 s again
     row = eng.store.get_round(1)
-    assert row is not None and row.deadline == clock.now + TRAIN_S
+    assert row is not None
+    assert row.deadline == clock.now + TRAIN_S
     for _ in range(3):  # crash loops: each re-arm is the last durable step
         clock.now += 1.0
         eng.store.close()
         eng = _engine(cfg, clock)
         row = eng.store.get_round(1)
-        assert row is not None and row.deadline == clock.now + TRAIN_S  # never 30 + 30
+        assert row is not None
+        assert row.deadline == clock.now + TRAIN_S
     eng.store.close()
     eng = _engine(cfg, clock)  # no downtime at all: the deadline is kept as it is
     kept = eng.store.get_round(1)
-    assert kept is not None and kept.deadline == row.deadline
+    assert kept is not None
+    assert kept.deadline == row.deadline
     eng.store.close()
 
 
@@ -94,5 +99,6 @@ def test_a_nearly_expired_stage_gets_the_restart_grace(tmp_path: Path) -> None:
     clock.now += 100.0
     eng = _engine(cfg, clock)
     row = eng.store.get_round(1)
-    assert row is not None and row.deadline == clock.now + RESTART_GRACE_S
+    assert row is not None
+    assert row.deadline == clock.now + RESTART_GRACE_S
     eng.store.close()

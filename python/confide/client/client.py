@@ -244,6 +244,7 @@ class Client:
                     raise ConfigError("this client is not enrolled yet")
                 headers.update(ident.sign_request(cid, method, path, round_id, stage, body))
             retry_after: float | None = None
+            recovering = False
             try:
                 async with self._session.request(
                     method,
@@ -263,9 +264,8 @@ class Client:
                         raise ServerError(resp.status, code, message)
                     reason = f"HTTP {resp.status} {code}: {message[:200]}"
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
-                    if resp.status == 503 and code == "recovering":
-                        # A restarting server is alive: wait for it, however long the job.
-                        give_up = max(give_up, loop.time() + self.retry_timeout)
+                    # A restarting server is alive: wait for it, however long the job.
+                    recovering = resp.status == 503 and code == "recovering"
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise TransportError(f"TLS verification of the server failed: {exc}") from exc
             except aiohttp.ClientSSLError as exc:
@@ -278,6 +278,8 @@ class Client:
                 reason = f"{type(exc).__name__}: {exc}"
             attempt += 1
             delay = _backoff(attempt, retry_after)
+            if recovering:
+                give_up = max(give_up, loop.time() + delay + self.retry_timeout)
             left = give_up - loop.time()
             if left <= 0 or delay > left:
                 raise TransportError(
