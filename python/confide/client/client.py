@@ -32,6 +32,7 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.client.releases_log import ReleaseLog
 from confide.client.secure import RngFactory, SecureParticipant
 from confide.client.training import (
     bound_update,
@@ -176,6 +177,7 @@ class Client:
         self._model_cache: tuple[str, NDArray[np.float32]] | None = None
         self._secure: SecureParticipant | None = None
         self._rng_factory = rng_factory
+        self._releases = ReleaseLog(self.state_dir)
         # (round, background fit, the advertise task that asked for it)
         self._training: (
             tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], SecureTask] | None
@@ -438,7 +440,15 @@ class Client:
             weights = await self.download_model(manifest, task.model_sha256)
             trainer.set_weights(weights)
             try:
-                if isinstance(task, TrainTask):
+                if (
+                    isinstance(task, TrainTask)
+                    and (released := self._releases.get(round_id, "train")) is not None
+                ):
+                    # A redo (the server lost our upload, or we restarted): the same bytes,
+                    # never a second noised release of the same round.
+                    await self.submit(round_id, "train", released)
+                    self._log(f"{self.client_id}: round {round_id} re-sent its recorded update")
+                elif isinstance(task, TrainTask):
                     cfg = task.config
                     check_trainable(trainer, cfg)  # refused before anything is trained
                     result = await asyncio.to_thread(
@@ -450,6 +460,7 @@ class Client:
                     if math.isfinite(result.loss):  # DP-SGD reports no (un-noised) loss
                         meta["train_loss"] = repr(float(result.loss))
                     body = encode_tensors(manifest, delta, meta)
+                    self._releases.put(round_id, "train", body)  # durable before it is sent
                     await self.submit(round_id, "train", body)
                     trained += 1
                     self._log(
