@@ -68,3 +68,31 @@ def test_a_redo_after_a_lost_acknowledged_update_resends_the_same_bytes(
     doc = procs.final_status()
     assert [r["status"] for r in doc["rounds"]] == ["committed"]
     assert doc["rounds"][0]["metrics"]["train_clients"] == 2
+
+
+@pytest.mark.slow
+def test_central_dp_server_killed_before_its_commit_keeps_one_noised_aggregate(
+    tmp_path: Path, procs_factory: Any
+) -> None:
+    opts = SimulationOptions(clients=2, rounds=2, seed=5, dp="central", noise_multiplier=1.0)
+    files = prepare_job(tmp_path, opts)
+    cfg = load_config(files.config)
+    procs: Procs = procs_factory(files)
+    server = procs.server("model_written:1")  # the noised aggregate is on disk, uncommitted
+    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(2), start=1)]
+    assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
+    assert procs.crash_reached()
+    models = cfg.server.state_dir / "models"
+    killed = {p.name for p in models.glob("*.safetensors")}
+    assert len(killed) == 2  # the initial model and the killed commit's noise draw
+    server = procs.server()
+    assert procs.wait_exit(server) == 0, procs.all_logs()
+    assert [procs.wait_exit(c) for c in clients] == [0, 0], procs.all_logs()
+    doc = procs.final_status()
+    assert [r["status"] for r in doc["rounds"]] == ["committed", "committed"]
+    with sqlite3.connect(cfg.server.database) as conn:
+        registered = {f"{sha}.safetensors" for (sha,) in conn.execute("SELECT sha256 FROM models")}
+    on_disk = {p.name for p in models.glob("*.safetensors")}
+    assert on_disk == registered  # one noised aggregate per round, nothing else
+    assert len(on_disk) == 3
+    assert len(killed - on_disk) == 1  # the killed commit's draw is gone

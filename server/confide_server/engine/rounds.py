@@ -31,6 +31,7 @@ the tick changes a round's status or stage (``_tick_lock``), so the snapshot sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -330,6 +331,35 @@ class RoundEngine:
                 self._secure_params(n)
         self._load()
         self._check_current_model()
+        self._remove_unregistered_models()
+
+    def _remove_unregistered_models(self) -> None:
+        """Delete model files no committed row names (at start, when no write is in flight).
+
+        Blobs are written before the rows that name them, so a model written by a close
+        that was then killed (or whose transaction failed) is left unregistered. In central
+        DP each such file is a separate noise draw of the round's aggregate; only the one
+        the round's transaction registered may exist.
+        """
+        for sha in self.blobs.model_files():
+            if self.store.model_path(sha) is None:
+                self.blobs.remove_model(sha)
+        self.blobs.remove_temporaries()
+
+    def _register_or_discard(self, sha: str, commit: Callable[[], None]) -> None:
+        """Run the transaction ``commit`` that registers model ``sha``; on failure delete it.
+
+        The round timer retries a failed close, and a central-DP retry draws new noise: the
+        failed draw must not stay on disk. A file the store does name (the commit went
+        through after all, or the model is older) is kept.
+        """
+        try:
+            commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if self.store.model_path(sha) is None:
+                    self.blobs.remove_model(sha)
+            raise
 
     def _check_current_model(self) -> None:
         """Refuse to start on a current model whose file is missing or damaged.
@@ -997,12 +1027,16 @@ class RoundEngine:
                 # The noised model is served only once registered, in the transaction below.
                 released = self.privacy.account(cur.round, cur.stage)
             deadline = self._clock() + nxt.deadline_s
-            with self.store.transaction() as db:
-                Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
-                Store.save_strategy_state(db, cur.round, state)
-                if released is not None:
-                    self.privacy.persist(db, released)
-                Store.advance_round(db, cur.round, cur.stage, nxt.name, deadline, new_sha)
+
+            def commit() -> None:
+                with self.store.transaction() as db:
+                    Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
+                    Store.save_strategy_state(db, cur.round, state)
+                    if released is not None:
+                        self.privacy.persist(db, released)
+                    Store.advance_round(db, cur.round, cur.stage, nxt.name, deadline, new_sha)
+
+            self._register_or_discard(new_sha, commit)
             with self._lock:
                 self._current = replace(cur, new_model=new_sha, stage=nxt.name, deadline=deadline)
                 self._submitted[(cur.round, nxt.name)] = set()
