@@ -15,6 +15,7 @@ from aiohttp import web
 from confide.protocol.manifest import Manifest
 from confide_server.blobs import BlobStore, FaultHook
 from confide_server.config import Config
+from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite
 from confide_server.engine.rounds import CrashHook, RoundEngine
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.events import NonceCache, Notifier, UploadGate
@@ -145,11 +146,17 @@ async def recover_listening(
     """
     app = web.Application(handler_args={"auto_decompress": False})
     app.router.add_route("*", "/{tail:.*}", _answer_recovering)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=1.0,
+        keepalive_timeout=IDLE_TIMEOUT_S,
+    )
     await runner.setup()
     dup = sock.dup()
     try:
-        await web.SockSite(runner, dup, ssl_context=ssl_context).start()
+        await LimitedSockSite(runner, dup, ssl_context=ssl_context).start()
         return await asyncio.to_thread(open_state)
     finally:
         await runner.cleanup()

@@ -28,6 +28,7 @@ from confide.errors import ConfideError, ConfigError
 from confide_server.app import create_app, listen_socket, open_engine, recover_listening
 from confide_server.blobs import FaultHook
 from confide_server.config import Config, TLSConfig, load_config
+from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite, install_log_limits
 from confide_server.engine.privacy import read_privacy
 from confide_server.engine.rounds import CrashHook, hash_token, new_token
 from confide_server.keys import engine_key, finished_key
@@ -85,6 +86,7 @@ async def serve(
     ``crash_hook`` and ``fault_hook`` are for crash- and storage-fault-injection tests (their
     own entry point passes them); the ``confide-server`` command never sets them.
     """
+    install_log_limits()  # what a connection sends can never flood the log
     ssl_context = build_ssl_context(config.tls)
     # Listen first, then recover: during recovery every route answers 503 "recovering"
     # (clients wait), and a long job's restart is never a refused connection.
@@ -108,10 +110,13 @@ async def serve(
         sock.close()
         raise
     app = create_app(config, engine=engine)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    # Slow or missing request heads and idle keep-alive connections are closed after
+    # IDLE_TIMEOUT_S; connections are capped in total and per address (confide_server.connections).
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S
+    )
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ssl_context)
-    await site.start()
+    await LimitedSockSite(runner, sock, ssl_context=ssl_context).start()
     store = app[engine_key].store
     with store.transaction() as cur:
         store.set_meta(cur, SERVER_STATE_KEY, "serving")

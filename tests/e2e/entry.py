@@ -5,7 +5,7 @@ the e2e tests start these wrappers instead, which pass hooks through the constru
 function arguments the shipped code offers::
 
     python -m tests.e2e.entry server [--crash-at POINT[:N]] [--fail-writes STEP:FROM:COUNT]
-        [--hold-recovery FILE] run --config job.toml
+        [--hold-recovery FILE] [--nofile N] run --config job.toml
     python -m tests.e2e.entry site [--die-in-round R] [--die-at-stage S]
         [--rng-seed HEX --rng-client ID] --server URL --data ...   (``confide client`` options)
 """
@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import errno
 import os
+import resource
 import signal
 import sqlite3
 import sys
@@ -111,9 +112,15 @@ def _server(argv: list[str]) -> int:
         default=None,
         help="recovery waits until this file exists (the server listens meanwhile)",
     )
+    p.add_argument(
+        "--nofile", type=int, default=None, help="soft RLIMIT_NOFILE of the server process"
+    )
     p.add_argument("command", choices=["run"])
     p.add_argument("--config", required=True)
     a = p.parse_args(argv)
+    if a.nofile is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (a.nofile, hard))
     if a.hold_recovery is not None:
         _hold_recovery(Path(a.hold_recovery))
     hook = _crash_hook(a.crash_at) if a.crash_at else None
