@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -13,6 +15,7 @@ from aiohttp import web
 from confide.protocol.manifest import Manifest
 from confide_server.blobs import BlobStore, FaultHook
 from confide_server.config import Config
+from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite
 from confide_server.engine.rounds import CrashHook, RoundEngine
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.events import NonceCache, Notifier, UploadGate
@@ -29,7 +32,7 @@ from confide_server.middlewares import error_middleware
 from confide_server.routes import setup_routes
 from confide_server.store import Store
 
-__all__ = ["create_app", "open_engine"]
+__all__ = ["RECOVERING_BODY", "create_app", "listen_socket", "open_engine", "recover_listening"]
 
 log = logging.getLogger("confide_server")
 
@@ -68,6 +71,96 @@ def open_engine(
     )
     engine.initialise(config.weights.read_bytes())
     return engine
+
+
+#: What every route answers (503, ``Retry-After: 1``) while the server recovers its state.
+RECOVERING_BODY: dict[str, object] = {
+    "status": "recovering",
+    "error": {
+        "code": "recovering",
+        "message": "the server is recovering its state after a restart; retry in a moment",
+    },
+}
+
+
+def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """Bind and listen on ``host:port`` (the first address it resolves to).
+
+    The server listens before it recovers (:func:`recover_listening`), so a restart is
+    never a refused connection: sites queue in the backlog or get a 503 "recovering".
+
+    Raises
+    ------
+    OSError
+        The address cannot be bound (``EADDRINUSE`` when another process holds the port).
+    """
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def _answer_recovering(request: web.Request) -> web.Response:
+    """Every route during recovery: 503 "recovering" (the client retries it as a wait)."""
+    return web.json_response(
+        RECOVERING_BODY, status=503, headers={"Retry-After": "1", "Connection": "close"}
+    )
+
+
+async def recover_listening(
+    sock: socket.socket,
+    open_state: Callable[[], RoundEngine],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> RoundEngine:
+    """Run ``open_state`` in a worker thread while ``sock`` answers 503 "recovering".
+
+    A stand-in application serves a duplicate of the listening socket meanwhile; every
+    request (``/v1/health`` included) gets ``503 {"status": "recovering"}`` with
+    ``Retry-After: 1`` and ``Connection: close``, so no connection outlives the recovery.
+    When the state is open the stand-in stops; connections arriving in between wait in the
+    listen backlog of ``sock`` for the real application.
+
+    Parameters
+    ----------
+    sock : socket.socket
+        The listening socket (:func:`listen_socket`); it stays open.
+    open_state : callable
+        Opens and recovers the job's state (:func:`open_engine` with its arguments).
+    ssl_context : ssl.SSLContext, optional
+        The server's TLS context, so the stand-in speaks TLS too.
+
+    Returns
+    -------
+    RoundEngine
+        What ``open_state`` returned (its exception propagates).
+    """
+    app = web.Application(handler_args={"auto_decompress": False})
+    app.router.add_route("*", "/{tail:.*}", _answer_recovering)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=1.0,
+        keepalive_timeout=IDLE_TIMEOUT_S,
+    )
+    await runner.setup()
+    dup = sock.dup()
+    try:
+        await LimitedSockSite(runner, dup, ssl_context=ssl_context).start()
+        return await asyncio.to_thread(open_state)
+    finally:
+        await runner.cleanup()
+        dup.close()
 
 
 async def _round_timer(app: web.Application) -> AsyncIterator[None]:

@@ -112,6 +112,38 @@ class BlobStore:
             self.write(self.model_relpath(digest), data)
         return digest
 
+    def model_files(self) -> dict[str, Path]:
+        """Every model file in ``models/`` by its SHA-256 name (temporary files excluded)."""
+        suffix = ".safetensors"
+        return {
+            p.name[: -len(suffix)]: p
+            for p in (self.root / "models").iterdir()
+            if p.name.endswith(suffix) and not p.name.startswith(".")
+        }
+
+    def remove_model(self, sha256: str) -> bool:
+        """Delete a model file durably (unlink + folder fsync); whether it existed.
+
+        For model versions no committed row names: a noised aggregate whose commit was
+        killed or failed must not stay on disk beside the one the round releases.
+        """
+        path = self.root / self.model_relpath(sha256)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(path.parent)
+        return True
+
+    def remove_temporaries(self) -> int:
+        """Delete the temporary files of writes a crash interrupted; return how many."""
+        gone = 0
+        for folder in (self.root / "models", self.root / "updates"):
+            for p in folder.rglob(".*.tmp"):
+                p.unlink(missing_ok=True)
+                gone += 1
+        return gone
+
     def read(self, relpath: str) -> bytes:
         """Read a stored blob."""
         return (self.root / relpath).read_bytes()

@@ -25,9 +25,10 @@ from typing import Any
 from aiohttp import web
 
 from confide.errors import ConfideError, ConfigError
-from confide_server.app import create_app
+from confide_server.app import create_app, listen_socket, open_engine, recover_listening
 from confide_server.blobs import FaultHook
 from confide_server.config import Config, TLSConfig, load_config
+from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite, install_log_limits
 from confide_server.engine.privacy import read_privacy
 from confide_server.engine.rounds import CrashHook, hash_token, new_token
 from confide_server.keys import engine_key, finished_key
@@ -85,20 +86,13 @@ async def serve(
     ``crash_hook`` and ``fault_hook`` are for crash- and storage-fault-injection tests (their
     own entry point passes them); the ``confide-server`` command never sets them.
     """
-    app = create_app(config, crash_hook=crash_hook, fault_hook=fault_hook)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(
-        runner,
-        config.server.host,
-        config.server.port,
-        ssl_context=build_ssl_context(config.tls),
-        backlog=4096,
-    )
+    install_log_limits()  # what a connection sends can never flood the log
+    ssl_context = build_ssl_context(config.tls)
+    # Listen first, then recover: during recovery every route answers 503 "recovering"
+    # (clients wait), and a long job's restart is never a refused connection.
     try:
-        await site.start()
+        sock = listen_socket(config.server.host, config.server.port)
     except OSError as exc:
-        await runner.cleanup()
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(
                 f"port {config.server.port} on {config.server.host} is already in use "
@@ -106,6 +100,23 @@ async def serve(
                 "in the job config"
             ) from None
         raise
+    try:
+        engine = await recover_listening(
+            sock,
+            lambda: open_engine(config, crash_hook=crash_hook, fault_hook=fault_hook),
+            ssl_context=ssl_context,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(config, engine=engine)
+    # Slow or missing request heads and idle keep-alive connections are closed after
+    # IDLE_TIMEOUT_S; connections are capped in total and per address (confide_server.connections).
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S
+    )
+    await runner.setup()
+    await LimitedSockSite(runner, sock, ssl_context=ssl_context).start()
     store = app[engine_key].store
     with store.transaction() as cur:
         store.set_meta(cur, SERVER_STATE_KEY, "serving")

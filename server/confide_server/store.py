@@ -696,6 +696,15 @@ class Store:
             receipt=json.loads(row[7]),
         )
 
+    def last_accepted_at(self, round_id: int, stage: str) -> float | None:
+        """Return when the stage's latest submission was accepted (``None`` if none was)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MAX(accepted_at) FROM submissions WHERE round=? AND stage=?",
+                (round_id, stage),
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def submissions(self, round_id: int, stage: str) -> list[SubmissionRow]:
         """Return the accepted submissions of a stage, sorted by client id (aggregation order)."""
         with self._lock:

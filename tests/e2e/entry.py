@@ -5,7 +5,7 @@ the e2e tests start these wrappers instead, which pass hooks through the constru
 function arguments the shipped code offers::
 
     python -m tests.e2e.entry server [--crash-at POINT[:N]] [--fail-writes STEP:FROM:COUNT]
-        run --config job.toml
+        [--hold-recovery FILE] [--nofile N] run --config job.toml
     python -m tests.e2e.entry site [--die-in-round R] [--die-at-stage S]
         [--rng-seed HEX --rng-client ID] --server URL --data ...   (``confide client`` options)
 """
@@ -16,13 +16,17 @@ import argparse
 import asyncio
 import errno
 import os
+import resource
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from confide.cli import build_parser, run_client
+from confide_server import cli as server_cli
 from confide_server.cli import serve
 from confide_server.config import load_config
 from tests.support import seeded_rng_factory
@@ -82,13 +86,43 @@ def _fault_hook(specs: list[str]) -> Callable[[str], None]:
     return hook
 
 
+def _hold_recovery(release: Path) -> None:
+    """Make the server's state recovery (run in a worker thread) wait for ``release``.
+
+    Stands in for a slow recovery of a long job: the test sees the server listening and
+    answering 503 "recovering" for as long as it likes, then lets recovery finish.
+    """
+    real = server_cli.open_engine
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        print("RECOVERY-HELD", flush=True)
+        while not release.exists():
+            time.sleep(0.05)
+        return real(*args, **kwargs)
+
+    server_cli.open_engine = held  # type: ignore[assignment]
+
+
 def _server(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="entry server")
     p.add_argument("--crash-at", default=None)
     p.add_argument("--fail-writes", action="append", default=[])
+    p.add_argument(
+        "--hold-recovery",
+        default=None,
+        help="recovery waits until this file exists (the server listens meanwhile)",
+    )
+    p.add_argument(
+        "--nofile", type=int, default=None, help="soft RLIMIT_NOFILE of the server process"
+    )
     p.add_argument("command", choices=["run"])
     p.add_argument("--config", required=True)
     a = p.parse_args(argv)
+    if a.nofile is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (a.nofile, hard))
+    if a.hold_recovery is not None:
+        _hold_recovery(Path(a.hold_recovery))
     hook = _crash_hook(a.crash_at) if a.crash_at else None
     faults = _fault_hook(a.fail_writes) if a.fail_writes else None
     return asyncio.run(serve(load_config(a.config), crash_hook=hook, fault_hook=faults))

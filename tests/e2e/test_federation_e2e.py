@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,35 @@ def test_server_sigkill_and_restart_matches_no_crash_run(
         assert store.count_submissions() == 3 * 3 * 2
     finally:
         store.close()
+
+
+#: Longer than the train stage's deadline (``_job``: 30 s), so absolute deadlines would
+#: have expired during the downtime.
+LONG_DOWNTIME_S = 35.0
+
+
+@pytest.mark.slow
+def test_server_down_longer_than_a_stage_matches_no_crash_run(
+    tmp_path: Path, procs_factory: Any, reference_run: dict[str, Any]
+) -> None:
+    procs: Procs = procs_factory(_job(tmp_path / "down"))
+    server = procs.server("submission_committed:2")  # 2 of 3 train updates acknowledged
+    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
+    assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
+    assert procs.crash_reached(), "the crash point was never reached"
+    # The injected fault itself: the server stays down longer than the open stage had left
+    # (the sites keep retrying; their budget is 60 s). Not a threshold the test waits on.
+    time.sleep(LONG_DOWNTIME_S)
+    server = procs.server()
+    assert procs.wait_exit(server) == 0, procs.all_logs()
+    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
+    crashed = procs.final_status()
+    assert crashed["status"] == reference_run["status"] == "finished"
+    assert crashed["current_model"] == reference_run["current_model"]
+    for ref_row, row in zip(reference_run["rounds"], crashed["rounds"], strict=True):
+        assert row["status"] == "committed"
+        assert row["new_model"] == ref_row["new_model"]
+        assert row["metrics"]["train_clients"] == 3  # the late site was not dropped
 
 
 def test_site_data_files_round_trip(tmp_path: Path) -> None:

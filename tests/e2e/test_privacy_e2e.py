@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,41 @@ def test_server_killed_after_release_restarts_without_redrawing(
     # and a restart of the finished run reports the same epsilon
     doc = procs.final_status()
     assert doc["privacy"]["epsilon"] == summary["epsilon"]
+
+
+@pytest.mark.slow
+def test_sample_dp_server_down_longer_than_a_stage_keeps_epsilon(
+    tmp_path: Path, procs_factory: Any
+) -> None:
+    """A SIGKILL, then downtime beyond the train deadline: no round lost, epsilon unchanged.
+
+    With absolute deadlines the restarted server closed the stage at once with 2 of 3
+    updates (< min_clients = 3), aborted the round and accounted a third round start.
+    """
+    z, q, steps = 1.5, 0.25, 4
+    files = _job(
+        tmp_path,
+        rounds=2,
+        min_clients=3,
+        dp="sample",
+        noise_multiplier=z,
+        sampling_rate=q,
+        local_steps=steps,
+    )
+    procs: Procs = procs_factory(files)
+    server = procs.server("submission_committed:2")  # 2 of 3 train updates acknowledged
+    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
+    assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
+    assert procs.crash_reached(), "the crash point was never reached"
+    time.sleep(35.0)  # the injected downtime, longer than the 30 s train deadline
+    server = procs.server()
+    assert procs.wait_exit(server) == 0, procs.all_logs()
+    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
+    doc = procs.final_status()
+    assert [r["status"] for r in doc["rounds"]] == ["committed", "committed"]
+    assert [r["metrics"]["train_clients"] for r in doc["rounds"]] == [3, 3]
+    expected = account([dpsgd_event(q, z, steps * 2)], 1e-5).epsilon
+    assert doc["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.client.releases_log import ReleaseLog
 from confide.client.secure import RngFactory, SecureParticipant
 from confide.client.training import (
     bound_update,
@@ -176,6 +177,7 @@ class Client:
         self._model_cache: tuple[str, NDArray[np.float32]] | None = None
         self._secure: SecureParticipant | None = None
         self._rng_factory = rng_factory
+        self._releases = ReleaseLog(self.state_dir)
         # (round, background fit, the advertise task that asked for it)
         self._training: (
             tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], SecureTask] | None
@@ -245,6 +247,7 @@ class Client:
                 headers.update(ident.sign_request(cid, method, path, round_id, stage, body))
             retry_after: float | None = None
             unreachable = False
+            recovering = False
             try:
                 async with self._session.request(
                     method,
@@ -264,6 +267,8 @@ class Client:
                         raise ServerError(resp.status, code, message)
                     reason = f"HTTP {resp.status} {code}: {message[:200]}"
                     retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    # A restarting server is alive: wait for it, however long the job.
+                    recovering = resp.status == 503 and code == "recovering"
             except aiohttp.ClientConnectorCertificateError as exc:
                 raise TransportError(f"TLS verification of the server failed: {exc}") from exc
             except aiohttp.ClientSSLError as exc:
@@ -282,6 +287,8 @@ class Client:
                 )
             attempt += 1
             delay = _backoff(attempt, retry_after)
+            if recovering:
+                give_up = max(give_up, loop.time() + delay + self.retry_timeout)
             left = give_up - loop.time()
             if left <= 0 or delay > left:
                 what = "server unreachable" if unreachable else "failed"
@@ -441,7 +448,15 @@ class Client:
             weights = await self.download_model(manifest, task.model_sha256)
             trainer.set_weights(weights)
             try:
-                if isinstance(task, TrainTask):
+                if (
+                    isinstance(task, TrainTask)
+                    and (released := self._releases.get(round_id, "train")) is not None
+                ):
+                    # A redo (the server lost our upload, or we restarted): the same bytes,
+                    # never a second noised release of the same round.
+                    await self.submit(round_id, "train", released)
+                    self._log(f"{self.client_id}: round {round_id} re-sent its recorded update")
+                elif isinstance(task, TrainTask):
                     cfg = task.config
                     check_trainable(trainer, cfg)  # refused before anything is trained
                     result = await asyncio.to_thread(
@@ -453,6 +468,7 @@ class Client:
                     if math.isfinite(result.loss):  # DP-SGD reports no (un-noised) loss
                         meta["train_loss"] = repr(float(result.loss))
                     body = encode_tensors(manifest, delta, meta)
+                    self._releases.put(round_id, "train", body)  # durable before it is sent
                     await self.submit(round_id, "train", body)
                     trained += 1
                     self._log(

@@ -31,7 +31,9 @@ the tick changes a round's status or stage (``_tick_lock``), so the snapshot sta
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import math
 import secrets
 import threading
@@ -112,6 +114,11 @@ _MAX_METRICS = 32
 #: Seconds after a round closed before the next starts with fewer than wait_for_clients
 #: (but at least min_clients) of the sites seen since: the survivors' polls arrive first.
 COHORT_GRACE_S = 5.0
+#: After a restart an open stage gets back the time it had left, and at least this much
+#: (capped by its own deadline) so the sites can reconnect.
+RESTART_GRACE_S = 10.0
+#: Meta key of the last re-arm of an open stage (``{"round", "stage", "at"}``).
+_STAGE_ARMED_KEY = "stage_armed"
 _MAX_METRIC_ABS = 1e12  # x 1e9 examples x any cohort stays far below float64's 1.8e308
 
 
@@ -324,6 +331,35 @@ class RoundEngine:
                 self._secure_params(n)
         self._load()
         self._check_current_model()
+        self._remove_unregistered_models()
+
+    def _remove_unregistered_models(self) -> None:
+        """Delete model files no committed row names (at start, when no write is in flight).
+
+        Blobs are written before the rows that name them, so a model written by a close
+        that was then killed (or whose transaction failed) is left unregistered. In central
+        DP each such file is a separate noise draw of the round's aggregate; only the one
+        the round's transaction registered may exist.
+        """
+        for sha in self.blobs.model_files():
+            if self.store.model_path(sha) is None:
+                self.blobs.remove_model(sha)
+        self.blobs.remove_temporaries()
+
+    def _register_or_discard(self, sha: str, commit: Callable[[], None]) -> None:
+        """Run the transaction ``commit`` that registers model ``sha``; on failure delete it.
+
+        The round timer retries a failed close, and a central-DP retry draws new noise: the
+        failed draw must not stay on disk. A file the store does name (the commit went
+        through after all, or the model is older) is kept.
+        """
+        try:
+            commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if self.store.model_path(sha) is None:
+                    self.blobs.remove_model(sha)
+            raise
 
     def _check_current_model(self) -> None:
         """Refuse to start on a current model whose file is missing or damaged.
@@ -355,6 +391,8 @@ class RoundEngine:
             self._submitted = {}
             if self._current is not None:
                 self._recover_secure(self._current)
+            if self._current is not None:
+                self._current = self._rearm_after_restart(self._current)
             if self._current is not None:
                 for stage in self.stages:
                     subs = self.store.submissions(self._current.round, stage.name)
@@ -449,6 +487,39 @@ class RoundEngine:
             with self.store.transaction() as db:
                 Store.set_round_deadline(db, cur.round, cur.stage, deadline)
             self._current = replace(cur, deadline=deadline)
+
+    def _rearm_after_restart(self, cur: RoundRow) -> RoundRow:
+        """Give the open stage back the time it had left when the server went down.
+
+        Deadlines are absolute times, so downtime would eat them: a restart that outlasts
+        a stage would close it at once, dropping the sites that had not answered yet (a
+        different model, and in sample DP a different epsilon). The latest instant the
+        server is known to have been up in this stage is its latest durable step there
+        (the stage's opening, its latest accepted answer, or its last re-arm); the stage
+        keeps what was left at that instant, counted from now, and at least
+        ``min(deadline_s, RESTART_GRACE_S)``. Time the server was up but idle before a
+        crash is counted as downtime: a restart can lengthen a stage, never shorten it.
+        """
+        spec = self._stage_by_name.get(cur.stage)
+        if spec is None:
+            return cur
+        last_up = cur.deadline - spec.deadline_s
+        accepted = self.store.last_accepted_at(cur.round, cur.stage)
+        if accepted is not None:
+            last_up = max(last_up, accepted)
+        armed = _parse_armed(self.store.get_meta(_STAGE_ARMED_KEY))
+        if armed is not None and armed[:2] == (cur.round, cur.stage):
+            last_up = max(last_up, armed[2])
+        now = self._clock()
+        left = max(cur.deadline - last_up, min(spec.deadline_s, RESTART_GRACE_S))
+        deadline = now + left
+        if deadline <= cur.deadline:
+            return cur
+        record = json.dumps({"round": cur.round, "stage": cur.stage, "at": now})
+        with self.store.transaction() as db:
+            Store.set_round_deadline(db, cur.round, cur.stage, deadline)
+            Store.set_meta(db, _STAGE_ARMED_KEY, record)
+        return replace(cur, deadline=deadline)
 
     # -- identity ----------------------------------------------------------------------
     def create_tokens(self, n: int) -> list[str]:
@@ -956,12 +1027,16 @@ class RoundEngine:
                 # The noised model is served only once registered, in the transaction below.
                 released = self.privacy.account(cur.round, cur.stage)
             deadline = self._clock() + nxt.deadline_s
-            with self.store.transaction() as db:
-                Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
-                Store.save_strategy_state(db, cur.round, state)
-                if released is not None:
-                    self.privacy.persist(db, released)
-                Store.advance_round(db, cur.round, cur.stage, nxt.name, deadline, new_sha)
+
+            def commit() -> None:
+                with self.store.transaction() as db:
+                    Store.add_model(db, new_sha, self.blobs.model_relpath(new_sha), cur.round)
+                    Store.save_strategy_state(db, cur.round, state)
+                    if released is not None:
+                        self.privacy.persist(db, released)
+                    Store.advance_round(db, cur.round, cur.stage, nxt.name, deadline, new_sha)
+
+            self._register_or_discard(new_sha, commit)
             with self._lock:
                 self._current = replace(cur, new_model=new_sha, stage=nxt.name, deadline=deadline)
                 self._submitted[(cur.round, nxt.name)] = set()
@@ -1243,6 +1318,17 @@ class RoundEngine:
                 "enrolled": enrolled,
                 "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
             }
+
+
+def _parse_armed(value: str | None) -> tuple[int, str, float] | None:
+    """Decode the ``stage_armed`` meta record (``None`` when absent or unreadable)."""
+    if value is None:
+        return None
+    try:
+        doc = json.loads(value)
+        return int(doc["round"]), str(doc["stage"]), float(doc["at"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _bounded_json(body: bytes) -> Any:

@@ -1,0 +1,265 @@
+"""Hostile connections: a connection cap (total and per peer address) and bounded logging.
+
+aiohttp's request handler closes a connection that has not sent a complete request head
+within ``keepalive_timeout`` of connecting or of its last response (:data:`IDLE_TIMEOUT_S`,
+passed by the server), which bounds slow headers (slowloris) and idle keep-alive
+connections. What it lacks is here:
+
+* :class:`ConnectionLimiter` wraps the server's protocol factory: beyond ``max_total``
+  open connections, or ``max_per_peer`` from one address, a new connection is reset at
+  once (before any byte is read), so a flood can neither exhaust the file descriptors nor
+  lock other sites out. Sites retry a closed connection with backoff.
+* :class:`RateLimitedLog` is a logging filter for the ``aiohttp`` and ``asyncio`` loggers:
+  at most ``burst`` records per ``window_s`` seconds, each cut to ``max_chars`` characters
+  with its traceback reduced to the exception's type and (cut) message: a parser error
+  never logs a request body, and an accept loop failing under a flood cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import resource
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+__all__ = [
+    "IDLE_TIMEOUT_S",
+    "ConnectionLimiter",
+    "LimitedSockSite",
+    "RateLimitedLog",
+    "default_connection_limits",
+    "install_log_limits",
+]
+
+#: Seconds a connection may take to send a complete request head, after connecting or after
+#: its previous response (slow headers and idle keep-alive connections are closed then).
+IDLE_TIMEOUT_S = 10.0
+
+#: File descriptors kept free for the database, blobs and logs when the cap is derived.
+_FD_RESERVE = 128
+
+
+def default_connection_limits() -> tuple[int, int]:
+    """``(max_total, max_per_peer)`` from this process's open-file limit.
+
+    The total stays ``_FD_RESERVE`` below the soft ``RLIMIT_NOFILE`` (at least 16); one
+    peer address may hold half of it, so another site always finds room.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 65536
+    total = max(16, int(soft) - _FD_RESERVE)
+    return total, max(8, total // 2)
+
+
+class _Limited(asyncio.Protocol):
+    """One connection: passes every event to the real protocol, or closes it at once."""
+
+    def __init__(self, limiter: ConnectionLimiter, inner: asyncio.Protocol) -> None:
+        self._limiter = limiter
+        self._inner = inner
+        self._peer: str | None = None
+        self._admitted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._peer = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self._limiter._admit(self._peer):
+            # A reset (linger 0): the peer learns at once, and no TIME_WAIT state is kept.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+            else:  # pragma: no cover - stream servers always hand a Transport
+                transport.close()
+            return
+        self._admitted = True
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._admitted:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._admitted else None
+
+    def pause_writing(self) -> None:
+        if self._admitted:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._admitted:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._admitted:
+            self._admitted = False
+            self._limiter._leave(self._peer or "?")
+            self._inner.connection_lost(exc)
+
+
+class ConnectionLimiter:
+    """Cap open connections in total and per peer address (wraps a protocol factory).
+
+    Parameters
+    ----------
+    factory : callable
+        The real protocol factory (aiohttp's ``runner.server``).
+    max_total : int
+        Open connections at most; more are closed on arrival.
+    max_per_peer : int
+        Open connections from one address at most.
+    """
+
+    def __init__(
+        self, factory: Callable[[], asyncio.Protocol], max_total: int, max_per_peer: int
+    ) -> None:
+        self._factory = factory
+        self.max_total = max_total
+        self.max_per_peer = max_per_peer
+        self.open = 0
+        self.refused = 0
+        self._per_peer: dict[str, int] = {}
+        self._refusals_logged_at = 0.0
+
+    def __call__(self) -> asyncio.Protocol:
+        """Return the protocol of one new connection."""
+        return _Limited(self, self._factory())
+
+    def _admit(self, peer: str) -> bool:
+        held = self._per_peer.get(peer, 0)
+        if self.open >= self.max_total or held >= self.max_per_peer:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refusals_logged_at >= 10.0:  # one line per 10 s, never per refusal
+                self._refusals_logged_at = now
+                logging.getLogger("confide_server").warning(
+                    "connection cap reached (%d open, %d from %s; caps %d total, %d per "
+                    "address): closing new connections (%d so far)",
+                    self.open,
+                    held,
+                    peer,
+                    self.max_total,
+                    self.max_per_peer,
+                    self.refused,
+                )
+            return False
+        self.open += 1
+        self._per_peer[peer] = held + 1
+        return True
+
+    def _leave(self, peer: str) -> None:
+        self.open -= 1
+        left = self._per_peer.get(peer, 1) - 1
+        if left > 0:
+            self._per_peer[peer] = left
+        else:
+            self._per_peer.pop(peer, None)
+
+
+class RateLimitedLog(logging.Filter):
+    """Let at most ``burst`` records through per ``window_s``, each cut to ``max_chars``.
+
+    A record's traceback is replaced by one line naming its exception (cut too), so no
+    request bytes an exception carries reach the log in bulk. The first record after a
+    window with suppressed records says how many were dropped.
+    """
+
+    def __init__(self, burst: int = 20, window_s: float = 10.0, max_chars: int = 500) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self.max_chars = max_chars
+        self._lock = threading.Lock()
+        self._window_start = 0.0
+        self._passed = 0
+        self._dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Admit or drop ``record`` (rewritten: bounded message, no traceback)."""
+        now = time.monotonic()
+        with self._lock:
+            dropped = 0
+            if now - self._window_start >= self.window_s:
+                self._window_start, self._passed = now, 0
+                dropped, self._dropped = self._dropped, 0
+            if self._passed >= self.burst:
+                self._dropped += 1
+                return False
+            self._passed += 1
+        text = _cut(record.getMessage(), self.max_chars)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f" [{type(exc).__name__}: {_cut(str(exc), self.max_chars // 2)}]"
+        if dropped:
+            text += f" ({dropped} similar records suppressed in the last {self.window_s:.0f} s)"
+        record.msg, record.args = text, None
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+#: Loggers that can be driven by what a connection sends (filters are not inherited).
+_LIMITED_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.internal", "asyncio")
+
+
+def install_log_limits(**kwargs: Any) -> None:
+    """Put a :class:`RateLimitedLog` on aiohttp's server loggers and ``asyncio``'s (once)."""
+    for name in _LIMITED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitedLog) for f in logger.filters):
+            logger.addFilter(RateLimitedLog(**kwargs))
+
+
+class LimitedSockSite(web.SockSite):
+    """An aiohttp site on a listening socket whose connections go through a limiter.
+
+    Parameters
+    ----------
+    runner : web.BaseRunner
+        The application's runner (set up).
+    sock : socket.socket
+        The listening socket.
+    ssl_context : ssl.SSLContext, optional
+        TLS for the site.
+    limits : (int, int), optional
+        ``(max_total, max_per_peer)``; by default :func:`default_connection_limits`.
+    """
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        sock: socket.socket,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self._limits = limits or default_connection_limits()
+        self.limiter: ConnectionLimiter | None = None
+
+    async def start(self) -> None:
+        """Register with the runner and serve the socket through a :class:`ConnectionLimiter`."""
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        if server is None:
+            raise RuntimeError("call runner.setup() before starting a site")
+        self.limiter = ConnectionLimiter(server, *self._limits)
+        self._server = await loop.create_server(
+            self.limiter, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+        )

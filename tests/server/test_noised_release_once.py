@@ -1,0 +1,91 @@
+"""Central DP writes a round's noised aggregate once: no draw of a killed or failed commit stays."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from confide_server.app import open_engine
+from confide_server.blobs import BlobStore
+from confide_server.engine.rounds import RoundEngine
+from tests.server.conftest import FakeClock
+from tests.server.test_privacy_server import MANIFEST, Crash, Z, _config, _engine
+from tests.server.util import delta_body
+
+
+def _train_answers(eng: RoundEngine) -> None:
+    for cid in "abc":
+        eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
+
+
+def _model_files(eng: RoundEngine) -> set[str]:
+    return set(eng.blobs.model_files())
+
+
+def _registered(eng: RoundEngine) -> set[str]:
+    return {sha for sha in _model_files(eng) if eng.store.model_path(sha) is not None}
+
+
+def test_noised_aggregates_of_killed_commits_are_deleted_at_restart(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
+    clock = FakeClock()
+    for _ in range(3):  # three kills between the noised write and its transaction
+        eng = _engine(cfg, clock, crash_at="model_written")
+        if eng.store.get_round(1) is None:
+            assert eng.tick()
+            _train_answers(eng)
+        with pytest.raises(Crash):
+            eng.tick()
+        assert len(_model_files(eng) - _registered(eng)) == 1  # this run's draw, unregistered
+        eng.store.close()
+    eng = _engine(cfg, clock)  # the restart deletes every unregistered draw
+    assert _model_files(eng) == _registered(eng) == {eng.current_model}
+    assert eng.tick()  # the close that goes through: one draw, registered
+    row = eng.store.get_round(1)
+    assert row is not None
+    assert row.new_model is not None
+    assert _model_files(eng) == {eng.current_model, row.new_model}
+    eng.store.close()
+
+
+def test_a_failed_commit_transaction_deletes_its_noised_draw(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
+    clock = FakeClock()
+    eng = _engine(cfg, clock)
+    assert eng.tick()
+    _train_answers(eng)
+    commits = {"n": 0}
+    real = eng.store.transaction
+
+    def failing_transaction():  # type: ignore[no-untyped-def]
+        commits["n"] += 1
+        if commits["n"] <= 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real()
+
+    eng.store.transaction = failing_transaction  # type: ignore[method-assign]
+    for _ in range(2):  # the round timer retries a transient failure: a new draw each time
+        with pytest.raises(sqlite3.OperationalError):
+            eng.tick()
+        assert _model_files(eng) == {eng.current_model}  # the failed draw is gone
+    assert eng.tick()
+    row = eng.store.get_round(1)
+    assert row is not None
+    assert row.new_model is not None
+    assert _model_files(eng) == {eng.current_model, row.new_model}
+    eng.store.close()
+
+
+def test_a_restart_keeps_registered_models_and_removes_temporaries(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
+    eng = open_engine(cfg, clock=FakeClock())
+    initial = eng.current_model
+    stray = eng.blobs.root / "models" / f".{initial}.safetensors.0a1b2c3d.tmp"
+    stray.write_bytes(b"half a write")
+    eng.store.close()
+    eng = open_engine(cfg, clock=FakeClock())
+    assert not stray.exists()
+    assert set(BlobStore(eng.blobs.root).model_files()) == {initial}
+    eng.store.close()
