@@ -74,7 +74,7 @@ class DopamineOptions:
 
     sites: int = 10
     model: str = "squeezenet"
-    rounds: int = 20
+    rounds: int = 12
     fedavg_rounds: int = 3
     image_size: int = 64
     patients_per_site: int = 60
