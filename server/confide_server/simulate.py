@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from confide.client.policy import SitePolicy
 from confide.data import (
     Dataset,
     Standardizer,
@@ -121,6 +122,27 @@ class JobFiles:
     test: SiteData
     trainer: Trainer
     job: Config | None = None  # the typed job config written to ``config``
+
+
+def site_policy_for(job: Config) -> SitePolicy:
+    """Return the simulated sites' policy: the protections the job was configured with.
+
+    In a simulation one operator plays every site, so each site accepts exactly the job's
+    secure aggregation (required when ``[secagg]`` is on), privacy mode (required when on)
+    and threat model; the cohort minimum is 2. The epsilon cap is not the sites' own choice
+    here (the job's accounted epsilon is what the run prints): 1e6.
+    """
+    dp = job.privacy
+    return SitePolicy(
+        allow_plain=not job.secagg.enabled,
+        allow_no_dp=not dp.enabled,
+        dp_kinds=(dp.mode,) if dp.enabled else SitePolicy().dp_kinds,
+        max_epsilon=1e6,
+        max_delta=max(dp.delta, SitePolicy().max_delta),
+        min_cohort_size=2,
+        adversarial_fraction=job.secagg.adversarial_fraction,
+        dropout_fraction=job.secagg.dropout_fraction,
+    )
 
 
 def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
@@ -564,6 +586,8 @@ def run_simulation(
         # More torch sites than cores: one intra-op thread each, or they oversubscribe.
         many = opts.data == "lesions" and opts.clients > (os.cpu_count() or 1)
         site_env = {"OMP_NUM_THREADS": "1"} if many else None
+        policy = work / "site-policy.toml"
+        policy.write_text(site_policy_for(files.job or load_config(files.config)).to_toml())
         for k, token in enumerate(tokens, start=1):
             cmd = [
                 sys.executable,
@@ -572,8 +596,8 @@ def run_simulation(
                 "client",
                 "--server",
                 files.server_url,
-                "--token",
-                token,
+                "--policy",
+                str(policy),
                 "--client-id",
                 f"hospital-{k}",
                 "--data",
@@ -587,7 +611,8 @@ def run_simulation(
             ]
             if opts.patient_id_column is not None:
                 cmd += ["--patient-id-column", opts.patient_id_column]
-            launcher.spawn(f"hospital-{k}", cmd, env=site_env)
+            # The token travels in the environment, not on argv (visible in `ps`).
+            launcher.spawn(f"hospital-{k}", cmd, env={**(site_env or {}), "CONFIDE_TOKEN": token})
         print(
             f"{'round':>5}  {'status':<9}  {'clients':>7}  {'train loss':>10}  "
             f"{'accuracy':>8}  {'eps(round)':>10}  {'eps(total)':>10}  {'elapsed':>7}",
