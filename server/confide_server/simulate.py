@@ -51,6 +51,7 @@ from confide.errors import ConfigError
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors
 from confide.strategies import available_strategies, get_strategy
 from confide.training import NumpyTrainer, SiteData, TrainConfig, Trainer, build_trainer
+from confide_server.auth import operator_token
 from confide_server.config import Config, load_config, parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
 
@@ -565,6 +566,7 @@ def run_simulation(
     logs = work / "logs"
     launcher = Launcher(logs)
     status_url = files.server_url + "/v1/status"
+    job_cfg = files.job or load_config(files.config)
     print(
         f"confide-server simulate: {opts.clients} sites ({opts.partition}"
         f"{f', alpha={opts.alpha}' if opts.partition == 'dirichlet' else ''}), "
@@ -574,7 +576,7 @@ def run_simulation(
     print(_secagg_line(files.job or load_config(files.config), opts.clients), flush=True)
     try:
         server = launcher.spawn("server", _server_cmd("run", "--config", str(files.config)))
-        if not launcher.wait_ready(status_url, timeout=30.0, proc=server):
+        if not launcher.wait_ready(files.server_url + "/v1/health", timeout=30.0, proc=server):
             print(f"server did not start:\n{launcher.tail('server')}", file=sys.stderr)
             return 1
         tokens = subprocess.run(  # noqa: S603
@@ -587,8 +589,10 @@ def run_simulation(
         many = opts.data == "lesions" and opts.clients > (os.cpu_count() or 1)
         site_env = {"OMP_NUM_THREADS": "1"} if many else None
         policy = work / "site-policy.toml"
-        policy.write_text(site_policy_for(files.job or load_config(files.config)).to_toml())
-        for k, token in enumerate(tokens, start=1):
+        policy.write_text(site_policy_for(job_cfg).to_toml())
+        # The status page is the operator's: this process is the operator.
+        token = operator_token(job_cfg.server.state_dir)
+        for k, enrolment in enumerate(tokens, start=1):
             cmd = [
                 sys.executable,
                 "-m",
@@ -612,7 +616,9 @@ def run_simulation(
             if opts.patient_id_column is not None:
                 cmd += ["--patient-id-column", opts.patient_id_column]
             # The token travels in the environment, not on argv (visible in `ps`).
-            launcher.spawn(f"hospital-{k}", cmd, env={**(site_env or {}), "CONFIDE_TOKEN": token})
+            launcher.spawn(
+                f"hospital-{k}", cmd, env={**(site_env or {}), "CONFIDE_TOKEN": enrolment}
+            )
         print(
             f"{'round':>5}  {'status':<9}  {'clients':>7}  {'train loss':>10}  "
             f"{'accuracy':>8}  {'eps(round)':>10}  {'eps(total)':>10}  {'elapsed':>7}",
@@ -624,7 +630,7 @@ def run_simulation(
             if time.monotonic() - t0 > timeout:
                 print(f"timed out after {timeout} s", file=sys.stderr)
                 return 1
-            doc = get_json(status_url)
+            doc = get_json(status_url, token=token)
             if doc is not None:
                 status = doc
                 for r in doc["rounds"]:
