@@ -78,6 +78,9 @@ class PermissivePolicy(SitePolicy):
     def check_secagg(self, params: Any) -> None:
         """Accept any SecAgg+ parameters."""
 
+    def warm_up(self) -> None:
+        """Nothing to warm up: nothing is accounted."""
+
     def check_epsilon(self, privacy: Any, round_event: Any, ledger: Any) -> float:
         """Accept any epsilon (nothing is accounted)."""
         return math.nan

@@ -103,7 +103,9 @@ async def test_epsilon_above_the_site_budget_is_refused(make_fed: Any, tmp_path:
     fed = await make_fed(write_job(tmp_path / "job", **SECURE, **weak))
     results = await _sites(fed, tmp_path, 3, policy=SitePolicy(max_epsilon=10.0))
     _refused(results, "above the site policy's max_epsilon 10")
-    assert _submissions(fed.engine) == []
+    # Accounted before the masked update is built: keys were exchanged, no update left.
+    stages = {stage for _, stage, _ in _submissions(fed.engine)}
+    assert stages <= {"advertise", "share"}, stages
 
 
 async def test_weak_threat_model_is_refused(make_fed: Any, tmp_path: Path) -> None:

@@ -191,6 +191,7 @@ class Client:
         self._rng_factory = rng_factory
         self.policy = policy if policy is not None else SitePolicy()
         self._ledger = PrivacyLedger(self.state_dir)
+        self._warm: asyncio.Future[None] | None = None
         # (round, background fit, the advertise task that asked for it)
         self._training: (
             tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], SecureTask] | None
@@ -424,6 +425,9 @@ class Client:
         if manifest.sha256 != trainer.manifest.sha256:
             raise ConfigError("the trainer's manifest is not the job's manifest")
         self._refuse_if("the job", self.policy.check_model, manifest)
+        # The accountant (dp-accounting) takes seconds to import and set up on a busy machine:
+        # warm it up in the background, so the first round's epsilon check meets its deadline.
+        self._warm = asyncio.ensure_future(asyncio.to_thread(self.policy.warm_up))  # never raises
         test = test or train
         trained = evaluated = 0
         while True:
@@ -451,7 +455,7 @@ class Client:
             try:
                 if isinstance(task, TrainTask):
                     cfg = task.config
-                    event = self._refuse_if(
+                    event = await self._refuse_in_thread(
                         f"round {round_id}",
                         self.policy.check_round,
                         task.privacy,
@@ -501,6 +505,12 @@ class Client:
             self._log(f"{self.client_id}: refused {what}: {exc}")
             raise
 
+    async def _refuse_in_thread(
+        self, what: str, check: Callable[..., _T], *args: Any, **kwargs: Any
+    ) -> _T:
+        """:meth:`_refuse_if` in a worker thread (the event loop keeps serving)."""
+        return await asyncio.to_thread(self._refuse_if, what, check, *args, **kwargs)
+
     async def _settle_training(self) -> None:
         """Wait for a secure round's background training (the trainer is not shared)."""
         if self._training is not None:
@@ -549,7 +559,8 @@ class Client:
                     check_per_sample(trainer, "distributed patient-level DP-SGD")
                 else:
                     check_trainable(trainer, cfg)
-                msg = self._refuse_if(f"round {round_id}", part.advertise, task)
+                # In a worker thread: the policy's epsilon check may take a while.
+                msg = await self._refuse_in_thread(f"round {round_id}", part.advertise, task)
                 sddg = part.sample_ddg(round_id)
                 if sddg is not None:
                     rng = (
@@ -575,6 +586,8 @@ class Client:
                 return 0
             update, weight = None, 0
             if stage == "mask":
+                # The job's epsilon, before anything derived from the data leaves the site.
+                await self._refuse_in_thread(f"round {round_id}", part.check_budget, round_id)
                 if self._training is None or self._training[0] != round_id:
                     raise IntegrityError(f"no training result for round {round_id}")
                 delta, weight, loss = await self._training[1]

@@ -224,6 +224,22 @@ class SitePolicy:
             lines.append(f"{f.name} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
+    def warm_up(self) -> None:
+        """Import and exercise the accountant once, if this policy will need it.
+
+        A site that requires DP checks every round's epsilon; loading dp-accounting takes
+        seconds, so the client calls this in the background when it starts. A missing
+        ``confide[privacy]`` is reported by the first check, not here.
+        """
+        if self.allow_no_dp and set(self.dp_kinds) <= {"central"}:
+            return
+        try:
+            from confide.privacy.accountant import account, dpsgd_event
+
+            account([dpsgd_event(0.5, 1.0, 2)], 1e-5)
+        except Exception:  # a broken accountant is reported by the checks themselves
+            return
+
     # -- checks ------------------------------------------------------------------------
     def check_model(self, manifest: Manifest) -> None:
         """Refuse a job whose model architecture the site does not train."""
@@ -276,6 +292,7 @@ class SitePolicy:
         secure: bool,
         sample_ddg: SampleDDGParams | None = None,
         ddg: DDGParams | None = None,
+        account_now: bool = True,
     ) -> PrivacyEvent | None:
         """Check one round's protections; return the privacy event the site will release.
 
@@ -292,6 +309,10 @@ class SitePolicy:
         sample_ddg, ddg : optional
             Distributed modes: the noise parameters the site re-derived from the round's
             public SecAgg+ parameters.
+        account_now : bool, default True
+            Also check the job's epsilon (:meth:`check_epsilon`). A secure round defers it
+            to ``mask``, before the update leaves the site: the advertisement reveals
+            nothing about the data, and accounting can take longer than its deadline.
 
         Raises
         ------
@@ -305,7 +326,8 @@ class SitePolicy:
         if privacy is None:
             return None
         event = _round_event(privacy, config, sample_ddg, ddg)
-        self.check_epsilon(privacy, event, ledger)
+        if account_now:
+            self.check_epsilon(privacy, event, ledger)
         return event
 
     def check_epsilon(

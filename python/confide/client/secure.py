@@ -121,6 +121,7 @@ class SecureParticipant:
         self._policy = policy
         self._ledger = ledger
         self._events: dict[int, PrivacyEvent | None] = {}
+        self._privacy: dict[int, PrivacyTask | None] = {}
         # The one advertisement of the latest round: (round, setup digest, message).
         self._advert: tuple[int, bytes, dict[str, Any]] | None = None
 
@@ -195,23 +196,45 @@ class SecureParticipant:
                 secure=True,
                 sample_ddg=sddg,
                 ddg=None if ddg is None else ddg[0],
+                account_now=False,  # at mask: see check_budget
             )
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
         self._ddg.clear()
         self._sddg.clear()
         self._events.clear()
+        self._privacy.clear()
         if ddg is not None:
             self._ddg[setup.round] = ddg
         if sddg is not None:
             self._sddg[setup.round] = sddg
         self._events[setup.round] = event
+        self._privacy[setup.round] = task.privacy
         rng = self._rng_factory("secagg", setup.round)
         client = ClientSecAgg(setup, self.client_id, self._identity, rng=rng)
         self._rounds[setup.round] = client
         msg = client.advertise().to_json()
         self._advert = (setup.round, digest, msg)
         return msg
+
+    def check_budget(self, round_id: int) -> None:
+        """Refuse to release ``round_id``'s update past the policy's epsilon budget.
+
+        Called before the masked input is built (the checks at ``advertise`` are the cheap
+        ones; the job's epsilon is accounted here).
+
+        Raises
+        ------
+        PolicyViolation
+            The job's epsilon, recomputed by the site, exceeds ``max_epsilon``.
+        """
+        privacy = self._privacy.get(round_id)
+        if self._policy is None or privacy is None:
+            return
+        from confide.client.policy import PrivacyLedger
+
+        ledger = self._ledger if self._ledger is not None else PrivacyLedger(self._pins_path.parent)
+        self._policy.check_epsilon(privacy, self._events.get(round_id), ledger)
 
     def round_event(self, round_id: int) -> PrivacyEvent | None:
         """Return the privacy event the site releases in ``round_id`` (its masked input)."""
