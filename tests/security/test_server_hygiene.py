@@ -113,3 +113,26 @@ def test_client_token_comes_from_a_file_or_the_environment(
     path.write_text("\n")
     with pytest.raises(ConfigError, match="the file is empty"):
         _enrolment_token(args)
+
+
+def test_enroll_client_id_prints_a_bound_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from confide_server.cli import main
+    from confide_server.launcher import free_port
+    from confide_server.simulate import SimulationOptions, prepare_job
+    from confide_server.store import Store
+
+    files = prepare_job(tmp_path, SimulationOptions(clients=2, rounds=1, port=free_port()))
+    assert main(["enroll", "--config", str(files.config), "--client-id", "hospital-1"]) == 0
+    (token,) = capsys.readouterr().out.split()
+    assert token.startswith("ct_")
+    assert token.endswith(".hospital-1")
+    assert main(["enroll", "--config", str(files.config), "--client-id", "bad id!"]) == 2
+    assert "--client-id must be 1-64 characters" in capsys.readouterr().err
+    assert files.job is not None
+    store = Store(files.job.server.database)
+    try:
+        assert store.count_tokens() == (1, 0)
+    finally:
+        store.close()
