@@ -325,10 +325,42 @@ class SitePolicy:
             self.check_plain(privacy)
         if privacy is None:
             return None
-        event = _round_event(privacy, config, sample_ddg, ddg)
-        if account_now:
-            self.check_epsilon(privacy, event, ledger)
+        _check_consistent(privacy, config, sample_ddg, ddg)
+        if not account_now:
+            return None
+        event = self.round_event(privacy, config, sample_ddg, ddg)
+        self.check_epsilon(privacy, event, ledger)
         return event
+
+    @staticmethod
+    def round_event(
+        privacy: PrivacyTask,
+        config: TrainConfig | None,
+        sample_ddg: SampleDDGParams | None = None,
+        ddg: DDGParams | None = None,
+    ) -> PrivacyEvent | None:
+        """Return the privacy event of what the site will run (``None`` for ``central``).
+
+        Loads the accountant (dp-accounting); :meth:`check_round` has checked the inputs.
+        """
+        _check_consistent(privacy, config, sample_ddg, ddg)
+        if privacy.mode == "sample":
+            from confide.privacy.accountant import dpsgd_event
+
+            dp = privacy.dp
+            if dp is None:  # unreachable: _check_consistent refuses it; kept under -O
+                raise PolicyViolation("patient-level DP-SGD without its parameters")
+            return dpsgd_event(dp.sampling_rate, dp.noise_multiplier, dp.steps)
+        if privacy.mode == "sample_distributed" and sample_ddg is not None:
+            from confide.privacy.distributed_dpsgd import event
+
+            sampled: PrivacyEvent = event(sample_ddg)
+            return sampled
+        if privacy.mode == "distributed" and ddg is not None:
+            from confide.privacy.client_dp import ddg_event
+
+            return ddg_event(ddg)
+        return None  # central: the server adds the noise; nothing the site can check
 
     def check_epsilon(
         self, privacy: PrivacyTask, round_event: PrivacyEvent | None, ledger: PrivacyLedger
@@ -409,13 +441,13 @@ class SitePolicy:
             )
 
 
-def _round_event(
+def _check_consistent(
     privacy: PrivacyTask,
     config: TrainConfig | None,
     sample_ddg: SampleDDGParams | None,
     ddg: DDGParams | None,
-) -> PrivacyEvent | None:
-    """Return the event of what the site will actually run (refuse a task that differs)."""
+) -> None:
+    """Refuse a task whose training differs from the privacy it announces (no imports)."""
     if privacy.mode == "sample":
         dp = None if config is None else config.dp
         if dp is None or dp != privacy.dp:
@@ -423,23 +455,10 @@ def _round_event(
                 "the task announces patient-level DP-SGD but its training config runs "
                 f"{'no DP-SGD' if dp is None else 'other DP-SGD parameters'}"
             )
-        from confide.privacy.accountant import dpsgd_event
-
-        return dpsgd_event(dp.sampling_rate, dp.noise_multiplier, dp.steps)
-    if privacy.mode == "sample_distributed":
-        if sample_ddg is None:
-            raise PolicyViolation("distributed DP-SGD needs a secure round")
-        from confide.privacy.distributed_dpsgd import event
-
-        sampled: PrivacyEvent = event(sample_ddg)
-        return sampled
-    if privacy.mode == "distributed":
-        if ddg is None:
-            raise PolicyViolation("distributed DP needs a secure round")
-        from confide.privacy.client_dp import ddg_event
-
-        return ddg_event(ddg)
-    return None  # central: the server adds the noise; nothing the site can check
+    elif privacy.mode == "sample_distributed" and sample_ddg is None:
+        raise PolicyViolation("distributed DP-SGD needs a secure round")
+    elif privacy.mode == "distributed" and ddg is None:
+        raise PolicyViolation("distributed DP needs a secure round")
 
 
 class PrivacyLedger:

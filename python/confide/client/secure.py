@@ -57,7 +57,7 @@ from numpy.typing import NDArray
 
 from confide.errors import IntegrityError
 from confide.noise import SecureRng
-from confide.protocol.tasks import PrivacyTask, SecureTask, parse_task
+from confide.protocol.tasks import PrivacyTask, SecureTask, TrainConfig, parse_task
 from confide.secagg import ClientSecAgg, RoundSetup, SecAggAbortError
 
 if TYPE_CHECKING:
@@ -121,7 +121,11 @@ class SecureParticipant:
         self._policy = policy
         self._ledger = ledger
         self._events: dict[int, PrivacyEvent | None] = {}
-        self._privacy: dict[int, PrivacyTask | None] = {}
+        # What the round's privacy event is computed from (at mask, by check_budget).
+        self._inputs: dict[
+            int,
+            tuple[PrivacyTask | None, TrainConfig | None, SampleDDGParams | None, DDGParams | None],
+        ] = {}
         # The one advertisement of the latest round: (round, setup digest, message).
         self._advert: tuple[int, bytes, dict[str, Any]] | None = None
 
@@ -184,12 +188,11 @@ class SecureParticipant:
             )
         sddg = _check_sample_ddg(setup, task.privacy)
         ddg = None if sddg is not None else _check_ddg(setup, task.privacy)
-        event: PrivacyEvent | None = None
         if self._policy is not None:
             from confide.client.policy import PrivacyLedger
 
             self._policy.check_secagg(setup.params)
-            event = self._policy.check_round(
+            self._policy.check_round(
                 task.privacy,
                 task.config,
                 self._ledger if self._ledger is not None else PrivacyLedger(self._pins_path.parent),
@@ -203,13 +206,17 @@ class SecureParticipant:
         self._ddg.clear()
         self._sddg.clear()
         self._events.clear()
-        self._privacy.clear()
+        self._inputs.clear()
         if ddg is not None:
             self._ddg[setup.round] = ddg
         if sddg is not None:
             self._sddg[setup.round] = sddg
-        self._events[setup.round] = event
-        self._privacy[setup.round] = task.privacy
+        self._inputs[setup.round] = (
+            task.privacy,
+            task.config,
+            sddg,
+            None if ddg is None else ddg[0],
+        )
         rng = self._rng_factory("secagg", setup.round)
         client = ClientSecAgg(setup, self.client_id, self._identity, rng=rng)
         self._rounds[setup.round] = client
@@ -228,13 +235,15 @@ class SecureParticipant:
         PolicyViolation
             The job's epsilon, recomputed by the site, exceeds ``max_epsilon``.
         """
-        privacy = self._privacy.get(round_id)
+        privacy, config, sddg, ddg = self._inputs.get(round_id, (None, None, None, None))
         if self._policy is None or privacy is None:
             return
         from confide.client.policy import PrivacyLedger
 
         ledger = self._ledger if self._ledger is not None else PrivacyLedger(self._pins_path.parent)
-        self._policy.check_epsilon(privacy, self._events.get(round_id), ledger)
+        event = self._policy.round_event(privacy, config, sddg, ddg)
+        self._policy.check_epsilon(privacy, event, ledger)
+        self._events[round_id] = event
 
     def round_event(self, round_id: int) -> PrivacyEvent | None:
         """Return the privacy event the site releases in ``round_id`` (its masked input)."""
