@@ -37,8 +37,8 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.client.releases_log import ReleaseLog
 from confide.client.policy import PrivacyLedger, SitePolicy
+from confide.client.releases_log import ReleaseLog
 from confide.client.secure import RngFactory, SecureParticipant
 from confide.client.training import (
     bound_update,
