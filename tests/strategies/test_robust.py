@@ -168,3 +168,15 @@ def test_norm_bounding_moves_at_most_the_bound(
         np.zeros(dim, np.float32), list(zip(deltas, weights, strict=True)), {}
     )
     assert float(np.linalg.norm(new.astype(np.float64))) <= c * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
+def test_signed_zeros_do_not_make_the_result_order_dependent(rule: str) -> None:
+    # Found by the permutation property: -0.0 and 0.0 compare equal, so the sort kept the
+    # clients' order and the median's sign bit followed it.
+    s = get_strategy(rule, **({"trim_fraction": 0.2} if rule == "trimmed_mean" else {}))
+    base = np.zeros(1, np.float32)
+    ups = [(np.array([v], np.float32), 1.0) for v in (0.0, -0.0, 0.0, -0.0)]
+    a, _ = s.aggregate(base, ups, {})
+    b, _ = s.aggregate(base, ups[::-1], {})
+    assert a.tobytes() == b.tobytes() == np.zeros(1, np.float32).tobytes()

@@ -61,7 +61,9 @@ def _step(base: NDArray[np.float32], eta: float, mean: NDArray[np.float64]) -> N
 def _sorted_stack(base: NDArray[np.float32], updates: Sequence[Update]) -> NDArray[np.float64]:
     """``(n, dim)`` float64 deltas sorted along the client axis (order-free from here on)."""
     check_updates(base, updates)
-    stack = np.stack([d.astype(np.float64) for d, _ in updates])
+    # "+ 0.0" turns -0.0 into +0.0: the two compare equal, so their order after the sort
+    # (and the sign of a median of zeros) would otherwise depend on the clients' order.
+    stack = np.stack([d.astype(np.float64) for d, _ in updates]) + 0.0
     out: NDArray[np.float64] = np.sort(stack, axis=0)
     return out
 
