@@ -107,8 +107,12 @@ def test_ray_secagg_dp_federation_with_dropouts(tmp_path: Path) -> None:
     status = report.status
     assert status is not None
     assert status["status"] == "finished"
-    rounds = status["rounds"]
-    assert [r["status"] for r in rounds] == ["committed"] * ROUNDS
+    # A round can abort on a busy machine (a stage's quorum missed its deadline, e.g. while
+    # the sites' first privacy accounting warms up); the job still commits ROUNDS rounds.
+    rows = status["rounds"]
+    rounds = [r for r in rows if r["status"] == "committed"]
+    assert len(rounds) == ROUNDS
+    assert all(r["status"] in ("committed", "aborted") for r in rows)
     expected = expected_answers(CLIENTS, STAGES, 0.1)
     assert expected["mask"] == 29  # 40 -> 36 advertise -> 32 share -> 29 masked updates
     # On an idle machine every round has the whole cohort and exactly the planned 29 masked
