@@ -120,7 +120,8 @@ def test_ray_secagg_dp_federation_with_dropouts(tmp_path: Path) -> None:
     # that no load can break are asserted (the plan's exact counts are tested above).
     for r in rounds:
         assert len(r["cohort"]) <= CLIENTS
-        assert 2 <= r["metrics"]["train_clients"] <= expected["mask"]
+        # (a round after an aborted one has no planned dropouts: up to the whole cohort)
+        assert 2 <= r["metrics"]["train_clients"] <= len(r["cohort"])
         assert r["privacy"]["epsilon"] > 0
     eps = [r["privacy"]["epsilon"] for r in rounds]
     assert eps == sorted(eps)
