@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from confide.errors import ConfideError, ConfigError, ServerError, TransportError
 
 if TYPE_CHECKING:
+    from confide.client import SitePolicy
     from confide.client.secure import RngFactory
     from confide.protocol.manifest import Manifest
     from confide.protocol.tasks import Task
@@ -150,13 +151,17 @@ async def run_client(
     *,
     on_task: Callable[[Task], None] | None = None,
     rng_factory: RngFactory | None = None,
+    policy: SitePolicy | None = None,
 ) -> int:
     """Run ``confide client`` with parsed ``args``.
 
     ``on_task`` sees every task (monitoring); ``rng_factory`` replaces the OS-keyed protocol
-    randomness. The ``confide`` command passes neither: they are for embedding and tests.
+    randomness; ``policy`` is used when ``args.policy`` names no file (default: the strict
+    ``SitePolicy()``). The ``confide`` command passes none of them: they are for embedding
+    and tests.
     """
     from confide.client import Client, client_ssl_context
+    from confide.client import SitePolicy as _SitePolicy
     from confide.training import build_trainer
 
     def log(line: str) -> None:
@@ -177,6 +182,9 @@ async def run_client(
             f"{args.server} cannot be reached yet ({unreachable}); retrying for up to "
             f"{args.retry_timeout:g} s (--retry-timeout)"
         )
+    if args.policy is not None:
+        policy = _SitePolicy.load(args.policy)
+    token = _enrolment_token(args)
     ctx = client_ssl_context(args.ca_file, args.cert, args.key)
     client = Client(
         args.server,
@@ -186,6 +194,7 @@ async def run_client(
         retry_timeout=args.retry_timeout,
         log=log,
         rng_factory=rng_factory,
+        policy=policy,
     )
     async with client:
         # The manifest first: the engine and the data format follow from it, and bad local
@@ -195,11 +204,14 @@ async def run_client(
         train = load_site_data(manifest, args.data, args)
         test = load_site_data(manifest, args.test_data, args) if args.test_data else None
         if not client.enrolled:
-            if not args.token or not args.client_id:
-                print("not enrolled yet: pass --token and --client-id", file=sys.stderr)
+            if not token or not args.client_id:
+                print(
+                    "not enrolled yet: pass --token-file (or CONFIDE_TOKEN) and --client-id",
+                    file=sys.stderr,
+                )
                 return 2
             try:
-                await client.enroll(args.token, args.client_id)
+                await client.enroll(token, args.client_id)
             except ServerError as exc:
                 if exc.code == "bad_token":
                     raise ConfigError(
@@ -210,6 +222,21 @@ async def run_client(
                 raise
         result = await client.run(trainer, train, test, on_task=on_task)
     return 0 if result.status == "finished" else 1
+
+
+def _enrolment_token(args: argparse.Namespace) -> str | None:
+    """Return the enrolment token: ``--token-file``, else ``CONFIDE_TOKEN``, else ``--token``."""
+    if args.token_file is not None:
+        _check_readable(args.token_file, "--token-file")
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise ConfigError(f"--token-file {args.token_file}: the file is empty")
+        return token
+    env = os.environ.get("CONFIDE_TOKEN", "").strip()
+    if env:
+        return env
+    given: str | None = args.token
+    return given
 
 
 def load_site_data(manifest: Manifest, path: str, args: argparse.Namespace) -> SiteData:
@@ -348,7 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--version", action="version", version=_version())
     c.add_argument("--server", required=True, help="the job's server, http(s)://host:port")
-    c.add_argument("--token", help="one-time enrolment token from the operator (first run only)")
+    c.add_argument(
+        "--token-file",
+        help="file holding the one-time enrolment token from the operator (first run only); "
+        "or set CONFIDE_TOKEN. Prefer either to --token, which other users see in 'ps'",
+    )
+    c.add_argument(
+        "--token",
+        help="the enrolment token on the command line (visible in 'ps': see --token-file)",
+    )
+    c.add_argument(
+        "--policy",
+        help="this site's policy (site-policy.toml: docs/security.md); without it the strict "
+        "default: secure aggregation and differential privacy (epsilon <= 10) required",
+    )
     c.add_argument("--client-id", help="id to enrol under, e.g. hospital-1 (first run only)")
     c.add_argument(
         "--data",

@@ -34,6 +34,9 @@ DataError                ValueError   local data that cannot be used (file, colu
 ExportError              ValueError   a model that cannot be exported (ONNX), or disagrees
 ReleaseError             ValueError   a model release a device refuses (signature, hash,
                                       replayed version, DP weaker than the device policy)
+PolicyViolation          --           a task outside the site's policy (no secure
+                                      aggregation, no or weak DP, weak SecAgg+ parameters,
+                                      a small cohort, an architecture the site does not run)
 ServerError              --           the server answered with an error (``status``, ``code``)
 TransportError           OSError      the server cannot be reached (refused, TLS failure)
 =======================  ===========  =====================================================
@@ -92,6 +95,7 @@ __all__ = [
     "MessageFormatError",
     "ModelFormatError",
     "NonFiniteError",
+    "PolicyViolation",
     "PrivacyError",
     "PrivacyStateError",
     "PrivacyUnsupportedError",
@@ -243,6 +247,18 @@ class ReleasePolicyError(ReleaseError):
     """The record's DP guarantee is weaker than the device policy allows (or absent)."""
 
     code = "release_policy"
+
+
+class PolicyViolation(FederationError):  # noqa: N818 (name fixed by the design)
+    """The server's task is outside the site's policy; the site refused it, uploading nothing.
+
+    Raised by :class:`confide.client.Client` when a task would weaken what the site insists
+    on (:class:`confide.client.SitePolicy`): secure aggregation, differential privacy of an
+    allowed kind within the epsilon budget, SecAgg+ parameters at least as strong as the
+    site derives from its own threat model, the cohort size, the model architecture.
+    """
+
+    code = "policy_violation"
 
 
 # --- privacy --------------------------------------------------------------------------

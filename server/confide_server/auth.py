@@ -2,12 +2,27 @@
 
 Checked from the headers alone, before any body is read, so an unauthenticated peer cannot
 make the server buffer an upload. The body hash is compared after the body is read.
+
+**Operator token.** ``GET /v1/status`` (cohorts, per-round metrics, total weights) is for
+the operator only: it needs ``Authorization: Bearer <token>`` with the token the server
+creates in its state folder (``operator-token``, mode 0600) the first time it is needed.
+``confide-server status`` reads the state directly and needs no token.
+
+**Enrolment.** A token made with ``confide-server enroll --client-id NAME`` is bound to that
+id (``ct_<random>.<NAME>``, hashed whole, so the binding cannot be edited): it enrols no
+other id. Failed enrolments are counted per remote address in a bounded table
+(:class:`confide_server.enrolment.EnrolLimiter`); after 5 within 10 minutes that address
+is answered 429 until the window has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import os
+import secrets
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -15,7 +30,66 @@ from confide.errors import SignatureError
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
 from confide_server.keys import config_key, engine_key, nonce_cache_key
 
-__all__ = ["authenticate", "check_body", "signed_headers"]
+__all__ = [
+    "OPERATOR_TOKEN_FILE",
+    "authenticate",
+    "bound_client_id",
+    "check_body",
+    "check_operator",
+    "operator_token",
+    "signed_headers",
+]
+
+#: The operator token's file name in the server's state folder.
+OPERATOR_TOKEN_FILE = "operator-token"  # noqa: S105 - a file name, not a secret
+
+
+def bound_client_id(token: str) -> str | None:
+    """Return the client id a token is bound to (``ct_<random>.<id>``), or ``None``."""
+    if token.startswith("ct_") and "." in token:
+        return token.split(".", 1)[1]
+    return None
+
+
+def operator_token(state_dir: Path) -> str:
+    """Return the job's operator token, creating it (mode 0600) if the state has none.
+
+    Written to a temporary file and linked into place, so a concurrent reader sees either
+    no file or the whole token, and two creators agree on one token.
+    """
+    path = Path(state_dir) / OPERATOR_TOKEN_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = path.with_name(f".{OPERATOR_TOKEN_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
+
+
+def check_operator(request: web.Request) -> None:
+    """Refuse (401) a request without the operator's ``Authorization: Bearer`` token."""
+    state_dir = request.app[config_key].server.state_dir
+    expected = operator_token(state_dir)
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        value.strip().encode(errors="replace"), expected.encode()
+    ):
+        raise SignatureError(
+            f"{request.path} is for the job's operator: send 'Authorization: Bearer <token>' "
+            f"with the token in the server's state folder ({OPERATOR_TOKEN_FILE}), or run "
+            "'confide-server status --config job.toml' on the server",
+            "operator_token_required",
+        )
 
 
 def signed_headers(request: web.Request) -> SignedRequest:

@@ -167,11 +167,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(config))
 
 
+def check_client_id(client_id: str) -> None:
+    """Refuse a site id the server would not enrol (1-64 characters of [A-Za-z0-9_.-])."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+    if not 1 <= len(client_id) <= 64 or not set(client_id) <= allowed:
+        raise ConfigError(
+            f"--client-id must be 1-64 characters from [A-Za-z0-9_.-], got {client_id!r}"
+        )
+
+
 def _cmd_enroll(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     store = Store(config.server.database)
     try:
-        tokens = [new_token() for _ in range(args.count)]
+        # --client-id binds each token to that id (it enrols no other): ct_<random>.<id>.
+        suffix = "" if args.client_id is None else "." + args.client_id
+        tokens = [new_token() + suffix for _ in range(args.count)]
         store.add_token_hashes([hash_token(t) for t in tokens])
     finally:
         store.close()
@@ -279,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--version", action="version", version=version_string())
     enroll.add_argument("--config", required=True, help="the job config (job.toml)")
     enroll.add_argument("-n", "--count", type=int, default=1, help="number of tokens")
+    enroll.add_argument(
+        "--client-id",
+        help="bind the token to this site id: it enrols no other id (e.g. hospital-1)",
+    )
     enroll.set_defaults(func=_cmd_enroll)
     status = sub.add_parser(
         "status",
@@ -337,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
             if args.command == "enroll" and args.count < 1:
                 raise ConfigError(f"--count must be >= 1, got {args.count}")
+            if args.command == "enroll" and args.client_id is not None:
+                check_client_id(args.client_id)
             rc = int(args.func(args))
         sys.stdout.flush()
         return rc

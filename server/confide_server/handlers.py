@@ -15,12 +15,20 @@ from confide.errors import FederationError, SignatureError, WireFormatError
 from confide.protocol.jsonio import loads_bounded
 from confide.protocol.manifest import sha256_hex
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
-from confide_server.auth import authenticate, check_body, signed_headers
+from confide_server.auth import (
+    authenticate,
+    bound_client_id,
+    check_body,
+    check_operator,
+    signed_headers,
+)
 from confide_server.engine.releases import enrolment_fields
+from confide_server.engine.rounds import EnrollmentError
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.keys import (
     config_key,
     engine_key,
+    enrol_limiter_key,
     notifier_key,
     upload_gate_key,
     wake_key,
@@ -28,6 +36,7 @@ from confide_server.keys import (
 from confide_server.middlewares import (
     RequestError,
     error_response,
+    json_error,
     refuse_encoded_body,
     storage_error,
 )
@@ -54,7 +63,12 @@ async def get_health(request: web.Request) -> web.Response:
 
 
 async def get_status(request: web.Request) -> web.Response:
-    """Job status and per-round metrics."""
+    """Job status and per-round metrics: for the operator only (``Authorization: Bearer``).
+
+    Cohorts and per-round total weights over several rounds would give each site's sample
+    count, so only the operator token sees them (:func:`~confide_server.auth.check_operator`).
+    """
+    await asyncio.to_thread(check_operator, request)
     engine = request.app[engine_key]
     doc = await asyncio.to_thread(engine.status_dict)
     # Strict JSON: a non-finite number would make the answer unreadable to JSON parsers.
@@ -73,6 +87,17 @@ async def enroll_client(request: web.Request) -> web.Response:
     The request is signed with the key being registered (proof of possession).
     """
     refuse_encoded_body(request)
+    limiter, address = request.app[enrol_limiter_key], request.remote or "unknown"
+    wait = limiter.retry_after(address)
+    if wait is not None:
+        resp = json_error(
+            429,
+            "too_many_enrolments",
+            f"too many failed enrolments from this address; retry in {wait:.0f} s with a "
+            "valid token from the operator (confide-server enroll)",
+        )
+        resp.headers["Retry-After"] = str(math.ceil(wait))
+        return resp
     length = request.content_length
     if length is None:
         raise RequestError("Content-Length is required", "length_required")
@@ -97,7 +122,19 @@ async def enroll_client(request: web.Request) -> web.Response:
         max_skew_ms=int(request.app[config_key].server.max_clock_skew_s * 1000),
     )
     engine = request.app[engine_key]
-    await asyncio.to_thread(engine.enroll, doc["token"], doc["client_id"], doc["public_key"])
+    bound = bound_client_id(doc["token"])
+    try:
+        if bound is not None and bound != doc["client_id"]:
+            raise EnrollmentError(
+                "this enrolment token was made for another client id: enrol with the id the "
+                "operator made it for (confide-server enroll --client-id)",
+                "bad_token",
+            )
+        await asyncio.to_thread(engine.enroll, doc["token"], doc["client_id"], doc["public_key"])
+    except EnrollmentError as exc:
+        if exc.code == "bad_token":
+            limiter.failed(address)
+        raise
     answer: dict[str, Any] = {
         "client_id": doc["client_id"],
         "job": engine.config.job.name,

@@ -8,11 +8,13 @@ from aiohttp import web
 
 from confide_server.config import Config
 from confide_server.engine.rounds import RoundEngine
+from confide_server.enrolment import EnrolLimiter
 from confide_server.events import NonceCache, Notifier, UploadGate
 
 __all__ = [
     "config_key",
     "engine_key",
+    "enrol_limiter_key",
     "finished_key",
     "nonce_cache_key",
     "notifier_key",
@@ -30,3 +32,5 @@ wake_key = web.AppKey("wake_key", asyncio.Event)
 finished_key = web.AppKey("finished_key", asyncio.Event)
 nonce_cache_key = web.AppKey("nonce_cache_key", NonceCache)
 upload_gate_key = web.AppKey("upload_gate_key", UploadGate)
+# Failed enrolments per remote address (429 after repeated failures).
+enrol_limiter_key = web.AppKey("enrol_limiter_key", EnrolLimiter)

@@ -42,13 +42,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def get_json(url: str, timeout: float = 5.0) -> dict[str, Any] | None:
+def get_json(url: str, timeout: float = 5.0, *, token: str | None = None) -> dict[str, Any] | None:
     """GET ``url`` and decode its JSON object; ``None`` if unreachable or not JSON.
 
-    Used as a readiness and progress probe (``/v1/status``, ``/v1/health``).
+    Used as a readiness probe (``/v1/health``) and, with the operator ``token``, as a
+    progress probe (``/v1/status``).
     """
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - our own URL
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - our own URL
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - our own URL
             doc = json.loads(resp.read())
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -131,7 +134,7 @@ class Launcher:
     def wait_ready(
         self, url: str, *, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
     ) -> bool:
-        """Wait until ``url`` answers a JSON object (a server's status or health route).
+        """Wait until ``url`` answers a JSON object (a server's health route).
 
         Returns
         -------

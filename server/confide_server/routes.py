@@ -5,13 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from confide_server import handlers
+from confide_server.enrolment import EnrolLimiter
+from confide_server.keys import enrol_limiter_key
 from confide_server.releases import setup_release_routes
 
 __all__ = ["setup_routes"]
 
 
 def setup_routes(app: web.Application) -> None:
-    """Register every route on ``app``."""
+    """Register every route on ``app`` (and the enrolment route's failure table)."""
+    app[enrol_limiter_key] = EnrolLimiter()
     app.router.add_get("/v1/health", handlers.get_health)
     app.router.add_get("/v1/status", handlers.get_status)
     app.router.add_get("/v1/manifest", handlers.get_manifest)

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from confide.client.policy import SitePolicy
 from confide.data import (
     Dataset,
     Standardizer,
@@ -50,6 +51,7 @@ from confide.errors import ConfigError
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors
 from confide.strategies import available_strategies, get_strategy
 from confide.training import NumpyTrainer, SiteData, TrainConfig, Trainer, build_trainer
+from confide_server.auth import operator_token
 from confide_server.config import Config, load_config, parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
 
@@ -121,6 +123,27 @@ class JobFiles:
     test: SiteData
     trainer: Trainer
     job: Config | None = None  # the typed job config written to ``config``
+
+
+def site_policy_for(job: Config) -> SitePolicy:
+    """Return the simulated sites' policy: the protections the job was configured with.
+
+    In a simulation one operator plays every site, so each site accepts exactly the job's
+    secure aggregation (required when ``[secagg]`` is on), privacy mode (required when on)
+    and threat model; the cohort minimum is 2. The epsilon cap is not the sites' own choice
+    here (the job's accounted epsilon is what the run prints): 1e6.
+    """
+    dp = job.privacy
+    return SitePolicy(
+        allow_plain=not job.secagg.enabled,
+        allow_no_dp=not dp.enabled,
+        dp_kinds=(dp.mode,) if dp.enabled else SitePolicy().dp_kinds,
+        max_epsilon=1e6,
+        max_delta=max(dp.delta, SitePolicy().max_delta),
+        min_cohort_size=2,
+        adversarial_fraction=job.secagg.adversarial_fraction,
+        dropout_fraction=job.secagg.dropout_fraction,
+    )
 
 
 def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
@@ -543,6 +566,7 @@ def run_simulation(
     logs = work / "logs"
     launcher = Launcher(logs)
     status_url = files.server_url + "/v1/status"
+    job_cfg = files.job or load_config(files.config)
     print(
         f"confide-server simulate: {opts.clients} sites ({opts.partition}"
         f"{f', alpha={opts.alpha}' if opts.partition == 'dirichlet' else ''}), "
@@ -552,7 +576,7 @@ def run_simulation(
     print(_secagg_line(files.job or load_config(files.config), opts.clients), flush=True)
     try:
         server = launcher.spawn("server", _server_cmd("run", "--config", str(files.config)))
-        if not launcher.wait_ready(status_url, timeout=30.0, proc=server):
+        if not launcher.wait_ready(files.server_url + "/v1/health", timeout=30.0, proc=server):
             print(f"server did not start:\n{launcher.tail('server')}", file=sys.stderr)
             return 1
         tokens = subprocess.run(  # noqa: S603
@@ -564,7 +588,11 @@ def run_simulation(
         # More torch sites than cores: one intra-op thread each, or they oversubscribe.
         many = opts.data == "lesions" and opts.clients > (os.cpu_count() or 1)
         site_env = {"OMP_NUM_THREADS": "1"} if many else None
-        for k, token in enumerate(tokens, start=1):
+        policy = work / "site-policy.toml"
+        policy.write_text(site_policy_for(job_cfg).to_toml())
+        # The status page is the operator's: this process is the operator.
+        token = operator_token(job_cfg.server.state_dir)
+        for k, enrolment in enumerate(tokens, start=1):
             cmd = [
                 sys.executable,
                 "-m",
@@ -572,8 +600,8 @@ def run_simulation(
                 "client",
                 "--server",
                 files.server_url,
-                "--token",
-                token,
+                "--policy",
+                str(policy),
                 "--client-id",
                 f"hospital-{k}",
                 "--data",
@@ -587,7 +615,10 @@ def run_simulation(
             ]
             if opts.patient_id_column is not None:
                 cmd += ["--patient-id-column", opts.patient_id_column]
-            launcher.spawn(f"hospital-{k}", cmd, env=site_env)
+            # The token travels in the environment, not on argv (visible in `ps`).
+            launcher.spawn(
+                f"hospital-{k}", cmd, env={**(site_env or {}), "CONFIDE_TOKEN": enrolment}
+            )
         print(
             f"{'round':>5}  {'status':<9}  {'clients':>7}  {'train loss':>10}  "
             f"{'accuracy':>8}  {'eps(round)':>10}  {'eps(total)':>10}  {'elapsed':>7}",
@@ -599,7 +630,7 @@ def run_simulation(
             if time.monotonic() - t0 > timeout:
                 print(f"timed out after {timeout} s", file=sys.stderr)
                 return 1
-            doc = get_json(status_url)
+            doc = get_json(status_url, token=token)
             if doc is not None:
                 status = doc
                 for r in doc["rounds"]:

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from confide.client import Client
+from confide.client.policy import SitePolicy
 from confide.data import (
     Standardizer,
     load_breast_cancer,
@@ -67,9 +68,10 @@ from confide.errors import ConfigError
 from confide.protocol.manifest import encode_tensors
 from confide.protocol.tasks import EvaluateTask, SecureTask, Task, TrainTask
 from confide.training import NumpyTrainer, build_trainer
+from confide_server.auth import operator_token
 from confide_server.config import parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
-from confide_server.simulate import SimulationOptions, job_document
+from confide_server.simulate import SimulationOptions, job_document, site_policy_for
 
 __all__ = [
     "FaultOptions",
@@ -149,6 +151,7 @@ class SiteSpec:
     drop: dict[int, str] = field(default_factory=dict)
     fail_round: int = 0
     delay_s: float = 0.0
+    policy_path: str = ""  # the sites' site-policy.toml ("": the client's strict default)
 
 
 class _Dropout(Exception):  # noqa: N818 - an injected event, not an error
@@ -266,6 +269,7 @@ async def _virtual_client(
         client = _SimClient(
             server_url,
             spec.state_dir,
+            policy=SitePolicy.load(spec.policy_path) if spec.policy_path else None,
             poll_wait=poll_wait,
             retry_timeout=retry_timeout,
             delay_s=spec.delay_s,
@@ -585,6 +589,9 @@ def run_ray_simulation(
     config.write_text(
         render_toml(doc, header="Written by `confide-server simulate --backend ray`.")
     )
+    # The virtual sites accept exactly the protections this job was configured with.
+    policy = work / "site-policy.toml"
+    policy.write_text(site_policy_for(job).to_toml())
     server_url = f"http://{ray_opts.server_host}:{port}"
     status_url = server_url + "/v1/status"
     expected = expected_answers(job.job.cohort_size, stages, faults.dropout)
@@ -603,7 +610,7 @@ def run_ray_simulation(
     actors: list[Any] = []
     try:
         server = launcher.spawn("server", _server_cmd("run", "--config", str(config)))
-        if not launcher.wait_ready(status_url, timeout=60.0, proc=server):
+        if not launcher.wait_ready(server_url + "/v1/health", timeout=60.0, proc=server):
             errors.append(f"server did not start:\n{launcher.tail('server')}")
             return RayReport(1, opts.clients, 0, None, 0.0, [], [], 0, expected, errors)
         tokens = subprocess.run(  # noqa: S603
@@ -622,6 +629,7 @@ def run_ray_simulation(
                 drop=drops[cid],
                 fail_round=fail_rounds.get(cid, 0),
                 delay_s=faults.straggler_delay if cid in slow else 0.0,
+                policy_path=str(policy),
             )
             for k, cid in enumerate(ids)
         ]
@@ -647,12 +655,13 @@ def run_ray_simulation(
         pending = [actor.run.remote() for actor in actors]
         say(f"{n_actors} Ray actors, {math.ceil(opts.clients / n_actors)} virtual clients each")
         shown: set[int] = set()
+        token = operator_token(job.server.state_dir)
         while server.poll() is None:
             if time.monotonic() - t0 > timeout:
                 errors.append(f"timed out after {timeout} s")
                 break
             server_peak = max(server_peak, _proc_rss(server.pid))
-            got = get_json(status_url)
+            got = get_json(status_url, token=token)
             if got is not None:
                 status = got
                 for r in got["rounds"]:

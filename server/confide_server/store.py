@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -202,7 +203,12 @@ class Store:
     """
 
     def __init__(self, path: Path, *, fault_hook: FaultHook | None = None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Only the server's user reads its state: folder 0700, database 0600 (SQLite gives
+        # its -wal and -shm files the database's mode).
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, 0o700)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self.path = path
         #: The job manifest beside the database: job id and commit counter, fsynced.
         self.manifest_path = path.with_name(path.name + ".job.json")

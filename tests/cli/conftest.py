@@ -74,7 +74,7 @@ def start_server(launcher: Launcher, files: JobFiles, name: str = "server") -> N
     scheme = "https" if "[tls]" in files.config.read_text() else "http"
     proc = launcher.spawn(name, [*SERVER, "run", "--config", str(files.config)])
     if scheme == "http":
-        ready = launcher.wait_ready(files.server_url + "/v1/status", timeout=DEADLINE, proc=proc)
+        ready = launcher.wait_ready(files.server_url + "/v1/health", timeout=DEADLINE, proc=proc)
         assert ready, launcher.tail(name)
     else:
         # No CA in the poller: wait for the server's own "job ... on https://" line.

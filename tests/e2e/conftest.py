@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from confide_server.auth import operator_token
+from confide_server.config import load_config
 from confide_server.launcher import Launcher, get_json
 from confide_server.simulate import JobFiles
 
@@ -112,7 +114,9 @@ class Procs:
         return self._spawn(f"site-{k}", cmd)
 
     def status(self) -> dict[str, Any] | None:
-        return get_json(self.files.server_url + "/v1/status", timeout=2)
+        cfg = self.files.job or load_config(self.files.config)
+        token = operator_token(cfg.server.state_dir)
+        return get_json(self.files.server_url + "/v1/status", timeout=2, token=token)
 
     def final_status(self) -> dict[str, Any]:
         out = subprocess.run(

@@ -29,7 +29,7 @@ from confide.cli import build_parser, run_client
 from confide_server import cli as server_cli
 from confide_server.cli import serve
 from confide_server.config import load_config
-from tests.support import seeded_rng_factory
+from tests.support import PermissivePolicy, seeded_rng_factory
 
 #: Durable steps the server passes (see RoundEngine's crash hook).
 CRASH_POINTS = (
@@ -151,7 +151,10 @@ def _site(argv: list[str]) -> int:
         if not cid:
             raise SystemExit("--rng-seed needs --rng-client or --client-id")
         factory = seeded_rng_factory(bytes.fromhex(a.rng_seed), cid)
-    return asyncio.run(run_client(args, on_task=on_task, rng_factory=factory))
+    # Without --policy the sites accept every task: these e2e tests exercise the runtime
+    # (plain, non-DP and small secure jobs); tests/security passes --policy to test policies.
+    policy = None if args.policy is not None else PermissivePolicy()
+    return asyncio.run(run_client(args, on_task=on_task, rng_factory=factory, policy=policy))
 
 
 def main() -> int:

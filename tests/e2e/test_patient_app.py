@@ -528,9 +528,25 @@ def _post(url: str, body: bytes = b"", content_type: str = "application/json") -
         return json.loads(r.read())
 
 
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as r:
+def _get(url: str, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=30) as r:
         return json.loads(r.read())
+
+
+def _operator(config: Path) -> dict[str, str]:
+    """The operator's header for ``/v1/status`` (the token in the server's state)."""
+    from confide_server.auth import operator_token
+    from confide_server.config import load_config
+
+    return {"Authorization": f"Bearer {operator_token(load_config(config).server.state_dir)}"}
+
+
+def _site_policy(path: Path, **fields: Any) -> Path:
+    from confide.client import SitePolicy
+
+    path.write_text(SitePolicy(**fields).to_toml())
+    return path
 
 
 def test_opt_in_training_takes_part_in_a_dp_round_without_sending_images(stack: Stack) -> None:
@@ -573,6 +589,10 @@ def test_opt_in_training_takes_part_in_a_dp_round_without_sending_images(stack: 
             "--update-on-start",
             "--enroll-token-file",
             str(token_file),
+            # One device alone: no secure aggregation possible; it opts out of it (DP stays
+            # required).
+            "--site-policy",
+            str(_site_policy(stack.work / "policy-1.toml", allow_plain=True)),
         ],
         stack.work / "logs",
         "patient-app listening on",
@@ -595,7 +615,7 @@ def test_opt_in_training_takes_part_in_a_dp_round_without_sending_images(stack: 
         assert training == {"status": "finished", "rounds_trained": 1}, training
     finally:
         app.stop()
-    status = _get(stack.server_url + "/v1/status")
+    status = _get(stack.server_url + "/v1/status", _operator(stack.config))
     assert status["rounds_completed"] == 1
     assert status["privacy"]["epsilon"] > 0  # the device's round was accounted
     # What reached the server: enrolment, tasks, the model, one DP update and the evaluation
@@ -692,6 +712,15 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
                     "--update-on-start",
                     "--enroll-token-file",
                     str(work / f"token-{k}"),
+                    # The job's dropout-tolerant threat model for three (see _write_job).
+                    "--site-policy",
+                    str(
+                        _site_policy(
+                            work / "policy-3.toml",
+                            adversarial_fraction=0.0,
+                            dropout_fraction=0.34,
+                        )
+                    ),
                 ],
                 logs,
                 "patient-app listening on",
@@ -717,7 +746,7 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
                 assert time.monotonic() < end, [p.lines[-10:] for p in procs]
                 threading.Event().wait(0.2)
             assert t == {"status": "finished", "rounds_trained": 1}, t
-        status = _get(server_url + "/v1/status")
+        status = _get(server_url + "/v1/status", _operator(config))
     finally:
         for p in reversed(procs):
             p.stop()

@@ -12,9 +12,10 @@ from aiohttp.test_utils import TestClient
 
 from confide.protocol.signing import Identity
 from confide_server.app import create_app, open_engine
+from confide_server.auth import operator_token
 from confide_server.config import Config
 from confide_server.engine.rounds import RoundEngine
-from confide_server.keys import engine_key, wake_key
+from confide_server.keys import config_key, engine_key, wake_key
 from tests.server.util import signed, write_job
 
 
@@ -34,6 +35,11 @@ class Fed:
         self.engine = engine
         self.clock = clock
         self.ids: dict[str, Identity] = {}
+
+    def operator(self) -> dict[str, str]:
+        """The operator's ``Authorization`` header (``GET /v1/status`` needs it)."""
+        state_dir = self.http.app[config_key].server.state_dir
+        return {"Authorization": f"Bearer {operator_token(state_dir)}"}
 
     async def enroll(self, cid: str) -> Identity:
         token = self.engine.create_tokens(1)[0]

@@ -164,7 +164,7 @@ async def test_huge_metric_cannot_break_status_json(
         assert status == 200, doc
     fed.wake()
     await fed.wait_for("alice", "train")
-    resp = await fed.http.get("/v1/status")
+    resp = await fed.http.get("/v1/status", headers=fed.operator())
     text = await resp.text()
 
     def refuse(constant: str) -> None:
@@ -245,7 +245,7 @@ async def test_status_is_strict_json_even_with_an_infinite_value(fed: Fed) -> No
         return doc
 
     fed.engine.status_dict = with_inf  # type: ignore[method-assign]
-    resp = await fed.http.get("/v1/status")
+    resp = await fed.http.get("/v1/status", headers=fed.operator())
     assert resp.status == 200
     text = await resp.text()
 

@@ -56,7 +56,7 @@ async def test_round_trip_fedavg_and_evaluation(fed: Fed) -> None:
     assert (await fed.put("alice", 1, "evaluate", eval_body(0.9, 30)))[0] == 200
     assert (await fed.put("bob", 1, "evaluate", eval_body(0.5, 10)))[0] == 200
     await fed.wait_for("alice", "train")  # round 2 opened
-    resp = await fed.http.get("/v1/status")
+    resp = await fed.http.get("/v1/status", headers=fed.operator())
     status_doc = await resp.json()
     r1 = status_doc["rounds"][0]
     assert r1["status"] == "committed"

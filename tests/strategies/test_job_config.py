@@ -17,6 +17,7 @@ from tests.server.conftest import FakeClock
 from tests.server.test_secagg_rounds import IDS, Fed
 from tests.server.test_secagg_rounds import _config as secagg_config
 from tests.server.util import write_job
+from tests.support import PermissivePolicy
 
 SECAGG = {
     "secagg__enabled": True,
@@ -188,7 +189,8 @@ async def test_real_clients_honour_the_strategy_fields(
             if isinstance(task, TrainTask):
                 seen.append(task.config)
 
-        async with Client(url, tmp_path / cid, retry_timeout=5.0) as client:
+        policy = PermissivePolicy()  # plain, non-DP strategy jobs
+        async with Client(url, tmp_path / cid, retry_timeout=5.0, policy=policy) as client:
             await client.enroll(fed.engine.create_tokens(1)[0], cid)
             result = await client.run(trainer, data, on_task=watch)
         return result.status

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from confide.client.policy import SitePolicy
 from confide.protocol.release import DevicePolicy
 from patient_app.app import AppConfig, create_app
 
@@ -34,6 +35,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-delta", type=float, default=1e-5, help="device policy: largest delta")
     p.add_argument("--min-unit", choices=("record", "patient", "site"), default="patient")
     p.add_argument("--enroll-token-file", type=Path, help="one-time training enrolment token")
+    p.add_argument(
+        "--site-policy",
+        type=Path,
+        help="training: the device's site-policy.toml (default: secure aggregation and DP "
+        "required; see confide's docs/security.md)",
+    )
     p.add_argument("--client-id", help="training client id (default: random, kept in the state)")
     p.add_argument(
         "--import-release",
@@ -69,6 +76,7 @@ async def _serve(args: argparse.Namespace) -> None:
         client_id=args.client_id,
         update_on_start=args.update_on_start,
         import_release=args.import_release,
+        site_policy=None if args.site_policy is None else SitePolicy.load(args.site_policy),
     )
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=True, access_log=None)

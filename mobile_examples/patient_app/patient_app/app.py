@@ -42,6 +42,7 @@ import aiohttp
 import numpy as np
 from aiohttp import web
 
+from confide.client.policy import SitePolicy
 from confide.inference import device_dataset
 from confide.protocol.release import DevicePolicy
 from patient_app.imaging import MAX_UPLOAD_BYTES, ImageError, decode_image, to_model_input
@@ -80,6 +81,9 @@ class AppConfig:
     import_release : Path, optional
         Verify and install the release files ``<path>.record|.sig|.model`` at start (the
         server's ``<state>/releases/<version>``), for a device that cannot reach it.
+    site_policy : SitePolicy, optional
+        What the device requires of every training task (confide's site policy); ``None``:
+        the strict default (secure aggregation and DP required).
     """
 
     state_dir: Path
@@ -93,6 +97,7 @@ class AppConfig:
     client_id: str | None = None
     update_on_start: bool = False
     import_release: Path | None = None
+    site_policy: SitePolicy | None = None
 
 
 class _Error(Exception):
@@ -341,7 +346,9 @@ async def _participate(state: _State) -> None:
     try:
         if cfg.server_url is None:
             raise _Error(409, "No confide server is configured; the app runs offline.")
-        async with Client(cfg.server_url, cfg.state_dir / "client") as client:
+        async with Client(
+            cfg.server_url, cfg.state_dir / "client", policy=cfg.site_policy
+        ) as client:
             if not client.enrolled:
                 if cfg.enroll_token is None:
                     raise _Error(409, "This device is not enrolled for training.")

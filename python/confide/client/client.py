@@ -13,6 +13,11 @@ jitter (at least the server's ``Retry-After``) until ``retry_timeout``; each ret
 with its URL and reason. A retried upload carries the same body, so the server answers with
 the same receipt. Any other 4xx is a definitive refusal (:class:`~confide.errors.ServerError`);
 certificate failures are never retried.
+
+Every task is checked against the site's :class:`~confide.client.policy.SitePolicy` before
+anything is trained or uploaded (strict by default: secure aggregation and DP required); a
+task outside it is logged and raised as :class:`~confide.errors.PolicyViolation`, and the
+client stops taking part in the job.
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.client.policy import PrivacyLedger, SitePolicy
 from confide.client.releases_log import ReleaseLog
 from confide.client.secure import RngFactory, SecureParticipant
 from confide.client.training import (
@@ -45,6 +51,7 @@ from confide.client.training import (
 from confide.errors import (
     ConfigError,
     IntegrityError,
+    PolicyViolation,
     ServerError,
     TransportError,
     WireFormatError,
@@ -70,6 +77,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "ClientResult", "client_ssl_context"]
 
+_T = TypeVar("_T")
 _IDENTITY_FILE = "identity.pem"
 _STATE_FILE = "client.json"
 
@@ -144,6 +152,10 @@ class Client:
     rng_factory : callable, optional
         Source of the secure rounds' protocol randomness
         (:data:`confide.client.secure.RngFactory`); OS-keyed by default. For tests only.
+    policy : SitePolicy, optional
+        What the site insists on (:mod:`confide.client.policy`). ``None`` means the strict
+        default ``SitePolicy()`` (the same as ``confide client`` without ``--policy``):
+        secure aggregation and DP required.
 
     Examples
     --------
@@ -162,6 +174,7 @@ class Client:
         retry_timeout: float = 120.0,
         log: Callable[[str], None] | None = None,
         rng_factory: RngFactory | None = None,
+        policy: SitePolicy | None = None,
     ) -> None:
         if not server_url.startswith(("http://", "https://")):
             raise ConfigError(f"server URL must start with http:// or https://: {server_url!r}")
@@ -178,6 +191,9 @@ class Client:
         self._secure: SecureParticipant | None = None
         self._rng_factory = rng_factory
         self._releases = ReleaseLog(self.state_dir)
+        self.policy = policy if policy is not None else SitePolicy()
+        self._ledger = PrivacyLedger(self.state_dir)
+        self._warm: asyncio.Future[None] | None = None
         # (round, background fit, the advertise task that asked for it)
         self._training: (
             tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], SecureTask] | None
@@ -423,6 +439,10 @@ class Client:
         manifest = await self.fetch_manifest()
         if manifest.sha256 != trainer.manifest.sha256:
             raise ConfigError("the trainer's manifest is not the job's manifest")
+        self._refuse_if("the job", self.policy.check_model, manifest)
+        # The accountant (dp-accounting) takes seconds to import and set up on a busy machine:
+        # warm it up in the background, so the first round's epsilon check meets its deadline.
+        self._warm = asyncio.ensure_future(asyncio.to_thread(self.policy.warm_up))  # never raises
         test = test or train
         trained = evaluated = 0
         while True:
@@ -458,6 +478,14 @@ class Client:
                     self._log(f"{self.client_id}: round {round_id} re-sent its recorded update")
                 elif isinstance(task, TrainTask):
                     cfg = task.config
+                    event = await self._refuse_in_thread(
+                        f"round {round_id}",
+                        self.policy.check_round,
+                        task.privacy,
+                        task.config,
+                        self._ledger,
+                        secure=False,
+                    )
                     check_trainable(trainer, cfg)  # refused before anything is trained
                     result = await asyncio.to_thread(
                         fit_round, trainer, train, cfg, self._seed(task.seed)
@@ -469,6 +497,7 @@ class Client:
                         meta["train_loss"] = repr(float(result.loss))
                     body = encode_tensors(manifest, delta, meta)
                     self._releases.put(round_id, "train", body)  # durable before it is sent
+                    self._ledger.record(round_id, event)  # before it leaves the site
                     await self.submit(round_id, "train", body)
                     trained += 1
                     self._log(
@@ -491,6 +520,20 @@ class Client:
                     raise
                 # Late (the stage closed while we worked) or the round moved on: not fatal.
                 self._log(f"{self.client_id}: round {round_id} {action} not accepted: {exc}")
+
+    def _refuse_if(self, what: str, check: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Run a policy check; log and re-raise a violation (nothing has been uploaded)."""
+        try:
+            return check(*args, **kwargs)
+        except PolicyViolation as exc:
+            self._log(f"{self.client_id}: refused {what}: {exc}")
+            raise
+
+    async def _refuse_in_thread(
+        self, what: str, check: Callable[..., _T], *args: Any, **kwargs: Any
+    ) -> _T:
+        """:meth:`_refuse_if` in a worker thread (the event loop keeps serving)."""
+        return await asyncio.to_thread(self._refuse_if, what, check, *args, **kwargs)
 
     async def _settle_training(self) -> None:
         """Wait for a secure round's background training (the trainer is not shared)."""
@@ -521,6 +564,8 @@ class Client:
                 self._identity.private_key,
                 self.state_dir,
                 rng_factory=self._rng_factory,
+                policy=self.policy,
+                ledger=self._ledger,
             )
         part = self._secure
         try:
@@ -538,7 +583,8 @@ class Client:
                     check_per_sample(trainer, "distributed patient-level DP-SGD")
                 else:
                     check_trainable(trainer, cfg)
-                msg = part.advertise(task)
+                # In a worker thread: the policy's epsilon check may take a while.
+                msg = await self._refuse_in_thread(f"round {round_id}", part.advertise, task)
                 sddg = part.sample_ddg(round_id)
                 if sddg is not None:
                     rng = (
@@ -564,6 +610,8 @@ class Client:
                 return 0
             update, weight = None, 0
             if stage == "mask":
+                # The job's epsilon, before anything derived from the data leaves the site.
+                await self._refuse_in_thread(f"round {round_id}", part.check_budget, round_id)
                 if self._training is None or self._training[0] != round_id:
                     raise IntegrityError(f"no training result for round {round_id}")
                 delta, weight, loss = await self._training[1]
@@ -581,6 +629,8 @@ class Client:
                     )
                 self._training = None
             msg = part.answer(task, update, weight)
+            if stage == "mask":
+                self._ledger.record(round_id, part.round_event(round_id))
             await self.submit(round_id, stage, json.dumps(msg).encode())
             return 1 if stage == "mask" else 0
         except (SecAggError, IntegrityError) as exc:

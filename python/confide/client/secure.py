@@ -27,6 +27,18 @@ of clipped per-patient gradients), which is masked with weight 1 as it is.
 Peers' identity keys are pinned on first use in ``peers.json`` (public keys only): a round
 that announces another key for a known client id is refused, so a server cannot swap a
 peer's identity after the fact.
+
+**One advertisement per round.** Keys are drawn once per round: a second ``advertise``
+task for the same round and setup gets the very same signed advertisement back, and one
+for the same round with another setup, for a round this client already left, or for an
+earlier round is refused. The graph seed is the session id, a hash of the round's setup and
+of every signed advertisement, so a server cannot re-roll the neighbour graph by asking an
+honest site for fresh keys (what remains is in ``docs/security.md``).
+
+**Site policy.** With a :class:`~confide.client.policy.SitePolicy` the advertise task is
+checked before anything is signed: the SecAgg+ parameters against the site's own threat
+model and minimum cohort, the privacy mode, delta and job epsilon (recomputed from the
+re-derived noise parameters); a violation raises :class:`~confide.errors.PolicyViolation`.
 """
 
 from __future__ import annotations
@@ -45,10 +57,12 @@ from numpy.typing import NDArray
 
 from confide.errors import IntegrityError
 from confide.noise import SecureRng
-from confide.protocol.tasks import PrivacyTask, SecureTask, parse_task
+from confide.protocol.tasks import PrivacyTask, SecureTask, TrainConfig, parse_task
 from confide.secagg import ClientSecAgg, RoundSetup, SecAggAbortError
 
 if TYPE_CHECKING:
+    from confide.client.policy import PrivacyLedger, SitePolicy
+    from confide.privacy.accountant import PrivacyEvent
     from confide.privacy.client_dp import DDGParams
     from confide.privacy.distributed_dpsgd import SampleDDGParams
 
@@ -81,6 +95,10 @@ class SecureParticipant:
     rng_factory : RngFactory, optional
         Source of each round's protocol randomness; OS-keyed by default. Only tests pass
         one (a seeded factory makes a run reproducible and its secrets recomputable).
+    policy : SitePolicy, optional
+        The site's policy; every advertise task is checked against it (with ``ledger``).
+    ledger : PrivacyLedger, optional
+        The rounds this site already contributed to (for the job's epsilon).
     """
 
     def __init__(
@@ -90,6 +108,8 @@ class SecureParticipant:
         state_dir: Path,
         *,
         rng_factory: RngFactory | None = None,
+        policy: SitePolicy | None = None,
+        ledger: PrivacyLedger | None = None,
     ) -> None:
         self.client_id = client_id
         self._rng_factory: RngFactory = rng_factory or _os_rng
@@ -98,6 +118,16 @@ class SecureParticipant:
         self._rounds: dict[int, ClientSecAgg] = {}
         self._ddg: dict[int, tuple[DDGParams, bytes]] = {}
         self._sddg: dict[int, SampleDDGParams] = {}
+        self._policy = policy
+        self._ledger = ledger
+        self._events: dict[int, PrivacyEvent | None] = {}
+        # What the round's privacy event is computed from (at mask, by check_budget).
+        self._inputs: dict[
+            int,
+            tuple[PrivacyTask | None, TrainConfig | None, SampleDDGParams | None, DDGParams | None],
+        ] = {}
+        # The one advertisement of the latest round: (round, setup digest, message).
+        self._advert: tuple[int, bytes, dict[str, Any]] | None = None
 
     def known(self, round_id: int) -> bool:
         """Whether this process holds the protocol state of ``round_id``."""
@@ -140,20 +170,84 @@ class SecureParticipant:
         if setup.round != task.round or setup.model_sha256.hex() != task.model_sha256:
             raise IntegrityError("the secure round's setup names another round or model")
         self._pin(setup)
+        digest = setup.digest()
+        if self._advert is not None and setup.round <= self._advert[0]:
+            last, last_digest, last_msg = self._advert
+            if setup.round == last and digest == last_digest and last in self._rounds:
+                return last_msg  # the same keys: a re-asked advertise cannot re-roll the graph
+            why = (
+                "another setup"
+                if setup.round == last and digest != last_digest
+                else "a round this client already left"
+                if setup.round == last
+                else f"an earlier round than {last}"
+            )
+            raise IntegrityError(
+                f"a second advertise task for round {setup.round} ({why}); one advertisement "
+                "per round"
+            )
         sddg = _check_sample_ddg(setup, task.privacy)
         ddg = None if sddg is not None else _check_ddg(setup, task.privacy)
+        if self._policy is not None:
+            from confide.client.policy import PrivacyLedger
+
+            self._policy.check_secagg(setup.params)
+            self._policy.check_round(
+                task.privacy,
+                task.config,
+                self._ledger if self._ledger is not None else PrivacyLedger(self._pins_path.parent),
+                secure=True,
+                sample_ddg=sddg,
+                ddg=None if ddg is None else ddg[0],
+                account_now=False,  # at mask: see check_budget
+            )
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
         self._ddg.clear()
         self._sddg.clear()
+        self._events.clear()
+        self._inputs.clear()
         if ddg is not None:
             self._ddg[setup.round] = ddg
         if sddg is not None:
             self._sddg[setup.round] = sddg
+        self._inputs[setup.round] = (
+            task.privacy,
+            task.config,
+            sddg,
+            None if ddg is None else ddg[0],
+        )
         rng = self._rng_factory("secagg", setup.round)
         client = ClientSecAgg(setup, self.client_id, self._identity, rng=rng)
         self._rounds[setup.round] = client
-        return client.advertise().to_json()
+        msg = client.advertise().to_json()
+        self._advert = (setup.round, digest, msg)
+        return msg
+
+    def check_budget(self, round_id: int) -> None:
+        """Refuse to release ``round_id``'s update past the policy's epsilon budget.
+
+        Called before the masked input is built (the checks at ``advertise`` are the cheap
+        ones; the job's epsilon is accounted here).
+
+        Raises
+        ------
+        PolicyViolation
+            The job's epsilon, recomputed by the site, exceeds ``max_epsilon``.
+        """
+        privacy, config, sddg, ddg = self._inputs.get(round_id, (None, None, None, None))
+        if self._policy is None or privacy is None:
+            return
+        from confide.client.policy import PrivacyLedger
+
+        ledger = self._ledger if self._ledger is not None else PrivacyLedger(self._pins_path.parent)
+        event = self._policy.round_event(privacy, config, sddg, ddg)
+        self._policy.check_epsilon(privacy, event, ledger)
+        self._events[round_id] = event
+
+    def round_event(self, round_id: int) -> PrivacyEvent | None:
+        """Return the privacy event the site releases in ``round_id`` (its masked input)."""
+        return self._events.get(round_id)
 
     def sample_ddg(self, round_id: int) -> SampleDDGParams | None:
         """Return the checked distributed DP-SGD parameters of a round (``None``: other mode)."""

@@ -296,6 +296,10 @@ class PrivacyTask:
     sample_ddg : dict, optional
         ``sample_distributed`` mode only: the round's
         :class:`~confide.privacy.distributed_dpsgd.SampleDDGParams` (checked by the client).
+    rounds : int, optional
+        The job's planned rounds. A site recomputes the job's epsilon from it and the
+        round's parameters (:class:`confide.client.SitePolicy`), never trusting an epsilon
+        the server states; a site with a policy refuses a DP task without it.
     """
 
     mode: Literal["sample", "central", "distributed", "sample_distributed"]
@@ -305,8 +309,11 @@ class PrivacyTask:
     ddg: dict[str, Any] | None = None
     rotation_seed: str | None = None
     sample_ddg: dict[str, Any] | None = None
+    rounds: int | None = None
 
     def __post_init__(self) -> None:
+        if self.rounds is not None:
+            _check_int("rounds", self.rounds, 1)
         if self.mode not in PRIVACY_MODES:
             raise ConfigError(f"privacy mode must be one of {PRIVACY_MODES}, got {self.mode!r}")
         _check_float("delta", self.delta, low=0.0, low_open=False)
@@ -332,6 +339,8 @@ class PrivacyTask:
             out["rotation_seed"] = self.rotation_seed
         if self.sample_ddg is not None:
             out["sample_ddg"] = dict(self.sample_ddg)
+        if self.rounds is not None:
+            out["rounds"] = self.rounds
         return out
 
     @classmethod
@@ -342,7 +351,7 @@ class PrivacyTask:
             doc,
             what,
             {"mode", "delta"},
-            {"dp", "update_clip_norm", "ddg", "rotation_seed", "sample_ddg"},
+            {"dp", "update_clip_norm", "ddg", "rotation_seed", "sample_ddg", "rounds"},
         )
         try:
             dp = None if doc.get("dp") is None else DPSGDConfig(**doc["dp"])
@@ -363,6 +372,7 @@ class PrivacyTask:
                 if doc.get("rotation_seed") is None
                 else _str(doc, "rotation_seed", what),
                 sample_ddg=sample_ddg,
+                rounds=None if doc.get("rounds") is None else _int(doc, "rounds", what, 1),
             )
         except (ConfigError, TypeError) as exc:
             raise WireFormatError(f"{what}: {exc}") from None

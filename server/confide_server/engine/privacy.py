@@ -601,15 +601,23 @@ class JobPrivacy:
                 steps=self.steps,
                 momentum=self.config.momentum,
             )
-            return PrivacyTask("sample", delta, dp=dp)
+            return PrivacyTask("sample", delta, dp=dp, rounds=self.rounds)
         if self.mode == "central":
-            return PrivacyTask("central", delta, update_clip_norm=self.config.clip_norm)
+            return PrivacyTask(
+                "central", delta, update_clip_norm=self.config.clip_norm, rounds=self.rounds
+            )
         if self.mode == "distributed" and ddg is not None:
             return PrivacyTask(
-                "distributed", delta, ddg=ddg[0].to_dict(), rotation_seed=ddg[1].hex()
+                "distributed",
+                delta,
+                ddg=ddg[0].to_dict(),
+                rotation_seed=ddg[1].hex(),
+                rounds=self.rounds,
             )
         if self.mode == "sample_distributed" and ddg is not None:
-            return PrivacyTask("sample_distributed", delta, sample_ddg=ddg[0].to_dict())
+            return PrivacyTask(
+                "sample_distributed", delta, sample_ddg=ddg[0].to_dict(), rounds=self.rounds
+            )
         return None
 
     # -- distributed discrete Gaussian ---------------------------------------------------

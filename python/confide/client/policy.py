@@ -1,0 +1,521 @@
+"""The site policy: what a site insists on, whatever the server's task says.
+
+The server decides nothing about a site's protection. A site owns a small TOML file
+(``site-policy.toml``) that it passes to ``confide client --policy FILE`` or to
+``Client(policy=SitePolicy.load(path))``; every task is checked against it *before* anything
+is trained or uploaded, and a task outside it is refused with a
+:class:`~confide.errors.PolicyViolation` (logged; the client stops taking part in the job).
+
+The defaults are strict: secure aggregation and differential privacy are required unless the
+site opts out explicitly (``allow_plain = true``, ``allow_no_dp = true``). A policy file::
+
+    # site-policy.toml: owned by the site, never by the server
+    allow_plain = false              # require SecAgg+ secure aggregation
+    allow_no_dp = false              # require differential privacy ...
+    dp_kinds = ["sample", "sample_distributed", "distributed"]   # ... of one of these kinds
+    max_epsilon = 10.0               # over the whole job, at delta <= max_delta
+    max_delta = 1e-5
+    min_cohort_size = 3              # smallest secure cohort the site joins
+    adversarial_fraction = 0.1       # the threat model the site assumes (SecAgg+ must be
+    dropout_fraction = 0.1           #   private against it at 2^-security_bits)
+    security_bits = 40
+    architectures = ["logistic", "mlp"]   # manifest spec "arch" (torch) or "kind" (numpy);
+                                          # omit to accept any architecture
+
+**Epsilon over the job.** A task carries the DP parameters of its round and the job's
+planned rounds (``PrivacyTask.rounds``); the site recomputes the epsilon itself from what it
+can check (for ``sample``: ``q``, ``z`` and the steps of the task; for the distributed modes:
+the noise parameters it re-derives from the round's public SecAgg+ parameters) and composes
+it with its own ledger of the rounds it already contributed to (``privacy-ledger.json`` in
+its state folder). A task is refused when ``epsilon(ledger + this round x max(1, planned
+rounds - rounds done))`` exceeds ``max_epsilon``: a server that announces fewer rounds than it
+runs still cannot take the site past its budget, because every round is checked against
+what the site has already released.
+
+**``central`` mode gives no protection from the server**: the server adds the noise, so a
+server that skips it sees the clipped update in clear. It is refused unless the site lists
+it in ``dp_kinds`` (and, since it runs without secure aggregation, sets ``allow_plain``);
+its epsilon cannot be checked by the site (the task carries no noise multiplier).
+
+**SecAgg+ parameters.** For a secure round the site takes the announced cohort size ``n``
+and dropout budget ``D`` and checks, with its *own* threat model: ``n >= min_cohort_size``;
+``D <= floor(dropout_fraction * n)``; and the announced ``(k, t)`` meets
+``2^-security_bits`` privacy against ``C = ceil(adversarial_fraction * n)`` colluders and
+``D`` dropouts with the same bound the server's derivation uses
+(:func:`confide.secagg.params.assess`). It also derives its own ``(k, t)``
+(:func:`confide.secagg.params.derive_params`, the server's ``[secagg]`` derivation) and
+names it in the refusal. A ring graph with ``k = 2`` at ``n = 10`` or a cohort of 2 is
+refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from confide.errors import ConfigError, InfeasibleConfigError, PolicyViolation
+from confide.protocol.tasks import PRIVACY_MODES, PrivacyTask, TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+if TYPE_CHECKING:
+    from confide.privacy.accountant import PrivacyEvent
+    from confide.privacy.client_dp import DDGParams
+    from confide.privacy.distributed_dpsgd import SampleDDGParams
+    from confide.protocol.manifest import Manifest
+    from confide.secagg import SecAggParams
+
+__all__ = ["PrivacyLedger", "SitePolicy", "architecture_of"]
+
+_DEFAULT_KINDS = ("sample", "sample_distributed", "distributed")
+_LEDGER_FILE = "privacy-ledger.json"
+
+
+def architecture_of(manifest: Manifest) -> str:
+    """Return a manifest's architecture name: ``spec["arch"]`` (torch) or ``spec["kind"]``.
+
+    Examples
+    --------
+    >>> from confide.protocol.manifest import Manifest, TensorSpec
+    >>> architecture_of(Manifest((TensorSpec("w", (2,)),), {"kind": "logistic"}))
+    'logistic'
+    """
+    spec = manifest.spec
+    name = spec.get("arch", spec.get("kind"))
+    return str(name) if name is not None else "unknown"
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site requires of every task (strict by default).
+
+    Parameters
+    ----------
+    allow_plain : bool, default False
+        Accept rounds without secure aggregation (the server then sees this site's update).
+    allow_no_dp : bool, default False
+        Accept rounds without differential privacy.
+    dp_kinds : tuple of str, default ("sample", "sample_distributed", "distributed")
+        Privacy modes accepted; ``"central"`` (server-side noise: no protection from the
+        server) only when listed.
+    max_epsilon : float, default 10.0
+        Largest epsilon over the whole job (at ``max_delta``) the site accepts.
+    max_delta : float, default 1e-5
+        Largest delta accepted.
+    min_cohort_size : int, default 3
+        Smallest SecAgg+ cohort the site joins.
+    adversarial_fraction, dropout_fraction : float, default 0.1
+        The threat model the site assumes; SecAgg+ parameters must be private against it.
+    security_bits : int, default 40
+        Privacy target ``2^-security_bits`` of the SecAgg+ parameters.
+    architectures : tuple of str, optional
+        Model architectures (:func:`architecture_of`) the site trains; ``None``: any.
+
+    Examples
+    --------
+    >>> SitePolicy().allow_plain, SitePolicy().max_epsilon
+    (False, 10.0)
+    >>> SitePolicy.from_dict({"allow_plain": True, "allow_no_dp": True}).allow_no_dp
+    True
+    """
+
+    allow_plain: bool = False
+    allow_no_dp: bool = False
+    dp_kinds: tuple[str, ...] = _DEFAULT_KINDS
+    max_epsilon: float = 10.0
+    max_delta: float = 1e-5
+    min_cohort_size: int = 3
+    adversarial_fraction: float = 0.1
+    dropout_fraction: float = 0.1
+    security_bits: int = 40
+    architectures: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("allow_plain", "allow_no_dp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"policy.{name} must be true or false")
+        kinds = self.dp_kinds
+        if isinstance(kinds, list):
+            object.__setattr__(self, "dp_kinds", tuple(kinds))
+        if not all(k in PRIVACY_MODES for k in self.dp_kinds):
+            raise ConfigError(
+                f"policy.dp_kinds must be a list of {list(PRIVACY_MODES)}, got {kinds!r}"
+            )
+        if isinstance(self.architectures, list):
+            object.__setattr__(self, "architectures", tuple(self.architectures))
+        if self.architectures is not None and not all(
+            isinstance(a, str) and a for a in self.architectures
+        ):
+            raise ConfigError(f"policy.architectures must be a list of names: {kinds!r}")
+        eps, delta = self.max_epsilon, self.max_delta
+        if not _number(eps) or eps <= 0.0:
+            raise ConfigError(f"policy.max_epsilon must be a finite number > 0, got {eps!r}")
+        if not _number(delta) or not 0.0 <= delta < 1.0:
+            raise ConfigError(f"policy.max_delta must be in [0, 1), got {delta!r}")
+        m = self.min_cohort_size
+        if not isinstance(m, int) or isinstance(m, bool) or m < 2:
+            raise ConfigError(f"policy.min_cohort_size must be an int >= 2, got {m!r}")
+        for name in ("adversarial_fraction", "dropout_fraction"):
+            v = getattr(self, name)
+            if not _number(v) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"policy.{name} must be in [0, 1), got {v!r}")
+        b = self.security_bits
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 128:
+            raise ConfigError(f"policy.security_bits must be an int in [1, 128], got {b!r}")
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> SitePolicy:
+        """Build a policy from a mapping (strict: unknown keys are an error).
+
+        Raises
+        ------
+        ConfigError
+            Unknown keys or invalid values.
+        """
+        names = {f.name for f in fields(cls)}
+        unknown = set(doc) - names
+        if unknown:
+            raise ConfigError(
+                f"unknown site-policy keys {sorted(unknown)}; expected some of {sorted(names)}"
+            )
+        kw = dict(doc)
+        for name in ("max_epsilon", "max_delta", "adversarial_fraction", "dropout_fraction"):
+            if isinstance(kw.get(name), int) and not isinstance(kw.get(name), bool):
+                kw[name] = float(kw[name])
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SitePolicy:
+        """Read a ``site-policy.toml`` (strictly; see the module docstring).
+
+        Raises
+        ------
+        ConfigError
+            The file cannot be read or parsed, or holds unknown keys or invalid values.
+        """
+        p = Path(path)
+        try:
+            doc = tomllib.loads(p.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the site policy {p}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"the site policy {p} is not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(doc)
+        except ConfigError as exc:
+            raise ConfigError(f"{p}: {exc.message}") from None
+
+    def to_toml(self) -> str:
+        """Return the policy as a ``site-policy.toml`` text (what :meth:`load` reads)."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            lines.append(f"{f.name} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def warm_up(self) -> None:
+        """Import and exercise the accountant once, if this policy will need it.
+
+        A site that requires DP checks every round's epsilon; loading dp-accounting takes
+        seconds, so the client calls this in the background when it starts. A missing
+        ``confide[privacy]`` is reported by the first check, not here.
+        """
+        if self.allow_no_dp and set(self.dp_kinds) <= {"central"}:
+            return
+        try:
+            from confide.privacy.accountant import account, dpsgd_event
+
+            account([dpsgd_event(0.5, 1.0, 2)], 1e-5)
+        except Exception:  # a broken accountant is reported by the checks themselves
+            return
+
+    # -- checks ------------------------------------------------------------------------
+    def check_model(self, manifest: Manifest) -> None:
+        """Refuse a job whose model architecture the site does not train."""
+        if self.architectures is None:
+            return
+        arch = architecture_of(manifest)
+        if arch not in self.architectures:
+            raise PolicyViolation(
+                f"the job's model architecture {arch!r} is not in the site policy's "
+                f"architectures {list(self.architectures)}"
+            )
+
+    def check_plain(self, privacy: PrivacyTask | None) -> None:
+        """Refuse a round without secure aggregation unless ``allow_plain``."""
+        if not self.allow_plain:
+            raise PolicyViolation(
+                "the server asks for a round without secure aggregation (it would see this "
+                "site's update); the site policy requires SecAgg+ (set allow_plain = true "
+                "to opt out)"
+            )
+        self.check_privacy_kind(privacy)
+
+    def check_privacy_kind(self, privacy: PrivacyTask | None) -> None:
+        """Refuse a round without DP (unless ``allow_no_dp``) or of a kind not allowed."""
+        if privacy is None:
+            if not self.allow_no_dp:
+                raise PolicyViolation(
+                    "the server asks for a round without differential privacy; the site "
+                    "policy requires DP (set allow_no_dp = true to opt out)"
+                )
+            return
+        if privacy.mode not in self.dp_kinds:
+            raise PolicyViolation(
+                f"the round's privacy mode {privacy.mode!r} is not in the site policy's "
+                f"dp_kinds {list(self.dp_kinds)}"
+                + (" (central noise is added by the server)" if privacy.mode == "central" else "")
+            )
+        if privacy.delta > self.max_delta:
+            raise PolicyViolation(
+                f"the round's delta {privacy.delta:g} exceeds the site policy's max_delta "
+                f"{self.max_delta:g}"
+            )
+
+    def check_round(
+        self,
+        privacy: PrivacyTask | None,
+        config: TrainConfig | None,
+        ledger: PrivacyLedger,
+        *,
+        secure: bool,
+        sample_ddg: SampleDDGParams | None = None,
+        ddg: DDGParams | None = None,
+        account_now: bool = True,
+    ) -> PrivacyEvent | None:
+        """Check one round's protections; return the privacy event the site will release.
+
+        Parameters
+        ----------
+        privacy : PrivacyTask or None
+            The task's privacy parameters.
+        config : TrainConfig or None
+            The task's training config (DP-SGD runs with ``config.dp``).
+        ledger : PrivacyLedger
+            The rounds this site already contributed to.
+        secure : bool
+            Whether the round is a SecAgg+ round.
+        sample_ddg, ddg : optional
+            Distributed modes: the noise parameters the site re-derived from the round's
+            public SecAgg+ parameters.
+        account_now : bool, default True
+            Also check the job's epsilon (:meth:`check_epsilon`). A secure round defers it
+            to ``mask``, before the update leaves the site: the advertisement reveals
+            nothing about the data, and accounting can take longer than its deadline.
+
+        Raises
+        ------
+        PolicyViolation
+            The round is outside the policy.
+        """
+        if secure:
+            self.check_privacy_kind(privacy)
+        else:
+            self.check_plain(privacy)
+        if privacy is None:
+            return None
+        _check_consistent(privacy, config, sample_ddg, ddg)
+        if not account_now:
+            return None
+        event = self.round_event(privacy, config, sample_ddg, ddg)
+        self.check_epsilon(privacy, event, ledger)
+        return event
+
+    @staticmethod
+    def round_event(
+        privacy: PrivacyTask,
+        config: TrainConfig | None,
+        sample_ddg: SampleDDGParams | None = None,
+        ddg: DDGParams | None = None,
+    ) -> PrivacyEvent | None:
+        """Return the privacy event of what the site will run (``None`` for ``central``).
+
+        Loads the accountant (dp-accounting); :meth:`check_round` has checked the inputs.
+        """
+        _check_consistent(privacy, config, sample_ddg, ddg)
+        if privacy.mode == "sample":
+            from confide.privacy.accountant import dpsgd_event
+
+            dp = privacy.dp
+            if dp is None:  # unreachable: _check_consistent refuses it; kept under -O
+                raise PolicyViolation("patient-level DP-SGD without its parameters")
+            return dpsgd_event(dp.sampling_rate, dp.noise_multiplier, dp.steps)
+        if privacy.mode == "sample_distributed" and sample_ddg is not None:
+            from confide.privacy.distributed_dpsgd import event
+
+            sampled: PrivacyEvent = event(sample_ddg)
+            return sampled
+        if privacy.mode == "distributed" and ddg is not None:
+            from confide.privacy.client_dp import ddg_event
+
+            return ddg_event(ddg)
+        return None  # central: the server adds the noise; nothing the site can check
+
+    def check_epsilon(
+        self, privacy: PrivacyTask, round_event: PrivacyEvent | None, ledger: PrivacyLedger
+    ) -> float:
+        """Refuse a round that would take the site's job epsilon past ``max_epsilon``.
+
+        Parameters
+        ----------
+        privacy : PrivacyTask
+            The round's privacy parameters (``rounds``: the job's planned rounds).
+        round_event : PrivacyEvent or None
+            This round's event as the site recomputed it; ``None`` for ``central`` (not
+            checkable by the site).
+        ledger : PrivacyLedger
+            The rounds this site already contributed to.
+
+        Returns
+        -------
+        float
+            The epsilon the site computed (``nan`` for ``central``).
+        """
+        if round_event is None:
+            return math.nan
+        if privacy.rounds is None:
+            raise PolicyViolation(
+                "the task does not carry the job's planned rounds, so the site cannot bound "
+                "its epsilon over the job"
+            )
+        from confide.privacy.accountant import account
+
+        ahead = max(1, privacy.rounds - len(ledger.events))
+        events = [*ledger.events, *([round_event] * ahead)]
+        eps = account(events, privacy.delta, round_event.relation).epsilon
+        if not eps <= self.max_epsilon:
+            raise PolicyViolation(
+                f"the job's epsilon at delta {privacy.delta:g}, recomputed by the site "
+                f"({len(ledger.events)} rounds done, {ahead} to go), is {eps:.3g}, above the "
+                f"site policy's max_epsilon {self.max_epsilon:g}"
+            )
+        return float(eps)
+
+    def check_secagg(self, params: SecAggParams) -> None:
+        """Refuse SecAgg+ parameters weaker than the site's own threat model allows."""
+        from confide.secagg import ThreatModel, assess, derive_params
+
+        n = params.n
+        if n < self.min_cohort_size:
+            raise PolicyViolation(
+                f"the secure cohort has {n} sites, fewer than the site policy's "
+                f"min_cohort_size {self.min_cohort_size}"
+            )
+        threat = ThreatModel(self.adversarial_fraction, self.dropout_fraction, self.security_bits)
+        corrupt, dropouts = threat.corrupt(n), threat.dropouts(n)
+        try:
+            mine = derive_params(
+                n,
+                threat,
+                quant_bits=params.quant_bits,
+                clip_range=params.clip_range,
+                max_weight=params.max_weight,
+            )
+            wanted = f"k = {mine.k}, t = {mine.t}, D <= {mine.max_dropouts}"
+        except InfeasibleConfigError as exc:
+            wanted = f"none feasible: {exc}"
+        if params.max_dropouts > dropouts:
+            raise PolicyViolation(
+                f"the round tolerates {params.max_dropouts} dropouts of {n}, more than the site "
+                f"policy's dropout_fraction {self.dropout_fraction:g} allows ({dropouts}); the "
+                f"site derives {wanted}"
+            )
+        privacy, _ = assess(n, params.k, params.t, corrupt, params.max_dropouts)
+        if privacy > -float(self.security_bits):
+            raise PolicyViolation(
+                f"the round's SecAgg+ parameters (n = {n}, k = {params.k}, t = {params.t}, "
+                f"D = {params.max_dropouts}) are not private at 2^-{self.security_bits} "
+                f"against {corrupt} colluding sites (adversarial_fraction "
+                f"{self.adversarial_fraction:g}); the site derives {wanted}"
+            )
+
+
+def _check_consistent(
+    privacy: PrivacyTask,
+    config: TrainConfig | None,
+    sample_ddg: SampleDDGParams | None,
+    ddg: DDGParams | None,
+) -> None:
+    """Refuse a task whose training differs from the privacy it announces (no imports)."""
+    if privacy.mode == "sample":
+        dp = None if config is None else config.dp
+        if dp is None or dp != privacy.dp:
+            raise PolicyViolation(
+                "the task announces patient-level DP-SGD but its training config runs "
+                f"{'no DP-SGD' if dp is None else 'other DP-SGD parameters'}"
+            )
+    elif privacy.mode == "sample_distributed" and sample_ddg is None:
+        raise PolicyViolation("distributed DP-SGD needs a secure round")
+    elif privacy.mode == "distributed" and ddg is None:
+        raise PolicyViolation("distributed DP needs a secure round")
+
+
+class PrivacyLedger:
+    """The privacy events of the rounds this site contributed to, kept in its state folder.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The client's folder; the ledger is ``privacy-ledger.json`` there (mode 0600).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self._path = Path(state_dir) / _LEDGER_FILE
+        self._events: list[PrivacyEvent] = []
+        self._rounds: list[int] = []
+        if self._path.exists():
+            from confide.privacy.accountant import PrivacyEvent
+
+            doc = json.loads(self._path.read_text())
+            for entry in doc.get("rounds", []):
+                self._rounds.append(int(entry["round"]))
+                self._events.append(PrivacyEvent.from_dict(entry["event"]))
+
+    @property
+    def events(self) -> Sequence[PrivacyEvent]:
+        """Events recorded so far, one per round contributed."""
+        return tuple(self._events)
+
+    def record(self, round_id: int, event: PrivacyEvent | None) -> None:
+        """Record that this site released an update for ``round_id`` (once per round)."""
+        if event is None or round_id in self._rounds:
+            return
+        self._rounds.append(round_id)
+        self._events.append(event)
+        doc = {
+            "rounds": [
+                {"round": r, "event": e.to_dict()}
+                for r, e in zip(self._rounds, self._events, strict=True)
+            ]
+        }
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self._path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, self._path)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)
