@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,19 +114,27 @@ class DopamineOptions:
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
 
-    def dp_arm(self) -> SimulationOptions:
-        """Return the distributed DP-SGD federation's options."""
+    def _split(self) -> SimulationOptions:
+        """Return what both federations share: sites, model, lesion task and its split."""
         return SimulationOptions(
             clients=self.sites,
-            rounds=self.rounds,
             model=self.model,
             data="lesions",
             image_size=self.image_size,
             patients_per_site=self.patients_per_site,
             tiles_per_patient=self.tiles_per_patient,
             seed=self.seed,
-            learning_rate=self.dp_learning_rate,
             batch_size=self.batch_size,
+            train_deadline=300.0,
+            evaluate_deadline=120.0,
+        )
+
+    def dp_arm(self) -> SimulationOptions:
+        """Return the distributed DP-SGD federation's options."""
+        return replace(
+            self._split(),
+            rounds=self.rounds,
+            learning_rate=self.dp_learning_rate,
             dp="sample_distributed",
             noise_multiplier=self.noise_multiplier,
             clip_norm=self.clip_norm,
@@ -134,29 +142,18 @@ class DopamineOptions:
             secagg=True,
             strategy="fedavgm",
             extra_strategy={"momentum": self.momentum},
-            train_deadline=300.0,
-            evaluate_deadline=120.0,
             release=self.release,
         )
 
     def fedavg_arm(self) -> SimulationOptions:
         """Return the non-private FedAvg federation's options (same sites, same split)."""
-        return SimulationOptions(
-            clients=self.sites,
+        return replace(
+            self._split(),
             rounds=self.fedavg_rounds,
-            model=self.model,
-            data="lesions",
-            image_size=self.image_size,
-            patients_per_site=self.patients_per_site,
-            tiles_per_patient=self.tiles_per_patient,
-            seed=self.seed,
             epochs=self.local_epochs,
-            batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             dp="none",
             secagg=False,
-            train_deadline=300.0,
-            evaluate_deadline=120.0,
         )
 
 
