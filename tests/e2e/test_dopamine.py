@@ -57,3 +57,23 @@ def test_dopamine_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> Non
         main_dopamine(["--sites", "2"])
     assert exc.value.code == 2
     assert "sites must be >= 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"model": "resnet"}, "model must be"),
+        ({"rounds": 0}, "rounds must be >= 1"),
+        ({"tiles_per_patient": 0}, "tiles_per_patient must be >= 1"),
+        ({"sampling_rate": 1.5}, "sampling_rate must be in"),
+        ({"momentum": 1.0}, "momentum must be in"),
+        ({"noise_multiplier": float("nan")}, "noise_multiplier must be a finite number"),
+        ({"learning_rate": 0.0}, "learning_rate must be a finite number"),
+    ],
+)
+def test_dopamine_options_refuse_bad_values(kw: dict[str, object], match: str) -> None:
+    from confide.errors import ConfigError
+    from confide_server.dopamine import DopamineOptions
+
+    with pytest.raises(ConfigError, match=match):
+        DopamineOptions(**kw)  # type: ignore[arg-type]
