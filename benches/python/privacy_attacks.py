@@ -171,8 +171,8 @@ def plot(doc: dict[str, Any], keep: dict[str, ArmResult], out: Path) -> None:
         ax.set_ylim(-6.5, 6.5)
     fig.suptitle(
         "True records (30 standardized features) vs the closest vector the server recovered "
-        "from the SecAgg+ sum (binned, seed 0);\nrelative error about 1 (with DP) is no better "
-        "than guessing the zero vector",
+        "from the SecAgg+ sum (binned, seed 0);\nwith DP the closest vector is about as far "
+        "as the zero vector (relative error 1)",
         fontsize=9,
     )
     fig.tight_layout()

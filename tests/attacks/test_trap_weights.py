@@ -125,7 +125,7 @@ def test_secagg_with_dp_sgd_is_at_chance(arms: dict[str, ArmResult]) -> None:
     assert r.reidentified <= r.chance + binomial_tolerance(r.chance, r.n_records)  # measured 0
     assert r.chance == 0.0
     # Not a near miss: the best candidate is far from every record.
-    assert float(np.min(r.errors)) > 0.1
+    assert float(np.min(r.errors)) > 0.5  # measured 0.803
 
 
 def test_trap_weights_variant_is_above_chance_in_the_sum(fed: Federation) -> None:
