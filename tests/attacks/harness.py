@@ -307,9 +307,13 @@ def best_relative_errors(
     return out
 
 
-def reidentification(candidates: NDArray[np.float64], records: NDArray[np.floating[Any]]) -> float:
-    """Fraction of ``records`` matched by a candidate (relative error < :data:`MATCH_REL_ERR`)."""
-    return float((best_relative_errors(candidates, records) < MATCH_REL_ERR).mean())
+def reidentification(
+    candidates: NDArray[np.float64],
+    records: NDArray[np.floating[Any]],
+    threshold: float = MATCH_REL_ERR,
+) -> float:
+    """Fraction of ``records`` matched by a candidate (relative error < ``threshold``)."""
+    return float((best_relative_errors(candidates, records) < threshold).mean())
 
 
 def invert_single(trainer: NumpyTrainer, update: NDArray[np.float32]) -> NDArray[np.float64]:
@@ -488,6 +492,7 @@ def run_arm(
     noise_multiplier: float = 1.0,
     clip_norm: float = 1.0,
     clip_range: float = 64.0,
+    quant_bits: int = 32,
 ) -> ArmResult:
     """Run one arm of the attack with confide's trainer and aggregation.
 
@@ -508,6 +513,8 @@ def run_arm(
         DP-SGD ``z`` and ``C``.
     clip_range : float
         SecAgg+ quantizer range (the server's choice).
+    quant_bits : int
+        SecAgg+ quantizer bits (the server's choice; its config default is 16).
 
     Returns
     -------
@@ -538,7 +545,7 @@ def run_arm(
     if arm == "unprotected":
         candidates = np.concatenate([recover_records(model, u) for u in updates])
     else:
-        params = secagg_params(len(updates), clip_range, max_weight=max_n)
+        params = secagg_params(len(updates), clip_range, max_weight=max_n, quant_bits=quant_bits)
         result = secagg_sum(
             updates,
             [len(s) for s in fed.sites],
