@@ -9,7 +9,9 @@ and no noise, ``z = 0``) and ``secagg_dp`` (the sum, each site running sample-mo
 with ``z = 1``, ``C = 1``). Two first layers: ``binned`` (Fowl et al. 2022) and ``trap``
 (Boenisch et al. 2021). The main runs use 32-bit SecAgg+ quantization (the server chooses
 it); the binned SecAgg+ arms are rerun at the server's config defaults (16 bits,
-``clip_range = 1``), matched at 5 % relative error as well.
+``clip_range = 1``), matched at 5 % relative error as well. Then the binned attack once more
+on flattened 32x32 lesion tiles (:mod:`confide.data.lesions`; synthetic lesions on real
+scans), for a picture: ``trap_weights_images.png``.
 
 Writes ``trap_weights.json`` (every figure), ``trap_weights.png`` (bar chart of the
 re-identification rate per arm, with the chance level) and ``trap_weights_records.png``
@@ -17,8 +19,9 @@ re-identification rate per arm, with the chance level) and ``trap_weights_record
 with DP) into ``--out`` (default ``docs/figures``).
 
 Run from the repository root: ``python benches/python/privacy_attacks.py [--seeds 5]
-[--out docs/figures]``. Needs scikit-learn (the data set) and matplotlib (the plots); takes
-about a minute on one core.
+[--out docs/figures] [--no-images]``. Needs scikit-learn (the data set), matplotlib (the
+plots) and, for the tiles, the ``lesions`` extra (pillow, pydicom, scikit-image); takes
+about two minutes on one core.
 """
 
 from __future__ import annotations
@@ -40,21 +43,24 @@ if str(ROOT) not in sys.path:  # the harness lives in tests/attacks (shared with
 
 from tests.attacks.harness import (  # noqa: E402
     MATCH_REL_ERR,
+    Arm,
     ArmResult,
+    Kind,
     make_federation,
+    make_image_federation,
     reidentification,
     run_arm,
     trap_model,
 )
 
-ARMS = ("unprotected", "secagg", "secagg_clip_only", "secagg_dp")
+ARMS: tuple[Arm, ...] = ("unprotected", "secagg", "secagg_clip_only", "secagg_dp")
 LABELS = {
     "unprotected": "no SecAgg, no DP\n(server sees each update)",
     "secagg": "SecAgg+ only\n(server sees the sum of 10)",
     "secagg_clip_only": "SecAgg+ and per-sample\nclipping, no noise",
     "secagg_dp": "SecAgg+ and DP-SGD\n(z = 1, C = 1)",
 }
-KINDS = ("binned", "trap")
+KINDS: tuple[Kind, ...] = ("binned", "trap")
 LOOSE = 5e-2  # the looser match used at the server's default 16-bit quantization
 
 
@@ -92,7 +98,8 @@ def run(seeds: int, n_hidden: int) -> tuple[dict[str, Any], dict[str, ArmResult]
         fed = make_federation(seed)
         model = trap_model(fed.public, "binned", n_hidden, seed=seed)
         model = dataclasses.replace(model, learning_rate=model.learning_rate * 0.1)
-        for arm in ("secagg", "secagg_dp"):
+        default_arms: tuple[Arm, ...] = ("secagg", "secagg_dp")
+        for arm in default_arms:
             res = run_arm(fed, model, arm, seed=seed, clip_range=1.0, quant_bits=16)
             row = {
                 "seed": seed,
@@ -151,6 +158,67 @@ def run(seeds: int, n_hidden: int) -> tuple[dict[str, Any], dict[str, ArmResult]
         },
     }
     return doc, keep
+
+
+def run_images(seed: int = 0, size: int = 32, n_hidden: int = 512) -> tuple[dict[str, Any], Any]:
+    """The binned attack on flattened lesion tiles (one seed): figures and the arms' results."""
+    fed = make_image_federation(seed, size=size)
+    model = trap_model(fed.public, "binned", n_hidden, seed=seed)
+    results: dict[str, ArmResult] = {}
+    image_arms: tuple[Arm, ...] = ("unprotected", "secagg", "secagg_dp")
+    for arm in image_arms:
+        results[arm] = run_arm(fed, model, arm, seed=seed)
+        print(
+            f"images  seed {seed} {arm:17s} re-identified {results[arm].reidentified:6.1%} "
+            f"chance {results[arm].chance:5.1%} ({results[arm].n_records} tiles)",
+            flush=True,
+        )
+    doc = {
+        "data": f"synthetic-lesion tiles on real scans (confide.data.lesions), {size}x{size}, "
+        "flattened to [0, 1]",
+        "seed": seed,
+        "n_hidden": n_hidden,
+        "arms": [r.to_json() for r in results.values()],
+    }
+    return doc, (fed, results)
+
+
+def plot_images(fed: Any, results: dict[str, ArmResult], size: int, out: Path) -> None:
+    """True tiles against the closest vectors recovered from the SecAgg+ sum, without/with DP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = fed.records
+    picks = list(range(0, len(records), max(1, len(records) // 8)))[:8]
+    rows = (("true tile", None), ("SecAgg+ only", "secagg"), ("SecAgg+ and DP-SGD", "secagg_dp"))
+    fig, axes = plt.subplots(3, len(picks), figsize=(1.4 * len(picks), 4.6))
+    for col, i in enumerate(picks):
+        x = records[i]
+        for row, (name, arm) in enumerate(rows):
+            ax = axes[row, col]
+            if arm is None:
+                img, title = x, f"tile {i}"
+            else:
+                cand = results[arm].candidates
+                j = int(np.argmin(np.linalg.norm(cand - x[None, :], axis=1)))
+                img = cand[j]
+                title = f"err {np.linalg.norm(img - x) / np.linalg.norm(x):.0e}"
+            ax.imshow(np.clip(img, 0, 1).reshape(size, size), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=7)
+            if col == 0:
+                ax.set_ylabel(name, fontsize=7)
+    fig.suptitle(
+        "Lesion tiles recovered by the server from the SecAgg+ sum of 10 sites (binned trap "
+        "layer): closest recovered vector per tile",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(out / "trap_weights_images.png", dpi=110)
+    plt.close(fig)
 
 
 def plot(doc: dict[str, Any], keep: dict[str, ArmResult], out: Path) -> None:
@@ -229,12 +297,18 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "figures")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-images", action="store_true", help="skip the lesion-tile run")
+    ap.add_argument("--image-size", type=int, default=32)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     doc, keep = run(args.seeds, args.hidden)
+    if not args.no_images:
+        doc["images"], (image_fed, image_results) = run_images(size=args.image_size)
     (args.out / "trap_weights.json").write_text(json.dumps(doc, indent=1) + "\n")
     if not args.no_plot:
         plot(doc, keep, args.out)
+        if not args.no_images:
+            plot_images(image_fed, image_results, args.image_size, args.out)
     print(json.dumps(doc["summary"], indent=1))
     print(json.dumps(doc["server_defaults"]["summary"], indent=1))
     return 0

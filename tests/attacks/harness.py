@@ -62,13 +62,16 @@ from confide.secagg.crypto import ed25519_public
 __all__ = [
     "ARMS",
     "MATCH_REL_ERR",
+    "Arm",
     "ArmResult",
     "Federation",
+    "Kind",
     "TrapModel",
     "best_relative_errors",
     "binomial_tolerance",
     "invert_single",
     "make_federation",
+    "make_image_federation",
     "recover_records",
     "reidentification",
     "run_arm",
@@ -82,9 +85,9 @@ __all__ = [
 MATCH_REL_ERR = 1e-3
 #: The arms: what the server sees, and whether the sites train with DP-SGD.
 ARMS = ("unprotected", "secagg", "secagg_dp")
-N_FEATURES = 30
 
 Arm = Literal["unprotected", "secagg", "secagg_clip_only", "secagg_dp"]
+Kind = Literal["trap", "binned"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,60 @@ def make_federation(
     return Federation(tuple(sites), held_out, public)
 
 
+def make_image_federation(
+    seed: int,
+    size: int = 32,
+    n_sites: int = 10,
+    min_records: int = 8,
+    max_records: int = 16,
+    n_held_out: int = 150,
+) -> Federation:
+    """The same split over lesion tiles (:mod:`confide.data.lesions`), flattened to [0, 1].
+
+    Whole pseudo-patients go to one set (their tiles are jittered crops of one region), so
+    a held-out tile is never a crop of a site's patient.
+
+    Parameters
+    ----------
+    seed : int
+        Tile generation and shuffling seed.
+    size : int
+        Tile side; each record has ``size * size`` features.
+    n_sites, min_records, max_records, n_held_out : int
+        As in :func:`make_federation` (in tiles).
+
+    Returns
+    -------
+    Federation
+        The split (labels: lesion or not).
+    """
+    from confide.data.lesions import generate_lesion_tiles
+
+    tiles = generate_lesion_tiles(n_patients=150, tiles_per_patient=4, size=size, seed=seed)
+    x = (tiles.images.reshape(len(tiles.images), -1).astype(np.float32) / 255.0).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    patients = rng.permutation(np.unique(tiles.patient_ids))
+    order = np.concatenate([np.flatnonzero(tiles.patient_ids == p) for p in patients])
+    sizes = rng.integers(min_records, max_records + 1, size=n_sites)
+    sites: list[Dataset] = []
+    at = 0
+    for n in sizes:
+        idx = order[at : at + int(n)]
+        sites.append(Dataset(np.ascontiguousarray(x[idx]), tiles.labels[idx].copy()))
+        at += int(n)
+    # Skip to the next patient boundary so no patient straddles two sets.
+    ids = tiles.patient_ids[order]
+    while 0 < at < len(order) and ids[at] == ids[at - 1]:
+        at += 1
+    held = order[at : at + n_held_out]
+    at += n_held_out
+    while 0 < at < len(order) and ids[at] == ids[at - 1]:
+        at += 1
+    return Federation(
+        tuple(sites), np.ascontiguousarray(x[held]), np.ascontiguousarray(x[order[at:]])
+    )
+
+
 @dataclass(frozen=True)
 class TrapModel:
     """A server-crafted model and what the server needs to invert updates of it.
@@ -163,7 +220,7 @@ class TrapModel:
     Parameters
     ----------
     trainer : NumpyTrainer
-        ReLU MLP ``30 -> n_hidden -> 2`` carrying the crafted weights.
+        ReLU MLP ``d -> n_hidden -> 2`` (``d`` features) carrying the crafted weights.
     kind : {"trap", "binned"}
         The first-layer construction.
     groups : tuple of numpy.ndarray
@@ -174,7 +231,7 @@ class TrapModel:
     """
 
     trainer: NumpyTrainer
-    kind: Literal["trap", "binned"]
+    kind: Kind
     groups: tuple[NDArray[np.int64], ...]
     learning_rate: float
 
@@ -184,15 +241,15 @@ class TrapModel:
         return self.trainer.get_weights()
 
 
-def _unit_columns(rng: np.random.Generator, n: int) -> NDArray[np.float64]:
-    w = rng.normal(size=(N_FEATURES, n))
+def _unit_columns(rng: np.random.Generator, d: int, n: int) -> NDArray[np.float64]:
+    w = rng.normal(size=(d, n))
     out: NDArray[np.float64] = w / np.linalg.norm(w, axis=0, keepdims=True)
     return out
 
 
 def trap_model(
     public: NDArray[np.float32],
-    kind: Literal["trap", "binned"] = "binned",
+    kind: Kind = "binned",
     n_hidden: int = 1024,
     *,
     seed: int = 0,
@@ -225,21 +282,22 @@ def trap_model(
     TrapModel
         The model and its inversion metadata.
     """
-    trainer = NumpyTrainer.create("mlp", N_FEATURES, 2, hidden=(n_hidden,), activation="relu")
+    d = int(public.shape[1])
+    trainer = NumpyTrainer.create("mlp", d, 2, hidden=(n_hidden,), activation="relu")
     vec = trainer.get_weights()
     views = trainer.manifest.unflatten(vec)
     rng = np.random.default_rng(seed)
     pub = np.asarray(public, dtype=np.float64)
     groups: list[NDArray[np.int64]] = []
     if kind == "trap":
-        w = _unit_columns(rng, n_hidden)
+        w = _unit_columns(rng, d, n_hidden)
         thresholds = np.quantile(pub @ w, 1.0 - fire_fraction, axis=0)
         views["layer0.weight"][...] = w
         views["layer0.bias"][...] = -thresholds
     else:
         bins = n_hidden // n_groups
-        a = _unit_columns(rng, n_groups)
-        w = np.zeros((N_FEATURES, n_hidden))
+        a = _unit_columns(rng, d, n_groups)
+        w = np.zeros((d, n_hidden))
         b = np.full(n_hidden, 0.0)  # neurons past n_groups * bins never fire (bias -1e6)
         b[n_groups * bins :] = -1e6
         for g in range(n_groups):
@@ -272,7 +330,7 @@ def recover_records(model: TrapModel, update: NDArray[np.float32]) -> NDArray[np
     Returns
     -------
     numpy.ndarray
-        ``(k, 30)`` float64 candidates (rows with a zero or non-finite denominator dropped).
+        ``(k, d)`` float64 candidates (rows with a zero or non-finite denominator dropped).
     """
     views = model.trainer.manifest.unflatten(np.ascontiguousarray(update, dtype=np.float32))
     dw = views["layer0.weight"].astype(np.float64)  # (30, h)
@@ -281,7 +339,7 @@ def recover_records(model: TrapModel, update: NDArray[np.float32]) -> NDArray[np
         num_parts, den_parts = [], []
         for cols in model.groups:
             gw, gb = dw[:, cols], db[cols]
-            num_parts.append(gw - np.concatenate([gw[:, 1:], np.zeros((N_FEATURES, 1))], axis=1))
+            num_parts.append(gw - np.concatenate([gw[:, 1:], np.zeros((gw.shape[0], 1))], axis=1))
             den_parts.append(gb - np.concatenate([gb[1:], [0.0]]))
         dw, db = np.concatenate(num_parts, axis=1), np.concatenate(den_parts)
     ok = db != 0.0
@@ -299,8 +357,9 @@ def best_relative_errors(
     if candidates.shape[0] == 0:
         return np.full(len(x), np.inf)
     best = np.full(len(x), np.inf)
-    for start in range(0, candidates.shape[0], 2048):  # bounded (chunk, n, 30) temporaries
-        c = candidates[start : start + 2048]
+    chunk = max(1, (1 << 22) // max(1, x.size))  # bounded (chunk, n, d) temporaries
+    for start in range(0, candidates.shape[0], chunk):
+        c = candidates[start : start + chunk]
         d = np.linalg.norm(c[:, None, :] - x[None, :, :], axis=2).min(axis=0)
         best = np.minimum(best, d)
     out: NDArray[np.float64] = best / np.linalg.norm(x, axis=1)
