@@ -254,3 +254,19 @@ def test_a_client_refuses_a_round_whose_quorum_is_unreachable() -> None:
     with pytest.raises(SecAggAbortError) as err:
         Round(setup, keys)
     assert err.value.reason == "quorum-unreachable"
+
+
+def test_a_site_refuses_a_quorum_computed_for_fewer_colluders_than_it_assumes() -> None:
+    import dataclasses
+
+    from confide.client import SitePolicy
+    from confide.client.secure import _check_quorum
+    from confide.errors import PolicyViolation
+
+    policy = SitePolicy()  # adversarial_fraction 0.1: C = ceil(0.8) = 1 at n = 8
+    understated, _ = make_setup(make_params(N, k=K, t=T, max_dropouts=D), d=4, consistency=True)
+    with pytest.raises(PolicyViolation, match="quorum must be at least 5"):
+        _check_quorum(understated, policy)
+    params = dataclasses.replace(understated.params, corrupt=1)
+    stated = dataclasses.replace(understated, params=params)
+    _check_quorum(stated, policy)

@@ -201,6 +201,8 @@ class SecureParticipant:
             from confide.client.policy import PrivacyLedger
 
             self._policy.check_secagg(setup.params)
+            if setup.consistency_check:
+                _check_quorum(setup, self._policy)
             self._policy.check_round(
                 task.privacy,
                 task.config,
@@ -360,6 +362,31 @@ def _secure_task(task: SecureTask | Mapping[str, Any]) -> SecureTask:
     if not isinstance(parsed, SecureTask):
         raise IntegrityError(f"not a secure-stage task: {parsed.action!r}")
     return parsed
+
+
+def _check_quorum(setup: RoundSetup, policy: SitePolicy) -> None:
+    """Refuse a roster quorum computed for fewer colluders than the site assumes.
+
+    The quorum ``floor((n + corrupt) / 2) + 1`` makes the unmask roster unique only if at
+    most ``corrupt`` cohort members sign for the server; a server announcing a smaller
+    ``corrupt`` than the site's own ``ceil(adversarial_fraction * n)`` would lower it.
+
+    Raises
+    ------
+    PolicyViolation
+        ``params.corrupt`` below the site's own count.
+    """
+    from confide.errors import PolicyViolation
+    from confide.secagg import ThreatModel
+
+    p = setup.params
+    mine = ThreatModel(policy.adversarial_fraction, policy.dropout_fraction).corrupt(p.n)
+    if p.corrupt < mine:
+        raise PolicyViolation(
+            f"the round's roster quorum assumes {p.corrupt} colluding sites of {p.n}, fewer "
+            f"than the site policy's adversarial_fraction {policy.adversarial_fraction:g} "
+            f"({mine}); the quorum must be at least {(p.n + mine) // 2 + 1}"
+        )
 
 
 def _check_sample_ddg(setup: RoundSetup, privacy: PrivacyTask | None) -> SampleDDGParams | None:
