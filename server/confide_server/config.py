@@ -252,6 +252,7 @@ class SecAggConfig:
             quant_bits=self.quant_bits,
             clip_range=self.clip_range,
             max_weight=self.max_weight,
+            malicious=self.consistency_check,
         )
 
     def validate(self, cohort_sizes: tuple[int, ...]) -> None:

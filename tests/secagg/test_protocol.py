@@ -216,12 +216,12 @@ def test_masks_cancel_for_any_dropout_pattern(data: st.DataObject) -> None:
     ks = [n - 1, *range(2, n - 1, 2)]
     k = data.draw(st.sampled_from(ks), label="k")
     t = data.draw(st.integers((k + 3) // 2, k + 1), label="t")
-    dmax = n - t
-    setup, keys = make_setup(
-        make_params(n, k=k, t=t, max_dropouts=dmax),
-        d=8,
-        consistency=data.draw(st.booleans(), label="cc"),
-    )
+    cc = data.draw(st.booleans(), label="cc")
+    # With the consistency check every roster must reach the quorum floor(n / 2) + 1 too.
+    floor = max(t, n // 2 + 1) if cc else t
+    dmax = n - floor
+    setup, keys = make_setup(make_params(n, k=k, t=t, max_dropouts=dmax), d=8, consistency=cc)
+    assert setup.params.quorum_reachable or not cc
     stages = ["advertise", "share", "mask", "consistency", "unmask"]
     drop: dict[str, set[str]] = {s: set() for s in stages}
     before_mask = data.draw(st.integers(0, dmax), label="dropped before unmasking")
@@ -231,7 +231,7 @@ def test_masks_cancel_for_any_dropout_pattern(data: st.DataObject) -> None:
     # After masking, drop only as many as keep every secret recoverable: with a complete
     # graph any set leaving t responders works; for sparse graphs drop none.
     if k == n - 1:
-        extra = data.draw(st.integers(0, n - before_mask - t))
+        extra = data.draw(st.integers(0, n - before_mask - floor))
         for c in victims[before_mask : before_mask + extra]:
             drop[data.draw(st.sampled_from(stages[3:]))].add(c)
     r = Round(setup, keys, seed=data.draw(st.binary(min_size=1, max_size=8)))

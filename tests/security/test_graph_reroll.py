@@ -46,8 +46,12 @@ def test_another_setup_for_the_same_round_is_refused(tmp_path: Path) -> None:
     fed.parts["a"].advertise(task)
     setup = dict(task["setup"])
     setup["consistency_check"] = not setup["consistency_check"]
-    with pytest.raises(IntegrityError, match=r"round 1 \(another setup\)"):
+    with pytest.raises(IntegrityError, match=r"round 1 \(another setup or task\)"):
         fed.parts["a"].advertise({**task, "setup": setup})
+    # The same setup with another training config is another task, not a retry.
+    config = {**task["config"], "learning_rate": 1e-9}
+    with pytest.raises(IntegrityError, match=r"round 1 \(another setup or task\)"):
+        fed.parts["a"].advertise({**task, "config": config})
 
 
 def test_a_round_the_site_left_is_not_advertised_again(tmp_path: Path) -> None:

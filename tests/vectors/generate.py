@@ -202,6 +202,11 @@ def protocol_vectors() -> list[dict[str, Any]]:
             "args": [session.hex(), 7, ["site-b", "site-a"]],
             "bytes": reference.roster_payload(session, 7, ["site-b", "site-a"]).hex(),
         },
+        {
+            "name": "task_binding",
+            "args": [digest.hex(), (bytes([4]) * 32).hex()],
+            "bytes": reference.task_binding(digest, bytes([4]) * 32).hex(),
+        },
     ]
 
 

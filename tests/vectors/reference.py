@@ -417,6 +417,12 @@ def advert_payload(
     )
 
 
+def task_binding(digest: bytes, task_sha256: bytes) -> bytes:
+    return hashlib.sha256(
+        lp("confide/secaggplus/task-binding/v1") + lp(digest) + lp(task_sha256)
+    ).digest()
+
+
 def self_commitment(seed: bytes, rnd: int, cid: str) -> bytes:
     return hashlib.sha256(
         lp("confide/secaggplus/self-commit/v1") + u64be(rnd) + lp(cid) + lp(seed)

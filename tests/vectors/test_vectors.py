@@ -180,6 +180,8 @@ def _protocol_bytes(name: str, args: list[Any]) -> bytes:
         )
     if name == "roster_payload":
         return crypto.roster_payload(h(args[0]), args[1], args[2])
+    if name == "task_binding":
+        return crypto.task_binding(h(args[0]), h(args[1]))
     raise AssertionError(name)
 
 

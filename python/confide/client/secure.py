@@ -35,6 +35,13 @@ earlier round is refused. The graph seed is the session id, a hash of the round'
 of every signed advertisement, so a server cannot re-roll the neighbour graph by asking an
 honest site for fresh keys (what remains is in ``docs/security.md``).
 
+**Task binding.** The advertisement signs the hash of the whole ``advertise`` task
+(:meth:`~confide.protocol.tasks.SecureTask.task_sha256`: model, training config, privacy and
+SecAgg+ parameters, cohort, round, seed). A site whose peers were given another task
+(say a learning rate of ``1e-9`` for everybody but one site, which would make the secure sum
+equal that site's update) aborts at ``share`` with ``task-mismatch``: nothing masked leaves
+it.
+
 **Site policy.** With a :class:`~confide.client.policy.SitePolicy` the advertise task is
 checked before anything is signed: the SecAgg+ parameters against the site's own threat
 model and minimum cohort, the privacy mode, delta and job epsilon (recomputed from the
@@ -126,7 +133,7 @@ class SecureParticipant:
             int,
             tuple[PrivacyTask | None, TrainConfig | None, SampleDDGParams | None, DDGParams | None],
         ] = {}
-        # The one advertisement of the latest round: (round, setup digest, message).
+        # The one advertisement of the latest round: (round, setup + task digest, message).
         self._advert: tuple[int, bytes, dict[str, Any]] | None = None
 
     def known(self, round_id: int) -> bool:
@@ -170,13 +177,15 @@ class SecureParticipant:
         if setup.round != task.round or setup.model_sha256.hex() != task.model_sha256:
             raise IntegrityError("the secure round's setup names another round or model")
         self._pin(setup)
-        digest = setup.digest()
+        # The setup and the rest of the task: a re-sent advertise with another training
+        # config is another task, not a retry (the signed advertisement binds the first).
+        digest = setup.digest() + task.task_sha256()
         if self._advert is not None and setup.round <= self._advert[0]:
             last, last_digest, last_msg = self._advert
             if setup.round == last and digest == last_digest and last in self._rounds:
                 return last_msg  # the same keys: a re-asked advertise cannot re-roll the graph
             why = (
-                "another setup"
+                "another setup or task"
                 if setup.round == last and digest != last_digest
                 else "a round this client already left"
                 if setup.round == last
@@ -192,6 +201,8 @@ class SecureParticipant:
             from confide.client.policy import PrivacyLedger
 
             self._policy.check_secagg(setup.params)
+            if setup.consistency_check:
+                _check_quorum(setup, self._policy)
             self._policy.check_round(
                 task.privacy,
                 task.config,
@@ -218,7 +229,11 @@ class SecureParticipant:
             None if ddg is None else ddg[0],
         )
         rng = self._rng_factory("secagg", setup.round)
-        client = ClientSecAgg(setup, self.client_id, self._identity, rng=rng)
+        # The whole task as this site received it is signed with the advertisement; a peer
+        # given another model, config or privacy parameters makes every site abort.
+        client = ClientSecAgg(
+            setup, self.client_id, self._identity, rng=rng, task_sha256=task.task_sha256()
+        )
         self._rounds[setup.round] = client
         msg = client.advertise().to_json()
         self._advert = (setup.round, digest, msg)
@@ -347,6 +362,31 @@ def _secure_task(task: SecureTask | Mapping[str, Any]) -> SecureTask:
     if not isinstance(parsed, SecureTask):
         raise IntegrityError(f"not a secure-stage task: {parsed.action!r}")
     return parsed
+
+
+def _check_quorum(setup: RoundSetup, policy: SitePolicy) -> None:
+    """Refuse a roster quorum computed for fewer colluders than the site assumes.
+
+    The quorum ``floor((n + corrupt) / 2) + 1`` makes the unmask roster unique only if at
+    most ``corrupt`` cohort members sign for the server; a server announcing a smaller
+    ``corrupt`` than the site's own ``ceil(adversarial_fraction * n)`` would lower it.
+
+    Raises
+    ------
+    PolicyViolation
+        ``params.corrupt`` below the site's own count.
+    """
+    from confide.errors import PolicyViolation
+    from confide.secagg import ThreatModel
+
+    p = setup.params
+    mine = ThreatModel(policy.adversarial_fraction, policy.dropout_fraction).corrupt(p.n)
+    if p.corrupt < mine:
+        raise PolicyViolation(
+            f"the round's roster quorum assumes {p.corrupt} colluding sites of {p.n}, fewer "
+            f"than the site policy's adversarial_fraction {policy.adversarial_fraction:g} "
+            f"({mine}); the quorum must be at least {(p.n + mine) // 2 + 1}"
+        )
 
 
 def _check_sample_ddg(setup: RoundSetup, privacy: PrivacyTask | None) -> SampleDDGParams | None:

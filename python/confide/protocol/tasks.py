@@ -469,6 +469,40 @@ class SecureTask:
         """The task's action (the stage name)."""
         return self.stage
 
+    def task_sha256(self) -> bytes:
+        """Return the hash of what every site of the round must be given alike.
+
+        SHA-256 of the canonical JSON (sorted keys, no spaces, shortest round-trip floats)
+        of the round, its seed, the setup (cohort, identity keys, SecAgg+ parameters, model
+        hash, vector length, consistency check), the model hash, the training config and the
+        privacy parameters. The deadline is left out (timing, not content). A site signs this
+        hash with its advertisement and checks it on every peer's (``task-mismatch``).
+
+        Examples
+        --------
+        >>> t = SecureTask(1, "advertise", 0.0, 7, {}, "00" * 32, TrainConfig())
+        >>> t.task_sha256() == SecureTask(1, "advertise", 9.0, 7, {}, "00" * 32,
+        ...                               TrainConfig()).task_sha256()
+        True
+        >>> t.task_sha256() == SecureTask(1, "advertise", 0.0, 7, {}, "00" * 32,
+        ...                               TrainConfig(learning_rate=1e-9)).task_sha256()
+        False
+        """
+        import hashlib
+        import json
+
+        doc = {
+            "kind": "confide/task/v1",
+            "round": self.round,
+            "seed": self.seed,
+            "setup": self.payload,
+            "model_sha256": self.model_sha256,
+            "config": None if self.config is None else self.config.to_dict(),
+            "privacy": None if self.privacy is None else self.privacy.to_json(),
+        }
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        return hashlib.sha256(text.encode()).digest()
+
     def to_json(self) -> dict[str, Any]:
         """Return the JSON form."""
         out: dict[str, Any] = {

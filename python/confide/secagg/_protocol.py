@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from confide.secagg.crypto import advert_payload, session_id
+from confide.secagg.crypto import advert_payload, session_id, task_binding
 from confide.secagg.graph import harary_graph
 from confide.secagg.messages import Advertisement, Message, RoundSetup
 from confide.secagg.primitives import MaskDomain
@@ -26,9 +26,14 @@ def coerce(cls: type[M], msg: M | Mapping[str, Any]) -> M:
 
 
 def payload(setup: RoundSetup, digest: bytes, adv: Advertisement) -> bytes:
-    """Return the bytes ``adv`` is a signature over."""
+    """Return the bytes ``adv`` is a signature over (setup digest bound to its task hash)."""
     return advert_payload(
-        digest, setup.round, adv.client_id, adv.enc_pk, adv.mask_pk, adv.self_commit
+        task_binding(digest, adv.task_sha256),
+        setup.round,
+        adv.client_id,
+        adv.enc_pk,
+        adv.mask_pk,
+        adv.self_commit,
     )
 
 

@@ -10,6 +10,14 @@ different request at the same stage aborts.
 Per-peer state guarantees that a client releases at most one kind of share of any owner:
 the self-mask share only for owners the server lists as *alive* (their masked input is in the
 sum), the mask-key share only for owners listed as *dead* (dropped after sharing keys).
+With the consistency check (malicious server) a client unmasks only the roster it signed and
+only with ``params.quorum`` signatures on it, which makes that roster the same for every
+honest client (see :mod:`confide.secagg.params`); without it the server is trusted to show
+every client one roster (semi-honest).
+
+**Task binding.** The advertisement carries and signs the hash of the whole task the client
+received (``task_sha256``); a peer whose advertisement names another task makes the client
+abort at ``share_keys`` (``task-mismatch``), before any share or masked input leaves it.
 
 **Weighted aggregation.** With weight ``w`` (e.g. the sample count) in ``[0, max_weight]``,
 the client quantizes ``(w / max_weight) * x`` (``x`` clipped element-wise to
@@ -102,11 +110,19 @@ class ClientSecAgg:
     rng : SecureRng, optional
         Source of every secret (seeds, Shamir coefficients, nonces, rounding); a fresh
         OS-keyed generator by default. Seed it only in tests.
+    task_sha256 : bytes, optional
+        SHA-256 of the whole task this client received for the round (model, training
+        config, privacy parameters; :meth:`confide.protocol.tasks.SecureTask.task_sha256`).
+        It is signed with the advertisement, and every peer's advertisement must carry the
+        same hash, so clients given different tasks abort at ``share_keys``. The default
+        (32 zero bytes) binds nothing beyond the setup itself; a site always passes it.
 
     Raises
     ------
     SecAggAbortError
-        The client is not in the cohort or the server announced another identity key for it.
+        The client is not in the cohort, the server announced another identity key for it,
+        or the round runs the consistency check with a signature quorum that the dropout
+        budget makes unreachable.
 
     Examples
     --------
@@ -120,6 +136,7 @@ class ClientSecAgg:
         identity_key: Ed25519PrivateKey,
         *,
         rng: SecureRng | None = None,
+        task_sha256: bytes = bytes(32),
     ) -> None:
         self.setup = setup
         self.client_id = client_id
@@ -138,11 +155,20 @@ class ClientSecAgg:
         self._roster: frozenset[str] | None = None
         self._last: tuple[object, object] | None = None
         self._advert: Advertisement | None = None
+        self._task = bytes(task_sha256)
+        if len(self._task) != 32:
+            self._abort("malformed", "task_sha256 must be 32 bytes")
         if client_id not in setup.cohort:
             self._abort("not-in-cohort", f"{client_id!r} is not in the announced cohort")
         announced = setup.identity_key(client_id)
         if not hmac.compare_digest(announced, ed25519_public(identity_key)):
             self._abort("identity-mismatch", "the round announces another identity key for us")
+        if setup.consistency_check and not setup.params.quorum_reachable:
+            self._abort(
+                "quorum-unreachable",
+                f"the roster needs {setup.params.quorum} signatures but only "
+                f"{setup.params.min_survivors} survivors are guaranteed",
+            )
 
     # -- state handling ---------------------------------------------------------------------
 
@@ -211,6 +237,7 @@ class ClientSecAgg:
             enc_pk=enc_pk,
             mask_pk=mask_pk,
             self_commit=commit,
+            task_sha256=self._task,
             signature=b"\0" * 64,
         )
         sig = sign(self._identity, proto.payload(self.setup, self._digest, adv))
@@ -220,6 +247,7 @@ class ClientSecAgg:
             enc_pk=enc_pk,
             mask_pk=mask_pk,
             self_commit=commit,
+            task_sha256=self._task,
             signature=sig,
         )
         self._stage = "advertised"
@@ -243,9 +271,9 @@ class ClientSecAgg:
         Raises
         ------
         SecAggAbortError
-            Wrong round or session id, unknown or repeated ids, a bad signature, repeated
-            keys, our own advertisement missing or altered, or fewer clients than the
-            dropout budget allows.
+            Wrong round or session id, unknown or repeated ids, a peer given another task
+            (``task-mismatch``), a bad signature, repeated keys, our own advertisement
+            missing or altered, or fewer clients than the dropout budget allows.
         """
         msg: KeyBroadcast = self._decode(KeyBroadcast, broadcast)
         cached = self._enter(("advertised",), msg)
@@ -275,6 +303,12 @@ class ClientSecAgg:
         for a in msg.advertisements:
             if a.round != setup.round:
                 self._abort("wrong-round", f"advertisement of {a.client_id!r} is for another round")
+            if not hmac.compare_digest(a.task_sha256, self._task):
+                self._abort(
+                    "task-mismatch",
+                    f"{a.client_id!r} was given another task for this round (model, training "
+                    "config or privacy parameters differ from ours)",
+                )
             if not verify(
                 setup.identity_key(a.client_id), a.signature, proto.payload(setup, self._digest, a)
             ):
@@ -576,7 +610,7 @@ class ClientSecAgg:
             A peer listed both dead and alive, we are listed dead, unknown or repeated ids,
             holders missing from both lists, fewer than ``max(t, n - max_dropouts)`` alive,
             (with a consistency check) a roster differing from the one we signed or fewer than
-            ``t`` valid signatures on it, or a second, different unmask request.
+            ``params.quorum`` valid signatures on it, or a second, different unmask request.
         """
         msg: UnmaskRequest = self._decode(UnmaskRequest, request)
         expected_stage = ("signed",) if self.setup.consistency_check else ("masked",)
@@ -634,8 +668,12 @@ class ClientSecAgg:
         for cid, sig in signers.items():
             if not verify(self.setup.identity_key(cid), sig, payload):
                 self._abort("bad-signature", f"consistency signature of {cid!r} is invalid")
-        if len(signers) < self.setup.params.t:
+        # The quorum, not t: two different rosters cannot both collect more than
+        # (n + corrupt) / 2 signatures when every honest client signs only one, so every
+        # honest client that unmasks sees the same alive set (params.py, docs/security.md).
+        quorum = self.setup.params.quorum
+        if len(signers) < quorum:
             self._abort(
                 "too-few-signatures",
-                f"{len(signers)} consistency signatures, at least {self.setup.params.t}",
+                f"{len(signers)} consistency signatures, at least {quorum} needed",
             )

@@ -52,6 +52,7 @@ __all__ = [
     "self_commitment",
     "session_id",
     "sign",
+    "task_binding",
     "unpack_share_bundle",
     "verify",
     "x25519_public",
@@ -214,6 +215,17 @@ def advert_payload(
         + lp(mask_pk)
         + lp(self_commit)
     )
+
+
+def task_binding(config_digest: bytes, task_sha256: bytes) -> bytes:
+    """Return the digest an advertisement signs: the round setup's and the task's hashes.
+
+    ``task_sha256`` is the hash of the whole task as the signing site received it (model,
+    training config, privacy and SecAgg+ parameters, cohort, round); binding it into the
+    signature makes peers that were given different tasks reject each other's keys.
+    """
+    data = lp("confide/secaggplus/task-binding/v1") + lp(config_digest) + lp(task_sha256)
+    return hashlib.sha256(data).digest()
 
 
 def roster_payload(session: bytes, round: int, ids: Iterable[str]) -> bytes:

@@ -363,13 +363,20 @@ class RoundSetup(Message):
 @_register
 @dataclass(frozen=True)
 class Advertisement(Message):
-    """A client's two public keys and self-mask commitment, signed with its identity key."""
+    """A client's two public keys and self-mask commitment, signed with its identity key.
+
+    ``task_sha256`` is the hash of the whole task as this client received it (see
+    :meth:`confide.protocol.tasks.SecureTask.task_sha256`). It travels in clear so that a
+    peer given another task can name the mismatch, and it is bound into the signature
+    (:func:`confide.secagg.crypto.task_binding`), so it cannot be edited in transit.
+    """
 
     round: int
     client_id: str
     enc_pk: bytes
     mask_pk: bytes
     self_commit: bytes
+    task_sha256: bytes
     signature: bytes
 
     _SPEC: ClassVar[dict[str, _Codec]] = {
@@ -378,6 +385,7 @@ class Advertisement(Message):
         "enc_pk": _Bytes(exact=KEY_BYTES),
         "mask_pk": _Bytes(exact=KEY_BYTES),
         "self_commit": _Bytes(exact=32),
+        "task_sha256": _Bytes(exact=32),
         "signature": _Bytes(exact=SIGNATURE_BYTES),
     }
 

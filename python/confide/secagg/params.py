@@ -38,6 +38,34 @@ iff ``C <= 2t - n - 1``). Both graphs also need at least two honest survivors
 (``n - C - D >= 2``). Clients refuse to unmask with fewer than ``max(t, n - D)`` survivors, so
 the dropout budget in the threat model is enforced, not just assumed.
 
+**A unique roster (malicious server).** The bounds above count, per owner, the shares
+*honest holders* release, and assume every honest holder sees the same roster: an owner is
+either alive for all of them (self-mask shares only) or dead for all of them (mask-key
+shares only). A malicious server could otherwise show different holders different
+self-consistent rosters and collect ``t`` self-mask shares of a victim from some and ``t``
+mask-key shares of the victim's neighbours from others (no colluder needed). With the
+consistency check on, a client unmasks only the roster it signed itself and only with
+``quorum = floor((n + C) / 2) + 1`` valid signatures from distinct cohort members on it.
+*Claim:* two different rosters cannot both be accepted. *Proof sketch:* an honest client
+signs at most one roster per session (its stage machine); if ``R1 != R2`` each carry ``q``
+signatures, their signer sets overlap only in corrupted clients, so
+``2q - C <= |S1 u S2| <= n``, i.e. ``q <= (n + C) / 2``, contradicting ``q > (n + C) / 2``.
+So every honest client that unmasks sees the same alive set ``A`` (and dead set
+``holders - A``), which is the one-roster setting of the bounds. Liveness needs
+``min_survivors >= quorum`` (about ``delta < (1 - gamma) / 2``); ``derive_params(...,
+malicious=True)`` refuses otherwise. Without the consistency check (``semi-honest``) the
+server is trusted to send one roster, and the bounds hold only against a server that follows
+the protocol (colluding with up to ``C`` clients).
+
+**What the 2^-40 covers.** ``log2_privacy_failure`` bounds the probability over the random
+graph that the server, colluding with a set of at most ``C`` clients and seeing at most ``D``
+dropouts, both fixed independently of the graph, learns more than the sum of the alive
+inputs; with a malicious server it holds when the consistency check (unique roster) is on.
+The disconnection term holds for dropouts chosen *after* seeing the graph only when
+``C + D < k`` (then it is zero); otherwise a server that declares dead exactly the clients
+that isolate a victim is outside the bound (it is limited to ``D`` such declarations, since
+a roster needs ``min_survivors`` members).
+
 **Modulus.** Each client uploads ``d`` quantized values in ``[0, 2**quant_bits - 1]`` and its
 weight in ``[0, max_weight]``; the sum of ``n`` such vectors is below
 ``2**modulus_bits`` for ``modulus_bits = bit_length(n * max(2**quant_bits - 1, max_weight))``,
@@ -228,6 +256,21 @@ class SecAggParams:
         """Fewest clients with a masked input for which a client agrees to unmask."""
         return max(self.t, self.n - self.max_dropouts)
 
+    @property
+    def quorum(self) -> int:
+        """Consistency signatures a client needs on the roster before it unmasks.
+
+        ``floor((n + corrupt) / 2) + 1``: more than half of the cohort's honest members
+        plus every corrupted one, so two different rosters can never both reach it (an
+        honest client signs one roster per session; see the module docstring).
+        """
+        return (self.n + self.corrupt) // 2 + 1
+
+    @property
+    def quorum_reachable(self) -> bool:
+        """Whether every roster the clients accept (``min_survivors``) can reach the quorum."""
+        return self.min_survivors >= self.quorum
+
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (infinities as ``None``)."""
         d = asdict(self)
@@ -386,6 +429,7 @@ def derive_params(
     clip_range: float,
     max_weight: int,
     graph: Literal["auto", "harary", "complete"] = "auto",
+    malicious: bool = False,
 ) -> SecAggParams:
     """Choose ``k``, ``t`` and the modulus for ``n`` clients under ``threat``.
 
@@ -404,6 +448,9 @@ def derive_params(
     graph : {"auto", "harary", "complete"}, default "auto"
         ``"auto"`` takes the smallest feasible Harary degree and falls back to the complete
         graph (which is what small cohorts get).
+    malicious : bool, default False
+        The round runs the consistency check (a malicious server): also require that every
+        roster of ``min_survivors`` clients can reach the signature quorum.
 
     Returns
     -------
@@ -413,7 +460,8 @@ def derive_params(
     Raises
     ------
     InfeasibleConfigError
-        No graph meets the bounds, or the sum would need more than 64 bits.
+        No graph meets the bounds, the sum would need more than 64 bits, or (with
+        ``malicious``) the dropout budget leaves fewer survivors than the quorum.
 
     Examples
     --------
@@ -441,8 +489,7 @@ def derive_params(
             f"with n = {n}, {corrupt} corrupted and {dropouts} dropped clients fewer than two "
             "honest survivors remain"
         )
-    sigma, eta = -float(threat.security_bits), -float(threat.failure_bits)
-    common = {
+    common: dict[str, Any] = {
         "n": n,
         "max_dropouts": dropouts,
         "quant_bits": quant_bits,
@@ -451,6 +498,28 @@ def derive_params(
         "modulus_bits": bits,
         "corrupt": corrupt,
     }
+    found = _search(n, threat, graph, common, corrupt, dropouts)
+    if malicious and not found.quorum_reachable:
+        raise InfeasibleConfigError(
+            f"with the consistency check a roster needs {found.quorum} signatures "
+            f"(floor((n + C) / 2) + 1 for n = {n}, C = {corrupt}) but only "
+            f"{found.min_survivors} survivors are guaranteed ({dropouts} dropouts allowed): "
+            f"lower dropout_fraction below (1 - adversarial_fraction) / 2 "
+            f"= {(1 - threat.adversarial_fraction) / 2:g}, or run without the consistency "
+            "check (semi-honest server)"
+        )
+    return found
+
+
+def _search(
+    n: int,
+    threat: ThreatModel,
+    graph: str,
+    common: dict[str, Any],
+    corrupt: int,
+    dropouts: int,
+) -> SecAggParams:
+    sigma, eta = -float(threat.security_bits), -float(threat.failure_bits)
     if graph in ("auto", "harary"):
         for k in range(2, n - 1, 2):
             analysis = _Analysis(n, k, corrupt, dropouts)
@@ -469,7 +538,7 @@ def derive_params(
                         t=t,
                         log2_privacy_failure=privacy,
                         log2_correctness_failure=correctness,
-                        **common,  # type: ignore[arg-type]
+                        **common,
                     )
                 break
     if graph in ("auto", "complete"):
@@ -481,7 +550,7 @@ def derive_params(
                 t=t,
                 log2_privacy_failure=privacy,
                 log2_correctness_failure=correctness,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
     raise InfeasibleConfigError(
         f"no {'graph' if graph == 'auto' else graph + ' graph'} meets 2^-{threat.security_bits} "

@@ -458,14 +458,15 @@ class ServerSecAgg:
         Raises
         ------
         SecAggAbortError
-            Fewer than ``t`` signatures.
+            Fewer than ``params.quorum`` signatures (honest clients would refuse to unmask).
         """
         self._require_stage("consistency")
         self._drop_missing(self._u3, self._signatures)
-        if len(self._signatures) < self.setup.params.t:
+        quorum = self.setup.params.quorum
+        if len(self._signatures) < quorum:
             raise self._abort(
                 "too-few-signatures",
-                f"{len(self._signatures)} signatures, at least {self.setup.params.t} needed",
+                f"{len(self._signatures)} signatures, at least {quorum} needed",
             )
         self.stage = "unmask"
         self._request = self._make_unmask_request()
