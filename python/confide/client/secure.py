@@ -179,8 +179,6 @@ class SecureParticipant:
             raise IntegrityError("the secure round's setup names another round or model")
         if self._policy is None or self._policy.peer_trust == "tofu":
             self._pin(setup)
-        else:
-            self._policy.check_peers(setup.identity_keys, task.certificates)
         digest = setup.digest()
         if self._advert is not None and setup.round <= self._advert[0]:
             last, last_digest, last_msg = self._advert
@@ -212,6 +210,8 @@ class SecureParticipant:
                 ddg=None if ddg is None else ddg[0],
                 account_now=False,  # at mask: see check_budget
             )
+            # Last of the checks, still before anything is signed: every peer certified.
+            self._policy.check_peers(setup.identity_keys, task.certificates)
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
         self._ddg.clear()
