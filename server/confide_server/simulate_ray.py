@@ -71,7 +71,12 @@ from confide.training import NumpyTrainer, build_trainer
 from confide_server.auth import operator_token
 from confide_server.config import parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
-from confide_server.simulate import SimulationOptions, job_document, site_policy_for
+from confide_server.simulate import (
+    SimulationOptions,
+    job_document,
+    provision_sites,
+    site_policy_for,
+)
 
 __all__ = [
     "FaultOptions",
@@ -591,7 +596,7 @@ def run_ray_simulation(
     )
     # The virtual sites accept exactly the protections this job was configured with.
     policy = work / "site-policy.toml"
-    policy.write_text(site_policy_for(job).to_toml())
+    policy.write_text(site_policy_for(job, provision_sites(work, ids)).to_toml())
     server_url = f"http://{ray_opts.server_host}:{port}"
     status_url = server_url + "/v1/status"
     expected = expected_answers(job.job.cohort_size, stages, faults.dropout)
