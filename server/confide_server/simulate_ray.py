@@ -8,9 +8,10 @@ is the real :class:`confide.client.Client` talking real, signed HTTP to the real
 real trainer, DP-SGD, SecAgg+ participant and signing; nothing of the round engine or of
 the client is re-implemented, and every check the handlers do is done.
 
-State that must survive between rounds (the identity key, ``client.json``, the pinned peer
-keys ``peers.json``) lives in each client's state folder on disk, as it does for a real
-site: a virtual client that drops out is rebuilt from that folder and comes back.
+State that must survive between rounds (the identity key, ``client.json``, the site's
+consortium certificate ``certificate.json``) lives in each client's state folder on disk, as
+it does for a real site: a virtual client that drops out is rebuilt from that folder and
+comes back.
 
 Faults are injected by the simulator through the hooks the client offers
 (``Client.run(on_task=...)``) and a thin subclass, never by a switch in shipped code:
