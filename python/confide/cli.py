@@ -521,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
         "provisioner signs it with `confide provision sign`.",
         formatter_class=fmt,
     )
+    d.add_argument("--version", action="version", version=_version())
     d.add_argument("--state", required=True, help="the site's state folder (as for client)")
     pv = sub.add_parser(
         "provision",
@@ -529,11 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
         "`sign` certifies one site's identity key for its client id (docs/security.md).",
         formatter_class=fmt,
     )
+    pv.add_argument("--version", action="version", version=_version())
     psub = pv.add_subparsers(dest="provision_command", required=True, metavar="STEP")
     pi = psub.add_parser("init", help="create a consortium root", formatter_class=fmt)
+    pi.add_argument("--version", action="version", version=_version())
     pi.add_argument("--out", required=True, help="folder for root-key.pem and root.json")
     pi.add_argument("--name", required=True, help="the consortium's name ([A-Za-z0-9_.-])")
     ps = psub.add_parser("sign", help="certify one site's identity", formatter_class=fmt)
+    ps.add_argument("--version", action="version", version=_version())
     ps.add_argument("--root", required=True, help="the folder `provision init` wrote")
     ps.add_argument("--site-id", required=True, help="the client id the site enrols with")
     ps.add_argument(
