@@ -377,6 +377,18 @@ def run_provision(args: argparse.Namespace) -> int:
 
     from confide.protocol.certs import init_root, sign_certificate
 
+    if args.provision_command == "tls":
+        from confide.protocol.tls_certs import issue_tls
+
+        issued = issue_tls(
+            args.root,
+            args.out,
+            server_names=args.server_name,
+            site_id=args.site_id,
+            days=args.days,
+        )
+        print(f"wrote {issued.cert} and {issued.key} (0600), CA {issued.ca}")
+        return 0
     if args.provision_command == "init":
         root = init_root(args.out, args.name)
         out = Path(args.out)
@@ -549,6 +561,26 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument(
         "--not-after", type=int, default=None, help="expiry in Unix seconds (default: none)"
     )
+    pt = psub.add_parser(
+        "tls",
+        help="issue a TLS server or mTLS site certificate from the consortium's CA",
+        description="Issue a TLS certificate from the consortium's X.509 CA (created in "
+        "--root on first use as tls-ca.pem): a server certificate (--server-name) for "
+        "[tls] cert/key, or a site certificate (--site-id) for confide client --cert/--key.",
+        formatter_class=fmt,
+    )
+    pt.add_argument("--version", action="version", version=_version())
+    pt.add_argument("--root", required=True, help="the folder `provision init` wrote")
+    pt.add_argument("--out", required=True, help="folder for the certificate and its key")
+    who = pt.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--server-name",
+        action="append",
+        default=None,
+        help="a DNS name or IP address of the server (repeat for several)",
+    )
+    who.add_argument("--site-id", default=None, help="the site's client id (mutual TLS)")
+    pt.add_argument("--days", type=int, default=365, help="validity of the certificate")
     e = sub.add_parser(
         "export",
         help="write a model as ONNX for on-device inference",

@@ -24,6 +24,7 @@ COMMANDS = [
     ["confide", "provision"],
     ["confide", "provision", "init"],
     ["confide", "provision", "sign"],
+    ["confide", "provision", "tls"],
     ["confide-server"],
     ["confide-server", "run"],
     ["confide-server", "enroll"],

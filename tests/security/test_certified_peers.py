@@ -13,6 +13,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from confide.client import Client, SitePolicy
+from confide.client import Client, SitePolicy, client_ssl_context
 from confide.data import Dataset
 from confide.errors import ConfigError, PolicyViolation, SignatureError
 from confide.protocol.certs import (
@@ -36,6 +37,7 @@ from confide.protocol.certs import (
     verify_certificate,
 )
 from confide.protocol.signing import Identity
+from confide.protocol.tls_certs import issue_tls
 from confide.training import NumpyTrainer
 from tests.cli.conftest import CONFIDE, run
 from tests.server.util import N_FEATURES, write_job
@@ -340,3 +342,88 @@ def test_provision_bad_input_is_one_line_and_exit_2(
     r = run([*CONFIDE, *argv])
     assert r.rc == 2
     assert message in r.short_error()
+
+
+# --- TLS from the same provisioning ---------------------------------------------------
+
+
+async def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> bytes:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peercert")
+        writer.write(dict(x[0] for x in peer["subject"])["commonName"].encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+        data = await asyncio.wait_for(reader.read(), 60.0)
+        writer.close()
+        return data
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_provision_tls_gives_a_working_mutual_tls_pair(tmp_path: Path) -> None:
+    init_root(tmp_path / "root", "study-1")
+    srv = issue_tls(tmp_path / "root", tmp_path / "server", server_names=["127.0.0.1"])
+    site = issue_tls(tmp_path / "root", tmp_path / "site-1", site_id="site-1")
+    assert srv.key.stat().st_mode & 0o777 == 0o600
+    assert srv.ca.read_bytes() == site.ca.read_bytes()  # one CA, made once
+
+    def server_ctx(ca: Path) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+        ctx.load_cert_chain(str(srv.cert), str(srv.key))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    client_ctx = client_ssl_context(site.ca, site.cert, site.key)
+    assert client_ctx is not None
+    assert await _handshake(server_ctx(srv.ca), client_ctx) == b"site-1"
+    # A site certificate from another consortium's CA is refused by the server.
+    init_root(tmp_path / "other", "study-2")
+    stranger = issue_tls(tmp_path / "other", tmp_path / "stranger", site_id="site-1")
+    bad_ctx = client_ssl_context(srv.ca, stranger.cert, stranger.key)
+    assert bad_ctx is not None
+    # (TLS 1.3 reports a refused client certificate after the handshake: the server closes.)
+    try:
+        data = await _handshake(server_ctx(srv.ca), bad_ctx)
+    except (ssl.SSLError, ConnectionError):
+        data = b""
+    assert data == b"", "a stranger's certificate was accepted"
+
+
+def test_provision_tls_command_and_its_errors(tmp_path: Path) -> None:
+    init_root(tmp_path / "root", "s1")
+    r = run(
+        [
+            *CONFIDE,
+            "provision",
+            "tls",
+            "--root",
+            str(tmp_path / "root"),
+            "--out",
+            str(tmp_path / "tls"),
+            "--server-name",
+            "localhost",
+        ]
+    )
+    assert r.rc == 0, r.err
+    assert (tmp_path / "tls" / "server.pem").exists()
+    r = run(
+        [
+            *CONFIDE,
+            "provision",
+            "tls",
+            "--root",
+            str(tmp_path / "root"),
+            "--out",
+            str(tmp_path / "tls"),
+            "--site-id",
+            "bad id",
+        ]
+    )
+    assert r.rc == 2
+    assert "--site-id must be" in r.short_error()
