@@ -224,7 +224,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         classes=CLASSES,
         dp=DPGuarantee(2.5, 1e-5, "patient"),
     )
-    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)])}
+    # The inherited PYTHONPATH (a worktree's python/ and server/) stays after the app's.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO), *inherited])}
     procs: list[Proc] = []
     with (logs / "server.log").open("wb") as server_log:
         server = subprocess.Popen(
@@ -652,7 +654,9 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
         classes=CLASSES,
         dp=DPGuarantee(2.5, 1e-5, "patient"),
     )
-    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)])}
+    # The inherited PYTHONPATH (a worktree's python/ and server/) stays after the app's.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO), *inherited])}
     tokens = subprocess.run(
         [sys.executable, "-m", "confide_server", "enroll", "--config", str(config), "-n", "3"],
         check=True,
