@@ -352,6 +352,20 @@ def verify_certificate(
     SignatureError
         Malformed, another consortium, not signed by ``root``, for another id or key, or
         expired.
+
+    Examples
+    --------
+    >>> import base64, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> root = init_root(d + "/root", "study-1")
+    >>> cert = provision_site(d + "/root", d + "/site-1", "site-1")
+    >>> key = base64.b64decode(cert.to_json()["identity_key"])
+    >>> verify_certificate(cert.to_json(), root, site_id="site-1", identity_key=key).site_id
+    'site-1'
+    >>> verify_certificate(cert, root, site_id="site-2", identity_key=key)
+    Traceback (most recent call last):
+    ...
+    confide.errors.SignatureError: the certificate is for 'site-1', not for 'site-2'
     """
     c = cert if isinstance(cert, SiteCertificate) else SiteCertificate.from_json(cert)
     if c.consortium != root.consortium:
