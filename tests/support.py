@@ -73,6 +73,7 @@ class PermissivePolicy(SitePolicy):
             max_epsilon=1e300,
             max_delta=0.999,
             min_cohort_size=2,
+            peer_trust="tofu",
         )
 
     def check_secagg(self, params: Any) -> None:

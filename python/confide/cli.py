@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import sys
@@ -360,6 +361,62 @@ def run_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_identity(args: argparse.Namespace) -> int:
+    """``confide identity``: print this site's identity public key (creating it if missing)."""
+    from confide.protocol.certs import load_or_create_identity
+
+    ident = load_or_create_identity(args.state)
+    print(ident.public_key_b64)
+    return 0
+
+
+def run_provision(args: argparse.Namespace) -> int:
+    """``confide provision init|sign``: the consortium root and its site certificates."""
+    import base64
+    import binascii
+
+    from confide.protocol.certs import init_root, sign_certificate
+
+    if args.provision_command == "tls":
+        from confide.protocol.tls_certs import issue_tls
+
+        issued = issue_tls(
+            args.root,
+            args.out,
+            server_names=args.server_name,
+            site_id=args.site_id,
+            days=args.days,
+        )
+        print(f"wrote {issued.cert} and {issued.key} (0600), CA {issued.ca}")
+        return 0
+    if args.provision_command == "init":
+        root = init_root(args.out, args.name)
+        out = Path(args.out)
+        print(
+            f"consortium {root.consortium!r}: wrote {out / 'root-key.pem'} (secret: keep it "
+            f"offline) and {out / 'root.json'} (give it to every site with its policy)"
+        )
+        return 0
+    text = args.identity
+    if Path(text).is_file():
+        text = Path(text).read_text().strip()
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(
+            "--identity must be the base64 key `confide identity` prints (or a file holding "
+            f"it), got {args.identity!r}"
+        ) from None
+    cert = sign_certificate(args.root, args.site_id, raw, args.not_after)
+    out = Path(args.out)
+    out.write_text(json.dumps(cert.to_json(), indent=1) + "\n")
+    print(
+        f"wrote {out}: {cert.site_id!r} certified by {cert.consortium!r}; the site puts it in "
+        "its state folder as certificate.json before it enrols"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide`` argument parser."""
     fmt = HelpFormatter
@@ -468,6 +525,62 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     i.add_argument("--out", required=True, help="output folder (created)")
     i.add_argument("--force", action="store_true", help="replace an existing model there")
+    d = sub.add_parser(
+        "identity",
+        help="print this site's identity public key (to have it certified)",
+        description="Print the site's Ed25519 identity public key (base64), creating the key "
+        "(identity.pem, mode 0600) in the state folder if it is missing. The consortium's "
+        "provisioner signs it with `confide provision sign`.",
+        formatter_class=fmt,
+    )
+    d.add_argument("--version", action="version", version=_version())
+    d.add_argument("--state", required=True, help="the site's state folder (as for client)")
+    pv = sub.add_parser(
+        "provision",
+        help="create a consortium root and certify site identities",
+        description="Consortium provisioning: `init` creates the root that sites trust, "
+        "`sign` certifies one site's identity key for its client id (docs/security.md).",
+        formatter_class=fmt,
+    )
+    pv.add_argument("--version", action="version", version=_version())
+    psub = pv.add_subparsers(dest="provision_command", required=True, metavar="STEP")
+    pi = psub.add_parser("init", help="create a consortium root", formatter_class=fmt)
+    pi.add_argument("--version", action="version", version=_version())
+    pi.add_argument("--out", required=True, help="folder for root-key.pem and root.json")
+    pi.add_argument("--name", required=True, help="the consortium's name ([A-Za-z0-9_.-])")
+    ps = psub.add_parser("sign", help="certify one site's identity", formatter_class=fmt)
+    ps.add_argument("--version", action="version", version=_version())
+    ps.add_argument("--root", required=True, help="the folder `provision init` wrote")
+    ps.add_argument("--site-id", required=True, help="the client id the site enrols with")
+    ps.add_argument(
+        "--identity",
+        required=True,
+        help="the site's public key from `confide identity` (base64, or a file holding it)",
+    )
+    ps.add_argument("--out", required=True, help="the certificate to write (JSON)")
+    ps.add_argument(
+        "--not-after", type=int, default=None, help="expiry in Unix seconds (default: none)"
+    )
+    pt = psub.add_parser(
+        "tls",
+        help="issue a TLS server or mTLS site certificate from the consortium's CA",
+        description="Issue a TLS certificate from the consortium's X.509 CA (created in "
+        "--root on first use as tls-ca.pem): a server certificate (--server-name) for "
+        "[tls] cert/key, or a site certificate (--site-id) for confide client --cert/--key.",
+        formatter_class=fmt,
+    )
+    pt.add_argument("--version", action="version", version=_version())
+    pt.add_argument("--root", required=True, help="the folder `provision init` wrote")
+    pt.add_argument("--out", required=True, help="folder for the certificate and its key")
+    who = pt.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--server-name",
+        action="append",
+        default=None,
+        help="a DNS name or IP address of the server (repeat for several)",
+    )
+    who.add_argument("--site-id", default=None, help="the site's client id (mutual TLS)")
+    pt.add_argument("--days", type=int, default=365, help="validity of the certificate")
     e = sub.add_parser(
         "export",
         help="write a model as ONNX for on-device inference",
@@ -530,6 +643,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = run_export(args)
         elif args.command == "init-model":
             rc = run_init_model(args)
+        elif args.command == "identity":
+            rc = run_identity(args)
+        elif args.command == "provision":
+            rc = run_provision(args)
         else:
             rc = asyncio.run(run_client(args))
         sys.stdout.flush()

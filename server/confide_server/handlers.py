@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import sqlite3
@@ -121,6 +122,7 @@ async def enroll_client(request: web.Request) -> web.Response:
         now_ms=int(time.time() * 1000),
         max_skew_ms=int(request.app[config_key].server.max_clock_skew_s * 1000),
     )
+    certificate = _enrolment_certificate(doc)
     engine = request.app[engine_key]
     bound = bound_client_id(doc["token"])
     try:
@@ -130,7 +132,9 @@ async def enroll_client(request: web.Request) -> web.Response:
                 "operator made it for (confide-server enroll --client-id)",
                 "bad_token",
             )
-        await asyncio.to_thread(engine.enroll, doc["token"], doc["client_id"], doc["public_key"])
+        await asyncio.to_thread(
+            engine.enroll, doc["token"], doc["client_id"], doc["public_key"], certificate
+        )
     except EnrollmentError as exc:
         if exc.code == "bad_token":
             limiter.failed(address)
@@ -144,6 +148,33 @@ async def enroll_client(request: web.Request) -> web.Response:
     if book is not None:  # the site pins the model-release key at enrolment
         answer.update(enrolment_fields(book))
     return web.json_response(answer)
+
+
+def _enrolment_certificate(doc: dict[str, Any]) -> str | None:
+    """Return the enrolment's consortium certificate as JSON text (``None``: none sent).
+
+    The server cannot check it against a root (the sites hold the roots, the server is not
+    trusted with them); it refuses only a certificate that is malformed or names another id
+    or key than the enrolment, so a site learns of a provisioning mistake at once.
+    """
+    from confide.protocol.certs import SiteCertificate
+
+    raw = doc.get("certificate")
+    if raw is None:
+        return None
+    try:
+        cert = SiteCertificate.from_json(raw)
+    except SignatureError as exc:
+        raise WireFormatError(
+            f"enrolment certificate: {exc.message}; send the certificate.json from "
+            "`confide provision sign`"
+        ) from None
+    if cert.site_id != doc["client_id"] or cert.identity_key != base64.b64decode(doc["public_key"]):
+        raise WireFormatError(
+            "the enrolment certificate is for another client id or identity key: have the "
+            "provisioner sign this site's key (`confide identity`) for this id"
+        )
+    return json.dumps(cert.to_json(), sort_keys=True, separators=(",", ":"))
 
 
 async def get_task(request: web.Request) -> web.Response:

@@ -125,13 +125,14 @@ class JobFiles:
     job: Config | None = None  # the typed job config written to ``config``
 
 
-def site_policy_for(job: Config) -> SitePolicy:
+def site_policy_for(job: Config, consortium_root: Path | None = None) -> SitePolicy:
     """Return the simulated sites' policy: the protections the job was configured with.
 
     In a simulation one operator plays every site, so each site accepts exactly the job's
     secure aggregation (required when ``[secagg]`` is on), privacy mode (required when on)
     and threat model; the cohort minimum is 2. The epsilon cap is not the sites' own choice
-    here (the job's accounted epsilon is what the run prints): 1e6.
+    here (the job's accounted epsilon is what the run prints): 1e6. Peers must be certified
+    by ``consortium_root`` (from :func:`provision_sites`), as for real sites.
     """
     dp = job.privacy
     return SitePolicy(
@@ -143,7 +144,26 @@ def site_policy_for(job: Config) -> SitePolicy:
         min_cohort_size=2,
         adversarial_fraction=job.secagg.adversarial_fraction,
         dropout_fraction=job.secagg.dropout_fraction,
+        consortium_root=None if consortium_root is None else str(consortium_root),
+        min_certified_sites=2,
     )
+
+
+def provision_sites(work: Path, site_ids: Sequence[str]) -> Path:
+    """Provision the simulated sites: one consortium root, a certificate in each state folder.
+
+    The operator plays the provisioner too (``confide provision``): the root is
+    ``work/consortium`` (made once), each site's identity and ``certificate.json`` live in
+    ``work/clients/<id>``. Returns the ``root.json`` the sites' policy names.
+    """
+    from confide.protocol.certs import init_root, provision_site
+
+    root = work / "consortium"
+    if not (root / "root.json").exists():
+        init_root(root, "simulation")
+    for cid in site_ids:
+        provision_site(root, work / "clients" / cid, cid)
+    return root / "root.json"
 
 
 def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
@@ -589,7 +609,8 @@ def run_simulation(
         many = opts.data == "lesions" and opts.clients > (os.cpu_count() or 1)
         site_env = {"OMP_NUM_THREADS": "1"} if many else None
         policy = work / "site-policy.toml"
-        policy.write_text(site_policy_for(job_cfg).to_toml())
+        root = provision_sites(work, [f"hospital-{k}" for k in range(1, len(tokens) + 1)])
+        policy.write_text(site_policy_for(job_cfg, root).to_toml())
         # The status page is the operator's: this process is the operator.
         token = operator_token(job_cfg.server.state_dir)
         for k, enrolment in enumerate(tokens, start=1):

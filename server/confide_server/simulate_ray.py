@@ -8,9 +8,10 @@ is the real :class:`confide.client.Client` talking real, signed HTTP to the real
 real trainer, DP-SGD, SecAgg+ participant and signing; nothing of the round engine or of
 the client is re-implemented, and every check the handlers do is done.
 
-State that must survive between rounds (the identity key, ``client.json``, the pinned peer
-keys ``peers.json``) lives in each client's state folder on disk, as it does for a real
-site: a virtual client that drops out is rebuilt from that folder and comes back.
+State that must survive between rounds (the identity key, ``client.json``, the site's
+consortium certificate ``certificate.json``) lives in each client's state folder on disk, as
+it does for a real site: a virtual client that drops out is rebuilt from that folder and
+comes back.
 
 Faults are injected by the simulator through the hooks the client offers
 (``Client.run(on_task=...)``) and a thin subclass, never by a switch in shipped code:
@@ -71,7 +72,12 @@ from confide.training import NumpyTrainer, build_trainer
 from confide_server.auth import operator_token
 from confide_server.config import parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
-from confide_server.simulate import SimulationOptions, job_document, site_policy_for
+from confide_server.simulate import (
+    SimulationOptions,
+    job_document,
+    provision_sites,
+    site_policy_for,
+)
 
 __all__ = [
     "FaultOptions",
@@ -591,7 +597,7 @@ def run_ray_simulation(
     )
     # The virtual sites accept exactly the protections this job was configured with.
     policy = work / "site-policy.toml"
-    policy.write_text(site_policy_for(job).to_toml())
+    policy.write_text(site_policy_for(job, provision_sites(work, ids)).to_toml())
     server_url = f"http://{ray_opts.server_host}:{port}"
     status_url = server_url + "/v1/status"
     expected = expected_answers(job.job.cohort_size, stages, faults.dropout)

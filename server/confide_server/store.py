@@ -127,6 +127,8 @@ CREATE TABLE IF NOT EXISTS secagg_state (
     round INTEGER PRIMARY KEY, state TEXT NOT NULL, result TEXT);
 CREATE TABLE IF NOT EXISTS strategy_states (
     round INTEGER PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS certificates (
+    client_id TEXT PRIMARY KEY, certificate TEXT NOT NULL);
 """
 
 
@@ -384,8 +386,10 @@ class Store:
                 [(h, now) for h in hashes],
             )
 
-    def enroll(self, token_hash: str, client_id: str, public_key: str) -> str:
-        """Consume a token and register a client, atomically.
+    def enroll(
+        self, token_hash: str, client_id: str, public_key: str, certificate: str | None = None
+    ) -> str:
+        """Consume a token and register a client (and its consortium certificate), atomically.
 
         Returns
         -------
@@ -411,8 +415,19 @@ class Store:
                 "INSERT INTO clients(client_id, public_key, enrolled_at) VALUES (?, ?, ?)",
                 (client_id, public_key, now),
             )
+            if certificate is not None:
+                cur.execute(
+                    "INSERT OR REPLACE INTO certificates(client_id, certificate) VALUES (?, ?)",
+                    (client_id, certificate),
+                )
             Store.bump_commits(cur)
         return "ok"
+
+    def certificates(self) -> dict[str, str]:
+        """Return ``{client_id: certificate JSON}`` of the clients that presented one."""
+        with self._lock:
+            rows = self._db.execute("SELECT client_id, certificate FROM certificates").fetchall()
+        return {str(c): str(k) for c, k in rows}
 
     def clients(self) -> dict[str, str]:
         """Return ``{client_id: base64 public key}``."""

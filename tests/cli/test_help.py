@@ -20,6 +20,11 @@ COMMANDS = [
     ["confide", "client"],
     ["confide", "init-model"],
     ["confide", "export"],
+    ["confide", "identity"],
+    ["confide", "provision"],
+    ["confide", "provision", "init"],
+    ["confide", "provision", "sign"],
+    ["confide", "provision", "tls"],
     ["confide-server"],
     ["confide-server", "run"],
     ["confide-server", "enroll"],
@@ -49,7 +54,7 @@ def _parsers() -> list[argparse.ArgumentParser]:
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
 def test_version_on_every_command(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     out = _run([*cmd, "--version"], capsys)
-    assert re.fullmatch(rf"{cmd[0]}( \S+)? {re.escape(__version__)}\n", out), out
+    assert re.fullmatch(rf"{cmd[0]}( \S+)* {re.escape(__version__)}\n", out), out
 
 
 def test_version_from_the_installed_command() -> None:

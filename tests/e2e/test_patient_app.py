@@ -224,7 +224,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         classes=CLASSES,
         dp=DPGuarantee(2.5, 1e-5, "patient"),
     )
-    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)])}
+    # The inherited PYTHONPATH (a worktree's python/ and server/) stays after the app's.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO), *inherited])}
     procs: list[Proc] = []
     with (logs / "server.log").open("wb") as server_log:
         server = subprocess.Popen(
@@ -652,7 +654,9 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
         classes=CLASSES,
         dp=DPGuarantee(2.5, 1e-5, "patient"),
     )
-    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO)])}
+    # The inherited PYTHONPATH (a worktree's python/ and server/) stays after the app's.
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO), *inherited])}
     tokens = subprocess.run(
         [sys.executable, "-m", "confide_server", "enroll", "--config", str(config), "-n", "3"],
         check=True,
@@ -691,6 +695,15 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
         procs.append(proxy)
         proxy_url = proxy.wait_ready()
         urls = []
+        # The devices are provisioned by one consortium (docs/security.md section 3): each
+        # has its id, identity and certificate before it enrols; its policy names the root.
+        from confide.protocol.certs import init_root, provision_site
+
+        init_root(work / "consortium", "patients")
+        for k in range(len(tokens)):
+            (work / f"device-{k}").mkdir(mode=0o700, parents=True, exist_ok=True)
+            (work / f"device-{k}" / "client_id").write_text(f"device-{k}")
+            provision_site(work / "consortium", work / f"device-{k}" / "client", f"device-{k}")
         for k, token in enumerate(tokens):
             (work / f"token-{k}").write_text(token)
             app = Proc(
@@ -719,6 +732,7 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
                             work / "policy-3.toml",
                             adversarial_fraction=0.0,
                             dropout_fraction=0.34,
+                            consortium_root=str(work / "consortium" / "root.json"),
                         )
                     ),
                 ],

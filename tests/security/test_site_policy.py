@@ -10,6 +10,7 @@ from any site (no stored submission of any stage).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from confide.client import Client, SitePolicy
 from confide.client.policy import PrivacyLedger
 from confide.data import Dataset
 from confide.errors import ConfigError, PolicyViolation
+from confide.protocol.certs import init_root, provision_site
 from confide.protocol.tasks import DPSGDConfig, PrivacyTask, TrainConfig
 from confide.secagg import SecAggParams, ThreatModel, derive_params
 from confide.training import NumpyTrainer
@@ -54,13 +56,22 @@ def _submissions(engine: Any) -> list[tuple[int, str, str]]:
 async def _sites(
     fed: Any, tmp: Path, n: int, policy: SitePolicy | None, timeout: float = 120.0
 ) -> list[Any]:
-    """Run ``n`` real clients against ``fed``; return each one's result or exception."""
+    """Run ``n`` real clients against ``fed``; return each one's result or exception.
+
+    The sites are provisioned by one consortium (each holds a certificate; the policy,
+    ``None`` meaning the strict default, names the consortium's root).
+    """
     server = fed.http.server
     url = f"http://{server.host}:{server.port}"
     rng = np.random.default_rng(3)
+    root = tmp / "consortium"
+    if not (root / "root.json").exists():
+        init_root(root, "test-consortium")
+    policy = dataclasses.replace(policy or SitePolicy(), consortium_root=str(root / "root.json"))
 
     async def site(k: int) -> Any:
         cid = f"site-{k}"
+        provision_site(root, tmp / cid, cid)
         x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
         data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
         trainer = NumpyTrainer.from_manifest(fed.engine.manifest)

@@ -23,6 +23,7 @@ client stops taking part in the job.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import math
@@ -80,6 +81,27 @@ __all__ = ["Client", "ClientResult", "client_ssl_context"]
 _T = TypeVar("_T")
 _IDENTITY_FILE = "identity.pem"
 _STATE_FILE = "client.json"
+
+
+def _provisioned_identity(
+    state_dir: Path, client_id: str
+) -> tuple[Identity, dict[str, Any] | None]:
+    """Return the identity to enrol (existing ``identity.pem`` or fresh) and its certificate."""
+    from confide.protocol.certs import CERT_FILE, SiteCertificate
+
+    path = state_dir / _IDENTITY_FILE
+    identity = Identity.load(path) if path.exists() else Identity.generate()
+    cert_path = state_dir / CERT_FILE
+    if not cert_path.exists():
+        return identity, None
+    cert = SiteCertificate.load(cert_path)
+    if cert.site_id != client_id or cert.identity_key != base64.b64decode(identity.public_key_b64):
+        raise ConfigError(
+            f"{cert_path} certifies {cert.site_id!r} with another key than this site's "
+            f"identity for {client_id!r}: have the provisioner sign the key `confide identity` "
+            "prints, for this id"
+        )
+    return identity, cert.to_json()
 
 
 def client_ssl_context(
@@ -327,20 +349,34 @@ class Client:
     async def enroll(self, token: str, client_id: str) -> None:
         """Register a fresh identity with a one-time token (no-op if already enrolled).
 
+        A site provisioned by a consortium (``confide identity`` made its key,
+        ``confide provision sign`` its ``certificate.json``, both in the state folder)
+        enrols that key and presents the certificate; otherwise a fresh key is made.
+
         Parameters
         ----------
         token : str
             One-time enrolment token from ``confide-server enroll``.
         client_id : str
             The id to register (1-64 characters from ``[A-Za-z0-9_.-]``).
+
+        Raises
+        ------
+        ConfigError
+            The state folder's certificate is unreadable or certifies another id or key.
         """
         if self.enrolled:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        identity = Identity.generate()
-        body = json.dumps(
-            {"token": token, "client_id": client_id, "public_key": identity.public_key_b64}
-        ).encode()
+        identity, certificate = _provisioned_identity(self.state_dir, client_id)
+        fields: dict[str, Any] = {
+            "token": token,
+            "client_id": client_id,
+            "public_key": identity.public_key_b64,
+        }
+        if certificate is not None:
+            fields["certificate"] = certificate
+        body = json.dumps(fields).encode()
         data, _ = await self._request(
             "POST",
             "/v1/enroll",

@@ -21,6 +21,18 @@ site opts out explicitly (``allow_plain = true``, ``allow_no_dp = true``). A pol
     security_bits = 40
     architectures = ["logistic", "mlp"]   # manifest spec "arch" (torch) or "kind" (numpy);
                                           # omit to accept any architecture
+    peer_trust = "consortium"        # peers must hold a certificate from this root ...
+    consortium_root = "root.json"    # ... (relative paths: from this file's folder)
+    min_certified_sites = 3          # distinct certified sites per secure cohort
+
+**Certified peers.** With ``peer_trust = "consortium"`` (the default) every cohort member of a
+secure round must present a site certificate (:mod:`confide.protocol.certs`) signed by the
+consortium root the site was provisioned with (``consortium_root``), for its own id and the
+identity key the server announces, and the cohort must hold at least ``min_certified_sites``
+distinct certified sites; otherwise the round is refused before anything is signed or
+uploaded. A server that enrols ids whose keys it holds cannot get them certified.
+``peer_trust = "tofu"`` (trust on first use: keys pinned in ``peers.json``, no certificate)
+is for development only: it lets the server place Sybils in the cohort.
 
 **Epsilon over the job.** A task carries the DP parameters of its round and the job's
 planned rounds (``PrivacyTask.rounds``); the site recomputes the epsilon itself from what it
@@ -77,6 +89,7 @@ if TYPE_CHECKING:
 __all__ = ["PrivacyLedger", "SitePolicy", "architecture_of"]
 
 _DEFAULT_KINDS = ("sample", "sample_distributed", "distributed")
+_PEER_TRUST = ("consortium", "tofu")
 _LEDGER_FILE = "privacy-ledger.json"
 
 
@@ -119,6 +132,14 @@ class SitePolicy:
         Privacy target ``2^-security_bits`` of the SecAgg+ parameters.
     architectures : tuple of str, optional
         Model architectures (:func:`architecture_of`) the site trains; ``None``: any.
+    peer_trust : str, default "consortium"
+        ``"consortium"``: peers need a certificate from ``consortium_root``; ``"tofu"``:
+        pin peers' keys on first use (development only: no defence against Sybils).
+    consortium_root : str, optional
+        Path of the consortium's ``root.json`` (required for secure rounds with
+        ``peer_trust = "consortium"``).
+    min_certified_sites : int, default 3
+        Fewest distinct certified sites (this one included) in a secure cohort.
 
     Examples
     --------
@@ -138,8 +159,22 @@ class SitePolicy:
     dropout_fraction: float = 0.1
     security_bits: int = 40
     architectures: tuple[str, ...] | None = None
+    peer_trust: str = "consortium"
+    consortium_root: str | None = None
+    min_certified_sites: int = 3
 
     def __post_init__(self) -> None:
+        if self.peer_trust not in _PEER_TRUST:
+            raise ConfigError(
+                f"policy.peer_trust must be one of {list(_PEER_TRUST)}, got {self.peer_trust!r}"
+            )
+        if self.consortium_root is not None and (
+            not isinstance(self.consortium_root, str) or not self.consortium_root
+        ):
+            raise ConfigError("policy.consortium_root must be the path of a root.json")
+        mc = self.min_certified_sites
+        if not isinstance(mc, int) or isinstance(mc, bool) or mc < 1:
+            raise ConfigError(f"policy.min_certified_sites must be an int >= 1, got {mc!r}")
         for name in ("allow_plain", "allow_no_dp"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"policy.{name} must be true or false")
@@ -209,6 +244,9 @@ class SitePolicy:
             raise ConfigError(f"cannot read the site policy {p}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"the site policy {p} is not valid TOML: {exc}") from None
+        root = doc.get("consortium_root")
+        if isinstance(root, str) and root and not Path(root).is_absolute():
+            doc["consortium_root"] = str((p.parent / root).resolve())
         try:
             return cls.from_dict(doc)
         except ConfigError as exc:
@@ -401,6 +439,71 @@ class SitePolicy:
                 f"site policy's max_epsilon {self.max_epsilon:g}"
             )
         return float(eps)
+
+    def check_peers(
+        self,
+        identity_keys: Sequence[tuple[str, bytes]],
+        certificates: Mapping[str, Any] | None,
+        *,
+        now: float | None = None,
+    ) -> int:
+        """Refuse a secure cohort whose members are not certified by this site's root.
+
+        Parameters
+        ----------
+        identity_keys : sequence of (str, bytes)
+            The cohort's ids and raw Ed25519 keys, as the round's setup announces them.
+        certificates : mapping, optional
+            The certificates the server relayed, by client id (JSON form).
+        now : float, optional
+            Unix seconds (default: the clock), for expiry.
+
+        Returns
+        -------
+        int
+            Distinct certified sites in the cohort (0 with ``peer_trust = "tofu"``).
+
+        Raises
+        ------
+        PolicyViolation
+            No root configured, a member without a valid certificate, or fewer than
+            ``min_certified_sites`` certified sites.
+        """
+        if self.peer_trust == "tofu":
+            return 0
+        from confide.errors import SignatureError
+        from confide.protocol.certs import ConsortiumRoot, verify_certificate
+
+        if self.consortium_root is None:
+            raise PolicyViolation(
+                'the site policy requires certified peers (peer_trust = "consortium") but '
+                "names no consortium_root: set consortium_root to the root.json the site was "
+                'provisioned with (confide provision), or peer_trust = "tofu" for development'
+            )
+        try:
+            root = ConsortiumRoot.load(self.consortium_root)
+        except ConfigError as exc:
+            raise PolicyViolation(f"cannot check peers: {exc.message}") from None
+        certs = certificates or {}
+        certified: set[str] = set()
+        for cid, key in identity_keys:
+            cert = certs.get(cid)
+            if cert is None:
+                raise PolicyViolation(
+                    f"cohort member {cid!r} has no consortium certificate: the site refuses "
+                    f"peers not certified by {root.consortium!r}"
+                )
+            try:
+                verify_certificate(cert, root, site_id=cid, identity_key=key, now=now)
+            except SignatureError as exc:
+                raise PolicyViolation(f"cohort member {cid!r} refused: {exc.message}") from None
+            certified.add(cid)
+        if len(certified) < self.min_certified_sites:
+            raise PolicyViolation(
+                f"the cohort holds {len(certified)} distinct certified sites; the site "
+                f"policy requires at least min_certified_sites = {self.min_certified_sites}"
+            )
+        return len(certified)
 
     def check_secagg(self, params: SecAggParams) -> None:
         """Refuse SecAgg+ parameters weaker than the site's own threat model allows."""

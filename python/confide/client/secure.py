@@ -24,9 +24,14 @@ parameters and the shipped ``C``, ``z``, ``q`` and site bound ``B``
 job (:func:`confide.client.training.sample_ddg_step`) computes the ring vector (its noised sum
 of clipped per-patient gradients), which is masked with weight 1 as it is.
 
-Peers' identity keys are pinned on first use in ``peers.json`` (public keys only): a round
-that announces another key for a known client id is refused, so a server cannot swap a
-peer's identity after the fact.
+**Certified peers.** Under the site policy's default ``peer_trust = "consortium"`` every
+cohort member's identity key must be certified by the consortium root the site was
+provisioned with (:meth:`~confide.client.policy.SitePolicy.check_peers`, before anything is
+signed): a server cannot place ids whose keys it holds in the cohort. Only with the explicit
+development opt-in ``peer_trust = "tofu"`` (or without a policy) are peers' keys pinned on
+first use in ``peers.json`` instead (public keys only): a round that announces another key
+for a known client id is refused, so a server cannot swap a peer's identity after the fact,
+but it can enrol new ones.
 
 **One advertisement per round.** Keys are drawn once per round: a second ``advertise``
 task for the same round and setup gets the very same signed advertisement back, and one
@@ -167,6 +172,9 @@ class SecureParticipant:
         ------
         IntegrityError
             The setup names another model than the task, or a pinned key changed.
+        PolicyViolation
+            A cohort member is not certified by this site's consortium root, or the cohort
+            holds fewer than ``min_certified_sites`` certified sites.
         SecAggAbortError
             The setup does not include this client with its enrolled key.
         """
@@ -176,7 +184,8 @@ class SecureParticipant:
         setup = RoundSetup.from_json(task.payload)
         if setup.round != task.round or setup.model_sha256.hex() != task.model_sha256:
             raise IntegrityError("the secure round's setup names another round or model")
-        self._pin(setup)
+        if self._policy is None or self._policy.peer_trust == "tofu":
+            self._pin(setup)
         # The setup and the rest of the task: a re-sent advertise with another training
         # config is another task, not a retry (the signed advertisement binds the first).
         digest = setup.digest() + task.task_sha256()
@@ -212,6 +221,8 @@ class SecureParticipant:
                 ddg=None if ddg is None else ddg[0],
                 account_now=False,  # at mask: see check_budget
             )
+            # Last of the checks, still before anything is signed: every peer certified.
+            self._policy.check_peers(setup.identity_keys, task.certificates)
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
         self._ddg.clear()

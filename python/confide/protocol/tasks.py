@@ -446,7 +446,9 @@ class SecureTask:
     """One SecAgg+ stage: ``payload`` is that stage's protocol message (JSON).
 
     ``advertise`` tasks also carry the round's model, training config and privacy
-    parameters (training runs while keys are exchanged).
+    parameters (training runs while keys are exchanged), and the cohort members' consortium
+    certificates by client id (:mod:`confide.protocol.certs`; each site verifies them against
+    its own root, see :meth:`confide.client.policy.SitePolicy.check_peers`).
     """
 
     round: int
@@ -457,6 +459,7 @@ class SecureTask:
     model_sha256: str | None = None
     config: TrainConfig | None = None
     privacy: PrivacyTask | None = None
+    certificates: dict[str, dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in _SECURE_PAYLOAD:
@@ -519,6 +522,8 @@ class SecureTask:
             out["config"] = self.config.to_dict()
         if self.privacy is not None:
             out["privacy"] = self.privacy.to_json()
+        if self.certificates is not None:
+            out["certificates"] = self.certificates
         return out
 
 
@@ -620,7 +625,11 @@ def parse_task(doc: Any) -> Task:
     elif action == "evaluate":
         _fields(doc, what, _COMMON | {"model_sha256"})
     elif action in _SECURE_PAYLOAD:
-        optional = {"model_sha256", "config", "privacy"} if action == "advertise" else set()
+        optional = (
+            {"model_sha256", "config", "privacy", "certificates"}
+            if action == "advertise"
+            else set()
+        )
         _fields(doc, what, _COMMON | {_SECURE_PAYLOAD[action]}, optional)
     else:
         raise WireFormatError(f"unknown task action {action!r}; expected one of {STAGES}")
@@ -639,7 +648,13 @@ def parse_task(doc: Any) -> Task:
         raise WireFormatError(f"{what}.{_SECURE_PAYLOAD[action]} must be a JSON object")
     model = None if doc.get("model_sha256") is None else _sha(doc, "model_sha256", what)
     config = None if doc.get("config") is None else _config(doc, what)
+    certs = doc.get("certificates")
+    if certs is not None and not (
+        isinstance(certs, dict)
+        and all(isinstance(k, str) and isinstance(v, dict) for k, v in certs.items())
+    ):
+        raise WireFormatError(f"{what}.certificates must map client ids to JSON objects")
     try:
-        return SecureTask(rnd, action, deadline, seed, payload, model, config, _privacy(doc))
+        return SecureTask(rnd, action, deadline, seed, payload, model, config, _privacy(doc), certs)
     except ConfigError as exc:
         raise WireFormatError(f"{what}: {exc}") from None

@@ -283,6 +283,8 @@ class RoundEngine:
         self._peers_lock = threading.Lock()
         self._last_seen: dict[str, float] = {}
         self._clients: dict[str, str] = {}
+        # Consortium certificates by client id (JSON text): relayed, never trusted here.
+        self._certs: dict[str, str] = {}
         self.status = "running"
         self.current_model = ""
         self.completed_rounds = 0
@@ -398,8 +400,10 @@ class RoundEngine:
                     subs = self.store.submissions(self._current.round, stage.name)
                     self._submitted[(self._current.round, stage.name)] = {s.client_id for s in subs}
             clients = self.store.clients()
+            certs = self.store.certificates()
             with self._peers_lock:
                 self._clients = clients
+                self._certs = certs
 
     @property
     def secure_aggregation(self) -> bool:
@@ -530,8 +534,10 @@ class RoundEngine:
         self.store.add_token_hashes([hash_token(t) for t in tokens])
         return tokens
 
-    def enroll(self, token: str, client_id: str, public_key: str) -> None:
-        """Consume ``token`` and register ``client_id`` with its Ed25519 key.
+    def enroll(
+        self, token: str, client_id: str, public_key: str, certificate: str | None = None
+    ) -> None:
+        """Consume ``token`` and register ``client_id`` with its Ed25519 key (and certificate).
 
         Raises
         ------
@@ -542,7 +548,7 @@ class RoundEngine:
             raise EnrollmentError(
                 "client_id must be 1-64 characters from [A-Za-z0-9_.-]", "bad_client_id"
             )
-        outcome = self.store.enroll(hash_token(token), client_id, public_key)
+        outcome = self.store.enroll(hash_token(token), client_id, public_key, certificate)
         if outcome == "bad_token":
             raise EnrollmentError("unknown or already used enrolment token", "bad_token")
         if outcome == "client_exists":
@@ -551,6 +557,8 @@ class RoundEngine:
             raise EnrollmentError("this public key is already enrolled", "key_exists")
         with self._peers_lock:
             self._clients[client_id] = public_key
+            if certificate is not None:
+                self._certs[client_id] = certificate
 
     def public_key(self, client_id: str) -> str | None:
         """Return the enrolled base64 public key of ``client_id``, or ``None``."""
@@ -605,6 +613,8 @@ class RoundEngine:
                 if cur.stage != "advertise":
                     return SecureTask(cur.round, cur.stage, cur.deadline, cur.seed, payload)
                 privacy = self._privacy_task(self._round_ddg(cur.round))
+                with self._peers_lock:
+                    certs = {c: json.loads(self._certs[c]) for c in cur.cohort if c in self._certs}
                 return SecureTask(
                     cur.round,
                     cur.stage,
@@ -614,6 +624,7 @@ class RoundEngine:
                     model_sha256=cur.base_model,
                     config=self._train_config(privacy),
                     privacy=privacy,
+                    certificates=certs or None,
                 )
             if cur.stage == "train":
                 privacy = self._privacy_task()
