@@ -29,6 +29,8 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     learning_rate = 0.1
     # server_learning_rate = 1.0, and the strategy's own keys (mu, momentum, beta1,
     # beta2, tau, trim_fraction, max_norm) go here too
+    # local_momentum = 0.9     # sites' heavy-ball SGD momentum (0: plain SGD)
+    # momentum_restart = true  # false: each site keeps its buffer across rounds
 
     [deadlines]              # seconds each stage stays open at most
     train = 30.0
@@ -163,6 +165,10 @@ class StrategyConfig:
     learning_rate: float = 0.1
     # None: the strategy's own default (1.0 for FedAvg, 0.1 for the adaptive optimizers).
     server_learning_rate: float | None = None
+    # The sites' local heavy-ball momentum, and whether each round restarts it from zero
+    # (TrainConfig.momentum / momentum_restart; `momentum` is FedAvgM's server momentum).
+    local_momentum: float = 0.0
+    momentum_restart: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Strategy:
@@ -187,6 +193,10 @@ class StrategyConfig:
         bounding's ``update_clip_norm``).
         """
         extra = client_train_options(strategy)
+        if self.local_momentum != 0.0:
+            extra["momentum"] = self.local_momentum
+        if not self.momentum_restart:
+            extra["momentum_restart"] = False
         return TrainConfig(self.epochs, self.batch_size, self.learning_rate, dp, **extra)
 
 
@@ -329,6 +339,14 @@ class Config:
         if s.server_learning_rate is not None and not s.server_learning_rate > 0:
             raise ConfigError("strategy.server_learning_rate must be > 0")
         s.train_config(built, None)  # what it asks the sites for must be a valid task
+        if self.privacy.mode in ("sample", "sample_distributed") and (
+            s.local_momentum != 0.0 or not s.momentum_restart
+        ):
+            raise ConfigError(
+                "strategy.local_momentum / momentum_restart apply to non-private local "
+                f"training; privacy.mode = {self.privacy.mode!r} trains by DP-SGD, whose "
+                "momentum is [privacy] momentum: set that instead"
+            )
         if not built.secure_compatible:
             hides = (
                 "[secagg] enabled = true"
@@ -450,6 +468,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "batch_size": int,
         "learning_rate": float,
         "server_learning_rate": float,
+        "local_momentum": float,
+        "momentum_restart": bool,
     }
     # Keys other than these are the strategy's own options (its constructor checks them).
     strat_sec = doc.get("strategy", {})

@@ -37,6 +37,7 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.client.momentum import persist_momentum, restore_momentum, train_delta_keeping
 from confide.client.policy import PrivacyLedger, SitePolicy
 from confide.client.releases_log import ReleaseLog
 from confide.client.secure import RngFactory, SecureParticipant
@@ -46,7 +47,6 @@ from confide.client.training import (
     check_trainable,
     fit_round,
     sample_ddg_step,
-    train_delta,
 )
 from confide.errors import (
     ConfigError,
@@ -487,9 +487,11 @@ class Client:
                         secure=False,
                     )
                     check_trainable(trainer, cfg)  # refused before anything is trained
+                    restore_momentum(trainer, cfg, self.state_dir)  # momentum_restart = false
                     result = await asyncio.to_thread(
                         fit_round, trainer, train, cfg, self._seed(task.seed)
                     )
+                    persist_momentum(trainer, cfg, self.state_dir)
                     delta = bound_update(trainer.get_weights() - weights, cfg)
                     delta = _clip_for_privacy(delta, task.privacy)
                     meta = {"num_examples": str(result.num_examples)}
@@ -598,7 +600,13 @@ class Client:
                 else:
                     job = asyncio.ensure_future(
                         asyncio.to_thread(
-                            train_delta, trainer, weights, train, cfg, self._seed(task.seed)
+                            train_delta_keeping,
+                            trainer,
+                            weights,
+                            train,
+                            cfg,
+                            self._seed(task.seed),
+                            self.state_dir,
                         )
                     )
                 self._training = (round_id, job, task)
