@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.client.training import train_delta
 from confide.errors import ConfigError
-from confide.training.base import SiteData, TrainConfig, Trainer
+from confide.training.base import TrainConfig, Trainer
 
-__all__ = ["momentum_path", "persist_momentum", "restore_momentum", "train_delta_keeping"]
+__all__ = ["momentum_path", "persist_momentum", "restore_momentum"]
 
 
 def _keeps(config: TrainConfig) -> bool:
@@ -98,24 +97,3 @@ def persist_momentum(trainer: Trainer, config: TrainConfig, state_dir: str | Pat
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def train_delta_keeping(
-    trainer: Trainer,
-    weights: NDArray[np.float32],
-    data: SiteData,
-    config: TrainConfig,
-    seed: int,
-    state_dir: str | Path,
-) -> tuple[NDArray[np.float32], int, float]:
-    """:func:`~confide.client.training.train_delta` with the momentum buffer kept on disk.
-
-    Returns
-    -------
-    tuple
-        The delta, the number of examples and the final training loss.
-    """
-    restore_momentum(trainer, config, state_dir)
-    out = train_delta(trainer, weights, data, config, seed)
-    persist_momentum(trainer, config, state_dir)
-    return out

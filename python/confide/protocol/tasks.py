@@ -211,6 +211,12 @@ class TrainConfig:
         Start every round's local training from a zero momentum buffer (``True``), or keep
         the site's buffer across rounds (``False``; the client persists it in its state
         folder, so it survives a restart).
+    share_fraction : float, default 1.0
+        Partial model sharing (:mod:`confide.protocol.sharing`): only this share of the
+        parameters, in (0, 1], is uploaded this round; 1.0 uploads everything.
+    share_seed : str, optional
+        The round's public selection seed (64 hex digits); required when
+        ``share_fraction < 1``.
 
     Examples
     --------
@@ -228,6 +234,8 @@ class TrainConfig:
     update_clip_norm: float | None = None
     momentum: float = 0.0
     momentum_restart: bool = True
+    share_fraction: float = 1.0
+    share_seed: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dp, dict):  # JSON form, as a task carries it
@@ -252,6 +260,19 @@ class TrainConfig:
                 "local momentum / momentum_restart = false apply to non-private training; "
                 "with patient-level DP-SGD set the DP-SGD momentum ([privacy] momentum) instead"
             )
+        _check_float("share_fraction", self.share_fraction, low=0.0, low_open=True)
+        if self.share_fraction > 1.0:
+            raise ConfigError(f"share_fraction must be in (0, 1], got {self.share_fraction!r}")
+        if self.share_fraction < 1.0:
+            seed = self.share_seed
+            if not (
+                isinstance(seed, str)
+                and len(seed) == 64
+                and all(c in "0123456789abcdef" for c in seed)
+            ):
+                raise ConfigError(
+                    f"share_fraction < 1 needs share_seed, 64 lowercase hex digits; got {seed!r}"
+                )
 
     @classmethod
     def from_dict(cls, doc: Any) -> TrainConfig:
@@ -296,6 +317,10 @@ class TrainConfig:
             out["momentum"] = self.momentum
         if not self.momentum_restart:
             out["momentum_restart"] = False
+        if self.share_fraction != 1.0:
+            out["share_fraction"] = self.share_fraction
+        if self.share_seed is not None:
+            out["share_seed"] = self.share_seed
         return out
 
 
