@@ -139,6 +139,11 @@ def test_bad_settings_are_refused_with_what_to_do() -> None:
 
     with pytest.raises(ConfigError, match="has no momentum_buffer/set_momentum_buffer"):
         restore_momentum(NoBuffer(), TrainConfig(momentum=0.5, momentum_restart=False), ".")  # type: ignore[arg-type]
+    from confide.client.training import check_trainable
+
+    keep = TrainConfig(momentum=0.5, momentum_restart=False)
+    with pytest.raises(ConfigError, match="refused and nothing is uploaded"):
+        check_trainable(NoBuffer(), keep)  # type: ignore[arg-type]  # before training starts
 
 
 def test_wire_form_omits_defaults_and_round_trips() -> None:
