@@ -29,6 +29,8 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     learning_rate = 0.1
     # server_learning_rate = 1.0, and the strategy's own keys (mu, momentum, beta1,
     # beta2, tau, trim_fraction, max_norm) go here too
+    # local_momentum = 0.9     # sites' heavy-ball SGD momentum (0: plain SGD)
+    # momentum_restart = true  # false: each site keeps its buffer across rounds
 
     [deadlines]              # seconds each stage stays open at most
     train = 30.0
@@ -78,6 +80,10 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     expected_batch_size = 0  # sample_distributed: public q * (patients of all sites)
     site_clip_norm = 0       # sample_distributed: bound on a site's gradient sum
                              # (0 = clip_norm * expected_batch_size)
+
+    [sharing]                # optional: partial model sharing (docs/strategies.md)
+    fraction = 0.2           # share of parameters aggregated per round, in (0, 1];
+                             # 1.0 (default) shares everything
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ from pathlib import Path
 from typing import Any
 
 from confide.errors import ConfigError
+from confide.protocol.sharing import check_fraction
 from confide.protocol.tasks import DPSGDConfig, TrainConfig
 from confide.secagg import (
     InfeasibleConfigError,
@@ -163,6 +170,10 @@ class StrategyConfig:
     learning_rate: float = 0.1
     # None: the strategy's own default (1.0 for FedAvg, 0.1 for the adaptive optimizers).
     server_learning_rate: float | None = None
+    # The sites' local heavy-ball momentum, and whether each round restarts it from zero
+    # (TrainConfig.momentum / momentum_restart; `momentum` is FedAvgM's server momentum).
+    local_momentum: float = 0.0
+    momentum_restart: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Strategy:
@@ -187,7 +198,33 @@ class StrategyConfig:
         bounding's ``update_clip_norm``).
         """
         extra = client_train_options(strategy)
+        if self.local_momentum != 0.0:
+            extra["momentum"] = self.local_momentum
+        if not self.momentum_restart:
+            extra["momentum_restart"] = False
         return TrainConfig(self.epochs, self.batch_size, self.learning_rate, dp, **extra)
+
+
+@dataclass(frozen=True)
+class SharingConfig:
+    """Partial model sharing (``[sharing]``): the share of parameters aggregated per round.
+
+    ``fraction`` in (0, 1]; 1.0 (the default) shares every parameter and changes nothing.
+    Below 1 each round shares a public, round-seeded subset (:mod:`confide.protocol.sharing`),
+    the same for every site; the rest of the model stays on the sites.
+    """
+
+    fraction: float = 1.0
+
+    @property
+    def partial(self) -> bool:
+        """Whether only part of the model is shared."""
+        return self.fraction < 1.0
+
+
+#: Strategies that keep per-coordinate server state (moments): their state would follow the
+#: shared subset, which changes every round, so partial sharing refuses them.
+_STATEFUL_STRATEGIES = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 @dataclass(frozen=True)
@@ -298,6 +335,7 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
 
     def __post_init__(self) -> None:
         job = self.job
@@ -330,6 +368,14 @@ class Config:
         if s.server_learning_rate is not None and not s.server_learning_rate > 0:
             raise ConfigError("strategy.server_learning_rate must be > 0")
         s.train_config(built, None)  # what it asks the sites for must be a valid task
+        if self.privacy.mode in ("sample", "sample_distributed") and (
+            s.local_momentum != 0.0 or not s.momentum_restart
+        ):
+            raise ConfigError(
+                "strategy.local_momentum / momentum_restart apply to non-private local "
+                f"training; privacy.mode = {self.privacy.mode!r} trains by DP-SGD, whose "
+                "momentum is [privacy] momentum: set that instead"
+            )
         if not built.secure_compatible:
             hides = (
                 "[secagg] enabled = true"
@@ -346,6 +392,7 @@ class Config:
                     "DP off, or choose a strategy that works on the sum (fedavg, fedprox, "
                     "fedavgm, fedadam, fedyogi, fedadagrad, norm_bounding)"
                 )
+        self._check_sharing()
         for stage in ("train", "evaluate"):
             if not self.deadlines.get(stage, 0) > 0:
                 raise ConfigError(f"deadlines.{stage} must be a number of seconds > 0")
@@ -376,6 +423,26 @@ class Config:
                 "privacy.mode = 'sample_distributed' (distributed patient-level DP-SGD) adds "
                 "each site's noise share under secure aggregation; it needs [secagg] "
                 "enabled = true (or use 'sample', where every site noises its own update)"
+            )
+
+    def _check_sharing(self) -> None:
+        """Refuse partial sharing where its subset cannot be honoured (and say why)."""
+        check_fraction(self.sharing.fraction)
+        if not self.sharing.partial:
+            return
+        if self.strategy.name in _STATEFUL_STRATEGIES:
+            raise ConfigError(
+                f"sharing.fraction = {self.sharing.fraction} shares a different subset every "
+                f"round, but strategy {self.strategy.name!r} keeps per-coordinate server "
+                "moments that would not follow it; use fedavg, fedprox, norm_bounding, median "
+                "or trimmed_mean with partial sharing, or set sharing.fraction = 1.0"
+            )
+        if self.privacy.mode in ("distributed", "sample_distributed"):
+            raise ConfigError(
+                f"sharing.fraction < 1 with privacy.mode = {self.privacy.mode!r} is not "
+                "supported: the ring modes calibrate the discrete noise, the rotation and the "
+                "ring to the whole model's length; use 'sample' (patient-level DP-SGD) or "
+                "'central', or set sharing.fraction = 1.0"
             )
 
 
@@ -421,7 +488,17 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
     ConfigError
         Missing, unknown or ill-typed keys, or inconsistent values.
     """
-    sections = {"job", "model", "strategy", "deadlines", "server", "tls", "secagg", "privacy"}
+    sections = {
+        "job",
+        "model",
+        "strategy",
+        "deadlines",
+        "server",
+        "tls",
+        "secagg",
+        "privacy",
+        "sharing",
+    }
     unknown = set(doc) - sections
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
@@ -451,6 +528,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "batch_size": int,
         "learning_rate": float,
         "server_learning_rate": float,
+        "local_momentum": float,
+        "momentum_restart": bool,
     }
     # Keys other than these are the strategy's own options (its constructor checks them).
     strat_sec = doc.get("strategy", {})
@@ -517,6 +596,9 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         tls=tls,
         secagg=secagg,
         privacy=parse_privacy(doc.get("privacy", {})),
+        sharing=_typed(
+            _section(doc, "sharing", {"fraction"}), "sharing", SharingConfig, {"fraction": float}
+        ),
     )
 
 

@@ -13,6 +13,7 @@ from confide_server.config import (
     JobConfig,
     SecAggConfig,
     ServerConfig,
+    SharingConfig,
     StrategyConfig,
     TLSConfig,
     parse_config,
@@ -33,6 +34,7 @@ SECTIONS: dict[str, Any] = {
     "tls": TLSConfig,
     "secagg": SecAggConfig,
     "privacy": PrivacyConfig,
+    "sharing": SharingConfig,
 }
 
 

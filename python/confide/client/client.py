@@ -38,16 +38,14 @@ import aiohttp
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.client.partial import train_round_delta, upload_manifest
 from confide.client.policy import PrivacyLedger, SitePolicy
 from confide.client.releases_log import ReleaseLog
 from confide.client.secure import RngFactory, SecureParticipant
 from confide.client.training import (
-    bound_update,
     check_per_sample,
     check_trainable,
-    fit_round,
     sample_ddg_step,
-    train_delta,
 )
 from confide.errors import (
     ConfigError,
@@ -523,22 +521,29 @@ class Client:
                         secure=False,
                     )
                     check_trainable(trainer, cfg)  # refused before anything is trained
-                    result = await asyncio.to_thread(
-                        fit_round, trainer, train, cfg, self._seed(task.seed)
+                    # Local momentum kept across rounds and partial sharing live in the state
+                    # folder; the delta is the shared coordinates only, bounded after selection.
+                    delta, num_examples, loss = await asyncio.to_thread(
+                        train_round_delta,
+                        trainer,
+                        weights,
+                        train,
+                        cfg,
+                        self._seed(task.seed),
+                        self.state_dir,
                     )
-                    delta = bound_update(trainer.get_weights() - weights, cfg)
                     delta = _clip_for_privacy(delta, task.privacy)
-                    meta = {"num_examples": str(result.num_examples)}
-                    if math.isfinite(result.loss):  # DP-SGD reports no (un-noised) loss
-                        meta["train_loss"] = repr(float(result.loss))
-                    body = encode_tensors(manifest, delta, meta)
+                    meta = {"num_examples": str(num_examples)}
+                    if math.isfinite(loss):  # DP-SGD reports no (un-noised) loss
+                        meta["train_loss"] = repr(float(loss))
+                    body = encode_tensors(upload_manifest(manifest, cfg), delta, meta)
                     self._releases.put(round_id, "train", body)  # durable before it is sent
                     self._ledger.record(round_id, event)  # before it leaves the site
                     await self.submit(round_id, "train", body)
                     trained += 1
                     self._log(
                         f"{self.client_id}: round {round_id} trained on "
-                        f"{result.num_examples} examples, loss {result.loss:.4f}"
+                        f"{num_examples} examples, loss {loss:.4f}"
                     )
                 else:
                     metrics = await asyncio.to_thread(trainer.evaluate, test)
@@ -634,7 +639,13 @@ class Client:
                 else:
                     job = asyncio.ensure_future(
                         asyncio.to_thread(
-                            train_delta, trainer, weights, train, cfg, self._seed(task.seed)
+                            train_round_delta,
+                            trainer,
+                            weights,
+                            train,
+                            cfg,
+                            self._seed(task.seed),
+                            self.state_dir,
                         )
                     )
                 self._training = (round_id, job, task)

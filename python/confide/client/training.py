@@ -75,9 +75,17 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
         ``config.dp`` is set and ``trainer`` gives no per-sample gradients.
     ConfigError
         ``config.proximal_mu > 0`` without DP and ``trainer`` does not implement the
-        proximal term (``supports_proximal``).
+        proximal term (``supports_proximal``), or the task keeps local momentum across
+        rounds and ``trainer`` cannot hold a buffer (``set_momentum_buffer``).
     """
     if config.dp is None:
+        keeps = config.momentum > 0 and not config.momentum_restart
+        if keeps and not callable(getattr(trainer, "set_momentum_buffer", None)):
+            raise ConfigError(
+                "this round keeps local momentum across rounds (momentum_restart = false), "
+                f"but {type(trainer).__name__} has no momentum_buffer/set_momentum_buffer; the "
+                "round is refused and nothing is uploaded. Use NumpyTrainer or TorchTrainer"
+            )
         if config.proximal_mu > 0 and not getattr(trainer, "supports_proximal", False):
             raise ConfigError(
                 f"this round asks for FedProx (proximal_mu={config.proximal_mu}), but "

@@ -203,6 +203,20 @@ class TrainConfig:
     update_clip_norm : float, optional
         Norm bounding: the site scales its delta down to this L2 norm (finite, > 0) before
         uploading or masking it. ``None`` (default): no such clip.
+    momentum : float, default 0.0
+        Local heavy-ball momentum in [0, 1) of non-private training (``v = m v + g``,
+        ``w -= lr v``, as ``torch.optim.SGD`` with no dampening). 0 trains plain SGD; the
+        torch engine then uses its own constructor ``momentum``.
+    momentum_restart : bool, default True
+        Start every round's local training from a zero momentum buffer (``True``), or keep
+        the site's buffer across rounds (``False``; the client persists it in its state
+        folder, so it survives a restart).
+    share_fraction : float, default 1.0
+        Partial model sharing (:mod:`confide.protocol.sharing`): only this share of the
+        parameters, in (0, 1], is uploaded this round; 1.0 uploads everything.
+    share_seed : str, optional
+        The round's public selection seed (64 hex digits); required when
+        ``share_fraction < 1``.
 
     Examples
     --------
@@ -218,6 +232,10 @@ class TrainConfig:
     dp: DPSGDConfig | None = None
     proximal_mu: float = 0.0
     update_clip_norm: float | None = None
+    momentum: float = 0.0
+    momentum_restart: bool = True
+    share_fraction: float = 1.0
+    share_seed: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dp, dict):  # JSON form, as a task carries it
@@ -228,6 +246,33 @@ class TrainConfig:
         _check_float("proximal_mu", self.proximal_mu, low=0.0, low_open=False)
         if self.update_clip_norm is not None:
             _check_float("update_clip_norm", self.update_clip_norm, low=0.0, low_open=True)
+        _check_float("momentum", self.momentum, low=0.0, low_open=False)
+        if self.momentum >= 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if not isinstance(self.momentum_restart, bool):
+            raise ConfigError(
+                f"momentum_restart must be true or false, got {self.momentum_restart!r}"
+            )
+        if self.dp is not None and (self.momentum != 0.0 or not self.momentum_restart):
+            # DP-SGD's momentum is dp.momentum (post-processing inside run_dpsgd); a second,
+            # engine-side buffer would never run under DP, so it is refused, not ignored.
+            raise ConfigError(
+                "local momentum / momentum_restart = false apply to non-private training; "
+                "with patient-level DP-SGD set the DP-SGD momentum ([privacy] momentum) instead"
+            )
+        _check_float("share_fraction", self.share_fraction, low=0.0, low_open=True)
+        if self.share_fraction > 1.0:
+            raise ConfigError(f"share_fraction must be in (0, 1], got {self.share_fraction!r}")
+        if self.share_fraction < 1.0:
+            seed = self.share_seed
+            if not (
+                isinstance(seed, str)
+                and len(seed) == 64
+                and all(c in "0123456789abcdef" for c in seed)
+            ):
+                raise ConfigError(
+                    f"share_fraction < 1 needs share_seed, 64 lowercase hex digits; got {seed!r}"
+                )
 
     @classmethod
     def from_dict(cls, doc: Any) -> TrainConfig:
@@ -268,6 +313,14 @@ class TrainConfig:
             out["proximal_mu"] = self.proximal_mu
         if self.update_clip_norm is not None:
             out["update_clip_norm"] = self.update_clip_norm
+        if self.momentum != 0.0:
+            out["momentum"] = self.momentum
+        if not self.momentum_restart:
+            out["momentum_restart"] = False
+        if self.share_fraction != 1.0:
+            out["share_fraction"] = self.share_fraction
+        if self.share_seed is not None:
+            out["share_seed"] = self.share_seed
         return out
 
 

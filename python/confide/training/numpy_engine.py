@@ -157,6 +157,8 @@ class NumpyTrainer:
         self._regression = spec.get("head") == "regression"
         self._n_layers = len(manifest.tensors) // 2
         self._vec = np.zeros(manifest.size, dtype=np.float32)
+        # Heavy-ball buffer kept between fits when TrainConfig.momentum_restart is false.
+        self._velocity: NDArray[np.float32] | None = None
         if weights is not None:
             self.set_weights(weights)
 
@@ -330,6 +332,34 @@ class NumpyTrainer:
         if not np.isfinite(vector).all():
             raise ManifestError("weights contain NaN or Inf", code="non_finite")
         self._vec[...] = vector
+
+    def momentum_buffer(self) -> NDArray[np.float32] | None:
+        """Return a copy of the local momentum buffer left by the last :meth:`fit`, or ``None``.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            Flat float32 buffer in the manifest's order; ``None`` before any fit with
+            momentum (or after one with ``momentum_restart``, which starts from zero anyway).
+        """
+        return None if self._velocity is None else self._velocity.copy()
+
+    def set_momentum_buffer(self, buffer: NDArray[np.float32] | None) -> None:
+        """Replace the momentum buffer a ``momentum_restart = False`` fit continues from.
+
+        Parameters
+        ----------
+        buffer : numpy.ndarray or None
+            Flat float32 vector of ``manifest.size`` finite values (copied), or ``None``
+            (start the next fit from zero).
+        """
+        if buffer is None:
+            self._velocity = None
+            return
+        self._manifest.check_vector(buffer)
+        if not np.isfinite(buffer).all():
+            raise ManifestError("momentum buffer contains NaN or Inf", code="non_finite")
+        self._velocity = np.array(buffer, dtype=np.float32, copy=True)
 
     def _params(self, vec: NDArray[np.float32]) -> list[tuple[NDArray[Any], NDArray[Any]]]:
         views = self._manifest.unflatten(vec)
@@ -527,7 +557,10 @@ class NumpyTrainer:
             ``mu/2 ||w - w0||^2`` is added at every step, ``w0`` the weights ``fit`` starts
             from; the reported loss is the data loss only). ``config.dp`` must be ``None``:
             DP-SGD runs through :func:`confide.privacy.run_dpsgd`, which uses this engine's
-            per-sample gradients.
+            per-sample gradients. ``momentum`` > 0 trains heavy-ball SGD (``v = m v + g``,
+            ``w -= lr v``); the buffer starts from zero unless ``momentum_restart`` is false,
+            then from :meth:`momentum_buffer` of the previous fit (or
+            :meth:`set_momentum_buffer`).
         seed : int
             Seeds the shuffling (``numpy.random.default_rng``; it protects no secret).
 
@@ -550,6 +583,15 @@ class NumpyTrainer:
         epoch_loss = 0.0
         mu = np.float32(config.proximal_mu)
         anchor = self._vec.copy()  # w_global: the round's model, set before fit
+        m = np.float32(config.momentum)
+        velocity: NDArray[np.float32] | None = None
+        if m > 0:
+            keep = not config.momentum_restart and self._velocity is not None
+            velocity = (
+                self._velocity.copy()
+                if keep and self._velocity is not None
+                else np.zeros_like(self._vec)
+            )
         for _ in range(config.epochs):
             order = shuffler.permutation(n)
             total = 0.0
@@ -558,12 +600,18 @@ class NumpyTrainer:
                 loss, grad = self._backward(xf[idx], yi[idx], per_sample=False)
                 if mu > 0:  # FedProx: grad of mu/2 ||w - w_global||^2 (mu = 0: FedAvg's bits)
                     grad = grad + mu * (self._vec - anchor)
+                if velocity is not None:  # heavy ball, as torch.optim.SGD (no dampening)
+                    velocity *= m
+                    velocity += grad
+                    grad = velocity
                 self._vec -= np.float32(config.learning_rate) * grad
                 total += loss * len(idx)
                 steps += 1
             epoch_loss = total / n
         if not np.isfinite(self._vec).all():
             raise ManifestError("training diverged: weights became NaN or Inf", code="non_finite")
+        if velocity is not None:
+            self._velocity = velocity
         return FitResult(num_examples=n, loss=epoch_loss, num_steps=steps)
 
     def evaluate(self, data: SiteData) -> dict[str, float]:

@@ -157,8 +157,10 @@ class TorchTrainer:
         Records per ``vmap`` call in :meth:`per_sample_gradients`; default
         :func:`default_per_sample_chunk` of ``input_shape``.
     momentum : float, default 0.0
-        Heavy-ball momentum of non-private :meth:`fit` (``torch.optim.SGD``, reset at each
-        call, since every round starts from a new global model).
+        Heavy-ball momentum of non-private :meth:`fit` when the task's
+        ``TrainConfig.momentum`` is 0 (``torch.optim.SGD``). The buffer is reset at each
+        call (every round starts from a new global model) unless the task says
+        ``momentum_restart = false``: then it continues from :meth:`momentum_buffer`.
     eval_batch_size : int, default 64
         Records per forward pass in :meth:`evaluate`.
 
@@ -213,6 +215,9 @@ class TorchTrainer:
         self._num_classes = num_classes
         self._chunk = chunk
         self._momentum = float(momentum)
+        # Host copy of the SGD momentum buffers (manifest order), kept between fits for
+        # TrainConfig.momentum_restart = false.
+        self._velocity: NDArray[np.float32] | None = None
         self._eval_batch_size = eval_batch_size
 
         named = list(module.named_parameters())
@@ -589,9 +594,16 @@ class TorchTrainer:
         n = self._check_data(data)
         self._check_labels(np.asarray(data.labels), "data.labels")
         shuffler = np.random.default_rng(_derive_seed(seed, "shuffle"))
+        momentum = float(config.momentum) or self._momentum  # the task's, else the trainer's
         optimizer = torch.optim.SGD(
-            self._module.parameters(), lr=config.learning_rate, momentum=self._momentum
+            self._module.parameters(), lr=config.learning_rate, momentum=momentum
         )
+        if momentum > 0 and not config.momentum_restart and self._velocity is not None:
+            kept = torch.from_numpy(self._velocity).to(self._device)
+            for name, p in self._module.named_parameters():
+                if p.requires_grad:
+                    lo, hi = self._offsets[name]
+                    optimizer.state[p]["momentum_buffer"] = kept[lo:hi].view(p.shape).clone()
         self._module.train()
         steps = 0
         epoch_loss = math.nan
@@ -618,7 +630,41 @@ class TorchTrainer:
                 epoch_loss = total / n
         optimizer.zero_grad(set_to_none=True)
         self._check_finite_weights()
+        if momentum > 0:
+            velocity = np.zeros(self._manifest.size, dtype=np.float32)
+            for name, p in self._module.named_parameters():
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    lo, hi = self._offsets[name]
+                    velocity[lo:hi] = buf.detach().reshape(-1).to("cpu").numpy()
+            self._velocity = velocity
         return FitResult(num_examples=n, loss=epoch_loss, num_steps=steps)
+
+    def momentum_buffer(self) -> NDArray[np.float32] | None:
+        """Return a copy of the SGD momentum buffer left by the last :meth:`fit`, or ``None``.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            Flat float32 buffer in the manifest's order (zeros for parameters without one).
+        """
+        return None if self._velocity is None else self._velocity.copy()
+
+    def set_momentum_buffer(self, buffer: NDArray[np.float32] | None) -> None:
+        """Replace the buffer a ``momentum_restart = False`` fit continues from.
+
+        Parameters
+        ----------
+        buffer : numpy.ndarray or None
+            Flat float32 vector of ``manifest.size`` finite values (copied), or ``None``.
+        """
+        if buffer is None:
+            self._velocity = None
+            return
+        self._manifest.check_vector(buffer)
+        if not np.isfinite(buffer).all():
+            raise ManifestError("momentum buffer contains NaN or Inf", code="non_finite")
+        self._velocity = np.array(buffer, dtype=np.float32, copy=True)
 
     def evaluate(self, data: SiteData) -> dict[str, float]:
         """Mean cross-entropy and accuracy over ``data`` (eval mode, no gradients).

@@ -56,6 +56,14 @@ from confide.privacy.client_dp import DDGParams, padded_dim
 from confide.privacy.distributed_dpsgd import SampleDDGParams
 from confide.protocol.jsonio import loads_bounded
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
+from confide.protocol.sharing import (
+    round_seed,
+    scatter,
+    select,
+    shared_count,
+    shared_indices,
+    shared_manifest,
+)
 from confide.protocol.tasks import (
     EvaluateTask,
     FailedTask,
@@ -416,6 +424,8 @@ class RoundEngine:
         size = self.manifest.size
         if self.privacy.mode == "distributed":
             return padded_dim(size)
+        if self.config.sharing.partial:  # partial sharing: only the round's subset is masked
+            return shared_count(size, self.config.sharing.fraction)
         return size
 
     def _secure_params(self, n: int) -> tuple[SecAggParams, DDGParams | SampleDDGParams | None]:
@@ -622,7 +632,7 @@ class RoundEngine:
                     cur.seed,
                     payload,
                     model_sha256=cur.base_model,
-                    config=self._train_config(privacy),
+                    config=self._train_config(privacy, cur.round),
                     privacy=privacy,
                     certificates=certs or None,
                 )
@@ -633,16 +643,50 @@ class RoundEngine:
                     cur.deadline,
                     cur.seed,
                     cur.base_model,
-                    self._train_config(privacy),
+                    self._train_config(privacy, cur.round),
                     privacy,
                 )
             if cur.new_model is None:
                 raise RoundError(f"round {cur.round} evaluates a model it has not written")
             return EvaluateTask(cur.round, cur.deadline, cur.seed, cur.new_model)
 
-    def _train_config(self, privacy: PrivacyTask | None) -> TrainConfig:
+    def _train_config(self, privacy: PrivacyTask | None, round_id: int) -> TrainConfig:
         dp = privacy.dp if privacy is not None else None
-        return self.config.strategy.train_config(self.strategy, dp)
+        cfg = self.config.strategy.train_config(self.strategy, dp)
+        sharing = self.config.sharing
+        if sharing.partial:  # the public selection seed; sites derive the subset from it
+            seed = round_seed(self.config.job.name, self.config.job.seed, round_id)
+            cfg = replace(cfg, share_fraction=sharing.fraction, share_seed=seed)
+        return cfg
+
+    def _upload_manifest(self) -> Manifest:
+        """Return the manifest plain uploads are decoded with (the model's or the subset's)."""
+        if not self.config.sharing.partial:
+            return self.manifest
+        return shared_manifest(shared_count(self.manifest.size, self.config.sharing.fraction))
+
+    def _decode_upload(self, body: bytes) -> tuple[NDArray[np.float32], dict[str, str]]:
+        """Decode a plain update; under partial sharing, say what a partial upload is."""
+        manifest = self._upload_manifest()
+        if manifest is self.manifest:
+            return decode_tensors(manifest, body)
+        try:
+            return decode_tensors(manifest, body)
+        except ManifestError as exc:
+            raise InvalidSubmissionError(
+                f"this job shares {manifest.size} of {self.manifest.size} parameters per round "
+                f"([sharing] fraction = {self.config.sharing.fraction}): upload the round's "
+                f"shared coordinates as one float32 tensor 'shared' of {manifest.size} values "
+                f"(confide.client.partial does this); {exc}"
+            ) from None
+
+    def _shared_index(self, round_id: int) -> NDArray[np.int64] | None:
+        """Return the round's shared parameter indices under partial sharing, else ``None``."""
+        sharing = self.config.sharing
+        if not sharing.partial:
+            return None
+        seed = round_seed(self.config.job.name, self.config.job.seed, round_id)
+        return shared_indices(seed, self.manifest.size, sharing.fraction)
 
     def _privacy_task(
         self, ddg: tuple[DDGParams | SampleDDGParams, bytes] | None = None
@@ -736,7 +780,7 @@ class RoundEngine:
                 raise InvalidSubmissionError("the message names another client or round")
             return Prepared(round_id, stage, client_id, sha, 1, None, {"message": msg})
         if kind == "tensors":
-            delta, meta = decode_tensors(self.manifest, body)
+            delta, meta = self._decode_upload(body)
             num = _positive_int(meta.get("num_examples"), "num_examples")
             self._check_bounds(delta, num)
             payload: dict[str, Any] = {}
@@ -982,7 +1026,7 @@ class RoundEngine:
                     cohort,
                     clients,
                     self.current_model,
-                    self.manifest.size if not isinstance(ddg, DDGParams) else ddg.padded_dim,
+                    self.secure_vector_length if not isinstance(ddg, DDGParams) else ddg.padded_dim,
                     params=params,
                 )
             except (InfeasibleConfigError, ConfigError) as exc:
@@ -1174,6 +1218,12 @@ class RoundEngine:
                 raise SecAggAbortError("zero-weight", "the survivors' weights sum to zero")
             total = result.weighted_sum()
             weight = float(result.total_weight)
+        index = self._shared_index(cur.round)
+        if index is not None:  # partial sharing: the strategy sees the subset; the rest stays
+            sub, state = self.strategy.aggregate_sum(
+                select(base, index), total, weight, self._strategy_state()
+            )
+            return self._write_model(cur, scatter(base, index, sub)), state
         new, state = self.strategy.aggregate_sum(base, total, weight, self._strategy_state())
         return self._write_model(cur, new), state
 
@@ -1195,8 +1245,12 @@ class RoundEngine:
                     "corrupt_state",
                 )
             data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
-            deltas.append(decode_tensors(self.manifest, data)[0])
+            deltas.append(decode_tensors(self._upload_manifest(), data)[0])
         state = self._strategy_state()
+        full = base
+        index = self._shared_index(cur.round)
+        if index is not None:  # partial sharing: aggregate the subset, keep the rest
+            base = select(full, index)
         # An overflow is not an error here: _write_model refuses a non-finite aggregate with a
         # clear reason, and the round is aborted (never committed).
         with np.errstate(over="ignore", invalid="ignore"):
@@ -1207,6 +1261,8 @@ class RoundEngine:
             else:
                 updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
                 new, state = self.strategy.aggregate(base, updates, state)
+        if index is not None:
+            new = scatter(full, index, new)
         return self._write_model(cur, new), state
 
     def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
