@@ -47,6 +47,7 @@ __all__ = [
     "TENSORBOARD_HINT",
     "MetricsLog",
     "export_records",
+    "plot_rounds",
     "round_rows",
 ]
 
@@ -272,3 +273,57 @@ def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> N
         metrics.write(store)
     except (OSError, ValueError) as exc:
         log.warning("could not export the ledger or metrics: %s", exc)
+
+
+def plot_rounds(rounds: Sequence[Mapping[str, Any]], png: Path) -> bool:
+    """Plot accuracy and epsilon per committed round; write the points beside the PNG.
+
+    ``png.with_suffix(".json")`` always gets ``{"round": [...], "accuracy": [...],
+    "epsilon": [...]}`` (one point per committed round; ``null`` where not reported); the
+    PNG (two panels) is written only when matplotlib is installed (``[demo]``).
+
+    Parameters
+    ----------
+    rounds : sequence of mapping
+        The status's ``rounds`` (``GET /v1/status`` or ``confide-server status --json``).
+    png : Path
+        The PNG to write.
+
+    Returns
+    -------
+    bool
+        Whether the PNG was written.
+    """
+    done = [r for r in rounds if r.get("status") == "committed"]
+    xs = [int(r["round"]) for r in done]
+    acc = [(r.get("metrics") or {}).get("eval_accuracy") for r in done]
+    eps = [(r.get("privacy") or {}).get("epsilon") for r in done]
+    points = {"round": xs, "accuracy": acc, "epsilon": eps}
+    png.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def nan(values: list[Any]) -> list[float]:
+        return [float("nan") if v is None else float(v) for v in values]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    top.plot(xs, nan(acc), marker="o", color="tab:blue")
+    top.set_ylabel("eval accuracy")
+    top.set_title("confide: accuracy and privacy per round")
+    top.grid(alpha=0.3)
+    bottom.plot(xs, nan(eps), marker="s", color="tab:red")
+    bottom.set_ylabel("epsilon (cumulative)")
+    bottom.set_xlabel("round")
+    bottom.grid(alpha=0.3)
+    if all(v is None for v in eps):
+        bottom.text(0.5, 0.5, "no differential privacy", ha="center", transform=bottom.transAxes)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
