@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = "confide-server simulate"
             rc = main_simulate(argv[1:])
         elif argv[:1] == ["ledger"]:
-            from confide_server.ledger import main_ledger
+            from confide_server.ledger_cli import main_ledger
 
             name = "confide-server ledger"
             rc = main_ledger(argv[1:])

@@ -25,7 +25,8 @@ its export (one ``{"entry", "entry_hash", "signature"}`` object a line), rewritt
 every commit and at start-up, so a crash between the commit and the export is repaired on
 restart.
 
-Offline checks (``confide-server ledger verify`` and ``confide-server ledger receipt``):
+Offline checks (``confide-server ledger verify`` and ``confide-server ledger receipt``,
+:mod:`confide_server.ledger_cli`):
 :func:`verify_ledger` checks every hash, signature and link of the chain and names the
 first bad entry; :func:`find_receipt` tells a site whether its receipt is in a (verified)
 ledger. The chain cannot reveal a ledger cut short *at the end*: compare its last
@@ -41,7 +42,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +73,6 @@ __all__ = [
     "find_receipt",
     "json_safe",
     "load_public_key",
-    "main_ledger",
     "read_ledger",
     "receipt_hash",
     "sign_entry",
@@ -474,105 +473,3 @@ def find_receipt(
         if isinstance(receipts, Mapping) and want in (receipts.get(receipt.get("stage")) or ()):
             return entry
     return None
-
-
-# -- command line: confide-server ledger {verify,receipt} -----------------------------------
-def _read_receipt(value: str) -> dict[str, Any]:
-    """Read a receipt: a JSON file or inline JSON (the receipt, or the whole upload answer)."""
-    path = Path(value)
-    text = value
-    if not value.lstrip().startswith("{"):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LedgerFormatError(
-                f"--receipt must be a JSON file or inline JSON of the receipt the server "
-                f"returned; cannot read {value!r}: {exc}"
-            ) from None
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise LedgerFormatError(f"--receipt is not JSON ({exc})") from None
-    if isinstance(doc, dict) and isinstance(doc.get("receipt"), dict):
-        doc = doc["receipt"]  # the upload's whole answer: {"receipt": ..., "duplicate": ...}
-    if not isinstance(doc, dict) or not {"receipt_id", "round", "stage"} <= set(doc):
-        raise LedgerFormatError(
-            "--receipt must be the receipt object the server returned for an upload "
-            '({"receipt_id", "round", "stage", "client_id", "sha256", ...})'
-        )
-    return doc
-
-
-def _parser() -> Any:
-    import argparse
-
-    from confide.cli import HelpFormatter
-
-    p = argparse.ArgumentParser(
-        prog="confide-server ledger",
-        description="Check a contribution ledger offline (<state>/ledger.jsonl): its chain "
-        "and signatures (verify), or that a site's receipt is in it (receipt).",
-        formatter_class=HelpFormatter,
-    )
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    v = sub.add_parser(
-        "verify",
-        help="check every entry's hash, signature and link; exit 1 naming the first bad one",
-        formatter_class=HelpFormatter,
-    )
-    v.add_argument("--ledger", required=True, type=Path, help="the ledger (ledger.jsonl)")
-    v.add_argument(
-        "--server-key",
-        required=True,
-        help="the server's public key: base64, or a file holding it (release_key.pub)",
-    )
-    r = sub.add_parser(
-        "receipt",
-        help="check that a receipt the server returned is recorded in the ledger",
-        formatter_class=HelpFormatter,
-    )
-    r.add_argument("--ledger", required=True, type=Path, help="the ledger (ledger.jsonl)")
-    r.add_argument("--receipt", required=True, help="the receipt: a JSON file, or the JSON itself")
-    r.add_argument(
-        "--server-key",
-        help="verify the whole ledger with this key first (base64 or release_key.pub)",
-    )
-    return p
-
-
-def main_ledger(argv: Sequence[str]) -> int:
-    """``confide-server ledger``: 0 valid / receipt found, 1 invalid / not found, 2 bad input.
-
-    Raises
-    ------
-    LedgerFormatError
-        A file, key or receipt that cannot be read (the caller prints it and exits 2).
-    """
-    args = _parser().parse_args(list(argv))
-    key = None if args.server_key is None else load_public_key(args.server_key)
-    receipt = _read_receipt(args.receipt) if args.action == "receipt" else None
-    lines = read_ledger(args.ledger)
-    if key is not None:
-        result = verify_ledger(lines, key)
-        if not result.ok:
-            print(result.describe(), file=sys.stderr)
-            return 1
-        if receipt is None:
-            print(result.describe())
-            return 0
-    if receipt is None:  # pragma: no cover - argparse requires --server-key for verify
-        return 2
-    entry = find_receipt(lines, receipt)
-    what = (
-        f"receipt {receipt.get('receipt_id')} of {receipt.get('client_id')!r} "
-        f"(round {receipt.get('round')}, stage {receipt.get('stage')!r})"
-    )
-    if entry is None:
-        print(f"{what} is NOT in the ledger", file=sys.stderr)
-        return 1
-    print(
-        f"{what} is in the ledger: round {entry.get('round')}, model_version "
-        f"{entry.get('model_version')}, model {entry.get('model_hash')}"
-        + ("" if key is not None else " (ledger not verified: pass --server-key)")
-    )
-    return 0

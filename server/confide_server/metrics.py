@@ -190,8 +190,11 @@ class MetricsLog:
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             line = json.dumps({"round": round_id, "stage": stage, "closed_at": at}) + "\n"
-            with self.stages_path.open("a", encoding="utf-8") as f:
-                f.write(line)
+            fd = os.open(self.stages_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
         except OSError as exc:
             log.warning("could not record a stage close in %s: %s", self.stages_path, exc)
 
