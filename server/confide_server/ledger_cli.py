@@ -24,7 +24,7 @@ from confide_server.ledger import (
     verify_ledger,
 )
 
-__all__ = ["main_ledger"]
+__all__ = ["build_ledger_parser", "main_ledger"]
 
 
 def _read_receipt(value: str) -> dict[str, Any]:
@@ -53,8 +53,10 @@ def _read_receipt(value: str) -> dict[str, Any]:
     return doc
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_ledger_parser() -> argparse.ArgumentParser:
+    """Build the ``confide-server ledger`` argument parser."""
     from confide.cli import HelpFormatter
+    from confide_server.cli import version_string
 
     p = argparse.ArgumentParser(
         prog="confide-server ledger",
@@ -62,12 +64,14 @@ def _parser() -> argparse.ArgumentParser:
         "and signatures (verify), or that a site's receipt is in it (receipt).",
         formatter_class=HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=version_string())
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     v = sub.add_parser(
         "verify",
         help="check every entry's hash, signature and link; exit 1 naming the first bad one",
         formatter_class=HelpFormatter,
     )
+    v.add_argument("--version", action="version", version=version_string())
     v.add_argument("--ledger", required=True, type=Path, help="the ledger (ledger.jsonl)")
     v.add_argument(
         "--server-key",
@@ -79,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         help="check that a receipt the server returned is recorded in the ledger",
         formatter_class=HelpFormatter,
     )
+    r.add_argument("--version", action="version", version=version_string())
     r.add_argument("--ledger", required=True, type=Path, help="the ledger (ledger.jsonl)")
     r.add_argument("--receipt", required=True, help="the receipt: a JSON file, or the JSON itself")
     r.add_argument(
@@ -96,7 +101,7 @@ def main_ledger(argv: Sequence[str]) -> int:
     LedgerFormatError
         A file, key or receipt that cannot be read (the caller prints it and exits 2).
     """
-    args = _parser().parse_args(list(argv))
+    args = build_ledger_parser().parse_args(list(argv))
     key = None if args.server_key is None else load_public_key(args.server_key)
     receipt = _read_receipt(args.receipt) if args.action == "receipt" else None
     lines = read_ledger(args.ledger)
