@@ -16,9 +16,10 @@ time from the stage's opening (the previous stage's close, or the round start) t
 stage closes are appended to ``metrics/stages.jsonl`` as they happen.
 
 TensorBoard event files go to ``metrics/tensorboard/`` (one scalar per numeric column, step =
-round) when ``tensorboardX`` is installed (``pip install 'confide-server[tensorboard]'``);
-without it the CSV and JSON Lines files are still written and the server logs once how to
-get the event files.
+round; one file per server process, started with every round so far, older files removed,
+then appended to) when ``tensorboardX`` is installed (``pip install
+'confide-server[tensorboard]'``); without it the CSV and JSON Lines files are still written
+and the server logs once how to get the event files.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,7 @@ def round_rows(
     store: Store,
     stage_closes: Mapping[int, Mapping[str, float]] | None = None,
     state_dir: Path | None = None,
+    skip: Container[int] = (),
 ) -> list[dict[str, Any]]:
     """Build one row per closed round from the database.
 
@@ -103,6 +105,8 @@ def round_rows(
         ``{round: {stage: closed_at}}`` (from ``metrics/stages.jsonl``).
     state_dir : Path, optional
         The state folder (update files' sizes count as upload bytes).
+    skip : container of int, optional
+        Rounds not to build (already built: a closed round's row never changes).
 
     Returns
     -------
@@ -115,7 +119,7 @@ def round_rows(
     stages_of = stage_closes or {}
     rows: list[dict[str, Any]] = []
     for r in store.rounds():
-        if r.status not in ("committed", "aborted"):
+        if r.status not in ("committed", "aborted") or r.round in skip:
             continue
         closes = stages_of.get(r.round, {})
         stage_names = list(dict.fromkeys([*closes, r.stage, *_UPDATE_STAGES, "evaluate"]))
@@ -179,6 +183,11 @@ class MetricsLog:
         self.state_dir = state_dir
         self.folder = state_dir / "metrics"
         self._hinted = False
+        # Rows of closed rounds (they never change), so a close costs O(new rounds) queries.
+        self._rows: dict[int, dict[str, Any]] = {}
+        # This process's TensorBoard writer and the steps it holds (appended to, flushed).
+        self._tb: Any = None
+        self._tb_steps: set[int] = set()
 
     @property
     def stages_path(self) -> Path:
@@ -215,8 +224,10 @@ class MetricsLog:
         return out
 
     def write(self, store: Store) -> list[dict[str, Any]]:
-        """Rewrite every metrics file from the database; return the rows."""
-        rows = round_rows(store, self.stage_closes(), self.state_dir)
+        """Rewrite the CSV and JSON Lines files, add new rounds' events; return the rows."""
+        for row in round_rows(store, self.stage_closes(), self.state_dir, skip=self._rows):
+            self._rows[int(row["round"])] = row
+        rows = [self._rows[k] for k in sorted(self._rows)]
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         columns = list(BASE_COLUMNS)
         extra = sorted({k for row in rows for k in row} - set(columns))
@@ -234,33 +245,44 @@ class MetricsLog:
         return rows
 
     def _write_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        try:
-            tbx: Any = importlib.import_module("tensorboardX")
-        except ImportError:
-            if not self._hinted:
-                log.info(TENSORBOARD_HINT)
-                self._hinted = True
-            return
-        folder = self.folder / "tensorboard"
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Rewritten whole (one file, every round): a restart never duplicates a step.
-        old = list(folder.glob("events.out.tfevents.*"))
-        suffix = f".{os.getpid()}.{time.time_ns()}"
-        writer = tbx.SummaryWriter(logdir=str(folder), flush_secs=3600, filename_suffix=suffix)
-        try:
-            for row in rows:
-                step = int(row["round"])
-                writer.add_scalar(
-                    "round/committed", 1.0 if row["status"] == "committed" else 0.0, step
-                )
-                for key, value in row.items():
-                    if key in ("round", "started_at", "ended_at") or not _finite(value):
-                        continue
-                    writer.add_scalar(f"round/{key}", float(value), step)
-        finally:
-            writer.close()
-        for path in old:
-            path.unlink(missing_ok=True)
+        if self._tb is None:
+            try:
+                tbx: Any = importlib.import_module("tensorboardX")
+            except ImportError:
+                if not self._hinted:
+                    log.info(TENSORBOARD_HINT)
+                    self._hinted = True
+                return
+            folder = self.folder / "tensorboard"
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The first write of a process starts one new file with every round and removes
+            # the older files, so a restart never duplicates a step; later closes append.
+            old = list(folder.glob("events.out.tfevents.*"))
+            suffix = f".{os.getpid()}.{time.time_ns()}"
+            self._tb = tbx.SummaryWriter(
+                logdir=str(folder), flush_secs=3600, filename_suffix=suffix
+            )
+            self._tb_steps = set()
+            for path in old:
+                path.unlink(missing_ok=True)
+        writer = self._tb
+        for row in rows:
+            step = int(row["round"])
+            if step in self._tb_steps:
+                continue
+            writer.add_scalar("round/committed", 1.0 if row["status"] == "committed" else 0.0, step)
+            for key, value in row.items():
+                if key in ("round", "started_at", "ended_at") or not _finite(value):
+                    continue
+                writer.add_scalar(f"round/{key}", float(value), step)
+            self._tb_steps.add(step)
+        writer.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (flushed after every write anyway)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> None:
