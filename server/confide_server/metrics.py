@@ -296,8 +296,8 @@ def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> N
     try:
         write_export(ledger.export_path, store.ledger())
         metrics.write(store)
-    except (OSError, ValueError) as exc:
-        log.warning("could not export the ledger or metrics: %s", exc)
+    except Exception as exc:  # an export never fails a committed round
+        log.warning("could not export the ledger or metrics: %s: %s", type(exc).__name__, exc)
 
 
 def plot_rounds(rounds: Sequence[Mapping[str, Any]], png: Path) -> bool:

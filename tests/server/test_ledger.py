@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -360,3 +361,16 @@ def test_read_ledger_refuses_what_is_not_a_ledger(tmp_path: Path) -> None:
     p.write_text("[1, 2]\n")
     with pytest.raises(LedgerFormatError, match="line 1 is not a ledger entry"):
         read_ledger(p)
+
+
+def test_a_failed_export_never_fails_the_round(
+    tmp_path: Path, plain: RoundEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database is the record: an unwritable ledger.jsonl is logged, the job goes on."""
+    (tmp_path / "state" / "ledger.jsonl").mkdir(parents=True)  # os.replace onto it fails
+    with caplog.at_level(logging.WARNING, logger="confide_server"):
+        final, eng = _run_job(tmp_path, [], job__rounds=3)
+    assert final == plain.current_model
+    assert [r.status for r in eng.store.rounds()] == ["committed"] * 3
+    assert verify_ledger(eng.store.ledger(), _key(eng)).ok
+    assert any("could not export the ledger" in r.getMessage() for r in caplog.records)

@@ -337,6 +337,7 @@ class RoundEngine:
         self._load()
         self._check_current_model()
         self._remove_unregistered_models()
+        _ = self.ledger.key  # a bad server key stops the start, not a commit
         self._export_records()
 
     def _remove_unregistered_models(self) -> None:
