@@ -316,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
+        "ledger",
+        help="check the contribution ledger offline: verify its chain, or find a receipt",
+        add_help=False,
+    )
+    sub.add_parser(
         "dopamine",
         help="the Dopamine experiment: distributed DP-SGD under SecAgg+ vs FedAvg vs central",
         add_help=False,
@@ -341,6 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             name = "confide-server simulate"
             rc = main_simulate(argv[1:])
+        elif argv[:1] == ["ledger"]:
+            from confide_server.ledger_cli import main_ledger
+
+            name = "confide-server ledger"
+            rc = main_ledger(argv[1:])
         elif argv[:1] == ["dopamine"]:
             from confide_server.dopamine import main_dopamine
 

@@ -54,6 +54,7 @@ from confide.training import NumpyTrainer, SiteData, TrainConfig, Trainer, build
 from confide_server.auth import operator_token
 from confide_server.config import Config, load_config, parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
+from confide_server.metrics import plot_rounds
 
 __all__ = [
     "JobFiles",
@@ -709,6 +710,8 @@ def run_simulation(
         base_acc = central_baseline(files, opts) if central else None
         plot_path = Path(plot) if plot is not None else work / "accuracy.png"
         plotted = base_acc is not None and _plot(status["rounds"], base_acc, plot_path)
+        rounds_png = work / "rounds.png"  # accuracy and epsilon per round (+ rounds.json)
+        rounds_plotted = plot_rounds(status["rounds"], rounds_png)
         print(
             f"federated accuracy (final model, pooled test set of {len(files.test)}): {fed_acc:.4f}"
         )
@@ -738,6 +741,8 @@ def run_simulation(
             _release(files)
         if plotted:
             print(f"plot: {plot_path}")
+        if rounds_plotted:
+            print(f"plot: {rounds_png} (accuracy and epsilon per round)")
         elif central:
             print("plot: skipped (matplotlib is not installed: pip install 'confide-server[demo]')")
         print(f"done in {time.monotonic() - t0:.1f} s; logs in {logs}", flush=True)

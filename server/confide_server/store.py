@@ -129,6 +129,9 @@ CREATE TABLE IF NOT EXISTS strategy_states (
     round INTEGER PRIMARY KEY, state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS certificates (
     client_id TEXT PRIMARY KEY, certificate TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (
+    round INTEGER PRIMARY KEY, entry TEXT NOT NULL, entry_hash TEXT NOT NULL,
+    signature TEXT NOT NULL);
 """
 
 
@@ -768,3 +771,29 @@ class Store:
                 "INSERT OR IGNORE INTO nonces(nonce, client_id, ts) VALUES (?, ?, ?)",
                 (nonce, s.client_id, accepted_at),
             )
+
+    # -- contribution ledger (confide_server.ledger) -----------------------------------
+    @staticmethod
+    def last_ledger_hash(cur: Tx) -> str | None:
+        """Return the newest ledger entry's hash, read inside the committing transaction."""
+        row = cur.execute("SELECT entry_hash FROM ledger ORDER BY round DESC LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    def insert_ledger(cur: Tx, round_id: int, line: dict[str, Any]) -> None:
+        """Store one signed ledger entry (``{"entry", "entry_hash", "signature"}``)."""
+        cur.execute(
+            "INSERT INTO ledger(round, entry, entry_hash, signature) VALUES (?, ?, ?, ?)",
+            (round_id, json.dumps(line["entry"]), line["entry_hash"], line["signature"]),
+        )
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every ledger entry, oldest round first, in its stored form."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry, entry_hash, signature FROM ledger ORDER BY round"
+            ).fetchall()
+        return [
+            {"entry": json.loads(r[0]), "entry_hash": str(r[1]), "signature": str(r[2])}
+            for r in rows
+        ]

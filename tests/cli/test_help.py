@@ -12,6 +12,7 @@ from confide.cli import build_parser
 from confide.cli import main as confide_main
 from confide_server.cli import build_parser as build_server_parser
 from confide_server.cli import main as server_main
+from confide_server.ledger_cli import build_ledger_parser
 from confide_server.simulate import build_simulate_parser
 from tests.cli.conftest import SERVER, run
 
@@ -30,6 +31,9 @@ COMMANDS = [
     ["confide-server", "enroll"],
     ["confide-server", "status"],
     ["confide-server", "simulate"],
+    ["confide-server", "ledger"],
+    ["confide-server", "ledger", "verify"],
+    ["confide-server", "ledger", "receipt"],
 ]
 
 
@@ -43,7 +47,7 @@ def _run(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 def _parsers() -> list[argparse.ArgumentParser]:
     out = [build_simulate_parser()]
-    for top in (build_parser(), build_server_parser()):
+    for top in (build_parser(), build_server_parser(), build_ledger_parser()):
         out.append(top)
         for action in top._actions:
             if isinstance(action, argparse._SubParsersAction):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 from confide.data import load_csv
 from confide.training import NumpyTrainer
 from confide_server.config import load_config
+from confide_server.ledger import load_public_key, read_ledger, verify_ledger
 from confide_server.simulate import SimulationOptions, prepare_job, run_simulation
 from confide_server.store import Store
 from tests.e2e.conftest import Procs
@@ -22,6 +24,11 @@ def test_simulate_clients_complete_rounds_and_model_improves(tmp_path: Path) -> 
     opts = SimulationOptions(clients=4, rounds=3, partition="dirichlet", alpha=1.0, seed=3)
     assert run_simulation(tmp_path, opts, timeout=120) == 0
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    # accuracy and epsilon per round, and the points beside the plot: one per round
+    assert (tmp_path / "rounds.png").stat().st_size > 1000
+    points = json.loads((tmp_path / "rounds.json").read_text())
+    assert points["round"] == [1, 2, 3]
+    assert len(points["accuracy"]) == len(points["epsilon"]) == 3
     cfg = load_config(tmp_path / "job.toml")
     store = Store(cfg.server.database)
     try:
@@ -151,6 +158,13 @@ def test_server_sigkill_and_restart_matches_no_crash_run(
         assert store.count_submissions() == 3 * 3 * 2
     finally:
         store.close()
+    # The contribution ledger survived the SIGKILL: one signed entry per committed round.
+    state = cfg.server.state_dir
+    lines = read_ledger(state / "ledger.jsonl")
+    result = verify_ledger(lines, load_public_key(str(state / "release_key.pub")))
+    assert result.ok, result.describe()
+    assert [x["entry"]["model_hash"] for x in lines] == [r["new_model"] for r in crashed["rounds"]]
+    assert all(x["entry"]["survivors"] == x["entry"]["cohort"] for x in lines)
 
 
 #: Longer than the train stage's deadline (``_job``: 30 s), so absolute deadlines would

@@ -93,6 +93,8 @@ from confide_server.engine.privacy import (
     read_privacy,
 )
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
+from confide_server.ledger import GENESIS, LedgerSigner, entry_fields, sign_entry
+from confide_server.metrics import MetricsLog, export_records
 from confide_server.store import (
     TRANSIENT_ERRORS,
     PrivacyRow,
@@ -301,6 +303,9 @@ class RoundEngine:
         # When the last round committed or aborted (None before the first): the next
         # cohort is drawn from the sites seen since.
         self._last_closed: float | None = None
+        # The contribution ledger (signed in the commit transaction) and per-round metrics.
+        self.ledger = LedgerSigner(config.server.state_dir)
+        self.metrics = MetricsLog(config.server.state_dir)
 
     # -- start-up and recovery ---------------------------------------------------------
     def initialise(self, initial_weights: bytes) -> None:
@@ -342,6 +347,8 @@ class RoundEngine:
         self._load()
         self._check_current_model()
         self._remove_unregistered_models()
+        _ = self.ledger.key  # a bad server key stops the start, not a commit
+        self._export_records()
 
     def _remove_unregistered_models(self) -> None:
         """Delete model files no committed row names (at start, when no write is in flight).
@@ -952,6 +959,7 @@ class RoundEngine:
                 return self._maybe_start(now, clients, last_seen)
             try:
                 self._close_stage(cur, sorted(answered))
+                self.metrics.stage_closed(cur.round, cur.stage, self._clock())
             except TRANSIENT_ERRORS:
                 raise  # transient disk trouble: the timer retries the close
             except Exception as exc:
@@ -1326,10 +1334,19 @@ class RoundEngine:
         now = self._clock()
         if cur.new_model is None:
             raise RoundError(f"round {cur.round} has no new model to commit", "no_model")
+        summary = None if self.secure is None else self.secure.summary(cur.round)
+        entry = entry_fields(
+            self.config, self.store, cur, [s.name for s in self.stages], summary, now
+        )
+        key = self.ledger.key
         with self.store.transaction() as db:
             done = Store.commit_round(db, cur.round, cur.stage, metrics, now)
             if done is None:  # pragma: no cover - guarded by the tick lock
                 raise RoundError(f"round {cur.round} was already closed", "round_closed")
+            # The ledger entry commits with the round, or neither does.
+            prev = Store.last_ledger_hash(db) or GENESIS
+            entry.update(model_version=done, prev_entry_hash=prev)
+            Store.insert_ledger(db, cur.round, sign_entry(entry, key))
             Store.set_meta(db, "current_model", cur.new_model)
             Store.set_meta(db, "consecutive_aborts", "0")
             status = "finished" if done >= self.config.job.rounds else "running"
@@ -1341,6 +1358,7 @@ class RoundEngine:
             self.status = status
             self._current = None
             self._last_closed = now
+        self._export_records()
         self._crash("round_committed")
 
     def _abort(
@@ -1363,7 +1381,12 @@ class RoundEngine:
             self._last_closed = now
             if self.secure is not None:
                 self.secure.forget()
+        self._export_records()
         self._crash("round_aborted")
+
+    def _export_records(self) -> None:
+        """Rewrite ``ledger.jsonl`` and ``metrics/`` from the database (best effort)."""
+        export_records(self.store, self.ledger, self.metrics)
 
     # -- reporting ---------------------------------------------------------------------
     def status_dict(self) -> dict[str, Any]:

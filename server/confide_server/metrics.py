@@ -1,0 +1,354 @@
+"""Per-round metrics files: ``<state>/metrics/rounds.csv``, ``rounds.jsonl`` and TensorBoard events.
+
+One row per closed round (committed or aborted), rebuilt from the database after every
+round closes and at start-up (so a crash never leaves a row missing for long, and a round
+is never written twice)::
+
+    round, status (committed | aborted), reason, started_at, ended_at, duration_s,
+    participants (cohort size), survivors (updates that entered the sum), epsilon,
+    epsilon_round, upload_bytes, stage_<name>_s ..., train_loss, eval_<metric> ...
+
+``survivors`` is the round's ``train_clients`` when it committed (under SecAgg+ the
+protocol's survivors) and the number of accepted updates when it aborted.
+``upload_bytes`` counts the accepted submissions as stored: update files and JSON messages
+(SecAgg+ unmask answers are never stored, so they are not counted). ``stage_<name>_s`` is the
+time from the stage's opening (the previous stage's close, or the round start) to its close;
+stage closes are appended to ``metrics/stages.jsonl`` as they happen.
+
+TensorBoard event files go to ``metrics/tensorboard/`` (one scalar per numeric column, step =
+round; one file per server process, started with every round so far, older files removed,
+then appended to) when ``tensorboardX`` is installed (``pip install
+'confide-server[tensorboard]'``); without it the CSV and JSON Lines files are still written
+and the server logs once how to get the event files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Container, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from confide_server.ledger import LedgerSigner
+    from confide_server.store import RoundRow, Store
+
+log = logging.getLogger("confide_server")
+
+__all__ = [
+    "BASE_COLUMNS",
+    "TENSORBOARD_HINT",
+    "MetricsLog",
+    "export_records",
+    "plot_rounds",
+    "round_rows",
+]
+
+#: Columns every row has, in this order (then stage durations and reported metrics, sorted).
+BASE_COLUMNS = (
+    "round",
+    "status",
+    "reason",
+    "started_at",
+    "ended_at",
+    "duration_s",
+    "participants",
+    "survivors",
+    "epsilon",
+    "epsilon_round",
+    "upload_bytes",
+)
+TENSORBOARD_HINT = (
+    "TensorBoard event files need tensorboardX: pip install 'confide-server[tensorboard]' "
+    "(rounds.csv and rounds.jsonl are written without it)"
+)
+_UPDATE_STAGES = ("train", "mask")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _stage_durations(r: RoundRow, closes: Mapping[str, float]) -> dict[str, float]:
+    """``stage_<name>_s`` of one round from its recorded stage closes and its end."""
+    out: dict[str, float] = {}
+    prev = r.started_at
+    for stage, at in sorted(closes.items(), key=lambda kv: kv[1]):
+        out[f"stage_{stage}_s"] = max(0.0, at - prev)
+        prev = at
+    if r.ended_at is not None and f"stage_{r.stage}_s" not in out:
+        out[f"stage_{r.stage}_s"] = max(0.0, r.ended_at - prev)
+    return out
+
+
+def round_rows(
+    store: Store,
+    stage_closes: Mapping[int, Mapping[str, float]] | None = None,
+    state_dir: Path | None = None,
+    skip: Container[int] = (),
+) -> list[dict[str, Any]]:
+    """Build one row per closed round from the database.
+
+    Parameters
+    ----------
+    store : Store
+        The job's database.
+    stage_closes : mapping, optional
+        ``{round: {stage: closed_at}}`` (from ``metrics/stages.jsonl``).
+    state_dir : Path, optional
+        The state folder (update files' sizes count as upload bytes).
+    skip : container of int, optional
+        Rounds not to build (already built: a closed round's row never changes).
+
+    Returns
+    -------
+    list of dict
+        Rows, oldest round first (see the module documentation for the columns).
+    """
+    from confide_server.engine.privacy import read_privacy
+
+    _, per_round = read_privacy(store)
+    stages_of = stage_closes or {}
+    rows: list[dict[str, Any]] = []
+    for r in store.rounds():
+        if r.status not in ("committed", "aborted") or r.round in skip:
+            continue
+        closes = stages_of.get(r.round, {})
+        stage_names = list(dict.fromkeys([*closes, r.stage, *_UPDATE_STAGES, "evaluate"]))
+        upload = 0
+        updates = 0
+        for stage in stage_names:
+            for s in store.submissions(r.round, stage):
+                if stage in _UPDATE_STAGES:
+                    updates += 1
+                if s.blob is not None and state_dir is not None:
+                    with contextlib.suppress(OSError):
+                        upload += (state_dir / s.blob).stat().st_size
+                elif s.payload is not None:
+                    upload += len(json.dumps(s.payload).encode())
+        metrics = r.metrics or {}
+        privacy = per_round.get(r.round) or {}
+        row: dict[str, Any] = {
+            "round": r.round,
+            "status": r.status,
+            "reason": r.reason or "",
+            "started_at": r.started_at,
+            "ended_at": r.ended_at,
+            "duration_s": None if r.ended_at is None else max(0.0, r.ended_at - r.started_at),
+            "participants": len(r.cohort),
+            "survivors": metrics.get("train_clients", updates)
+            if r.status == "committed"
+            else updates,
+            "epsilon": privacy.get("epsilon"),
+            "epsilon_round": privacy.get("epsilon_round"),
+            "upload_bytes": upload,
+            **_stage_durations(r, closes),
+        }
+        for key, value in sorted(metrics.items()):
+            if (key == "train_loss" or key.startswith("eval_")) and _finite(value):
+                row[key] = value
+        rows.append(row)
+    return rows
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """Writes ``<state>/metrics/``: ``rounds.csv``, ``rounds.jsonl``, ``tensorboard/``.
+
+    Parameters
+    ----------
+    state_dir : Path
+        The server's state folder.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.folder = state_dir / "metrics"
+        self._hinted = False
+        # Rows of closed rounds (they never change), so a close costs O(new rounds) queries.
+        self._rows: dict[int, dict[str, Any]] = {}
+        # This process's TensorBoard writer and the steps it holds (appended to, flushed).
+        self._tb: Any = None
+        self._tb_steps: set[int] = set()
+
+    @property
+    def stages_path(self) -> Path:
+        """``metrics/stages.jsonl``: one ``{"round", "stage", "closed_at"}`` a closed stage."""
+        return self.folder / "stages.jsonl"
+
+    def stage_closed(self, round_id: int, stage: str, at: float) -> None:
+        """Record that ``round_id``'s ``stage`` closed at ``at`` (best effort, appended)."""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            line = json.dumps({"round": round_id, "stage": stage, "closed_at": at}) + "\n"
+            fd = os.open(self.stages_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("could not record a stage close in %s: %s", self.stages_path, exc)
+
+    def stage_closes(self) -> dict[int, dict[str, float]]:
+        """Read ``stages.jsonl`` (the first close of each round's stage; bad lines skipped)."""
+        out: dict[int, dict[str, float]] = {}
+        try:
+            text = self.stages_path.read_text(encoding="utf-8")
+        except OSError:
+            return out
+        for line in text.splitlines():
+            try:
+                doc = json.loads(line)
+                rnd, stage, at = int(doc["round"]), str(doc["stage"]), float(doc["closed_at"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+            out.setdefault(rnd, {}).setdefault(stage, at)
+        return out
+
+    def write(self, store: Store) -> list[dict[str, Any]]:
+        """Rewrite the CSV and JSON Lines files, add new rounds' events; return the rows."""
+        for row in round_rows(store, self.stage_closes(), self.state_dir, skip=self._rows):
+            self._rows[int(row["round"])] = row
+        rows = [self._rows[k] for k in sorted(self._rows)]
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        columns = list(BASE_COLUMNS)
+        extra = sorted({k for row in rows for k in row} - set(columns))
+        columns += [k for k in extra if k.startswith("stage_")]
+        columns += [k for k in extra if not k.startswith("stage_")]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+        _atomic_write(self.folder / "rounds.csv", buf.getvalue().encode())
+        jsonl = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        _atomic_write(self.folder / "rounds.jsonl", jsonl.encode())
+        self._write_tensorboard(rows)
+        return rows
+
+    def _write_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if self._tb is None:
+            try:
+                tbx: Any = importlib.import_module("tensorboardX")
+            except ImportError:
+                if not self._hinted:
+                    log.info(TENSORBOARD_HINT)
+                    self._hinted = True
+                return
+            folder = self.folder / "tensorboard"
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # The first write of a process starts one new file with every round and removes
+            # the older files, so a restart never duplicates a step; later closes append.
+            old = list(folder.glob("events.out.tfevents.*"))
+            suffix = f".{os.getpid()}.{time.time_ns()}"
+            self._tb = tbx.SummaryWriter(
+                logdir=str(folder), flush_secs=3600, filename_suffix=suffix
+            )
+            self._tb_steps = set()
+            for path in old:
+                path.unlink(missing_ok=True)
+        writer = self._tb
+        for row in rows:
+            step = int(row["round"])
+            if step in self._tb_steps:
+                continue
+            writer.add_scalar("round/committed", 1.0 if row["status"] == "committed" else 0.0, step)
+            for key, value in row.items():
+                if key in ("round", "started_at", "ended_at") or not _finite(value):
+                    continue
+                writer.add_scalar(f"round/{key}", float(value), step)
+            self._tb_steps.add(step)
+        writer.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (flushed after every write anyway)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> None:
+    """Rewrite ``ledger.jsonl`` and the metrics files from the database (best effort).
+
+    The database is the record; these are exports, so a failed write is logged, never
+    fatal, and the next close (or restart) rewrites them.
+    """
+    from confide_server.ledger import write_export
+
+    try:
+        write_export(ledger.export_path, store.ledger())
+        metrics.write(store)
+    except Exception as exc:  # an export never fails a committed round
+        log.warning("could not export the ledger or metrics: %s: %s", type(exc).__name__, exc)
+
+
+def plot_rounds(rounds: Sequence[Mapping[str, Any]], png: Path) -> bool:
+    """Plot accuracy and epsilon per committed round; write the points beside the PNG.
+
+    ``png.with_suffix(".json")`` always gets ``{"round": [...], "accuracy": [...],
+    "epsilon": [...]}`` (one point per committed round; ``null`` where not reported); the
+    PNG (two panels) is written only when matplotlib is installed (``[demo]``).
+
+    Parameters
+    ----------
+    rounds : sequence of mapping
+        The status's ``rounds`` (``GET /v1/status`` or ``confide-server status --json``).
+    png : Path
+        The PNG to write.
+
+    Returns
+    -------
+    bool
+        Whether the PNG was written.
+    """
+    done = [r for r in rounds if r.get("status") == "committed"]
+    xs = [int(r["round"]) for r in done]
+    acc = [(r.get("metrics") or {}).get("eval_accuracy") for r in done]
+    eps = [(r.get("privacy") or {}).get("epsilon") for r in done]
+    points = {"round": xs, "accuracy": acc, "epsilon": eps}
+    png.with_suffix(".json").write_text(json.dumps(points, indent=1) + "\n")
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    def nan(values: list[Any]) -> list[float]:
+        return [float("nan") if v is None else float(v) for v in values]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    top.plot(xs, nan(acc), marker="o", color="tab:blue")
+    top.set_ylabel("eval accuracy")
+    top.set_title("confide: accuracy and privacy per round")
+    top.grid(alpha=0.3)
+    bottom.plot(xs, nan(eps), marker="s", color="tab:red")
+    bottom.set_ylabel("epsilon (cumulative)")
+    bottom.set_xlabel("round")
+    bottom.grid(alpha=0.3)
+    if all(v is None for v in eps):
+        bottom.text(0.5, 0.5, "no differential privacy", ha="center", transform=bottom.transAxes)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
