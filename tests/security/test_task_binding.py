@@ -159,3 +159,100 @@ def test_the_task_hash_covers_every_field_sites_must_share() -> None:
     hashes = {name: t.task_sha256() for name, t in changed.items()}
     assert ref not in hashes.values()
     assert len(set(hashes.values())) == len(hashes)
+
+
+# --- the same attack over real HTTP, against real clients -------------------------------
+
+
+async def test_sites_given_different_tasks_over_http_reveal_nothing(
+    make_fed: Any, tmp_path: Path
+) -> None:
+    """A malicious server hands two of three real ``Client``s ``learning_rate = 1e-9``.
+
+    The server is the real aiohttp app over loopback; its engine's ``task_for`` is wrapped
+    (the attacker edits the tasks it serves). Every site aborts at ``share``: the store holds
+    advertisements (public keys) only, nothing of any later stage, and no round commits.
+    """
+    import asyncio
+    import dataclasses
+
+    import numpy as np
+
+    from confide.client import Client
+    from confide.data import Dataset
+    from confide.training import NumpyTrainer
+    from tests.security.test_certified_peers import SECURE
+    from tests.server.util import N_FEATURES, write_job
+    from tests.support import PermissivePolicy
+
+    fed = await make_fed(write_job(tmp_path / "job", **SECURE, job__rounds=1))
+    server = fed.http.server
+    url = f"http://{server.host}:{server.port}"
+    honest_task_for = fed.engine.task_for
+
+    def malicious_task_for(client_id: str) -> Any:
+        task = honest_task_for(client_id)
+        if (
+            isinstance(task, SecureTask)
+            and task.stage == "advertise"
+            and client_id != "victim"
+            and task.config is not None
+        ):
+            return dataclasses.replace(
+                task, config=dataclasses.replace(task.config, learning_rate=1e-9)
+            )
+        return task
+
+    fed.engine.task_for = malicious_task_for  # type: ignore[method-assign]
+
+    lines: list[str] = []
+
+    async def site(cid: str, seed: int) -> Any:
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
+        data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
+        trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
+        state = tmp_path / cid
+        async with Client(
+            url,
+            state,
+            retry_timeout=10.0,
+            poll_wait=1.0,
+            policy=PermissivePolicy(),
+            log=lines.append,
+        ) as c:
+            await c.enroll(fed.engine.create_tokens(1)[0], cid)
+            return await c.run(trainer, data)
+
+    runs = [asyncio.ensure_future(site(c, k)) for k, c in enumerate(["victim", "s1", "s2"])]
+
+    async def aborted_at_share() -> None:
+        # Every site advertises (its own signed task hash) ...
+        while len(fed.engine.store.submissions(1, "advertise")) < 3:
+            await asyncio.sleep(0.05)
+        # ... then refuses at share (each says why) ...
+        while sum("task-mismatch" in line for line in lines) < 3:
+            await asyncio.sleep(0.05)
+        # ... and the share deadline runs out with nothing uploaded.
+        while not any(r.status == "aborted" or r.round > 1 for r in fed.engine.store.rounds()):
+            fed.clock.now += 5.0
+            fed.engine.tick()
+            await asyncio.sleep(0.05)
+
+    try:
+        await asyncio.wait_for(aborted_at_share(), 120.0)
+    finally:
+        for r in runs:
+            r.cancel()
+        await asyncio.gather(*runs, return_exceptions=True)
+    assert fed.engine.store.submissions(1, "advertise")  # the attack round did start
+    stored = {
+        stage
+        for r in fed.engine.store.rounds()
+        for stage in ("advertise", "share", "mask", "consistency", "unmask", "train")
+        if fed.engine.store.submissions(r.round, stage)
+    }
+    assert stored == {"advertise"}
+    assert all(r.status != "committed" for r in fed.engine.store.rounds())
+    left = [line for line in lines if "left the round" in line]
+    assert {line.split(":")[0] for line in left} == {"victim", "s1", "s2"}, left
