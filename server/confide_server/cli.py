@@ -25,6 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from confide.errors import ConfideError, ConfigError
+from confide.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
 from confide_server.app import create_app, listen_socket, open_engine, recover_listening
 from confide_server.blobs import FaultHook
 from confide_server.config import Config, TLSConfig, load_config
@@ -32,6 +33,7 @@ from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite, install_
 from confide_server.engine.privacy import read_privacy
 from confide_server.engine.rounds import CrashHook, hash_token, new_token
 from confide_server.keys import engine_key, finished_key
+from confide_server.statelock import StateLock
 from confide_server.store import Store
 
 __all__ = ["build_parser", "build_ssl_context", "main", "serve"]
@@ -87,6 +89,20 @@ async def serve(
     own entry point passes them); the ``confide-server`` command never sets them.
     """
     install_log_limits()  # what a connection sends can never flood the log
+    # One server per state folder, before the port and the database (confide_server.statelock).
+    lock = StateLock(config.server.state_dir, "confide-server run")
+    try:
+        return await _serve_locked(config, crash_hook=crash_hook, fault_hook=fault_hook)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(
+    config: Config,
+    *,
+    crash_hook: CrashHook | None,
+    fault_hook: FaultHook | None,
+) -> int:
     ssl_context = build_ssl_context(config.tls)
     # Listen first, then recover: during recovery every route answers 503 "recovering"
     # (clients wait), and a long job's restart is never a refused connection.
@@ -164,6 +180,7 @@ async def serve(
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    setup_logging(args.log_level, args.log_file, args.log_format)
     return asyncio.run(serve(config))
 
 
@@ -262,6 +279,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """``--log-level``, ``--log-file`` and ``--log-format`` (docs/operations.md "Logs")."""
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="least severe level logged"
+    )
+    parser.add_argument(
+        "--log-file", help="append log lines to this file (stderr then keeps only warnings)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (for log collectors)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide-server`` argument parser (``simulate`` has its own)."""
     from confide.cli import HelpFormatter
@@ -279,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--version", action="version", version=version_string())
     run.add_argument("--config", required=True, help="the job config (job.toml; docs/job.md)")
+    add_log_options(run)
     run.set_defaults(func=_cmd_run)
     enroll = sub.add_parser(
         "enroll",
