@@ -23,6 +23,7 @@ Examples
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from typing import Any
 
 from confide.errors import ConfigError
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "setup_logging"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "JsonFormatter", "add_log_options", "setup_logging"]
 
 #: What ``--log-level`` accepts.
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -144,3 +145,17 @@ def setup_logging(
             logger.addHandler(handler)
         logger.setLevel(level.upper())
         logger.propagate = False
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--log-level``, ``--log-file`` and ``--log-format`` to a command's parser."""
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="least severe level logged"
+    )
+    parser.add_argument("--log-file", help="append log lines to this file")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text lines, or one JSON object per line (for log collectors)",
+    )

@@ -1,4 +1,6 @@
-"""``confide-server``: ``run``, ``enroll``, ``status``, ``simulate`` and ``dopamine``.
+"""``confide-server``: ``run``, ``enroll``, ``status``, ``simulate``, ``dopamine``, and more.
+
+The operator commands ``abort``, ``revoke`` and ``new-job`` are in ``confide_server.opscli``.
 
 ``enroll`` prints one-time tokens; ``dopamine`` is the three-arm distributed DP-SGD experiment.
 
@@ -25,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from confide.errors import ConfideError, ConfigError
-from confide.logs import LOG_FORMATS, LOG_LEVELS, setup_logging
+from confide.logs import add_log_options, setup_logging
 from confide_server.app import create_app, listen_socket, open_engine, recover_listening
 from confide_server.blobs import FaultHook
 from confide_server.config import Config, TLSConfig, load_config
@@ -33,6 +35,7 @@ from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite, install_
 from confide_server.engine.privacy import read_privacy
 from confide_server.engine.rounds import CrashHook, hash_token, new_token
 from confide_server.keys import engine_key, finished_key
+from confide_server.opscli import add_operator_commands
 from confide_server.statelock import StateLock
 from confide_server.store import Store
 
@@ -42,7 +45,8 @@ log = logging.getLogger("confide_server")
 
 DESCRIPTION = """\
 confide-server: serve a federated-learning job (run), print one-time enrolment tokens for
-its sites (enroll), show its state (status), or run a whole federation on loopback
+its sites (enroll), show its state (status), abort its open round (abort), revoke a site
+(revoke), archive its state for a new job (new-job), or run a whole federation on loopback
 (simulate). Run 'confide-server COMMAND --help' for a command's options."""
 
 #: The ``meta`` key that says whether a server is serving the job or stopped cleanly.
@@ -240,6 +244,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "rounds_target": config.job.rounds,
             "rounds_completed": sum(r.status == "committed" for r in rounds),
             "clients": clients,
+            "revoked": store.revoked(),
             "tokens_unused": unused,
             "tokens_used": used,
             "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
@@ -277,22 +282,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"{extra}{why}"
         )
     return 0
-
-
-def add_log_options(parser: argparse.ArgumentParser) -> None:
-    """``--log-level``, ``--log-file`` and ``--log-format`` (docs/operations.md "Logs")."""
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="least severe level logged"
-    )
-    parser.add_argument(
-        "--log-file", help="append log lines to this file (stderr then keeps only warnings)"
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default="text",
-        help="text lines, or one JSON object per line (for log collectors)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only the file of the current model version (for scripts: confide export)",
     )
     status.set_defaults(func=_cmd_status)
+    add_operator_commands(
+        sub, fmt, version_string()
+    )  # abort, revoke, new-job (confide_server.opscli)
     sub.add_parser(
         "simulate",
         help="run a whole federation on loopback",

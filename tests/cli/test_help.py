@@ -25,6 +25,9 @@ COMMANDS = [
     ["confide-server", "enroll"],
     ["confide-server", "status"],
     ["confide-server", "simulate"],
+    ["confide-server", "abort"],
+    ["confide-server", "revoke"],
+    ["confide-server", "new-job"],
 ]
 
 
