@@ -30,7 +30,7 @@ class StateLock:
     state_dir : Path
         The job's state folder (created, mode 0700, if missing).
     what : str
-        Who takes it, for the refusal message (``"confide-server run"``).
+        Who takes it (``"confide-server run"``), recorded as :attr:`what`.
 
     Raises
     ------
@@ -42,6 +42,7 @@ class StateLock:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = state_dir / LOCK_FILE
+        self.what = what
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -50,7 +51,7 @@ class StateLock:
             os.close(fd)
             who = f"pid {holder}" if holder else "another process"
             raise ConfigError(
-                f"{what}: the state folder {state_dir} is in use by {who} (lock {self.path}); "
+                f"the state folder {state_dir} is in use by {who} (lock {self.path}); "
                 "stop that server first, or give this job its own [server] state_dir"
             ) from None
         except BaseException:
