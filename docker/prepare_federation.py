@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         train_deadline=120.0,
         evaluate_deadline=60.0,
         extra_server={"host": "0.0.0.0", "state_dir": str(state)},  # noqa: S104 - in a container
+        # One of three sites may drop out of a round (t = 2). With three sites that needs
+        # adversarial_fraction = 0: no site colludes with the server (docs/operations.md).
+        extra_secagg={"adversarial_fraction": 0.0, "dropout_fraction": 0.34},
     )
     files = prepare_job(out, opts)
     if files.job is None:  # pragma: no cover - prepare_job always returns the typed config

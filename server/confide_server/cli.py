@@ -34,6 +34,7 @@ from confide_server.config import Config, TLSConfig, load_config
 from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite, install_log_limits
 from confide_server.engine.privacy import read_privacy
 from confide_server.engine.rounds import CrashHook, hash_token, new_token
+from confide_server.engine.stagelog import secagg_tolerance
 from confide_server.keys import engine_key, finished_key
 from confide_server.opscli import add_operator_commands
 from confide_server.statelock import StateLock
@@ -145,6 +146,9 @@ async def _serve_locked(
         print(
             f"confide-server: job {config.job.name!r} on {scheme}://{addr[0]}:{addr[1]}", flush=True
         )
+    tolerance = secagg_tolerance(config)
+    if tolerance is not None:  # says clearly whether one site may drop out of a round
+        log.log(logging.INFO if tolerance[0] else logging.WARNING, tolerance[1])
     stop = asyncio.Event()
     stopped_by: list[signal.Signals] = []
     loop = asyncio.get_running_loop()

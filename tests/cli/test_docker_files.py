@@ -28,6 +28,7 @@ except ImportError:  # Python 3.10
 
 from confide.client.policy import SitePolicy
 from confide_server.config import load_config
+from confide_server.engine.stagelog import secagg_tolerance
 from tests.cli.conftest import REPO
 
 DOCKER = REPO / "docker"
@@ -206,7 +207,12 @@ def test_prepare_script_writes_a_job_the_server_accepts(tmp_path: Path) -> None:
     assert job.server.state_dir == state
     assert job.secagg.enabled
     assert job.privacy.enabled
-    assert (job.job.cohort_size, job.job.min_clients) == (3, 2)  # one site may drop
+    assert (job.job.cohort_size, job.job.min_clients) == (3, 2)
+    params = job.secagg.params(3)
+    assert (params.n, params.t) == (3, 2)  # SecAgg+ survives one dropped site
+    tolerance = secagg_tolerance(job)
+    assert tolerance is not None
+    assert tolerance[0]
     for k in (1, 2, 3):
         token = out / "tokens" / f"site-{k}"
         assert token.stat().st_mode & 0o077 == 0

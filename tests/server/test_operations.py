@@ -28,6 +28,7 @@ from confide_server.auth import operator_token
 from confide_server.config import Config
 from confide_server.engine.privacy import BUDGET_EXHAUSTED, read_privacy
 from confide_server.engine.rounds import RoundEngine, RoundError
+from confide_server.engine.stagelog import secagg_tolerance
 from confide_server.opscli import archive_state
 from confide_server.simulate import JobFiles, SimulationOptions, prepare_job
 from confide_server.statelock import LOCK_FILE, StateLock
@@ -389,3 +390,22 @@ def test_revoked_site_is_refused_its_round_aborted_and_json_logs_one_line_per_st
     )
     assert len(archives) == 1
     assert (archives[0] / "confide.sqlite").exists()
+
+
+def test_secagg_config_says_whether_one_of_three_sites_may_drop(tmp_path: Path) -> None:
+    strict = _config(tmp_path / "strict", secagg__enabled=True)
+    ok, line = secagg_tolerance(strict) or (None, "")
+    assert ok is False
+    assert "threshold t=3 = n, so no site may drop" in line
+    assert "dropout_fraction (3 sites: 0.34" in line
+    tolerant = _config(
+        tmp_path / "tolerant",
+        secagg__enabled=True,
+        secagg__adversarial_fraction=0.0,
+        secagg__dropout_fraction=0.34,
+    )
+    assert secagg_tolerance(tolerant) == (
+        True,
+        "SecAgg+ with a cohort of 3: threshold t=2, a round survives 1 dropped site(s)",
+    )
+    assert secagg_tolerance(_config(tmp_path / "plain")) is None

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from confide_server.config import Config
     from confide_server.store import Store
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "round_aborted",
     "round_committed",
     "round_opened",
+    "secagg_tolerance",
     "stage_closed",
 ]
 
@@ -133,4 +135,30 @@ def budget_outcome(store: Store, rounds_target: int) -> tuple[str, str]:
         f"{BUDGET_EXHAUSTED} after {done} of {rounds_target} rounds: {len(charged)} aborted "
         f"round(s) were charged because their noised updates had been released (rounds "
         f"{listed}); see the round reasons in 'confide-server status'"
+    )
+
+
+def secagg_tolerance(config: Config) -> tuple[bool, str] | None:
+    """Whether a full SecAgg+ cohort survives one dropped site, and a line saying so.
+
+    ``None`` without SecAgg+. With ``t = n`` (three sites under the default threat model)
+    one dropout aborts the round: the line says so and how to change it.
+    """
+    sec = config.secagg
+    if not sec.enabled:
+        return None
+    n = config.job.cohort_size
+    p = sec.params(n)
+    drops = p.n - p.t
+    if drops >= 1:
+        return True, (
+            f"SecAgg+ with a cohort of {p.n}: threshold t={p.t}, a round survives "
+            f"{drops} dropped site(s)"
+        )
+    return False, (
+        f"SecAgg+ with a cohort of {p.n}: threshold t={p.t} = n, so no site may drop (one "
+        f"dropout aborts the round) under adversarial_fraction {sec.adversarial_fraction:g}, "
+        f"dropout_fraction {sec.dropout_fraction:g}; to tolerate one, enrol more sites or "
+        "raise [secagg] dropout_fraction (3 sites: 0.34, which needs adversarial_fraction = 0, "
+        "i.e. no site colludes with the server)"
     )
