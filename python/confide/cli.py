@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from confide.errors import ConfideError, ConfigError, ServerError, TransportError
+from confide.logs import add_log_options, setup_logging
 
 if TYPE_CHECKING:
     from confide.client import SitePolicy
@@ -165,9 +167,14 @@ async def run_client(
     from confide.client import SitePolicy as _SitePolicy
     from confide.training import build_trainer
 
+    setup_logging(args.log_level, args.log_file, args.log_format, stderr=False)
+    site_log = logging.getLogger("confide.client")
+
     def log(line: str) -> None:
+        # stdout as before (unless --quiet); the log file gets the same lines.
         if not args.quiet:
             print(line, flush=True)
+        site_log.info(line)
 
     if args.ca_file is not None:
         check_ca_file(args.ca_file)
@@ -484,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to keep retrying an unreachable or busy server before giving up",
     )
     c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_log_options(c)
     i = sub.add_parser(
         "init-model",
         help="write the initial model of a table job (model.json + init.safetensors)",

@@ -150,6 +150,14 @@ async def authenticate(
         now_ms=int(time.time() * 1000),
         max_skew_ms=skew_ms,
     )
+    # After the signature check, so only the site itself learns that it was revoked.
+    revoked = engine.revoked_reason(signed.client_id)
+    if revoked is not None:
+        raise SignatureError(
+            f"site {signed.client_id!r} was revoked by the job's operator ({revoked}): its "
+            "key is no longer accepted; ask the operator",
+            "revoked",
+        )
     if not request.app[nonce_cache_key].add(signed.nonce) or (
         durable_nonce and await asyncio.to_thread(engine.store.nonce_seen, signed.nonce)
     ):

@@ -1,4 +1,6 @@
-"""``confide-server``: ``run``, ``enroll``, ``status``, ``simulate`` and ``dopamine``.
+"""``confide-server``: ``run``, ``enroll``, ``status``, ``simulate``, ``dopamine``, and more.
+
+The operator commands ``abort``, ``revoke`` and ``new-job`` are in ``confide_server.opscli``.
 
 ``enroll`` prints one-time tokens; ``dopamine`` is the three-arm distributed DP-SGD experiment.
 
@@ -25,13 +27,17 @@ from typing import Any
 from aiohttp import web
 
 from confide.errors import ConfideError, ConfigError
+from confide.logs import add_log_options, setup_logging
 from confide_server.app import create_app, listen_socket, open_engine, recover_listening
 from confide_server.blobs import FaultHook
 from confide_server.config import Config, TLSConfig, load_config
 from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite, install_log_limits
 from confide_server.engine.privacy import read_privacy
 from confide_server.engine.rounds import CrashHook, hash_token, new_token
+from confide_server.engine.stagelog import secagg_tolerance
 from confide_server.keys import engine_key, finished_key
+from confide_server.opscli import add_operator_commands
+from confide_server.statelock import StateLock
 from confide_server.store import Store
 
 __all__ = ["build_parser", "build_ssl_context", "main", "serve"]
@@ -40,7 +46,8 @@ log = logging.getLogger("confide_server")
 
 DESCRIPTION = """\
 confide-server: serve a federated-learning job (run), print one-time enrolment tokens for
-its sites (enroll), show its state (status), or run a whole federation on loopback
+its sites (enroll), show its state (status), abort its open round (abort), revoke a site
+(revoke), archive its state for a new job (new-job), or run a whole federation on loopback
 (simulate). Run 'confide-server COMMAND --help' for a command's options."""
 
 #: The ``meta`` key that says whether a server is serving the job or stopped cleanly.
@@ -87,6 +94,20 @@ async def serve(
     own entry point passes them); the ``confide-server`` command never sets them.
     """
     install_log_limits()  # what a connection sends can never flood the log
+    # One server per state folder, before the port and the database (confide_server.statelock).
+    lock = StateLock(config.server.state_dir, "confide-server run")
+    try:
+        return await _serve_locked(config, crash_hook=crash_hook, fault_hook=fault_hook)
+    finally:
+        lock.release()
+
+
+async def _serve_locked(
+    config: Config,
+    *,
+    crash_hook: CrashHook | None,
+    fault_hook: FaultHook | None,
+) -> int:
     ssl_context = build_ssl_context(config.tls)
     # Listen first, then recover: during recovery every route answers 503 "recovering"
     # (clients wait), and a long job's restart is never a refused connection.
@@ -125,6 +146,9 @@ async def serve(
         print(
             f"confide-server: job {config.job.name!r} on {scheme}://{addr[0]}:{addr[1]}", flush=True
         )
+    tolerance = secagg_tolerance(config)
+    if tolerance is not None:  # says clearly whether one site may drop out of a round
+        log.log(logging.INFO if tolerance[0] else logging.WARNING, tolerance[1])
     stop = asyncio.Event()
     stopped_by: list[signal.Signals] = []
     loop = asyncio.get_running_loop()
@@ -164,6 +188,7 @@ async def serve(
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    setup_logging(args.log_level, args.log_file, args.log_format)
     return asyncio.run(serve(config))
 
 
@@ -223,6 +248,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "rounds_target": config.job.rounds,
             "rounds_completed": sum(r.status == "committed" for r in rounds),
             "clients": clients,
+            "revoked": store.revoked(),
             "tokens_unused": unused,
             "tokens_used": used,
             "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
@@ -279,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--version", action="version", version=version_string())
     run.add_argument("--config", required=True, help="the job config (job.toml; docs/job.md)")
+    add_log_options(run)
     run.set_defaults(func=_cmd_run)
     enroll = sub.add_parser(
         "enroll",
@@ -310,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only the file of the current model version (for scripts: confide export)",
     )
     status.set_defaults(func=_cmd_status)
+    add_operator_commands(
+        sub, fmt, version_string()
+    )  # abort, revoke, new-job (confide_server.opscli)
     sub.add_parser(
         "simulate",
         help="run a whole federation on loopback",

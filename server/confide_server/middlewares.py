@@ -61,11 +61,13 @@ HTTP_STATUS: dict[tuple[type[FederationError], str | None], int] = {
     # identity
     (SignatureError, None): 401,
     (SignatureError, "replay"): 409,
+    (SignatureError, "revoked"): 403,  # the operator revoked this site (confide_server.operator)
     (EnrollmentError, None): 409,  # client_exists, key_exists
     (EnrollmentError, "bad_token"): 401,
     (EnrollmentError, "bad_client_id"): 422,
     # rounds and submissions
     (RoundError, None): 409,
+    (RoundError, "unknown_client"): 404,
     (InvalidSubmissionError, None): 422,
     (ManifestError, None): 422,
     (WireFormatError, None): 422,

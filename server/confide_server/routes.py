@@ -7,6 +7,7 @@ from aiohttp import web
 from confide_server import handlers
 from confide_server.enrolment import EnrolLimiter
 from confide_server.keys import enrol_limiter_key
+from confide_server.operator import setup_operator_routes
 from confide_server.releases import setup_release_routes
 
 __all__ = ["setup_routes"]
@@ -27,3 +28,4 @@ def setup_routes(app: web.Application) -> None:
         expect_handler=handlers.expect_upload,
     )
     setup_release_routes(app)  # /v1/releases/*: signed models for devices
+    setup_operator_routes(app)  # /v1/operator/*: abort a round, revoke a site

@@ -439,7 +439,8 @@ def _secagg_line(job: Config, n: int) -> str:
     return (
         f"secure aggregation: SecAgg+ on, n={p.n}, k={p.k} neighbours ({graph}), "
         f"threshold t={p.t}, {encoding} "
-        f"(adversarial {cfg.adversarial_fraction:g}, dropout {cfg.dropout_fraction:g})"
+        f"(adversarial {cfg.adversarial_fraction:g}, dropout {cfg.dropout_fraction:g}); "
+        + (f"survives {p.n - p.t} dropped site(s)" if p.t < p.n else "no site may drop")
     )
 
 

@@ -132,6 +132,8 @@ CREATE TABLE IF NOT EXISTS certificates (
 CREATE TABLE IF NOT EXISTS ledger (
     round INTEGER PRIMARY KEY, entry TEXT NOT NULL, entry_hash TEXT NOT NULL,
     signature TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revoked_clients (
+    client_id TEXT PRIMARY KEY, revoked_at REAL NOT NULL, reason TEXT NOT NULL);
 """
 
 
@@ -437,6 +439,22 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT client_id, public_key FROM clients").fetchall()
         return {str(c): str(k) for c, k in rows}
+
+    def revoke_client(self, client_id: str, reason: str) -> None:
+        """Record that ``client_id``'s key is no longer accepted (a job-level commit)."""
+        with self.transaction() as cur:
+            cur.execute(
+                "INSERT OR IGNORE INTO revoked_clients(client_id, revoked_at, reason) "
+                "VALUES (?, ?, ?)",
+                (client_id, time.time(), reason),
+            )
+            Store.bump_commits(cur)
+
+    def revoked(self) -> dict[str, str]:
+        """Return ``{client_id: reason}`` of the revoked sites."""
+        with self._lock:
+            rows = self._db.execute("SELECT client_id, reason FROM revoked_clients").fetchall()
+        return {str(c): str(r) for c, r in rows}
 
     def count_tokens(self) -> tuple[int, int]:
         """Return ``(unused, used)`` token counts."""

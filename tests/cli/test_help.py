@@ -34,6 +34,9 @@ COMMANDS = [
     ["confide-server", "ledger"],
     ["confide-server", "ledger", "verify"],
     ["confide-server", "ledger", "receipt"],
+    ["confide-server", "abort"],
+    ["confide-server", "revoke"],
+    ["confide-server", "new-job"],
 ]
 
 

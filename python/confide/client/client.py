@@ -74,7 +74,28 @@ if TYPE_CHECKING:
     from confide.noise import SecureRng
     from confide.privacy.distributed_dpsgd import SampleDDGParams
 
-__all__ = ["Client", "ClientResult", "client_ssl_context"]
+__all__ = ["Client", "ClientResult", "client_ssl_context", "loss_text"]
+
+
+def loss_text(loss: float, *, secure: bool = False) -> str:
+    """Say what a site's training loss was, without ever printing ``nan``.
+
+    DP-SGD computes no un-noised loss (``nan``): under secure aggregation that reads "not
+    reported under secure aggregation", otherwise "not computed under DP-SGD".
+
+    Examples
+    --------
+    >>> loss_text(0.25)
+    'loss 0.2500'
+    >>> loss_text(float("nan"), secure=True)
+    'loss not reported under secure aggregation'
+    """
+    if math.isfinite(loss):
+        return f"loss {loss:.4f}" + (" (secure aggregation)" if secure else "")
+    if secure:
+        return "loss not reported under secure aggregation"
+    return "loss not computed under DP-SGD"
+
 
 _T = TypeVar("_T")
 _IDENTITY_FILE = "identity.pem"
@@ -543,7 +564,7 @@ class Client:
                     trained += 1
                     self._log(
                         f"{self.client_id}: round {round_id} trained on "
-                        f"{num_examples} examples, loss {loss:.4f}"
+                        f"{num_examples} examples, {loss_text(loss)}"
                     )
                 else:
                     metrics = await asyncio.to_thread(trainer.evaluate, test)
@@ -672,7 +693,7 @@ class Client:
                     update = _clip_for_privacy(delta, self._training[2].privacy)
                     self._log(
                         f"{self.client_id}: round {round_id} trained on {weight} examples, "
-                        f"loss {loss:.4f} (secure aggregation)"
+                        f"{loss_text(loss, secure=True)}"
                     )
                 self._training = None
             msg = part.answer(task, update, weight)

@@ -86,13 +86,14 @@ from confide.secagg import (
 from confide.strategies import Strategy, StrategyState
 from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
+from confide_server.engine import stagelog
 from confide_server.engine.privacy import (
-    BUDGET_EXHAUSTED,
     RING_MODES,
     JobPrivacy,
     read_privacy,
 )
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
+from confide_server.engine.stagelog import budget_outcome
 from confide_server.ledger import GENESIS, LedgerSigner, entry_fields, sign_entry
 from confide_server.metrics import MetricsLog, export_records
 from confide_server.store import (
@@ -295,6 +296,7 @@ class RoundEngine:
         self._clients: dict[str, str] = {}
         # Consortium certificates by client id (JSON text): relayed, never trusted here.
         self._certs: dict[str, str] = {}
+        self._revoked: dict[str, str] = {}  # client_id -> reason (operator revocations)
         self.status = "running"
         self.current_model = ""
         self.completed_rounds = 0
@@ -419,6 +421,10 @@ class RoundEngine:
             with self._peers_lock:
                 self._clients = clients
                 self._certs = certs
+            revoked = self.store.revoked()
+            with self._peers_lock:
+                self._clients = clients
+                self._revoked = revoked
 
     @property
     def secure_aggregation(self) -> bool:
@@ -577,6 +583,52 @@ class RoundEngine:
             if certificate is not None:
                 self._certs[client_id] = certificate
 
+    def revoked_reason(self, client_id: str) -> str | None:
+        """Why the operator revoked ``client_id`` (``None``: not revoked)."""
+        with self._peers_lock:
+            return self._revoked.get(client_id)
+
+    # -- operator (confide_server.operator) ----------------------------------------------
+    def abort_open_round(self, reason: str) -> int | None:
+        """Abort the open round now; return its number (``None``: no round is open).
+
+        Nothing new is charged to the privacy budget: what an aborted round already
+        released was accounted when it was released (docs/privacy.md).
+        """
+        with self._tick_lock:
+            with self._lock:
+                cur = self._current if self.status == "running" else None
+            if cur is None:
+                return None
+            self._abort(cur, reason)
+            return cur.round
+
+    def revoke_client(self, client_id: str, reason: str) -> int | None:
+        """Stop accepting ``client_id``'s key; abort the open round if it is in its cohort.
+
+        Returns the aborted round's number (``None``: none was aborted). Raises
+        :class:`RoundError` (``unknown_client``) for an id that never enrolled.
+        """
+        with self._tick_lock:
+            with self._peers_lock:
+                known = client_id in self._clients or client_id in self._revoked
+            if not known:
+                raise RoundError(
+                    f"no enrolled site {client_id!r}: pass an id from 'confide-server status'",
+                    "unknown_client",
+                )
+            self.store.revoke_client(client_id, reason)
+            with self._peers_lock:
+                self._last_seen.pop(client_id, None)
+                self._revoked.setdefault(client_id, reason)
+            with self._lock:
+                cur = self._current if self.status == "running" else None
+            if cur is None or client_id not in cur.cohort:
+                return None
+            # Its submissions to this round must not count: the round is aborted.
+            self._abort(cur, f"site {client_id!r} was revoked by the operator")
+            return cur.round
+
     def public_key(self, client_id: str) -> str | None:
         """Return the enrolled base64 public key of ``client_id``, or ``None``."""
         with self._peers_lock:
@@ -611,7 +663,7 @@ class RoundEngine:
             if self.status == "finished":
                 return FinishedTask(self.current_model, self.completed_rounds)
             if self.status == "failed":
-                return FailedTask("too many consecutive aborted rounds")
+                return FailedTask(self.status_reason or "too many consecutive aborted rounds")
             cur = self._current
             if (
                 cur is None
@@ -944,7 +996,8 @@ class RoundEngine:
                 if cur is None:
                     # A snapshot: enrolment and polls change these while the round starts.
                     with self._peers_lock:
-                        clients = dict(self._clients)
+                        # Revoked sites are never drawn (their requests get 403).
+                        clients = {c: k for c, k in self._clients.items() if c not in self._revoked}
                         last_seen = dict(self._last_seen)
                 else:
                     answered = set(self._submitted.get((cur.round, cur.stage), set()))
@@ -1064,6 +1117,7 @@ class RoundEngine:
         with self._lock:
             self._current = row
             self._submitted[(round_id, first.name)] = set()
+        stagelog.round_opened(round_id, first.name, cohort, first.deadline_s)
         self._crash("round_started")
         if infeasible is not None:
             self._abort(row, f"secure aggregation infeasible for this cohort: {infeasible}")
@@ -1103,18 +1157,25 @@ class RoundEngine:
             with self._lock:
                 self._current = replace(cur, new_model=new_sha, stage=nxt.name, deadline=deadline)
                 self._submitted[(cur.round, nxt.name)] = set()
+            stagelog.stage_closed(cur.round, cur.stage, len(answered), len(cur.cohort), nxt.name)
             self._crash("stage_committed")
         else:
             self._commit(cur)
 
     def _stop_for_budget(self) -> None:
-        """Finish the job cleanly: the next round would exceed the privacy budget."""
+        """End the job: the next round would exceed the privacy budget.
+
+        ``finished`` when only committed rounds spent it; ``failed`` (the server exits
+        non-zero) when aborted rounds were charged too (docs/privacy.md, "Aborted rounds").
+        """
+        status, reason = budget_outcome(self.store, self.config.job.rounds)
         with self.store.transaction() as db:
-            Store.set_meta(db, "status", "finished")
-            Store.set_meta(db, "status_reason", BUDGET_EXHAUSTED)
+            Store.set_meta(db, "status", status)
+            Store.set_meta(db, "status_reason", reason)
         with self._lock:
-            self.status = "finished"
-            self.status_reason = BUDGET_EXHAUSTED
+            self.status = status
+            self.status_reason = reason
+        stagelog.job_ended(status, reason)
         self._crash("budget_exhausted")
 
     def _close_secure(self, cur: RoundRow, answered: list[str]) -> None:
@@ -1175,6 +1236,7 @@ class RoundEngine:
             self._submitted[(cur.round, nxt.name)] = set()
             if new_sha is not None:
                 secure.forget()
+        stagelog.stage_closed(cur.round, cur.stage, len(answered), len(cur.cohort), nxt.name)
         self._crash("stage_committed")
 
     def _base_model(self, cur: RoundRow) -> NDArray[np.float32]:
@@ -1359,6 +1421,9 @@ class RoundEngine:
             self._current = None
             self._last_closed = now
         self._export_records()
+        stagelog.round_committed(cur.round, cur.stage, metrics)
+        if status != "running":
+            stagelog.job_ended(status, None)
         self._crash("round_committed")
 
     def _abort(
@@ -1382,6 +1447,9 @@ class RoundEngine:
             if self.secure is not None:
                 self.secure.forget()
         self._export_records()
+        stagelog.round_aborted(cur.round, cur.stage, reason, released is not None)
+        if status != "running":
+            stagelog.job_ended(status, "too many consecutive aborted rounds")
         self._crash("round_aborted")
 
     def _export_records(self) -> None:
