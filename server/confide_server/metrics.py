@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import struct
 import time
 from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
@@ -186,7 +187,7 @@ class MetricsLog:
         # Rows of closed rounds (they never change), so a close costs O(new rounds) queries.
         self._rows: dict[int, dict[str, Any]] = {}
         # This process's TensorBoard writer and the steps it holds (appended to, flushed).
-        self._tb: Any = None
+        self._tb: Path | None = None
         self._tb_steps: set[int] = set()
 
     @property
@@ -245,44 +246,59 @@ class MetricsLog:
         return rows
 
     def _write_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        try:
+            event_pb2: Any = importlib.import_module("tensorboardX.proto.event_pb2")
+            scalar: Any = importlib.import_module("tensorboardX.summary").scalar
+            crc: Any = importlib.import_module("tensorboardX.record_writer").masked_crc32c
+        except ImportError:
+            if not self._hinted:
+                log.info(TENSORBOARD_HINT)
+                self._hinted = True
+            return
+        records: list[bytes] = []
         if self._tb is None:
-            try:
-                tbx: Any = importlib.import_module("tensorboardX")
-            except ImportError:
-                if not self._hinted:
-                    log.info(TENSORBOARD_HINT)
-                    self._hinted = True
-                return
             folder = self.folder / "tensorboard"
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The first write of a process starts one new file with every round and removes
             # the older files, so a restart never duplicates a step; later closes append.
             old = list(folder.glob("events.out.tfevents.*"))
-            suffix = f".{os.getpid()}.{time.time_ns()}"
-            self._tb = tbx.SummaryWriter(
-                logdir=str(folder), flush_secs=3600, filename_suffix=suffix
-            )
+            self._tb = folder / f"events.out.tfevents.{int(time.time())}.{os.getpid()}.confide"
             self._tb_steps = set()
             for path in old:
                 path.unlink(missing_ok=True)
-        writer = self._tb
+            records.append(
+                event_pb2.Event(
+                    wall_time=time.time(), file_version="brain.Event:2"
+                ).SerializeToString()
+            )
+        now = time.time()
         for row in rows:
             step = int(row["round"])
             if step in self._tb_steps:
                 continue
-            writer.add_scalar("round/committed", 1.0 if row["status"] == "committed" else 0.0, step)
-            for key, value in row.items():
-                if key in ("round", "started_at", "ended_at") or not _finite(value):
-                    continue
-                writer.add_scalar(f"round/{key}", float(value), step)
+            values = [("round/committed", 1.0 if row["status"] == "committed" else 0.0)]
+            values += [
+                (f"round/{key}", float(value))
+                for key, value in row.items()
+                if key not in ("round", "started_at", "ended_at") and _finite(value)
+            ]
+            for tag, value in values:
+                event = event_pb2.Event(wall_time=now, step=step, summary=scalar(tag, value))
+                records.append(event.SerializeToString())
             self._tb_steps.add(step)
-        writer.flush()
+        # TFRecord framing, written synchronously and closed at once (tensorboardX's
+        # SummaryWriter queues events to a thread whose flush() does not wait for the
+        # queue, so a reader right after a close could miss the round's last scalars).
+        out = bytearray()
+        for data in records:
+            header = struct.pack("<Q", len(data))
+            out += header + struct.pack("<I", crc(header)) + data + struct.pack("<I", crc(data))
+        with open(self._tb, "ab") as fh:
+            fh.write(out)
 
     def close(self) -> None:
-        """Close the TensorBoard writer (flushed after every write anyway)."""
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Forget the TensorBoard file (every write is already closed on disk)."""
+        self._tb = None
 
 
 def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> None:

@@ -167,7 +167,7 @@ def test_without_tensorboardx_csv_and_json_are_still_written(
     real = importlib.import_module
 
     def no_tbx(name: str, package: str | None = None) -> Any:
-        if name == "tensorboardX":
+        if name == "tensorboardX" or name.startswith("tensorboardX."):
             raise ImportError("No module named 'tensorboardX'")
         return real(name, package)
 
