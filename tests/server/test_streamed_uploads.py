@@ -89,7 +89,7 @@ async def test_an_update_is_stored_from_its_staged_file_and_no_temporary_is_left
 
 async def test_a_body_cut_short_frees_the_slot_and_the_temporary(fed: Fed) -> None:
     body = delta_body(MANIFEST, 0.5)
-    reader, writer = await _open(fed)
+    _reader, writer = await _open(fed)
     port = fed.http.server.port or 0
     writer.write(_head(fed.ids["alice"], "alice", body, expect=False, port=port))
     writer.write(body[: len(body) // 2])
@@ -229,7 +229,8 @@ async def test_upload_gate_counts_slots_per_client() -> None:
     await gate.acquire("b")
     waiting = asyncio.ensure_future(gate.acquire("c"))  # all three slots taken: c queues
     await asyncio.sleep(0)
-    assert not waiting.done() and gate.held_by("c") == 1
+    assert not waiting.done()
+    assert gate.held_by("c") == 1
     gate.release("a")
     await asyncio.wait_for(waiting, DEADLINE_S)
     assert (gate.held_by("a"), gate.held_by("b"), gate.held_by("c")) == (1, 1, 1)
