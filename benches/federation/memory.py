@@ -257,8 +257,13 @@ def one_run(
     args: argparse.Namespace, flood_on: bool
 ) -> tuple[Outcome, dict[str, float], Flood | None]:
     work, cfg, url, body, max_body = _job(args)
+    env = dict(os.environ)
+    if args.mmap_threshold:
+        # glibc: big blocks always from mmap (returned to the OS when freed), no dynamic raise
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     server = subprocess.Popen(
         [sys.executable, "-m", "confide_server", "run", "--config", str(cfg)],
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(work / "server.log", "wb"),  # noqa: SIM115 - closed with the process
     )
@@ -335,6 +340,12 @@ def main() -> int:
     ap.add_argument("--slowloris", type=int, default=200)
     ap.add_argument("--idle", type=int, default=200)
     ap.add_argument("--stalled", type=int, default=50)
+    ap.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        help="set the server's MALLOC_MMAP_THRESHOLD_ (bytes; 0: glibc's dynamic default)",
+    )
     ap.add_argument("--retry-s", type=float, default=120.0, help="a site's retry budget")
     args = ap.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -342,6 +353,7 @@ def main() -> int:
     print(
         f"mode={args.mode} clients={args.clients} rounds={args.rounds} "
         f"update={args.update_mib} MiB S={args.upload_cap} cpus={os.cpu_count()} "
+        f"mmap_threshold={args.mmap_threshold or 'dynamic'} "
         f"load={os.getloadavg()[0]:.1f}"
     )
     if args.mode == "rss":
