@@ -155,8 +155,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except FederationError as exc:
         resp = error_response(exc)
-        if exc.code == "body_timeout":  # the rest of the body is not awaited: close after
+        if exc.code == "body_timeout":
+            # Send the 408 now and close: aiohttp would otherwise wait up to its lingering
+            # time (10 s) for the rest of a body that is not coming.
             resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
         return resp
     except (sqlite3.OperationalError, OSError) as exc:  # a full or failing disk: transient
         return error_response(storage_error(exc))

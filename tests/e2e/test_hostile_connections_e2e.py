@@ -1,6 +1,6 @@
 """Hostile connections against a real server process: slow heads, idle sockets, floods.
 
-Bounds here are generous upper limits (the server closes at 10 s; without the limits the
+Bounds here are generous upper limits (the server closes at 8 s; without the limits the
 connections stayed open for an hour), never tight timings.
 """
 
@@ -18,7 +18,7 @@ from confide_server.launcher import get_json
 from confide_server.simulate import SimulationOptions, prepare_job
 from tests.e2e.conftest import ENTRY, Procs
 
-#: A closed connection must be seen closed well within this (the server closes at 10 s).
+#: A closed connection must be seen closed well within this (the server closes at 8 s).
 BOUND_S = 3 * IDLE_TIMEOUT_S
 
 
