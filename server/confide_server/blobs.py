@@ -47,6 +47,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Bytes a staged upload collects before one write() system call.
+_BATCH = 256 * 1024
+
+
 class StagedUpload:
     """An upload body being streamed to a temporary file, hashed (SHA-256) on the way.
 
@@ -58,17 +62,28 @@ class StagedUpload:
         self.path = path
         self.size = 0
         self._hash = hashlib.sha256()
+        self._pending: list[bytes] = []  # written in batches of _BATCH bytes (fewer syscalls)
+        self._pending_n = 0
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
     def write(self, chunk: bytes) -> None:
         """Append ``chunk`` to the file and the hash."""
         if self._fd is None:
             raise OSError(errno.EBADF, "write to a closed staged upload", str(self.path))
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(self._fd, view) :]
         self._hash.update(chunk)
         self.size += len(chunk)
+        self._pending.append(chunk)
+        self._pending_n += len(chunk)
+        if self._pending_n >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._fd is None or not self._pending:
+            return
+        view = memoryview(b"".join(self._pending))
+        self._pending, self._pending_n = [], 0
+        while view:
+            view = view[os.write(self._fd, view) :]
 
     @property
     def sha256(self) -> str:
@@ -76,10 +91,13 @@ class StagedUpload:
         return self._hash.hexdigest()
 
     def close(self) -> None:
-        """Close the file (it stays on disk until stored or discarded)."""
+        """Write what is pending and close the file (it stays until stored or discarded)."""
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self._flush()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
 
 class BlobStore:

@@ -310,27 +310,47 @@ async def read_body_to(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + BODY_GRACE_S + length / BODY_MIN_BYTES_PER_S
+    last = loop.time()
     got = 0
-    while got < length:
-        wait = min(idle_s, deadline - loop.time())
-        if wait <= 0:
-            raise _too_slow(got, length)
-        try:
-            chunk = await asyncio.wait_for(request.content.readany(), wait)
-        except asyncio.TimeoutError:
-            raise _too_slow(got, length) from None
-        except (asyncio.CancelledError, MemoryError):
-            raise
-        except Exception as exc:  # the peer closed mid-body (aiohttp's payload errors)
-            raise WireFormatError(
-                f"the body ended after {got} of {length} bytes ({type(exc).__name__})"
-            ) from None
-        if not chunk:
-            raise WireFormatError(f"the body ended after {got} of {length} bytes (Content-Length)")
-        got += len(chunk)
-        if got > length:
-            raise WireFormatError("body length differs from Content-Length")
-        sink(chunk)
+    handle: asyncio.TimerHandle | None = None
+
+    def watch() -> None:  # one timer per body, not one per chunk
+        nonlocal handle
+        now = loop.time()
+        if now - last >= idle_s or now >= deadline:
+            request.content.set_exception(_StalledError())
+            return
+        handle = loop.call_at(min(last + idle_s, deadline), watch)
+
+    handle = loop.call_at(min(last + idle_s, deadline), watch)
+    try:
+        while got < length:
+            try:
+                chunk = await request.content.readany()
+            except _StalledError:
+                raise _too_slow(got, length) from None
+            except (asyncio.CancelledError, MemoryError):
+                raise
+            except Exception as exc:  # the peer closed mid-body (aiohttp's payload errors)
+                raise WireFormatError(
+                    f"the body ended after {got} of {length} bytes ({type(exc).__name__})"
+                ) from None
+            if not chunk:
+                raise WireFormatError(
+                    f"the body ended after {got} of {length} bytes (Content-Length)"
+                )
+            last = loop.time()
+            got += len(chunk)
+            if got > length:
+                raise WireFormatError("body length differs from Content-Length")
+            sink(chunk)
+    finally:
+        if handle is not None:
+            handle.cancel()
+
+
+class _StalledError(Exception):
+    """Set on a request's payload by the body watchdog (never leaves this module)."""
 
 
 def _too_slow(got: int, length: int) -> RequestError:
