@@ -355,7 +355,7 @@ def main() -> int:
     print(
         f"mode={args.mode} clients={args.clients} rounds={args.rounds} "
         f"update={args.update_mib} MiB S={args.upload_cap} cpus={os.cpu_count()} "
-        f"mmap_threshold={args.mmap_threshold or 'dynamic'} "
+        f"env_mmap_threshold={args.mmap_threshold or '-'} "
         f"load={os.getloadavg()[0]:.1f}"
     )
     if args.mode == "rss":
