@@ -28,6 +28,7 @@ from confide_server.keys import (
     upload_gate_key,
     wake_key,
 )
+from confide_server.memory import tune_allocator
 from confide_server.middlewares import error_middleware
 from confide_server.routes import setup_routes
 from confide_server.store import Store
@@ -231,6 +232,7 @@ def create_app(
     """
     if engine is None:
         engine = open_engine(config, crash_hook=crash_hook, fault_hook=fault_hook)
+    tune_allocator()  # freed upload buffers go back to the OS (confide_server.memory)
     upload_limit = config.server.max_upload_bytes or (engine.manifest.nbytes + 65536)
     if config.secagg.enabled:
         upload_limit = max(upload_limit, secure_upload_limit(engine.secure_vector_length))

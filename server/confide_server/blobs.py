@@ -4,19 +4,27 @@ A blob is written to a temporary file, fsynced, renamed into place and its folde
 so a blob named by a committed SQLite row (:mod:`confide_server.store`) is always complete.
 Model versions are named by the SHA-256 of their bytes: re-running an interrupted
 aggregation rewrites the same file under the same name.
+
+An upload body is streamed to a temporary file in ``updates/`` (:meth:`BlobStore.stage`,
+hashed on the way) instead of being held in memory while it arrives. When the engine
+then stores that body (:meth:`BlobStore.write` with the bytes :meth:`BlobStore.read_staged`
+returned), the temporary file is fsynced and renamed into place rather than written again.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from confide.errors import FederationError
 from confide.protocol.manifest import sha256_hex
 
-__all__ = ["BlobStore", "DamagedBlobError", "FaultHook"]
+__all__ = ["BlobStore", "DamagedBlobError", "FaultHook", "StagedUpload"]
 
 #: Test-only fault injection: called with a step name before each durable write step
 #: (``"blob_write:<relpath>"``, ``"db_commit"``); it may raise ``OSError`` or
@@ -39,6 +47,59 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Bytes a staged upload collects before one write() system call.
+_BATCH = 256 * 1024
+
+
+class StagedUpload:
+    """An upload body being streamed to a temporary file, hashed (SHA-256) on the way.
+
+    Made by :meth:`BlobStore.stage`; the file is named ``.upload-*.tmp`` so a crash leaves
+    nothing :meth:`BlobStore.remove_temporaries` does not clean up.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._pending: list[bytes] = []  # written in batches of _BATCH bytes (fewer syscalls)
+        self._pending_n = 0
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+    def write(self, chunk: bytes) -> None:
+        """Append ``chunk`` to the file and the hash."""
+        if self._fd is None:
+            raise OSError(errno.EBADF, "write to a closed staged upload", str(self.path))
+        self._hash.update(chunk)
+        self.size += len(chunk)
+        self._pending.append(chunk)
+        self._pending_n += len(chunk)
+        if self._pending_n >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._fd is None or not self._pending:
+            return
+        view = memoryview(b"".join(self._pending))
+        self._pending, self._pending_n = [], 0
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written so far."""
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Write what is pending and close the file (it stays until stored or discarded)."""
+        if self._fd is not None:
+            try:
+                self._flush()
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
 class BlobStore:
     """Files written atomically and durably under a root folder.
 
@@ -51,6 +112,9 @@ class BlobStore:
     def __init__(self, root: Path, *, fault_hook: FaultHook | None = None) -> None:
         self.root = root
         self._fault = fault_hook or (lambda _step: None)
+        self._lock = threading.Lock()
+        # id(bytes) -> (those bytes, their staged file): write() renames instead of writing.
+        self._staged: dict[int, tuple[bytes, Path]] = {}
         (root / "models").mkdir(parents=True, exist_ok=True)
         (root / "updates").mkdir(parents=True, exist_ok=True)
 
@@ -84,6 +148,10 @@ class BlobStore:
         """
         final = self.root / relpath
         final.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            entry = self._staged.get(id(data))
+        if entry is not None and entry[0] is data:
+            return self._adopt(relpath, final, entry[1])
         tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -100,6 +168,43 @@ class BlobStore:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return final
+
+    def _adopt(self, relpath: str, final: Path, staged: Path) -> Path:
+        """Store a staged upload's file as ``final``: fsync, rename, folder fsync."""
+        self._fault(f"blob_write:{relpath}")
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staged, final)
+        _fsync_dir(final.parent)
+        return final
+
+    def stage(self) -> StagedUpload:
+        """Open a temporary file in ``updates/`` to stream an upload body into."""
+        return StagedUpload(self.root / "updates" / f".upload-{secrets.token_hex(8)}.tmp")
+
+    def read_staged(self, staged: StagedUpload) -> bytes:
+        """Read a (closed) staged upload; :meth:`write` of these very bytes renames the file.
+
+        The decoder needs the body as one ``bytes`` object (``safetensors`` parses bytes);
+        this is the one copy of it in memory, made in the worker thread that decodes it.
+        Pair with :meth:`discard_staged`.
+        """
+        staged.close()
+        data = staged.path.read_bytes()
+        with self._lock:
+            self._staged[id(data)] = (data, staged.path)
+        return data
+
+    def discard_staged(self, staged: StagedUpload) -> None:
+        """Forget a staged upload and delete its file unless :meth:`write` stored it."""
+        staged.close()
+        with self._lock:
+            for key in [k for k, (_, p) in self._staged.items() if p == staged.path]:
+                del self._staged[key]
+        staged.path.unlink(missing_ok=True)
 
     def model_relpath(self, sha256: str) -> str:
         """Relative path of a model version."""

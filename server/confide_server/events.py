@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from confide.errors import FederationError
 
-__all__ = ["BusyError", "NonceCache", "Notifier", "UploadGate"]
+__all__ = ["UPLOADS_PER_CLIENT", "BusyError", "NonceCache", "Notifier", "UploadGate"]
 
 
 class Notifier:
@@ -64,47 +64,88 @@ class BusyError(FederationError):
     code = "busy"
 
 
+#: Upload slots one authenticated client may hold at once (a site sends one upload at a time;
+#: a retry may overlap the attempt it replaces).
+UPLOADS_PER_CLIENT = 2
+
+
 class UploadGate:
-    """Bound the uploads whose bodies are in memory at once, and the queue in front of them.
+    """Bound the uploads in progress at once, per client, and the queue in front of them.
 
     Parameters
     ----------
     concurrent : int
-        Bodies read and processed at the same time.
+        Bodies read and processed at the same time (all clients together).
     queued : int
         Uploads allowed to wait for a slot; beyond that :class:`BusyError` (503).
+    per_client : int
+        Slots (held or waited for) one client id may have at once; beyond that
+        :class:`BusyError` with code ``"client_busy"`` (429), so one cohort member that
+        opens many uploads and never sends their bodies cannot take every slot.
     """
 
-    def __init__(self, concurrent: int, queued: int) -> None:
+    def __init__(self, concurrent: int, queued: int, per_client: int = UPLOADS_PER_CLIENT) -> None:
         self._sem = asyncio.Semaphore(concurrent)
         self._queued = queued
         self._waiting = 0
+        self.per_client = per_client
+        self._held: dict[str, int] = {}
 
-    async def acquire(self) -> None:
+    def held_by(self, client: str) -> int:
+        """Slots ``client`` holds or waits for now."""
+        return self._held.get(client, 0)
+
+    async def acquire(self, client: str | None = None) -> None:
         """Take an upload slot, waiting in the bounded queue; pair with :meth:`release`.
+
+        Parameters
+        ----------
+        client : str, optional
+            The authenticated client id the slot is for (counted against ``per_client``).
 
         Raises
         ------
         BusyError
-            The queue is full.
+            The queue is full (503), or ``client`` already has ``per_client`` slots (429).
         """
+        if client is not None and self._held.get(client, 0) >= self.per_client:
+            raise BusyError(
+                f"this client already has {self.per_client} uploads in progress; finish or "
+                "close them before sending another",
+                "client_busy",
+            )
         if self._sem.locked() and self._waiting >= self._queued:
             raise BusyError("too many uploads in progress; retry shortly")
+        if client is not None:
+            self._held[client] = self._held.get(client, 0) + 1
         self._waiting += 1
         try:
             await self._sem.acquire()
+        except BaseException:
+            self._drop(client)
+            raise
         finally:
             self._waiting -= 1
 
-    def release(self) -> None:
-        """Give back a slot taken with :meth:`acquire`."""
+    def release(self, client: str | None = None) -> None:
+        """Give back a slot taken with :meth:`acquire` (with the same ``client``)."""
+        self._drop(client)
         self._sem.release()
 
+    def _drop(self, client: str | None) -> None:
+        if client is None:
+            return
+        left = self._held.get(client, 1) - 1
+        if left > 0:
+            self._held[client] = left
+        else:
+            self._held.pop(client, None)
+
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, client: str | None = None) -> AsyncIterator[None]:
         """Hold one upload slot for the duration of the block."""
-        await self.acquire()
+        await self.acquire(client)
         try:
             yield
         finally:
-            self.release()
+            self.release(client)

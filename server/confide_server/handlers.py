@@ -23,8 +23,10 @@ from confide_server.auth import (
     check_operator,
     signed_headers,
 )
+from confide_server.blobs import StagedUpload
+from confide_server.connections import read_body_to
 from confide_server.engine.releases import enrolment_fields
-from confide_server.engine.rounds import EnrollmentError
+from confide_server.engine.rounds import EnrollmentError, RoundEngine
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.keys import (
     config_key,
@@ -104,7 +106,9 @@ async def enroll_client(request: web.Request) -> web.Response:
         raise RequestError("Content-Length is required", "length_required")
     if length > _MAX_ENROLL_BYTES:
         raise RequestError(f"enrolment body over {_MAX_ENROLL_BYTES} B", "payload_too_large")
-    body = await request.read()
+    chunks: list[bytes] = []
+    await read_body_to(request, length, chunks.append)  # a stalled body: 408, not forever
+    body = b"".join(chunks)
     doc = loads_bounded(body, max_bytes=_MAX_ENROLL_BYTES, max_depth=4)
     if not isinstance(doc, dict) or not all(
         isinstance(doc.get(k), str) for k in ("token", "client_id", "public_key")
@@ -292,7 +296,7 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
         pre = await _precheck(request)
         if pre.prior is not None:
             return web.json_response({"receipt": pre.prior, "duplicate": True})
-        await request.app[upload_gate_key].acquire()
+        await request.app[upload_gate_key].acquire(pre.signed.client_id)
     except FederationError as exc:
         return error_response(exc)
     except (sqlite3.OperationalError, OSError) as exc:  # runs before the error middleware
@@ -303,30 +307,48 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
 
 
 async def put_submission(request: web.Request) -> web.Response:
-    """Accept one stage submission (tensors or JSON), durably, then return its receipt."""
+    """Accept one stage submission (tensors or JSON), durably, then return its receipt.
+
+    The body is streamed to a temporary file in the blob store while it arrives (hashed on
+    the way, cut off at Content-Length, 408 when it stalls); it is read back as one
+    ``bytes`` object only in the worker thread that decodes it, and a tensor update's file
+    is then fsynced and renamed into place (:meth:`~confide_server.blobs.BlobStore.stage`).
+    """
     engine = request.app[engine_key]
     gate = request.app[upload_gate_key]
     pre: _Pre | None = request.get(_PRE)
     holding = pre is not None  # expect_upload already took a slot
+    client = pre.signed.client_id if pre is not None else None
     try:
         if pre is None:
             pre = await _precheck(request)
             if pre.prior is not None:
                 return web.json_response({"receipt": pre.prior, "duplicate": True})
-            await gate.acquire()
+            client = pre.signed.client_id
+            await gate.acquire(client)
             holding = True
-        body = await request.read()
-        if len(body) != pre.length:
-            raise WireFormatError("body length differs from Content-Length")
-        body_sha = await asyncio.to_thread(sha256_hex, body)
-        check_body(pre.signed, body_sha)
-        prepared = await asyncio.to_thread(
-            engine.prepare, pre.signed.client_id, pre.round_id, pre.stage, body
-        )
-        del body
-        receipt = await asyncio.to_thread(engine.commit_submission, prepared, pre.signed.nonce)
+        staged = engine.blobs.stage()
+        try:
+            await read_body_to(request, pre.length, staged.write)
+            staged.close()
+            check_body(pre.signed, staged.sha256)
+            receipt = await asyncio.to_thread(_prepare_and_commit, engine, pre, staged)
+        finally:
+            engine.blobs.discard_staged(staged)
     finally:
         if holding:
-            gate.release()
+            gate.release(client)
     request.app[wake_key].set()
     return web.json_response({"receipt": receipt, "duplicate": False})
+
+
+def _prepare_and_commit(engine: RoundEngine, pre: _Pre, staged: StagedUpload) -> dict[str, Any]:
+    """Read a staged body, decode and validate it, and store it durably (worker thread).
+
+    One call, so a body is in memory only while a worker thread decodes it: at most the
+    thread pool's size of bodies at once, however many uploads hold slots.
+    """
+    body = engine.blobs.read_staged(staged)
+    prepared = engine.prepare(pre.signed.client_id, pre.round_id, pre.stage, body)
+    del body
+    return engine.commit_submission(prepared, pre.signed.nonce)

@@ -55,6 +55,7 @@ HTTP_STATUS: dict[tuple[type[FederationError], str | None], int] = {
     (RequestError, "not_found"): 404,
     (RequestError, "unknown_model"): 404,
     (RequestError, "length_required"): 411,
+    (RequestError, "body_timeout"): 408,
     (RequestError, "payload_too_large"): 413,
     (RequestError, "expectation_failed"): 417,
     (RequestError, "unsupported_encoding"): 415,
@@ -73,6 +74,7 @@ HTTP_STATUS: dict[tuple[type[FederationError], str | None], int] = {
     (WireFormatError, None): 422,
     (IntegrityError, None): 422,
     (BusyError, None): 503,
+    (BusyError, "client_busy"): 429,
     (StorageError, None): 503,  # transient disk trouble: retry; nothing was acknowledged
     (DamagedBlobError, None): 503,
     (ConfigError, None): 400,
@@ -86,12 +88,14 @@ _CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     409: "conflict",
     411: "length_required",
     413: "payload_too_large",
     415: "unsupported_encoding",
     417: "expectation_failed",
     422: "invalid_payload",
+    429: "client_busy",
     503: "busy",
 }
 
@@ -116,9 +120,9 @@ RETRY_AFTER_S = 2
 
 
 def error_response(exc: FederationError) -> web.Response:
-    """Return the JSON error response of a domain error (503s carry ``Retry-After``)."""
+    """Return the JSON error response of a domain error (503s and 429s carry ``Retry-After``)."""
     resp = json_error(status_for(exc), exc.code, exc.message)
-    if resp.status == 503:
+    if resp.status in (429, 503):
         resp.headers["Retry-After"] = str(RETRY_AFTER_S)
     return resp
 
@@ -152,7 +156,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         refuse_encoded_body(request)
         return await handler(request)
     except FederationError as exc:
-        return error_response(exc)
+        resp = error_response(exc)
+        if exc.code == "body_timeout":
+            # Send the 408 now and close: aiohttp would otherwise wait up to its lingering
+            # time (10 s) for the rest of a body that is not coming.
+            resp.force_close()
+            await resp.prepare(request)
+            await resp.write_eof()
+            request.protocol.force_close()
+        return resp
     except (sqlite3.OperationalError, OSError) as exc:  # a full or failing disk: transient
         return error_response(storage_error(exc))
     except web.HTTPException as exc:

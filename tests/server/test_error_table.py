@@ -39,6 +39,8 @@ from confide_server.middlewares import HTTP_STATUS, RequestError, status_for
         (WireFormatError("not JSON"), 422),
         (IntegrityError("hash"), 422),
         (BusyError("retry"), 503),
+        (BusyError("one client's slots", "client_busy"), 429),
+        (RequestError("body stalled", "body_timeout"), 408),
         (ConfigError("bad"), 400),
         (FederationError("other"), 400),
     ],
