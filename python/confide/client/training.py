@@ -206,10 +206,21 @@ def sample_ddg_step(
     Returns
     -------
     numpy.ndarray
-        ``(dim,)`` ring vector to mask with weight 1.
+        ``(dim,)`` ring vector to mask with weight 1 (``dim``: the trainable count).
+
+    Raises
+    ------
+    IntegrityError
+        The manifest has a trainable subset and the frozen part of ``weights`` is not the
+        pinned one (:func:`confide.training.trainable.check_frozen`).
     """
     from confide.privacy.distributed_dpsgd import site_step
 
+    from confide.training.trainable import check_frozen
+
     check_per_sample(trainer, "distributed patient-level DP-SGD")
+    # A trainable subset: the announced frozen part must be the one the job's manifest
+    # pinned (frozen_sha256), or the server could move the trunk without noise.
+    check_frozen(trainer.manifest, weights)
     trainer.set_weights(weights)
     return site_step(trainer, data, params, rng=rng)
