@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 
 from confide import SecureRng  # noqa: E402
 from confide.client.training import sample_ddg_step  # noqa: E402
+from confide.data.images import ArrayDataset  # noqa: E402
 from confide.errors import IntegrityError, ManifestError  # noqa: E402
 from confide.privacy.distributed_dpsgd import (  # noqa: E402
     SampleDDGConfig,
@@ -29,7 +30,6 @@ from confide.training.trainable import (  # noqa: E402
     trainable_size,
     with_trainable,
 )
-from confide.data.images import ArrayDataset  # noqa: E402
 
 SHAPE = (1, 8, 8)
 HEAD = 2 * 16 + 2  # small_cnn's head.weight (2, 16) + head.bias (2,)

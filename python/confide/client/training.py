@@ -215,7 +215,6 @@ def sample_ddg_step(
         pinned one (:func:`confide.training.trainable.check_frozen`).
     """
     from confide.privacy.distributed_dpsgd import site_step
-
     from confide.training.trainable import check_frozen
 
     check_per_sample(trainer, "distributed patient-level DP-SGD")

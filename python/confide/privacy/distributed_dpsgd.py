@@ -481,7 +481,7 @@ def site_step(
         raise ConfigError(f"patient_ids must have shape ({n},), got {ids.shape}")
     gen = rng if rng is not None else SecureRng()
     rows = poisson_sample_patients(ids, params.sampling_rate, gen)
-    part = trainer if dim == trainer.manifest.size else _TrainablePart(trainer)
+    part: Any = trainer if dim == trainer.manifest.size else _TrainablePart(trainer)
     clipped = clipped_patient_sum(part, data, rows, ids, params.clip_norm)
     return encode_site_sum(clipped, params, rng=gen)
 

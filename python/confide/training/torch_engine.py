@@ -62,8 +62,8 @@ from confide.errors import (
 )
 from confide.protocol.manifest import Manifest
 from confide.training.base import FitResult, SiteData, TrainConfig
-from confide.training.trainable import is_trainable, trainable_index, trainable_prefixes
 from confide.training.torch_models import build_model, load_weights, parse_spec
+from confide.training.trainable import is_trainable, trainable_index, trainable_prefixes
 
 __all__ = ["TorchTrainer", "default_per_sample_chunk"]
 
@@ -631,7 +631,9 @@ class TorchTrainer:
         mu = float(config.proximal_mu)
         # FedProx: w_global is the weights fit starts from (the round's model).
         params = [
-            p for name, p in self._module.named_parameters() if p.requires_grad and name in train_set
+            p
+            for name, p in self._module.named_parameters()
+            if p.requires_grad and name in train_set
         ]
         anchors = [p.detach().clone() for p in params] if mu > 0 else []
         with self._seeded(seed, "dropout"):
@@ -845,7 +847,8 @@ class TorchTrainer:
         fn = self._per_sample_fn()
         self._module.train()
         train_set = set(self._trainable)
-        params, frozen = {}, {}
+        params: dict[str, torch.Tensor] = {}
+        frozen: dict[str, torch.Tensor] = {}
         for name, p in self._module.named_parameters():
             (params if name in train_set else frozen)[name] = p.detach()
         buffers = {name: b.detach() for name, b in self._module.named_buffers()}

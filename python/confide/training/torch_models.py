@@ -276,7 +276,16 @@ _REGISTRY: dict[str, ModelFactory] = {
     "small_cnn": small_cnn,
 }
 _SPEC_KEYS = frozenset(
-    {"engine", "arch", "num_classes", "input_shape", "options", "classes", "trainable", "frozen_sha256"}
+    {
+        "engine",
+        "arch",
+        "num_classes",
+        "input_shape",
+        "options",
+        "classes",
+        "trainable",
+        "frozen_sha256",
+    }
 )
 
 

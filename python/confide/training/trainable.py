@@ -76,8 +76,10 @@ def is_trainable(name: str, prefixes: Sequence[str] | None) -> bool:
 
     Examples
     --------
-    >>> is_trainable("classifier.1.weight", ["classifier"]), is_trainable("classifiers", ["classifier"])
-    (True, False)
+    >>> is_trainable("classifier.1.weight", ["classifier"])
+    True
+    >>> is_trainable("classifiers", ["classifier"])
+    False
     """
     if prefixes is None:
         return True
@@ -132,7 +134,7 @@ def trainable_index(manifest: Manifest) -> NDArray[np.int64] | None:
 
 
 def trainable_size(manifest: Manifest) -> int:
-    """Number of trainable coordinates (``manifest.size`` without a subset)."""
+    """Return the number of trainable coordinates (``manifest.size`` without a subset)."""
     index = trainable_index(manifest)
     return manifest.size if index is None else int(index.size)
 

@@ -56,7 +56,6 @@ from confide.privacy.client_dp import DDGParams, padded_dim
 from confide.privacy.distributed_dpsgd import SampleDDGParams
 from confide.protocol.jsonio import loads_bounded
 from confide.protocol.manifest import Manifest, decode_tensors, encode_tensors, sha256_hex
-from confide.training.trainable import trainable_index, trainable_size
 from confide.protocol.tasks import (
     EvaluateTask,
     FailedTask,
@@ -77,6 +76,7 @@ from confide.secagg import (
     SecAggParams,
 )
 from confide.strategies import Strategy, StrategyState
+from confide.training.trainable import trainable_index, trainable_size
 from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
 from confide_server.engine.privacy import (
