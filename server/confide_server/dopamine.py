@@ -13,7 +13,10 @@ lesions), three arms on the same patient split:
    the secure sum carries the accounted noise even with only the threshold number of
    honest survivors; the server divides by the public expected batch and applies momentum
    (``fedavgm``, post-processing). Epsilon per round from the PLD accountant (central
-   DP-SGD over the union of patients).
+   DP-SGD over the union of patients). By default this is DP fine-tuning: only the
+   classifier is DP-trained (ring, sensitivity and noise over its parameters only), on a
+   trunk trained beforehand on a public task (:func:`public_lesions`: scikit-image's
+   natural photographs, none of the hospitals' scans), frozen and pinned in the manifest.
 2. **non-private FedAvg**: the same hospitals and split, local SGD epochs, no DP.
 3. **central**: the same model and initial weights trained on the pooled training split.
 

@@ -213,3 +213,14 @@ def test_federated_dp_training_of_the_head_learns_at_fixed_seeds() -> None:
     end = t.evaluate(test)["accuracy"]
     assert end >= start + 0.2, (start, end)
     assert end >= 0.75, end
+
+
+def test_local_dp_sgd_refuses_a_trainable_subset() -> None:
+    from confide.client.training import check_trainable
+    from confide.errors import PrivacyUnsupportedError
+    from confide.protocol.tasks import DPSGDConfig
+
+    dp = DPSGDConfig(noise_multiplier=1.0, clip_norm=1.0, sampling_rate=0.5, steps=1)
+    cfg = TrainConfig(dp=dp)
+    with pytest.raises(PrivacyUnsupportedError, match="subset"):
+        check_trainable(_pinned(), cfg)

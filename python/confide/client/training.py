@@ -72,7 +72,8 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
     Raises
     ------
     PrivacyUnsupportedError
-        ``config.dp`` is set and ``trainer`` gives no per-sample gradients.
+        ``config.dp`` is set and ``trainer`` gives no per-sample gradients, or its manifest
+        has a trainable subset (local DP-SGD would noise the frozen part too).
     ConfigError
         ``config.proximal_mu > 0`` without DP and ``trainer`` does not implement the
         proximal term (``supports_proximal``).
@@ -87,6 +88,15 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
             )
         return
     check_per_sample(trainer, "patient-level DP-SGD")
+    from confide.training.trainable import trainable_index
+
+    if trainable_index(trainer.manifest) is not None:
+        # Local DP-SGD noises the whole vector: the pinned frozen part would move.
+        raise PrivacyUnsupportedError(
+            "this job trains a subset of the model (spec 'trainable'), which local DP-SGD "
+            "(privacy mode 'sample') does not honour; use mode 'sample_distributed'. The "
+            "round is refused and nothing is uploaded"
+        )
 
 
 def fit_round(
