@@ -13,7 +13,10 @@ lesions), three arms on the same patient split:
    the secure sum carries the accounted noise even with only the threshold number of
    honest survivors; the server divides by the public expected batch and applies momentum
    (``fedavgm``, post-processing). Epsilon per round from the PLD accountant (central
-   DP-SGD over the union of patients).
+   DP-SGD over the union of patients). By default this is DP fine-tuning: only the
+   classifier is DP-trained (ring, sensitivity and noise over its parameters only), on a
+   trunk trained beforehand on a public task (:func:`public_lesions`: scikit-image's
+   natural photographs, none of the hospitals' scans), frozen and pinned in the manifest.
 2. **non-private FedAvg**: the same hospitals and split, local SGD epochs, no DP.
 3. **central**: the same model and initial weights trained on the pooled training split.
 
@@ -37,10 +40,43 @@ from typing import Any
 from confide.errors import ConfigError
 from confide.training import TrainConfig, build_trainer
 from confide_server.config import load_config
-from confide_server.simulate import SimulationOptions, prepare_job, run_simulation
+from confide_server.simulate import (
+    _MARKER,
+    JobFiles,
+    SimulationOptions,
+    prepare_job,
+    run_simulation,
+)
 from confide_server.store import Store
 
-__all__ = ["DopamineOptions", "main_dopamine", "run_dopamine"]
+__all__ = [
+    "HEADS",
+    "PUBLIC_IMAGES",
+    "DopamineOptions",
+    "main_dopamine",
+    "pretrain_public_trunk",
+    "public_lesions",
+    "run_dopamine",
+]
+
+#: The classifier of each model: what the DP arm trains by default.
+HEADS: dict[str, tuple[str, ...]] = {"squeezenet": ("classifier",), "small_cnn": ("head",)}
+
+#: scikit-image's bundled natural photographs (no medical image among them): the public
+#: backgrounds of the pretraining task. The hospitals' scans (pydicom's CT/MR slices,
+#: scikit-image's retina and microaneurysms) are not used.
+PUBLIC_IMAGES = (
+    "camera",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "moon",
+    "coins",
+    "grass",
+    "gravel",
+    "brick",
+)
 
 
 @dataclass(frozen=True)
@@ -70,25 +106,44 @@ class DopamineOptions:
     learning_rate, local_epochs, batch_size
         Local SGD of the FedAvg arm; the central arm trains ``fedavg_rounds * local_epochs``
         epochs with the same SGD.
+    dp_trainable : tuple of str, optional
+        Parameter-name prefixes the DP arm trains, the rest frozen and pinned (spec
+        ``trainable``); default the model's classifier (:data:`HEADS`); ``()``: all.
+    public_trunk : bool
+        Start the DP arm from a model trained centrally on :func:`public_lesions` (public
+        natural images only; its classifier is reset to the random initialisation).
+    public_patients, public_epochs : int
+        Size of that public task (one tile per public "patient") and its training epochs.
     """
 
     sites: int = 10
     model: str = "squeezenet"
-    rounds: int = 12
+    rounds: int = 20
     fedavg_rounds: int = 3
     image_size: int = 64
     patients_per_site: int = 60
     tiles_per_patient: int = 1
     seed: int = 0
     sampling_rate: float = 0.2
-    noise_multiplier: float = 0.9
+    noise_multiplier: float = 1.0
     clip_norm: float = 1.0
-    dp_learning_rate: float = 0.1
+    dp_learning_rate: float = 1.0
     momentum: float = 0.9
     learning_rate: float = 0.05
     local_epochs: int = 1
     batch_size: int = 16
     release: bool = False
+    dp_trainable: tuple[str, ...] | None = None
+    public_trunk: bool = True
+    public_patients: int = 1200
+    public_epochs: int = 6
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        """Parameter-name prefixes the DP arm trains (``()``: the whole network)."""
+        if self.dp_trainable is None:
+            return HEADS[self.model]
+        return tuple(self.dp_trainable)
 
     def __post_init__(self) -> None:
         if self.model not in ("squeezenet", "small_cnn"):
@@ -101,6 +156,8 @@ class DopamineOptions:
             "patients_per_site",
             "tiles_per_patient",
             "local_epochs",
+            "public_patients",
+            "public_epochs",
         )
         for name in names:
             if getattr(self, name) < 1:
@@ -129,10 +186,12 @@ class DopamineOptions:
             evaluate_deadline=120.0,
         )
 
-    def dp_arm(self) -> SimulationOptions:
-        """Return the distributed DP-SGD federation's options."""
+    def dp_arm(self, init_weights: str | None = None) -> SimulationOptions:
+        """Return the distributed DP-SGD federation's options (``init_weights``: its start)."""
         return replace(
             self._split(),
+            trainable=self.trainable,
+            init_weights=init_weights,
             rounds=self.rounds,
             learning_rate=self.dp_learning_rate,
             dp="sample_distributed",
@@ -182,14 +241,92 @@ def _rounds(workdir: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]
     return out, summary
 
 
-def _central(workdir: Path, opts: DopamineOptions) -> float:
+def public_lesions(n_patients: int, size: int, seed: int) -> Any:
+    """Return the public pretraining task: synthetic lesions on :data:`PUBLIC_IMAGES`.
+
+    The same lesion generator as the hospitals' task (:mod:`confide.data.lesions`), one
+    tile per public "patient", but its backgrounds are scikit-image's natural photographs,
+    none of the scans the hospitals' tiles are cut from, and its seed is separated from
+    theirs: no patient record is involved.
+
+    Returns
+    -------
+    confide.data.images.ArrayDataset
+        ``n_patients`` tiles ``(3, size, size)``.
+    """
+    import numpy as np
+    import skimage.data
+
+    from confide.data.lesions import _normalise, _shrink, lesion_dataset
+
+    scans = {}
+    for name in PUBLIC_IMAGES:
+        img = np.asarray(getattr(skimage.data, name)(), dtype=np.float64)
+        if img.ndim == 3:
+            img = img[..., :3].mean(axis=-1)
+        scans[name] = _shrink(_normalise(img))
+    return lesion_dataset(n_patients, 1, size, seed=10_000 + seed, scans=scans)
+
+
+def pretrain_public_trunk(files: JobFiles, opts: DopamineOptions, path: Path) -> dict[str, Any]:
+    """Train the job's initial model on :func:`public_lesions`; write it to ``path``.
+
+    The trained model's trainable part (the DP arm's classifier) is reset to the initial
+    weights, so everything the DP arm's classifier learns it learns under DP; its frozen
+    trunk is then what the public task taught. Returns what was done (for the JSON).
+    """
+    from confide.protocol.manifest import encode_tensors
+    from confide.training.trainable import is_trainable
+
+    t0 = time.monotonic()
+    public = public_lesions(opts.public_patients, opts.image_size, opts.seed)
+    trainer = build_trainer(files.trainer.manifest)
+    init = files.trainer.get_weights()
+    trainer.set_weights(init)
+    cfg = TrainConfig(opts.public_epochs, opts.batch_size, opts.learning_rate)
+    trainer.fit(public, cfg, seed=opts.seed)
+    public_acc = float(trainer.evaluate(public)["accuracy"])
+    weights = trainer.get_weights()
+    offset = 0
+    prefixes = opts.trainable or None
+    for t in files.trainer.manifest.tensors:
+        n = math.prod(t.shape)
+        if prefixes is not None and is_trainable(t.name, prefixes):
+            weights[offset : offset + n] = init[offset : offset + n]
+        offset += n
+    path.write_bytes(encode_tensors(files.trainer.manifest, weights))
+    return {
+        "backgrounds": list(PUBLIC_IMAGES),
+        "tiles": len(public),
+        "epochs": opts.public_epochs,
+        "train_accuracy": public_acc,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def _central(files: JobFiles, opts: DopamineOptions) -> float:
     """Accuracy of the same model trained on the pooled training split (no DP)."""
-    files = prepare_job(workdir, opts.fedavg_arm())
     trainer = build_trainer(files.trainer.manifest)
     trainer.set_weights(files.trainer.get_weights())
     cfg = TrainConfig(opts.fedavg_rounds * opts.local_epochs, opts.batch_size, opts.learning_rate)
     trainer.fit(files.train, cfg, seed=opts.seed)
     return float(trainer.evaluate(files.test)["accuracy"])
+
+
+def _describe_trainable(files: JobFiles, opts: DopamineOptions) -> dict[str, Any]:
+    """Which parameters the DP arm trains: names, count, total."""
+    from confide.training.trainable import is_trainable
+
+    prefixes = opts.trainable or None
+    tensors = files.trainer.manifest.tensors
+    names = [t.name for t in tensors if is_trainable(t.name, prefixes)]
+    count = sum(math.prod(t.shape) for t in tensors if t.name in names)
+    return {
+        "prefixes": list(opts.trainable),
+        "names": names if prefixes is not None else ["all"],
+        "count": count,
+        "total": files.trainer.manifest.size,
+    }
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -266,20 +403,53 @@ def run_dopamine(out: str | Path, opts: DopamineOptions, *, timeout: float = 900
         Process exit code.
     """
     work = Path(out).resolve()
+    if work.is_dir() and not (work / _MARKER).exists() and any(work.iterdir()):
+        raise ConfigError(
+            f"--out {work}: the folder is not empty and was not written by confide-server "
+            "dopamine; pass a new or empty folder (earlier output is replaced)"
+        )
+    work.mkdir(parents=True, exist_ok=True)
+    (work / _MARKER).touch()
     t0 = time.monotonic()
-    print("== arm 1/3: distributed patient-level DP-SGD under SecAgg+", flush=True)
-    rc = run_simulation(work, opts.dp_arm(), timeout=timeout, central=False)
+    # The central arm's files are the job's split and initial model (all arms share them).
+    central_files = prepare_job(work / "central", opts.fedavg_arm())
+    public: dict[str, Any] | None = None
+    init: str | None = None
+    if opts.public_trunk:
+        print(
+            f"== public pretraining: {opts.public_patients} synthetic-lesion tiles on "
+            f"scikit-image's natural photographs ({', '.join(PUBLIC_IMAGES)}), "
+            f"{opts.public_epochs} epochs, no patient data",
+            flush=True,
+        )
+        path = work / "central" / "public_trunk.safetensors"
+        public = pretrain_public_trunk(central_files, opts, path)
+        init = str(path)
+        print(
+            f"   public train accuracy {public['train_accuracy']:.3f} [{public['seconds']:.0f} s]"
+        )
+    t_pub = time.monotonic() - t0
+    dp_opts = opts.dp_arm(init)
+    trainable = _describe_trainable(central_files, opts)
+    print(
+        "== arm 1/3: distributed patient-level DP-SGD under SecAgg+; DP-trained parameters: "
+        f"{', '.join(trainable['names'])} ({trainable['count']} of {trainable['total']}; "
+        f"the rest frozen at the {'public-pretrained' if opts.public_trunk else 'initial'} "
+        "values, pinned in the manifest)",
+        flush=True,
+    )
+    rc = run_simulation(work, dp_opts, timeout=timeout, central=False)
     if rc != 0:
         return rc
-    t_dp = time.monotonic() - t0
+    t_dp = time.monotonic() - t0 - t_pub
     print("== arm 2/3: FedAvg without DP (same sites, same split)", flush=True)
     rc = run_simulation(work / "fedavg", opts.fedavg_arm(), timeout=timeout, central=False)
     if rc != 0:
         return rc
-    t_fa = time.monotonic() - t0 - t_dp
+    t_fa = time.monotonic() - t0 - t_pub - t_dp
     print("== arm 3/3: central training without DP (pooled training split)", flush=True)
-    central = _central(work / "central", opts)
-    t_c = time.monotonic() - t0 - t_dp - t_fa
+    central = _central(central_files, opts)
+    t_c = time.monotonic() - t0 - t_pub - t_dp - t_fa
     dp_rounds, dp_summary = _rounds(work)
     fa_rounds, _ = _rounds(work / "fedavg")
     if dp_summary is None:  # pragma: no cover - the DP arm always has a privacy summary
@@ -291,6 +461,8 @@ def run_dopamine(out: str | Path, opts: DopamineOptions, *, timeout: float = 900
             "epsilon": dp_summary["epsilon"],
             "delta": dp_summary["delta"],
             "expected_batch_size": dp_summary.get("expected_batch_size"),
+            "trainable": trainable,
+            "public_pretraining": public,
             "seconds": round(t_dp, 1),
         },
         "fedavg": {"rounds": fa_rounds, "seconds": round(t_fa, 1)},
@@ -334,6 +506,20 @@ def main_dopamine(argv: Sequence[str]) -> int:
     p.add_argument("--dp-lr", type=float, default=d.dp_learning_rate, help="server DP-SGD step")
     p.add_argument("--momentum", type=float, default=d.momentum, help="server momentum")
     p.add_argument("--lr", type=float, default=d.learning_rate, help="FedAvg/central SGD lr")
+    p.add_argument(
+        "--dp-trainable",
+        default=None,
+        help="comma-separated parameter-name prefixes the DP arm trains, or 'all' "
+        "(default: the model's classifier)",
+    )
+    p.add_argument(
+        "--public-trunk",
+        action=argparse.BooleanOptionalAction,
+        default=d.public_trunk,
+        help="pretrain the frozen trunk on the public natural-image task (default on)",
+    )
+    p.add_argument("--public-patients", type=int, default=d.public_patients)
+    p.add_argument("--public-epochs", type=int, default=d.public_epochs)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per federation")
     p.add_argument(
@@ -357,6 +543,14 @@ def main_dopamine(argv: Sequence[str]) -> int:
             momentum=a.momentum,
             learning_rate=a.lr,
             release=a.release,
+            dp_trainable=None
+            if a.dp_trainable is None
+            else ()
+            if a.dp_trainable == "all"
+            else tuple(x.strip() for x in a.dp_trainable.split(",") if x.strip()),
+            public_trunk=a.public_trunk,
+            public_patients=a.public_patients,
+            public_epochs=a.public_epochs,
         )
     except ConfigError as exc:
         p.error(str(exc))

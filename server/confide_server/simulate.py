@@ -109,6 +109,11 @@ class SimulationOptions:
     release: bool = False  # sign the final model as a release for devices (patient app)
     # sample_distributed: public q * (patients of all sites); 0 = computed from the split
     expected_batch_size: float = 0.0
+    # lesions: parameter-name prefixes trained (the rest frozen and pinned in the manifest,
+    # confide.training.trainable); () = the whole network
+    trainable: tuple[str, ...] = ()
+    # lesions: a safetensors file of the full model to start from (e.g. a public-data trunk)
+    init_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,8 @@ def _prepare_image_job(work: Path, opts: SimulationOptions) -> JobFiles:
         alpha=opts.alpha,
         seed=opts.seed,
     )
+    if opts.trainable or opts.init_weights is not None:
+        _pin_trainable(job_data.manifest_path, job_data.weights_path, opts)
     manifest = Manifest.load(job_data.manifest_path)
     trainer = build_trainer(manifest)
     trainer.set_weights(decode_tensors(manifest, job_data.weights_path.read_bytes())[0])
@@ -343,6 +350,24 @@ def _prepare_image_job(work: Path, opts: SimulationOptions) -> JobFiles:
         trainer,
         job,
     )
+
+
+def _pin_trainable(manifest_path: Path, weights_path: Path, opts: SimulationOptions) -> None:
+    """Rewrite the job's model: start from ``init_weights``; train only ``trainable``.
+
+    The manifest then pins the frozen part's SHA-256 (``frozen_sha256``), which every site
+    checks the announced model against in every round.
+    """
+    from confide.training.trainable import with_trainable
+
+    manifest = Manifest.load(manifest_path)
+    weights = decode_tensors(manifest, weights_path.read_bytes())[0]
+    if opts.init_weights is not None:
+        weights = decode_tensors(manifest, Path(opts.init_weights).read_bytes())[0]
+    if opts.trainable:
+        manifest = with_trainable(manifest, opts.trainable, weights)
+    manifest.save(manifest_path)
+    weights_path.write_bytes(encode_tensors(manifest, weights))
 
 
 def _with_expected_batch(opts: SimulationOptions, patients: int) -> SimulationOptions:

@@ -18,6 +18,9 @@ from confide_server.dopamine import main_dopamine
 from confide_server.store import Store
 
 
+# Two federations, the public pretraining and the central arm: 2 minutes alone, more on a
+# shared 2-core machine (the deadline is generous, no wall-clock threshold is asserted).
+@pytest.mark.timeout(900)
 def test_dopamine_three_arms_report_accuracy_and_epsilon(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -25,6 +28,7 @@ def test_dopamine_three_arms_report_accuracy_and_epsilon(
     argv = ["--out", str(out), "--sites", "3", "--model", "small_cnn", "--rounds", "2"]
     argv += ["--fedavg-rounds", "1", "--image-size", "32", "--patients-per-site", "4"]
     argv += ["--sampling-rate", "0.5", "--timeout", "400"]
+    argv += ["--public-patients", "24", "--public-epochs", "1"]
     assert main_dopamine(argv) == 0
     printed = capsys.readouterr().out
     assert "distributed DP-SGD" in printed
@@ -36,6 +40,18 @@ def test_dopamine_three_arms_report_accuracy_and_epsilon(
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in dp)
     assert dp[0]["epsilon"] < dp[1]["epsilon"] == pytest.approx(result["dp"]["epsilon"])
     assert [r["round"] for r in result["fedavg"]["rounds"]] == [1]
+    # Only the classifier is DP-trained; the rest is the public-pretrained trunk, pinned.
+    assert "DP-trained parameters: head.weight, head.bias" in printed
+    assert result["dp"]["trainable"]["names"] == ["head.weight", "head.bias"]
+    assert result["dp"]["trainable"]["count"] == 16 * 2 + 2
+    assert result["dp"]["public_pretraining"]["tiles"] == 24
+    from confide.protocol.manifest import Manifest, decode_tensors
+    from confide.training.trainable import check_frozen, trainable_size
+
+    manifest = Manifest.load(out / "model.json")
+    assert trainable_size(manifest) == 34
+    public = out / "central" / "public_trunk.safetensors"
+    check_frozen(manifest, decode_tensors(manifest, public.read_bytes())[0])
     assert 0.0 <= result["central"]["accuracy"] <= 1.0
     # The reported epsilon is the accountant's over the rounds' stored parameters.
     store = Store(load_config(out / "job.toml").server.database)
@@ -45,6 +61,7 @@ def test_dopamine_three_arms_report_accuracy_and_epsilon(
     finally:
         store.close()
     params = [SampleDDGParams(**json.loads(p)) for (p,) in stored]
+    assert all(p.dim == 34 for p in params)  # ring, sensitivity and noise: the head only
     assert result["dp"]["epsilon"] == pytest.approx(
         account([event(p) for p in params], 1e-5).epsilon, rel=1e-9
     )

@@ -72,7 +72,8 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
     Raises
     ------
     PrivacyUnsupportedError
-        ``config.dp`` is set and ``trainer`` gives no per-sample gradients.
+        ``config.dp`` is set and ``trainer`` gives no per-sample gradients, or its manifest
+        has a trainable subset (local DP-SGD would noise the frozen part too).
     ConfigError
         ``config.proximal_mu > 0`` without DP and ``trainer`` does not implement the
         proximal term (``supports_proximal``), or the task keeps local momentum across
@@ -95,6 +96,15 @@ def check_trainable(trainer: Trainer, config: TrainConfig) -> None:
             )
         return
     check_per_sample(trainer, "patient-level DP-SGD")
+    from confide.training.trainable import trainable_index
+
+    if trainable_index(trainer.manifest) is not None:
+        # Local DP-SGD noises the whole vector: the pinned frozen part would move.
+        raise PrivacyUnsupportedError(
+            "this job trains a subset of the model (spec 'trainable'), which local DP-SGD "
+            "(privacy mode 'sample') does not honour; use mode 'sample_distributed'. The "
+            "round is refused and nothing is uploaded"
+        )
 
 
 def fit_round(
@@ -214,10 +224,20 @@ def sample_ddg_step(
     Returns
     -------
     numpy.ndarray
-        ``(dim,)`` ring vector to mask with weight 1.
+        ``(dim,)`` ring vector to mask with weight 1 (``dim``: the trainable count).
+
+    Raises
+    ------
+    IntegrityError
+        The manifest has a trainable subset and the frozen part of ``weights`` is not the
+        pinned one (:func:`confide.training.trainable.check_frozen`).
     """
     from confide.privacy.distributed_dpsgd import site_step
+    from confide.training.trainable import check_frozen
 
     check_per_sample(trainer, "distributed patient-level DP-SGD")
+    # A trainable subset: the announced frozen part must be the one the job's manifest
+    # pinned (frozen_sha256), or the server could move the trunk without noise.
+    check_frozen(trainer.manifest, weights)
     trainer.set_weights(weights)
     return site_step(trainer, data, params, rng=rng)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,8 @@ def generate_lesion_tiles(
     contrast: tuple[float, float] = (0.5, 0.8),
     lesion_size: tuple[float, float] = (0.12, 0.25),
     polarity: str = "bright",
+    *,
+    scans: Mapping[str, NDArray[np.float32]] | None = None,
 ) -> LesionTiles:
     """Generate the benchmark's tiles (see the module docstring: lesions are synthetic).
 
@@ -271,6 +274,10 @@ def generate_lesion_tiles(
         Range of the ellipse's semi-axes, as fractions of the tile side.
     polarity : {"bright", "both"}, default "bright"
         Lesions brighter than the tissue, or brighter or darker with probability 1/2.
+    scans : mapping of str to numpy.ndarray, optional
+        Other backgrounds (grey float32 in [0, 1]; patients cycle through them in order),
+        e.g. public natural images for a public pretraining task; default
+        :func:`load_scans`.
 
     Returns
     -------
@@ -286,7 +293,10 @@ def generate_lesion_tiles(
     from PIL import Image
 
     _check_params(n_patients, tiles_per_patient, size, contrast, lesion_size, polarity)
-    scans = load_scans()
+    backgrounds = load_scans() if scans is None else dict(scans)
+    names = SOURCES if scans is None else tuple(backgrounds)
+    if not names:
+        raise ConfigError("scans must hold at least one background image")
     rng = np.random.default_rng(seed)
     n = n_patients * tiles_per_patient
     images = np.empty((n, size, size), dtype=np.uint8)
@@ -295,8 +305,8 @@ def generate_lesion_tiles(
     sources: list[str] = []
     k = 0
     for p in range(n_patients):
-        source = SOURCES[p % len(SOURCES)]
-        scan = scans[source]
+        source = names[p % len(names)]
+        scan = backgrounds[source]
         top, left, side = _pick_region(scan, rng)
         gamma = float(rng.uniform(0.8, 1.25))
         h, w = scan.shape
@@ -342,7 +352,7 @@ def write_lesion_folder(
     ----------
     root : str or Path
         Output folder (created); images go to ``root/images/``.
-    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity
+    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity, scans
         See :func:`generate_lesion_tiles`.
 
     Returns
@@ -391,12 +401,14 @@ def lesion_dataset(
     lesion_size: tuple[float, float] = (0.12, 0.25),
     polarity: str = "bright",
     transform: ImageTransform | None = None,
+    *,
+    scans: Mapping[str, NDArray[np.float32]] | None = None,
 ) -> ArrayDataset:
     """Return the benchmark in memory: what the loader gives for :func:`write_lesion_folder`.
 
     Parameters
     ----------
-    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity
+    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity, scans
         See :func:`generate_lesion_tiles`.
     transform : ImageTransform, optional
         Default ``ImageTransform(size=(size, size), channels=3)``.
@@ -413,7 +425,7 @@ def lesion_dataset(
     ((4, 3, 32, 32), ['no_lesion', 'lesion'])
     """
     tiles = generate_lesion_tiles(
-        n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity
+        n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity, scans=scans
     )
     tf = transform or ImageTransform(size=(size, size), channels=3)
     x = np.stack([tf(img) for img in tiles.images]).astype(np.float32, copy=False)

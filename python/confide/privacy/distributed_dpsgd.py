@@ -465,10 +465,13 @@ def site_step(
             f"{type(trainer).__name__} gives no per-sample gradients, so it cannot take part "
             "in distributed patient-level DP-SGD; the round is refused and nothing is uploaded"
         )
-    if trainer.manifest.size != params.dim:
+    from confide.training.trainable import trainable_size
+
+    dim = trainable_size(trainer.manifest)
+    if dim != params.dim:
         raise ConfigError(
-            f"the round's parameters are for {params.dim} parameters, the model has "
-            f"{trainer.manifest.size}"
+            f"the round's parameters are for {params.dim} parameters, the model trains "
+            f"{dim} (of {trainer.manifest.size})"
         )
     n = len(data)
     if n == 0:
@@ -478,5 +481,29 @@ def site_step(
         raise ConfigError(f"patient_ids must have shape ({n},), got {ids.shape}")
     gen = rng if rng is not None else SecureRng()
     rows = poisson_sample_patients(ids, params.sampling_rate, gen)
-    clipped = clipped_patient_sum(trainer, data, rows, ids, params.clip_norm)
+    part: Any = trainer if dim == trainer.manifest.size else _TrainablePart(trainer)
+    clipped = clipped_patient_sum(part, data, rows, ids, params.clip_norm)
     return encode_site_sum(clipped, params, rng=gen)
+
+
+class _TrainablePart:
+    """A trainer seen through its trainable subset: per-sample gradients of that part only.
+
+    The vector of a distributed DP-SGD step then has the trainable count as its length, so
+    the clipping, the sensitivity and the noise all live in that dimension.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        from confide.errors import PrivacyUnsupportedError
+
+        if not hasattr(trainer, "trainable_manifest"):
+            raise PrivacyUnsupportedError(
+                f"{type(trainer).__name__} cannot train a subset of the model (spec "
+                "'trainable'): it has no trainable_manifest"
+            )
+        self._trainer = trainer
+        self.manifest = trainer.trainable_manifest
+        self.per_sample_chunk = trainer.per_sample_chunk
+
+    def per_sample_gradients(self, x: Any, y: Any) -> Any:
+        return self._trainer.per_sample_gradients(x, y, trainable_only=True)

@@ -63,6 +63,7 @@ from confide.errors import (
 from confide.protocol.manifest import Manifest
 from confide.training.base import FitResult, SiteData, TrainConfig
 from confide.training.torch_models import build_model, load_weights, parse_spec
+from confide.training.trainable import is_trainable, trainable_index, trainable_prefixes
 
 __all__ = ["TorchTrainer", "default_per_sample_chunk"]
 
@@ -257,6 +258,20 @@ class TorchTrainer:
         self._flat = flat
         self._module = module
         self._manifest = manifest
+        # The trainable subset (spec "trainable"): fit and per-sample gradients touch only
+        # these parameters; the others stay at their pinned values (confide.training.trainable).
+        prefixes = trainable_prefixes(manifest.spec)
+        index = trainable_index(manifest)
+        self._trainable = [n for n, _ in named if is_trainable(n, prefixes)]
+        self._trainable_index = index
+        self._trainable_manifest = (
+            manifest
+            if index is None
+            else Manifest.from_shapes(
+                [(t.name, tuple(t.shape)) for t in manifest.tensors if t.name in self._trainable],
+                {"engine": "torch", "trainable_of": manifest.sha256},
+            )
+        )
         self._batchnorm = _batchnorm_layers(module)
         self._ps_fn: Callable[..., dict[str, torch.Tensor]] | None = None
 
@@ -420,6 +435,21 @@ class TorchTrainer:
         Lets a DP loop on CUDA update the parameters in place without a host round trip.
         """
         return self._flat
+
+    @property
+    def trainable_names(self) -> list[str]:
+        """Names of the parameters :meth:`fit` and DP-SGD train (all without a subset)."""
+        return list(self._trainable)
+
+    @property
+    def trainable_index(self) -> NDArray[np.int64] | None:
+        """Flat-vector indices of the trainable coordinates, ``None`` when all train."""
+        return self._trainable_index
+
+    @property
+    def trainable_manifest(self) -> Manifest:
+        """Names and shapes of the trainable part (the manifest itself without a subset)."""
+        return self._trainable_manifest
 
     @property
     def supports_per_sample(self) -> bool:
@@ -595,13 +625,16 @@ class TorchTrainer:
         self._check_labels(np.asarray(data.labels), "data.labels")
         shuffler = np.random.default_rng(_derive_seed(seed, "shuffle"))
         momentum = float(config.momentum) or self._momentum  # the task's, else the trainer's
+        train_set = set(self._trainable)
         optimizer = torch.optim.SGD(
-            self._module.parameters(), lr=config.learning_rate, momentum=momentum
+            [p for name, p in self._module.named_parameters() if name in train_set],
+            lr=config.learning_rate,
+            momentum=momentum,
         )
         if momentum > 0 and not config.momentum_restart and self._velocity is not None:
             kept = torch.from_numpy(self._velocity).to(self._device)
             for name, p in self._module.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad and name in train_set:
                     lo, hi = self._offsets[name]
                     optimizer.state[p]["momentum_buffer"] = kept[lo:hi].view(p.shape).clone()
         self._module.train()
@@ -609,7 +642,11 @@ class TorchTrainer:
         epoch_loss = math.nan
         mu = float(config.proximal_mu)
         # FedProx: w_global is the weights fit starts from (the round's model).
-        params = [p for p in self._module.parameters() if p.requires_grad]
+        params = [
+            p
+            for name, p in self._module.named_parameters()
+            if p.requires_grad and name in train_set
+        ]
         anchors = [p.detach().clone() for p in params] if mu > 0 else []
         with self._seeded(seed, "dropout"):
             for _ in range(config.epochs):
@@ -775,19 +812,30 @@ class TorchTrainer:
 
             def loss_one(
                 params: dict[str, torch.Tensor],
+                frozen: dict[str, torch.Tensor],
                 buffers: dict[str, torch.Tensor],
                 xi: torch.Tensor,
                 yi: torch.Tensor,
             ) -> torch.Tensor:
-                logits = functional_call(module, (params, buffers), (xi.unsqueeze(0),))
+                logits = functional_call(
+                    module, ({**frozen, **params}, buffers), (xi.unsqueeze(0),)
+                )
                 return F.cross_entropy(logits, yi.unsqueeze(0))
 
+            # grad w.r.t. the trainable parameters only: with a frozen trunk autograd records
+            # nothing before the first trainable layer, so no backward pass runs through it.
             # randomness="different": each record draws its own dropout mask, as in a loop.
-            self._ps_fn = vmap(grad(loss_one), in_dims=(None, None, 0, 0), randomness="different")
+            self._ps_fn = vmap(
+                grad(loss_one), in_dims=(None, None, None, 0, 0), randomness="different"
+            )
         return self._ps_fn
 
     def per_sample_gradients(
-        self, x: NDArray[np.float32] | torch.Tensor, y: NDArray[np.int64] | torch.Tensor
+        self,
+        x: NDArray[np.float32] | torch.Tensor,
+        y: NDArray[np.int64] | torch.Tensor,
+        *,
+        trainable_only: bool = False,
     ) -> torch.Tensor:
         """Gradient of each record's cross-entropy at the current weights.
 
@@ -800,13 +848,16 @@ class TorchTrainer:
             ``(n, *input_shape)`` float32, finite.
         y : numpy.ndarray or torch.Tensor
             ``(n,)`` integer labels in ``[0, num_classes)``.
+        trainable_only : bool, default False
+            Return only the trainable part's columns (:attr:`trainable_manifest` order).
+            Otherwise frozen parameters' columns are zero (they are never differentiated).
 
         Returns
         -------
         torch.Tensor
-            C-contiguous ``(n, manifest.size)`` float32 on :attr:`device`, rows in manifest
-            order; on CPU ``.numpy()`` is a zero-copy view (ready for
-            :func:`confide.clip.clip_rows`).
+            C-contiguous ``(n, manifest.size)`` (or ``(n, trainable_manifest.size)``)
+            float32 on :attr:`device`, rows in manifest order; on CPU ``.numpy()`` is a
+            zero-copy view (ready for :func:`confide.clip.clip_rows`).
 
         Raises
         ------
@@ -826,20 +877,34 @@ class TorchTrainer:
         self.check_per_sample()
         xt, yt = self._inputs(x, y, "per_sample_gradients")
         n = xt.shape[0]
-        out = torch.empty((n, self._manifest.size), dtype=torch.float32, device=self._device)
+        target = self._trainable_manifest if trainable_only else self._manifest
+        partial = self._trainable_index is not None
+        alloc = torch.zeros if partial and not trainable_only else torch.empty
+        out = alloc((n, target.size), dtype=torch.float32, device=self._device)
         if n == 0:
             return out
+        offsets: dict[str, tuple[int, int]] = self._offsets
+        if trainable_only and partial:
+            offsets, lo = {}, 0
+            for t in target.tensors:
+                hi = lo + int(np.prod(t.shape, dtype=np.int64))
+                offsets[t.name] = (lo, hi)
+                lo = hi
         fn = self._per_sample_fn()
         self._module.train()
-        params = {name: p.detach() for name, p in self._module.named_parameters()}
+        train_set = set(self._trainable)
+        params: dict[str, torch.Tensor] = {}
+        frozen: dict[str, torch.Tensor] = {}
+        for name, p in self._module.named_parameters():
+            (params if name in train_set else frozen)[name] = p.detach()
         buffers = {name: b.detach() for name, b in self._module.named_buffers()}
         with torch.no_grad():
             for start in range(0, n, self._chunk):
                 stop = min(n, start + self._chunk)
                 with torch.enable_grad():
-                    grads = fn(params, buffers, xt[start:stop], yt[start:stop])
+                    grads = fn(params, frozen, buffers, xt[start:stop], yt[start:stop])
                 for name, g in grads.items():
-                    lo, hi = self._offsets[name]
+                    lo, hi = offsets[name]
                     out[start:stop, lo:hi] = g.reshape(stop - start, -1)
                 del grads
         return out

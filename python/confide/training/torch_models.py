@@ -275,7 +275,18 @@ _REGISTRY: dict[str, ModelFactory] = {
     "squeezenet1_1": squeezenet1_1,
     "small_cnn": small_cnn,
 }
-_SPEC_KEYS = frozenset({"engine", "arch", "num_classes", "input_shape", "options", "classes"})
+_SPEC_KEYS = frozenset(
+    {
+        "engine",
+        "arch",
+        "num_classes",
+        "input_shape",
+        "options",
+        "classes",
+        "trainable",
+        "frozen_sha256",
+    }
+)
 
 
 def register_architecture(name: str, factory: ModelFactory, *, replace: bool = False) -> None:

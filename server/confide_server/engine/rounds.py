@@ -84,6 +84,7 @@ from confide.secagg import (
     SecAggParams,
 )
 from confide.strategies import Strategy, StrategyState
+from confide.training.trainable import trainable_index, trainable_size
 from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
 from confide_server.engine import stagelog
@@ -461,7 +462,8 @@ class RoundEngine:
             return params, None
         ddg: DDGParams | SampleDDGParams
         if self.privacy.mode == "sample_distributed":
-            ddg = self.privacy.sample_ddg_params(self.manifest.size, params)
+            # A trainable subset (spec "trainable"): the step covers only those coordinates.
+            ddg = self.privacy.sample_ddg_params(trainable_size(self.manifest), params)
         else:
             ddg = self.privacy.ddg_params(self.manifest.size, params)
         try:
@@ -1087,7 +1089,11 @@ class RoundEngine:
                     cohort,
                     clients,
                     self.current_model,
-                    self.secure_vector_length if not isinstance(ddg, DDGParams) else ddg.padded_dim,
+                    ddg.padded_dim
+                    if isinstance(ddg, DDGParams)
+                    else ddg.dim
+                    if isinstance(ddg, SampleDDGParams)
+                    else self.secure_vector_length,
                     params=params,
                 )
             except (InfeasibleConfigError, ConfigError) as exc:
@@ -1279,6 +1285,11 @@ class RoundEngine:
         if ddg is not None and isinstance(ddg[0], SampleDDGParams):
             lr = float(self.config.strategy.learning_rate)
             total = self.privacy.sample_ddg_step(result.total, ddg[0], lr)
+            index = trainable_index(self.manifest)
+            if index is not None:  # frozen coordinates: a zero update by construction
+                full = np.zeros(self.manifest.size, dtype=np.float32)
+                full[index] = total
+                total = full
             weight = 1.0
         elif ddg is not None and isinstance(ddg[0], DDGParams):
             total = self.privacy.ddg_sum(result.total, ddg[0], ddg[1])
