@@ -152,6 +152,7 @@ def site_policy_for(job: Config, consortium_root: Path | None = None) -> SitePol
         dropout_fraction=job.secagg.dropout_fraction,
         consortium_root=None if consortium_root is None else str(consortium_root),
         min_certified_sites=2,
+        require_consistency_check=job.secagg.enabled and job.secagg.consistency_check,
     )
 
 

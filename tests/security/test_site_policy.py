@@ -161,6 +161,31 @@ async def test_a_job_within_the_strict_default_policy_runs(make_fed: Any, tmp_pa
         assert len(PrivacyLedger(tmp_path / f"site-{k}").events) == 1
 
 
+async def test_downgrade_to_semi_honest_mode_is_refused(make_fed: Any, tmp_path: Path) -> None:
+    """Attack 5's downgrade: the operator turns the consistency check off.
+
+    Without it no roster is signed, so a server could show different holders different
+    rosters at unmask; a site with ``require_consistency_check`` refuses before it signs.
+    """
+    fed = await make_fed(write_job(tmp_path / "job", **SECURE, **SAMPLE_DP))
+    results = await _sites(fed, tmp_path, 3, policy=SitePolicy(require_consistency_check=True))
+    _refused(results, "requires it (require_consistency_check = true)")
+    assert _submissions(fed.engine) == []
+
+
+async def test_malicious_server_mode_runs_for_a_site_that_requires_it(
+    make_fed: Any, tmp_path: Path
+) -> None:
+    """The control: with ``[secagg] consistency_check = true`` the same sites take part."""
+    cfg = write_job(
+        tmp_path / "job", **SECURE, **SAMPLE_DP, secagg__consistency_check=True, job__rounds=1
+    )
+    fed = await make_fed(cfg)
+    results = await _sites(fed, tmp_path, 3, policy=SitePolicy(require_consistency_check=True))
+    assert [getattr(r, "status", r) for r in results] == ["finished"] * 3
+    assert {s for _, s, _ in _submissions(fed.engine)} >= {"advertise", "mask", "consistency"}
+
+
 # --- the checks themselves (no HTTP) --------------------------------------------------
 
 

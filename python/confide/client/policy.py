@@ -24,6 +24,7 @@ site opts out explicitly (``allow_plain = true``, ``allow_no_dp = true``). A pol
     peer_trust = "consortium"        # peers must hold a certificate from this root ...
     consortium_root = "root.json"    # ... (relative paths: from this file's folder)
     min_certified_sites = 3          # distinct certified sites per secure cohort
+    require_consistency_check = false   # true: join only malicious-server-mode rounds
 
 **Certified peers.** With ``peer_trust = "consortium"`` (the default) every cohort member of a
 secure round must present a site certificate (:mod:`confide.protocol.certs`) signed by the
@@ -33,6 +34,14 @@ distinct certified sites; otherwise the round is refused before anything is sign
 uploaded. A server that enrols ids whose keys it holds cannot get them certified.
 ``peer_trust = "tofu"`` (trust on first use: keys pinned in ``peers.json``, no certificate)
 is for development only: it lets the server place Sybils in the cohort.
+
+**Malicious-server mode.** ``require_consistency_check = true`` makes the site join only
+secure rounds with SecAgg+'s consistency check (``[secagg] consistency_check = true`` on the
+server), whose signature quorum ``floor((n + C) / 2) + 1`` makes the unmask roster unique
+(docs/security.md, section 5); a server that turns the check off (semi-honest mode, where a
+split view at unmask is possible) is refused. Off by default: without it SecAgg+ holds
+against a semi-honest server, and the DP the default policy requires is what protects the
+site's data against a malicious one.
 
 **Epsilon over the job.** A task carries the DP parameters of its round and the job's
 planned rounds (``PrivacyTask.rounds``); the site recomputes the epsilon itself from what it
@@ -140,6 +149,9 @@ class SitePolicy:
         ``peer_trust = "consortium"``).
     min_certified_sites : int, default 3
         Fewest distinct certified sites (this one included) in a secure cohort.
+    require_consistency_check : bool, default False
+        Join only secure rounds with the consistency check (malicious-server mode: a unique
+        unmask roster); refuse semi-honest-mode rounds.
 
     Examples
     --------
@@ -162,6 +174,7 @@ class SitePolicy:
     peer_trust: str = "consortium"
     consortium_root: str | None = None
     min_certified_sites: int = 3
+    require_consistency_check: bool = False
 
     def __post_init__(self) -> None:
         if self.peer_trust not in _PEER_TRUST:
@@ -175,7 +188,7 @@ class SitePolicy:
         mc = self.min_certified_sites
         if not isinstance(mc, int) or isinstance(mc, bool) or mc < 1:
             raise ConfigError(f"policy.min_certified_sites must be an int >= 1, got {mc!r}")
-        for name in ("allow_plain", "allow_no_dp"):
+        for name in ("allow_plain", "allow_no_dp", "require_consistency_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"policy.{name} must be true or false")
         kinds = self.dp_kinds
@@ -504,6 +517,27 @@ class SitePolicy:
                 f"policy requires at least min_certified_sites = {self.min_certified_sites}"
             )
         return len(certified)
+
+    def check_consistency_check(self, consistency_check: bool) -> None:
+        """Refuse a semi-honest-mode round when the policy requires the consistency check.
+
+        Raises
+        ------
+        PolicyViolation
+            ``require_consistency_check`` and the round has no consistency check.
+
+        Examples
+        --------
+        >>> SitePolicy().check_consistency_check(False)
+        >>> SitePolicy(require_consistency_check=True).check_consistency_check(True)
+        """
+        if self.require_consistency_check and not consistency_check:
+            raise PolicyViolation(
+                "the secure round has no consistency check (semi-honest-server mode: the "
+                "server could show sites different rosters at unmask); the site policy "
+                "requires it (require_consistency_check = true): the server must set "
+                "[secagg] consistency_check = true"
+            )
 
     def check_secagg(self, params: SecAggParams) -> None:
         """Refuse SecAgg+ parameters weaker than the site's own threat model allows."""

@@ -210,6 +210,7 @@ class SecureParticipant:
             from confide.client.policy import PrivacyLedger
 
             self._policy.check_secagg(setup.params)
+            self._policy.check_consistency_check(setup.consistency_check)
             if setup.consistency_check:
                 _check_quorum(setup, self._policy)
             self._policy.check_round(
