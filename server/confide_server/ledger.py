@@ -210,7 +210,11 @@ def write_export(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:
     lines : sequence of mapping
         Stored entries, oldest first.
     """
-    data = b"".join(canonical(dict(line)) + b"\n" for line in lines)
+    write_atomic(path, b"".join(canonical(dict(line)) + b"\n" for line in lines))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600): temporary file, fsync, rename."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

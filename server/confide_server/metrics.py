@@ -38,8 +38,9 @@ from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from confide_server.ledger import LedgerSigner, write_atomic, write_export
+
 if TYPE_CHECKING:
-    from confide_server.ledger import LedgerSigner
     from confide_server.store import RoundRow, Store
 
 log = logging.getLogger("confide_server")
@@ -160,17 +161,6 @@ def round_rows(
     return rows
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """Writes ``<state>/metrics/``: ``rounds.csv``, ``rounds.jsonl``, ``tensorboard/``.
 
@@ -239,9 +229,9 @@ class MetricsLog:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-        _atomic_write(self.folder / "rounds.csv", buf.getvalue().encode())
+        write_atomic(self.folder / "rounds.csv", buf.getvalue().encode())
         jsonl = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-        _atomic_write(self.folder / "rounds.jsonl", jsonl.encode())
+        write_atomic(self.folder / "rounds.jsonl", jsonl.encode())
         self._write_tensorboard(rows)
         return rows
 
@@ -307,8 +297,6 @@ def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> N
     The database is the record; these are exports, so a failed write is logged, never
     fatal, and the next close (or restart) rewrites them.
     """
-    from confide_server.ledger import write_export
-
     try:
         write_export(ledger.export_path, store.ledger())
         metrics.write(store)

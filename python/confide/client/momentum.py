@@ -89,11 +89,15 @@ def persist_momentum(trainer: Trainer, config: TrainConfig, state_dir: str | Pat
     buffer = get() if callable(get) else None
     if buffer is None:
         return
-    path = momentum_path(state_dir, trainer)
+    save_vector(momentum_path(state_dir, trainer), buffer)
+
+
+def save_vector(path: Path, vec: NDArray[Any]) -> None:
+    """Write a float32 vector as ``.npy`` (no pickle): temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(buffer, dtype=np.float32), allow_pickle=False)
+        np.save(fh, np.asarray(vec, dtype=np.float32), allow_pickle=False)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -24,13 +24,12 @@ With ``share_fraction = 1`` (the default) this is exactly
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.client.momentum import persist_momentum, restore_momentum
+from confide.client.momentum import persist_momentum, restore_momentum, save_vector
 from confide.client.training import bound_update, fit_round
 from confide.protocol.manifest import Manifest
 from confide.protocol.sharing import (
@@ -73,14 +72,7 @@ def _load_local(state_dir: str | Path, trainer: Trainer) -> NDArray[np.float32] 
 
 
 def _save_local(state_dir: str | Path, trainer: Trainer, vec: NDArray[np.float32]) -> None:
-    path = local_model_path(state_dir, trainer)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(vec, dtype=np.float32), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    save_vector(local_model_path(state_dir, trainer), vec)
 
 
 def train_round_delta(
