@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from confide._fsio import write_atomic
 from confide.errors import ConfigError, SignatureError
 from confide.protocol.signing import Identity, decode_public_key
 
@@ -211,18 +211,6 @@ def write_export(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:
         Stored entries, oldest first.
     """
     write_atomic(path, b"".join(canonical(dict(line)) + b"\n" for line in lines))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600): temporary file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def entry_fields(

@@ -38,7 +38,8 @@ from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from confide_server.ledger import LedgerSigner, write_atomic, write_export
+from confide._fsio import write_atomic
+from confide_server.ledger import LedgerSigner, write_export
 
 if TYPE_CHECKING:
     from confide_server.store import RoundRow, Store

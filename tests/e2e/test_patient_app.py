@@ -31,6 +31,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ class Proc:
         self.p.stdout.close()
         self._event.set()  # exited: wake the waiter, which then sees no URL
 
-    def wait_ready(self, timeout: float = 60.0) -> str:
+    def wait_ready(self, timeout: float = 300.0) -> str:
         self._event.wait(timeout)
         if self.url is None:
             raise AssertionError(f"{self.name} did not start:\n{''.join(self.lines)[-4000:]}")
@@ -119,7 +120,7 @@ def _free_port() -> int:
         return port
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 300.0) -> None:
     """Poll a health URL (the server prints nothing when ready), failing fast if it exits."""
     import time
 
@@ -133,6 +134,52 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -
         except OSError:
             threading.Event().wait(0.05)
     raise AssertionError(f"{url} not ready after {timeout} s")
+
+
+@contextmanager
+def _server_and_proxy(
+    config: Path, work: Path, env: dict[str, str]
+) -> Iterator[tuple[str, str, Path, list[Proc]]]:
+    """Start ``confide-server run`` and the recording proxy in front of it.
+
+    Yields the server's URL, the proxy's URL, the proxy's request log and the list of child
+    processes (the caller appends its apps); all of them and the server stop on exit.
+    """
+    logs = work / "logs"
+    procs: list[Proc] = []
+    with (logs / "server.log").open("wb") as server_log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "confide_server", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        port = int(config.read_text().split("port = ")[1].split()[0])
+        server_url = f"http://127.0.0.1:{port}"
+        _wait_http(server_url + "/v1/health", server)
+        request_log = work / "requests.jsonl"
+        proxy = Proc(
+            "proxy",
+            [
+                sys.executable,
+                "-m",
+                "tests.e2e.recording_proxy",
+                "--upstream",
+                server_url,
+                "--log",
+                str(request_log),
+            ],
+            logs,
+            "proxy listening on",
+            env,
+        )
+        procs.append(proxy)
+        yield server_url, proxy.wait_ready(), request_log, procs
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        _stop(server)
 
 
 @dataclass
@@ -227,36 +274,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # The inherited PYTHONPATH (a worktree's python/ and server/) stays after the app's.
     inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = {"PYTHONPATH": os.pathsep.join([str(APP_DIR), str(REPO), *inherited])}
-    procs: list[Proc] = []
-    with (logs / "server.log").open("wb") as server_log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "confide_server", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        port = int(config.read_text().split("port = ")[1].split()[0])
-        server_url = f"http://127.0.0.1:{port}"
-        _wait_http(server_url + "/v1/health", server)
-        request_log = work / "requests.jsonl"
-        proxy = Proc(
-            "proxy",
-            [
-                sys.executable,
-                "-m",
-                "tests.e2e.recording_proxy",
-                "--upstream",
-                server_url,
-                "--log",
-                str(request_log),
-            ],
-            logs,
-            "proxy listening on",
-            env,
-        )
-        procs.append(proxy)
-        proxy_url = proxy.wait_ready()
+    with _server_and_proxy(config, work, env) as (server_url, proxy_url, request_log, procs):
         app = Proc(
             "app",
             [
@@ -291,10 +309,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             work,
             env,
         )
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        _stop(server)
 
 
 @pytest.fixture(scope="module")
@@ -664,36 +678,7 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
         text=True,
         cwd=REPO,
     ).stdout.split()
-    procs: list[Proc] = []
-    with (logs / "server.log").open("wb") as server_log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "confide_server", "run", "--config", str(config)],
-            cwd=REPO,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        port = int(config.read_text().split("port = ")[1].split()[0])
-        server_url = f"http://127.0.0.1:{port}"
-        _wait_http(server_url + "/v1/health", server)
-        request_log = work / "requests.jsonl"
-        proxy = Proc(
-            "proxy",
-            [
-                sys.executable,
-                "-m",
-                "tests.e2e.recording_proxy",
-                "--upstream",
-                server_url,
-                "--log",
-                str(request_log),
-            ],
-            logs,
-            "proxy listening on",
-            env,
-        )
-        procs.append(proxy)
-        proxy_url = proxy.wait_ready()
+    with _server_and_proxy(config, work, env) as (server_url, proxy_url, request_log, procs):
         urls = []
         # The devices are provisioned by one consortium (docs/security.md section 3): each
         # has its id, identity and certificate before it enrols; its policy names the root.
@@ -761,10 +746,6 @@ def test_three_opted_in_devices_train_with_secagg_and_dp(
                 threading.Event().wait(0.2)
             assert t == {"status": "finished", "rounds_trained": 1}, t
         status = _get(server_url + "/v1/status", _operator(config))
-    finally:
-        for p in reversed(procs):
-            p.stop()
-        _stop(server)
     row = status["rounds"][0]
     assert row["status"] == "committed"
     assert row["metrics"]["secagg"]["n"] == 3

@@ -16,13 +16,14 @@ such a task is refused with :class:`~confide.errors.ConfigError` before anything
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from confide._fsio import write_atomic
 from confide.errors import ConfigError
 from confide.training.base import TrainConfig, Trainer
 
@@ -95,9 +96,6 @@ def persist_momentum(trainer: Trainer, config: TrainConfig, state_dir: str | Pat
 def save_vector(path: Path, vec: NDArray[Any]) -> None:
     """Write a float32 vector as ``.npy`` (no pickle): temporary file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(vec, dtype=np.float32), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(vec, dtype=np.float32), allow_pickle=False)
+    write_atomic(path, buf.getbuffer())

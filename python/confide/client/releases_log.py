@@ -26,10 +26,10 @@ b'noised update'
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
+from confide._fsio import write_atomic
 from confide.errors import ConfigError
 
 __all__ = ["KEEP_ROUNDS", "ReleaseLog"]
@@ -84,9 +84,8 @@ class ReleaseLog:
         path = self._path(round_id, stage)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         # The hash first: a record file only ever appears complete and with its hash.
-        _write_durably(path.with_suffix(".sha256"), hashlib.sha256(body).hexdigest().encode())
-        _write_durably(path, body)
-        _fsync_dir(self.root)
+        write_atomic(path.with_suffix(".sha256"), hashlib.sha256(body).hexdigest().encode())
+        write_atomic(path, body, sync_dir=True)
         self._prune(round_id)
 
     def _prune(self, newest: int) -> None:
@@ -95,25 +94,3 @@ class ReleaseLog:
             if m is not None and int(m.group(1)) <= newest - KEEP_ROUNDS:
                 entry.with_suffix(".sha256").unlink(missing_ok=True)
                 entry.unlink(missing_ok=True)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through an fsynced temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

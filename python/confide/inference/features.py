@@ -31,7 +31,7 @@ True
 from __future__ import annotations
 
 import hashlib
-import os
+import io
 import re
 import threading
 from collections import OrderedDict
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confide._fsio import write_atomic
 from confide.data import Dataset
 from confide.errors import ConfigError, DataError, ShapeError
 from confide.inference.model import LocalModel
@@ -133,10 +134,9 @@ class FeatureCache:
         self._remember(key, value)
         if self._dir is not None and _KEY_RE.fullmatch(key):
             path = self._dir / f"{key}.npy"
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, value, allow_pickle=False)
-            os.replace(tmp, path)
+            buf = io.BytesIO()
+            np.save(buf, value, allow_pickle=False)
+            write_atomic(path, buf.getbuffer(), fsync=False)  # a cache: see get
 
     def _remember(self, key: str, value: NDArray[np.float32]) -> None:
         with self._lock:

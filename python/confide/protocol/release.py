@@ -69,7 +69,6 @@ import base64
 import binascii
 import json
 import math
-import os
 import re
 import threading
 import time
@@ -82,6 +81,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from confide._fsio import write_atomic
 from confide.errors import (
     ConfigError,
     ReleaseError,
@@ -582,14 +582,7 @@ class VersionStore:
             self._state[fingerprint] = {"version": int(version), "model_sha256": model_sha256}
             if self._path is None:
                 return
-            tmp = self._path.with_name(self._path.name + ".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, json.dumps(self._state, sort_keys=True).encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self._path)
+            write_atomic(self._path, json.dumps(self._state, sort_keys=True).encode())
 
 
 def _decode_signature(signature: bytes | str | None) -> bytes:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confide._fsio import write_atomic
 from confide.errors import ConfigError
 from confide.protocol.manifest import Manifest, sha256_hex
 from confide.protocol.release import (
@@ -96,22 +96,6 @@ def load_or_create_release_key(state_dir: Path) -> Identity:
     (state_dir / _PUB_FILE).write_text(key.public_key_b64 + "\n")
     log.info("created release key %s (fingerprint %s)", path, key_fingerprint(key.public_key_b64))
     return key
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass(frozen=True)
@@ -231,9 +215,9 @@ class ReleaseBook:
             )
             data = record.to_bytes()
             signature = sign_release(record, self.key)
-            _write_atomic(self.dir / f"{version}.model", bytes(model))
-            _write_atomic(self.dir / f"{version}.sig", signature)
-            _write_atomic(self.dir / f"{version}.record", data)
+            write_atomic(self.dir / f"{version}.model", bytes(model), sync_dir=True)
+            write_atomic(self.dir / f"{version}.sig", signature, sync_dir=True)
+            write_atomic(self.dir / f"{version}.record", data, sync_dir=True)
         dp_text = "no DP" if dp is None else dp.describe()
         log.info("released model version %d of job %s, %s", version, job_id, dp_text)
         return Release(data, signature, record)
