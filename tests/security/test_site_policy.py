@@ -270,3 +270,29 @@ def test_policy_file_is_read_strictly(tmp_path: Path) -> None:
         SitePolicy.load(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         SitePolicy.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", '{"rounds": [{"round": "x"}]}', '{"rounds": 3}', "\udcff"]
+)
+def test_a_damaged_privacy_ledger_is_a_typed_error_that_says_not_to_delete_it(
+    tmp_path: Path, text: str
+) -> None:
+    """A site whose spend record is unreadable must stop, not start over from zero epsilon."""
+    from confide.errors import PrivacyStateError
+
+    (tmp_path / "privacy-ledger.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    with pytest.raises(PrivacyStateError, match="do not delete it"):
+        PrivacyLedger(tmp_path)
+
+
+def test_the_privacy_ledger_survives_reopening_and_counts_a_round_once(tmp_path: Path) -> None:
+    from confide.privacy.accountant import PrivacyEvent
+
+    ledger = PrivacyLedger(tmp_path)
+    event = PrivacyEvent("poisson_gaussian", sampling_rate=0.1, noise_multiplier=1.0, count=5)
+    ledger.record(1, event)
+    ledger.record(1, event)  # a redo of the same round is not a second spend
+    again = PrivacyLedger(tmp_path)
+    assert [e.to_dict() for e in again.events] == [event.to_dict()]
+    assert oct((tmp_path / "privacy-ledger.json").stat().st_mode & 0o777) == "0o600"

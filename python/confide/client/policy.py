@@ -73,14 +73,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from confide.errors import ConfigError, InfeasibleConfigError, PolicyViolation
+from confide._fsio import write_atomic
+from confide.errors import (
+    ConfigError,
+    InfeasibleConfigError,
+    PolicyViolation,
+    PrivacyStateError,
+)
 from confide.protocol.tasks import PRIVACY_MODES, PrivacyTask, TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -614,10 +619,24 @@ class PrivacyLedger:
         if self._path.exists():
             from confide.privacy.accountant import PrivacyEvent
 
-            doc = json.loads(self._path.read_text())
-            for entry in doc.get("rounds", []):
-                self._rounds.append(int(entry["round"]))
-                self._events.append(PrivacyEvent.from_dict(entry["event"]))
+            try:
+                doc = json.loads(self._path.read_text())
+                for entry in doc.get("rounds", []):
+                    self._rounds.append(int(entry["round"]))
+                    self._events.append(PrivacyEvent.from_dict(entry["event"]))
+            except (
+                OSError,
+                UnicodeDecodeError,
+                ValueError,
+                KeyError,
+                TypeError,
+                AttributeError,
+            ) as exc:
+                raise PrivacyStateError(
+                    f"{self._path} (this site's record of the privacy it has spent) is "
+                    f"damaged: {exc}. Restore it from a backup; do not delete it, that would "
+                    "forget the epsilon this site already spent"
+                ) from None
 
     @property
     def events(self) -> Sequence[PrivacyEvent]:
@@ -637,11 +656,8 @@ class PrivacyLedger:
             ]
         }
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self._path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, self._path)
+        # Durable before the update it accounts for is sent: a crash must not forget a spend.
+        write_atomic(self._path, (json.dumps(doc, indent=1) + "\n").encode(), sync_dir=True)
 
 
 def _number(v: Any) -> bool:

@@ -58,7 +58,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,6 +66,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from numpy.typing import NDArray
 
+from confide._fsio import write_atomic
 from confide.errors import IntegrityError
 from confide.noise import SecureRng
 from confide.protocol.tasks import PrivacyTask, SecureTask, TrainConfig, parse_task
@@ -161,9 +161,8 @@ class SecureParticipant:
                 pins[cid] = key
                 changed = True
         if changed:
-            tmp = self._pins_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, self._pins_path)
+            text = json.dumps(pins, indent=1, sort_keys=True) + "\n"
+            write_atomic(self._pins_path, text.encode(), sync_dir=True)
 
     def advertise(self, task: SecureTask | Mapping[str, Any]) -> dict[str, Any]:
         """Start a round from its ``advertise`` task; return the signed advertisement.

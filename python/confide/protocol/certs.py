@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
 import re
 import time
 from collections.abc import Mapping
@@ -42,6 +41,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from confide._fsio import write_atomic
 from confide.errors import ConfigError, SignatureError
 from confide.protocol.signing import Identity
 
@@ -413,7 +413,5 @@ def provision_site(
     raw = base64.b64decode(ident.public_key_b64)
     cert = sign_certificate(root_dir, site_id, raw, not_after)
     path = Path(state_dir) / CERT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(cert.to_json(), indent=1) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(cert.to_json(), indent=1) + "\n").encode(), mode=0o644)
     return cert
