@@ -27,9 +27,14 @@ stochastically).
    a single request naming the victim both alive and dead.
 6. re-roll: a second ``setup`` for the same round, before and after ``share_keys``.
 
+And one that is not in issue 11 (``mask_entropy``): Flower's mask PRG folds its 32-byte seed
+into a 32-bit ``RandomState`` seed, so a victim the server calls dropped after its upload
+(one roster for everybody, the protocol followed) is left behind a self mask of 2**32
+possibilities; the run searches a 2**16-seed window around the true seed and extrapolates.
+
 Runs in the peers environment of ``make bench`` (numpy and flwr; it does not import
 confide): ``.venv-peers/bin/python benches/python/flower_attacks.py [--json out.json]``.
-Takes a few seconds.
+Takes about ten seconds.
 """
 
 from __future__ import annotations
@@ -115,6 +120,9 @@ CONFIDE_TESTS = {
     "split_view": [
         "tests/security/test_unique_roster.py::test_split_view_is_refused_and_reveals_nothing",
         "tests/security/test_unique_roster.py::test_colluders_signing_both_rosters_do_not_reach_the_quorum",
+    ],
+    "mask_entropy": [
+        "tests/vectors/test_vectors.py::test_mask_expansion_matches_vectors",
     ],
     "reroll": [
         "tests/security/test_graph_reroll.py::test_a_second_advertise_gets_the_same_keys",
@@ -603,6 +611,73 @@ def attack_reroll() -> list[Outcome]:
     return out
 
 
+def seed32(seed: bytes) -> int:
+    """The 32-bit integer Flower's ``pseudo_rand_gen`` folds a seed into (XOR of its words)."""
+    out = 0
+    for i in range(0, len(seed), 4):
+        out ^= int.from_bytes(seed[i : i + 4], "little")
+    return out
+
+
+def attack_mask_entropy(window: int = 1 << 16) -> list[Outcome]:
+    """Not in issue 11: the self mask has 32 bits of entropy, whatever the 32-byte seed.
+
+    An honest-looking round in which the server calls the victim dropped *after* its masked
+    vector arrived: every holder is sent the same roster (victim dead), so it releases key
+    shares only, as the protocol says it should. The server removes the pairwise masks and is
+    left with ``Q + PRG(seed32)``; it searches the 2**32 seeds for the one that leaves the
+    weight element (and then every element) inside the quantizer's range. The run searches a
+    window of ``window`` seeds placed around the true one (read from the victim's state to keep
+    the run short) and extrapolates the full search from the measured rate.
+    """
+    nodes, w = federation(5, seed=10)
+    ids = list(nodes)
+    victim = ids[0]
+    srv = Server(nodes)
+    srv.setup(share_num=5, threshold=3)
+    srv.share_keys()
+    srv.collect(w)
+    others = [j for j in ids if j != victim]
+    got = srv.unmask({h: (others, [victim]) for h in others})  # one roster for everybody
+    sk1 = combine([s for k, s in got[victim] if k == "sk1"])
+    y = [a.astype(np.int64) for a in srv.masked[victim]]
+    dims = [a.shape for a in y]
+    for j in srv.forwarded[victim]:
+        key = generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(srv.pks[j][0]))
+        for i, m in enumerate(pseudo_rand_gen(key, MOD, dims)):
+            y[i] = y[i] - m if victim > j else y[i] + m
+    y = [a % MOD for a in y]  # Q + self mask: all that is left
+    true = seed32(cast(bytes, nodes[victim].secret_state()["rd_seed"]))
+    lo = max(0, true - window // 2)
+    passed: list[int] = []
+    gen = np.random.RandomState()  # Flower's PRG, reproduced to search it (re-seeded: faster)
+    t0 = time.perf_counter()
+    for cand in range(lo, lo + window):
+        gen.seed(cand)
+        first = (int(y[0][0]) - int(gen.randint(0, MOD - 1, (1,), dtype=np.int64)[0])) % MOD
+        if first <= TARGET:  # the weight element q_ratio lies in [0, quantization_range]
+            rest = (y[1] - gen.randint(0, MOD - 1, dims[1], dtype=np.int64)) % MOD
+            if int(rest.max()) <= TARGET:
+                passed.append(cand)
+    rate = window / (time.perf_counter() - t0)
+    hours = (1 << 32) / rate / 3600
+    found = passed == [true]
+    rec = None
+    if found:
+        mask = np.random.RandomState(true)
+        q = [(y[0] - mask.randint(0, MOD - 1, dims[0], dtype=np.int64)) % MOD]
+        q.append((y[1] - mask.randint(0, MOD - 1, dims[1], dtype=np.int64)) % MOD)
+        rec = decode(q, n_summed=1)
+    detail = (
+        f"victim called dropped after its upload, one roster for all; {len(passed)} of {window} "
+        f"seeds pass the range test (the true one: {found}); {rate:.0f} seeds/s here, "
+        f"full 2**32 search {hours:.1f} core-hours"
+    )
+    if rec is None:
+        return [Outcome("mask_entropy", "32-bit self-mask seed", "unclear", detail)]
+    return [fell("mask_entropy", "32-bit self-mask seed", detail, rec, nodes[victim], w)]
+
+
 def honest_baseline() -> Outcome:
     """Sanity: the driver is faithful: an honest round's sum decodes to the weighted mean."""
     nodes, w = federation(5, seed=9)
@@ -638,6 +713,7 @@ ATTACKS: tuple[Callable[[], list[Outcome]], ...] = (
     attack_config_inconsistency,
     attack_split_view,
     attack_reroll,
+    attack_mask_entropy,
 )
 
 
