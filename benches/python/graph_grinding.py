@@ -36,6 +36,7 @@ from confide.secagg.crypto import session_id
 from confide.secagg.graph import harary_graph
 from confide.secagg.params import (
     ThreatModel,
+    _log2_add,
     _log2_disconnect,
     _log2_hyp_tails,
     _tail,
@@ -86,11 +87,16 @@ def defaults_table(seconds: float) -> list[dict[str, Any]]:
     for n in SIZES:
         p = derive_params(n, threat, quant_bits=16, clip_range=1.0, max_weight=1000)
         need = 2 * p.t - p.k - 1
-        leak = math.log2(n) + _tail(_log2_hyp_tails(n - 1, p.corrupt, p.k), need)
+        tails = _log2_hyp_tails(n - 1, p.corrupt, p.k)
+        leak = math.log2(n) + _tail(tails, need)
+        # With a unique roster every honest holder releases the same kind of share of an
+        # owner, so the server needs t colluding holders of one kind, not 2t - k - 1.
+        leak_unique = math.log2(n) + _tail(tails, p.t)
         disconnect = _log2_disconnect(n, p.corrupt + p.max_dropouts, p.k)
         rate = grind_rate(n, p.k, need, set(ids_for(n)[: p.corrupt]), seconds)
         per_day = math.log2(rate * CORE_DAY)
         bound = p.log2_privacy_failure
+        bound_unique = min(0.0, _log2_add(leak_unique, disconnect))
         rows.append(
             {
                 "n": n,
@@ -102,6 +108,10 @@ def defaults_table(seconds: float) -> list[dict[str, Any]]:
                 "log2_leak": leak,
                 "log2_disconnect": disconnect,
                 "log2_bound": bound,
+                "log2_graphs_to_reach_2^-40": max(0.0, -40.0 - bound),
+                "log2_leak_unique_roster": leak_unique,
+                "log2_bound_unique_roster": bound_unique,
+                "log2_bound_unique_roster_after_core_day": min(0.0, bound_unique + per_day),
                 "log2_subsets": log2_subsets(n, p.min_survivors),
                 "graphs_per_second": rate,
                 "log2_graphs_per_core_day": per_day,
@@ -149,6 +159,10 @@ def toy_check(trials: int, victims: int) -> dict[str, Any]:
     }
 
 
+def _finite(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isinf(x) else x
+
+
 def fmt(x: float) -> str:
     return "-inf" if x == -math.inf else f"{x:.1f}"
 
@@ -160,16 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = defaults_table(args.seconds)
     print(
-        "| n | k | t | C | D | log2 leak | log2 disconnect | log2 bound | log2 subsets "
-        "| graphs/s (1 core) | log2 bound after 1 core-day |"
+        "| n | k | t | C | D | log2 subsets | log2 leak | log2 disconnect | log2 bound "
+        "| log2 graphs to 2^-40 | graphs/s (1 core) | log2 bound after 1 core-day "
+        "| log2 bound, unique roster | same after 1 core-day |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        to40 = "-" if r["log2_bound"] == -math.inf else f"{r['log2_graphs_to_reach_2^-40']:.1f}"
         print(
             f"| {r['n']} | {r['k']} | {r['t']} | {r['corrupt']} | {r['max_dropouts']} "
-            f"| {fmt(r['log2_leak'])} | {fmt(r['log2_disconnect'])} | {fmt(r['log2_bound'])} "
-            f"| {r['log2_subsets']:.1f} | {r['graphs_per_second']:.0f} "
-            f"| {fmt(r['log2_bound_after_core_day'])} |"
+            f"| {r['log2_subsets']:.1f} | {fmt(r['log2_leak'])} | {fmt(r['log2_disconnect'])} "
+            f"| {fmt(r['log2_bound'])} | {to40} | {r['graphs_per_second']:.0f} "
+            f"| {fmt(r['log2_bound_after_core_day'])} | {fmt(r['log2_bound_unique_roster'])} "
+            f"| {fmt(r['log2_bound_unique_roster_after_core_day'])} |"
         )
     toy = toy_check(trials=4000, victims=15)
     print(
@@ -180,9 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         f"max {toy['tries_to_first_leak_max']} ({toy['victims']} runs)"
     )
     if args.json:
-        doc = {"python": platform.python_version(), "defaults": rows, "toy": toy}
+        doc = {
+            "python": platform.python_version(),
+            "note": "log2 values of -inf (impossible) are written as null",
+            "defaults": [{k: _finite(v) for k, v in r.items()} for r in rows],
+            "toy": toy,
+        }
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, default=str)
+            json.dump(doc, fh, indent=2, allow_nan=False)
             fh.write("\n")
     return 0
 
