@@ -21,10 +21,11 @@ stochastically).
    those ids give the server both of its secrets without an unmask stage.
 4. config inconsistency: a learning rate of 0 for every site but the victim (Flower's
    messages carry no signatures, so nothing binds the training config).
-5. split view at unmask: 8 honest clients, Flower's float defaults (``num_shares = 1.0``,
-   ``reconstruction_threshold = 0.5``: ``share_num = 8``, ``threshold = 4``); 4 holders are
-   told the victim is alive, the other 4 that it dropped, each request self-consistent; and
-   a single request naming the victim both alive and dead.
+5. split view at unmask: 8 honest clients, ``num_shares = 1.0`` and
+   ``reconstruction_threshold = 0.5`` (fractions, which Flower's workflow turns into
+   ``share_num = 8``, ``threshold = 4``); 4 holders are told the victim is alive, the other
+   4 that it dropped, each request self-consistent; and a single request naming the victim
+   both alive and dead.
 6. re-roll: a second ``setup`` for the same round, before and after ``share_keys``.
 
 And one that is not in issue 11 (``mask_entropy``): Flower's mask PRG folds its 32-byte seed
@@ -551,7 +552,7 @@ def attack_split_view() -> list[Outcome]:
         ids = list(nodes)
         victim = ids[0]
         srv = Server(nodes)
-        srv.setup(share_num=8, threshold=4)  # Flower's float defaults at n = 8
+        srv.setup(share_num=8, threshold=4)  # Flower's workflow for 1.0 and 0.5 at n = 8
         srv.share_keys()
         srv.collect(w)
         if variant == "split":
