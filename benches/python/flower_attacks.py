@@ -411,15 +411,15 @@ def attack_downgrade() -> list[Outcome]:
     srv.setup(share_num=1, threshold=1)
     srv.share_keys()
     srv.collect(w)
-    got = srv.unmask({v: ([v], [v])})
+    got = srv.unmask({v: ([v], [])})  # an honest unmask: the victim is alive
     seed = combine([s for k, s in got[v] if k == "seed"])
-    sk1 = combine([s for k, s in got[v] if k == "sk1"])
     out.append(
         fell(
             "downgrade",
             "cohort of 1 (share_num = threshold = 1)",
-            "accepted: no minimum cohort, sample_num unchecked; its own unmask reply unmasks it",
-            srv.unmask_one(v, seed, sk1),
+            "accepted: no minimum cohort, sample_num unchecked; no pairwise masks, and an "
+            "honest unmask returns the self-mask seed",
+            srv.unmask_one(v, seed, b""),  # no peers: the mask key is never used
             nodes[v],
             w,
         )
