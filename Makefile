@@ -82,6 +82,8 @@ PEERS_STAMP := $(PEERS)/.deps-stamp
 WHEEL_DIR ?= target/bench-wheels
 BENCH_OUT ?= benches/results
 BENCH_ARGS ?=
+# The Flower release every Flower column and tests/security/test_flower_attacks.py measured.
+FLWR_VERSION ?= 1.42.0
 
 # The '*' .gitignore keeps the whole environment out of `git status` (Python >= 3.13's venv
 # writes it itself). Flower is optional for the report (its columns print "-" without it), so
@@ -91,7 +93,7 @@ $(PEERS_STAMP):
 	echo '*' > $(PEERS)/.gitignore
 	$(PEERS_PY) -m pip install -q --upgrade pip
 	$(PEERS_PY) -m pip install -q "numpy>=2"
-	$(PEERS_PY) -m pip install -q flwr || echo "warning: flwr could not be installed; Flower columns will be empty"
+	$(PEERS_PY) -m pip install -q "flwr[simulation]==$(FLWR_VERSION)" || echo "warning: flwr could not be installed; Flower columns will be empty"
 	touch $(PEERS_STAMP)
 
 bench: $(STAMP) $(PEERS_STAMP)
