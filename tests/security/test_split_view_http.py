@@ -95,7 +95,9 @@ class _Run:
             *(["--attack"] if self.attack else []),
         ]
         proxy = procs.launcher.spawn("proxy", cmd)
-        procs.wait_until(lambda: "proxy listening on" in procs.log("proxy") or bool(proxy.poll()))
+        procs.wait_until(
+            lambda: "proxy listening on" in procs.log("proxy") or proxy.poll() is not None
+        )
         url = procs.log("proxy").split("proxy listening on ")[1].split()[0]
         tokens = procs.tokens(N)
         for k, tok in enumerate(tokens, start=1):
@@ -138,6 +140,7 @@ def _shares(uploads: list[dict[str, Any]], kind: str, owner: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # seven processes on a busy machine; every wait has its own deadline
 def test_split_view_over_http_is_refused_and_the_operator_collects_nothing(
     tmp_path: Path, runs: list[_Run]
 ) -> None:
@@ -150,7 +153,7 @@ def test_split_view_over_http_is_refused_and_the_operator_collects_nothing(
     def refused(cid: str) -> bool:
         return "too-few-signatures" in procs.log(cid)
 
-    procs.wait_until(lambda: all(refused(c) for c in sites), timeout=300.0)
+    procs.wait_until(lambda: all(refused(c) for c in sites), timeout=600.0)
     events = run.read_events()
     shown = {e["client"]: e["survivors"] for e in events if e["event"] == "consistency_task"}
     # The split really happened: two self-consistent rosters, the victim dead in one.
@@ -175,12 +178,13 @@ def test_split_view_over_http_is_refused_and_the_operator_collects_nothing(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # seven processes on a busy machine; every wait has its own deadline
 def test_control_honest_forwarding_commits(tmp_path: Path, runs: list[_Run]) -> None:
     run = _Run(tmp_path, attack=False)
     runs.append(run)
     run.start()
     procs = run.procs
-    assert [procs.wait_exit(p, timeout=300.0) for p in run.sites] == [0] * N, procs.all_logs()
+    assert [procs.wait_exit(p, timeout=600.0) for p in run.sites] == [0] * N, procs.all_logs()
     events = run.read_events()
     uploads = [e for e in events if e["event"] == "unmask_upload"]
     # One roster for everyone, and the proxy saw the shares pass: the counting works.
