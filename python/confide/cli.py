@@ -454,7 +454,8 @@ def _run_revoke(args: argparse.Namespace) -> int:
     what = "every certificate of" if key is None else "the certificate of this key for"
     print(
         f"wrote {out}: version {lst.version}, {len(lst.revoked)} revoked ({what} "
-        f"{args.site_id!r}); give it to every site (its policy's revocation_list)"
+        f"{args.site_id!r}); give it to every site (its policy's revocation_list) and to "
+        "the server ([server] revocation_list)"
     )
     return 0
 

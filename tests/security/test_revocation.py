@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from confide.client import Client, SitePolicy
 from confide.data import Dataset
-from confide.errors import ConfigError, PolicyViolation, SignatureError
+from confide.errors import ConfigError, PolicyViolation, ServerError, SignatureError
 from confide.protocol.certs import (
     REVOCATION_SEEN_FILE,
     ConsortiumRoot,
@@ -316,3 +316,34 @@ async def test_a_revoked_site_in_the_cohort_is_refused(make_fed: Any, tmp_path: 
     )
     assert _raw(tmp_path / "site-2") == stolen.identity_key
     assert (tmp_path / "victim" / REVOCATION_SEEN_FILE).exists()  # the version it saw
+
+
+async def test_a_server_given_the_list_refuses_to_enrol_a_revoked_certificate(
+    make_fed: Any, tmp_path: Path
+) -> None:
+    """``[server] consortium_root`` + ``revocation_list``: 400 at enrolment, with what to do."""
+    init_root(tmp_path / "c", "study-1")
+    stolen = provision_site(tmp_path / "c", tmp_path / "site-2", "site-2")
+    provision_site(tmp_path / "c", tmp_path / "site-3", "site-3")
+    lst = revoke(tmp_path / "c", "site-2", identity_key=stolen.identity_key, reason="key stolen")
+    (tmp_path / "revoked.json").write_text(json.dumps(lst.to_json()))
+    job = write_job(
+        tmp_path / "job",
+        server__consortium_root=str(tmp_path / "c" / "root.json"),
+        server__revocation_list=str(tmp_path / "revoked.json"),
+    )
+    fed = await make_fed(job)
+    server = fed.http.server
+    url = f"http://{server.host}:{server.port}"
+    async with Client(url, tmp_path / "site-2", retry_timeout=5.0) as c:
+        with pytest.raises(
+            ServerError, match=r"'site-2' is revoked .* version 1 \(key stolen\)"
+        ) as e:
+            await c.enroll(fed.engine.create_tokens(1)[0], "site-2")
+    assert e.value.status == 400
+    assert fed.engine.store.clients() == {}
+    async with Client(url, tmp_path / "site-3", retry_timeout=5.0) as c:
+        await c.enroll(fed.engine.create_tokens(1)[0], "site-3")
+    assert set(fed.engine.store.clients()) == {"site-3"}
+    with pytest.raises(ConfigError, match="set both or neither"):
+        write_job(tmp_path / "job2", server__revocation_list=str(tmp_path / "revoked.json"))
