@@ -378,10 +378,7 @@ def run_identity(args: argparse.Namespace) -> int:
 
 
 def run_provision(args: argparse.Namespace) -> int:
-    """``confide provision init|sign``: the consortium root and its site certificates."""
-    import base64
-    import binascii
-
+    """``confide provision init|sign|tls|revoke``: the consortium root and its certificates."""
     from confide.protocol.certs import init_root, sign_certificate
 
     if args.provision_command == "tls":
@@ -396,6 +393,8 @@ def run_provision(args: argparse.Namespace) -> int:
         )
         print(f"wrote {issued.cert} and {issued.key} (0600), CA {issued.ca}")
         return 0
+    if args.provision_command == "revoke":
+        return _run_revoke(args)
     if args.provision_command == "init":
         root = init_root(args.out, args.name)
         out = Path(args.out)
@@ -404,22 +403,59 @@ def run_provision(args: argparse.Namespace) -> int:
             f"offline) and {out / 'root.json'} (give it to every site with its policy)"
         )
         return 0
-    text = args.identity
-    if Path(text).is_file():
-        text = Path(text).read_text().strip()
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(
-            "--identity must be the base64 key `confide identity` prints (or a file holding "
-            f"it), got {args.identity!r}"
-        ) from None
+    raw = _identity_key(args.identity)
     cert = sign_certificate(args.root, args.site_id, raw, args.not_after)
     out = Path(args.out)
     out.write_text(json.dumps(cert.to_json(), indent=1) + "\n")
     print(
         f"wrote {out}: {cert.site_id!r} certified by {cert.consortium!r}; the site puts it in "
         "its state folder as certificate.json before it enrols"
+    )
+    return 0
+
+
+def _identity_key(text: str) -> bytes:
+    """Decode ``--identity`` (the base64 key, or a file holding it)."""
+    import base64
+    import binascii
+
+    value = text
+    if Path(text).is_file():
+        value = Path(text).read_text().strip()
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(
+            "--identity must be the base64 key `confide identity` prints (or a file holding "
+            f"it), got {text!r}"
+        ) from None
+
+
+def _run_revoke(args: argparse.Namespace) -> int:
+    """``confide provision revoke``: issue the next revocation list."""
+    from confide.protocol.certs import RevocationList, SiteCertificate, revoke
+
+    key: bytes | None = None
+    if args.identity is not None:
+        key = _identity_key(args.identity)
+    if args.cert is not None:
+        cert = SiteCertificate.load(args.cert)
+        if cert.site_id != args.site_id:
+            raise ConfigError(
+                f"--cert {args.cert} is for {cert.site_id!r}, not for --site-id {args.site_id!r}"
+            )
+        key = cert.identity_key
+    out = Path(args.out)
+    previous = RevocationList.load(out) if out.exists() else None
+    lst = revoke(args.root, args.site_id, identity_key=key, reason=args.reason, previous=previous)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(lst.to_json(), indent=1) + "\n")
+    os.replace(tmp, out)
+    what = "every certificate of" if key is None else "the certificate of this key for"
+    print(
+        f"wrote {out}: version {lst.version}, {len(lst.revoked)} revoked ({what} "
+        f"{args.site_id!r}); give it to every site (its policy's revocation_list) and to "
+        "the server ([server] revocation_list)"
     )
     return 0
 
@@ -547,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         "provision",
         help="create a consortium root and certify site identities",
         description="Consortium provisioning: `init` creates the root that sites trust, "
-        "`sign` certifies one site's identity key for its client id (docs/security.md).",
+        "`sign` certifies one site's identity key for its client id, `tls` issues TLS "
+        "certificates, `revoke` signs the next revocation list (docs/security.md).",
         formatter_class=fmt,
     )
     pv.add_argument("--version", action="version", version=_version())
@@ -569,6 +606,27 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument(
         "--not-after", type=int, default=None, help="expiry in Unix seconds (default: none)"
     )
+    pr = psub.add_parser(
+        "revoke",
+        help="revoke a site's certificate (the next signed revocation list)",
+        description="Add a site to the consortium's revocation list and sign the next version "
+        "of it with the root. --out is read first when it exists (the list issued last: its "
+        "entries are kept, its version + 1 is written). Without --identity or --cert every "
+        "certificate of the site id is revoked.",
+        formatter_class=fmt,
+    )
+    pr.add_argument("--version", action="version", version=_version())
+    pr.add_argument("--root", required=True, help="the folder `provision init` wrote")
+    pr.add_argument("--site-id", required=True, help="the client id to revoke")
+    rkey = pr.add_mutually_exclusive_group()
+    rkey.add_argument(
+        "--identity",
+        default=None,
+        help="revoke only this identity key (base64, or a file holding it)",
+    )
+    rkey.add_argument("--cert", default=None, help="revoke only this certificate.json's key")
+    pr.add_argument("--reason", default="", help="free text kept in the list")
+    pr.add_argument("--out", required=True, help="the revocation list (revoked.json)")
     pt = psub.add_parser(
         "tls",
         help="issue a TLS server or mTLS site certificate from the consortium's CA",

@@ -43,6 +43,8 @@ the TLS files. Relative paths are resolved against the config file's folder. Exa
     max_upload_bytes = 0     # 0: derived from the manifest
     max_concurrent_uploads = 32
     exit_when_finished = false
+    # consortium_root = "root.json"       # optional, both or neither: refuse enrolment of a
+    # revocation_list = "revoked.json"    #   certificate the consortium's list revokes
 
     [tls]                    # optional
     cert = "server.pem"
@@ -250,6 +252,10 @@ class ServerConfig:
     long_poll_max_s: float = 30.0
     exit_when_finished: bool = False
     linger_s: float = 2.0
+    #: The consortium's root and revocation list: enrolment of a revoked certificate is
+    #: refused (400). The sites check the list themselves; this only reports it early.
+    consortium_root: Path | None = None
+    revocation_list: Path | None = None
 
     @property
     def database(self) -> Path:
@@ -563,10 +569,17 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "exit_when_finished": bool,
         "linger_s": float,
     }
-    srv_doc = dict(_section(doc, "server", set(srv_types)))
+    revocation_keys = ("consortium_root", "revocation_list")
+    srv_doc = dict(_section(doc, "server", set(srv_types) | set(revocation_keys)))
     state_dir = path(srv_doc.pop("state_dir", "state"), "server.state_dir")
+    revocation = {k: path(srv_doc.pop(k), f"server.{k}") for k in revocation_keys if k in srv_doc}
+    if len(revocation) == 1:
+        raise ConfigError(
+            "[server] consortium_root and revocation_list go together (the list is checked "
+            "against the root): set both or neither"
+        )
     server = _typed(srv_doc, "server", ServerConfig, srv_types)
-    server = ServerConfig(**{**server.__dict__, "state_dir": state_dir})
+    server = ServerConfig(**{**server.__dict__, "state_dir": state_dir, **revocation})
     tls_doc = _section(doc, "tls", {"cert", "key", "client_ca"})
     tls = TLSConfig(**{k: path(v, f"tls.{k}") for k, v in tls_doc.items()})
     secagg_types: dict[str, type] = {

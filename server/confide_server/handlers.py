@@ -8,7 +8,8 @@ import json
 import math
 import sqlite3
 import time
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiohttp import web
 
@@ -44,6 +45,10 @@ from confide_server.middlewares import (
     storage_error,
 )
 from confide_server.releases import releases_key
+
+if TYPE_CHECKING:
+    from confide.protocol.certs import SiteCertificate
+    from confide_server.config import ServerConfig
 
 __all__ = [
     "enroll_client",
@@ -126,7 +131,7 @@ async def enroll_client(request: web.Request) -> web.Response:
         now_ms=int(time.time() * 1000),
         max_skew_ms=int(request.app[config_key].server.max_clock_skew_s * 1000),
     )
-    certificate = _enrolment_certificate(doc)
+    certificate = _enrolment_certificate(doc, request.app[config_key].server)
     engine = request.app[engine_key]
     bound = bound_client_id(doc["token"])
     try:
@@ -154,12 +159,14 @@ async def enroll_client(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-def _enrolment_certificate(doc: dict[str, Any]) -> str | None:
+def _enrolment_certificate(doc: dict[str, Any], server: ServerConfig) -> str | None:
     """Return the enrolment's consortium certificate as JSON text (``None``: none sent).
 
     The server cannot check it against a root (the sites hold the roots, the server is not
     trusted with them); it refuses only a certificate that is malformed or names another id
-    or key than the enrolment, so a site learns of a provisioning mistake at once.
+    or key than the enrolment, so a site learns of a provisioning mistake at once. With
+    ``[server] consortium_root`` and ``revocation_list`` it also refuses a certificate the
+    consortium's list revokes (re-read at every enrolment: a new list needs no restart).
     """
     from confide.protocol.certs import SiteCertificate
 
@@ -178,7 +185,30 @@ def _enrolment_certificate(doc: dict[str, Any]) -> str | None:
             "the enrolment certificate is for another client id or identity key: have the "
             "provisioner sign this site's key (`confide identity`) for this id"
         )
+    if server.consortium_root is not None and server.revocation_list is not None:
+        _refuse_revoked(cert, server.consortium_root, server.revocation_list)
     return json.dumps(cert.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+def _refuse_revoked(cert: SiteCertificate, root_path: Path, list_path: Path) -> None:
+    """Refuse (400) a certificate revoked by the consortium's list the server was given."""
+    from confide.errors import ConfigError
+    from confide.protocol.certs import ConsortiumRoot, RevocationList, verify_revocation_list
+
+    try:
+        lst = verify_revocation_list(RevocationList.load(list_path), ConsortiumRoot.load(root_path))
+    except (ConfigError, SignatureError) as exc:
+        raise ConfigError(
+            f"this server cannot check its revocation list ({exc.message}); enrolment is "
+            "refused until its operator fixes [server] revocation_list"
+        ) from None
+    entry = lst.revocation_of(cert.site_id, cert.identity_key)
+    if entry is not None:
+        why = f" ({entry.reason})" if entry.reason else ""
+        raise ConfigError(
+            f"the certificate of {cert.site_id!r} is revoked by the consortium's revocation "
+            f"list version {lst.version}{why}: ask the provisioner for a new certificate"
+        )
 
 
 async def get_task(request: web.Request) -> web.Response:

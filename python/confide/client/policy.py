@@ -24,6 +24,7 @@ site opts out explicitly (``allow_plain = true``, ``allow_no_dp = true``). A pol
     peer_trust = "consortium"        # peers must hold a certificate from this root ...
     consortium_root = "root.json"    # ... (relative paths: from this file's folder)
     min_certified_sites = 3          # distinct certified sites per secure cohort
+    revocation_list = "revoked.json" # the root's list of revoked certificates (optional)
     require_consistency_check = false   # true: join only malicious-server-mode rounds
 
 **Certified peers.** With ``peer_trust = "consortium"`` (the default) every cohort member of a
@@ -32,6 +33,14 @@ consortium root the site was provisioned with (``consortium_root``), for its own
 identity key the server announces, and the cohort must hold at least ``min_certified_sites``
 distinct certified sites; otherwise the round is refused before anything is signed or
 uploaded. A server that enrols ids whose keys it holds cannot get them certified.
+
+**Revoked certificates.** ``revocation_list`` names the consortium's ``revoked.json``
+(``confide provision revoke``; relative paths from the policy file's folder). The list must
+be signed by the site's root, and not be older than the newest the site has seen (the
+version is kept in ``revocation-seen.json`` in the state folder: rollback protection); a
+cohort holding a revoked certificate is refused like an uncertified one, before anything is
+signed. A list that cannot be read or verified refuses the round (fail closed). The operator
+distributes each new list to every site (docs/operations.md).
 ``peer_trust = "tofu"`` (trust on first use: keys pinned in ``peers.json``, no certificate)
 is for development only: it lets the server place Sybils in the cohort.
 
@@ -97,6 +106,7 @@ if TYPE_CHECKING:
     from confide.privacy.accountant import PrivacyEvent
     from confide.privacy.client_dp import DDGParams
     from confide.privacy.distributed_dpsgd import SampleDDGParams
+    from confide.protocol.certs import ConsortiumRoot, RevocationList
     from confide.protocol.manifest import Manifest
     from confide.secagg import SecAggParams
 
@@ -154,6 +164,9 @@ class SitePolicy:
         ``peer_trust = "consortium"``).
     min_certified_sites : int, default 3
         Fewest distinct certified sites (this one included) in a secure cohort.
+    revocation_list : str, optional
+        Path of the consortium's signed revocation list (``revoked.json``); peers it
+        revokes are refused. Needs ``peer_trust = "consortium"``.
     require_consistency_check : bool, default False
         Join only secure rounds with the consistency check (malicious-server mode: a unique
         unmask roster); refuse semi-honest-mode rounds.
@@ -180,6 +193,7 @@ class SitePolicy:
     consortium_root: str | None = None
     min_certified_sites: int = 3
     require_consistency_check: bool = False
+    revocation_list: str | None = None
 
     def __post_init__(self) -> None:
         if self.peer_trust not in _PEER_TRUST:
@@ -190,6 +204,14 @@ class SitePolicy:
             not isinstance(self.consortium_root, str) or not self.consortium_root
         ):
             raise ConfigError("policy.consortium_root must be the path of a root.json")
+        if self.revocation_list is not None:
+            if not isinstance(self.revocation_list, str) or not self.revocation_list:
+                raise ConfigError("policy.revocation_list must be the path of a revoked.json")
+            if self.peer_trust != "consortium":
+                raise ConfigError(
+                    'policy.revocation_list needs peer_trust = "consortium" (it revokes '
+                    "consortium certificates)"
+                )
         mc = self.min_certified_sites
         if not isinstance(mc, int) or isinstance(mc, bool) or mc < 1:
             raise ConfigError(f"policy.min_certified_sites must be an int >= 1, got {mc!r}")
@@ -262,9 +284,10 @@ class SitePolicy:
             raise ConfigError(f"cannot read the site policy {p}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"the site policy {p} is not valid TOML: {exc}") from None
-        root = doc.get("consortium_root")
-        if isinstance(root, str) and root and not Path(root).is_absolute():
-            doc["consortium_root"] = str((p.parent / root).resolve())
+        for name in ("consortium_root", "revocation_list"):
+            value = doc.get(name)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                doc[name] = str((p.parent / value).resolve())
         try:
             return cls.from_dict(doc)
         except ConfigError as exc:
@@ -464,6 +487,7 @@ class SitePolicy:
         certificates: Mapping[str, Any] | None,
         *,
         now: float | None = None,
+        state_dir: Path | None = None,
     ) -> int:
         """Refuse a secure cohort whose members are not certified by this site's root.
 
@@ -475,6 +499,9 @@ class SitePolicy:
             The certificates the server relayed, by client id (JSON form).
         now : float, optional
             Unix seconds (default: the clock), for expiry.
+        state_dir : Path, optional
+            The site's state folder, where the newest revocation list version seen is kept
+            (rollback protection); without it the list's age is not checked.
 
         Returns
         -------
@@ -484,8 +511,9 @@ class SitePolicy:
         Raises
         ------
         PolicyViolation
-            No root configured, a member without a valid certificate, or fewer than
-            ``min_certified_sites`` certified sites.
+            No root configured, a member without a valid certificate, a revoked member, a
+            revocation list that cannot be read, is not the root's or is older than one
+            already seen, or fewer than ``min_certified_sites`` certified sites.
         """
         if self.peer_trust == "tofu":
             return 0
@@ -502,6 +530,7 @@ class SitePolicy:
             root = ConsortiumRoot.load(self.consortium_root)
         except ConfigError as exc:
             raise PolicyViolation(f"cannot check peers: {exc.message}") from None
+        revoked = self._revocations(root, state_dir)
         certs = certificates or {}
         certified: set[str] = set()
         for cid, key in identity_keys:
@@ -515,6 +544,12 @@ class SitePolicy:
                 verify_certificate(cert, root, site_id=cid, identity_key=key, now=now)
             except SignatureError as exc:
                 raise PolicyViolation(f"cohort member {cid!r} refused: {exc.message}") from None
+            if revoked is not None and (entry := revoked.revocation_of(cid, key)) is not None:
+                why = f" ({entry.reason})" if entry.reason else ""
+                raise PolicyViolation(
+                    f"cohort member {cid!r} refused: its certificate is revoked by the "
+                    f"consortium's revocation list version {revoked.version}{why}"
+                )
             certified.add(cid)
         if len(certified) < self.min_certified_sites:
             raise PolicyViolation(
@@ -522,6 +557,30 @@ class SitePolicy:
                 f"policy requires at least min_certified_sites = {self.min_certified_sites}"
             )
         return len(certified)
+
+    def _revocations(self, root: ConsortiumRoot, state_dir: Path | None) -> RevocationList | None:
+        """Load and verify the policy's revocation list (``None`` when it names none)."""
+        if self.revocation_list is None:
+            return None
+        from confide.errors import SignatureError
+        from confide.protocol.certs import (
+            RevocationList,
+            check_revocation_version,
+            verify_revocation_list,
+        )
+
+        try:
+            lst = verify_revocation_list(RevocationList.load(self.revocation_list), root)
+            if state_dir is not None:
+                check_revocation_version(lst, state_dir)
+        except ConfigError as exc:
+            raise PolicyViolation(f"cannot check peers: {exc.message}") from None
+        except SignatureError as exc:
+            raise PolicyViolation(
+                f"cannot check peers: the revocation list {self.revocation_list} is refused: "
+                f"{exc.message}"
+            ) from None
+        return lst
 
     def check_consistency_check(self, consistency_check: bool) -> None:
         """Refuse a semi-honest-mode round when the policy requires the consistency check.

@@ -222,7 +222,9 @@ class SecureParticipant:
                 account_now=False,  # at mask: see check_budget
             )
             # Last of the checks, still before anything is signed: every peer certified.
-            self._policy.check_peers(setup.identity_keys, task.certificates)
+            self._policy.check_peers(
+                setup.identity_keys, task.certificates, state_dir=self._pins_path.parent
+            )
         # Keep only the current round: earlier rounds are over (their secrets go with them).
         self._rounds.clear()
         self._ddg.clear()

@@ -23,12 +23,31 @@ The signature is the root's Ed25519 signature over ``confide-site-cert/1`` and a
 (LF), then the canonical JSON (sorted keys, no spaces, UTF-8) of the certificate without its
 ``signature`` field. ``not_after`` (integer Unix seconds) is optional; a certificate past it
 is refused.
+
+**Revocation.** A site whose identity key was stolen (or that left the consortium) is
+revoked by the root (``confide provision revoke``), which issues the next **revocation
+list**; every site gets it (``revocation_list`` in its policy) and refuses a cohort holding
+a revoked certificate. Format::
+
+    revoked.json      {"format": "confide-revocation-list/1", "consortium": NAME,
+                       "version": N, "issued_at": UNIX_S,
+                       "revoked": [{"site_id": ID, "key_sha256": HEX or null,
+                                    "reason": TEXT}, ...],
+                       "signature": B64}
+
+signed like a certificate: the root's signature over ``confide-revocation-list/1``, LF, and
+the canonical JSON without ``signature``. ``key_sha256`` is the hex SHA-256 of the raw
+32-byte identity key (:func:`key_fingerprint`); ``null`` revokes every certificate of the id.
+``revoked`` is sorted by site id, then key. ``version`` starts at 1 and grows by one per
+list; a site keeps the highest version it accepted (``revocation-seen.json``) and refuses an
+older list (rollback) or another list under the same version.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import time
@@ -48,14 +67,22 @@ from confide.protocol.signing import Identity
 __all__ = [
     "CERT_FILE",
     "CERT_FORMAT",
+    "REVOCATION_FORMAT",
+    "REVOCATION_SEEN_FILE",
     "ROOT_FORMAT",
     "ConsortiumRoot",
+    "Revocation",
+    "RevocationList",
     "SiteCertificate",
+    "check_revocation_version",
     "init_root",
+    "key_fingerprint",
     "load_or_create_identity",
     "provision_site",
+    "revoke",
     "sign_certificate",
     "verify_certificate",
+    "verify_revocation_list",
 ]
 
 CERT_FORMAT = "confide-site-cert/1"
@@ -68,6 +95,12 @@ _ROOT_FILE = "root.json"
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MAX_CERT_BYTES = 4096
+REVOCATION_FORMAT = "confide-revocation-list/1"
+#: Where a site remembers the newest revocation list it accepted (rollback protection).
+REVOCATION_SEEN_FILE = "revocation-seen.json"
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
+_MAX_REASON = 200
+_MAX_LIST_BYTES = 4 << 20
 
 
 def _b64(raw: bytes) -> str:
@@ -415,3 +448,299 @@ def provision_site(
     path = Path(state_dir) / CERT_FILE
     write_atomic(path, (json.dumps(cert.to_json(), indent=1) + "\n").encode(), mode=0o644)
     return cert
+
+
+# --- revocation -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One revoked certificate (or every certificate of a site id).
+
+    Parameters
+    ----------
+    site_id : str
+        The revoked client id.
+    key_sha256 : str or None
+        Hex SHA-256 of the revoked raw identity key (:func:`key_fingerprint`); ``None``
+        revokes every certificate of ``site_id``, whatever its key.
+    reason : str
+        Free text for the operators (not interpreted).
+    """
+
+    site_id: str
+    key_sha256: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form (one entry of ``revoked``)."""
+        return {"site_id": self.site_id, "key_sha256": self.key_sha256, "reason": self.reason}
+
+    def matches(self, site_id: str, identity_key: bytes) -> bool:
+        """Whether this entry revokes ``identity_key`` certified for ``site_id``."""
+        if site_id != self.site_id:
+            return False
+        return self.key_sha256 is None or self.key_sha256 == key_fingerprint(identity_key)
+
+
+def key_fingerprint(identity_key: bytes) -> str:
+    """Return the hex SHA-256 of a raw identity key: how a revocation list names a key.
+
+    Examples
+    --------
+    >>> key_fingerprint(bytes(32))[:16]
+    '66687aadf862bd77'
+    """
+    return hashlib.sha256(identity_key).hexdigest()
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """The consortium root's signed list of revoked site certificates.
+
+    Parameters
+    ----------
+    consortium : str
+        The consortium's name (the root's).
+    version : int
+        Increases by one with every list the root issues (>= 1); a site refuses a list
+        older than the newest it has seen (:func:`check_revocation_version`).
+    issued_at : int
+        Unix seconds when it was issued (informational; ``version`` orders lists).
+    revoked : tuple of Revocation
+        The revoked certificates, sorted by site id then key.
+    signature : bytes
+        The root's signature over :meth:`signed_bytes`.
+    """
+
+    consortium: str
+    version: int
+    issued_at: int
+    revoked: tuple[Revocation, ...]
+    signature: bytes
+
+    def _body(self) -> dict[str, Any]:
+        return {
+            "format": REVOCATION_FORMAT,
+            "consortium": self.consortium,
+            "version": self.version,
+            "issued_at": self.issued_at,
+            "revoked": [r.to_json() for r in self.revoked],
+        }
+
+    def signed_bytes(self) -> bytes:
+        """Return the bytes the root signs (domain tag + canonical JSON without the signature)."""
+        text = json.dumps(self._body(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return REVOCATION_FORMAT.encode() + b"\n" + text.encode()
+
+    def digest(self) -> str:
+        """Return the hex SHA-256 of :meth:`signed_bytes` (what a site remembers)."""
+        return hashlib.sha256(self.signed_bytes()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form (``revoked.json``)."""
+        return {**self._body(), "signature": _b64(self.signature)}
+
+    def revocation_of(self, site_id: str, identity_key: bytes) -> Revocation | None:
+        """Return the entry that revokes this site's certified key, or ``None``."""
+        for r in self.revoked:
+            if r.matches(site_id, identity_key):
+                return r
+        return None
+
+    @classmethod
+    def from_json(cls, doc: Any) -> RevocationList:
+        """Parse a revocation list strictly (its signature is not checked here).
+
+        Raises
+        ------
+        SignatureError
+            Not a revocation list: wrong format tag, missing or unexpected keys, wrong types.
+        """
+        keys = {"format", "consortium", "version", "issued_at", "revoked", "signature"}
+        if not isinstance(doc, Mapping) or set(doc) != keys:
+            raise SignatureError(f"a revocation list is a JSON object with keys {sorted(keys)}")
+        if doc["format"] != REVOCATION_FORMAT:
+            raise SignatureError(f"revocation list format must be {REVOCATION_FORMAT!r}")
+        if not isinstance(doc["consortium"], str) or not _NAME.fullmatch(doc["consortium"]):
+            raise SignatureError("revocation list consortium must be 1-64 of [A-Za-z0-9_.-]")
+        for name, low in (("version", 1), ("issued_at", 0)):
+            v = doc[name]
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise SignatureError(f"revocation list {name} must be an integer >= {low}")
+        entries = doc["revoked"]
+        if not isinstance(entries, list):
+            raise SignatureError("revocation list revoked must be a list")
+        revoked = []
+        for e in entries:
+            if not isinstance(e, Mapping) or set(e) != {"site_id", "key_sha256", "reason"}:
+                raise SignatureError(
+                    "a revoked entry is an object with keys ['key_sha256', 'reason', 'site_id']"
+                )
+            sid, fp, reason = e["site_id"], e["key_sha256"], e["reason"]
+            if not isinstance(sid, str) or not _ID.fullmatch(sid):
+                raise SignatureError("revoked site_id must be 1-64 of [A-Za-z0-9_.-]")
+            if fp is not None and (not isinstance(fp, str) or not _FINGERPRINT.fullmatch(fp)):
+                raise SignatureError("revoked key_sha256 must be null or 64 lowercase hex digits")
+            if not isinstance(reason, str) or len(reason) > _MAX_REASON:
+                raise SignatureError(f"revoked reason must be a string of <= {_MAX_REASON} chars")
+            revoked.append(Revocation(sid, fp, reason))
+        return cls(
+            consortium=doc["consortium"],
+            version=doc["version"],
+            issued_at=doc["issued_at"],
+            revoked=tuple(revoked),
+            signature=_unb64(doc["signature"], "revocation list signature", 64),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> RevocationList:
+        """Read a ``revoked.json`` (its signature is not checked here).
+
+        Raises
+        ------
+        ConfigError
+            The file cannot be read, is not JSON or not a revocation list.
+        """
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read the revocation list {p}: {exc.strerror or exc}"
+            ) from None
+        if len(data) > _MAX_LIST_BYTES:
+            raise ConfigError(f"{p} is over {_MAX_LIST_BYTES} bytes: not a revocation list")
+        try:
+            return cls.from_json(json.loads(data))
+        except ValueError as exc:  # JSON errors and SignatureError alike
+            raise ConfigError(f"{p} is not a revocation list: {exc}") from None
+
+
+def verify_revocation_list(
+    lst: RevocationList | Mapping[str, Any], root: ConsortiumRoot
+) -> RevocationList:
+    """Check that ``lst`` was issued by ``root``.
+
+    Raises
+    ------
+    SignatureError
+        Malformed, another consortium, or not signed by ``root`` (tampered with).
+    """
+    r = lst if isinstance(lst, RevocationList) else RevocationList.from_json(lst)
+    if r.consortium != root.consortium:
+        raise SignatureError(
+            f"revocation list of consortium {r.consortium!r}, this site trusts {root.consortium!r}"
+        )
+    try:
+        Ed25519PublicKey.from_public_bytes(root.public_key).verify(r.signature, r.signed_bytes())
+    except InvalidSignature:
+        raise SignatureError(
+            f"revocation list version {r.version} is not signed by this site's consortium root"
+        ) from None
+    return r
+
+
+def revoke(
+    root_dir: str | Path,
+    site_id: str,
+    *,
+    identity_key: bytes | None = None,
+    reason: str = "",
+    previous: RevocationList | None = None,
+    now: float | None = None,
+) -> RevocationList:
+    """Issue the next revocation list: ``previous``'s entries plus ``site_id``.
+
+    Parameters
+    ----------
+    root_dir : str or Path
+        Folder from :func:`init_root`.
+    site_id : str
+        The client id to revoke.
+    identity_key : bytes, optional
+        Revoke only this raw key's certificate (a re-keyed site stays valid); default:
+        every certificate of ``site_id``.
+    reason : str
+        Free text kept in the list.
+    previous : RevocationList, optional
+        The list issued last (it must be this root's); the new one has its version + 1.
+    now : float, optional
+        Unix seconds for ``issued_at`` (default: the clock).
+
+    Raises
+    ------
+    ConfigError
+        A bad id, key or reason, an unreadable root, or a ``previous`` list not signed by it.
+    """
+    if not isinstance(site_id, str) or not _ID.fullmatch(site_id):
+        raise ConfigError(f"the site id must be 1-64 of [A-Za-z0-9_.-], got {site_id!r}")
+    if identity_key is not None and (
+        not isinstance(identity_key, bytes) or len(identity_key) != 32
+    ):
+        raise ConfigError("the identity key must be 32 raw Ed25519 public-key bytes")
+    if not isinstance(reason, str) or len(reason) > _MAX_REASON:
+        raise ConfigError(f"the reason must be text of at most {_MAX_REASON} characters")
+    root, key = _load_root_key(root_dir)
+    entries: set[Revocation] = set()
+    version = 1
+    if previous is not None:
+        try:
+            verify_revocation_list(previous, root)
+        except SignatureError as exc:
+            raise ConfigError(f"the previous revocation list: {exc.message}") from None
+        entries.update(previous.revoked)
+        version = previous.version + 1
+    fp = None if identity_key is None else key_fingerprint(identity_key)
+    entries.add(Revocation(site_id, fp, reason))
+    ordered = tuple(sorted(entries, key=lambda r: (r.site_id, r.key_sha256 or "", r.reason)))
+    issued = int(time.time() if now is None else now)
+    unsigned = RevocationList(root.consortium, version, issued, ordered, b"\0" * 64)
+    return RevocationList(
+        root.consortium, version, issued, ordered, key.sign(unsigned.signed_bytes())
+    )
+
+
+def check_revocation_version(lst: RevocationList, state_dir: str | Path) -> None:
+    """Refuse a list older than the newest this site has seen; remember a newer one.
+
+    The site keeps ``revocation-seen.json`` (mode 0600) in its state folder: the highest
+    version it accepted and that list's digest. A lower version is a rollback (a server or
+    anyone who can swap the file would un-revoke a stolen key); the same version with other
+    content is a root that signed two lists under one number, refused too.
+
+    Raises
+    ------
+    SignatureError
+        An older list, or another list under the same version.
+    """
+    path = Path(state_dir) / REVOCATION_SEEN_FILE
+    seen: dict[str, Any] = {}
+    if path.exists():
+        try:
+            seen = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise SignatureError(f"{path} is unreadable: cannot check the list's age") from None
+    key = lst.consortium
+    last = seen.get(key)
+    if isinstance(last, dict):
+        v, digest = last.get("version"), last.get("sha256")
+        if isinstance(v, int) and lst.version < v:
+            raise SignatureError(
+                f"revocation list version {lst.version} is older than version {v} this site "
+                "has already seen (a rollback would un-revoke certificates)"
+            )
+        if v == lst.version:
+            if digest != lst.digest():
+                raise SignatureError(
+                    f"revocation list version {lst.version} differs from the version "
+                    f"{lst.version} this site has already seen"
+                )
+            return
+    seen[key] = {"version": lst.version, "sha256": lst.digest()}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(seen, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
