@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from confide._fsio import write_atomic
 from confide.errors import ConfideError, ConfigError, ServerError, TransportError
 from confide.logs import add_log_options, setup_logging
 
@@ -406,7 +407,7 @@ def run_provision(args: argparse.Namespace) -> int:
     raw = _identity_key(args.identity)
     cert = sign_certificate(args.root, args.site_id, raw, args.not_after)
     out = Path(args.out)
-    out.write_text(json.dumps(cert.to_json(), indent=1) + "\n")
+    write_atomic(out, (json.dumps(cert.to_json(), indent=1) + "\n").encode(), mode=0o644)
     print(
         f"wrote {out}: {cert.site_id!r} certified by {cert.consortium!r}; the site puts it in "
         "its state folder as certificate.json before it enrols"
@@ -448,9 +449,7 @@ def _run_revoke(args: argparse.Namespace) -> int:
     out = Path(args.out)
     previous = RevocationList.load(out) if out.exists() else None
     lst = revoke(args.root, args.site_id, identity_key=key, reason=args.reason, previous=previous)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(lst.to_json(), indent=1) + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, (json.dumps(lst.to_json(), indent=1) + "\n").encode(), mode=0o644)
     what = "every certificate of" if key is None else "the certificate of this key for"
     print(
         f"wrote {out}: version {lst.version}, {len(lst.revoked)} revoked ({what} "

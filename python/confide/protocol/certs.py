@@ -739,8 +739,4 @@ def check_revocation_version(lst: RevocationList, state_dir: str | Path) -> None
             return
     seen[key] = {"version": lst.version, "sha256": lst.digest()}
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(seen, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(seen, indent=1, sort_keys=True) + "\n").encode(), sync_dir=True)
