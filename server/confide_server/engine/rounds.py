@@ -38,7 +38,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -84,6 +84,7 @@ from confide.secagg import (
     SecAggParams,
 )
 from confide.strategies import Strategy, StrategyState
+from confide.strategies.base import aggregate_stream
 from confide.training.trainable import trainable_index, trainable_size
 from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
@@ -1314,19 +1315,14 @@ class RoundEngine:
         Plain rounds hand the strategy every delta with its example count, sorted by client
         id. Client-level central DP hands it the noised sum of the clipped deltas
         (:meth:`JobPrivacy.central_sum`, uniform weights) and the cohort size.
+
+        Memory-bounded: the updates are read, verified and decoded one at a time
+        (:meth:`_updates`) into a running float64 sum (central DP, and every strategy that
+        :func:`~confide.strategies.base.streams`); only strategies that need every update
+        (median, trimmed mean) hold the round's N updates at once.
         """
         subs = self.store.submissions(cur.round, cur.stage)  # sorted by client id
         base = self._base_model(cur)
-        deltas = []
-        for s in subs:
-            if s.blob is None:
-                raise RoundError(
-                    f"stored {cur.stage!r} submission of {s.client_id!r} in round {cur.round} "
-                    "names no update file; the state folder is damaged",
-                    "corrupt_state",
-                )
-            data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
-            deltas.append(decode_tensors(self._upload_manifest(), data)[0])
         state = self._strategy_state()
         full = base
         index = self._shared_index(cur.round)
@@ -1336,15 +1332,29 @@ class RoundEngine:
         # clear reason, and the round is aborted (never committed).
         with np.errstate(over="ignore", invalid="ignore"):
             if self.privacy.mode == "central":
-                noised = self.privacy.central_sum(deltas)
+                noised = self.privacy.central_sum(d for d, _ in self._updates(cur, subs))
                 cohort = float(max(1, len(cur.cohort)))
                 new, state = self.strategy.aggregate_sum(base, noised, cohort, state)
             else:
-                updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
-                new, state = self.strategy.aggregate(base, updates, state)
+                new, state = aggregate_stream(self.strategy, base, self._updates(cur, subs), state)
         if index is not None:
             new = scatter(full, index, new)
         return self._write_model(cur, new), state
+
+    def _updates(
+        self, cur: RoundRow, subs: Sequence[SubmissionRow]
+    ) -> Iterator[tuple[NDArray[np.float32], float]]:
+        """Yield each stored update (hash-verified, decoded) with its example count, in order."""
+        manifest = self._upload_manifest()
+        for s in subs:
+            if s.blob is None:
+                raise RoundError(
+                    f"stored {cur.stage!r} submission of {s.client_id!r} in round {cur.round} "
+                    "names no update file; the state folder is damaged",
+                    "corrupt_state",
+                )
+            data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
+            yield decode_tensors(manifest, data)[0], float(s.num_examples)
 
     def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
