@@ -19,7 +19,7 @@ from confide_server.engine.privacy import JobPrivacy, PrivacyConfig
 from confide_server.engine.rounds import RoundEngine
 from confide_server.store import Store
 from tests.server.conftest import FakeClock
-from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
+from tests.server.util import delta_body, tiny_manifest, write_job
 
 MANIFEST = tiny_manifest()
 SITES = ("a", "b", "c", "d", "e")
@@ -139,9 +139,7 @@ def test_a_non_finite_streamed_aggregate_aborts_the_round(tmp_path: Path) -> Non
 
 def test_central_dp_clips_and_adds_one_update_at_a_time(tmp_path: Path) -> None:
     handed: list[object] = []
-    eng = _engine(
-        tmp_path, FedAvg(), privacy__mode="central", privacy__noise_multiplier=0.5
-    )
+    eng = _engine(tmp_path, FedAvg(), privacy__mode="central", privacy__noise_multiplier=0.5)
     inner = eng.privacy.central_sum
 
     def central_sum(deltas: Iterable[NDArray[np.floating[Any]]], rng: Any = None) -> Any:
@@ -151,7 +149,8 @@ def test_central_dp_clips_and_adds_one_update_at_a_time(tmp_path: Path) -> None:
     eng.privacy.central_sum = central_sum  # type: ignore[method-assign]
     _train(eng)
     assert eng.tick()
-    assert len(handed) == 1 and isinstance(handed[0], types.GeneratorType)
+    assert len(handed) == 1
+    assert isinstance(handed[0], types.GeneratorType)
     assert eng.store.rounds()[-1].new_model is not None
 
 

@@ -46,7 +46,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confide.errors import (
-    AggregateError,
     ConfigError,
     FederationError,
     ManifestError,
@@ -1185,6 +1184,9 @@ class RoundEngine:
         stagelog.job_ended(status, reason)
         self._crash("budget_exhausted")
 
+    #: The round whose SecAgg+ sum this process unmasked (its noised sum is known here).
+    _unmasked_round: int | None = None
+
     def _close_secure(self, cur: RoundRow, answered: list[str]) -> None:
         """Close a SecAgg+ stage; after unmask, commit the weighted mean as the next model."""
         secure = self.secure
@@ -1201,15 +1203,24 @@ class RoundEngine:
         result: AggregateResult | None = None
         new: tuple[str, StrategyState] | None = None
         ddg = self._round_ddg(cur.round)
+        # An unmask whose close then failed transiently: the retry finds the shares spent.
+        unmasked_before = self._unmasked_round == cur.round
         try:
             proto_next, result = secure.close(cur.stage)
+            if result is not None:
+                self._unmasked_round = cur.round
             new = None if result is None else self._secure_model(cur, result, ddg)
-        except (SecAggAbortError, ManifestError, AggregateError) as exc:
-            # A DDG sum that was unmasked is paid for even if no model comes of it.
+        except Exception as exc:
+            released = result is not None or unmasked_before
+            if isinstance(exc, TRANSIENT_ERRORS) and not released:
+                raise  # nothing unmasked yet: the timer retries the close
+            # Anything after the unmask (a non-finite or out-of-range decoded sum, a damaged
+            # base model, a strategy error, a disk error) aborts the round; a distributed-DP
+            # sum that was unmasked is paid for even if no model comes of it.
             self._abort(
                 cur,
                 f"secure aggregation aborted at {cur.stage!r}: {exc}",
-                ddg=ddg[0] if ddg is not None and result is not None else None,
+                ddg=ddg[0] if ddg is not None and released else None,
             )
             return
         new_sha = None if new is None else new[0]
