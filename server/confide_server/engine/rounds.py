@@ -1211,8 +1211,8 @@ class RoundEngine:
                 self._unmasked_round = cur.round
             new = None if result is None else self._secure_model(cur, result, ddg)
         except Exception as exc:
-            released = result is not None or unmasked_before
-            if isinstance(exc, TRANSIENT_ERRORS) and not released:
+            unmasked = result is not None or unmasked_before
+            if isinstance(exc, TRANSIENT_ERRORS) and not unmasked:
                 raise  # nothing unmasked yet: the timer retries the close
             # Anything after the unmask (a non-finite or out-of-range decoded sum, a damaged
             # base model, a strategy error, a disk error) aborts the round; a distributed-DP
@@ -1220,7 +1220,7 @@ class RoundEngine:
             self._abort(
                 cur,
                 f"secure aggregation aborted at {cur.stage!r}: {exc}",
-                ddg=ddg[0] if ddg is not None and released else None,
+                ddg=ddg[0] if ddg is not None and unmasked else None,
             )
             return
         new_sha = None if new is None else new[0]
