@@ -25,10 +25,13 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from confide.protocol.manifest import encode_tensors, sha256_hex
-from confide.protocol.signing import Identity, signing_payload
+from confide.protocol.manifest import encode_tensors
 from confide.training import NumpyTrainer
 from confide_server.simulate import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sites import Outcome, peak_rss_mib, site
 
 
 def write_job(work: Path, args: argparse.Namespace, port: int) -> Path:
@@ -63,94 +66,15 @@ long_poll_max_s = 60.0
     return cfg
 
 
-def headers(
-    ident: Identity, cid: str, method: str, path: str, rnd: int, stage: str, digest: str
-) -> dict[str, str]:
-    import base64
-    import secrets
-
-    ts = int(time.time() * 1000)
-    nonce = secrets.token_hex(16)
-    sig = ident.sign(signing_payload(method, path, cid, rnd, stage, digest, nonce, ts))
-    return {
-        "X-Confide-Client": cid,
-        "X-Confide-Round": str(rnd),
-        "X-Confide-Stage": stage,
-        "X-Confide-Content-SHA256": digest,
-        "X-Confide-Nonce": nonce,
-        "X-Confide-Timestamp": str(ts),
-        "X-Confide-Signature": base64.b64encode(sig).decode(),
-        "Content-Type": "application/octet-stream",
-    }
-
-
-async def client(
-    session: aiohttp.ClientSession,
-    url: str,
-    token: str,
-    k: int,
-    body: bytes,
-    digest: str,
-    latencies: dict[int, list[tuple[float, float]]],
-) -> None:
-    ident = Identity.generate()
-    cid = f"c{k:05d}"
-    enroll = json.dumps(
-        {"token": token, "client_id": cid, "public_key": ident.public_key_b64}
-    ).encode()
-    h = headers(ident, cid, "POST", "/v1/enroll", 0, "enroll", sha256_hex(enroll))
-    async with session.post(url + "/v1/enroll", data=enroll, headers=h) as r:
-        assert r.status == 200, await r.text()
-    empty = sha256_hex(b"")
-    while True:
-        h = headers(ident, cid, "GET", "/v1/task", 0, "task", empty)
-        async with session.get(url + "/v1/task", params={"wait": "50"}, headers=h) as r:
-            task = await r.json()
-        if task["action"] in ("finished", "failed"):
-            return
-        if task["action"] == "wait":
-            continue
-        rnd = int(task["round"])
-        path = f"/v1/rounds/{rnd}/{task['action']}"
-        if task["action"] == "train":
-            data, dig = body, digest
-        else:
-            data = json.dumps({"num_examples": 10, "metrics": {"accuracy": 0.5}}).encode()
-            dig = sha256_hex(data)
-        while True:
-            h = headers(ident, cid, "PUT", path, rnd, task["action"], dig)
-            t0 = time.perf_counter()
-            async with session.put(url + path, data=data, headers=h, expect100=True) as r:
-                await r.read()
-                status = r.status
-            if status == 503:
-                await asyncio.sleep(0.05)
-                continue
-            assert status == 200, status
-            break
-        if task["action"] == "train":
-            latencies.setdefault(rnd, []).append((t0, time.perf_counter()))
-
-
-async def run_clients(
-    url: str, tokens: list[str], body: bytes
-) -> dict[int, list[tuple[float, float]]]:
-    digest = sha256_hex(body)
-    latencies: dict[int, list[tuple[float, float]]] = {}
+async def run_clients(url: str, tokens: list[str], body: bytes) -> Outcome:
+    out = Outcome()
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
         await asyncio.gather(
-            *(client(session, url, t, k, body, digest, latencies) for k, t in enumerate(tokens))
+            *(site(session, url, t, k, body, out, retry_s=120.0) for k, t in enumerate(tokens))
         )
-    return latencies
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return out
 
 
 def main() -> int:
@@ -192,7 +116,8 @@ def main() -> int:
         body = encode_tensors(manifest, delta, {"num_examples": "10"})
         time.sleep(1.0)
         t0 = time.perf_counter()
-        latencies = asyncio.run(run_clients(url, tokens, body))
+        out = asyncio.run(run_clients(url, tokens, body))
+        latencies = out.by_round
         wall = time.perf_counter() - t0
         rss = peak_rss_mib(server.pid)
         status = json.loads(
@@ -226,8 +151,11 @@ def main() -> int:
             f"{len(lat) * mb / (end - start):>8.1f} {np.percentile(durs, 50):>8.1f} "
             f"{np.percentile(durs, 99):>8.1f}"
         )
-    print(f"server peak RSS: {rss:.0f} MiB; job status: {status['status']}")
-    return 0 if status["status"] == "finished" else 1
+    print(
+        f"server peak RSS: {rss:.0f} MiB; job status: {status['status']}; "
+        f"uploads failed: {out.failed} {out.errors}"
+    )
+    return 0 if status["status"] == "finished" and out.failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import shutil
@@ -41,10 +40,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from load import headers, peak_rss_mib, write_job
+from load import write_job
+from sites import Outcome, peak_rss_mib, site
 
-from confide.protocol.manifest import Manifest, encode_tensors, sha256_hex
-from confide.protocol.signing import Identity
+from confide.protocol.manifest import Manifest, encode_tensors
 from confide.training import NumpyTrainer
 from confide_server.simulate import free_port
 
@@ -55,97 +54,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-@dataclass
-class Outcome:
-    """What the legitimate sites saw."""
-
-    ok: int = 0
-    failed: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    latencies_ms: list[float] = field(default_factory=list)
-    windows: list[tuple[float, float]] = field(default_factory=list)  # train uploads
-
-    def fail(self, why: str) -> None:
-        self.failed += 1
-        self.errors[why] = self.errors.get(why, 0) + 1
-
-
-async def site(
-    session: aiohttp.ClientSession,
-    url: str,
-    token: str,
-    k: int,
-    body: bytes,
-    out: Outcome,
-    retry_s: float,
-) -> None:
-    """One site: enrol, then every task until the job ends; failures counted, not raised."""
-    ident = Identity.generate()
-    cid = f"c{k:05d}"
-    enroll = json.dumps(
-        {"token": token, "client_id": cid, "public_key": ident.public_key_b64}
-    ).encode()
-    for _ in range(100):
-        try:
-            h = headers(ident, cid, "POST", "/v1/enroll", 0, "enroll", sha256_hex(enroll))
-            h["Content-Type"] = "application/json"
-            async with session.post(url + "/v1/enroll", data=enroll, headers=h) as r:
-                if r.status == 200:
-                    break
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    else:
-        out.fail("enrol")
-        return
-    empty = sha256_hex(b"")
-    digest = sha256_hex(body)
-    while True:
-        try:
-            h = headers(ident, cid, "GET", "/v1/task", 0, "task", empty)
-            async with session.get(url + "/v1/task", params={"wait": "50"}, headers=h) as r:
-                task = await r.json() if r.status == 200 else {"action": "wait"}
-        except aiohttp.ClientError:
-            await asyncio.sleep(0.2)
-            continue
-        if task["action"] in ("finished", "failed"):
-            return
-        if task["action"] == "wait":
-            continue
-        rnd = int(task["round"])
-        path = f"/v1/rounds/{rnd}/{task['action']}"
-        if task["action"] == "train":
-            data, dig = body, digest
-        else:
-            data = json.dumps({"num_examples": 10, "metrics": {"accuracy": 0.5}}).encode()
-            dig = sha256_hex(data)
-        t0 = time.perf_counter()
-        last = "?"
-        while time.perf_counter() - t0 < retry_s:
-            try:
-                h = headers(ident, cid, "PUT", path, rnd, task["action"], dig)
-                async with session.put(url + path, data=data, headers=h, expect100=True) as r:
-                    await r.read()
-                    status = r.status
-            except aiohttp.ClientError as exc:  # a reset connection: the site retries it
-                last = type(exc).__name__
-                await asyncio.sleep(0.05)
-                continue
-            if status in (429, 503):
-                last = str(status)
-                await asyncio.sleep(0.05)
-                continue
-            last = str(status)
-            break
-        if last == "200":
-            out.ok += 1
-            if task["action"] == "train":
-                out.latencies_ms.append((time.perf_counter() - t0) * 1000)
-                out.windows.append((t0, time.perf_counter()))
-        else:
-            out.fail(last)
 
 
 @dataclass

@@ -15,7 +15,13 @@ from aiohttp import web
 from confide.protocol.manifest import Manifest
 from confide_server.blobs import BlobStore, FaultHook
 from confide_server.config import Config
-from confide_server.connections import IDLE_TIMEOUT_S, LimitedSockSite
+from confide_server.connections import (
+    IDLE_TIMEOUT_S,
+    ClientRequestCap,
+    LimitedSockSite,
+    client_cap_key,
+    client_cap_middleware,
+)
 from confide_server.engine.rounds import CrashHook, RoundEngine
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.events import NonceCache, Notifier, UploadGate
@@ -242,7 +248,7 @@ def create_app(
     # (no gzip bomb in memory, no decoder error outside any handler).
     app = web.Application(
         client_max_size=upload_limit + 4096,
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, client_cap_middleware],
         handler_args={"auto_decompress": False},
     )
     app[config_key] = config
@@ -251,6 +257,7 @@ def create_app(
     app[wake_key] = asyncio.Event()
     app[finished_key] = asyncio.Event()
     app[nonce_cache_key] = NonceCache(2 * config.server.max_clock_skew_s)
+    app[client_cap_key] = ClientRequestCap(config.server.max_requests_per_client)
     app[upload_gate_key] = UploadGate(
         config.server.max_concurrent_uploads, config.server.max_queued_uploads
     )

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from confide.errors import SignatureError
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
+from confide_server.connections import client_cap_key
 from confide_server.keys import config_key, engine_key, nonce_cache_key
 
 __all__ = [
@@ -158,6 +159,11 @@ async def authenticate(
             "key is no longer accepted; ask the operator",
             "revoked",
         )
+    # Counted from here until the handler ends (connections.client_cap_middleware); checked
+    # before the nonce is spent, so a 429 leaves the signed request retryable as is.
+    cap = request.app.get(client_cap_key)
+    if cap is not None:
+        cap.enter(request, signed.client_id)
     if not request.app[nonce_cache_key].add(signed.nonce) or (
         durable_nonce and await asyncio.to_thread(engine.store.nonce_seen, signed.nonce)
     ):

@@ -248,6 +248,7 @@ class ServerConfig:
     max_upload_bytes: int = 0  # 0: derived from the manifest
     max_concurrent_uploads: int = 32
     max_queued_uploads: int = 1024
+    max_requests_per_client: int = 4  # in progress at once per authenticated site; more: 429
     max_clock_skew_s: float = 300.0
     long_poll_max_s: float = 30.0
     exit_when_finished: bool = False
@@ -407,6 +408,11 @@ class Config:
             raise ConfigError(f"server.port out of range: {srv.port}")
         if srv.max_upload_bytes < 0 or srv.max_concurrent_uploads < 1 or srv.max_queued_uploads < 0:
             raise ConfigError("server upload limits must be positive")
+        if srv.max_requests_per_client < 2:
+            raise ConfigError(
+                f"server.max_requests_per_client must be >= 2 (a site's long-poll and its "
+                f"upload run at once), got {srv.max_requests_per_client}"
+            )
         if (self.tls.cert is None) != (self.tls.key is None):
             raise ConfigError("tls.cert and tls.key go together")
         if self.tls.client_ca is not None and self.tls.cert is None:
@@ -564,6 +570,7 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "max_upload_bytes": int,
         "max_concurrent_uploads": int,
         "max_queued_uploads": int,
+        "max_requests_per_client": int,
         "max_clock_skew_s": float,
         "long_poll_max_s": float,
         "exit_when_finished": bool,

@@ -1,4 +1,4 @@
-"""Hostile connections: a connection cap (total and per peer address), body timeouts, logging.
+"""Hostile connections: connection caps (total, per peer address, per client), timeouts, logging.
 
 aiohttp's request handler closes a connection that has not sent a complete request head
 within ``keepalive_timeout`` of connecting or of its last response (:data:`IDLE_TIMEOUT_S`,
@@ -14,6 +14,12 @@ connections. What it lacks is here:
   open connections, or ``max_per_peer`` from one address, a new connection is reset at
   once (before any byte is read), so a flood can neither exhaust the file descriptors nor
   lock other sites out. Sites retry a closed connection with backoff.
+* :class:`ClientRequestCap` (with :func:`client_cap_middleware`) caps the requests one
+  *authenticated* client id has in progress at once (``server.max_requests_per_client``,
+  default :data:`REQUESTS_PER_CLIENT`): one more is answered 429 ``client_busy`` with
+  ``Retry-After``. A request counts from its signature check (:func:`confide_server.auth.
+  authenticate`) until its handler returns, so a held long-poll counts; requests that
+  carry no valid signature never count, so nobody can use up another site's share.
 * :class:`RateLimitedLog` is a logging filter for the ``aiohttp`` and ``asyncio`` loggers:
   at most ``burst`` records per ``window_s`` seconds, each cut to ``max_chars`` characters
   with its traceback reduced to the exception's type and (cut) message: a parser error
@@ -35,8 +41,10 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from confide.errors import WireFormatError
+from confide_server.events import BusyError
 from confide_server.middlewares import RequestError
 
 __all__ = [
@@ -44,12 +52,18 @@ __all__ = [
     "BODY_IDLE_TIMEOUT_S",
     "BODY_MIN_BYTES_PER_S",
     "IDLE_TIMEOUT_S",
+    "MIN_REQUESTS_PER_CLIENT",
+    "REQUESTS_PER_CLIENT",
+    "ClientRequestCap",
     "ConnectionLimiter",
     "LimitedSockSite",
     "RateLimitedLog",
+    "client_cap_key",
+    "client_cap_middleware",
     "default_connection_limits",
     "install_log_limits",
     "read_body_to",
+    "release_client",
 ]
 
 #: Seconds a connection may take to send a complete request head, after connecting or after
@@ -189,6 +203,106 @@ class ConnectionLimiter:
             self._per_peer[peer] = left
         else:
             self._per_peer.pop(peer, None)
+
+
+#: Requests one authenticated client may have in progress at once (the default of
+#: ``server.max_requests_per_client``). A site's own pattern needs at most three: a long-poll,
+#: an upload and the retry that may overlap the attempt it replaces; a model download makes
+#: four.
+REQUESTS_PER_CLIENT = 4
+
+#: The smallest accepted ``server.max_requests_per_client``: one long-poll plus one upload.
+MIN_REQUESTS_PER_CLIENT = 2
+
+_CLIENT_SLOT = web.RequestKey("confide_client_slot", str)
+
+
+class ClientRequestCap:
+    """Count the requests in progress per authenticated client id; refuse one beyond the cap.
+
+    Parameters
+    ----------
+    per_client : int
+        Requests one client id may have in progress at once (>= 2).
+    """
+
+    def __init__(self, per_client: int = REQUESTS_PER_CLIENT) -> None:
+        self.per_client = per_client
+        self.refused = 0
+        self._held: dict[str, int] = {}
+        self._refusals_logged_at = 0.0
+
+    def held_by(self, client: str) -> int:
+        """Return how many requests ``client`` has in progress now."""
+        return self._held.get(client, 0)
+
+    def enter(self, request: web.Request, client: str) -> None:
+        """Count ``request`` for ``client`` (once per request); pair with :meth:`leave`.
+
+        Raises
+        ------
+        BusyError
+            Code ``"client_busy"`` (429): ``client`` already has ``per_client`` requests in
+            progress.
+        """
+        if _CLIENT_SLOT in request:
+            return  # already counted (an upload checked at Expect and again in its handler)
+        held = self._held.get(client, 0)
+        if held >= self.per_client:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refusals_logged_at >= 10.0:  # one line per 10 s, never per refusal
+                self._refusals_logged_at = now
+                logging.getLogger("confide_server").warning(
+                    "client %s has %d requests in progress (cap %d): answering 429 (%d so far)",
+                    client[:64],
+                    held,
+                    self.per_client,
+                    self.refused,
+                )
+            raise BusyError(
+                f"this client already has {held} requests in progress (at most "
+                f"{self.per_client}: server.max_requests_per_client); wait for one to finish "
+                "or close the connections it no longer uses, then retry",
+                "client_busy",
+            )
+        self._held[client] = held + 1
+        request[_CLIENT_SLOT] = client
+
+    def leave(self, request: web.Request) -> None:
+        """Stop counting ``request`` (no-op for a request that was not counted, or twice)."""
+        client = request.get(_CLIENT_SLOT)
+        if client is None:
+            return
+        del request[_CLIENT_SLOT]
+        left = self._held.get(client, 1) - 1
+        if left > 0:
+            self._held[client] = left
+        else:
+            self._held.pop(client, None)
+
+
+client_cap_key = web.AppKey("client_cap_key", ClientRequestCap)
+
+
+def release_client(request: web.Request) -> None:
+    """Stop counting ``request`` against its client's cap (if it was counted)."""
+    cap = request.app.get(client_cap_key)
+    if cap is not None:
+        cap.leave(request)
+
+
+@web.middleware
+async def client_cap_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Release the request's per-client count when its handler ends (however it ends).
+
+    An ``Expect: 100-continue`` handler that answers by itself (the route handler and the
+    middlewares then never run) calls :func:`release_client` instead.
+    """
+    try:
+        return await handler(request)
+    finally:
+        release_client(request)
 
 
 class RateLimitedLog(logging.Filter):

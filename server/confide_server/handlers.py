@@ -25,7 +25,7 @@ from confide_server.auth import (
     signed_headers,
 )
 from confide_server.blobs import StagedUpload
-from confide_server.connections import read_body_to
+from confide_server.connections import read_body_to, release_client
 from confide_server.engine.releases import enrolment_fields
 from confide_server.engine.rounds import EnrollmentError, RoundEngine
 from confide_server.engine.secure import secure_upload_limit
@@ -320,6 +320,17 @@ async def expect_upload(request: web.Request) -> web.StreamResponse | None:
     its body only when the server is ready for it: bodies do not pile up in the server's
     buffers while uploads wait (memory stays bounded by the upload cap).
     """
+    try:
+        resp = await _expect_upload(request)
+    except BaseException:
+        release_client(request)
+        raise
+    if resp is not None:  # answered here: the handler (and its middlewares) never run
+        release_client(request)
+    return resp
+
+
+async def _expect_upload(request: web.Request) -> web.StreamResponse | None:
     if request.headers.get("Expect", "").lower() != "100-continue":
         return error_response(RequestError("only 100-continue is supported", "expectation_failed"))
     try:

@@ -16,6 +16,18 @@ Two entry points, one per kind of round:
   cohort size, a public normaliser). Strategies that need the individual updates (robust
   rules such as the median) set ``secure_compatible = False`` and refuse it.
 
+Memory: a plain round of N updates of P parameters does not have to hold N x P floats. A
+strategy whose :meth:`Strategy.aggregate` is a function of ``sum(w_i * d_i)`` and
+``sum(w_i)`` only (FedAvg, FedProx, the server optimizers, norm bounding) declares
+``streaming = True`` in the class that defines ``aggregate``; :func:`aggregate_stream` then
+reads the updates one at a time into a float64 :class:`RunningSum` and calls
+:meth:`Strategy.aggregate_sum`, which must give the same bits as ``aggregate`` on the list
+(tested for every built-in). An optional ``prepare_update(delta) -> float64 vector`` maps each
+update before it is summed (norm bounding clips there). A subclass that overrides
+``aggregate`` without declaring ``streaming`` again gets the list path: the flag is read from
+the class that defines ``aggregate`` (:func:`streams`), so an override is never bypassed.
+Median and trimmed mean need every update and keep the list.
+
 State is a JSON-serialisable dict (:data:`StrategyState`): a server optimizer's moments, a
 momentum buffer. The engine stores the state returned with a round's new model in the same
 SQLite transaction as the model, and hands the state of the last committed round to the
@@ -36,7 +48,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -46,9 +58,11 @@ from confide.errors import AggregateError, ConfigError, NonFiniteError, ShapeErr
 
 __all__ = [
     "REGISTRY",
+    "RunningSum",
     "Strategy",
     "StrategyState",
     "Update",
+    "aggregate_stream",
     "check_sum",
     "check_updates",
     "client_train_options",
@@ -56,6 +70,7 @@ __all__ = [
     "encode_vector",
     "finite_model",
     "register",
+    "streams",
     "weighted_mean",
 ]
 
@@ -241,6 +256,106 @@ def weighted_mean(
         total += weight
     out: NDArray[np.float64] = acc / total
     return out
+
+
+class RunningSum:
+    """``sum(w_i * d_i)`` and ``sum(w_i)`` of updates added one at a time (float64).
+
+    The same additions, in the same order, as :func:`weighted_mean` and FedAvg make over a
+    list, so the sum has the same bits; each update is checked as :func:`check_updates` checks
+    it (shape of ``base``, weight finite and > 0) before it is added.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acc = RunningSum(np.zeros(1, np.float32))
+    >>> acc.add(np.array([1.0], np.float32), 1.0)
+    >>> acc.add(np.array([4.0], np.float32), 3.0)
+    >>> acc.sum.tolist(), acc.total_weight, acc.count
+    ([13.0], 4.0, 2)
+    """
+
+    def __init__(self, base: NDArray[np.float32]) -> None:
+        self._shape = base.shape
+        self.sum: NDArray[np.float64] = np.zeros(base.shape[0], dtype=np.float64)
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(
+        self,
+        delta: NDArray[np.floating[Any]],
+        weight: float,
+        prepare: Callable[[NDArray[np.floating[Any]]], NDArray[np.float64]] | None = None,
+    ) -> None:
+        """Check one update, map it with ``prepare`` if given, and add ``weight * delta``.
+
+        Raises
+        ------
+        ShapeError
+            ``delta`` is not of the base model's shape.
+        AggregateError
+            ``weight`` is not finite and > 0.
+        """
+        i = self.count
+        if delta.shape != self._shape:
+            raise ShapeError(f"update {i} has shape {delta.shape}, expected {self._shape}")
+        if not (np.isfinite(weight) and weight > 0):
+            raise AggregateError(f"update {i} has weight {weight!r}; expected a finite value > 0")
+        d = delta if prepare is None else prepare(delta)
+        self.sum += weight * d.astype(np.float64)
+        self.total_weight += weight
+        self.count += 1
+
+
+def streams(strategy: object) -> bool:
+    """Whether ``strategy`` aggregates from a running sum (see the module docstring).
+
+    Read from the class (or instance) that defines ``aggregate``: a subclass that overrides
+    it without declaring ``streaming = True`` itself is aggregated from the list.
+
+    Examples
+    --------
+    >>> from confide.strategies import FedAvg, Median
+    >>> streams(FedAvg()), streams(Median())
+    (True, False)
+    """
+    own = getattr(strategy, "__dict__", {})
+    if "aggregate" in own:  # replaced on the instance itself
+        return own.get("streaming") is True
+    for klass in type(strategy).__mro__:
+        if "aggregate" in vars(klass):
+            return vars(klass).get("streaming") is True
+    return False
+
+
+def aggregate_stream(
+    strategy: Strategy,
+    base: NDArray[np.float32],
+    updates: Iterable[Update],
+    state: StrategyState,
+) -> tuple[NDArray[np.float32], StrategyState]:
+    """Aggregate ``updates`` (any iterable, consumed once), one at a time when possible.
+
+    A streaming strategy (:func:`streams`) never holds more than the running float64 sum and
+    the update being added; any other gets the list, as :meth:`Strategy.aggregate` always did.
+    Either way the result is the same bits as ``strategy.aggregate(base, list(updates), state)``.
+
+    Raises
+    ------
+    AggregateError
+        No update, or a weight that is not finite and > 0.
+    ShapeError
+        An update of another shape than ``base``.
+    """
+    if not streams(strategy):
+        return strategy.aggregate(base, list(updates), state)
+    prepare = getattr(strategy, "prepare_update", None)
+    running = RunningSum(base)
+    for delta, weight in updates:
+        running.add(delta, weight, prepare)
+    if running.count == 0:
+        raise AggregateError("a round needs at least one accepted update to aggregate")
+    return strategy.aggregate_sum(base, running.sum, running.total_weight, state)
 
 
 def encode_vector(vector: NDArray[np.floating[Any]]) -> str:

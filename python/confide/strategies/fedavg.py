@@ -48,6 +48,8 @@ class FedAvg:
 
     name: ClassVar[str]
     secure_compatible: ClassVar[bool] = True
+    #: ``aggregate`` equals ``aggregate_sum`` of the running sum: memory-bounded rounds.
+    streaming: ClassVar[bool] = True
 
     def __init__(self, server_learning_rate: float = 1.0) -> None:
         if not (math.isfinite(server_learning_rate) and server_learning_rate > 0):

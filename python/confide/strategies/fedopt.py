@@ -69,6 +69,8 @@ class _ServerOptimizer:
 
     name: ClassVar[str]
     secure_compatible: ClassVar[bool] = True
+    #: Only the mean delta matters: aggregated from a running sum (memory-bounded).
+    streaming: ClassVar[bool] = True
 
     def initial_state(self) -> StrategyState:
         """Step 0 and no moments yet (they are created at the model's size in round 1)."""

@@ -199,6 +199,8 @@ class NormBounding:
 
     name: ClassVar[str]
     secure_compatible: ClassVar[bool] = True
+    #: Clip-then-sum: aggregated from a running sum, each delta clipped by :meth:`prepare_update`.
+    streaming: ClassVar[bool] = True
 
     def __init__(self, max_norm: float = 1.0, server_learning_rate: float = 1.0) -> None:
         self.max_norm = _positive("max_norm", max_norm)
@@ -212,12 +214,16 @@ class NormBounding:
         """Ask every site to clip its delta to ``max_norm`` (before masking under SecAgg+)."""
         return {"update_clip_norm": self.max_norm}
 
-    def clip(self, delta: NDArray[np.float32]) -> NDArray[np.float64]:
+    def clip(self, delta: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
         """Return ``delta * min(1, max_norm / ||delta||)`` in float64."""
         d = delta.astype(np.float64)
         norm = float(np.sqrt(np.dot(d, d)))
         out: NDArray[np.float64] = d * (self.max_norm / norm) if norm > self.max_norm else d
         return out
+
+    def prepare_update(self, delta: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
+        """Clip one delta before the running sum adds it (as :meth:`aggregate` clips)."""
+        return self.clip(delta)
 
     def aggregate(
         self,

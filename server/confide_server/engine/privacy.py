@@ -50,7 +50,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -792,17 +792,19 @@ class JobPrivacy:
         return ddg_decode(total, params, seed, normalize_by=float(max(1, cohort_size)))
 
     def central_sum(
-        self, deltas: Sequence[NDArray[np.floating]], rng: SecureRng | None = None
+        self, deltas: Iterable[NDArray[np.floating]], rng: SecureRng | None = None
     ) -> NDArray[np.float32]:
         """Clip each update to ``C``, sum them and add ``N(0, (z C)^2)`` to the sum once.
 
         The strategy (:mod:`confide.strategies`) divides the noised sum by the round's
-        cohort size (fixed before any update was seen, so public).
+        cohort size (fixed before any update was seen, so public). ``deltas`` may be any
+        iterable: each update is clipped and added as it comes, so the server holds the
+        running sum and one update, not the round's N updates.
 
         Parameters
         ----------
-        deltas : sequence of numpy.ndarray
-            The accepted updates, in a fixed order.
+        deltas : iterable of numpy.ndarray
+            The accepted updates, in a fixed order (consumed once).
         rng : SecureRng, optional
             Noise generator; OS-keyed by default.
 
@@ -815,12 +817,14 @@ class JobPrivacy:
             self._clipped_sum(deltas), self.noise_multiplier, self.config.clip_norm, rng=rng
         )
 
-    def _clipped_sum(self, deltas: Sequence[NDArray[np.floating]]) -> NDArray[np.float64]:
-        total = np.zeros(deltas[0].shape[0] if deltas else 0, dtype=np.float64)
+    def _clipped_sum(self, deltas: Iterable[NDArray[np.floating]]) -> NDArray[np.float64]:
+        total: NDArray[np.float64] | None = None
         for d in deltas:
             clipped, _ = clip_update(d, self.config.clip_norm)
+            if total is None:
+                total = np.zeros(d.shape[0], dtype=np.float64)
             total += clipped.astype(np.float64)
-        return total
+        return np.zeros(0, dtype=np.float64) if total is None else total
 
     def central_mean(
         self,

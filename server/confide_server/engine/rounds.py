@@ -38,7 +38,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -46,7 +46,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from confide.errors import (
-    AggregateError,
     ConfigError,
     FederationError,
     ManifestError,
@@ -84,6 +83,7 @@ from confide.secagg import (
     SecAggParams,
 )
 from confide.strategies import Strategy, StrategyState
+from confide.strategies.base import aggregate_stream
 from confide.training.trainable import trainable_index, trainable_size
 from confide_server.blobs import BlobStore, DamagedBlobError
 from confide_server.config import Config
@@ -1184,6 +1184,9 @@ class RoundEngine:
         stagelog.job_ended(status, reason)
         self._crash("budget_exhausted")
 
+    #: The round whose SecAgg+ sum this process unmasked (its noised sum is known here).
+    _unmasked_round: int | None = None
+
     def _close_secure(self, cur: RoundRow, answered: list[str]) -> None:
         """Close a SecAgg+ stage; after unmask, commit the weighted mean as the next model."""
         secure = self.secure
@@ -1200,15 +1203,24 @@ class RoundEngine:
         result: AggregateResult | None = None
         new: tuple[str, StrategyState] | None = None
         ddg = self._round_ddg(cur.round)
+        # An unmask whose close then failed transiently: the retry finds the shares spent.
+        unmasked_before = self._unmasked_round == cur.round
         try:
             proto_next, result = secure.close(cur.stage)
+            if result is not None:
+                self._unmasked_round = cur.round
             new = None if result is None else self._secure_model(cur, result, ddg)
-        except (SecAggAbortError, ManifestError, AggregateError) as exc:
-            # A DDG sum that was unmasked is paid for even if no model comes of it.
+        except Exception as exc:
+            unmasked = result is not None or unmasked_before
+            if isinstance(exc, TRANSIENT_ERRORS) and not unmasked:
+                raise  # nothing unmasked yet: the timer retries the close
+            # Anything after the unmask (a non-finite or out-of-range decoded sum, a damaged
+            # base model, a strategy error, a disk error) aborts the round; a distributed-DP
+            # sum that was unmasked is paid for even if no model comes of it.
             self._abort(
                 cur,
                 f"secure aggregation aborted at {cur.stage!r}: {exc}",
-                ddg=ddg[0] if ddg is not None and result is not None else None,
+                ddg=ddg[0] if ddg is not None and unmasked else None,
             )
             return
         new_sha = None if new is None else new[0]
@@ -1314,19 +1326,14 @@ class RoundEngine:
         Plain rounds hand the strategy every delta with its example count, sorted by client
         id. Client-level central DP hands it the noised sum of the clipped deltas
         (:meth:`JobPrivacy.central_sum`, uniform weights) and the cohort size.
+
+        Memory-bounded: the updates are read, verified and decoded one at a time
+        (:meth:`_updates`) into a running float64 sum (central DP, and every strategy that
+        :func:`~confide.strategies.base.streams`); only strategies that need every update
+        (median, trimmed mean) hold the round's N updates at once.
         """
         subs = self.store.submissions(cur.round, cur.stage)  # sorted by client id
         base = self._base_model(cur)
-        deltas = []
-        for s in subs:
-            if s.blob is None:
-                raise RoundError(
-                    f"stored {cur.stage!r} submission of {s.client_id!r} in round {cur.round} "
-                    "names no update file; the state folder is damaged",
-                    "corrupt_state",
-                )
-            data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
-            deltas.append(decode_tensors(self._upload_manifest(), data)[0])
         state = self._strategy_state()
         full = base
         index = self._shared_index(cur.round)
@@ -1336,15 +1343,29 @@ class RoundEngine:
         # clear reason, and the round is aborted (never committed).
         with np.errstate(over="ignore", invalid="ignore"):
             if self.privacy.mode == "central":
-                noised = self.privacy.central_sum(deltas)
+                noised = self.privacy.central_sum(d for d, _ in self._updates(cur, subs))
                 cohort = float(max(1, len(cur.cohort)))
                 new, state = self.strategy.aggregate_sum(base, noised, cohort, state)
             else:
-                updates = [(d, float(s.num_examples)) for d, s in zip(deltas, subs, strict=True)]
-                new, state = self.strategy.aggregate(base, updates, state)
+                new, state = aggregate_stream(self.strategy, base, self._updates(cur, subs), state)
         if index is not None:
             new = scatter(full, index, new)
         return self._write_model(cur, new), state
+
+    def _updates(
+        self, cur: RoundRow, subs: Sequence[SubmissionRow]
+    ) -> Iterator[tuple[NDArray[np.float32], float]]:
+        """Yield each stored update (hash-verified, decoded) with its example count, in order."""
+        manifest = self._upload_manifest()
+        for s in subs:
+            if s.blob is None:
+                raise RoundError(
+                    f"stored {cur.stage!r} submission of {s.client_id!r} in round {cur.round} "
+                    "names no update file; the state folder is damaged",
+                    "corrupt_state",
+                )
+            data = self.blobs.read_verified(s.blob, s.sha256, f"update of {s.client_id!r}")
+            yield decode_tensors(manifest, data)[0], float(s.num_examples)
 
     def _round_metrics(self, cur: RoundRow) -> dict[str, Any]:
         metrics: dict[str, Any] = {}
