@@ -17,16 +17,14 @@ stage closes are appended to ``metrics/stages.jsonl`` as they happen.
 
 TensorBoard event files go to ``metrics/tensorboard/`` (one scalar per numeric column, step =
 round; one file per server process, started with every round so far, older files removed,
-then appended to) when ``tensorboardX`` is installed (``pip install
-'confide-server[tensorboard]'``); without it the CSV and JSON Lines files are still written
-and the server logs once how to get the event files.
+then appended to), encoded by this module (:func:`event_bytes`, :func:`tfrecord`): no
+tensorboardX, protobuf or torch is imported by the server to write them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
 import io
 import json
 import logging
@@ -48,11 +46,14 @@ log = logging.getLogger("confide_server")
 
 __all__ = [
     "BASE_COLUMNS",
-    "TENSORBOARD_HINT",
     "MetricsLog",
+    "crc32c",
+    "event_bytes",
     "export_records",
+    "masked_crc32c",
     "plot_rounds",
     "round_rows",
+    "tfrecord",
 ]
 
 #: Columns every row has, in this order (then stage durations and reported metrics, sorted).
@@ -68,10 +69,6 @@ BASE_COLUMNS = (
     "epsilon",
     "epsilon_round",
     "upload_bytes",
-)
-TENSORBOARD_HINT = (
-    "TensorBoard event files need tensorboardX: pip install 'confide-server[tensorboard]' "
-    "(rounds.csv and rounds.jsonl are written without it)"
 )
 _UPDATE_STAGES = ("train", "mask")
 
@@ -174,7 +171,6 @@ class MetricsLog:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.folder = state_dir / "metrics"
-        self._hinted = False
         # Rows of closed rounds (they never change), so a close costs O(new rounds) queries.
         self._rows: dict[int, dict[str, Any]] = {}
         # This process's TensorBoard writer and the steps it holds (appended to, flushed).
@@ -237,15 +233,6 @@ class MetricsLog:
         return rows
 
     def _write_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        try:
-            event_pb2: Any = importlib.import_module("tensorboardX.proto.event_pb2")
-            scalar: Any = importlib.import_module("tensorboardX.summary").scalar
-            crc: Any = importlib.import_module("tensorboardX.record_writer").masked_crc32c
-        except ImportError:
-            if not self._hinted:
-                log.info(TENSORBOARD_HINT)
-                self._hinted = True
-            return
         records: list[bytes] = []
         if self._tb is None:
             folder = self.folder / "tensorboard"
@@ -257,11 +244,7 @@ class MetricsLog:
             self._tb_steps = set()
             for path in old:
                 path.unlink(missing_ok=True)
-            records.append(
-                event_pb2.Event(
-                    wall_time=time.time(), file_version="brain.Event:2"
-                ).SerializeToString()
-            )
+            records.append(event_bytes(time.time(), 0, file_version="brain.Event:2"))
         now = time.time()
         for row in rows:
             step = int(row["round"])
@@ -274,22 +257,96 @@ class MetricsLog:
                 if key not in ("round", "started_at", "ended_at") and _finite(value)
             ]
             for tag, value in values:
-                event = event_pb2.Event(wall_time=now, step=step, summary=scalar(tag, value))
-                records.append(event.SerializeToString())
+                records.append(event_bytes(now, step, scalar=(tag, value)))
             self._tb_steps.add(step)
-        # TFRecord framing, written synchronously and closed at once (tensorboardX's
-        # SummaryWriter queues events to a thread whose flush() does not wait for the
-        # queue, so a reader right after a close could miss the round's last scalars).
-        out = bytearray()
-        for data in records:
-            header = struct.pack("<Q", len(data))
-            out += header + struct.pack("<I", crc(header)) + data + struct.pack("<I", crc(data))
+        # TFRecord framing, written synchronously and closed at once (a reader right after a
+        # close sees every scalar of the round).
         with open(self._tb, "ab") as fh:
-            fh.write(out)
+            fh.write(b"".join(tfrecord(data) for data in records))
 
     def close(self) -> None:
         """Forget the TensorBoard file (every write is already closed on disk)."""
         self._tb = None
+
+
+def _crc32c_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), TFRecord's checksum: ``crc32c(b"123456789") == 0xE3069283``."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's masked CRC: rotate right by 15 and add ``0xA282EAD8`` (mod 2^32)."""
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:  # a length-delimited protobuf field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def event_bytes(
+    wall_time: float,
+    step: int,
+    *,
+    scalar: tuple[str, float] | None = None,
+    file_version: str | None = None,
+) -> bytes:
+    """Serialize one TensorBoard ``Event`` protobuf (``tensorboard/compat/proto/event.proto``).
+
+    ``Event{wall_time = 1 (double), step = 2 (int64), file_version = 3 (string), summary = 5
+    (Summary{value = 1 (Value{tag = 1, simple_value = 2 (float)})})}``: the few fields a scalar
+    needs, encoded here so the server needs neither protobuf nor tensorboardX (which imports
+    torch) to write them.
+    """
+    out = b"\x09" + struct.pack("<d", wall_time)  # field 1, 64-bit
+    if step:
+        out += b"\x10" + _varint(step)  # field 2, varint (step >= 0)
+    if file_version is not None:
+        out += _field(3, file_version.encode())
+    if scalar is not None:
+        tag, value = scalar
+        entry = _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value)
+        out += _field(5, _field(1, entry))
+    return out
+
+
+def tfrecord(data: bytes) -> bytes:
+    """Frame one record: length (u64 LE), its masked CRC, the data, the data's masked CRC."""
+    header = struct.pack("<Q", len(data))
+    return (
+        header
+        + struct.pack("<I", masked_crc32c(header))
+        + data
+        + struct.pack("<I", masked_crc32c(data))
+    )
 
 
 def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> None:

@@ -6,15 +6,25 @@ import csv
 import importlib
 import importlib.util
 import json
-import logging
 import struct
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from confide_server.engine.rounds import RoundEngine
-from confide_server.metrics import BASE_COLUMNS, TENSORBOARD_HINT, MetricsLog, plot_rounds
+from confide_server.metrics import (
+    BASE_COLUMNS,
+    MetricsLog,
+    crc32c,
+    event_bytes,
+    masked_crc32c,
+    plot_rounds,
+    tfrecord,
+)
 from tests.server.conftest import FakeClock
 from tests.server.test_privacy_server import _config, _engine
 from tests.server.util import delta_body, eval_body, tiny_manifest
@@ -158,30 +168,53 @@ def test_rewrite_after_restart_keeps_one_event_file(run: RoundEngine) -> None:
     assert len(_scalars(_read(run, "tensorboard"))["round/committed"]) == 3
 
 
-def test_without_tensorboardx_csv_and_json_are_still_written(
-    tmp_path: Path,
-    run: RoundEngine,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+def test_crc32c_known_answers() -> None:
+    # RFC 3720 B.4 and the usual check value of CRC-32C.
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(bytes(32)) == 0x8A9136AA
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43
+    assert crc32c(bytes(range(32))) == 0x46DD794E
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    step=st.integers(0, 2**62),
+    tag=st.text(min_size=1, max_size=40),
+    value=st.floats(allow_nan=False, allow_infinity=False, width=32),
+    wall=st.floats(0, 4e9),
+)
+def test_event_bytes_parse_as_tensorboard_events(
+    step: int, tag: str, value: float, wall: float
 ) -> None:
-    real = importlib.import_module
+    """tensorboardX's generated protobuf classes (an independent decoder) read our bytes."""
+    event_pb2 = pytest.importorskip("tensorboardX.proto.event_pb2")
+    from tensorboardX.record_writer import masked_crc32c as reference_crc
 
-    def no_tbx(name: str, package: str | None = None) -> Any:
-        if name == "tensorboardX" or name.startswith("tensorboardX."):
-            raise ImportError("No module named 'tensorboardX'")
-        return real(name, package)
+    data = event_bytes(wall, step, scalar=(tag, value))
+    event = event_pb2.Event.FromString(data)
+    assert (event.wall_time, event.step) == (wall, step)
+    assert [(v.tag, v.simple_value) for v in event.summary.value] == [(tag, value)]
+    assert masked_crc32c(data) == reference_crc(data)
+    framed = tfrecord(data)
+    assert framed[12:-4] == data
+    assert len(framed) == len(data) + 16
+    header = event_pb2.Event.FromString(event_bytes(wall, 0, file_version="brain.Event:2"))
+    assert header.file_version == "brain.Event:2"
 
-    monkeypatch.setattr(importlib, "import_module", no_tbx)
-    log = MetricsLog(tmp_path / "state")
-    with caplog.at_level(logging.INFO, logger="confide_server"):
-        rows = log.write(run.store)
-        log.write(run.store)
-    assert len(rows) == 3
-    assert (tmp_path / "state" / "metrics" / "rounds.csv").exists()
-    assert (tmp_path / "state" / "metrics" / "rounds.jsonl").exists()
-    assert not (tmp_path / "state" / "metrics" / "tensorboard").exists()
-    assert [r.getMessage() for r in caplog.records].count(TENSORBOARD_HINT) == 1
-    assert "pip install 'confide-server[tensorboard]'" in TENSORBOARD_HINT
+
+def test_the_server_writes_event_files_without_importing_torch(tmp_path: Path) -> None:
+    """The server's base memory must not carry torch for a metrics export."""
+    script = (
+        "import sys\n"
+        "from confide_server.metrics import event_bytes, tfrecord\n"
+        "open(sys.argv[1], 'wb').write(tfrecord(event_bytes(1.0, 3, scalar=('a', 2.0))))\n"
+        "heavy = ('torch', 'tensorboardX', 'google.protobuf')\n"
+        "bad = sorted(m for m in heavy if m in sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    out = tmp_path / "events"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, timeout=300)
+    assert out.stat().st_size > 16
 
 
 def test_torn_stage_line_is_skipped(tmp_path: Path) -> None:
