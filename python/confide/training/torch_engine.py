@@ -188,6 +188,8 @@ class TorchTrainer:
 
     #: :meth:`fit` implements FedProx's proximal term (``TrainConfig.proximal_mu``).
     supports_proximal = True
+    #: :meth:`per_sample_gradients` takes an ``out=`` workspace (run_dpsgd reuses one).
+    accepts_per_sample_out = True
 
     def __init__(
         self,

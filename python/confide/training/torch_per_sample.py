@@ -129,7 +129,10 @@ def _layer_grads(
         if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
             u = a.reshape(n, a.shape[1], -1)  # a 1x1 convolution needs no unfold
         else:
-            u = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+            pad = m.padding
+            if isinstance(pad, str):  # supports_hooks refuses string padding
+                raise RuntimeError(f"padding {pad!r} is not supported by the hooks path")
+            u = F.unfold(a, m.kernel_size, m.dilation, pad, m.stride)
         return gg, u
     # Linear on (n, ..., in): positions are the middle dimensions.
     return g.reshape(n, -1, g.shape[-1]).transpose(1, 2), a.reshape(n, -1, a.shape[-1]).transpose(
@@ -199,8 +202,8 @@ def per_sample_gradients_into(
         called = {id(m) for m, _, _ in calls}
         for m, name in owners.items():  # a layer the forward pass skipped has zero gradient
             if id(m) not in called:
-                for p, _ in m.named_parameters(recurse=False):
-                    span = offsets.get(f"{name}.{p}")
+                for pname, _ in m.named_parameters(recurse=False):
+                    span = offsets.get(f"{name}.{pname}")
                     if span is not None:
                         out[:, span[0] : span[1]] = 0.0
         for (m, a, o), g in zip(calls, grads, strict=True):
