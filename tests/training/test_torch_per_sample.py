@@ -208,3 +208,14 @@ def test_doctests() -> None:
     result = doctest.testmod(torch_per_sample, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_grouping_sums_equal_numpys_float64_sum() -> None:
+    g = np.random.default_rng(7).standard_normal((9, 1001)).astype(np.float32)
+    pat = np.array([0, 0, 0, 1, 2, 2, 3, 3, 3], dtype=np.int64)
+    sums, ids = dpsgd._group_sorted(g, pat)
+    assert ids.tolist() == [0, 1, 2, 3]
+    for k, (s, e) in enumerate([(0, 3), (3, 4), (4, 6), (6, 9)]):
+        np.testing.assert_array_equal(
+            sums[k], g[s:e].sum(axis=0, dtype=np.float64).astype(np.float32)
+        )

@@ -354,17 +354,30 @@ def _group_sorted(
     """
     starts = np.flatnonzero(np.r_[True, pat[1:] != pat[:-1]])
     ends = np.r_[starts[1:], len(pat)]
+    acc: NDArray[np.float64] | None = None
+
+    def patient_sum(s: int, e: int) -> NDArray[np.float64]:
+        # Row after row into one float64 accumulator: the same additions in the same order
+        # as ``g[s:e].sum(axis=0, dtype=float64)``, without its slow casting reduction.
+        nonlocal acc
+        if acc is None:
+            acc = np.empty(g.shape[1], dtype=np.float64)
+        acc[...] = g[s]
+        for r in range(s + 1, e):
+            np.add(acc, g[r], out=acc)
+        return acc
+
     if in_place and g.dtype == np.float32 and g.flags.c_contiguous and g.flags.writeable:
         # Row k is written only after rows < starts[k] >= k were read: k <= starts[k].
         for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
             if e - s > 1:
-                g[k] = g[s:e].sum(axis=0, dtype=np.float64)
+                g[k] = patient_sum(s, e)
             elif k != s:
                 g[k] = g[s]
         return g[: len(starts)], pat[starts]
     out = np.empty((len(starts), g.shape[1]), dtype=np.float32)
     for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
-        out[k] = g[s] if e - s == 1 else g[s:e].sum(axis=0, dtype=np.float64)
+        out[k] = g[s] if e - s == 1 else patient_sum(s, e)
     return out, pat[starts]
 
 
