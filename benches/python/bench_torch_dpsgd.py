@@ -270,6 +270,13 @@ def time_steps(side: int, args: argparse.Namespace) -> dict[str, Any]:
         "all_s": times,
         "ratio_confide_vs_plain": med["confide"] / med["plain"],
         "ratio_confide_vmap_vs_plain": med["confide_vmap"] / med["plain"],
+        # Ratios within each repeat (the methods run back to back), then their median: less
+        # sensitive to a neighbour's load moving between repeats than a ratio of medians.
+        "paired_ratio_vs_plain": {
+            name: float(np.median(np.array(v) / np.array(times["plain"])))
+            for name, v in times.items()
+            if name != "plain"
+        },
         "ratio_opacus_vs_plain": med["opacus"] / med["plain"] if "opacus" in med else None,
     }
 
@@ -441,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{_fmt(r['ratio_opacus_vs_plain'], '')}x |",
             flush=True,
         )
+        paired = ", ".join(f"{k} {v:.2f}x" for k, v in r["paired_ratio_vs_plain"].items())
+        print(f"  median of per-repeat ratios to plain: {paired}", flush=True)
     if not args.no_round:
         rd = time_round(args)
         result["round_64"] = rd
