@@ -5,7 +5,9 @@ Same model (SqueezeNet 1.1, 2 classes), same batch, same data (the synthetic-les
 
 * ``plain``: one non-private SGD step (forward, backward, ``torch.optim.SGD`` momentum 0.9);
 * ``confide``: one patient-level DP-SGD step as :func:`confide.privacy.run_dpsgd` does it:
-  per-sample gradients (``torch.func``, chunked), per-patient sum, clipping by the Rust
+  per-sample gradients (layer hooks for SqueezeNet, chunked, into a reused workspace; the
+  ``confide_vmap`` column is the same step through ``torch.func``), per-patient sum,
+  clipping by the Rust
   kernel through a zero-copy view (CPU) or ``confide.privacy.torch_clip`` (CUDA), Gaussian
   noise from the Rust core's CSPRNG (generated on CPU, moved to the device), expected-batch
   normalisation, momentum, in-place update. Each record is its own patient here, so 32 rows

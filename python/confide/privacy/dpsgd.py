@@ -371,13 +371,13 @@ def _group_sorted(
         # Row k is written only after rows < starts[k] >= k were read: k <= starts[k].
         for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
             if e - s > 1:
-                g[k] = patient_sum(s, e)
+                g[k] = patient_sum(int(s), int(e))
             elif k != s:
                 g[k] = g[s]
         return g[: len(starts)], pat[starts]
     out = np.empty((len(starts), g.shape[1]), dtype=np.float32)
     for k, (s, e) in enumerate(zip(starts, ends, strict=True)):
-        out[k] = g[s] if e - s == 1 else patient_sum(s, e)
+        out[k] = g[s] if e - s == 1 else patient_sum(int(s), int(e))
     return out, pat[starts]
 
 

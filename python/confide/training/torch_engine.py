@@ -23,8 +23,10 @@ SqueezeNet 1.1 has no normalisation layers.
 
 **DP-SGD is not done here.** :meth:`TorchTrainer.fit` trains without DP and refuses a config
 with ``dp`` set; patient-level DP-SGD is :func:`confide.privacy.run_dpsgd`, which asks this
-engine for :meth:`~TorchTrainer.per_sample_gradients` (``torch.func``: ``functional_call``
-inside ``vmap(grad(...))``, computed ``per_sample_chunk`` records at a time) and does the
+engine for :meth:`~TorchTrainer.per_sample_gradients` (one batched backward pass with layer
+hooks for vetted record-wise models, :mod:`confide.training.torch_per_sample`; otherwise
+``torch.func``: ``functional_call`` inside ``vmap(grad(...))``; ``per_sample_chunk``
+records at a time) and does the
 sampling, per-patient summing, clipping and noise itself. On CPU the returned tensor is
 C-contiguous float32, so ``tensor.numpy()`` is a zero-copy view the Rust clipping kernel can
 work on in place.
@@ -450,7 +452,7 @@ class TorchTrainer:
 
     @property
     def per_sample_chunk(self) -> int:
-        """Largest number of records :meth:`per_sample_gradients` runs through one ``vmap``."""
+        """Largest number of records :meth:`per_sample_gradients` differentiates at once."""
         return self._chunk
 
     @property
