@@ -128,6 +128,8 @@ def test_hooked_module_and_bad_method_are_refused() -> None:
     m = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
     m[1].register_forward_hook(lambda mod, i, o: o * 2)
     assert not torch_per_sample.supports_hooks(m, {"1.weight", "1.bias"})
+    batch_flat = nn.Sequential(nn.Flatten(0), nn.Linear(64, 2))
+    assert not torch_per_sample.supports_hooks(batch_flat, {"1.weight", "1.bias"})
     with pytest.raises(ConfigError, match="per_sample_method"):
         TorchTrainer.create("small_cnn", 2, (1, 8, 8), per_sample_method="fast")
 

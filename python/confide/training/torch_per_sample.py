@@ -109,6 +109,8 @@ def supports_hooks(module: nn.Module, trainable: set[str]) -> bool:
             return False
         if isinstance(m, nn.Conv2d) and not _plain_conv(m):
             return False
+        if isinstance(m, nn.Flatten) and m.start_dim == 0:
+            return False  # flattening the batch dimension would mix the records
         for pname, p in m.named_parameters(recurse=False):
             if id(p) in seen:
                 return False  # shared weights: one module's gradient is not the whole story
