@@ -5,7 +5,9 @@ Same model (SqueezeNet 1.1, 2 classes), same batch, same data (the synthetic-les
 
 * ``plain``: one non-private SGD step (forward, backward, ``torch.optim.SGD`` momentum 0.9);
 * ``confide``: one patient-level DP-SGD step as :func:`confide.privacy.run_dpsgd` does it:
-  per-sample gradients (``torch.func``, chunked), per-patient sum, clipping by the Rust
+  per-sample gradients (layer hooks for SqueezeNet, chunked, into a reused workspace; the
+  ``confide_vmap`` column is the same step through ``torch.func``), per-patient sum,
+  clipping by the Rust
   kernel through a zero-copy view (CPU) or ``confide.privacy.torch_clip`` (CUDA), Gaussian
   noise from the Rust core's CSPRNG (generated on CPU, moved to the device), expected-batch
   normalisation, momentum, in-place update. Each record is its own patient here, so 32 rows
@@ -118,43 +120,42 @@ def _grouped_sums_per_group(g: Any, pat: Any) -> tuple[Any, Any]:
 
 
 class ConfideDPStep:
-    """One DP-SGD step with confide's pieces (what run_dpsgd does for one sampled batch).
+    """One DP-SGD step exactly as ``confide.privacy.run_dpsgd``'s loop body runs it.
 
-    TEMPORARY local copy of the loop body, kept only while ``confide.privacy.run_dpsgd`` is
-    not importable: when it is, the round benchmark below uses the real function.
+    ``clipped_patient_sum`` (per-sample gradients into a workspace reused across steps,
+    per-patient sum, Rust-kernel clipping in place, float64 sum), then ``DPSGD.noisy_mean``
+    (Rust-core CSPRNG noise, expected-batch normalisation) and ``DPSGD.apply`` (momentum) and
+    ``set_weights``: everything but the Poisson draw, so the batch is the same for every
+    method.
     """
 
     def __init__(self, trainer: Any, expected_batch: float, seed: int = 0) -> None:
-        import torch
-
         from confide.noise import SecureRng
+        from confide.privacy.dpsgd import DPSGD, _Workspace
 
         self.trainer = trainer
-        self.expected = float(expected_batch)
-        self.rng = SecureRng(bytes([seed]) * 32)
-        self.velocity = torch.zeros_like(trainer.flat_parameters)
+        self.opt = DPSGD(
+            clip_norm=CLIP,
+            noise_multiplier=NOISE,
+            expected_batch_size=float(expected_batch),
+            momentum=MOMENTUM,
+            rng=SecureRng(bytes([seed]) * 32),
+        )
+        self.workspace = _Workspace()
 
     def __call__(self, x: Any, y: Any, patient_ids: Any | None = None) -> None:
         import numpy as np
-        import torch
 
-        from confide.noise import gaussian
-        from confide.privacy.torch_clip import clip_rows
+        from confide.data.images import ArrayDataset
+        from confide.privacy.dpsgd import clipped_patient_sum
 
         t = self.trainer
-        g = t.per_sample_gradients(x, y)
-        if patient_ids is not None:
-            _, inverse = np.unique(patient_ids, return_inverse=True)
-            sums = torch.zeros((int(inverse.max()) + 1, g.shape[1]), device=g.device)
-            sums.index_add_(0, torch.from_numpy(inverse.ravel()).to(g.device), g)
-            g = sums
-        clip_rows(g, CLIP)
-        total = g.sum(dim=0)
-        noise = gaussian(g.shape[1], NOISE * CLIP, rng=self.rng)
-        total += torch.from_numpy(noise).to(g.device, non_blocking=True)
-        with torch.no_grad():
-            self.velocity.mul_(MOMENTUM).add_(total, alpha=1.0 / self.expected)
-            t.flat_parameters.add_(self.velocity, alpha=-LR)
+        ids = np.arange(len(y)) if patient_ids is None else np.asarray(patient_ids)
+        data = ArrayDataset(x, y, ids)
+        rows = np.arange(len(y), dtype=np.int64)
+        clipped = clipped_patient_sum(t, data, rows, ids, CLIP, workspace=self.workspace)
+        weights = t.get_weights()
+        t.set_weights(self.opt.apply(weights, self.opt.noisy_mean(clipped), LR))
 
 
 class PlainStep:
@@ -237,9 +238,13 @@ def time_steps(side: int, args: argparse.Namespace) -> dict[str, Any]:
     trainer_plain = TorchTrainer.create(
         "squeezenet1_1", 2, (3, side, side), seed=0, device=args.device
     )
+    trainer_vmap = TorchTrainer.create(
+        "squeezenet1_1", 2, (3, side, side), seed=0, device=args.device, per_sample_method="vmap"
+    )
     methods: dict[str, Any] = {
         "plain": PlainStep(trainer_plain),
         "confide": ConfideDPStep(trainer_dp, expected_batch=batch),
+        "confide_vmap": ConfideDPStep(trainer_vmap, expected_batch=batch),
     }
     if not args.no_opacus:
         try:
@@ -262,9 +267,18 @@ def time_steps(side: int, args: argparse.Namespace) -> dict[str, Any]:
         "side": side,
         "batch": batch,
         "per_sample_chunk": trainer_dp.per_sample_chunk,
+        "per_sample_method": trainer_dp.per_sample_method,
         "median_s": med,
         "all_s": times,
         "ratio_confide_vs_plain": med["confide"] / med["plain"],
+        "ratio_confide_vmap_vs_plain": med["confide_vmap"] / med["plain"],
+        # Ratios within each repeat (the methods run back to back), then their median: less
+        # sensitive to a neighbour's load moving between repeats than a ratio of medians.
+        "paired_ratio_vs_plain": {
+            name: float(np.median(np.array(v) / np.array(times["plain"])))
+            for name, v in times.items()
+            if name != "plain"
+        },
         "ratio_opacus_vs_plain": med["opacus"] / med["plain"] if "opacus" in med else None,
     }
 
@@ -291,38 +305,26 @@ def time_round(args: argparse.Namespace) -> dict[str, Any]:
     _sync(plain.device)
     out["plain_round_s"] = time.perf_counter() - t0
 
-    trainer = TorchTrainer.create("squeezenet1_1", 2, (3, 64, 64), seed=0, device=args.device)
-    trainer.per_sample_gradients(*data.batch(np.arange(2, dtype=np.int64)))  # warm-up, untimed
     dp = DPSGDConfig(
         noise_multiplier=NOISE, clip_norm=CLIP, sampling_rate=q, steps=steps, momentum=MOMENTUM
     )
-    try:
-        from confide.privacy.dpsgd import run_dpsgd
-    except ImportError:
-        run_dpsgd = None
-    t0 = time.perf_counter()
-    if run_dpsgd is not None:
-        from confide.noise import SecureRng
+    from confide.noise import SecureRng
+    from confide.privacy.dpsgd import run_dpsgd
 
+    out["loop"] = "confide.privacy.run_dpsgd"
+    for key, method in (("dp_round_s", "auto"), ("dp_round_vmap_s", "vmap")):
+        trainer = TorchTrainer.create(
+            "squeezenet1_1", 2, (3, 64, 64), seed=0, device=args.device, per_sample_method=method
+        )
+        trainer.per_sample_gradients(*data.batch(np.arange(2, dtype=np.int64)))  # warm-up
+        t0 = time.perf_counter()
         run_dpsgd(trainer, data, TrainConfig(learning_rate=LR, dp=dp), rng=SecureRng(bytes(32)))
-        out["loop"] = "confide.privacy.run_dpsgd"
-    else:  # TEMPORARY: the same loop with this file's ConfideDPStep
-        from confide.noise import SecureRng
-        from confide.privacy.dpsgd import poisson_sample_patients
-
-        step = ConfideDPStep(trainer, expected_batch=q * 60)
-        rng = SecureRng(bytes(32))
-        ids = data.patient_ids
-        for _ in range(steps):
-            rows = poisson_sample_patients(ids, q, rng)
-            if rows.size:
-                x, y = data.batch(rows)
-                step(x, y, ids[rows])
-        out["loop"] = "TEMPORARY local copy (run_dpsgd not importable)"
-    _sync(trainer.device)
-    out["dp_round_s"] = time.perf_counter() - t0
+        _sync(trainer.device)
+        out[key] = time.perf_counter() - t0
+        out[key.replace("_s", "_method")] = trainer.per_sample_method
     out["ratio_dp_vs_plain"] = out["dp_round_s"] / out["plain_round_s"]
-    if args.proposed_group_fix and run_dpsgd is not None:
+    out["ratio_dp_vmap_vs_plain"] = out["dp_round_vmap_s"] / out["plain_round_s"]
+    if args.proposed_group_fix:
         from confide.noise import SecureRng
         from confide.privacy import dpsgd
 
@@ -432,26 +434,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"median of {args.repeat}"
     )
     print(
-        "| input | plain step | confide DP step | Opacus DP step | confide/plain | Opacus/plain |"
+        "| input | plain step | confide DP step | confide (vmap) | Opacus DP step "
+        "| confide/plain | vmap/plain | Opacus/plain |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for side in [int(s) for s in args.sizes.split(",") if s]:
         r = time_steps(side, args)
         result["steps"].append(r)
         m = r["median_s"]
         print(
             f"| {side}x{side} | {_fmt(m['plain'])} | {_fmt(m['confide'])} | "
-            f"{_fmt(m.get('opacus'))} | {_fmt(r['ratio_confide_vs_plain'], '')}x | "
+            f"{_fmt(m['confide_vmap'])} | {_fmt(m.get('opacus'))} | "
+            f"{_fmt(r['ratio_confide_vs_plain'], '')}x | "
+            f"{_fmt(r['ratio_confide_vmap_vs_plain'], '')}x | "
             f"{_fmt(r['ratio_opacus_vs_plain'], '')}x |",
             flush=True,
         )
+        paired = ", ".join(f"{k} {v:.2f}x" for k, v in r["paired_ratio_vs_plain"].items())
+        print(f"  median of per-repeat ratios to plain: {paired}", flush=True)
     if not args.no_round:
         rd = time_round(args)
         result["round_64"] = rd
         print(
             f"\nround at 64x64, {rd['images']} images, {rd['steps']} steps: "
             f"plain {rd['plain_round_s']:.2f} s, DP {rd['dp_round_s']:.2f} s "
-            f"({rd['ratio_dp_vs_plain']:.2f}x; {rd['loop']})"
+            f"({rd['ratio_dp_vs_plain']:.2f}x; {rd['loop']}, {rd['dp_round_method']}); "
+            f"DP with vmap {rd['dp_round_vmap_s']:.2f} s ({rd['ratio_dp_vmap_vs_plain']:.2f}x)"
         )
         if "dp_round_group_fix_s" in rd:
             print(

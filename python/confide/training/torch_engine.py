@@ -23,8 +23,10 @@ SqueezeNet 1.1 has no normalisation layers.
 
 **DP-SGD is not done here.** :meth:`TorchTrainer.fit` trains without DP and refuses a config
 with ``dp`` set; patient-level DP-SGD is :func:`confide.privacy.run_dpsgd`, which asks this
-engine for :meth:`~TorchTrainer.per_sample_gradients` (``torch.func``: ``functional_call``
-inside ``vmap(grad(...))``, computed ``per_sample_chunk`` records at a time) and does the
+engine for :meth:`~TorchTrainer.per_sample_gradients` (one batched backward pass with layer
+hooks for vetted record-wise models, :mod:`confide.training.torch_per_sample`; otherwise
+``torch.func``: ``functional_call`` inside ``vmap(grad(...))``; ``per_sample_chunk``
+records at a time) and does the
 sampling, per-patient summing, clipping and noise itself. On CPU the returned tensor is
 C-contiguous float32, so ``tensor.numpy()`` is a zero-copy view the Rust clipping kernel can
 work on in place.
@@ -63,6 +65,7 @@ from confide.errors import (
 from confide.protocol.manifest import Manifest
 from confide.training.base import FitResult, SiteData, TrainConfig
 from confide.training.torch_models import build_model, load_weights, parse_spec
+from confide.training.torch_per_sample import per_sample_gradients_into, supports_hooks
 from confide.training.trainable import is_trainable, trainable_index, trainable_prefixes
 
 __all__ = ["TorchTrainer", "default_per_sample_chunk"]
@@ -164,6 +167,15 @@ class TorchTrainer:
         ``momentum_restart = false``: then it continues from :meth:`momentum_buffer`.
     eval_batch_size : int, default 64
         Records per forward pass in :meth:`evaluate`.
+    per_sample_method : {"auto", "hooks", "vmap"}, default "auto"
+        How :meth:`per_sample_gradients` computes them. ``"vmap"``: ``torch.func``
+        (``functional_call`` inside ``vmap(grad(...))``), for any module. ``"hooks"``: one
+        batched forward/backward pass with layer hooks
+        (:mod:`confide.training.torch_per_sample`), several times faster on CPU, only for
+        modules made of vetted record-wise layers (confide's SqueezeNet 1.1 and small CNN,
+        plain ``Conv2d``/``Linear``); refused (:class:`~confide.errors.ConfigError`) for
+        others. ``"auto"``: hooks where they apply, else ``vmap``. Both give the same
+        gradients up to float rounding.
 
     Examples
     --------
@@ -178,6 +190,8 @@ class TorchTrainer:
 
     #: :meth:`fit` implements FedProx's proximal term (``TrainConfig.proximal_mu``).
     supports_proximal = True
+    #: :meth:`per_sample_gradients` takes an ``out=`` workspace (run_dpsgd reuses one).
+    accepts_per_sample_out = True
 
     def __init__(
         self,
@@ -190,6 +204,7 @@ class TorchTrainer:
         per_sample_chunk: int | None = None,
         momentum: float = 0.0,
         eval_batch_size: int = 64,
+        per_sample_method: str = "auto",
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ConfigError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -274,6 +289,18 @@ class TorchTrainer:
         )
         self._batchnorm = _batchnorm_layers(module)
         self._ps_fn: Callable[..., dict[str, torch.Tensor]] | None = None
+        if per_sample_method not in ("auto", "hooks", "vmap"):
+            raise ConfigError(
+                f"per_sample_method must be 'auto', 'hooks' or 'vmap', got {per_sample_method!r}"
+            )
+        hooks_ok = not self._batchnorm and supports_hooks(module, set(self._trainable))
+        if per_sample_method == "hooks" and not hooks_ok:
+            raise ConfigError(
+                "per_sample_method='hooks' needs a module of vetted record-wise layers "
+                "(confide's squeezenet1_1 / small_cnn, plain Conv2d and Linear); use 'auto' "
+                "or 'vmap' for this module"
+            )
+        self._ps_hooks = hooks_ok and per_sample_method != "vmap"
 
     # ----------------------------------------------------------------- construction
 
@@ -425,7 +452,7 @@ class TorchTrainer:
 
     @property
     def per_sample_chunk(self) -> int:
-        """Largest number of records :meth:`per_sample_gradients` runs through one ``vmap``."""
+        """Largest number of records :meth:`per_sample_gradients` differentiates at once."""
         return self._chunk
 
     @property
@@ -450,6 +477,11 @@ class TorchTrainer:
     def trainable_manifest(self) -> Manifest:
         """Names and shapes of the trainable part (the manifest itself without a subset)."""
         return self._trainable_manifest
+
+    @property
+    def per_sample_method(self) -> str:
+        """``"hooks"`` or ``"vmap"``: how :meth:`per_sample_gradients` computes them."""
+        return "hooks" if self._ps_hooks else "vmap"
 
     @property
     def supports_per_sample(self) -> bool:
@@ -830,17 +862,36 @@ class TorchTrainer:
             )
         return self._ps_fn
 
+    def _workspace_rows(self, out: Any, n: int, dim: int) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise ArrayTypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        if (
+            out.dtype != torch.float32
+            or out.device != self._device
+            or out.ndim != 2
+            or out.shape[1] != dim
+            or out.shape[0] < n
+            or not out.is_contiguous()
+        ):
+            raise ShapeError(
+                f"out must be a C-contiguous float32 ({n}+, {dim}) tensor on {self._device}, "
+                f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+            )
+        return out[:n]
+
     def per_sample_gradients(
         self,
         x: NDArray[np.float32] | torch.Tensor,
         y: NDArray[np.int64] | torch.Tensor,
         *,
         trainable_only: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Gradient of each record's cross-entropy at the current weights.
 
-        Computed with ``torch.func`` (``vmap(grad(functional_call))``), in training mode,
-        ``per_sample_chunk`` records at a time so memory stays bounded for large images.
+        Computed in training mode, ``per_sample_chunk`` records at a time so memory stays
+        bounded for large images, by one batched backward pass with layer hooks or by
+        ``torch.func`` (``vmap(grad(functional_call))``): see ``per_sample_method``.
 
         Parameters
         ----------
@@ -851,6 +902,11 @@ class TorchTrainer:
         trainable_only : bool, default False
             Return only the trainable part's columns (:attr:`trainable_manifest` order).
             Otherwise frozen parameters' columns are zero (they are never differentiated).
+        out : torch.Tensor, optional
+            A C-contiguous float32 workspace on :attr:`device` with at least ``n`` rows of
+            the returned width; the gradients are written into its first ``n`` rows and
+            that view is returned. A DP loop reuses one workspace across steps instead of
+            faulting in a fresh ``n x dim`` matrix every step.
 
         Returns
         -------
@@ -879,8 +935,13 @@ class TorchTrainer:
         n = xt.shape[0]
         target = self._trainable_manifest if trainable_only else self._manifest
         partial = self._trainable_index is not None
-        alloc = torch.zeros if partial and not trainable_only else torch.empty
-        out = alloc((n, target.size), dtype=torch.float32, device=self._device)
+        if out is None:
+            alloc = torch.zeros if partial and not trainable_only else torch.empty
+            out = alloc((n, target.size), dtype=torch.float32, device=self._device)
+        else:
+            out = self._workspace_rows(out, n, target.size)
+            if partial and not trainable_only:
+                out.zero_()
         if n == 0:
             return out
         offsets: dict[str, tuple[int, int]] = self._offsets
@@ -890,8 +951,16 @@ class TorchTrainer:
                 hi = lo + int(np.prod(t.shape, dtype=np.int64))
                 offsets[t.name] = (lo, hi)
                 lo = hi
-        fn = self._per_sample_fn()
         self._module.train()
+        if self._ps_hooks:
+            offsets = {name: offsets[name] for name in self._trainable}
+            for start in range(0, n, self._chunk):
+                stop = min(n, start + self._chunk)
+                per_sample_gradients_into(
+                    self._module, xt[start:stop], yt[start:stop], out[start:stop], offsets
+                )
+            return out
+        fn = self._per_sample_fn()
         train_set = set(self._trainable)
         params: dict[str, torch.Tensor] = {}
         frozen: dict[str, torch.Tensor] = {}
