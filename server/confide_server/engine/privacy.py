@@ -87,6 +87,7 @@ __all__ = [
     "PrivacyConfig",
     "parse_privacy",
     "read_privacy",
+    "read_privacy_range",
 ]
 
 MODES = ("none", "sample", "central", "distributed", "sample_distributed")
@@ -306,6 +307,22 @@ def read_privacy(store: Store) -> tuple[dict[str, Any] | None, dict[int, dict[st
         return None, per_round
     summary: dict[str, Any] = json.loads(params)
     summary["epsilon"] = max((float(v["epsilon"]) for v in per_round.values()), default=0.0)
+    return summary, per_round
+
+
+def read_privacy_range(
+    store: Store, first: int, last: int
+) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
+    """:func:`read_privacy` for rounds ``first..last`` only (the summary covers the job).
+
+    Two indexed queries however long the job is (the paginated ``/v1/status``).
+    """
+    params = store.get_meta("privacy_params")
+    per_round = {r.round: _record_doc(r) for r in store.privacy_rounds_in(first, last)}
+    if params is None:
+        return None, per_round
+    summary: dict[str, Any] = json.loads(params)
+    summary["epsilon"] = store.max_epsilon()
     return summary, per_round
 
 
