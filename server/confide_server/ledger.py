@@ -67,6 +67,7 @@ __all__ = [
     "LedgerFormatError",
     "LedgerSigner",
     "VerifyResult",
+    "append_export",
     "canonical",
     "entry_fields",
     "entry_hash",
@@ -180,6 +181,9 @@ class LedgerSigner:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self._key: Identity | None = None
+        #: The newest round this process wrote to ``ledger.jsonl`` (``None``: not yet, so
+        #: the first export rewrites the file whole; later ones append the new entries).
+        self.exported_round: int | None = None
 
     @property
     def key(self) -> Identity:
@@ -211,6 +215,21 @@ def write_export(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:
         Stored entries, oldest first.
     """
     write_atomic(path, b"".join(canonical(dict(line)) + b"\n" for line in lines))
+
+
+def append_export(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:
+    """Append entries to the JSON Lines export and fsync it (a round's commit: O(1)).
+
+    A crash mid-append can leave a cut last line; the next process's first export
+    rewrites the file whole (:func:`write_export`), and the database is the record.
+    """
+    data = b"".join(canonical(dict(line)) + b"\n" for line in lines)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -256,7 +275,7 @@ def entry_fields(
     now : float
         The commit time (Unix seconds).
     """
-    from confide_server.engine.privacy import read_privacy
+    from confide_server.engine.privacy import read_privacy_range
 
     receipts = {
         stage: sorted(receipt_hash(s.receipt) for s in store.submissions(cur.round, stage))
@@ -275,7 +294,8 @@ def entry_fields(
     else:
         survivors = sorted(s.client_id for s in store.submissions(cur.round, "train"))
         secagg = None
-    summary, per_round = read_privacy(store)
+    # This round's record and the job summary only: a commit never reads the whole history.
+    summary, per_round = read_privacy_range(store, cur.round, cur.round)
     dp: dict[str, Any] | None = None
     if summary is not None:
         spent = per_round.get(cur.round, {})

@@ -851,6 +851,28 @@ class Store:
         page = [self._round(r) for r in reversed(rows[:limit])]
         return page, (page[0].round if more and page else None)
 
+    def rounds_since(self, first: int) -> list[RoundRow]:
+        """Return the rounds with an id ``>= first``, oldest first (new metrics rows)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._ROUND_COLS} FROM rounds WHERE round >= ? "  # noqa: S608
+                "ORDER BY round",
+                (first,),
+            ).fetchall()
+        return [self._round(r) for r in rows]
+
+    def ledger_since(self, first: int) -> list[dict[str, Any]]:
+        """Ledger entries of rounds ``>= first``, oldest first, in their stored form."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry, entry_hash, signature FROM ledger WHERE round >= ? ORDER BY round",
+                (first,),
+            ).fetchall()
+        return [
+            {"entry": json.loads(r[0]), "entry_hash": str(r[1]), "signature": str(r[2])}
+            for r in rows
+        ]
+
     def round_counts(self) -> dict[str, int]:
         """``{status: number of rounds}`` (one aggregate query)."""
         with self._lock:
