@@ -1479,8 +1479,9 @@ class RoundEngine:
     def _retain(self, round_id: int) -> None:
         """Apply ``[retention]`` after ``round_id`` closed (best effort, never fails it).
 
-        The round is already committed (or aborted); a prune that fails is retried after
-        the next close and at the next start (:meth:`Retention.sweep`).
+        The round is already committed (or aborted); a prune that fails is finished at the
+        next start (:meth:`Retention.sweep` catches up on every closed round), and old
+        model versions are looked at again after every close.
         """
         try:
             report = self.retention.after_close(round_id)
