@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["append_durably", "write_atomic"]
 
 
 def write_atomic(
@@ -71,3 +71,19 @@ def write_atomic(
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def append_durably(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
+    """Append ``data`` to ``path`` (created 0600 if missing) and fsync it.
+
+    For exports rebuilt from a database: a crash may cut the last line, which the next
+    whole rewrite repairs; what must never be torn goes through :func:`write_atomic`.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

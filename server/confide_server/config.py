@@ -122,6 +122,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "Config",
     "JobConfig",
+    "RetentionConfig",
     "SecAggConfig",
     "ServerConfig",
     "StrategyConfig",
@@ -222,6 +223,29 @@ class SharingConfig:
     def partial(self) -> bool:
         """Whether only part of the model is shared."""
         return self.fraction < 1.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """What a long job keeps on disk (``[retention]``).
+
+    ``keep_models``: the newest model versions kept (>= 1); older ones are deleted, except
+    the initial and current models and an open round's base and new model. The ledger
+    keeps every model's hash, and a release keeps its own copy of its model, so receipts
+    and releases still verify. ``prune_updates``: delete a round's update files once the
+    round is committed or aborted (its ledger entry, with every receipt hash, is written
+    by then); the submission rows stay.
+    """
+
+    keep_models: int = 10
+    prune_updates: bool = True
+
+    def __post_init__(self) -> None:
+        if self.keep_models < 1:
+            raise ConfigError(
+                f"retention.keep_models must be >= 1 (the current model is always kept), "
+                f"got {self.keep_models}"
+            )
 
 
 #: Strategies that keep per-coordinate server state (moments): their state would follow the
@@ -343,6 +367,7 @@ class Config:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sharing: SharingConfig = field(default_factory=SharingConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def __post_init__(self) -> None:
         job = self.job
@@ -510,6 +535,7 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "secagg",
         "privacy",
         "sharing",
+        "retention",
     }
     unknown = set(doc) - sections
     if unknown:
@@ -619,7 +645,16 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         sharing=_typed(
             _section(doc, "sharing", {"fraction"}), "sharing", SharingConfig, {"fraction": float}
         ),
+        retention=_typed(
+            _section(doc, "retention", set(_RETENTION_TYPES)),
+            "retention",
+            RetentionConfig,
+            _RETENTION_TYPES,
+        ),
     )
+
+
+_RETENTION_TYPES: dict[str, type] = {"keep_models": int, "prune_updates": bool}
 
 
 def load_config(path: str | Path) -> Config:

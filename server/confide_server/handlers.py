@@ -27,7 +27,12 @@ from confide_server.auth import (
 from confide_server.blobs import StagedUpload
 from confide_server.connections import read_body_to, release_client
 from confide_server.engine.releases import enrolment_fields
-from confide_server.engine.rounds import EnrollmentError, RoundEngine
+from confide_server.engine.rounds import (
+    STATUS_PAGE_DEFAULT,
+    STATUS_PAGE_MAX,
+    EnrollmentError,
+    RoundEngine,
+)
 from confide_server.engine.secure import secure_upload_limit
 from confide_server.keys import (
     config_key,
@@ -65,6 +70,26 @@ _MAX_ENROLL_BYTES = 8192
 _MAX_EVAL_BYTES = 65536
 
 
+#: The largest round id ``?before=`` takes (SQLite's INTEGER is 64-bit; ids count from 1).
+_MAX_ROUND_ID = 2**62
+
+
+def _query_int(request: web.Request, name: str, lo: int, hi: int) -> int | None:
+    """Parse an optional ``?name=`` of ASCII digits in ``[lo, hi]``; 400 with what is expected."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    # str.isdigit() accepts other scripts' digits and int() would take them: ASCII only,
+    # and bounded before int() so no huge string is converted.
+    if not (0 < len(raw) <= 19 and raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
+        raise RequestError(
+            f"query parameter {name}={raw[:40]!r} is not valid: expected a whole number "
+            f"from {lo} to {hi} in ASCII digits (e.g. ?{name}={lo}); the status answer's "
+            "'next' is the value to pass as ?before= for the next page"
+        )
+    return int(raw)
+
+
 async def get_health(request: web.Request) -> web.Response:
     """Liveness probe."""
     return web.json_response({"ok": True})
@@ -78,7 +103,11 @@ async def get_status(request: web.Request) -> web.Response:
     """
     await asyncio.to_thread(check_operator, request)
     engine = request.app[engine_key]
-    doc = await asyncio.to_thread(engine.status_dict)
+    limit = _query_int(request, "limit", 1, STATUS_PAGE_MAX)
+    before = _query_int(request, "before", 1, _MAX_ROUND_ID)
+    doc = await asyncio.to_thread(
+        engine.status_dict, STATUS_PAGE_DEFAULT if limit is None else limit, before
+    )
     # Strict JSON: a non-finite number would make the answer unreadable to JSON parsers.
     return web.json_response(doc, dumps=_strict_dumps)
 
@@ -245,6 +274,12 @@ async def get_model(request: web.Request) -> web.Response:
     relpath = await asyncio.to_thread(engine.store.model_path, sha)
     if relpath is None:
         raise RequestError(f"no model version {sha}", "unknown_model")
+    if await asyncio.to_thread(engine.store.is_pruned, relpath):
+        raise RequestError(
+            f"model version {sha} was deleted by the job's retention policy "
+            "([retention] keep_models); ask GET /v1/task for the current model",
+            "unknown_model",
+        )
     data = await asyncio.to_thread(engine.blobs.read, relpath)
     return web.Response(
         body=data,

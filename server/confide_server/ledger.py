@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from confide._fsio import write_atomic
+from confide._fsio import append_durably, write_atomic
 from confide.errors import ConfigError, SignatureError
 from confide.protocol.signing import Identity, decode_public_key
 
@@ -67,6 +67,7 @@ __all__ = [
     "LedgerFormatError",
     "LedgerSigner",
     "VerifyResult",
+    "append_export",
     "canonical",
     "entry_fields",
     "entry_hash",
@@ -180,6 +181,9 @@ class LedgerSigner:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self._key: Identity | None = None
+        #: The newest round this process wrote to ``ledger.jsonl`` (``None``: not yet, so
+        #: the first export rewrites the file whole; later ones append the new entries).
+        self.exported_round: int | None = None
 
     @property
     def key(self) -> Identity:
@@ -213,6 +217,15 @@ def write_export(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:
     write_atomic(path, b"".join(canonical(dict(line)) + b"\n" for line in lines))
 
 
+def append_export(path: Path, lines: Sequence[Mapping[str, Any]]) -> None:
+    """Append entries to the JSON Lines export and fsync it (a round's commit: O(1)).
+
+    A crash mid-append can leave a cut last line; the next process's first export
+    rewrites the file whole (:func:`write_export`), and the database is the record.
+    """
+    append_durably(path, b"".join(canonical(dict(line)) + b"\n" for line in lines))
+
+
 def entry_fields(
     config: Config,
     store: Store,
@@ -244,7 +257,7 @@ def entry_fields(
     now : float
         The commit time (Unix seconds).
     """
-    from confide_server.engine.privacy import read_privacy
+    from confide_server.engine.privacy import read_privacy_range
 
     receipts = {
         stage: sorted(receipt_hash(s.receipt) for s in store.submissions(cur.round, stage))
@@ -263,7 +276,8 @@ def entry_fields(
     else:
         survivors = sorted(s.client_id for s in store.submissions(cur.round, "train"))
         secagg = None
-    summary, per_round = read_privacy(store)
+    # This round's record and the job summary only: a commit never reads the whole history.
+    summary, per_round = read_privacy_range(store, cur.round, cur.round)
     dp: dict[str, Any] | None = None
     if summary is not None:
         spent = per_round.get(cur.round, {})

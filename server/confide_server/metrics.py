@@ -1,8 +1,9 @@
 """Per-round metrics files: ``<state>/metrics/rounds.csv``, ``rounds.jsonl`` and TensorBoard events.
 
-One row per closed round (committed or aborted), rebuilt from the database after every
-round closes and at start-up (so a crash never leaves a row missing for long, and a round
-is never written twice)::
+One row per closed round (committed or aborted), built from the database: the files are
+rewritten whole at a process's first export (start-up) and the new rows appended after
+every round closes, so a close costs the same in round 10 and round 10,000 (a crash never
+leaves a row missing for long, and a round is never written twice)::
 
     round, status (committed | aborted), reason, started_at, ended_at, duration_s,
     participants (cohort size), survivors (updates that entered the sum), epsilon,
@@ -23,7 +24,6 @@ tensorboardX, protobuf or torch is imported by the server to write them.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -36,8 +36,8 @@ from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from confide._fsio import write_atomic
-from confide_server.ledger import LedgerSigner, write_export
+from confide._fsio import append_durably, write_atomic
+from confide_server.ledger import LedgerSigner, append_export, write_export
 
 if TYPE_CHECKING:
     from confide_server.store import RoundRow, Store
@@ -94,6 +94,7 @@ def round_rows(
     stage_closes: Mapping[int, Mapping[str, float]] | None = None,
     state_dir: Path | None = None,
     skip: Container[int] = (),
+    since: int = 1,
 ) -> list[dict[str, Any]]:
     """Build one row per closed round from the database.
 
@@ -107,18 +108,20 @@ def round_rows(
         The state folder (update files' sizes count as upload bytes).
     skip : container of int, optional
         Rounds not to build (already built: a closed round's row never changes).
+    since : int, default 1
+        The oldest round to read (after a close: the first one not built yet).
 
     Returns
     -------
     list of dict
         Rows, oldest round first (see the module documentation for the columns).
     """
-    from confide_server.engine.privacy import read_privacy
+    from confide_server.engine.privacy import read_privacy_range
 
-    _, per_round = read_privacy(store)
+    _, per_round = read_privacy_range(store, since, 2**62)
     stages_of = stage_closes or {}
     rows: list[dict[str, Any]] = []
-    for r in store.rounds():
+    for r in store.rounds_since(since):
         if r.status not in ("committed", "aborted") or r.round in skip:
             continue
         closes = stages_of.get(r.round, {})
@@ -130,8 +133,10 @@ def round_rows(
                 if stage in _UPDATE_STAGES:
                     updates += 1
                 if s.blob is not None and state_dir is not None:
-                    with contextlib.suppress(OSError):
+                    try:
                         upload += (state_dir / s.blob).stat().st_size
+                    except OSError:  # deleted by [retention]: its size was recorded
+                        upload += store.pruned_size(s.blob) or 0
                 elif s.payload is not None:
                     upload += len(json.dumps(s.payload).encode())
         metrics = r.metrics or {}
@@ -176,6 +181,11 @@ class MetricsLog:
         # This process's TensorBoard writer and the steps it holds (appended to, flushed).
         self._tb: Path | None = None
         self._tb_steps: set[int] = set()
+        # stages.jsonl read so far (bytes) and what it held: a close reads only new lines.
+        self._closes: dict[int, dict[str, float]] = {}
+        self._closes_at = 0
+        # The columns rounds.csv was last written with by this process (None: rewrite).
+        self._columns: list[str] | None = None
 
     @property
     def stages_path(self) -> Path:
@@ -196,13 +206,21 @@ class MetricsLog:
             log.warning("could not record a stage close in %s: %s", self.stages_path, exc)
 
     def stage_closes(self) -> dict[int, dict[str, float]]:
-        """Read ``stages.jsonl`` (the first close of each round's stage; bad lines skipped)."""
-        out: dict[int, dict[str, float]] = {}
+        """Read ``stages.jsonl`` (the first close of each round's stage; bad lines skipped).
+
+        Incremental: each call reads the lines appended since the last one (up to the last
+        complete line), so a close does not re-read the job's history.
+        """
+        out = self._closes
         try:
-            text = self.stages_path.read_text(encoding="utf-8")
+            with open(self.stages_path, "rb") as fh:
+                fh.seek(self._closes_at)
+                chunk = fh.read()
         except OSError:
             return out
-        for line in text.splitlines():
+        end = chunk.rfind(b"\n") + 1  # a line still being appended is read next time
+        self._closes_at += end
+        for line in chunk[:end].decode("utf-8", "replace").splitlines():
             try:
                 doc = json.loads(line)
                 rnd, stage, at = int(doc["round"]), str(doc["stage"]), float(doc["closed_at"])
@@ -212,8 +230,14 @@ class MetricsLog:
         return out
 
     def write(self, store: Store) -> list[dict[str, Any]]:
-        """Rewrite the CSV and JSON Lines files, add new rounds' events; return the rows."""
-        for row in round_rows(store, self.stage_closes(), self.state_dir, skip=self._rows):
+        """Write the new rounds' rows to the CSV and JSON Lines files and events; return all.
+
+        The first write of a process rewrites both files whole; later ones append the new
+        rows (O(new rounds) per close), unless a new column appeared (then rewrite).
+        """
+        since = max(self._rows, default=0) + 1
+        new = round_rows(store, self.stage_closes(), self.state_dir, self._rows, since)
+        for row in new:
             self._rows[int(row["round"])] = row
         rows = [self._rows[k] for k in sorted(self._rows)]
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -221,15 +245,15 @@ class MetricsLog:
         extra = sorted({k for row in rows for k in row} - set(columns))
         columns += [k for k in extra if k.startswith("stage_")]
         columns += [k for k in extra if not k.startswith("stage_")]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-        write_atomic(self.folder / "rounds.csv", buf.getvalue().encode())
-        jsonl = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
-        write_atomic(self.folder / "rounds.jsonl", jsonl.encode())
-        self._write_tensorboard(rows)
+        if columns == self._columns:
+            if new:
+                append_durably(self.folder / "rounds.csv", _csv(new, columns, header=False))
+                append_durably(self.folder / "rounds.jsonl", _jsonl(new))
+        else:
+            write_atomic(self.folder / "rounds.csv", _csv(rows, columns, header=True))
+            write_atomic(self.folder / "rounds.jsonl", _jsonl(rows))
+            self._columns = columns
+        self._write_tensorboard(new if self._tb is not None else rows)
         return rows
 
     def _write_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -267,6 +291,20 @@ class MetricsLog:
     def close(self) -> None:
         """Forget the TensorBoard file (every write is already closed on disk)."""
         self._tb = None
+
+
+def _csv(rows: Sequence[Mapping[str, Any]], columns: list[str], *, header: bool) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    return buf.getvalue().encode()
+
+
+def _jsonl(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    return "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
 
 
 def _crc32c_table() -> tuple[int, ...]:
@@ -356,7 +394,17 @@ def export_records(store: Store, ledger: LedgerSigner, metrics: MetricsLog) -> N
     fatal, and the next close (or restart) rewrites them.
     """
     try:
-        write_export(ledger.export_path, store.ledger())
+        if ledger.exported_round is None:  # this process's first export: the whole file
+            lines = store.ledger()
+            write_export(ledger.export_path, lines)
+        else:  # then only the entries committed since
+            lines = store.ledger_since(ledger.exported_round + 1)
+            if lines:
+                append_export(ledger.export_path, lines)
+        if lines:
+            ledger.exported_round = int(lines[-1]["entry"]["round"])
+        elif ledger.exported_round is None:
+            ledger.exported_round = 0
         metrics.write(store)
     except Exception as exc:  # an export never fails a committed round
         log.warning("could not export the ledger or metrics: %s: %s", type(exc).__name__, exc)

@@ -134,6 +134,9 @@ CREATE TABLE IF NOT EXISTS ledger (
     signature TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked_clients (
     client_id TEXT PRIMARY KEY, revoked_at REAL NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pruned_blobs (
+    path TEXT PRIMARY KEY, kind TEXT NOT NULL, round INTEGER, size INTEGER NOT NULL,
+    pruned_at REAL NOT NULL);
 """
 
 
@@ -482,6 +485,9 @@ class Store:
             "INSERT OR IGNORE INTO models(sha256, path, round, created_at) VALUES (?, ?, ?, ?)",
             (sha256, path, round_id, time.time()),
         )
+        # A model written again after retention pruned it is live again: the start-up
+        # sweep must not delete it.
+        cur.execute("DELETE FROM pruned_blobs WHERE path=?", (path,))
 
     def model_path(self, sha256: str) -> str | None:
         """Relative path of a registered model version, or ``None``."""
@@ -643,20 +649,21 @@ class Store:
                 "SELECT round, mode, events, epsilon_round, epsilon, epsilon_rdp, method, delta, "
                 "recorded_at_stage FROM privacy_rounds ORDER BY round"
             ).fetchall()
-        return [
-            PrivacyRow(
-                round=int(r[0]),
-                mode=str(r[1]),
-                events=json.loads(r[2]),
-                epsilon_round=float(r[3]),
-                epsilon=float(r[4]),
-                epsilon_rdp=float(r[5]),
-                method=str(r[6]),
-                delta=float(r[7]),
-                recorded_at_stage=str(r[8]),
-            )
-            for r in rows
-        ]
+        return [self._privacy(r) for r in rows]
+
+    @staticmethod
+    def _privacy(r: tuple[Any, ...]) -> PrivacyRow:
+        return PrivacyRow(
+            round=int(r[0]),
+            mode=str(r[1]),
+            events=json.loads(r[2]),
+            epsilon_round=float(r[3]),
+            epsilon=float(r[4]),
+            epsilon_rdp=float(r[5]),
+            method=str(r[6]),
+            delta=float(r[7]),
+            recorded_at_stage=str(r[8]),
+        )
 
     @staticmethod
     def save_ddg(cur: Tx, round_id: int, params: dict[str, Any], rotation_seed: bytes) -> None:
@@ -815,3 +822,170 @@ class Store:
             {"entry": json.loads(r[0]), "entry_hash": str(r[1]), "signature": str(r[2])}
             for r in rows
         ]
+
+    # -- pagination and retention (confide_server.engine.retention) --------------------
+    def last_round(self) -> RoundRow | None:
+        """Return the newest round (``None`` before the first): one row, not the history."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round DESC LIMIT 1"  # noqa: S608
+            ).fetchone()
+        return None if row is None else self._round(row)
+
+    def rounds_page(
+        self, limit: int, before: int | None = None
+    ) -> tuple[list[RoundRow], int | None]:
+        """Up to ``limit`` rounds older than ``before`` (all when ``None``), oldest first.
+
+        Returns the rows and the cursor of the next (older) page: the oldest round id on
+        this page when older rounds exist, else ``None``.
+        """
+        bound = (1 << 62) if before is None else before
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._ROUND_COLS} FROM rounds WHERE round < ? "  # noqa: S608
+                "ORDER BY round DESC LIMIT ?",
+                (bound, limit + 1),
+            ).fetchall()
+        more = len(rows) > limit
+        page = [self._round(r) for r in reversed(rows[:limit])]
+        return page, (page[0].round if more and page else None)
+
+    def rounds_since(self, first: int) -> list[RoundRow]:
+        """Return the rounds with an id ``>= first``, oldest first (new metrics rows)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._ROUND_COLS} FROM rounds WHERE round >= ? "  # noqa: S608
+                "ORDER BY round",
+                (first,),
+            ).fetchall()
+        return [self._round(r) for r in rows]
+
+    def ledger_since(self, first: int) -> list[dict[str, Any]]:
+        """Ledger entries of rounds ``>= first``, oldest first, in their stored form."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT entry, entry_hash, signature FROM ledger WHERE round >= ? ORDER BY round",
+                (first,),
+            ).fetchall()
+        return [
+            {"entry": json.loads(r[0]), "entry_hash": str(r[1]), "signature": str(r[2])}
+            for r in rows
+        ]
+
+    def round_counts(self) -> dict[str, int]:
+        """``{status: number of rounds}`` (one aggregate query)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT status, COUNT(*) FROM rounds GROUP BY status"
+            ).fetchall()
+        return {str(s): int(n) for s, n in rows}
+
+    def last_closed_at(self) -> float | None:
+        """When the latest committed or aborted round ended (``None`` before one)."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(ended_at) FROM rounds").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def open_round(self) -> RoundRow | None:
+        """Return the open round, or ``None``."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._ROUND_COLS} FROM rounds WHERE status='open' "  # noqa: S608
+                "ORDER BY round DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else self._round(row)
+
+    def privacy_rounds_in(self, first: int, last: int) -> list[PrivacyRow]:
+        """Return the privacy records of rounds ``first..last`` (inclusive), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT round, mode, events, epsilon_round, epsilon, epsilon_rdp, method, delta, "
+                "recorded_at_stage FROM privacy_rounds WHERE round BETWEEN ? AND ? ORDER BY round",
+                (first, last),
+            ).fetchall()
+        return [self._privacy(r) for r in rows]
+
+    def max_epsilon(self) -> float:
+        """Return the largest cumulative epsilon recorded (0 before any release)."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(epsilon) FROM privacy_rounds").fetchone()
+        return 0.0 if row is None or row[0] is None else float(row[0])
+
+    def update_blobs_of_closed(self, first: int, last: int) -> list[tuple[int, str]]:
+        """``(round, path)`` of the update files of closed rounds ``first..last``.
+
+        Only rounds that are committed or aborted (a committed round's ledger entry is
+        written in the same transaction as its status) and only blobs not yet pruned.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.round, s.blob FROM submissions s JOIN rounds r ON r.round = s.round "
+                "WHERE s.round BETWEEN ? AND ? AND r.status IN ('committed', 'aborted') "
+                "AND s.blob IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM pruned_blobs p WHERE p.path = s.blob) "
+                "ORDER BY s.round",
+                (first, last),
+            ).fetchall()
+        return [(int(r), str(b)) for r, b in rows]
+
+    def model_rows(self) -> list[tuple[str, str, int | None]]:
+        """``(sha256, path, round)`` of every registered, unpruned model, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sha256, path, round FROM models m WHERE NOT EXISTS "
+                "(SELECT 1 FROM pruned_blobs p WHERE p.path = m.path) "
+                "ORDER BY COALESCE(round, 0), created_at"
+            ).fetchall()
+        return [(str(s), str(p), None if r is None else int(r)) for s, p, r in rows]
+
+    def pinned_models(self) -> set[str]:
+        """Model hashes the job still reads: never pruned.
+
+        The initial and current models and the open round's base and new model. (The
+        ledger keeps every committed model's hash, not its file; a release keeps its own
+        copy of the model under ``releases/``.)
+        """
+        keep: set[str] = set()
+        with self._lock:
+            for key in ("initial_model", "current_model"):
+                row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+                if row is not None:
+                    keep.add(str(row[0]))
+            for base, new in self._db.execute(
+                "SELECT base_model, new_model FROM rounds WHERE status='open'"
+            ).fetchall():
+                keep.add(str(base))
+                if new is not None:
+                    keep.add(str(new))
+        return keep
+
+    def mark_pruned(self, entries: list[tuple[str, str, int | None, int]]) -> None:
+        """Record ``(path, kind, round, size)`` as pruned, durably, *before* the files go.
+
+        A kill after this commit and before the unlinks leaves files the start-up sweep
+        (:meth:`pruned_paths`) deletes; a kill before it leaves everything as it was.
+        """
+        now = time.time()
+        with self.transaction() as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO pruned_blobs(path, kind, round, size, pruned_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(p, k, r, n, now) for p, k, r, n in entries],
+            )
+
+    def pruned_paths(self) -> list[str]:
+        """Every path marked pruned (the start-up sweep deletes any that still exist)."""
+        with self._lock:
+            rows = self._db.execute("SELECT path FROM pruned_blobs").fetchall()
+        return [str(r[0]) for r in rows]
+
+    def pruned_size(self, path: str) -> int | None:
+        """Return a pruned blob's size (metrics count it as upload bytes), or ``None``."""
+        with self._lock:
+            row = self._db.execute("SELECT size FROM pruned_blobs WHERE path=?", (path,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def is_pruned(self, path: str) -> bool:
+        """Whether ``path`` was pruned by the retention policy."""
+        return self.pruned_size(path) is not None

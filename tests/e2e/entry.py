@@ -40,6 +40,7 @@ CRASH_POINTS = (
     "round_committed",
     "round_started",
     "round_aborted",
+    "prune_marked",
 )
 
 

@@ -239,8 +239,8 @@ def test_encode_then_decode_round_trips() -> None:
 async def test_status_is_strict_json_even_with_an_infinite_value(fed: Fed) -> None:
     real = fed.engine.status_dict
 
-    def with_inf() -> dict[str, object]:
-        doc = real()
+    def with_inf(*page: int | None) -> dict[str, object]:  # (limit, before): one status page
+        doc = real(*page)
         doc["privacy"] = {"epsilon": float("inf"), "rounds": [float("nan"), 1.5]}
         return doc
 

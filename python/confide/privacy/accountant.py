@@ -840,6 +840,7 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= _REPRO_RTOL * max(1.0, abs(a), abs(b))
 
 
+@functools.lru_cache(maxsize=1)
 def _dp_accounting_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,7 +88,10 @@ __all__ = [
     "PrivacyConfig",
     "parse_privacy",
     "read_privacy",
+    "read_privacy_range",
 ]
+
+log = logging.getLogger("confide_server")
 
 MODES = ("none", "sample", "central", "distributed", "sample_distributed")
 #: Modes whose noise is added by the sites inside the secure sum (ring-encoded SecAgg+ inputs).
@@ -309,6 +313,22 @@ def read_privacy(store: Store) -> tuple[dict[str, Any] | None, dict[int, dict[st
     return summary, per_round
 
 
+def read_privacy_range(
+    store: Store, first: int, last: int
+) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
+    """:func:`read_privacy` for rounds ``first..last`` only (the summary covers the job).
+
+    Two indexed queries however long the job is (the paginated ``/v1/status``).
+    """
+    params = store.get_meta("privacy_params")
+    per_round = {r.round: _record_doc(r) for r in store.privacy_rounds_in(first, last)}
+    if params is None:
+        return None, per_round
+    summary: dict[str, Any] = json.loads(params)
+    summary["epsilon"] = store.max_epsilon()
+    return summary, per_round
+
+
 def _record_doc(row: PrivacyRow) -> dict[str, Any]:
     return {
         "epsilon_round": row.epsilon_round,
@@ -340,6 +360,8 @@ class JobPrivacy:
         self._accountant: PrivacyAccountant | None = None
         self._job_seed = b""
         self._store: Store | None = None
+        # The next round's accounting, computed ahead in a worker thread (see account()).
+        self._prefetch: threading.Thread | None = None
 
     @property
     def mode(self) -> str:
@@ -493,6 +515,7 @@ class JobPrivacy:
         """
         if not self.enabled or math.isinf(self.config.budget):
             return True
+        self._join_prefetch()
         from confide.errors import BudgetExceeded
         from confide.privacy.accountant import Budget
 
@@ -530,7 +553,9 @@ class JobPrivacy:
         PrivacyRow
             The round's privacy record.
         """
+        self._join_prefetch()
         rec = self.accountant.record_round(round_id, self.round_events(ddg))
+        self._prefetch_next()
         return PrivacyRow(
             round=round_id,
             mode=self.mode,
@@ -542,6 +567,38 @@ class JobPrivacy:
             delta=self.config.delta,
             recorded_at_stage=stage,
         )
+
+    def _join_prefetch(self) -> None:
+        """Wait for the ahead-of-time accounting (never two accountings at once)."""
+        if self._prefetch is not None:
+            self._prefetch.join()
+            self._prefetch = None
+
+    def _prefetch_next(self) -> None:
+        """Account the next round's ledger ahead, in a worker thread, while this one runs.
+
+        The cumulative epsilon after round r + 1 is a pure function of the merged ledger,
+        cached by :mod:`confide.privacy.accountant`; computing it while the sites train
+        makes the next round start (sample mode: write-ahead, before the task is served)
+        and its budget check cache hits, so a round start costs the same in round 10 and
+        round 1,000. Only where the next round's events are known in advance (``sample``,
+        ``central``); a ring-mode round's events depend on its cohort.
+        """
+        if self.mode not in ("sample", "central"):
+            return
+        from confide.privacy.accountant import account
+
+        acc = self.accountant
+        events = [*acc.events, *self.round_events()]
+
+        def run() -> None:
+            try:
+                account(events, acc.delta, acc.relation, acc.pld_discretization)
+            except Exception as exc:  # only a cache warm-up: the real call raises again
+                log.debug("privacy: accounting ahead failed: %s", exc)
+
+        self._prefetch = threading.Thread(target=run, name="confide-account-ahead", daemon=True)
+        self._prefetch.start()
 
     def persist(self, cur: Tx, row: PrivacyRow) -> None:
         """Write an accounted round and the accountant's state inside ``cur`` (fast)."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import secrets
 import threading
@@ -91,8 +92,9 @@ from confide_server.engine import stagelog
 from confide_server.engine.privacy import (
     RING_MODES,
     JobPrivacy,
-    read_privacy,
+    read_privacy_range,
 )
+from confide_server.engine.retention import Retention
 from confide_server.engine.secure import SECURE_STAGES, SecureRound
 from confide_server.engine.stagelog import budget_outcome
 from confide_server.ledger import GENESIS, LedgerSigner, entry_fields, sign_entry
@@ -107,6 +109,8 @@ from confide_server.store import (
 
 __all__ = [
     "COHORT_GRACE_S",
+    "STATUS_PAGE_DEFAULT",
+    "STATUS_PAGE_MAX",
     "CrashHook",
     "EnrollmentError",
     "InvalidSubmissionError",
@@ -126,6 +130,12 @@ _MAX_METRICS = 32
 #: Seconds after a round closed before the next starts with fewer than wait_for_clients
 #: (but at least min_clients) of the sites seen since: the survivors' polls arrive first.
 COHORT_GRACE_S = 5.0
+
+#: ``GET /v1/status``: rounds on a page by default, and at most (``?limit=``).
+STATUS_PAGE_DEFAULT = 50
+STATUS_PAGE_MAX = 1000
+
+log = logging.getLogger("confide_server")
 #: After a restart an open stage gets back the time it had left, and at least this much
 #: (capped by its own deadline) so the sites can reconnect.
 RESTART_GRACE_S = 10.0
@@ -309,6 +319,8 @@ class RoundEngine:
         # The contribution ledger (signed in the commit transaction) and per-round metrics.
         self.ledger = LedgerSigner(config.server.state_dir)
         self.metrics = MetricsLog(config.server.state_dir)
+        # What a long job deletes after each round ([retention]; engine/retention.py).
+        self.retention = Retention(config.retention, store, blobs, crash_hook=self._crash)
 
     # -- start-up and recovery ---------------------------------------------------------
     def initialise(self, initial_weights: bytes) -> None:
@@ -350,6 +362,7 @@ class RoundEngine:
         self._load()
         self._check_current_model()
         self._remove_unregistered_models()
+        self.retention.sweep()  # files a killed prune left; rounds closed before a crash
         _ = self.ledger.key  # a bad server key stops the start, not a commit
         self._export_records()
 
@@ -403,11 +416,9 @@ class RoundEngine:
             self.status_reason = self.store.get_meta("status_reason")
             self.current_model = self.store.get_meta("current_model") or ""
             self._consecutive_aborts = int(self.store.get_meta("consecutive_aborts") or 0)
-            rounds = self.store.rounds()
-            self.completed_rounds = sum(r.status == "committed" for r in rounds)
-            self._current = next((r for r in rounds if r.status == "open"), None)
-            ended = [r.ended_at for r in rounds if r.ended_at is not None]
-            self._last_closed = max(ended) if ended else None
+            self.completed_rounds = self.store.round_counts().get("committed", 0)
+            self._current = self.store.open_round()
+            self._last_closed = self.store.last_closed_at()
             self._submitted = {}
             if self._current is not None:
                 self._recover_secure(self._current)
@@ -1051,8 +1062,8 @@ class RoundEngine:
                 len(available) < job.min_clients or now - closed < COHORT_GRACE_S
             ):
                 return False
-        rounds = self.store.rounds()
-        round_id = (rounds[-1].round + 1) if rounds else 1
+        last = self.store.last_round()  # one row: a round start never reads the history
+        round_id = (last.round + 1) if last is not None else 1
         # Ring modes are budget-checked below, with the round's own noise parameters.
         if self.privacy.mode not in RING_MODES and not self.privacy.allows_next_round():
             self._stop_for_budget()
@@ -1453,6 +1464,7 @@ class RoundEngine:
             self._current = None
             self._last_closed = now
         self._export_records()
+        self._retain(cur.round)
         stagelog.round_committed(cur.round, cur.stage, metrics)
         if status != "running":
             stagelog.job_ended(status, None)
@@ -1479,20 +1491,58 @@ class RoundEngine:
             if self.secure is not None:
                 self.secure.forget()
         self._export_records()
+        self._retain(cur.round)
         stagelog.round_aborted(cur.round, cur.stage, reason, released is not None)
         if status != "running":
             stagelog.job_ended(status, "too many consecutive aborted rounds")
         self._crash("round_aborted")
+
+    def _retain(self, round_id: int) -> None:
+        """Apply ``[retention]`` after ``round_id`` closed (best effort, never fails it).
+
+        The round is already committed (or aborted); a prune that fails is finished at the
+        next start (:meth:`Retention.sweep` catches up on every closed round), and old
+        model versions are looked at again after every close.
+        """
+        try:
+            report = self.retention.after_close(round_id)
+        except Exception as exc:
+            log.warning("retention after round %d: %s: %s", round_id, type(exc).__name__, exc)
+            return
+        if report.updates or report.models:
+            log.debug(
+                "retention after round %d: %d update(s), %d model(s), %d bytes",
+                round_id,
+                report.updates,
+                report.models,
+                report.bytes,
+            )
 
     def _export_records(self) -> None:
         """Rewrite ``ledger.jsonl`` and ``metrics/`` from the database (best effort)."""
         export_records(self.store, self.ledger, self.metrics)
 
     # -- reporting ---------------------------------------------------------------------
-    def status_dict(self) -> dict[str, Any]:
-        """Job status and per-round history (JSON-ready)."""
-        rounds = self.store.rounds()
-        privacy, per_round = read_privacy(self.store)
+    def status_dict(
+        self, limit: int = STATUS_PAGE_DEFAULT, before: int | None = None
+    ) -> dict[str, Any]:
+        """Job status and one page of the round history (JSON-ready).
+
+        Parameters
+        ----------
+        limit : int, default 50
+            Rounds on the page (the newest ones older than ``before``), oldest first.
+        before : int, optional
+            Only rounds with a smaller id (the previous page's ``next``).
+
+        The answer's ``next`` is the ``before`` of the next (older) page, ``None`` on the
+        last. The cost is that of one page, however long the job.
+        """
+        rounds, nxt = self.store.rounds_page(limit, before)
+        first = rounds[0].round if rounds else 0
+        last = rounds[-1].round if rounds else -1
+        privacy, per_round = read_privacy_range(self.store, first, last)
+        total = sum(self.store.round_counts().values())
         with self._peers_lock:
             enrolled = len(self._clients)
         with self._lock:
@@ -1506,7 +1556,9 @@ class RoundEngine:
                 "current_model": self.current_model,
                 "manifest_sha256": self.manifest.sha256,
                 "enrolled": enrolled,
+                "rounds_total": total,
                 "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
+                "next": nxt,
             }
 
 

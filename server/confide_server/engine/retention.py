@@ -1,0 +1,173 @@
+"""Retention: what a long job deletes from its state folder, and in which order.
+
+A job of thousands of rounds would otherwise keep every client update and every model
+version (about 1 GB a round at 1,000 sites x 1 MiB). After each round closes the engine
+calls :meth:`Retention.after_close`:
+
+* ``prune_updates``: the update files of the closed round are deleted. The round is
+  committed or aborted by then, and a committed round's ledger entry (with the hash of
+  every receipt) was written in the same transaction, so receipts still verify against
+  the ledger; the submission rows stay.
+* ``keep_models = K``: model versions older than the K newest are deleted, except the
+  initial and current models and the open round's base and new model
+  (:meth:`~confide_server.store.Store.pinned_models`). The ledger keeps every model's
+  hash; a release keeps its own copy of the model (``releases/<version>.model``).
+
+Crash safety: the paths are first recorded in ``pruned_blobs`` (one committed
+transaction), *then* unlinked. A kill before that commit deletes nothing; a kill after it
+leaves files :meth:`Retention.sweep` deletes at the next start (it also catches up on
+rounds closed while retention was off or before a crash). A file is never deleted while
+a committed row could still need it, and nothing the start-up checks read is pruned.
+
+Cost: one indexed query for the closed round's updates, one over the model rows, and
+the unlinks, so a round's pruning does not grow with the job's length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from confide_server.blobs import BlobStore
+from confide_server.config import RetentionConfig
+from confide_server.store import Store
+
+__all__ = ["PruneReport", "Retention"]
+
+log = logging.getLogger("confide_server")
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What one pruning pass deleted."""
+
+    updates: int = 0
+    models: int = 0
+    bytes: int = 0
+
+
+class Retention:
+    """Applies a job's ``[retention]`` policy to its blob store.
+
+    Parameters
+    ----------
+    config : RetentionConfig
+        The policy.
+    store : Store
+        The job's database (records what is pruned).
+    blobs : BlobStore
+        The files.
+    crash_hook : callable, optional
+        Called with ``"prune_marked"`` between the commit that records a pass and the
+        unlinks (the e2e tests SIGKILL the server there).
+    """
+
+    def __init__(
+        self,
+        config: RetentionConfig,
+        store: Store,
+        blobs: BlobStore,
+        *,
+        crash_hook: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.blobs = blobs
+        self._crash = crash_hook or (lambda _point: None)
+
+    def _size(self, relpath: str) -> int:
+        try:
+            return (self.blobs.root / relpath).stat().st_size
+        except OSError:
+            return 0
+
+    def _prunable_models(self) -> list[tuple[str, str, int | None]]:
+        rows = self.store.model_rows()  # oldest first, unpruned only
+        pinned = self.store.pinned_models()
+        older = rows[: max(0, len(rows) - self.config.keep_models)]
+        return [r for r in older if r[0] not in pinned]
+
+    def after_close(self, round_id: int, *, first: int | None = None) -> PruneReport:
+        """Prune after round ``round_id`` closed (updates of rounds ``first..round_id``).
+
+        Parameters
+        ----------
+        round_id : int
+            The round that just committed or aborted.
+        first : int, optional
+            The oldest round whose updates to look at (default: ``round_id`` only).
+        """
+        entries: list[tuple[str, str, int | None, int]] = []
+        if self.config.prune_updates:
+            lo = round_id if first is None else first
+            for rnd, path in self.store.update_blobs_of_closed(lo, round_id):
+                entries.append((path, "update", rnd, self._size(path)))
+        n_updates = len(entries)
+        for _sha, mpath, mrnd in self._prunable_models():
+            entries.append((mpath, "model", mrnd, self._size(mpath)))
+        if not entries:
+            return PruneReport()
+        self.store.mark_pruned(entries)  # durable first: a kill now leaves files to sweep
+        self._crash("prune_marked")
+        self._unlink([p for p, _, _, _ in entries])
+        return PruneReport(
+            updates=n_updates,
+            models=len(entries) - n_updates,
+            bytes=sum(n for _, _, _, n in entries),
+        )
+
+    def _unlink(self, paths: list[str]) -> int:
+        gone = 0
+        folders: set[Path] = set()
+        for rel in paths:
+            path = self.blobs.root / rel
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            gone += 1
+            folders.add(path.parent)
+        for folder in folders:  # emptied round folders go too (no empty-dir growth)
+            if folder != self.blobs.root / "updates" and folder.is_relative_to(
+                self.blobs.root / "updates"
+            ):
+                _remove_empty(folder, self.blobs.root / "updates")
+        return gone
+
+    def sweep(self) -> PruneReport:
+        """At start: delete files recorded as pruned that a kill left, then catch up.
+
+        Runs before the first round starts (no write is in flight).
+        """
+        pinned = self.store.pinned_models()
+        left = [
+            p
+            for p in self.store.pruned_paths()
+            if (self.blobs.root / p).exists()
+            and not (p.startswith("models/") and _sha_of(p) in pinned)
+        ]
+        swept = self._unlink(left)
+        if swept:
+            log.info("retention: deleted %d file(s) a stopped prune had left", swept)
+        last = self.store.last_round()
+        report = PruneReport() if last is None else self.after_close(last.round, first=1)
+        return PruneReport(report.updates + swept, report.models, report.bytes)
+
+
+def _sha_of(relpath: str) -> str:
+    name = relpath.rsplit("/", 1)[-1]
+    return name.split(".", 1)[0]
+
+
+def _remove_empty(folder: Path, stop: Path) -> None:
+    """Remove ``folder`` and its parents up to ``stop`` while they are empty."""
+    cur = folder
+    while cur != stop and cur.is_relative_to(stop):
+        try:
+            os.rmdir(cur)
+        except OSError:  # not empty (or already gone)
+            return
+        cur = cur.parent
