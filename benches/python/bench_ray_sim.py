@@ -127,13 +127,29 @@ def run_confide(
     }
 
 
-def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str, Any]:
-    """Run in the peers environment: Flower's simulation engine on the same task."""
+def flower_worker(
+    clients: int, cohort: int, rounds: int, cpus: int, secure: bool = False
+) -> dict[str, Any]:
+    """Run in the peers environment: Flower's simulation engine on the same task.
+
+    ``secure``: Flower's SecAgg+ (``SecAggPlusWorkflow`` in the ``ServerApp``'s
+    ``DefaultWorkflow``, ``secaggplus_mod`` on the ``ClientApp``) with confide's parameters
+    for a cohort of 100 (32 shares, reconstruction threshold 22, clipping range 1, max weight
+    1000); the sum of the quantized updates is what the server sees, as in confide.
+    """
     import numpy as np
     from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
     from flwr.common import Context, ndarrays_to_parameters
-    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server import (
+        Grid,
+        LegacyContext,
+        ServerApp,
+        ServerAppComponents,
+        ServerConfig,
+    )
     from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.simulation import run_simulation
     from sklearn.datasets import load_breast_cancer
 
@@ -178,8 +194,8 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
 
     frac = cohort / clients
 
-    def server_fn(context: Context) -> Any:
-        strategy = FedAvg(
+    def strategy() -> Any:
+        return FedAvg(
             fraction_fit=frac,
             fraction_evaluate=frac,
             min_fit_clients=cohort,
@@ -187,7 +203,30 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
             min_available_clients=clients,
             initial_parameters=ndarrays_to_parameters(w_init),
         )
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+
+    def server_fn(context: Context) -> Any:
+        return ServerAppComponents(strategy=strategy(), config=ServerConfig(num_rounds=rounds))
+
+    if secure:
+        server_app = ServerApp()
+
+        @server_app.main()  # type: ignore[misc]
+        def _main(grid: Grid, context: Context) -> None:
+            legacy = LegacyContext(
+                context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy()
+            )
+            fit = SecAggPlusWorkflow(
+                num_shares=min(32, cohort - 1),
+                reconstruction_threshold=min(22, cohort - 1),
+                clipping_range=1.0,
+                max_weight=1000.0,
+            )
+            DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+
+        client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    else:
+        server_app = ServerApp(server_fn=server_fn)
+        client_app = ClientApp(client_fn=client_fn)
 
     import logging
     import re
@@ -202,8 +241,8 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
     with PeakRss() as peak:
         t0 = time.monotonic()
         run_simulation(
-            server_app=ServerApp(server_fn=server_fn),
-            client_app=ClientApp(client_fn=client_fn),
+            server_app=server_app,
+            client_app=client_app,
             num_supernodes=clients,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
@@ -216,8 +255,8 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
         "clients": clients,
         "cohort": cohort,
         "rounds": rounds,
-        "mode": "plain",
-        "ok": True,
+        "mode": "secagg+ no dropout" if secure else "plain",
+        "ok": bool(m),
         # Flower's own "Run finished N round(s) in X s" (its rounds, without Ray's start-up).
         "s_per_round": (float(m[0]) if m else wall) / rounds,
         "wall_s": wall,
@@ -238,27 +277,48 @@ def main() -> int:
         default=["plain", "secagg"],
         help="secagg: 10 %% dropout per stage; secagg-nodrop: SecAgg+ without dropouts",
     )
+    p.add_argument(
+        "--flower-modes",
+        nargs="+",
+        choices=["plain", "secagg"],
+        default=["plain", "secagg"],
+        help="Flower arms (secagg: its SecAggPlusWorkflow, no dropouts)",
+    )
+    p.add_argument("--flower-secure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
     p.add_argument("--flower-python", default=None, help="the peers venv's python (flwr)")
     p.add_argument("--flower-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.flower_worker:
-        out = flower_worker(a.clients[0], a.cohort, a.rounds, a.cpus)
+        out = flower_worker(a.clients[0], a.cohort, a.rounds, a.cpus, a.flower_secure)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     rows: list[dict[str, Any]] = []
     for n in a.clients:
         cohort = min(a.cohort, n)
-        if a.flower_python:
+        for fmode in a.flower_modes if a.flower_python else []:
             cmd = [a.flower_python, __file__, "--flower-worker", "--clients", str(n)]
             cmd += ["--cohort", str(cohort), "--rounds", str(a.rounds), "--cpus", str(a.cpus)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            cmd += ["--flower-secure"] if fmode == "secagg" else []
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                out, err = proc.stdout, proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                out, err = str(exc.stdout or ""), f"timed out after {exc.timeout} s"
+            found = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
             if found:
                 rows.append(json.loads(found[-1][7:]))
             else:
-                tail = (proc.stderr or proc.stdout)[-400:]
-                rows.append({"engine": "flower-sim", "clients": n, "ok": False, "error": tail})
+                tail = (err or out)[-400:]
+                rows.append(
+                    {
+                        "engine": "flower-sim",
+                        "clients": n,
+                        "mode": fmode,
+                        "ok": False,
+                        "error": tail,
+                    }
+                )
             print(json.dumps(rows[-1]), flush=True)
         for mode in a.modes:
             secure = mode.startswith("secagg")

@@ -969,6 +969,7 @@ class RoundEngine:
             # Unmask answers (released shares) are never written anywhere.
             payload = None if p.stage == "unmask" else p.payload
             receipt = self._record_submission(p, nonce, 0, None, payload)
+            self.secure.last_answer = self._clock()
         self._crash("submission_committed")
         return receipt
 
@@ -1006,7 +1007,11 @@ class RoundEngine:
                     waiting = set(cur.cohort)
                     if self.secure is not None and cur.stage in SECURE_STAGES:
                         waiting = set(self.secure.expected())
-                    if not waiting <= answered and now < cur.deadline:
+                    if (
+                        not waiting <= answered
+                        and now < cur.deadline
+                        and not self._secure_grace_due(cur, answered, now)
+                    ):
                         return False
                     self._closing = True
             if cur is None:
@@ -1025,6 +1030,16 @@ class RoundEngine:
                 with self._lock:
                     self._closing = False
             return True
+
+    def _secure_grace_due(self, cur: RoundRow, answered: set[str], now: float) -> bool:
+        """Whether an open secure stage may close before its deadline (``stage_grace_s``)."""
+        grace = self.config.secagg.stage_grace_s
+        if grace <= 0 or self.secure is None or cur.stage not in SECURE_STAGES:
+            return False
+        opened = cur.deadline - self._stage_by_name[cur.stage].deadline_s
+        return self.secure.grace_due(
+            cur.stage, answered, opened, now, grace, self.config.job.min_clients
+        )
 
     def _maybe_start(
         self, now: float, clients: dict[str, str], last_seen: dict[str, float]
