@@ -32,6 +32,7 @@ the tick changes a round's status or stage (``_tick_lock``), so the snapshot sta
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -685,7 +686,7 @@ class RoundEngine:
                     return SecureTask(cur.round, cur.stage, cur.deadline, cur.seed, payload)
                 privacy = self._privacy_task(self._round_ddg(cur.round))
                 with self._peers_lock:
-                    certs = {c: json.loads(self._certs[c]) for c in cur.cohort if c in self._certs}
+                    certs = {c: _cert_doc(self._certs[c]) for c in cur.cohort if c in self._certs}
                 return SecureTask(
                     cur.round,
                     cur.stage,
@@ -1502,6 +1503,15 @@ class RoundEngine:
                 "enrolled": enrolled,
                 "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
             }
+
+
+@functools.lru_cache(maxsize=4096)
+def _cert_doc(raw: str) -> Any:
+    """Parse a stored certificate once (every advertise task relays the whole cohort's).
+
+    Read-only: the same object goes into every site's task, which only serialises it.
+    """
+    return json.loads(raw)
 
 
 def _parse_armed(value: str | None) -> tuple[int, str, float] | None:
