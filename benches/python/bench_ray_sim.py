@@ -328,6 +328,8 @@ def main() -> int:
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     rows: list[dict[str, Any]] = []
+    if a.modes:
+        _start_ray(a.cpus)  # once for every confide arm (Ray's start-up is not a round)
     for n in a.clients:
         cohort = min(a.cohort, n)
         for fmode in a.flower_modes if a.flower_python else []:
@@ -363,6 +365,20 @@ def main() -> int:
             print(json.dumps(rows[-1]), flush=True)
             _save(a.json, rows)
     return 0
+
+
+def _start_ray(cpus: int) -> None:
+    """Start the local Ray the confide arms share, retrying a start that timed out (load)."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:  # "The current node timed out during startup" on a loaded box
+            if attempt == 2:
+                raise
+            ray.shutdown()
 
 
 def _save(path: str | None, rows: list[dict[str, Any]]) -> None:
