@@ -78,10 +78,28 @@ class PeakRss:
 
 
 def run_confide(
-    clients: int, cohort: int, rounds: int, secure: bool, cpus: int, dropout: float = 0.1
+    clients: int,
+    cohort: int,
+    rounds: int,
+    secure: bool,
+    cpus: int,
+    dropout: float = 0.1,
+    grace: float = 0.0,
 ) -> dict[str, Any]:
+    import confide_server.simulate_ray as sim_ray
+    from confide_server.launcher import Launcher
     from confide_server.simulate import SimulationOptions
     from confide_server.simulate_ray import FaultOptions, RayOptions, run_ray_simulation
+
+    class _PatientLauncher(Launcher):
+        """The bench's launcher: on a shared box under load (load average 20-30) the
+        server's start-up (imports, state checks) can take longer than the 60 s the
+        simulation waits, so the bench waits up to 240 s (nothing else changes)."""
+
+        def wait_ready(self, url: str, *, timeout: float = 30.0, proc: Any = None) -> bool:
+            return super().wait_ready(url, timeout=max(timeout, 240.0), proc=proc)
+
+    sim_ray.Launcher = _PatientLauncher  # type: ignore[misc]
 
     opts = SimulationOptions(
         clients=clients,
@@ -92,20 +110,30 @@ def run_confide(
         dp="none",
         train_deadline=30.0,
         evaluate_deadline=30.0,
-        extra_secagg={"advertise": 15.0, "share": 15.0, "unmask": 15.0} if secure else {},
+        extra_secagg=(
+            # Generous deadlines: at load average 30 on 2 cores, 100 sites' share uploads
+            # took more than 15 s; a dropout run with grace 0 waits out all four (240 s).
+            {"advertise": 60.0, "share": 60.0, "mask": 60.0, "unmask": 60.0}
+            | {"stage_grace_s": grace}
+            if secure
+            else {}
+        ),
     )
     faults = FaultOptions(dropout=dropout if secure else 0.0)
     with tempfile.TemporaryDirectory() as tmp, PeakRss() as peak:
-        t0 = time.monotonic()
-        report = run_ray_simulation(
-            Path(tmp) / "sim",
-            opts,
-            RayOptions(num_cpus=cpus, cohort=cohort),
-            faults,
-            timeout=600.0 + 120.0 * rounds,
-            quiet=True,
-        )
-        wall = time.monotonic() - t0
+        for _attempt in range(2):  # a loaded machine may start the server past its wait
+            t0 = time.monotonic()
+            report = run_ray_simulation(
+                Path(tmp) / "sim",
+                opts,
+                RayOptions(num_cpus=cpus, cohort=cohort),
+                faults,
+                timeout=600.0 + 120.0 * rounds,
+                quiet=True,
+            )
+            wall = time.monotonic() - t0
+            if not any(e.startswith("server did not start") for e in report.errors):
+                break
     mem = report.memory()
     per_round = report.rounds_s
     return {
@@ -113,7 +141,11 @@ def run_confide(
         "clients": clients,
         "cohort": cohort,
         "rounds": rounds,
-        "mode": f"secagg+ {dropout:.0%} dropout" if secure else "plain",
+        "mode": (
+            f"secagg+ {dropout:.0%} dropout" + (f", grace {grace:g} s" if grace else "")
+            if secure
+            else "plain"
+        ),
         "ok": report.rc == 0,
         "committed": len(report.committed),
         "updates_per_round": [(r["metrics"] or {}).get("train_clients") for r in report.committed],
@@ -127,13 +159,29 @@ def run_confide(
     }
 
 
-def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str, Any]:
-    """Run in the peers environment: Flower's simulation engine on the same task."""
+def flower_worker(
+    clients: int, cohort: int, rounds: int, cpus: int, secure: bool = False
+) -> dict[str, Any]:
+    """Run in the peers environment: Flower's simulation engine on the same task.
+
+    ``secure``: Flower's SecAgg+ (``SecAggPlusWorkflow`` in the ``ServerApp``'s
+    ``DefaultWorkflow``, ``secaggplus_mod`` on the ``ClientApp``) with confide's parameters
+    for a cohort of 100 (32 shares, reconstruction threshold 22, clipping range 1, max weight
+    1000); the sum of the quantized updates is what the server sees, as in confide.
+    """
     import numpy as np
     from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
     from flwr.common import Context, ndarrays_to_parameters
-    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server import (
+        Grid,
+        LegacyContext,
+        ServerApp,
+        ServerAppComponents,
+        ServerConfig,
+    )
     from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.simulation import run_simulation
     from sklearn.datasets import load_breast_cancer
 
@@ -178,8 +226,8 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
 
     frac = cohort / clients
 
-    def server_fn(context: Context) -> Any:
-        strategy = FedAvg(
+    def strategy() -> Any:
+        return FedAvg(
             fraction_fit=frac,
             fraction_evaluate=frac,
             min_fit_clients=cohort,
@@ -187,7 +235,30 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
             min_available_clients=clients,
             initial_parameters=ndarrays_to_parameters(w_init),
         )
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+
+    def server_fn(context: Context) -> Any:
+        return ServerAppComponents(strategy=strategy(), config=ServerConfig(num_rounds=rounds))
+
+    if secure:
+        server_app = ServerApp()
+
+        @server_app.main()  # type: ignore[misc]
+        def _main(grid: Grid, context: Context) -> None:
+            legacy = LegacyContext(
+                context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy()
+            )
+            fit = SecAggPlusWorkflow(
+                num_shares=min(32, cohort - 1),
+                reconstruction_threshold=min(22, cohort - 1),
+                clipping_range=1.0,
+                max_weight=1000.0,
+            )
+            DefaultWorkflow(fit_workflow=fit)(grid, legacy)
+
+        client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    else:
+        server_app = ServerApp(server_fn=server_fn)
+        client_app = ClientApp(client_fn=client_fn)
 
     import logging
     import re
@@ -202,8 +273,8 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
     with PeakRss() as peak:
         t0 = time.monotonic()
         run_simulation(
-            server_app=ServerApp(server_fn=server_fn),
-            client_app=ClientApp(client_fn=client_fn),
+            server_app=server_app,
+            client_app=client_app,
             num_supernodes=clients,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
@@ -216,8 +287,8 @@ def flower_worker(clients: int, cohort: int, rounds: int, cpus: int) -> dict[str
         "clients": clients,
         "cohort": cohort,
         "rounds": rounds,
-        "mode": "plain",
-        "ok": True,
+        "mode": "secagg+ no dropout" if secure else "plain",
+        "ok": bool(m),
         # Flower's own "Run finished N round(s) in X s" (its rounds, without Ray's start-up).
         "s_per_round": (float(m[0]) if m else wall) / rounds,
         "wall_s": wall,
@@ -233,42 +304,88 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument(
         "--modes",
-        nargs="+",
-        choices=["plain", "secagg", "secagg-nodrop"],
-        default=["plain", "secagg"],
-        help="secagg: 10 %% dropout per stage; secagg-nodrop: SecAgg+ without dropouts",
+        nargs="*",
+        choices=["plain", "secagg", "secagg-nodrop", "secagg-grace"],
+        default=["plain", "secagg-nodrop", "secagg-grace"],
+        help="secagg: 10 %% dropout per stage; secagg-grace: the same with "
+        "[secagg] stage_grace_s (--grace); secagg-nodrop: SecAgg+ without dropouts",
     )
+    p.add_argument("--grace", type=float, default=5.0, help="stage_grace_s of secagg-grace")
+    p.add_argument(
+        "--flower-modes",
+        nargs="*",
+        choices=["plain", "secagg"],
+        default=["plain", "secagg"],
+        help="Flower arms (secagg: its SecAggPlusWorkflow, no dropouts)",
+    )
+    p.add_argument("--flower-secure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None)
     p.add_argument("--flower-python", default=None, help="the peers venv's python (flwr)")
     p.add_argument("--flower-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.flower_worker:
-        out = flower_worker(a.clients[0], a.cohort, a.rounds, a.cpus)
+        out = flower_worker(a.clients[0], a.cohort, a.rounds, a.cpus, a.flower_secure)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     rows: list[dict[str, Any]] = []
+    if a.modes:
+        _start_ray(a.cpus)  # once for every confide arm (Ray's start-up is not a round)
     for n in a.clients:
         cohort = min(a.cohort, n)
-        if a.flower_python:
+        for fmode in a.flower_modes if a.flower_python else []:
             cmd = [a.flower_python, __file__, "--flower-worker", "--clients", str(n)]
             cmd += ["--cohort", str(cohort), "--rounds", str(a.rounds), "--cpus", str(a.cpus)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            cmd += ["--flower-secure"] if fmode == "secagg" else []
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                out, err = proc.stdout, proc.stderr
+            except subprocess.TimeoutExpired as exc:
+                out, err = str(exc.stdout or ""), f"timed out after {exc.timeout} s"
+            found = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
             if found:
                 rows.append(json.loads(found[-1][7:]))
             else:
-                tail = (proc.stderr or proc.stdout)[-400:]
-                rows.append({"engine": "flower-sim", "clients": n, "ok": False, "error": tail})
+                tail = (err or out)[-400:]
+                rows.append(
+                    {
+                        "engine": "flower-sim",
+                        "clients": n,
+                        "mode": fmode,
+                        "ok": False,
+                        "error": tail,
+                    }
+                )
             print(json.dumps(rows[-1]), flush=True)
+            _save(a.json, rows)
         for mode in a.modes:
             secure = mode.startswith("secagg")
-            drop = 0.1 if mode == "secagg" else 0.0
-            rows.append(run_confide(n, cohort, a.rounds, secure, a.cpus, drop))
+            drop = 0.1 if mode in ("secagg", "secagg-grace") else 0.0
+            grace = a.grace if mode == "secagg-grace" else 0.0
+            rows.append(run_confide(n, cohort, a.rounds, secure, a.cpus, drop, grace))
             print(json.dumps(rows[-1]), flush=True)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+            _save(a.json, rows)
     return 0
+
+
+def _start_ray(cpus: int) -> None:
+    """Start the local Ray the confide arms share, retrying a start that timed out (load)."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:  # "The current node timed out during startup" on a loaded box
+            if attempt == 2:
+                raise
+            ray.shutdown()
+
+
+def _save(path: str | None, rows: list[dict[str, Any]]) -> None:
+    """Write the rows so far (a long run keeps what it measured if stopped)."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -304,6 +304,10 @@ class SecAggConfig:
     mask: float = 30.0
     consistency: float = 10.0
     unmask: float = 10.0
+    #: Close a secure stage before its deadline once enough answers for the protocol arrived
+    #: and none came for this many seconds (0: off, every stage waits for its deadline or
+    #: for every expected client); docs/operations.md, "SecAgg+ deadlines".
+    stage_grace_s: float = 0.0
 
     def params(self, n: int) -> SecAggParams:
         """Derive k, t and the modulus for a cohort of ``n`` clients.
@@ -341,6 +345,10 @@ class SecAggConfig:
         for stage in ("advertise", "share", "mask", "consistency", "unmask"):
             if not getattr(self, stage) > 0:
                 raise ConfigError(f"secagg.{stage} (deadline) must be > 0 seconds")
+        if not 0.0 <= self.stage_grace_s < float("inf"):
+            raise ConfigError(
+                f"secagg.stage_grace_s must be >= 0 seconds (0: off), got {self.stage_grace_s}"
+            )
         if not self.enabled:
             return
         for n in cohort_sizes:
@@ -628,6 +636,7 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "mask": float,
         "consistency": float,
         "unmask": float,
+        "stage_grace_s": float,
     }
     secagg = _typed(
         _section(doc, "secagg", set(secagg_types)), "secagg", SecAggConfig, secagg_types

@@ -83,6 +83,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -115,6 +116,8 @@ __all__ = ["PrivacyLedger", "SitePolicy", "architecture_of"]
 _DEFAULT_KINDS = ("sample", "sample_distributed", "distributed")
 _PEER_TRUST = ("consortium", "tofu")
 _LEDGER_FILE = "privacy-ledger.json"
+#: Serialises SitePolicy.warm_up within a process (the accountant caches its answer).
+_WARM_UP_LOCK = threading.Lock()
 
 
 def architecture_of(manifest: Manifest) -> str:
@@ -315,7 +318,10 @@ class SitePolicy:
         try:
             from confide.privacy.accountant import account, dpsgd_event
 
-            account([dpsgd_event(0.5, 1.0, 2)], 1e-5)
+            # One at a time per process: many clients in one process (the Ray simulation's
+            # actors) would otherwise all compute the same cached PLD at once.
+            with _WARM_UP_LOCK:
+                account([dpsgd_event(0.5, 1.0, 2)], 1e-5)
         except Exception:  # a broken accountant is reported by the checks themselves
             return
 

@@ -56,13 +56,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from confide._fsio import write_atomic
 from confide.errors import ConfigError, SignatureError
 from confide.protocol.signing import Identity
+from confide.sigcache import verify_ed25519
 
 __all__ = [
     "CERT_FILE",
@@ -405,12 +405,11 @@ def verify_certificate(
         raise SignatureError(
             f"certificate of consortium {c.consortium!r}, this site trusts {root.consortium!r}"
         )
-    try:
-        Ed25519PublicKey.from_public_bytes(root.public_key).verify(c.signature, c.signed_bytes())
-    except InvalidSignature:
+    # Remembered per process for the exact bytes (confide.sigcache): the same answer, once.
+    if not verify_ed25519(root.public_key, c.signature, c.signed_bytes()):
         raise SignatureError(
             f"the certificate for {c.site_id!r} is not signed by this site's consortium root"
-        ) from None
+        )
     if c.site_id != site_id:
         raise SignatureError(f"the certificate is for {c.site_id!r}, not for {site_id!r}")
     if c.identity_key != identity_key:

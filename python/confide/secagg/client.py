@@ -46,6 +46,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from numpy.typing import NDArray
 
 from confide.errors import ConfideError, ProtocolViolationError, SecAggAbortError
@@ -325,6 +326,8 @@ class ClientSecAgg:
         self_shares = split_secret(bytes(self._self_seed), len(group), params.t, rng=self._rng)
         key_shares = split_secret(bytes(self._mask_seed), len(group), params.t, rng=self._rng)
         out: list[EncryptedShare] = []
+        # One key object for the k agreements (a local: it goes with this call).
+        enc_key = X25519PrivateKey.from_private_bytes(bytes(self._enc_seed))
         for holder, s_share, k_share in zip(group, self_shares, key_shares, strict=True):
             self._peers[holder] = _Peer(adverts[holder])
             if holder == self.client_id:
@@ -333,7 +336,7 @@ class ClientSecAgg:
                 continue
             try:
                 key = agree(
-                    bytes(self._enc_seed),
+                    enc_key,
                     adverts[holder].enc_pk,
                     label="share",
                     session=session,
@@ -431,6 +434,9 @@ class ClientSecAgg:
                 "delivered shares do not match the neighbours that shared keys",
             )
         t0 = time.perf_counter()
+        # One key object per secret for the k agreements (locals: they go with this call).
+        enc_key = X25519PrivateKey.from_private_bytes(bytes(self._enc_seed))
+        mask_key = X25519PrivateKey.from_private_bytes(bytes(self._mask_seed))
         for enc in msg.shares:
             if enc.receiver != self.client_id:
                 self._abort(
@@ -439,7 +445,7 @@ class ClientSecAgg:
             peer = self._peers[enc.sender]
             try:
                 key = agree(
-                    bytes(self._enc_seed),
+                    enc_key,
                     peer.advert.enc_pk,
                     label="share",
                     session=self._session,
@@ -470,7 +476,7 @@ class ClientSecAgg:
         masks: list[tuple[bytes, int]] = [(bytes(self._self_seed), 1)]
         for j in sorted(expected):
             seed = agree(
-                bytes(self._mask_seed),
+                mask_key,
                 self._peers[j].advert.mask_pk,
                 label="mask",
                 session=self._session,
@@ -482,6 +488,7 @@ class ClientSecAgg:
         bits = params.modulus_bits
         masked = apply_masks(vec, masks, bits, proto.domain(setup, self._session))
         masks.clear()
+        del enc_key, mask_key
         t3 = time.perf_counter()
         data = pack_bits(masked, bits)
         t4 = time.perf_counter()

@@ -27,15 +27,16 @@ import hashlib
 import struct
 from collections.abc import Iterable
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from confide.errors import ProtocolViolationError
+from confide.sigcache import verify_ed25519
 
 __all__ = [
     "KEY_BYTES",
@@ -94,14 +95,22 @@ def ed25519_public(key: Ed25519PrivateKey) -> bytes:
 
 
 def agree(
-    own_seed: bytes, peer_public: bytes, *, label: str, session: bytes, round: int, a: str, b: str
+    own_seed: bytes | X25519PrivateKey,
+    peer_public: bytes,
+    *,
+    label: str,
+    session: bytes,
+    round: int,
+    a: str,
+    b: str,
 ) -> bytes:
     """Derive a 32-byte secret shared by clients ``a`` and ``b`` (see the module docstring).
 
     Parameters
     ----------
-    own_seed : bytes
-        This side's 32-byte X25519 private key.
+    own_seed : bytes or X25519PrivateKey
+        This side's 32-byte X25519 private key (or the key object, built once per round by
+        a caller that agrees with many peers).
     peer_public : bytes
         The other side's 32-byte X25519 public key.
     label : str
@@ -131,9 +140,12 @@ def agree(
     True
     """
     try:
-        shared = X25519PrivateKey.from_private_bytes(bytes(own_seed)).exchange(
-            X25519PublicKey.from_public_bytes(bytes(peer_public))
+        own = (
+            own_seed
+            if isinstance(own_seed, X25519PrivateKey)
+            else X25519PrivateKey.from_private_bytes(bytes(own_seed))
         )
+        shared = own.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
     except ValueError:
         raise ProtocolViolationError(
             f"key agreement between {a!r} and {b!r} failed (invalid or low-order key)"
@@ -254,11 +266,8 @@ def verify(public_key: bytes, signature: bytes, payload: bytes) -> bool:
     >>> verify(ed25519_public(k), sign(k, b"m"), b"m"), verify(ed25519_public(k), bytes(64), b"m")
     (True, False)
     """
-    try:
-        Ed25519PublicKey.from_public_bytes(bytes(public_key)).verify(bytes(signature), payload)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    # Remembered per process for the exact bytes (confide.sigcache): the same answer, once.
+    return verify_ed25519(public_key, signature, payload)
 
 
 def pack_share_bundle(sender: str, receiver: str, self_share: bytes, key_share: bytes) -> bytes:

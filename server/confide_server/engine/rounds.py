@@ -32,6 +32,7 @@ the tick changes a round's status or stage (``_tick_lock``), so the snapshot sta
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -696,7 +697,7 @@ class RoundEngine:
                     return SecureTask(cur.round, cur.stage, cur.deadline, cur.seed, payload)
                 privacy = self._privacy_task(self._round_ddg(cur.round))
                 with self._peers_lock:
-                    certs = {c: json.loads(self._certs[c]) for c in cur.cohort if c in self._certs}
+                    certs = {c: _cert_doc(self._certs[c]) for c in cur.cohort if c in self._certs}
                 return SecureTask(
                     cur.round,
                     cur.stage,
@@ -980,6 +981,7 @@ class RoundEngine:
             # Unmask answers (released shares) are never written anywhere.
             payload = None if p.stage == "unmask" else p.payload
             receipt = self._record_submission(p, nonce, 0, None, payload)
+            self.secure.last_answer = self._clock()
         self._crash("submission_committed")
         return receipt
 
@@ -1017,7 +1019,11 @@ class RoundEngine:
                     waiting = set(cur.cohort)
                     if self.secure is not None and cur.stage in SECURE_STAGES:
                         waiting = set(self.secure.expected())
-                    if not waiting <= answered and now < cur.deadline:
+                    if (
+                        not waiting <= answered
+                        and now < cur.deadline
+                        and not self._secure_grace_due(cur, answered, now)
+                    ):
                         return False
                     self._closing = True
             if cur is None:
@@ -1036,6 +1042,16 @@ class RoundEngine:
                 with self._lock:
                     self._closing = False
             return True
+
+    def _secure_grace_due(self, cur: RoundRow, answered: set[str], now: float) -> bool:
+        """Whether an open secure stage may close before its deadline (``stage_grace_s``)."""
+        grace = self.config.secagg.stage_grace_s
+        if grace <= 0 or self.secure is None or cur.stage not in SECURE_STAGES:
+            return False
+        opened = cur.deadline - self._stage_by_name[cur.stage].deadline_s
+        return self.secure.grace_due(
+            cur.stage, answered, opened, now, grace, self.config.job.min_clients
+        )
 
     def _maybe_start(
         self, now: float, clients: dict[str, str], last_seen: dict[str, float]
@@ -1560,6 +1576,15 @@ class RoundEngine:
                 "rounds": [{**r.to_json(), "privacy": per_round.get(r.round)} for r in rounds],
                 "next": nxt,
             }
+
+
+@functools.lru_cache(maxsize=4096)
+def _cert_doc(raw: str) -> Any:
+    """Parse a stored certificate once (every advertise task relays the whole cohort's).
+
+    Read-only: the same object goes into every site's task, which only serialises it.
+    """
+    return json.loads(raw)
 
 
 def _parse_armed(value: str | None) -> tuple[int, str, float] | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any, NamedTuple
 
 from confide.errors import ProtocolViolationError
@@ -69,6 +69,8 @@ class SecureRound:
         self.round: int | None = None
         self.server: ServerSecAgg | None = None
         self._outbox: dict[str, dict[str, Any]] = {}
+        #: When the open stage last accepted a message (the engine's clock), for the grace close.
+        self.last_answer: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def build_setup(
@@ -121,6 +123,7 @@ class SecureRound:
         self.server = ServerSecAgg(setup)
         self.round = setup.round
         self._outbox = {}
+        self.last_answer = None
         return self.snapshot()
 
     def recover(self, round_id: int) -> bool:
@@ -131,6 +134,7 @@ class SecureRound:
         self.server = ServerSecAgg.from_state(state)
         self.round = round_id
         self._outbox = {}
+        self.last_answer = None
         return True
 
     def forget(self) -> None:
@@ -138,6 +142,7 @@ class SecureRound:
         self.server = None
         self.round = None
         self._outbox = {}
+        self.last_answer = None
 
     def snapshot(self, result: AggregateResult | None = None) -> Snapshot:
         """Serialise the protocol state (and the aggregate's public summary), no lock held."""
@@ -180,6 +185,45 @@ class SecureRound:
         """Clients the open stage waits for."""
         return frozenset() if self.server is None else self.server.expected()
 
+    def enough(self, stage: str, answered: Set[str], min_masked: int = 0) -> bool:
+        """Whether ``answered`` lets ``stage`` close without aborting the round.
+
+        What the protocol's close of the stage needs: ``min_survivors`` advertisements,
+        share uploads and masked inputs (and ``min_masked``, the job's ``min_clients``, at
+        mask), the roster ``quorum`` of consistency signatures, and at unmask ``t`` shares
+        of every owner's secrets (:meth:`~confide.secagg.ServerSecAgg.ready`).
+        """
+        srv = self.server
+        if srv is None or srv.stage != stage:
+            return False
+        if stage == "unmask":
+            return srv.ready()
+        p = srv.setup.params
+        got = len(srv.expected() & answered)
+        if stage == "consistency":
+            return got >= p.quorum
+        return got >= max(p.min_survivors, min_masked if stage == "mask" else 0)
+
+    def grace_due(
+        self,
+        stage: str,
+        answered: Set[str],
+        opened_at: float,
+        now: float,
+        grace_s: float,
+        min_masked: int = 0,
+    ) -> bool:
+        """Whether the open stage may close early: enough answers, none for ``grace_s``.
+
+        ``grace_s`` counts from the stage's latest accepted message (or its opening). Off
+        (``False``) when ``grace_s`` is 0. A client cut this way is a dropout the protocol
+        already tolerates: it is declared dropped at the close, as at the deadline.
+        """
+        if grace_s <= 0 or not self.enough(stage, answered, min_masked):
+            return False
+        last = opened_at if self.last_answer is None else max(opened_at, self.last_answer)
+        return now - last >= grace_s
+
     def receive(self, stage: str, doc: Mapping[str, Any]) -> None:
         """Feed one client message to the protocol (raises the protocol's errors)."""
         srv = self._srv()
@@ -206,6 +250,7 @@ class SecureRound:
         """
         srv = self._srv()
         self._outbox = {}
+        self.last_answer = None
         if stage == "advertise":
             srv.close_advertise()
         elif stage == "share":
