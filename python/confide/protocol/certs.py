@@ -631,12 +631,10 @@ def verify_revocation_list(
         raise SignatureError(
             f"revocation list of consortium {r.consortium!r}, this site trusts {root.consortium!r}"
         )
-    try:
-        Ed25519PublicKey.from_public_bytes(root.public_key).verify(r.signature, r.signed_bytes())
-    except InvalidSignature:
+    if not verify_ed25519(root.public_key, r.signature, r.signed_bytes()):
         raise SignatureError(
             f"revocation list version {r.version} is not signed by this site's consortium root"
-        ) from None
+        )
     return r
 
 
