@@ -1031,6 +1031,12 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument(
         "--ray-failures", type=float, default=0.0, help="fraction of clients that die"
     )
+    ray_group.add_argument(
+        "--ray-live-clients",
+        action="store_true",
+        help="keep every virtual client materialised for the whole run (default: only the "
+        "cohort of the current round; idle sites just poll)",
+    )
 
 
 def run_from_args(args: argparse.Namespace, opts: SimulationOptions) -> int:
@@ -1044,6 +1050,7 @@ def run_from_args(args: argparse.Namespace, opts: SimulationOptions) -> int:
         num_gpus=args.ray_num_gpus,
         cohort=args.ray_cohort,
         server_host=args.ray_server_host,
+        live_clients=args.ray_live_clients,
     )
     faults = FaultOptions(
         dropout=args.ray_dropout,
