@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 from confide.client import Client, ClientResult
@@ -171,6 +172,7 @@ class SiteSpec:
     fail_round: int = 0
     delay_s: float = 0.0
     policy_path: str = ""  # the sites' site-policy.toml ("": the client's strict default)
+    source_addr: str = ""  # the loopback address this site dials from ("": the OS's choice)
 
 
 class _Dropout(Exception):  # noqa: N818 - an injected event, not an error
@@ -182,16 +184,46 @@ class _Failure(Exception):  # noqa: N818
 
 
 class _SimClient(Client):
-    """The real client; a straggler's training uploads are held back ``delay_s`` seconds."""
+    """The real client; a straggler's training uploads are held back ``delay_s`` seconds.
 
-    def __init__(self, *args: Any, delay_s: float = 0.0, **kwargs: Any) -> None:
+    With ``source_addr`` (a loopback address, :func:`loopback_source`) its connections come
+    from that address, as a real site's come from its own: the server's per-address limits
+    (the connection cap per peer, the failed-enrolment lockout) then apply per site, not to
+    the whole simulated federation at once.
+    """
+
+    def __init__(
+        self, *args: Any, delay_s: float = 0.0, source_addr: str = "", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._delay_s = delay_s
+        self._source_addr = source_addr
+
+    async def __aenter__(self) -> Client:
+        if not self._source_addr:
+            return await super().__aenter__()
+        # Client.__aenter__'s session (plain HTTP), bound to this site's source address.
+        connector = aiohttp.TCPConnector(local_addr=(self._source_addr, 0))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.poll_wait + 60)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self
 
     async def submit(self, round_id: int, stage: str, body: bytes) -> dict[str, Any]:
         if self._delay_s > 0 and stage in _UPLOAD_STAGES:
             await asyncio.sleep(self._delay_s)
         return await super().submit(round_id, stage, body)
+
+
+def loopback_source(server_host: str, k: int) -> str:
+    """Return the address site ``k`` (1-based) dials from: ``127.0.a.b`` on loopback, else "".
+
+    Every ``127.x.y.z`` is this machine on Linux, so each simulated site gets its own peer
+    address (up to 62,500 sites); a server that is not on loopback gets ``""`` (the OS
+    picks the address, as for sites on other hosts).
+    """
+    if not server_host.startswith("127.") or not 1 <= k <= 250 * 250:
+        return ""
+    return f"127.0.{1 + (k - 1) // 250}.{1 + (k - 1) % 250}"
 
 
 def plan_faults(
@@ -387,7 +419,13 @@ async def _virtual_client(
     outcome: dict[str, Any] = {"client_id": spec.client_id, "dropouts": 0, "trained": 0}
     dropped: set[str] = set()
     on_task = _fault_hook(spec)
-    idle = Client(server_url, spec.state_dir, poll_wait=poll_wait, retry_timeout=retry_timeout)
+    idle = _SimClient(
+        server_url,
+        spec.state_dir,
+        poll_wait=poll_wait,
+        retry_timeout=retry_timeout,
+        source_addr=spec.source_addr,
+    )
     try:
         async with idle:
             if not idle.enrolled:
@@ -464,6 +502,7 @@ async def _materialised_round(
         poll_wait=poll_wait,
         retry_timeout=retry_timeout,
         delay_s=spec.delay_s,
+        source_addr=spec.source_addr,
         log=log,
         first=first,
         manifest=manifest,
@@ -501,6 +540,7 @@ async def _live_client(
             poll_wait=poll_wait,
             retry_timeout=retry_timeout,
             delay_s=spec.delay_s,
+            source_addr=spec.source_addr,
             log=log,
         )
         try:
@@ -895,6 +935,7 @@ def run_ray_simulation(
                 fail_round=fail_rounds.get(cid, 0),
                 delay_s=faults.straggler_delay if cid in slow else 0.0,
                 policy_path=str(policy),
+                source_addr=loopback_source(ray_opts.server_host, k + 1),
             )
             for k, cid in enumerate(ids)
         ]

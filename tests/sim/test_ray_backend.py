@@ -20,6 +20,7 @@ from confide_server.simulate_ray import (
     FaultOptions,
     RayOptions,
     expected_answers,
+    loopback_source,
     plan_faults,
     run_ray_simulation,
 )
@@ -236,3 +237,13 @@ def test_materialised_per_round_gives_the_live_clients_model(
     for k in range(1, n + 1):
         assert list((tmp_path / "sim-False" / "clients" / f"hospital-{k}").glob("momentum-*.npy"))
     assert any(line.startswith("materialised:") for line in fresh.lines())
+
+
+def test_loopback_sources_are_distinct_per_site() -> None:
+    # Each simulated site dials from its own loopback address: per-address server limits
+    # (connection cap per peer, failed-enrolment lockout) apply per site.
+    assert loopback_source("127.0.0.1", 1) == "127.0.1.1"
+    assert loopback_source("127.0.0.1", 250) == "127.0.1.250"
+    assert loopback_source("127.0.0.1", 251) == "127.0.2.1"
+    assert len({loopback_source("127.0.0.1", k) for k in range(1, 10_001)}) == 10_000
+    assert loopback_source("10.0.0.5", 1) == ""  # a cluster: the OS picks the address
