@@ -106,6 +106,9 @@ SECURE_DROP_STAGES = ("advertise", "share", "mask", "consistency", "unmask")
 PLAIN_DROP_STAGES = ("train",)
 #: Stages whose upload is the trained update (what a straggler is slow at).
 _UPLOAD_STAGES = ("train", "mask")
+#: Sites of one actor enrolling at once, and how long one keeps retrying its enrolment.
+_JOIN_CONCURRENCY = 32
+_JOIN_RETRY_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -381,6 +384,7 @@ class _Meter:
     """An actor's live count of materialised clients, and its RSS when the first one came."""
 
     def __init__(self) -> None:
+        self.joining = asyncio.Semaphore(_JOIN_CONCURRENCY)
         self.live = 0
         self.max_live = 0
         self.materialised = 0
@@ -425,12 +429,19 @@ async def _virtual_client(
         poll_wait=poll_wait,
         retry_timeout=retry_timeout,
         source_addr=spec.source_addr,
+        log=log,
     )
     try:
         async with idle:
-            if not idle.enrolled:
-                await idle.enroll(spec.token, spec.client_id)
-            manifest = await idle.fetch_manifest()  # hash checked; once per run
+            # Sites join a few at a time (a federation's sites do not all start in the same
+            # second), each with a real site's patience: thousands of simultaneous enrolments
+            # overflow the server's listen backlog and outlast a 20 s retry window.
+            async with meter.joining:
+                idle.retry_timeout = max(retry_timeout, _JOIN_RETRY_S)
+                if not idle.enrolled:
+                    await idle.enroll(spec.token, spec.client_id)
+                manifest = await idle.fetch_manifest()  # hash checked; once per run
+                idle.retry_timeout = retry_timeout
             pending: Task | None = None
             while True:
                 task = pending or await idle.next_task()
