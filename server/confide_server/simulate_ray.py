@@ -8,18 +8,24 @@ is the real :class:`confide.client.Client` talking real, signed HTTP to the real
 real trainer, DP-SGD, SecAgg+ participant and signing; nothing of the round engine or of
 the client is re-implemented, and every check the handlers do is done.
 
-State that must survive between rounds (the identity key, ``client.json``, the site's
-consortium certificate ``certificate.json``) lives in each client's state folder on disk, as
-it does for a real site: a virtual client that drops out is rebuilt from that folder and
-comes back.
+Only the cohort of the current round is materialised. Between its rounds a virtual client
+is idle: a bare :class:`~confide.client.Client` with its identity and an HTTP session doing
+the real signed long poll (which keeps it selectable), no trainer, data or SecAgg+ state.
+When a task names it, the actor builds the full client from the site's state folder for that
+round (:class:`_RoundClient`, running :meth:`Client.run` from that task) and drops it after
+the round's last stage for the site. State that must survive between rounds (the identity
+key, ``client.json``, the consortium certificate ``certificate.json``, pinned peers, the
+local momentum buffer, partial sharing's local model, the release log, the privacy ledger)
+lives in that folder on disk, as it does for a real site. ``RayOptions(live_clients=True)``
+keeps every client materialised for the whole run instead (the same final model).
 
 Faults are injected by the simulator through the hooks the client offers
 (``Client.run(on_task=...)``) and a thin subclass, never by a switch in shipped code:
 
 * **dropout** ``f`` per stage: in every round, ``round(f * m)`` of the ``m`` clients still
   in the round at each droppable stage (the SecAgg+ stages, or ``train``) stop answering
-  it: the client's task for that stage raises, the client is closed and rebuilt from its
-  state folder, and it sits the rest of that round out (it has no round state any more).
+  it: the client's task for that stage raises, the client is dropped (idle again), and it
+  sits the rest of that round out (it has no round state any more).
 * **stragglers** (a fraction, fixed per run): every training upload (``train``, ``mask``)
   is delayed by ``straggler_delay`` seconds; past the stage deadline they count as dropouts.
 * **failures** (a fraction): the client task dies for good at its first task of a round
