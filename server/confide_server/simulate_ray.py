@@ -202,13 +202,22 @@ class _SimClient(Client):
     """
 
     def __init__(
-        self, *args: Any, delay_s: float = 0.0, source_addr: str = "", **kwargs: Any
+        self,
+        *args: Any,
+        delay_s: float = 0.0,
+        source_addr: str = "",
+        session: aiohttp.ClientSession | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._delay_s = delay_s
         self._source_addr = source_addr
+        self._shared_session = session
 
     async def __aenter__(self) -> Client:
+        if self._shared_session is not None:  # the site's idle client's (one site, one pool)
+            self._session = self._shared_session
+            return self
         if not self._source_addr:
             return await super().__aenter__()
         # Client.__aenter__'s session (plain HTTP), bound to this site's source address.
@@ -216,6 +225,17 @@ class _SimClient(Client):
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.poll_wait + 60)
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._shared_session is not None:
+            self._session = None  # its owner closes it
+            return
+        await super().__aexit__(*exc)
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The open HTTP session (inside ``async with``), for the site's round clients."""
+        return self._session
 
     async def submit(self, round_id: int, stage: str, body: bytes) -> dict[str, Any]:
         if self._delay_s > 0 and stage in _UPLOAD_STAGES:
@@ -469,6 +489,7 @@ async def _virtual_client(
                             spec,
                             task,
                             manifest,
+                            idle.session,
                             poll_wait,
                             retry_timeout,
                             log,
@@ -501,6 +522,7 @@ async def _materialised_round(
     spec: SiteSpec,
     first: Task,
     manifest: Manifest,
+    session: aiohttp.ClientSession | None,
     poll_wait: float,
     retry_timeout: float,
     log: Callable[[str], None] | None,
@@ -520,6 +542,7 @@ async def _materialised_round(
         retry_timeout=retry_timeout,
         delay_s=spec.delay_s,
         source_addr=spec.source_addr,
+        session=session,
         log=log,
         first=first,
         manifest=manifest,
