@@ -72,7 +72,7 @@ from confide.data import (
     save_csv,
     train_test_split,
 )
-from confide.errors import ConfigError
+from confide.errors import ConfigError, TransportError
 from confide.protocol.manifest import Manifest, encode_tensors
 from confide.protocol.tasks import (
     EvaluateTask,
@@ -470,7 +470,15 @@ async def _virtual_client(
                 idle.retry_timeout = retry_timeout
             pending: Task | None = None
             while True:
-                task = pending or await idle.next_task()
+                try:
+                    task = pending or await idle.next_task()
+                except TransportError as exc:
+                    # The server dropped this long poll and the retries ran out of the poll's
+                    # window (a busy server, thousands of polls): it is alive, poll again. A
+                    # server that is gone (connection refused: the job ended) ends the site.
+                    if "server unreachable" in str(exc):
+                        raise
+                    continue
                 pending = None
                 if isinstance(task, FinishedTask):
                     outcome["status"] = "finished"
