@@ -506,6 +506,14 @@ async def _virtual_client(
                         )
                     finally:
                         meter.leave()
+                except TransportError as exc:
+                    # The round client's retries ran out on a busy server that is still up:
+                    # the site missed (part of) this round; idle again, as a real site would.
+                    if "server unreachable" in str(exc):
+                        raise
+                    if log is not None:
+                        log(f"{spec.client_id}: left the round: {exc}")
+                    continue
                 except _Dropout as exc:
                     if log is not None:
                         log(f"{spec.client_id}: {exc}")
