@@ -173,6 +173,69 @@ def provision_sites(work: Path, site_ids: Sequence[str]) -> Path:
     return root / "root.json"
 
 
+def clear_output(work: Path) -> None:
+    """Make ``work`` ready for a simulation's output (both backends call this first).
+
+    Earlier simulation output in it (the folder carries the marker file) is removed; a
+    non-empty folder that ``simulate`` did not write is refused.
+
+    Raises
+    ------
+    ConfigError
+        ``work`` is not empty and was not written by ``confide-server simulate``.
+    """
+    if work.is_dir() and not (work / _MARKER).exists() and any(work.iterdir()):
+        raise ConfigError(
+            f"--out {work}: the folder is not empty and was not written by confide-server "
+            "simulate; pass a new or empty folder (earlier simulation output is replaced)"
+        )
+    if (work / _MARKER).exists():
+        for sub in ("state", "sites", "clients", "logs"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class StartedJob:
+    """A started simulation server: its process, one enrolment token per site, the policy."""
+
+    server: subprocess.Popen[bytes]
+    tokens: list[str]
+    policy: Path
+
+
+def start_job(
+    launcher: Launcher,
+    work: Path,
+    config: Path,
+    job: Config,
+    server_url: str,
+    clients: int,
+    *,
+    ready_timeout: float = 30.0,
+) -> StartedJob | None:
+    """Start the job's server, make a token per site, provision the sites, write their policy.
+
+    Shared by both backends. The sites are ``hospital-1`` .. ``hospital-<clients>``; their
+    identities and certificates go to ``work/clients/<id>`` (:func:`provision_sites`) and
+    their policy, the job's protections (:func:`site_policy_for`), to
+    ``work/site-policy.toml``. Returns ``None`` when the server did not answer its health
+    route within ``ready_timeout`` seconds (its log's tail is ``launcher.tail("server")``).
+    """
+    server = launcher.spawn("server", _server_cmd("run", "--config", str(config)))
+    if not launcher.wait_ready(server_url + "/v1/health", timeout=ready_timeout, proc=server):
+        return None
+    tokens = subprocess.run(  # noqa: S603
+        _server_cmd("enroll", "--config", str(config), "-n", str(clients)),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    policy = work / "site-policy.toml"
+    root = provision_sites(work, [f"hospital-{k}" for k in range(1, len(tokens) + 1)])
+    policy.write_text(site_policy_for(job, root).to_toml())
+    return StartedJob(server, tokens, policy)
+
+
 def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
     """Write site data, the initial model and the job config under ``workdir``.
 
@@ -602,14 +665,7 @@ def run_simulation(
     """
     t0 = time.monotonic()
     work = Path(workdir).resolve()
-    if work.is_dir() and not (work / _MARKER).exists() and any(work.iterdir()):
-        raise ConfigError(
-            f"--out {work}: the folder is not empty and was not written by confide-server "
-            "simulate; pass a new or empty folder (earlier simulation output is replaced)"
-        )
-    if (work / _MARKER).exists():
-        for sub in ("state", "sites", "clients", "logs"):
-            shutil.rmtree(work / sub, ignore_errors=True)
+    clear_output(work)
     files = prepare_job(work, opts)
     logs = work / "logs"
     launcher = Launcher(logs)
@@ -623,22 +679,14 @@ def run_simulation(
     )
     print(_secagg_line(files.job or load_config(files.config), opts.clients), flush=True)
     try:
-        server = launcher.spawn("server", _server_cmd("run", "--config", str(files.config)))
-        if not launcher.wait_ready(files.server_url + "/v1/health", timeout=30.0, proc=server):
+        started = start_job(launcher, work, files.config, job_cfg, files.server_url, opts.clients)
+        if started is None:
             print(f"server did not start:\n{launcher.tail('server')}", file=sys.stderr)
             return 1
-        tokens = subprocess.run(  # noqa: S603
-            _server_cmd("enroll", "--config", str(files.config), "-n", str(opts.clients)),
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
+        server, tokens, policy = started.server, started.tokens, started.policy
         # More torch sites than cores: one intra-op thread each, or they oversubscribe.
         many = opts.data == "lesions" and opts.clients > (os.cpu_count() or 1)
         site_env = {"OMP_NUM_THREADS": "1"} if many else None
-        policy = work / "site-policy.toml"
-        root = provision_sites(work, [f"hospital-{k}" for k in range(1, len(tokens) + 1)])
-        policy.write_text(site_policy_for(job_cfg, root).to_toml())
         # The status page is the operator's: this process is the operator.
         token = operator_token(job_cfg.server.state_dir)
         for k, enrolment in enumerate(tokens, start=1):

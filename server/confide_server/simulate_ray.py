@@ -8,18 +8,24 @@ is the real :class:`confide.client.Client` talking real, signed HTTP to the real
 real trainer, DP-SGD, SecAgg+ participant and signing; nothing of the round engine or of
 the client is re-implemented, and every check the handlers do is done.
 
-State that must survive between rounds (the identity key, ``client.json``, the site's
-consortium certificate ``certificate.json``) lives in each client's state folder on disk, as
-it does for a real site: a virtual client that drops out is rebuilt from that folder and
-comes back.
+Only the cohort of the current round is materialised. Between its rounds a virtual client
+is idle: a bare :class:`~confide.client.Client` with its identity and an HTTP session doing
+the real signed long poll (which keeps it selectable), no trainer, data or SecAgg+ state.
+When a task names it, the actor builds the full client from the site's state folder for that
+round (:class:`_RoundClient`, running :meth:`Client.run` from that task) and drops it after
+the round's last stage for the site. State that must survive between rounds (the identity
+key, ``client.json``, the consortium certificate ``certificate.json``, pinned peers, the
+local momentum buffer, partial sharing's local model, the release log, the privacy ledger)
+lives in that folder on disk, as it does for a real site. ``RayOptions(live_clients=True)``
+keeps every client materialised for the whole run instead (the same final model).
 
 Faults are injected by the simulator through the hooks the client offers
 (``Client.run(on_task=...)``) and a thin subclass, never by a switch in shipped code:
 
 * **dropout** ``f`` per stage: in every round, ``round(f * m)`` of the ``m`` clients still
   in the round at each droppable stage (the SecAgg+ stages, or ``train``) stop answering
-  it: the client's task for that stage raises, the client is closed and rebuilt from its
-  state folder, and it sits the rest of that round out (it has no round state any more).
+  it: the client's task for that stage raises, the client is dropped (idle again), and it
+  sits the rest of that round out (it has no round state any more).
 * **stragglers** (a fraction, fixed per run): every training upload (``train``, ``mask``)
   is delayed by ``straggler_delay`` seconds; past the stage deadline they count as dropouts.
 * **failures** (a fraction): the client task dies for good at its first task of a round
@@ -52,9 +58,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
-from confide.client import Client
+from confide.client import Client, ClientResult
 from confide.client.policy import SitePolicy
 from confide.data import (
     Standardizer,
@@ -65,18 +72,26 @@ from confide.data import (
     save_csv,
     train_test_split,
 )
-from confide.errors import ConfigError
-from confide.protocol.manifest import encode_tensors
-from confide.protocol.tasks import EvaluateTask, SecureTask, Task, TrainTask
+from confide.errors import ConfigError, TransportError
+from confide.protocol.manifest import Manifest, encode_tensors
+from confide.protocol.tasks import (
+    EvaluateTask,
+    FailedTask,
+    FinishedTask,
+    SecureTask,
+    Task,
+    TrainTask,
+    WaitTask,
+)
 from confide.training import NumpyTrainer, build_trainer
 from confide_server.auth import operator_token
 from confide_server.config import parse_config, render_toml
 from confide_server.launcher import Launcher, free_port, get_json
 from confide_server.simulate import (
     SimulationOptions,
+    clear_output,
     job_document,
-    provision_sites,
-    site_policy_for,
+    start_job,
 )
 
 __all__ = [
@@ -97,6 +112,9 @@ SECURE_DROP_STAGES = ("advertise", "share", "mask", "consistency", "unmask")
 PLAIN_DROP_STAGES = ("train",)
 #: Stages whose upload is the trained update (what a straggler is slow at).
 _UPLOAD_STAGES = ("train", "mask")
+#: Sites of one actor enrolling at once, and how long one keeps retrying its enrolment.
+_JOIN_CONCURRENCY = 32
+_JOIN_RETRY_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,10 @@ class RayOptions:
     server_host : str
         Address the server listens on and the clients dial (``127.0.0.1``; on a cluster, an
         address of the head node that the other nodes reach).
+    live_clients : bool
+        Keep every virtual client materialised (a live :class:`Client` with its trainer and
+        data) for the whole run, instead of only the cohort of the current round; for
+        comparison (the final model is the same, see docs/simulation.md).
     """
 
     address: str | None = None
@@ -128,6 +150,7 @@ class RayOptions:
     cohort: int = 0
     poll_wait: float = 25.0
     server_host: str = "127.0.0.1"
+    live_clients: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,6 +181,7 @@ class SiteSpec:
     fail_round: int = 0
     delay_s: float = 0.0
     policy_path: str = ""  # the sites' site-policy.toml ("": the client's strict default)
+    source_addr: str = ""  # the loopback address this site dials from ("": the OS's choice)
 
 
 class _Dropout(Exception):  # noqa: N818 - an injected event, not an error
@@ -169,16 +193,66 @@ class _Failure(Exception):  # noqa: N818
 
 
 class _SimClient(Client):
-    """The real client; a straggler's training uploads are held back ``delay_s`` seconds."""
+    """The real client; a straggler's training uploads are held back ``delay_s`` seconds.
 
-    def __init__(self, *args: Any, delay_s: float = 0.0, **kwargs: Any) -> None:
+    With ``source_addr`` (a loopback address, :func:`loopback_source`) its connections come
+    from that address, as a real site's come from its own: the server's per-address limits
+    (the connection cap per peer, the failed-enrolment lockout) then apply per site, not to
+    the whole simulated federation at once.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        delay_s: float = 0.0,
+        source_addr: str = "",
+        session: aiohttp.ClientSession | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._delay_s = delay_s
+        self._source_addr = source_addr
+        self._shared_session = session
+
+    async def __aenter__(self) -> Client:
+        if self._shared_session is not None:  # the site's idle client's (one site, one pool)
+            self._session = self._shared_session
+            return self
+        if not self._source_addr:
+            return await super().__aenter__()
+        # Client.__aenter__'s session (plain HTTP), bound to this site's source address.
+        connector = aiohttp.TCPConnector(local_addr=(self._source_addr, 0))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.poll_wait + 60)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._shared_session is not None:
+            self._session = None  # its owner closes it
+            return
+        await super().__aexit__(*exc)
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        """The open HTTP session (inside ``async with``), for the site's round clients."""
+        return self._session
 
     async def submit(self, round_id: int, stage: str, body: bytes) -> dict[str, Any]:
         if self._delay_s > 0 and stage in _UPLOAD_STAGES:
             await asyncio.sleep(self._delay_s)
         return await super().submit(round_id, stage, body)
+
+
+def loopback_source(server_host: str, k: int) -> str:
+    """Return the address site ``k`` (1-based) dials from: ``127.0.a.b`` on loopback, else "".
+
+    Every ``127.x.y.z`` is this machine on Linux, so each simulated site gets its own peer
+    address (up to 62,500 sites); a server that is not on loopback gets ``""`` (the OS
+    picks the address, as for sites on other hosts).
+    """
+    if not server_host.startswith("127.") or not 1 <= k <= 250 * 250:
+        return ""
+    return f"127.0.{1 + (k - 1) // 250}.{1 + (k - 1) % 250}"
 
 
 def plan_faults(
@@ -249,18 +323,76 @@ def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-async def _virtual_client(
-    server_url: str,
-    spec: SiteSpec,
-    poll_wait: float,
-    retry_timeout: float,
-    log: Callable[[str], None] | None,
-) -> dict[str, Any]:
-    """Run one site until the job ends; rebuilt from its state folder after each dropout."""
-    train = load_csv(spec.train_csv)
-    test = load_csv(spec.test_csv)
-    dropped: set[str] = set()
-    outcome: dict[str, Any] = {"client_id": spec.client_id, "dropouts": 0, "trained": 0}
+class _RoundOver(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by :class:`_RoundClient` when its round is over for this site.
+
+    ``task`` is a task of another round that the round client fetched (handed to the next
+    materialisation), or ``None``.
+    """
+
+    def __init__(self, task: Task | None) -> None:
+        super().__init__("round over")
+        self.task = task
+
+
+class _RoundClient(_SimClient):
+    """The full client of one round, materialised when a task names the site.
+
+    It starts with the task the idle poller fetched (handed over through :meth:`next_task`,
+    the one call :meth:`Client.run` makes to get work) and ends, by raising
+    :class:`_RoundOver`, after the round's last stage for this site: once its evaluation is
+    uploaded, when a poll finds nothing to do and the site holds no SecAgg+ state for the
+    round (a plain round between ``train`` and ``evaluate``: the next stage materialises a
+    fresh client; nothing is lost, the state that lasts is in the state folder), or when a
+    task of another round arrives. Everything else is :class:`Client`'s own code.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        first: Task,
+        manifest: Manifest,
+        counts: dict[str, Any],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._first: Task | None = first
+        self._manifest = manifest
+        self._round = int(getattr(first, "round", 0))
+        self._evaluated = False
+        self._counts = counts
+
+    async def fetch_manifest(self) -> Manifest:
+        # The site's idle client fetched it (hash checked) once this run, as a live client
+        # does once per run: not once per round.
+        return self._manifest
+
+    async def next_task(self) -> Task:
+        if self._first is not None:
+            task, self._first = self._first, None
+            return task
+        if self._evaluated:
+            raise _RoundOver(None)
+        task = await super().next_task()
+        if isinstance(task, WaitTask):
+            if self._secure is None or not self._secure.known(self._round):
+                raise _RoundOver(None)
+            return task
+        if isinstance(task, TrainTask | EvaluateTask | SecureTask) and task.round != self._round:
+            raise _RoundOver(task)
+        return task
+
+    async def submit(self, round_id: int, stage: str, body: bytes) -> dict[str, Any]:
+        receipt = await super().submit(round_id, stage, body)
+        if stage in _UPLOAD_STAGES:
+            self._counts["trained"] += 1
+        if stage == "evaluate":
+            self._evaluated = True
+        return receipt
+
+
+def _fault_hook(spec: SiteSpec) -> Callable[[Task], None]:
+    """Return the ``on_task`` hook that injects this site's planned dropouts and failure."""
 
     def on_task(task: Task) -> None:
         if not isinstance(task, TrainTask | EvaluateTask | SecureTask):
@@ -271,6 +403,191 @@ async def _virtual_client(
         if spec.drop.get(r) == task.action:  # every time: a rebuilt client must not answer
             raise _Dropout(f"injected dropout at round {r} {task.action}")
 
+    return on_task
+
+
+class _Meter:
+    """An actor's live count of materialised clients, and its RSS when the first one came."""
+
+    def __init__(self) -> None:
+        self.joining = asyncio.Semaphore(_JOIN_CONCURRENCY)
+        self.live = 0
+        self.max_live = 0
+        self.materialised = 0
+        self.rss_idle: int | None = None
+
+    def enter(self) -> None:
+        if self.rss_idle is None:  # every client of this actor is idle (and polling) now
+            self.rss_idle = _rss_bytes()
+        self.live += 1
+        self.materialised += 1
+        self.max_live = max(self.max_live, self.live)
+
+    def leave(self) -> None:
+        self.live -= 1
+
+
+async def _virtual_client(
+    server_url: str,
+    spec: SiteSpec,
+    poll_wait: float,
+    retry_timeout: float,
+    log: Callable[[str], None] | None,
+    meter: _Meter | None = None,
+) -> dict[str, Any]:
+    """Run one site until the job ends: idle between rounds, materialised for its rounds.
+
+    Idle, the site is a bare :class:`Client` (its identity and an HTTP session: no trainer,
+    no data, no SecAgg+ state) doing the real signed long poll, which keeps it selectable.
+    When a task names it, a :class:`_RoundClient` is built from the state folder (manifest,
+    trainer, the site's CSVs, policy) and runs :meth:`Client.run` with that task until the
+    round is over for it; then it is dropped. With ``meter`` ``None`` (``live_clients``) the
+    site is one always-live client instead, as before.
+    """
+    if meter is None:
+        return await _live_client(server_url, spec, poll_wait, retry_timeout, log)
+    outcome: dict[str, Any] = {"client_id": spec.client_id, "dropouts": 0, "trained": 0}
+    dropped: set[str] = set()
+    on_task = _fault_hook(spec)
+    idle = _SimClient(
+        server_url,
+        spec.state_dir,
+        poll_wait=poll_wait,
+        retry_timeout=retry_timeout,
+        source_addr=spec.source_addr,
+        log=log,
+    )
+    try:
+        async with idle:
+            # Sites join a few at a time (a federation's sites do not all start in the same
+            # second), each with a real site's patience: thousands of simultaneous enrolments
+            # overflow the server's listen backlog and outlast a 20 s retry window.
+            async with meter.joining:
+                idle.retry_timeout = max(retry_timeout, _JOIN_RETRY_S)
+                if not idle.enrolled:
+                    await idle.enroll(spec.token, spec.client_id)
+                manifest = await idle.fetch_manifest()  # hash checked; once per run
+                idle.retry_timeout = retry_timeout
+            pending: Task | None = None
+            while True:
+                try:
+                    task = pending or await idle.next_task()
+                except TransportError as exc:
+                    # The server dropped this long poll and the retries ran out of the poll's
+                    # window (a busy server, thousands of polls): it is alive, poll again. A
+                    # server that is gone (connection refused: the job ended) ends the site.
+                    if "server unreachable" in str(exc):
+                        raise
+                    continue
+                pending = None
+                if isinstance(task, FinishedTask):
+                    outcome["status"] = "finished"
+                    return outcome
+                if isinstance(task, FailedTask):
+                    outcome["status"] = "failed"
+                    return outcome
+                if not isinstance(task, TrainTask | EvaluateTask | SecureTask):
+                    continue  # wait: poll again
+                try:
+                    on_task(task)  # a site that stops answering builds nothing
+                    meter.enter()
+                    try:
+                        got = await _materialised_round(
+                            server_url,
+                            spec,
+                            task,
+                            manifest,
+                            idle.session,
+                            poll_wait,
+                            retry_timeout,
+                            log,
+                            on_task,
+                            outcome,
+                        )
+                    finally:
+                        meter.leave()
+                except TransportError as exc:
+                    # The round client's retries ran out on a busy server that is still up:
+                    # the site missed (part of) this round; idle again, as a real site would.
+                    if "server unreachable" in str(exc):
+                        raise
+                    if log is not None:
+                        log(f"{spec.client_id}: left the round: {exc}")
+                    continue
+                except _Dropout as exc:
+                    if log is not None:
+                        log(f"{spec.client_id}: {exc}")
+                    if str(exc) not in dropped:
+                        dropped.add(str(exc))
+                        outcome["dropouts"] += 1
+                    await asyncio.sleep(1.0)  # as the client itself waits when it sits out
+                    continue
+                if isinstance(got, ClientResult):
+                    outcome["status"] = got.status
+                    return outcome
+                pending = got
+    except _Failure:
+        outcome["status"] = "failed (injected)"
+    except Exception as exc:  # reported to the driver, which fails the run
+        outcome["status"] = f"error: {type(exc).__name__}: {exc}"
+    return outcome
+
+
+async def _materialised_round(
+    server_url: str,
+    spec: SiteSpec,
+    first: Task,
+    manifest: Manifest,
+    session: aiohttp.ClientSession | None,
+    poll_wait: float,
+    retry_timeout: float,
+    log: Callable[[str], None] | None,
+    on_task: Callable[[Task], None],
+    outcome: dict[str, Any],
+) -> Task | ClientResult | None:
+    """Build the site's full client from its state folder, run its round, drop it.
+
+    Returns the next round's task when the round client fetched one, the client's result
+    when the job ended inside the round, else ``None``.
+    """
+    client = _RoundClient(
+        server_url,
+        spec.state_dir,
+        policy=SitePolicy.load(spec.policy_path) if spec.policy_path else None,
+        poll_wait=poll_wait,
+        retry_timeout=retry_timeout,
+        delay_s=spec.delay_s,
+        source_addr=spec.source_addr,
+        session=session,
+        log=log,
+        first=first,
+        manifest=manifest,
+        counts=outcome,
+    )
+    async with client:
+        trainer = build_trainer(manifest)
+        train = load_csv(spec.train_csv)
+        test = load_csv(spec.test_csv)
+        try:
+            result = await client.run(trainer, train, test, on_task=on_task)
+        except _RoundOver as over:
+            return over.task
+    return result  # the job ended inside the round (run returned)
+
+
+async def _live_client(
+    server_url: str,
+    spec: SiteSpec,
+    poll_wait: float,
+    retry_timeout: float,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Run one site as one always-live client; rebuilt from its state folder after a dropout."""
+    train = load_csv(spec.train_csv)
+    test = load_csv(spec.test_csv)
+    dropped: set[str] = set()
+    outcome: dict[str, Any] = {"client_id": spec.client_id, "dropouts": 0, "trained": 0}
+    on_task = _fault_hook(spec)
     while True:
         client = _SimClient(
             server_url,
@@ -279,6 +596,7 @@ async def _virtual_client(
             poll_wait=poll_wait,
             retry_timeout=retry_timeout,
             delay_s=spec.delay_s,
+            source_addr=spec.source_addr,
             log=log,
         )
         try:
@@ -314,28 +632,38 @@ async def run_sites(
     poll_wait: float = 25.0,
     retry_timeout: float = 20.0,
     log_file: str | Path | None = None,
+    live_clients: bool = False,
 ) -> dict[str, Any]:
     """Run ``sites`` as asyncio tasks in this process; return their outcomes and memory.
 
     This is what each Ray actor does; it runs without Ray too (one process, many clients).
-    The clients' event lines go to ``log_file`` (appended) when given.
+    The clients' event lines go to ``log_file`` (appended) when given. Each site is idle
+    between its rounds and materialised for them (:func:`_virtual_client`), or with
+    ``live_clients`` one always-live :class:`Client` for the whole run.
     """
     rss_base = _rss_bytes()
+    meter = None if live_clients else _Meter()
     out = None if log_file is None else open(log_file, "a", buffering=1)  # noqa: SIM115
     log = None if out is None else (lambda line: print(line, file=out))
     try:
         outcomes = await asyncio.gather(
-            *(_virtual_client(server_url, s, poll_wait, retry_timeout, log) for s in sites)
+            *(_virtual_client(server_url, s, poll_wait, retry_timeout, log, meter) for s in sites)
         )
     finally:
         if out is not None:
             out.close()
+    rss_end = _rss_bytes()
     return {
         "pid": os.getpid(),
         "clients": len(sites),
         "rss_base": rss_base,
-        "rss_end": _rss_bytes(),
+        "rss_end": rss_end,
         "rss_peak": _peak_rss_bytes(),
+        # Idle clients only (RSS just before the first materialisation), and how many were
+        # materialised at once at most / in all (0 for always-live clients).
+        "rss_idle": rss_end if meter is None or meter.rss_idle is None else meter.rss_idle,
+        "max_materialised": 0 if meter is None else meter.max_live,
+        "materialisations": 0 if meter is None else meter.materialised,
         "outcomes": list(outcomes),
     }
 
@@ -349,6 +677,7 @@ class SiteWorker:
         sites: list[dict[str, Any]],
         poll_wait: float,
         log_file: str | None = None,
+        live_clients: bool = False,
     ) -> None:
         # Imports done before the baseline RSS is taken (a fresh worker imports lazily).
         import confide.client.secure
@@ -360,11 +689,16 @@ class SiteWorker:
         ]
         self.poll_wait = poll_wait
         self.log_file = log_file
+        self.live_clients = live_clients
 
     async def run(self) -> dict[str, Any]:
         """Run every virtual client of this actor until the job ends."""
         return await run_sites(
-            self.server_url, self.sites, poll_wait=self.poll_wait, log_file=self.log_file
+            self.server_url,
+            self.sites,
+            poll_wait=self.poll_wait,
+            log_file=self.log_file,
+            live_clients=self.live_clients,
         )
 
 
@@ -383,6 +717,10 @@ class RayReport:
     server_peak_rss: int
     expected: dict[str, int]
     errors: list[str]
+    #: Seconds to start the server, make the enrolment tokens and provision the sites.
+    setup_s: float = 0.0
+    #: Seconds from the actors' start to round 1 (every site enrolled and polling).
+    to_first_round_s: float = 0.0
 
     @property
     def committed(self) -> list[dict[str, Any]]:
@@ -396,16 +734,29 @@ class RayReport:
         return sum(int((r["metrics"] or {}).get("train_clients", 0)) for r in self.committed)
 
     def memory(self) -> dict[str, float]:
-        """Actor memory in MiB: total peak, and peak-minus-baseline per virtual client."""
+        """Actor memory in MiB: totals, and per idle / per materialised virtual client.
+
+        ``idle_per_client_mib``: RSS just before an actor's first materialisation (all its
+        clients idle and polling) above the post-import baseline, per client;
+        ``materialised_per_client_mib``: peak RSS above that, per client materialised at
+        the same time (at most); ``per_client_mib``: peak above the baseline, per client.
+        """
         mib = 1024.0 * 1024.0
-        peak = sum(a["rss_peak"] for a in self.actors_info)
-        grown = sum(max(0, a["rss_peak"] - a["rss_base"]) for a in self.actors_info)
-        n = max(1, sum(a["clients"] for a in self.actors_info))
+        info = self.actors_info
+        peak = sum(a["rss_peak"] for a in info)
+        grown = sum(max(0, a["rss_peak"] - a["rss_base"]) for a in info)
+        n = max(1, sum(a["clients"] for a in info))
+        idle = sum(max(0, a.get("rss_idle", a["rss_base"]) - a["rss_base"]) for a in info)
+        live = sum(a.get("max_materialised", 0) for a in info)
+        above = sum(max(0, a["rss_peak"] - a.get("rss_idle", a["rss_peak"])) for a in info)
         return {
             "actors_peak_mib": peak / mib,
-            "actors_base_mib": sum(a["rss_base"] for a in self.actors_info) / mib,
+            "actors_base_mib": sum(a["rss_base"] for a in info) / mib,
             "per_client_mib": grown / n / mib,
             "per_client_all_in_mib": peak / n / mib,
+            "idle_per_client_mib": idle / n / mib,
+            "max_materialised": float(live),
+            "materialised_per_client_mib": above / max(1, live) / mib,
             "server_peak_mib": self.server_peak_rss / mib,
         }
 
@@ -422,9 +773,15 @@ class RayReport:
             f"{mem['per_client_mib']:.2f} MiB per virtual client above that "
             f"({mem['per_client_all_in_mib']:.2f} MiB all-in); "
             f"server peak RSS {mem['server_peak_mib']:.0f} MiB",
+            f"materialised: at most {mem['max_materialised']:.0f} clients at once, "
+            f"{mem['materialised_per_client_mib']:.3f} MiB each; idle clients "
+            f"{mem['idle_per_client_mib']:.3f} MiB each",
             f"throughput: {n_rounds} rounds committed in {self.wall_s:.1f} s "
             f"({n_rounds / wall:.3f} rounds/s, {self.updates / wall:.2f} updates/s), "
             f"{per_round:.1f} s per round (server round timestamps)",
+            f"setup: server, tokens and site certificates {self.setup_s:.1f} s; "
+            f"{self.to_first_round_s:.1f} s from the actors' start to round 1 "
+            "(every site enrolled and polling)",
         ]
         priv = None if self.status is None else self.status.get("privacy")
         if priv is not None:
@@ -511,6 +868,11 @@ def _round_seconds(rounds: list[dict[str, Any]]) -> list[float]:
     return out
 
 
+def _first_round_s(status: dict[str, Any] | None, since: float) -> float:
+    rows = [] if status is None else status["rounds"]
+    return max(0.0, float(rows[0]["started_at"]) - since) if rows else 0.0
+
+
 def _server_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "confide_server", *args]
 
@@ -572,11 +934,7 @@ def run_ray_simulation(
 
     t0 = time.monotonic()
     work = Path(workdir).resolve()
-    if (work / _MARKER).exists():
-        import shutil
-
-        for sub in ("state", "sites", "clients", "logs"):
-            shutil.rmtree(work / sub, ignore_errors=True)
+    clear_output(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / _MARKER).touch()
     ids = [f"hospital-{k}" for k in range(1, opts.clients + 1)]
@@ -595,9 +953,6 @@ def run_ray_simulation(
     config.write_text(
         render_toml(doc, header="Written by `confide-server simulate --backend ray`.")
     )
-    # The virtual sites accept exactly the protections this job was configured with.
-    policy = work / "site-policy.toml"
-    policy.write_text(site_policy_for(job, provision_sites(work, ids)).to_toml())
     server_url = f"http://{ray_opts.server_host}:{port}"
     status_url = server_url + "/v1/status"
     expected = expected_answers(job.job.cohort_size, stages, faults.dropout)
@@ -615,16 +970,16 @@ def run_ray_simulation(
     started_ray = False
     actors: list[Any] = []
     try:
-        server = launcher.spawn("server", _server_cmd("run", "--config", str(config)))
-        if not launcher.wait_ready(server_url + "/v1/health", timeout=60.0, proc=server):
+        # The virtual sites accept exactly the protections this job was configured with.
+        t_enrol = time.monotonic()
+        started = start_job(
+            launcher, work, config, job, server_url, opts.clients, ready_timeout=60.0
+        )
+        if started is None:
             errors.append(f"server did not start:\n{launcher.tail('server')}")
             return RayReport(1, opts.clients, 0, None, 0.0, [], [], 0, expected, errors)
-        tokens = subprocess.run(  # noqa: S603
-            _server_cmd("enroll", "--config", str(config), "-n", str(opts.clients)),
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
+        server, tokens, policy = started.server, started.tokens, started.policy
+        setup_s = time.monotonic() - t_enrol
         specs = [
             SiteSpec(
                 client_id=cid,
@@ -636,6 +991,7 @@ def run_ray_simulation(
                 fail_round=fail_rounds.get(cid, 0),
                 delay_s=faults.straggler_delay if cid in slow else 0.0,
                 policy_path=str(policy),
+                source_addr=loopback_source(ray_opts.server_host, k + 1),
             )
             for k, cid in enumerate(ids)
         ]
@@ -649,12 +1005,14 @@ def run_ray_simulation(
         n_actors = ray_opts.num_cpus or int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
         n_actors = max(1, min(n_actors, opts.clients))
         actor_cls: Any = ray.remote(num_cpus=1, num_gpus=ray_opts.num_gpus)(SiteWorker)
+        actors_at = time.time()  # the server's round timestamps are wall-clock
         actors = [
             actor_cls.remote(
                 server_url,
                 [asdict(s) for s in specs[a::n_actors]],
                 ray_opts.poll_wait,
                 str(work / "logs" / f"actor-{a}.log"),
+                ray_opts.live_clients,
             )
             for a in range(n_actors)
         ]
@@ -723,6 +1081,8 @@ def run_ray_simulation(
             server_peak,
             expected,
             errors,
+            setup_s,
+            _first_round_s(status, actors_at),
         )
         for line in report.lines():
             say(line)
@@ -768,6 +1128,12 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument(
         "--ray-failures", type=float, default=0.0, help="fraction of clients that die"
     )
+    ray_group.add_argument(
+        "--ray-live-clients",
+        action="store_true",
+        help="keep every virtual client materialised for the whole run (default: only the "
+        "cohort of the current round; idle sites just poll)",
+    )
 
 
 def run_from_args(args: argparse.Namespace, opts: SimulationOptions) -> int:
@@ -781,6 +1147,7 @@ def run_from_args(args: argparse.Namespace, opts: SimulationOptions) -> int:
         num_gpus=args.ray_num_gpus,
         cohort=args.ray_cohort,
         server_host=args.ray_server_host,
+        live_clients=args.ray_live_clients,
     )
     faults = FaultOptions(
         dropout=args.ray_dropout,

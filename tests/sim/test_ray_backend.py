@@ -7,6 +7,7 @@ fault plan is seeded, so the number of masked updates per round is known in adva
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from confide_server.simulate_ray import (
     FaultOptions,
     RayOptions,
     expected_answers,
+    loopback_source,
     plan_faults,
     run_ray_simulation,
 )
@@ -170,3 +172,78 @@ def test_ray_stragglers_and_failures_miss_their_rounds(tmp_path: Path) -> None:
     assert sum(o["trained"] for o in outcomes.values()) == sum(
         r["metrics"]["train_clients"] for r in rows
     )
+
+
+@pytest.fixture
+def local_ray() -> Iterator[None]:
+    """One local Ray (2 CPUs) for the runs of a test (each run would start its own)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_materialised_per_round_gives_the_live_clients_model(
+    tmp_path: Path, local_ray: None
+) -> None:
+    """Sites built afresh from their state folder each round train what live sites train.
+
+    Local momentum kept across rounds (``momentum_restart = false``) is the state that must
+    survive between rounds: it lives in each site's state folder (``momentum-*.npy``), so a
+    site materialised only for its rounds gives the bit-identical final model.
+    """
+    n, rounds = 4, 2  # round 2 starts from the momentum round 1 left in the state folder
+    opts = SimulationOptions(
+        clients=n,
+        rounds=rounds,
+        seed=5,
+        learning_rate=0.2,
+        # Generous: every site must make every round for the two runs to be comparable.
+        train_deadline=90.0,
+        evaluate_deadline=90.0,
+        extra_strategy={"local_momentum": 0.9, "momentum_restart": False},
+    )
+    reports = {}
+    for live in (False, True):
+        report = run_ray_simulation(
+            tmp_path / f"sim-{live}",
+            opts,
+            RayOptions(num_cpus=2, live_clients=live),
+            timeout=400.0,
+            quiet=True,
+        )
+        assert report.rc == 0, report.errors
+        assert report.status is not None
+        rows = report.status["rounds"]
+        assert [r["status"] for r in rows] == ["committed"] * rounds
+        assert all(r["metrics"]["train_clients"] == n for r in rows)
+        reports[live] = report
+    fresh, live_run = reports[False], reports[True]
+    assert fresh.status is not None
+    assert live_run.status is not None
+    assert fresh.status["current_model"] == live_run.status["current_model"]
+    assert [r["new_model"] for r in fresh.status["rounds"]] == [
+        r["new_model"] for r in live_run.status["rounds"]
+    ]
+    # Materialised per round: at least once per site and round (train, then evaluate).
+    made = sum(a["materialisations"] for a in fresh.actors_info)
+    assert n * rounds <= made <= 2 * n * rounds
+    assert all(a["max_materialised"] <= a["clients"] for a in fresh.actors_info)
+    assert sum(a["materialisations"] for a in live_run.actors_info) == 0
+    for k in range(1, n + 1):
+        assert list((tmp_path / "sim-False" / "clients" / f"hospital-{k}").glob("momentum-*.npy"))
+    assert any(line.startswith("materialised:") for line in fresh.lines())
+
+
+def test_loopback_sources_are_distinct_per_site() -> None:
+    # Each simulated site dials from its own loopback address: per-address server limits
+    # (connection cap per peer, failed-enrolment lockout) apply per site.
+    assert loopback_source("127.0.0.1", 1) == "127.0.1.1"
+    assert loopback_source("127.0.0.1", 250) == "127.0.1.250"
+    assert loopback_source("127.0.0.1", 251) == "127.0.2.1"
+    assert len({loopback_source("127.0.0.1", k) for k in range(1, 10_001)}) == 10_000
+    assert loopback_source("10.0.0.5", 1) == ""  # a cluster: the OS picks the address
