@@ -211,7 +211,7 @@ def start_job(
     server_url: str,
     clients: int,
     *,
-    ready_timeout: float = 30.0,
+    ready_timeout: float = 180.0,
 ) -> StartedJob | None:
     """Start the job's server, make a token per site, provision the sites, write their policy.
 

@@ -973,7 +973,7 @@ def run_ray_simulation(
         # The virtual sites accept exactly the protections this job was configured with.
         t_enrol = time.monotonic()
         started = start_job(
-            launcher, work, config, job, server_url, opts.clients, ready_timeout=60.0
+            launcher, work, config, job, server_url, opts.clients, ready_timeout=240.0
         )
         if started is None:
             errors.append(f"server did not start:\n{launcher.tail('server')}")
