@@ -129,7 +129,7 @@ class DopamineOptions:
     sampling_rate: float = 0.2
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
-    dp_learning_rate: float = 0.5
+    dp_learning_rate: float = 0.3
     momentum: float = 0.9
     learning_rate: float = 0.05
     local_epochs: int = 1

@@ -624,7 +624,7 @@ def run_simulation(
     print(_secagg_line(files.job or load_config(files.config), opts.clients), flush=True)
     try:
         server = launcher.spawn("server", _server_cmd("run", "--config", str(files.config)))
-        if not launcher.wait_ready(files.server_url + "/v1/health", timeout=180.0, proc=server):
+        if not launcher.wait_ready(files.server_url + "/v1/health", timeout=600.0, proc=server):
             print(f"server did not start:\n{launcher.tail('server')}", file=sys.stderr)
             return 1
         tokens = subprocess.run(  # noqa: S603
