@@ -17,8 +17,10 @@ lesions), three arms on the same patient split:
    classifier is DP-trained (ring, sensitivity and noise over its parameters only), on a
    trunk trained beforehand on a public task (:func:`public_lesions`: scikit-image's
    natural photographs, none of the hospitals' scans), frozen and pinned in the manifest.
-2. **non-private FedAvg**: the same hospitals and split, local SGD epochs, no DP.
-3. **central**: the same model and initial weights trained on the pooled training split.
+2. **non-private FedAvg**: the same hospitals and split, local SGD epochs, no DP; from the
+   same public trunk, training the same classifier (the whole network from the random
+   start with ``public_trunk=False``), so the two federations differ only by DP.
+3. **central**: the same start and parameters trained on the pooled training split.
 
 It prints the accuracy and epsilon of every round, writes ``dopamine.json`` (every number)
 and ``dopamine.png`` (accuracy per round of both federations, the central line, epsilon on
