@@ -679,7 +679,16 @@ def run_simulation(
     )
     print(_secagg_line(files.job or load_config(files.config), opts.clients), flush=True)
     try:
-        started = start_job(launcher, work, files.config, job_cfg, files.server_url, opts.clients)
+        # A loaded machine can take minutes to start a server; a healthy start returns at once.
+        started = start_job(
+            launcher,
+            work,
+            files.config,
+            job_cfg,
+            files.server_url,
+            opts.clients,
+            ready_timeout=600.0,
+        )
         if started is None:
             print(f"server did not start:\n{launcher.tail('server')}", file=sys.stderr)
             return 1

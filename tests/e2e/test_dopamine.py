@@ -52,6 +52,12 @@ def test_dopamine_three_arms_report_accuracy_and_epsilon(
     assert trainable_size(manifest) == 34
     public = out / "central" / "public_trunk.safetensors"
     check_frozen(manifest, decode_tensors(manifest, public.read_bytes())[0])
+    # The FedAvg arm starts from the same public trunk and trains the same head (pinned).
+    fedavg_manifest = Manifest.load(out / "fedavg" / "model.json")
+    assert fedavg_manifest.spec["trainable"] == manifest.spec["trainable"] == ["head"]
+    assert fedavg_manifest.spec["frozen_sha256"] == manifest.spec["frozen_sha256"]
+    assert "FedAvg without DP (same sites, same split; from the public trunk" in printed
+    assert result["dp"]["public_pretraining"]["optimizer"].startswith("adam")
     assert 0.0 <= result["central"]["accuracy"] <= 1.0
     # The reported epsilon is the accountant's over the rounds' stored parameters.
     store = Store(load_config(out / "job.toml").server.database)
