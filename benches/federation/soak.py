@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -43,9 +41,10 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from sites import headers
 
 from confide.protocol.manifest import encode_tensors, sha256_hex
-from confide.protocol.signing import Identity, signing_payload
+from confide.protocol.signing import Identity
 from confide.training import NumpyTrainer
 from confide_server.auth import operator_token
 from confide_server.simulate import free_port
@@ -93,24 +92,6 @@ long_poll_max_s = 30.0
 """
     )
     return cfg
-
-
-def headers(
-    ident: Identity, cid: str, method: str, path: str, rnd: int, stage: str, digest: str
-) -> dict[str, str]:
-    ts = int(time.time() * 1000)
-    nonce = secrets.token_hex(16)
-    sig = ident.sign(signing_payload(method, path, cid, rnd, stage, digest, nonce, ts))
-    return {
-        "X-Confide-Client": cid,
-        "X-Confide-Round": str(rnd),
-        "X-Confide-Stage": stage,
-        "X-Confide-Content-SHA256": digest,
-        "X-Confide-Nonce": nonce,
-        "X-Confide-Timestamp": str(ts),
-        "X-Confide-Signature": base64.b64encode(sig).decode(),
-        "Content-Type": "application/octet-stream",
-    }
 
 
 async def client(session: aiohttp.ClientSession, url: str, token: str, k: int, body: bytes) -> None:
