@@ -11,6 +11,7 @@ from typing import Any
 from confide_server.config import (
     Config,
     JobConfig,
+    RetentionConfig,
     SecAggConfig,
     ServerConfig,
     SharingConfig,
@@ -35,6 +36,7 @@ SECTIONS: dict[str, Any] = {
     "secagg": SecAggConfig,
     "privacy": PrivacyConfig,
     "sharing": SharingConfig,
+    "retention": RetentionConfig,
 }
 
 

@@ -173,7 +173,14 @@ async def test_real_clients_honour_the_strategy_fields(
     from confide.training import NumpyTrainer
     from tests.server.util import N_FEATURES
 
-    cfg = write_job(tmp_path / "job", strategy__name=name, strategy__learning_rate=1.0, **options)
+    # The test reads the stored updates after the round closes: keep them (retention).
+    cfg = write_job(
+        tmp_path / "job",
+        strategy__name=name,
+        strategy__learning_rate=1.0,
+        retention__prune_updates=False,
+        **options,
+    )
     fed = await make_fed(cfg)
     server = fed.http.server
     url = f"http://{server.host}:{server.port}"

@@ -151,7 +151,8 @@ def test_norm_bound_applies_to_the_shared_vector(tmp_path: Path) -> None:
 
 def _job(tmp: Path, **kw: Any) -> tuple[Config, Manifest]:
     """A 58-parameter MLP job (the tiny 5-parameter model has too few to sample 20 % of)."""
-    cfg = write_job(tmp, sharing__fraction=0.2, **kw)
+    # Tests read the stored updates after their rounds close: keep them (retention).
+    cfg = write_job(tmp, sharing__fraction=0.2, retention__prune_updates=False, **kw)
     trainer = NumpyTrainer.create("mlp", N_FEATURES, 2, (8,), seed=0)
     trainer.manifest.save(tmp / "model.json")
     (tmp / "init.safetensors").write_bytes(encode_tensors(trainer.manifest, trainer.get_weights()))
