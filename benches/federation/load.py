@@ -31,7 +31,7 @@ from confide_server.simulate import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sites import Outcome, peak_rss_mib, site
+from sites import Outcome, enroll_tokens, peak_rss_mib, site
 
 
 def write_job(work: Path, args: argparse.Namespace, port: int) -> Path:
@@ -95,21 +95,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "confide_server", "run", "--config", str(cfg)])
     try:
-        tokens = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "confide_server",
-                "enroll",
-                "--config",
-                str(cfg),
-                "-n",
-                str(args.clients),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
+        tokens = enroll_tokens(cfg, args.clients)
         n_params = args.update_mib * 262144
         manifest = NumpyTrainer.build_manifest("logistic", n_params - 1, 2)
         delta = np.random.default_rng(0).normal(0, 1e-3, n_params).astype(np.float32)

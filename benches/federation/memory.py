@@ -41,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load import write_job
-from sites import Outcome, peak_rss_mib, site
+from sites import Outcome, enroll_tokens, peak_rss_mib, site
 
 from confide.protocol.manifest import Manifest, encode_tensors
 from confide.training import NumpyTrainer
@@ -141,11 +141,6 @@ def _job(args: argparse.Namespace) -> tuple[Path, Path, str, bytes, int]:
     return work, cfg, f"http://127.0.0.1:{port}", body, manifest.nbytes + 65536
 
 
-def _tokens(cfg: Path, n: int) -> list[str]:
-    cmd = [sys.executable, "-m", "confide_server", "enroll", "--config", str(cfg), "-n", str(n)]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
-
-
 def _wait_health(url: str, server: subprocess.Popen[bytes]) -> None:
     import urllib.request
 
@@ -178,7 +173,7 @@ def one_run(
         stderr=open(work / "server.log", "wb"),  # noqa: SIM115 - closed with the process
     )
     try:
-        tokens = _tokens(cfg, args.clients)
+        tokens = enroll_tokens(cfg, args.clients)
         _wait_health(url, server)
         time.sleep(1.0)
         base = rss_mib(server.pid)

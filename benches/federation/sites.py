@@ -10,6 +10,8 @@ import asyncio
 import base64
 import json
 import secrets
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,12 @@ import aiohttp
 
 from confide.protocol.manifest import sha256_hex
 from confide.protocol.signing import Identity, signing_payload
+
+
+def enroll_tokens(cfg: Path, n: int) -> list[str]:
+    """``confide-server enroll -n N`` for the job at ``cfg``: N one-time enrolment tokens."""
+    cmd = [sys.executable, "-m", "confide_server", "enroll", "--config", str(cfg), "-n", str(n)]
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
 
 
 def headers(

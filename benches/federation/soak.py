@@ -41,7 +41,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from sites import headers
+from sites import enroll_tokens, headers
 
 from confide.protocol.manifest import encode_tensors, sha256_hex
 from confide.protocol.signing import Identity
@@ -278,21 +278,7 @@ def main() -> int:
     )
     sampler = Sampler(server.pid, url, args.sample_every)
     try:
-        tokens = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "confide_server",
-                "enroll",
-                "--config",
-                str(cfg),
-                "-n",
-                str(args.clients),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
+        tokens = enroll_tokens(cfg, args.clients)
         manifest = NumpyTrainer.build_manifest("logistic", args.params - 1, 2)
         delta = np.random.default_rng(0).normal(0, 1e-3, args.params).astype(np.float32)
         body = encode_tensors(manifest, delta, {"num_examples": "10"})
