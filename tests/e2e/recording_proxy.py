@@ -59,14 +59,19 @@ def make_app(upstream: str, log_path: Path) -> web.Application:
     return app
 
 
-async def _main(args: argparse.Namespace) -> None:
-    runner = web.AppRunner(make_app(args.upstream.rstrip("/"), args.log), access_log=None)
+async def serve(app: web.Application, port: int) -> None:
+    """Serve ``app`` on loopback, print the ready line the tests wait for, run forever."""
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", args.port)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     print(f"proxy listening on http://127.0.0.1:{port}", flush=True)
     await asyncio.Event().wait()
+
+
+async def _main(args: argparse.Namespace) -> None:
+    await serve(make_app(args.upstream.rstrip("/"), args.log), args.port)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from confide.protocol.signing import HEADER_CLIENT
 from confide.secagg.messages import ConsistencyRequest, ConsistencySignature, UnmaskRequest
+from tests.e2e.recording_proxy import serve
 
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "expect"}
 #: How long a client's task poll is held while the other signatures come in.
@@ -180,13 +181,7 @@ def make_app(upstream: str, log_path: Path, victim: str, attack: bool) -> web.Ap
 
 async def _main(args: argparse.Namespace) -> None:
     app = make_app(args.upstream.rstrip("/"), args.log, args.victim, args.attack)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", args.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"proxy listening on http://127.0.0.1:{port}", flush=True)
-    await asyncio.Event().wait()
+    await serve(app, args.port)
 
 
 if __name__ == "__main__":
