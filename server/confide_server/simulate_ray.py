@@ -800,8 +800,8 @@ class RayReport:
             "(every site enrolled and polling)",
         ]
         out.extend(
-            f"node {key}: {row['actors']} actors, {row['clients']} virtual clients, "
-            f"{row['updates']} updates sent"
+            f"node {key}: {row['actors']} actor{'s' * (row['actors'] != 1)}, "
+            f"{row['clients']} virtual clients, {row['updates']} updates sent"
             for key, row in sorted(self.nodes().items())
         )
         priv = None if self.status is None else self.status.get("privacy")

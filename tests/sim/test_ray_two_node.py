@@ -245,7 +245,7 @@ def _simulate(cluster: TwoNodes, out: Path, *job: str) -> tuple[str, dict[str, A
 
 def _per_node(text: str) -> dict[str, tuple[int, int, int]]:
     """The run's ``node IP: A actors, C virtual clients, U updates sent`` lines."""
-    pat = r"^node (\S+): (\d+) actors, (\d+) virtual clients, (\d+) updates sent$"
+    pat = r"^node (\S+): (\d+) actors?, (\d+) virtual clients, (\d+) updates sent$"
     return {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in re.finditer(pat, text, re.MULTILINE)}
 
 
