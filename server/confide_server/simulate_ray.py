@@ -33,8 +33,9 @@ Faults are injected by the simulator through the hooks the client offers
   number of planned failures so that the next rounds can start.
 
 At the end the run reports the memory of the actors (RSS after the imports, peak RSS, and
-their difference per virtual client) and the throughput (rounds/s, accepted updates/s,
-wall time per round from the server's own round timestamps).
+their difference per virtual client), the throughput (rounds/s, accepted updates/s,
+wall time per round from the server's own round timestamps), and per Ray node the actors,
+virtual clients and updates sent there (the actors are spread over the nodes).
 
 Only the breast-cancer table is supported (the image task needs torch per client).
 Federations larger than the data set (455 training rows) draw each site's rows with
@@ -693,13 +694,17 @@ class SiteWorker:
 
     async def run(self) -> dict[str, Any]:
         """Run every virtual client of this actor until the job ends."""
-        return await run_sites(
+        import ray
+
+        out = await run_sites(
             self.server_url,
             self.sites,
             poll_wait=self.poll_wait,
             log_file=self.log_file,
             live_clients=self.live_clients,
         )
+        out["node_id"] = ray.get_runtime_context().get_node_id()  # the driver adds its IP
+        return out
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -760,6 +765,17 @@ class RayReport:
             "server_peak_mib": self.server_peak_rss / mib,
         }
 
+    def nodes(self) -> dict[str, dict[str, int]]:
+        """Per Ray node (its IP, else its id): actors, virtual clients, updates they sent."""
+        out: dict[str, dict[str, int]] = {}
+        for a in self.actors_info:
+            key = a.get("node_ip") or a.get("node_id") or "?"
+            row = out.setdefault(key, {"actors": 0, "clients": 0, "updates": 0})
+            row["actors"] += 1
+            row["clients"] += int(a["clients"])
+            row["updates"] += sum(int(o["trained"]) for o in a["outcomes"])
+        return out
+
     def lines(self) -> list[str]:
         """Return the end-of-run report, one line per item."""
         mem = self.memory()
@@ -783,6 +799,11 @@ class RayReport:
             f"{self.to_first_round_s:.1f} s from the actors' start to round 1 "
             "(every site enrolled and polling)",
         ]
+        out.extend(
+            f"node {key}: {row['actors']} actor{'s' * (row['actors'] != 1)}, "
+            f"{row['clients']} virtual clients, {row['updates']} updates sent"
+            for key, row in sorted(self.nodes().items())
+        )
         priv = None if self.status is None else self.status.get("privacy")
         if priv is not None:
             out.append(f"privacy: epsilon = {priv['epsilon']:.3f} at delta = {priv['delta']:g}")
@@ -1004,7 +1025,11 @@ def run_ray_simulation(
             started_ray = True
         n_actors = ray_opts.num_cpus or int(ray.cluster_resources().get("CPU", 1))  # type: ignore[no-untyped-call]
         n_actors = max(1, min(n_actors, opts.clients))
-        actor_cls: Any = ray.remote(num_cpus=1, num_gpus=ray_opts.num_gpus)(SiteWorker)
+        # Spread over the nodes: Ray's default packs actors onto the driver's node first
+        # (two actors on a cluster of two 4-CPU nodes both landed on the head).
+        actor_cls: Any = ray.remote(
+            num_cpus=1, num_gpus=ray_opts.num_gpus, scheduling_strategy="SPREAD"
+        )(SiteWorker)
         actors_at = time.time()  # the server's round timestamps are wall-clock
         actors = [
             actor_cls.remote(
@@ -1053,8 +1078,11 @@ def run_ray_simulation(
             status = json.loads(final.stdout)
         finished = status is not None and status["status"] == "finished"
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=60.0)
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}  # type: ignore[no-untyped-call]
         for ref in ready:
-            actors_info.append(ray.get(ref))
+            info = ray.get(ref)
+            info["node_ip"] = ips.get(info.get("node_id"), "")
+            actors_info.append(info)
         if len(ready) < len(pending):
             errors.append(f"{len(pending) - len(ready)} actors did not finish")
         bad = [
