@@ -304,10 +304,8 @@ def sum_mean(
 
     Raises
     ------
-    ShapeError
-        ``weighted_sum`` and ``base`` differ in shape.
-    AggregateError
-        ``total_weight`` is not finite and > 0.
+    ShapeError, AggregateError
+        As :func:`check_sum`.
     """
     check_sum(base, weighted_sum, total_weight)
     out: NDArray[np.float64] = weighted_sum.astype(np.float64) / total_weight
