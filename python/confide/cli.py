@@ -38,7 +38,15 @@ if TYPE_CHECKING:
     from confide.protocol.tasks import Task
     from confide.training import SiteData
 
-__all__ = ["HelpFormatter", "add_command", "build_parser", "check_scheme", "main", "run_client"]
+__all__ = [
+    "HelpFormatter",
+    "add_command",
+    "build_parser",
+    "check_scheme",
+    "exit_status",
+    "main",
+    "run_client",
+]
 
 DESCRIPTION = """\
 confide: join a federated-learning job as one site (client), write the initial model of a
@@ -740,6 +748,34 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def exit_status(prog: str, exc: BaseException) -> int:
+    """Report ``exc`` on stderr as ``prog: <one line>`` and return the command's exit status.
+
+    The convention of ``confide`` and ``confide-server``: Ctrl-C is ``130``; a reader that
+    went away (``| head``) is ``1`` and nothing more is written to the closed stdout; a
+    missing optional package (named with the extra that installs it) and any other user
+    mistake (:func:`describe_error`) are ``2``.
+
+    Examples
+    --------
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+    ...     exit_status("tool", ConfigError("bad option"))
+    2
+    >>> err.getvalue().strip()
+    'tool: bad option'
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(exc, BrokenPipeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    what = missing_package(exc) if isinstance(exc, ModuleNotFoundError) else describe_error(exc)
+    print(f"{prog}: {what}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``confide`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -758,16 +794,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = asyncio.run(run_client(args))
         sys.stdout.flush()
         return rc
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`| head`): say nothing more on a closed stdout.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except ModuleNotFoundError as exc:
-        print(f"{prog}: {missing_package(exc)}", file=sys.stderr)
-        return 2
-    except (ConfideError, OSError, ValueError) as exc:
-        print(f"{prog}: {describe_error(exc)}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, ModuleNotFoundError, ConfideError, OSError, ValueError) as exc:
+        return exit_status(prog, exc)

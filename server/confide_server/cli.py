@@ -17,7 +17,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import signal
 import ssl
 import sys
@@ -356,13 +355,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _stdout_gone() -> int:
-    # The reader went away (`status | head`): nothing more can be said on stdout.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return 1
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``confide-server``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -395,16 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = int(args.func(args))
         sys.stdout.flush()
         return rc
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return _stdout_gone()
-    except ModuleNotFoundError as exc:
-        from confide.cli import missing_package
+    except (KeyboardInterrupt, BrokenPipeError, ModuleNotFoundError) as exc:
+        from confide.cli import exit_status
 
-        print(f"{name}: {missing_package(exc)}", file=sys.stderr)
-        return 2
+        return exit_status(name, exc)
     except (ConfideError, OSError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:
             what = f"{exc.filename}: {exc.strerror or exc}"
