@@ -38,7 +38,15 @@ if TYPE_CHECKING:
     from confide.protocol.tasks import Task
     from confide.training import SiteData
 
-__all__ = ["HelpFormatter", "build_parser", "check_scheme", "main", "run_client"]
+__all__ = [
+    "HelpFormatter",
+    "add_command",
+    "build_parser",
+    "check_scheme",
+    "exit_status",
+    "main",
+    "run_client",
+]
 
 DESCRIPTION = """\
 confide: join a federated-learning job as one site (client), write the initial model of a
@@ -56,6 +64,50 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    version: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """Add the subcommand ``name``: :class:`HelpFormatter` help and its own ``--version``.
+
+    Every subcommand of ``confide`` and ``confide-server`` is made here, so each answers
+    ``--version`` and shows option defaults the same way.
+
+    Parameters
+    ----------
+    sub : argparse._SubParsersAction
+        What ``parser.add_subparsers()`` returned.
+    name : str
+        The subcommand.
+    help : str
+        Its line in the parent's ``--help``.
+    version : str
+        What its ``--version`` prints (``%(prog)s`` is expanded).
+    description : str, optional
+        Its own ``--help`` text (default: none).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The subcommand's parser, for its own options.
+
+    Examples
+    --------
+    >>> parser = argparse.ArgumentParser(prog="tool")
+    >>> sub = parser.add_subparsers(dest="command")
+    >>> run = add_command(sub, "run", help="run it", version="%(prog)s 1.0")
+    >>> run.prog, run.formatter_class is HelpFormatter
+    ('tool run', True)
+    """
+    p = sub.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=version)
+    return p
 
 
 def _version() -> str:
@@ -461,18 +513,18 @@ def _run_revoke(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide`` argument parser."""
-    fmt = HelpFormatter
+    version = _version()
     parser = argparse.ArgumentParser(prog="confide", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    c = sub.add_parser(
+    c = add_command(
+        sub,
         "client",
         help="join a federated job as one site",
         description="Join a federated job as one site: enrol once with a one-time token, then "
         "train and evaluate on local data until the job ends. Data never leaves this machine.",
-        formatter_class=fmt,
+        version=version,
     )
-    c.add_argument("--version", action="version", version=_version())
     c.add_argument("--server", required=True, help="the job's server, http(s)://host:port")
     c.add_argument(
         "--token-file",
@@ -527,16 +579,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--quiet", action="store_true", help="print nothing but errors")
     add_log_options(c)
-    i = sub.add_parser(
+    i = add_command(
+        sub,
         "init-model",
         help="write the initial model of a table job (model.json + init.safetensors)",
         description="Write the initial model of a table job: model.json (the manifest) and "
         "init.safetensors (Glorot-uniform weights, zero biases), for [model] in job.toml. "
         "With --from-csv the feature names are recorded, so sites whose columns differ are "
         "refused before they enrol.",
-        formatter_class=fmt,
+        version=version,
     )
-    i.add_argument("--version", action="version", version=_version())
     i.add_argument(
         "--arch",
         choices=["logreg", "mlp"],
@@ -568,32 +620,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     i.add_argument("--out", required=True, help="output folder (created)")
     i.add_argument("--force", action="store_true", help="replace an existing model there")
-    d = sub.add_parser(
+    d = add_command(
+        sub,
         "identity",
         help="print this site's identity public key (to have it certified)",
         description="Print the site's Ed25519 identity public key (base64), creating the key "
         "(identity.pem, mode 0600) in the state folder if it is missing. The consortium's "
         "provisioner signs it with `confide provision sign`.",
-        formatter_class=fmt,
+        version=version,
     )
-    d.add_argument("--version", action="version", version=_version())
     d.add_argument("--state", required=True, help="the site's state folder (as for client)")
-    pv = sub.add_parser(
+    pv = add_command(
+        sub,
         "provision",
         help="create a consortium root and certify site identities",
         description="Consortium provisioning: `init` creates the root that sites trust, "
         "`sign` certifies one site's identity key for its client id, `tls` issues TLS "
         "certificates, `revoke` signs the next revocation list (docs/security.md).",
-        formatter_class=fmt,
+        version=version,
     )
-    pv.add_argument("--version", action="version", version=_version())
     psub = pv.add_subparsers(dest="provision_command", required=True, metavar="STEP")
-    pi = psub.add_parser("init", help="create a consortium root", formatter_class=fmt)
-    pi.add_argument("--version", action="version", version=_version())
+    pi = add_command(psub, "init", help="create a consortium root", version=version)
     pi.add_argument("--out", required=True, help="folder for root-key.pem and root.json")
     pi.add_argument("--name", required=True, help="the consortium's name ([A-Za-z0-9_.-])")
-    ps = psub.add_parser("sign", help="certify one site's identity", formatter_class=fmt)
-    ps.add_argument("--version", action="version", version=_version())
+    ps = add_command(psub, "sign", help="certify one site's identity", version=version)
     ps.add_argument("--root", required=True, help="the folder `provision init` wrote")
     ps.add_argument("--site-id", required=True, help="the client id the site enrols with")
     ps.add_argument(
@@ -605,16 +655,16 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument(
         "--not-after", type=int, default=None, help="expiry in Unix seconds (default: none)"
     )
-    pr = psub.add_parser(
+    pr = add_command(
+        psub,
         "revoke",
         help="revoke a site's certificate (the next signed revocation list)",
         description="Add a site to the consortium's revocation list and sign the next version "
         "of it with the root. --out is read first when it exists (the list issued last: its "
         "entries are kept, its version + 1 is written). Without --identity or --cert every "
         "certificate of the site id is revoked.",
-        formatter_class=fmt,
+        version=version,
     )
-    pr.add_argument("--version", action="version", version=_version())
     pr.add_argument("--root", required=True, help="the folder `provision init` wrote")
     pr.add_argument("--site-id", required=True, help="the client id to revoke")
     rkey = pr.add_mutually_exclusive_group()
@@ -626,15 +676,15 @@ def build_parser() -> argparse.ArgumentParser:
     rkey.add_argument("--cert", default=None, help="revoke only this certificate.json's key")
     pr.add_argument("--reason", default="", help="free text kept in the list")
     pr.add_argument("--out", required=True, help="the revocation list (revoked.json)")
-    pt = psub.add_parser(
+    pt = add_command(
+        psub,
         "tls",
         help="issue a TLS server or mTLS site certificate from the consortium's CA",
         description="Issue a TLS certificate from the consortium's X.509 CA (created in "
         "--root on first use as tls-ca.pem): a server certificate (--server-name) for "
         "[tls] cert/key, or a site certificate (--site-id) for confide client --cert/--key.",
-        formatter_class=fmt,
+        version=version,
     )
-    pt.add_argument("--version", action="version", version=_version())
     pt.add_argument("--root", required=True, help="the folder `provision init` wrote")
     pt.add_argument("--out", required=True, help="folder for the certificate and its key")
     who = pt.add_mutually_exclusive_group(required=True)
@@ -646,13 +696,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     who.add_argument("--site-id", default=None, help="the site's client id (mutual TLS)")
     pt.add_argument("--days", type=int, default=365, help="validity of the certificate")
-    e = sub.add_parser(
+    e = add_command(
+        sub,
         "export",
         help="write a model as ONNX for on-device inference",
         description="Write a model version as ONNX and check it against onnxruntime.",
-        formatter_class=fmt,
+        version=version,
     )
-    e.add_argument("--version", action="version", version=_version())
     e.add_argument("--manifest", required=True, help="the job's model.json")
     e.add_argument("--weights", required=True, help="a model version (.safetensors)")
     e.add_argument("--format", choices=["onnx"], default="onnx", help="output format")
@@ -698,6 +748,34 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def exit_status(prog: str, exc: BaseException) -> int:
+    """Report ``exc`` on stderr as ``prog: <one line>`` and return the command's exit status.
+
+    The convention of ``confide`` and ``confide-server``: Ctrl-C is ``130``; a reader that
+    went away (``| head``) is ``1`` and nothing more is written to the closed stdout; a
+    missing optional package (named with the extra that installs it) and any other user
+    mistake (:func:`describe_error`) are ``2``.
+
+    Examples
+    --------
+    >>> import contextlib, io
+    >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+    ...     exit_status("tool", ConfigError("bad option"))
+    2
+    >>> err.getvalue().strip()
+    'tool: bad option'
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(exc, BrokenPipeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    what = missing_package(exc) if isinstance(exc, ModuleNotFoundError) else describe_error(exc)
+    print(f"{prog}: {what}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``confide`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -716,16 +794,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = asyncio.run(run_client(args))
         sys.stdout.flush()
         return rc
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        # The reader went away (`| head`): say nothing more on a closed stdout.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except ModuleNotFoundError as exc:
-        print(f"{prog}: {missing_package(exc)}", file=sys.stderr)
-        return 2
-    except (ConfideError, OSError, ValueError) as exc:
-        print(f"{prog}: {describe_error(exc)}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, ModuleNotFoundError, ConfideError, OSError, ValueError) as exc:
+        return exit_status(prog, exc)

@@ -17,7 +17,6 @@ import asyncio
 import errno
 import json
 import logging
-import os
 import signal
 import ssl
 import sys
@@ -290,31 +289,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide-server`` argument parser (``simulate`` has its own)."""
-    from confide.cli import HelpFormatter
+    from confide.cli import HelpFormatter, add_command
 
-    fmt = HelpFormatter
+    version = version_string()
     parser = argparse.ArgumentParser(prog="confide-server", description=DESCRIPTION)
-    parser.add_argument("--version", action="version", version=version_string())
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser(
+    run = add_command(
+        sub,
         "run",
         help="serve a job",
         description="Serve one job until it ends or Ctrl-C/SIGTERM (a stopped job resumes "
         "when run again with the same config).",
-        formatter_class=fmt,
+        version=version,
     )
-    run.add_argument("--version", action="version", version=version_string())
     run.add_argument("--config", required=True, help="the job config (job.toml; docs/job.md)")
     add_log_options(run)
     run.set_defaults(func=_cmd_run)
-    enroll = sub.add_parser(
+    enroll = add_command(
+        sub,
         "enroll",
         help="print new one-time enrolment tokens",
         description="Print new one-time enrolment tokens, one per line, one per site (only "
         "their hashes are stored). Hand each site its token over a trusted channel.",
-        formatter_class=fmt,
+        version=version,
     )
-    enroll.add_argument("--version", action="version", version=version_string())
     enroll.add_argument("--config", required=True, help="the job config (job.toml)")
     enroll.add_argument("-n", "--count", type=int, default=1, help="number of tokens")
     enroll.add_argument(
@@ -322,13 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bind the token to this site id: it enrols no other id (e.g. hospital-1)",
     )
     enroll.set_defaults(func=_cmd_enroll)
-    status = sub.add_parser(
+    status = add_command(
+        sub,
         "status",
         help="show the job's state",
         description="Show the job's state: status, rounds, accuracy and epsilon per round.",
-        formatter_class=fmt,
+        version=version,
     )
-    status.add_argument("--version", action="version", version=version_string())
     status.add_argument("--config", required=True, help="the job config (job.toml)")
     status.add_argument("--json", action="store_true", help="print the state as JSON")
     status.add_argument(
@@ -337,9 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only the file of the current model version (for scripts: confide export)",
     )
     status.set_defaults(func=_cmd_status)
-    add_operator_commands(
-        sub, fmt, version_string()
-    )  # abort, revoke, new-job (confide_server.opscli)
+    add_operator_commands(sub, HelpFormatter, version)  # abort, revoke, new-job (opscli)
     sub.add_parser(
         "simulate",
         help="run a whole federation on loopback",
@@ -356,13 +353,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     return parser
-
-
-def _stdout_gone() -> int:
-    # The reader went away (`status | head`): nothing more can be said on stdout.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -397,16 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = int(args.func(args))
         sys.stdout.flush()
         return rc
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return _stdout_gone()
-    except ModuleNotFoundError as exc:
-        from confide.cli import missing_package
+    except (KeyboardInterrupt, BrokenPipeError, ModuleNotFoundError) as exc:
+        from confide.cli import exit_status
 
-        print(f"{name}: {missing_package(exc)}", file=sys.stderr)
-        return 2
+        return exit_status(name, exc)
     except (ConfideError, OSError) as exc:
         if isinstance(exc, OSError) and exc.filename is not None:
             what = f"{exc.filename}: {exc.strerror or exc}"

@@ -65,6 +65,11 @@ def test_bad_inputs_are_refused_with_typed_errors() -> None:
         FedAvg().aggregate(base, [(_f32(np.inf, 0), 1.0)], {})
     with pytest.raises(ConfigError, match="server_learning_rate"):
         FedAvg(server_learning_rate=0.0)
+    # The same parameter check as every other strategy's (base.positive_param): a string or
+    # a bool from a job config is a ConfigError, not a TypeError from math.
+    for bad in ("1.0", True):
+        with pytest.raises(ConfigError, match="server_learning_rate must be a number"):
+            FedAvg(server_learning_rate=bad)  # type: ignore[arg-type]
 
 
 def test_registry_selects_by_name_and_state_is_json() -> None:

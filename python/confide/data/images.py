@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.data._index import check_index
 from confide.data.tabular import partition_dirichlet, partition_iid
 from confide.errors import ConfigError, DataError
 
@@ -226,7 +227,27 @@ def read_image(path: str | Path) -> NDArray[Any]:
         raise DataError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from None
 
 
-class ArrayDataset:
+class _Records:
+    """The ``SiteData`` members both datasets read from their labels and patient ids."""
+
+    _y: NDArray[np.int64]
+    _ids: NDArray[Any] | None
+
+    def __len__(self) -> int:
+        return int(self._y.shape[0])
+
+    @property
+    def labels(self) -> NDArray[np.int64]:
+        """``(n,)`` integer labels."""
+        return self._y
+
+    @property
+    def patient_ids(self) -> NDArray[Any] | None:
+        """``(n,)`` patient ids, or ``None`` (each record its own patient)."""
+        return self._ids
+
+
+class ArrayDataset(_Records):
     """In-memory ``SiteData``: a float32 array of inputs with labels and patient ids.
 
     Parameters
@@ -276,19 +297,6 @@ class ArrayDataset:
         self._ids = patient_ids
         self.classes = list(classes) if classes is not None else None
 
-    def __len__(self) -> int:
-        return int(self._y.shape[0])
-
-    @property
-    def labels(self) -> NDArray[np.int64]:
-        """``(n,)`` integer labels."""
-        return self._y
-
-    @property
-    def patient_ids(self) -> NDArray[Any] | None:
-        """``(n,)`` patient ids, or ``None``."""
-        return self._ids
-
     @property
     def x(self) -> NDArray[np.float32]:
         """All inputs, ``(n, *shape)`` float32."""
@@ -312,7 +320,7 @@ class ArrayDataset:
         tuple of numpy.ndarray
             ``(len(index), *shape)`` float32 inputs and ``(len(index),)`` int64 labels.
         """
-        idx = _check_index(index, len(self))
+        idx = check_index(index, len(self))
         return np.ascontiguousarray(self._x[idx]), self._y[idx]
 
     def subset(self, index: NDArray[np.int64]) -> ArrayDataset:
@@ -328,22 +336,12 @@ class ArrayDataset:
         ArrayDataset
             The subset.
         """
-        idx = _check_index(index, len(self))
+        idx = check_index(index, len(self))
         ids = None if self._ids is None else self._ids[idx]
         return ArrayDataset(self._x[idx], self._y[idx], ids, self.classes)
 
 
-def _check_index(index: Any, n: int) -> NDArray[np.int64]:
-    idx = np.asarray(index)
-    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
-        raise DataError(f"index must be a 1-D integer array, got {idx.dtype} {idx.shape}")
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise DataError(f"index out of range for {n} records: [{idx.min()}, {idx.max()}]")
-    return idx
-
-
-class ImageDataset:
+class ImageDataset(_Records):
     r"""A site's images, decoded lazily: implements ``SiteData``.
 
     Build one with :meth:`from_csv` or :meth:`from_folders`.
@@ -565,19 +563,6 @@ class ImageDataset:
 
     # ------------------------------------------------------------------- SiteData
 
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    @property
-    def labels(self) -> NDArray[np.int64]:
-        """``(n,)`` integer labels."""
-        return self._y
-
-    @property
-    def patient_ids(self) -> NDArray[Any] | None:
-        """``(n,)`` patient ids, or ``None`` (each image its own patient)."""
-        return self._ids
-
     @property
     def paths(self) -> list[Path]:
         """Image file of each record."""
@@ -636,7 +621,7 @@ class ImageDataset:
         tuple of numpy.ndarray
             ``(len(index), C, H, W)`` float32 and ``(len(index),)`` int64 labels.
         """
-        idx = _check_index(index, len(self))
+        idx = check_index(index, len(self))
         out = np.empty((idx.size, *self.input_shape), dtype=np.float32)
         for j, i in enumerate(idx):
             out[j] = self.load(int(i))
@@ -679,7 +664,7 @@ class ImageDataset:
         ImageDataset
             The subset.
         """
-        idx = _check_index(index, len(self))
+        idx = check_index(index, len(self))
         return ImageDataset(
             [self._paths[i] for i in idx],
             self._y[idx],

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from confide.data._index import check_index
 from confide.errors import ArrayTypeError, ConfigError, DataError
 
 __all__ = [
@@ -36,6 +37,14 @@ __all__ = [
     "save_csv",
     "train_test_split",
 ]
+
+
+def _check_rows(x: NDArray[Any], y: NDArray[Any], patient_ids: NDArray[Any] | None) -> None:
+    """Refuse a table unless ``x`` is ``(n, d)`` and ``y`` and ``patient_ids`` are ``(n,)``."""
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise DataError(f"x must be (n, d) and y (n,), got {x.shape} and {y.shape}")
+    if patient_ids is not None and patient_ids.shape != y.shape:
+        raise DataError("patient_ids must hold one id per row")
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,7 @@ class Dataset:
     patient_ids: NDArray[np.str_] | None = None
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
-            raise DataError(f"x must be (n, d) and y (n,), got {self.x.shape} and {self.y.shape}")
+        _check_rows(self.x, self.y, self.patient_ids)
         if self.x.dtype != np.float32 or self.y.dtype != np.int64:
             raise ArrayTypeError(
                 f"x must be float32 and y int64, got {self.x.dtype}, {self.y.dtype}"
@@ -71,8 +79,6 @@ class Dataset:
             raise DataError("x contains NaN or Inf")
         if self.y.size and self.y.min() < 0:
             raise DataError("labels must be non-negative")
-        if self.patient_ids is not None and self.patient_ids.shape != self.y.shape:
-            raise DataError("patient_ids must hold one id per row")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -101,11 +107,7 @@ class Dataset:
         >>> ds.batch(np.array([2, 1]))[1].tolist()
         [0, 1]
         """
-        idx = np.asarray(index)
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise DataError(f"index must be a 1-D integer array, got {idx.dtype} {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise DataError(f"index out of range [0, {len(self)})")
+        idx = check_index(index, len(self))
         return self.x[idx], self.y[idx]
 
     @property
@@ -158,14 +160,11 @@ class RegressionDataset:
     patient_ids: NDArray[np.str_] | None = None
 
     def __post_init__(self) -> None:
-        if self.x.ndim != 2 or self.y.ndim != 1 or self.x.shape[0] != self.y.shape[0]:
-            raise DataError(f"x must be (n, d) and y (n,), got {self.x.shape} and {self.y.shape}")
+        _check_rows(self.x, self.y, self.patient_ids)
         if self.x.dtype != np.float32 or self.y.dtype != np.float32:
             raise ArrayTypeError(f"x and y must be float32, got {self.x.dtype}, {self.y.dtype}")
         if not (np.isfinite(self.x).all() and np.isfinite(self.y).all()):
             raise DataError("x or y contains NaN or Inf")
-        if self.patient_ids is not None and self.patient_ids.shape != self.y.shape:
-            raise DataError("patient_ids must hold one id per row")
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -177,11 +176,7 @@ class RegressionDataset:
 
     def batch(self, index: NDArray[np.int64]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """Return the features and targets of the rows at ``index``."""
-        idx = np.asarray(index)
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise DataError(f"index must be a 1-D integer array, got {idx.dtype} {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise DataError(f"index out of range [0, {len(self)})")
+        idx = check_index(index, len(self))
         return self.x[idx], self.y[idx]
 
     def subset(self, index: NDArray[np.int64]) -> RegressionDataset:

@@ -51,10 +51,10 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -92,7 +92,7 @@ CERT_FILE = "certificate.json"
 _IDENTITY_FILE = "identity.pem"
 _ROOT_KEY_FILE = "root-key.pem"
 _ROOT_FILE = "root.json"
-_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: Site ids and consortium names: one alphabet for both.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _MAX_CERT_BYTES = 4096
 REVOCATION_FORMAT = "confide-revocation-list/1"
@@ -117,6 +117,57 @@ def _unb64(value: Any, what: str, size: int) -> bytes:
     if len(raw) != size:
         raise SignatureError(f"{what} must be {size} bytes, got {len(raw)}")
     return raw
+
+
+def _is_name(value: Any) -> bool:
+    """Whether ``value`` is a site id or consortium name: 1-64 of ``[A-Za-z0-9_.-]``."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def _is_whole(value: Any, low: int = 0) -> bool:
+    """Whether ``value`` is an ``int`` (not a ``bool``) of at least ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _fields(doc: Any, keys: set[str], what: str, fmt: str | None = None) -> Mapping[str, Any]:
+    """Return ``doc`` if it is a JSON object with exactly ``keys`` (and ``format`` ``fmt``).
+
+    Raises
+    ------
+    SignatureError
+        Not an object, keys missing or unexpected, or another format tag; the message names
+        ``what`` (``"site certificate"``) and the keys expected.
+    """
+    if not isinstance(doc, Mapping) or set(doc) != keys:
+        raise SignatureError(f"a {what} is a JSON object with keys {sorted(keys)}")
+    if fmt is not None and doc["format"] != fmt:
+        raise SignatureError(f"{what} format must be {fmt!r}")
+    return doc
+
+
+_T = TypeVar("_T")
+
+
+def _read_document(path: str | Path, what: str, limit: int, parse: Callable[[Any], _T]) -> _T:
+    """Read the JSON file ``path`` of at most ``limit`` bytes and ``parse`` it.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, is larger than ``limit``, is not JSON, or ``parse`` refuses
+        it (a :class:`SignatureError`); the message names the file and ``what`` it should be.
+    """
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {p}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{p} is over {limit} bytes: not a {what}")
+    try:
+        return parse(json.loads(data))
+    except ValueError as exc:  # JSON errors and SignatureError alike
+        raise ConfigError(f"{p} is not a {what}: {exc}") from None
 
 
 def _raw_public(key: Ed25519PublicKey) -> bytes:
@@ -180,17 +231,12 @@ class SiteCertificate:
             Not a certificate: wrong format tag, missing or unexpected keys, wrong types.
         """
         keys = {"format", "consortium", "site_id", "identity_key", "not_after", "signature"}
-        if not isinstance(doc, Mapping) or set(doc) != keys:
-            raise SignatureError(f"a site certificate is a JSON object with keys {sorted(keys)}")
-        if doc["format"] != CERT_FORMAT:
-            raise SignatureError(f"certificate format must be {CERT_FORMAT!r}")
+        doc = _fields(doc, keys, "site certificate", CERT_FORMAT)
         for name in ("consortium", "site_id"):
-            if not isinstance(doc[name], str) or not _ID.fullmatch(doc[name]):
+            if not _is_name(doc[name]):
                 raise SignatureError(f"certificate {name} must be 1-64 of [A-Za-z0-9_.-]")
         not_after = doc["not_after"]
-        if not_after is not None and (
-            not isinstance(not_after, int) or isinstance(not_after, bool) or not_after < 0
-        ):
+        if not_after is not None and not _is_whole(not_after):
             raise SignatureError("certificate not_after must be null or Unix seconds (int)")
         return cls(
             consortium=doc["consortium"],
@@ -209,17 +255,7 @@ class SiteCertificate:
         ConfigError
             The file cannot be read, is not JSON or not a certificate.
         """
-        p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the certificate {p}: {exc.strerror or exc}") from None
-        if len(data) > _MAX_CERT_BYTES:
-            raise ConfigError(f"{p} is over {_MAX_CERT_BYTES} bytes: not a site certificate")
-        try:
-            return cls.from_json(json.loads(data))
-        except ValueError as exc:  # JSON errors and SignatureError alike
-            raise ConfigError(f"{p} is not a site certificate: {exc}") from None
+        return _read_document(path, "site certificate", _MAX_CERT_BYTES, cls.from_json)
 
 
 @dataclass(frozen=True)
@@ -270,7 +306,7 @@ class ConsortiumRoot:
                 f"{sorted(keys)}, from `confide provision init`)"
             )
         name = doc["consortium"]
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not _is_name(name):
             raise ConfigError(f"{p}: consortium must be 1-64 of [A-Za-z0-9_.-]")
         try:
             key = _unb64(doc["public_key"], "public_key", 32)
@@ -291,7 +327,7 @@ def init_root(out: str | Path, consortium: str) -> ConsortiumRoot:
     ConfigError
         A bad name, or ``out`` already holds a root (never overwritten).
     """
-    if not isinstance(consortium, str) or not _NAME.fullmatch(consortium):
+    if not _is_name(consortium):
         raise ConfigError(f"the consortium name must be 1-64 of [A-Za-z0-9_.-], got {consortium!r}")
     d = Path(out)
     if (d / _ROOT_KEY_FILE).exists() or (d / _ROOT_FILE).exists():
@@ -341,7 +377,7 @@ def sign_certificate(
     ConfigError
         A bad id or key, or an unreadable root.
     """
-    if not isinstance(site_id, str) or not _ID.fullmatch(site_id):
+    if not _is_name(site_id):
         raise ConfigError(f"the site id must be 1-64 of [A-Za-z0-9_.-], got {site_id!r}")
     if not isinstance(identity_key, bytes) or len(identity_key) != 32:
         raise ConfigError("the identity key must be 32 raw Ed25519 public-key bytes")
@@ -557,27 +593,20 @@ class RevocationList:
             Not a revocation list: wrong format tag, missing or unexpected keys, wrong types.
         """
         keys = {"format", "consortium", "version", "issued_at", "revoked", "signature"}
-        if not isinstance(doc, Mapping) or set(doc) != keys:
-            raise SignatureError(f"a revocation list is a JSON object with keys {sorted(keys)}")
-        if doc["format"] != REVOCATION_FORMAT:
-            raise SignatureError(f"revocation list format must be {REVOCATION_FORMAT!r}")
-        if not isinstance(doc["consortium"], str) or not _NAME.fullmatch(doc["consortium"]):
+        doc = _fields(doc, keys, "revocation list", REVOCATION_FORMAT)
+        if not _is_name(doc["consortium"]):
             raise SignatureError("revocation list consortium must be 1-64 of [A-Za-z0-9_.-]")
         for name, low in (("version", 1), ("issued_at", 0)):
-            v = doc[name]
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            if not _is_whole(doc[name], low):
                 raise SignatureError(f"revocation list {name} must be an integer >= {low}")
         entries = doc["revoked"]
         if not isinstance(entries, list):
             raise SignatureError("revocation list revoked must be a list")
         revoked = []
         for e in entries:
-            if not isinstance(e, Mapping) or set(e) != {"site_id", "key_sha256", "reason"}:
-                raise SignatureError(
-                    "a revoked entry is an object with keys ['key_sha256', 'reason', 'site_id']"
-                )
+            e = _fields(e, {"site_id", "key_sha256", "reason"}, "revoked entry")
             sid, fp, reason = e["site_id"], e["key_sha256"], e["reason"]
-            if not isinstance(sid, str) or not _ID.fullmatch(sid):
+            if not _is_name(sid):
                 raise SignatureError("revoked site_id must be 1-64 of [A-Za-z0-9_.-]")
             if fp is not None and (not isinstance(fp, str) or not _FINGERPRINT.fullmatch(fp)):
                 raise SignatureError("revoked key_sha256 must be null or 64 lowercase hex digits")
@@ -601,19 +630,7 @@ class RevocationList:
         ConfigError
             The file cannot be read, is not JSON or not a revocation list.
         """
-        p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read the revocation list {p}: {exc.strerror or exc}"
-            ) from None
-        if len(data) > _MAX_LIST_BYTES:
-            raise ConfigError(f"{p} is over {_MAX_LIST_BYTES} bytes: not a revocation list")
-        try:
-            return cls.from_json(json.loads(data))
-        except ValueError as exc:  # JSON errors and SignatureError alike
-            raise ConfigError(f"{p} is not a revocation list: {exc}") from None
+        return _read_document(path, "revocation list", _MAX_LIST_BYTES, cls.from_json)
 
 
 def verify_revocation_list(
@@ -670,7 +687,7 @@ def revoke(
     ConfigError
         A bad id, key or reason, an unreadable root, or a ``previous`` list not signed by it.
     """
-    if not isinstance(site_id, str) or not _ID.fullmatch(site_id):
+    if not _is_name(site_id):
         raise ConfigError(f"the site id must be 1-64 of [A-Za-z0-9_.-], got {site_id!r}")
     if identity_key is not None and (
         not isinstance(identity_key, bytes) or len(identity_key) != 32

@@ -69,8 +69,12 @@ __all__ = [
     "decode_vector",
     "encode_vector",
     "finite_model",
+    "number_param",
+    "positive_param",
     "register",
+    "step_model",
     "streams",
+    "sum_mean",
     "weighted_mean",
 ]
 
@@ -196,10 +200,17 @@ def check_updates(
     if not updates:
         raise AggregateError("a round needs at least one accepted update to aggregate")
     for i, (delta, weight) in enumerate(updates):
-        if delta.shape != base.shape:
-            raise ShapeError(f"update {i} has shape {delta.shape}, expected {base.shape}")
-        if not (np.isfinite(weight) and weight > 0):
-            raise AggregateError(f"update {i} has weight {weight!r}; expected a finite value > 0")
+        _check_update(i, delta, weight, base.shape)
+
+
+def _check_update(
+    i: int, delta: NDArray[np.floating[Any]], weight: float, shape: tuple[int, ...]
+) -> None:
+    """Refuse update ``i`` unless ``delta`` has ``shape`` and ``weight`` is finite and > 0."""
+    if delta.shape != shape:
+        raise ShapeError(f"update {i} has shape {delta.shape}, expected {shape}")
+    if not (np.isfinite(weight) and weight > 0):
+        raise AggregateError(f"update {i} has weight {weight!r}; expected a finite value > 0")
 
 
 def finite_model(new: NDArray[np.float32]) -> NDArray[np.float32]:
@@ -213,6 +224,59 @@ def finite_model(new: NDArray[np.float32]) -> NDArray[np.float32]:
     if not np.isfinite(new).all():
         raise NonFiniteError("the aggregated model is not finite; refusing to publish it")
     return new
+
+
+def step_model(base: NDArray[np.float32], move: NDArray[np.float64]) -> NDArray[np.float32]:
+    """Return ``base + move`` computed in float64, as the float32 model, if it is finite.
+
+    Raises
+    ------
+    NonFiniteError
+        The step overflowed or an update carried NaN/Inf.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> step_model(np.ones(2, np.float32), np.array([0.5, -1.0])).tolist()
+    [1.5, 0.0]
+    """
+    return finite_model((base.astype(np.float64) + move).astype(np.float32))
+
+
+def number_param(name: str, value: object) -> float:
+    """Return the strategy parameter ``strategy.<name>`` as a float if it is a real number.
+
+    Raises
+    ------
+    ConfigError
+        ``value`` is a bool or not an int or float.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"strategy.{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def positive_param(name: str, value: object) -> float:
+    """Return ``strategy.<name>`` as a float if it is a finite number > 0.
+
+    Raises
+    ------
+    ConfigError
+        Not a number, or not finite and > 0.
+
+    Examples
+    --------
+    >>> positive_param("tau", 1)
+    1.0
+    >>> positive_param("tau", 0.0)
+    Traceback (most recent call last):
+    ...
+    confide.errors.ConfigError: strategy.tau must be finite and > 0, got 0.0
+    """
+    v = number_param(name, value)
+    if not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"strategy.{name} must be finite and > 0, got {value!r}")
+    return v
 
 
 def check_sum(
@@ -231,6 +295,21 @@ def check_sum(
         raise ShapeError(f"summed update has shape {weighted_sum.shape}, expected {base.shape}")
     if not (math.isfinite(total_weight) and total_weight > 0):
         raise AggregateError(f"the total weight is {total_weight!r}; expected a finite value > 0")
+
+
+def sum_mean(
+    base: NDArray[np.float32], weighted_sum: NDArray[np.floating[Any]], total_weight: float
+) -> NDArray[np.float64]:
+    """Return ``weighted_sum / total_weight`` in float64, after :func:`check_sum`'s checks.
+
+    Raises
+    ------
+    ShapeError, AggregateError
+        As :func:`check_sum`.
+    """
+    check_sum(base, weighted_sum, total_weight)
+    out: NDArray[np.float64] = weighted_sum.astype(np.float64) / total_weight
+    return out
 
 
 def weighted_mean(
@@ -296,11 +375,7 @@ class RunningSum:
         AggregateError
             ``weight`` is not finite and > 0.
         """
-        i = self.count
-        if delta.shape != self._shape:
-            raise ShapeError(f"update {i} has shape {delta.shape}, expected {self._shape}")
-        if not (np.isfinite(weight) and weight > 0):
-            raise AggregateError(f"update {i} has weight {weight!r}; expected a finite value > 0")
+        _check_update(self.count, delta, weight, self._shape)
         d = delta if prepare is None else prepare(delta)
         self.sum += weight * d.astype(np.float64)
         self.total_weight += weight

@@ -8,20 +8,20 @@ bit-identical models. Stateless: the state stays ``{}``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 from numpy.typing import NDArray
 
-from confide.errors import AggregateError, ConfigError, ShapeError
 from confide.strategies.base import (
     StrategyState,
     Update,
-    check_updates,
-    finite_model,
+    positive_param,
     register,
+    step_model,
+    sum_mean,
+    weighted_mean,
 )
 
 __all__ = ["FedAvg"]
@@ -52,11 +52,7 @@ class FedAvg:
     streaming: ClassVar[bool] = True
 
     def __init__(self, server_learning_rate: float = 1.0) -> None:
-        if not (math.isfinite(server_learning_rate) and server_learning_rate > 0):
-            raise ConfigError(
-                f"strategy.server_learning_rate must be finite and > 0, got {server_learning_rate}"
-            )
-        self.server_learning_rate = float(server_learning_rate)
+        self.server_learning_rate = positive_param("server_learning_rate", server_learning_rate)
 
     def initial_state(self) -> StrategyState:
         """FedAvg keeps no state."""
@@ -69,13 +65,8 @@ class FedAvg:
         state: StrategyState,
     ) -> tuple[NDArray[np.float32], StrategyState]:
         """Return ``base + eta * (weighted mean of the deltas)`` (see the module docstring)."""
-        check_updates(base, updates)
-        acc = np.zeros(base.shape[0], dtype=np.float64)
-        total = 0.0
-        for delta, weight in updates:  # the caller's fixed order keeps the sum reproducible
-            acc += weight * delta.astype(np.float64)
-            total += weight
-        return self._step(base, acc / total), {}
+        # weighted_mean sums in the caller's fixed order: the sum is reproducible.
+        return self._step(base, weighted_mean(base, updates)), {}
 
     def aggregate_sum(
         self,
@@ -85,14 +76,7 @@ class FedAvg:
         state: StrategyState,
     ) -> tuple[NDArray[np.float32], StrategyState]:
         """Return ``base + eta * weighted_sum / total_weight``."""
-        if weighted_sum.shape != base.shape:
-            raise ShapeError(f"summed update has shape {weighted_sum.shape}, expected {base.shape}")
-        if not (math.isfinite(total_weight) and total_weight > 0):
-            raise AggregateError(
-                f"the total weight is {total_weight!r}; expected a finite value > 0"
-            )
-        return self._step(base, weighted_sum.astype(np.float64) / total_weight), {}
+        return self._step(base, sum_mean(base, weighted_sum, total_weight)), {}
 
     def _step(self, base: NDArray[np.float32], mean: NDArray[np.float64]) -> NDArray[np.float32]:
-        new = (base.astype(np.float64) + self.server_learning_rate * mean).astype(np.float32)
-        return finite_model(new)
+        return step_model(base, self.server_learning_rate * mean)

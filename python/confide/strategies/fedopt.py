@@ -36,32 +36,25 @@ from confide.errors import AggregateError, ConfigError
 from confide.strategies.base import (
     StrategyState,
     Update,
-    check_sum,
     decode_vector,
     encode_vector,
-    finite_model,
+    number_param,
+    positive_param,
     register,
+    step_model,
+    sum_mean,
     weighted_mean,
 )
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedYogi"]
 
 
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"strategy.{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"strategy.{name} must be finite and > 0, got {value!r}")
-    return float(value)
-
-
 def _unit(name: str, value: float) -> float:
     """Check a decay rate in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"strategy.{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+    v = number_param(name, value)
+    if not (math.isfinite(v) and 0.0 <= v < 1.0):
         raise ConfigError(f"strategy.{name} must be in [0, 1), got {value!r}")
-    return float(value)
+    return v
 
 
 class _ServerOptimizer:
@@ -93,8 +86,7 @@ class _ServerOptimizer:
         state: StrategyState,
     ) -> tuple[NDArray[np.float32], StrategyState]:
         """Step with ``weighted_sum / total_weight``."""
-        check_sum(base, weighted_sum, total_weight)
-        return self._step(base, weighted_sum.astype(np.float64) / total_weight, state)
+        return self._step(base, sum_mean(base, weighted_sum, total_weight), state)
 
     @staticmethod
     def _moments(state: StrategyState) -> tuple[int, dict[str, Any]]:
@@ -113,7 +105,7 @@ class _ServerOptimizer:
         if step > 0 and missing:
             raise AggregateError(f"strategy state at step {step} lacks {missing}; it is damaged")
         move, new_moments = self._update(delta, moments if step > 0 else None)
-        new = finite_model((base.astype(np.float64) + move).astype(np.float32))
+        new = step_model(base, move)
         out: StrategyState = {"step": step + 1}
         for key in self._state_keys:
             out[key] = encode_vector(new_moments[key])
@@ -155,7 +147,7 @@ class FedAvgM(_ServerOptimizer):
     _state_keys: ClassVar[tuple[str, ...]] = ("m",)
 
     def __init__(self, server_learning_rate: float = 1.0, momentum: float = 0.9) -> None:
-        self.server_learning_rate = _positive("server_learning_rate", server_learning_rate)
+        self.server_learning_rate = positive_param("server_learning_rate", server_learning_rate)
         self.momentum = _unit("momentum", momentum)
 
     def _update(
@@ -177,10 +169,10 @@ class _Adaptive(_ServerOptimizer):
         beta2: float = 0.99,
         tau: float = 1e-3,
     ) -> None:
-        self.server_learning_rate = _positive("server_learning_rate", server_learning_rate)
+        self.server_learning_rate = positive_param("server_learning_rate", server_learning_rate)
         self.beta1 = _unit("beta1", beta1)
         self.beta2 = _unit("beta2", beta2)
-        self.tau = _positive("tau", tau)
+        self.tau = positive_param("tau", tau)
 
     def _update(
         self, delta: NDArray[np.float64], moments: dict[str, NDArray[np.float64]] | None

@@ -36,26 +36,16 @@ from confide.errors import AggregateError, ConfigError
 from confide.strategies.base import (
     StrategyState,
     Update,
-    check_sum,
     check_updates,
-    finite_model,
+    number_param,
+    positive_param,
     register,
+    step_model,
+    sum_mean,
     weighted_mean,
 )
 
 __all__ = ["Median", "NormBounding", "TrimmedMean"]
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"strategy.{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"strategy.{name} must be finite and > 0, got {value!r}")
-    return float(value)
-
-
-def _step(base: NDArray[np.float32], eta: float, mean: NDArray[np.float64]) -> NDArray[np.float32]:
-    return finite_model((base.astype(np.float64) + eta * mean).astype(np.float32))
 
 
 def _sorted_stack(base: NDArray[np.float32], updates: Sequence[Update]) -> NDArray[np.float64]:
@@ -111,7 +101,7 @@ class Median(_ClearOnly):
     """
 
     def __init__(self, server_learning_rate: float = 1.0) -> None:
-        self.server_learning_rate = _positive("server_learning_rate", server_learning_rate)
+        self.server_learning_rate = positive_param("server_learning_rate", server_learning_rate)
 
     def aggregate(
         self,
@@ -123,7 +113,7 @@ class Median(_ClearOnly):
         s = _sorted_stack(base, updates)
         n = s.shape[0]
         mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2.0
-        return _step(base, self.server_learning_rate, mid), {}
+        return step_model(base, self.server_learning_rate * mid), {}
 
 
 @register("trimmed_mean")
@@ -147,15 +137,14 @@ class TrimmedMean(_ClearOnly):
     """
 
     def __init__(self, trim_fraction: float = 0.1, server_learning_rate: float = 1.0) -> None:
-        if isinstance(trim_fraction, bool) or not isinstance(trim_fraction, int | float):
-            raise ConfigError(f"strategy.trim_fraction must be a number, got {trim_fraction!r}")
-        if not (math.isfinite(trim_fraction) and 0.0 <= trim_fraction < 0.5):
+        fraction = number_param("trim_fraction", trim_fraction)
+        if not (math.isfinite(fraction) and 0.0 <= fraction < 0.5):
             raise ConfigError(
                 f"strategy.trim_fraction must be in [0, 0.5) (the share dropped at each end), "
                 f"got {trim_fraction!r}"
             )
-        self.trim_fraction = float(trim_fraction)
-        self.server_learning_rate = _positive("server_learning_rate", server_learning_rate)
+        self.trim_fraction = fraction
+        self.server_learning_rate = positive_param("server_learning_rate", server_learning_rate)
 
     def trimmed(self, n: int) -> int:
         """Values dropped at each end of a coordinate when ``n`` updates arrived."""
@@ -174,7 +163,7 @@ class TrimmedMean(_ClearOnly):
         if n - 2 * k < 1:  # pragma: no cover - trim_fraction < 0.5 keeps one value
             raise AggregateError(f"trimmed mean of {n} updates with k={k} keeps nothing")
         kept = s[k : n - k]
-        return _step(base, self.server_learning_rate, kept.mean(axis=0)), {}
+        return step_model(base, self.server_learning_rate * kept.mean(axis=0)), {}
 
 
 @register("norm_bounding")
@@ -203,8 +192,8 @@ class NormBounding:
     streaming: ClassVar[bool] = True
 
     def __init__(self, max_norm: float = 1.0, server_learning_rate: float = 1.0) -> None:
-        self.max_norm = _positive("max_norm", max_norm)
-        self.server_learning_rate = _positive("server_learning_rate", server_learning_rate)
+        self.max_norm = positive_param("max_norm", max_norm)
+        self.server_learning_rate = positive_param("server_learning_rate", server_learning_rate)
 
     def initial_state(self) -> StrategyState:
         """Stateless."""
@@ -235,7 +224,7 @@ class NormBounding:
         check_updates(base, updates)
         clipped = [(self.clip(d), w) for d, w in updates]
         mean = weighted_mean(base, clipped)
-        return _step(base, self.server_learning_rate, mean), {}
+        return step_model(base, self.server_learning_rate * mean), {}
 
     def aggregate_sum(
         self,
@@ -245,6 +234,5 @@ class NormBounding:
         state: StrategyState,
     ) -> tuple[NDArray[np.float32], StrategyState]:
         """Step with ``weighted_sum / total_weight`` (the sites clipped before masking)."""
-        check_sum(base, weighted_sum, total_weight)
-        mean = weighted_sum.astype(np.float64) / total_weight
-        return _step(base, self.server_learning_rate, mean), {}
+        mean = sum_mean(base, weighted_sum, total_weight)
+        return step_model(base, self.server_learning_rate * mean), {}

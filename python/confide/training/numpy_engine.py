@@ -51,9 +51,10 @@ _ACTIVATIONS = ("tanh", "relu")
 _HEADS = ("classification", "regression")
 
 
-def _check_regression_xy(
+def _check_shapes(
     x: NDArray[Any], y: NDArray[Any], n_features: int
-) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """``x`` and ``y`` as arrays, refused unless ``(n, n_features)`` and ``(n,)`` with ``n > 0``."""
     x = np.asarray(x)
     y = np.asarray(y)
     if x.ndim != 2 or x.shape[1] != n_features:
@@ -62,6 +63,13 @@ def _check_regression_xy(
         raise DataError(f"y must have shape ({x.shape[0]},), got {y.shape}")
     if x.shape[0] == 0:
         raise DataError("x and y must hold at least one example")
+    return x, y
+
+
+def _check_regression_xy(
+    x: NDArray[Any], y: NDArray[Any], n_features: int
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    x, y = _check_shapes(x, y, n_features)
     if y.dtype == np.bool_ or not (
         np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)
     ):
@@ -76,14 +84,7 @@ def _check_regression_xy(
 def _check_xy(
     x: NDArray[Any], y: NDArray[Any], n_features: int, n_classes: int
 ) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim != 2 or x.shape[1] != n_features:
-        raise DataError(f"x must have shape (n, {n_features}), got {x.shape}")
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise DataError(f"y must have shape ({x.shape[0]},), got {y.shape}")
-    if x.shape[0] == 0:
-        raise DataError("x and y must hold at least one example")
+    x, y = _check_shapes(x, y, n_features)
     if not np.issubdtype(y.dtype, np.integer):
         raise ArrayTypeError(
             f"y must hold integer class labels, got dtype {y.dtype}; a real-valued target "
