@@ -238,6 +238,12 @@ def _write_job(work: Path, devices: int = 1) -> tuple[Path, Path]:
                         "enabled = true",
                         "adversarial_fraction = 0.0",
                         "dropout_fraction = 0.34",
+                        # Stages close as soon as every device answered; the long deadlines
+                        # only keep a loaded machine's slow start from aborting the round.
+                        "advertise = 120.0",
+                        "share = 120.0",
+                        "mask = 180.0",
+                        "unmask = 120.0",
                     ]
                     if devices > 1
                     else []
