@@ -666,6 +666,39 @@ class Store:
         )
 
     @staticmethod
+    def save_privacy_intent(cur: Tx, intent: dict[str, Any]) -> None:
+        """Write the pending privacy intent (one at a time; a job-level commit), in ``cur``.
+
+        Counted in the commit counter, so a database that lost it (a deleted write-ahead
+        log) is refused at start rather than forgetting a release that may have happened.
+        """
+        Store.bump_commits(cur)
+        Store.set_meta(cur, "privacy_intent", json.dumps(intent, sort_keys=True))
+
+    @staticmethod
+    def clear_privacy_intent(cur: Tx) -> None:
+        """Remove the pending privacy intent (it was charged or nothing was released)."""
+        cur.execute("DELETE FROM meta WHERE key='privacy_intent'")
+
+    def privacy_intent(self) -> dict[str, Any] | None:
+        """Return the pending privacy intent, or ``None``."""
+        raw = self.get_meta("privacy_intent")
+        if raw is None:
+            return None
+        intent: dict[str, Any] = json.loads(raw)
+        return intent
+
+    def privacy_round(self, round_id: int) -> PrivacyRow | None:
+        """Return one round's recorded privacy release, or ``None`` (not charged)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round, mode, events, epsilon_round, epsilon, epsilon_rdp, method, delta, "
+                "recorded_at_stage FROM privacy_rounds WHERE round=?",
+                (round_id,),
+            ).fetchone()
+        return None if row is None else self._privacy(row)
+
+    @staticmethod
     def save_ddg(cur: Tx, round_id: int, params: dict[str, Any], rotation_seed: bytes) -> None:
         """Store a distributed round's DDG parameters and public rotation seed, in ``cur``."""
         cur.execute(

@@ -34,6 +34,7 @@ from tests.support import PermissivePolicy, seeded_rng_factory
 #: Durable steps the server passes (see RoundEngine's crash hook).
 CRASH_POINTS = (
     "submission_committed",
+    "after_unmask",
     "model_written",
     "stage_committed",
     "before_round_commit",

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from confide.client.releases_log import ReleaseLog
+from confide.privacy.accountant import account, client_poisson_event
 from confide_server.config import load_config
 from confide_server.simulate import SimulationOptions, prepare_job
 from tests.e2e.conftest import Procs
@@ -89,7 +90,14 @@ def test_central_dp_server_killed_before_its_commit_keeps_one_noised_aggregate(
     assert procs.wait_exit(server) == 0, procs.all_logs()
     assert [procs.wait_exit(c) for c in clients] == [0, 0], procs.all_logs()
     doc = procs.final_status()
-    assert [r["status"] for r in doc["rounds"]] == ["committed", "committed"]
+    # The restart found round 1's write-ahead intent pending: charged and aborted, never
+    # closed again (a second close would be a second noise draw). Rounds 2 and 3 commit.
+    assert [r["status"] for r in doc["rounds"]] == ["aborted", "committed", "committed"]
+    assert "charged and aborted" in doc["rounds"][0]["reason"]
+    assert sorted(r["round"] for r in doc["rounds"] if r.get("privacy")) == [1, 2, 3]
+    assert doc["privacy"]["epsilon"] == pytest.approx(
+        account([client_poisson_event(1.0, 1.0, 3)], 1e-5).epsilon, rel=1e-9
+    )
     with sqlite3.connect(cfg.server.database) as conn:
         registered = {f"{sha}.safetensors" for (sha,) in conn.execute("SELECT sha256 FROM models")}
     on_disk = {p.name for p in models.glob("*.safetensors")}

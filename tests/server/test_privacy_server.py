@@ -156,7 +156,7 @@ def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path:
     assert eng.privacy.accountant.epsilon() == pytest.approx(summary["epsilon"], rel=1e-9)
 
 
-def test_crash_before_release_redraws_but_accounts_once(tmp_path: Path) -> None:
+def test_crash_before_release_charges_the_intent_and_never_redraws(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
     eng = _engine(cfg, clock, crash_at="model_written")
@@ -164,13 +164,16 @@ def test_crash_before_release_redraws_but_accounts_once(tmp_path: Path) -> None:
     for cid in "abc":
         eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
     with pytest.raises(Crash):
-        eng.tick()  # the noised blob exists on disk but was never registered nor served
+        eng.tick()  # the noised blob exists on disk, unregistered: the intent is pending
     assert read_privacy(eng.store)[1] == {}
     eng.store.close()
-    eng = _engine(cfg, clock)
-    assert eng.tick()
+    eng = _engine(cfg, clock)  # the restart charges the intent and aborts the round
     _, per_round = read_privacy(eng.store)
     assert list(per_round) == [1]
+    assert eng.store.get_round(1).status == "aborted"  # type: ignore[union-attr]
+    _round(eng, 2)  # the job goes on; round 1 is never recomputed (no second draw)
+    _, per_round = read_privacy(eng.store)
+    assert list(per_round) == [1, 2]
 
 
 def test_sample_mode_ships_dpsgd_and_accounts_at_round_start(tmp_path: Path) -> None:

@@ -38,10 +38,15 @@ one ``privacy_rounds`` row per round are written in the *same* SQLite transactio
 round transition that releases the round's noise: the round's start for ``sample`` (clients
 upload noised updates as soon as they have the task) and the transaction that stores the
 noised aggregate for ``central`` and ``distributed`` (for DDG the noised sum is fixed by the
-masked inputs: a server restarted before that transaction unmasks the *same* sum again). A
-central noised aggregate that was computed but not committed was never served (models are
-served only once registered), so after a crash it is recomputed with fresh noise and
-accounted once; after the commit it is never recomputed.
+masked inputs: a server restarted before that transaction unmasks the *same* sum again).
+
+Write-ahead charge (:meth:`JobPrivacy.intend`): just before a round's noised aggregate first
+exists (the SecAgg+ unmask of a ring mode, the central noise draw) the round's events are
+written as a pending intent (``meta.privacy_intent``) in their own transaction; the storing
+transaction replaces it by the charge. A restart that finds it pending charges the round
+(:meth:`JobPrivacy.charge_intent`, never twice): a ring round then asks its unmask again
+(the same sum), a central round is aborted (a second close would be a fresh noise draw).
+So the server's accounting never counts fewer releases than happened.
 """
 
 from __future__ import annotations
@@ -97,6 +102,8 @@ MODES = ("none", "sample", "central", "distributed", "sample_distributed")
 #: Modes whose noise is added by the sites inside the secure sum (ring-encoded SecAgg+ inputs).
 RING_MODES = ("distributed", "sample_distributed")
 BUDGET_EXHAUSTED = "privacy budget exhausted"
+#: Format tag of a pending write-ahead charge (``meta.privacy_intent``).
+INTENT_FORMAT = "confide-privacy-intent/1"
 
 
 @dataclass(frozen=True)
@@ -553,8 +560,13 @@ class JobPrivacy:
         PrivacyRow
             The round's privacy record.
         """
+        return self._account_events(round_id, stage, self.round_events(ddg))
+
+    def _account_events(
+        self, round_id: int, stage: str, events: Sequence[PrivacyEvent]
+    ) -> PrivacyRow:
         self._join_prefetch()
-        rec = self.accountant.record_round(round_id, self.round_events(ddg))
+        rec = self.accountant.record_round(round_id, events)
         self._prefetch_next()
         return PrivacyRow(
             round=round_id,
@@ -601,8 +613,81 @@ class JobPrivacy:
         self._prefetch.start()
 
     def persist(self, cur: Tx, row: PrivacyRow) -> None:
-        """Write an accounted round and the accountant's state inside ``cur`` (fast)."""
+        """Write an accounted round and the accountant's state inside ``cur`` (fast).
+
+        The pending intent (:meth:`intend`) is settled in the same transaction: from then
+        on the round's charge is the ``privacy_rounds`` row.
+        """
         Store.insert_privacy_round(cur, row, self.accountant.to_state())
+        Store.clear_privacy_intent(cur)
+
+    # -- write-ahead charge of a noised aggregate ------------------------------------------
+    def intend(self, round_id: int, stage: str, ddg: RoundNoise | None = None) -> None:
+        """Durably record, in its own transaction, that ``round_id`` is about to release.
+
+        Called just before the round's noised aggregate first exists: before the SecAgg+
+        unmask of a ring mode, before the central noise is drawn and written. The intent
+        holds the round's events (the mechanism's parameters); the transaction that stores
+        the aggregate charges the round and clears it (:meth:`persist`), an in-process abort
+        that released nothing clears it, and a restart that finds it pending charges it
+        (:meth:`charge_intent`): the server's ledger never counts fewer releases than
+        happened. Writing the same pending intent again (a retried close) is a no-op.
+
+        Parameters
+        ----------
+        round_id : int
+            The round.
+        stage : str
+            The stage whose close computes the aggregate.
+        ddg : DDGParams or SampleDDGParams, optional
+            Ring modes: the round's noise parameters.
+        """
+        store = self._require_store()
+        intent = {
+            "format": INTENT_FORMAT,
+            "job_id": store.get_meta("job_id"),
+            "round": round_id,
+            "stage": stage,
+            "mode": self.mode,
+            "events": [e.to_dict() for e in self.round_events(ddg)],
+        }
+        pending = store.privacy_intent()
+        if pending is not None and json.dumps(pending, sort_keys=True) == json.dumps(
+            intent, sort_keys=True
+        ):
+            return
+        with store.transaction() as cur:
+            Store.save_privacy_intent(cur, intent)
+
+    def pending_intent(self, round_id: int | None = None) -> dict[str, Any] | None:
+        """Return the pending intent (of ``round_id`` when given), or ``None``."""
+        if self._store is None or not self.enabled:
+            return None
+        intent = self._store.privacy_intent()
+        if intent is None or (round_id is not None and int(intent["round"]) != round_id):
+            return None
+        return intent
+
+    def charge_intent(self, intent: dict[str, Any]) -> PrivacyRow | None:
+        """Account a pending intent's round; ``None`` when that round is already charged.
+
+        Persist the row with :meth:`persist` (which also clears the intent). Replaying an
+        intent never charges twice: a round with a ``privacy_rounds`` row is not accounted
+        again (and the accountant itself is idempotent per round).
+        """
+        from confide.privacy.accountant import PrivacyEvent
+
+        store = self._require_store()
+        round_id = int(intent["round"])
+        if store.privacy_round(round_id) is not None:
+            return None
+        events = [PrivacyEvent.from_dict(e) for e in intent["events"]]
+        return self._account_events(round_id, str(intent["stage"]), events)
+
+    def _require_store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("JobPrivacy.open() was not called")
+        return self._store
 
     def record(
         self, cur: Tx, round_id: int, stage: str, ddg: RoundNoise | None = None

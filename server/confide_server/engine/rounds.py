@@ -360,6 +360,7 @@ class RoundEngine:
             job = self.config.job
             for n in sorted({max(job.start_threshold, 2), job.cohort_size}):
                 self._secure_params(n)
+        self._settle_privacy_intent()
         self._load()
         self._check_current_model()
         self._remove_unregistered_models()
@@ -606,8 +607,9 @@ class RoundEngine:
     def abort_open_round(self, reason: str) -> int | None:
         """Abort the open round now; return its number (``None``: no round is open).
 
-        Nothing new is charged to the privacy budget: what an aborted round already
-        released was accounted when it was released (docs/privacy.md).
+        What an aborted round already released was accounted when it was released; a
+        noised aggregate this process computed but has not stored yet (its write-ahead
+        intent is pending) is charged now (docs/privacy.md).
         """
         with self._tick_lock:
             with self._lock:
@@ -1169,12 +1171,18 @@ class RoundEngine:
             )
             return
         if cur.stage == "train":
+            central = self.privacy.mode == "central"
+            if central:
+                # Write-ahead: the noise is drawn and written to disk below.
+                self.privacy.intend(cur.round, cur.stage)
             new_sha, state = self._aggregate(cur)
+            if central:
+                self._released_round = cur.round
             self._crash("model_written")
             nxt = self.stages[1]
             released = None
-            if self.privacy.mode == "central":
-                # The noised model is served only once registered, in the transaction below.
+            if central:
+                # Charged in the transaction that registers (and so serves) the noised model.
                 released = self.privacy.account(cur.round, cur.stage)
             deadline = self._clock() + nxt.deadline_s
 
@@ -1211,8 +1219,9 @@ class RoundEngine:
         stagelog.job_ended(status, reason)
         self._crash("budget_exhausted")
 
-    #: The round whose SecAgg+ sum this process unmasked (its noised sum is known here).
-    _unmasked_round: int | None = None
+    #: The round whose noised aggregate this process computed (a SecAgg+ sum unmasked, a
+    #: central noise draw written): an abort of that round charges its pending intent.
+    _released_round: int | None = None
 
     def _close_secure(self, cur: RoundRow, answered: list[str]) -> None:
         """Close a SecAgg+ stage; after unmask, commit the weighted mean as the next model."""
@@ -1231,11 +1240,15 @@ class RoundEngine:
         new: tuple[str, StrategyState] | None = None
         ddg = self._round_ddg(cur.round)
         # An unmask whose close then failed transiently: the retry finds the shares spent.
-        unmasked_before = self._unmasked_round == cur.round
+        unmasked_before = self._released_round == cur.round
         try:
+            if ddg is not None and cur.stage == "unmask":
+                # Write-ahead: once unmasked, the noised sum is known to this server.
+                self.privacy.intend(cur.round, cur.stage, ddg[0])
             proto_next, result = secure.close(cur.stage)
             if result is not None:
-                self._unmasked_round = cur.round
+                self._released_round = cur.round
+                self._crash("after_unmask")
             new = None if result is None else self._secure_model(cur, result, ddg)
         except Exception as exc:
             unmasked = result is not None or unmasked_before
@@ -1263,8 +1276,8 @@ class RoundEngine:
             )
         released = None
         if new is not None and ddg is not None:
-            # Write-ahead, as in central mode: accounted in the transaction that registers
-            # the model (models are served only once registered).
+            # Charged in the transaction that registers the model (its intent was written
+            # before the unmask; a restart that finds it pending charges it).
             released = self.privacy.account(cur.round, cur.stage, ddg[0])
         deadline = self._clock() + nxt.deadline_s
         snapshot = secure.snapshot(result)
@@ -1487,11 +1500,26 @@ class RoundEngine:
         self._crash("round_committed")
 
     def _abort(
-        self, cur: RoundRow, reason: str, ddg: DDGParams | SampleDDGParams | None = None
+        self,
+        cur: RoundRow,
+        reason: str,
+        ddg: DDGParams | SampleDDGParams | None = None,
+        *,
+        released: PrivacyRow | None = None,
     ) -> None:
+        """Abort ``cur``; charge it when its noised aggregate may have been released.
+
+        Charged: with ``ddg`` (a ring round whose sum was unmasked), with ``released`` (a
+        pending intent charged at restart), or when this process computed the round's
+        noised aggregate and its intent is still pending. The intent is cleared either way.
+        """
         aborts = self._consecutive_aborts + 1
         status = "failed" if aborts >= self.config.job.max_consecutive_aborts else "running"
-        released = None if ddg is None else self.privacy.account(cur.round, cur.stage, ddg)
+        intent = self.privacy.pending_intent(cur.round)
+        if released is None and ddg is not None:
+            released = self.privacy.account(cur.round, cur.stage, ddg)
+        elif released is None and intent is not None and self._released_round == cur.round:
+            released = self.privacy.charge_intent(intent)
         now = self._clock()
         with self.store.transaction() as db:
             Store.abort_round(db, cur.round, now, reason)
@@ -1499,6 +1527,8 @@ class RoundEngine:
             Store.set_meta(db, "status", status)
             if released is not None:
                 self.privacy.persist(db, released)
+            elif intent is not None:
+                Store.clear_privacy_intent(db)  # this process knows nothing was released
         with self._lock:
             self._consecutive_aborts = aborts
             self.status = status
@@ -1512,6 +1542,61 @@ class RoundEngine:
         if status != "running":
             stagelog.job_ended(status, "too many consecutive aborted rounds")
         self._crash("round_aborted")
+
+    def _settle_privacy_intent(self) -> None:
+        """At start: charge a release the previous process may have made (pending intent).
+
+        A pending intent means the server was stopped (SIGKILL, power loss) after it began
+        computing a round's noised aggregate and before the transaction that stores it. The
+        aggregate may have been computed, written or seen, so the round is charged now with
+        the intent's events (conservative), once: a round already charged is not charged
+        again. Then:
+
+        * a ring-mode round stopped at its unmask goes on: the unmask is asked again
+          (:meth:`_recover_secure`) and the survivors' answers to the same request are the
+          same, so its sum is the very same release (the storing transaction finds the round
+          charged); if the answers do not come, the round aborts, still charged;
+        * any other round (central DP) is aborted: a second close would draw fresh noise,
+          a second release of the same updates.
+        """
+        intent = self.privacy.pending_intent()
+        if intent is None:
+            return
+        round_id = int(intent["round"])
+        released = self.privacy.charge_intent(intent)
+        row = self.store.get_round(round_id)
+        is_open = row is not None and row.status == "open"
+        resume = (
+            is_open
+            and row is not None
+            and self.privacy.mode in RING_MODES
+            and row.stage == intent["stage"] == "unmask"
+        )
+        outcome = "asked again" if resume else "aborted" if is_open else "already closed"
+        log.warning(
+            "privacy: round %d (%s) was stopped between computing its noised aggregate at "
+            "stage %r and storing it; the round is %s%s and %s",
+            round_id,
+            intent["mode"],
+            intent["stage"],
+            "charged" if released is not None else "already charged",
+            "" if released is None else f" (epsilon now {released.epsilon:.6g})",
+            outcome,
+        )
+        if is_open and row is not None and not resume:
+            self._consecutive_aborts = int(self.store.get_meta("consecutive_aborts") or 0)
+            self._abort(
+                row,
+                f"the server stopped after starting the {intent['stage']} release of round "
+                f"{round_id} and before storing it; charged and aborted (docs/privacy.md)",
+                released=released,
+            )
+            return
+        with self.store.transaction() as db:
+            if released is not None:
+                self.privacy.persist(db, released)
+            else:
+                Store.clear_privacy_intent(db)
 
     def _retain(self, round_id: int) -> None:
         """Apply ``[retention]`` after ``round_id`` closed (best effort, never fails it).
