@@ -150,6 +150,7 @@ def run_confide(
         "committed": len(report.committed),
         "updates_per_round": [(r["metrics"] or {}).get("train_clients") for r in report.committed],
         "s_per_round": sum(per_round) / len(per_round) if per_round else None,
+        "rounds_s": per_round,
         "wall_s": wall,
         "peak_rss_mib": peak.peak / MIB,
         "per_client_mib": mem["per_client_mib"],

@@ -14,19 +14,32 @@ __all__ = ["UPLOADS_PER_CLIENT", "BusyError", "NonceCache", "Notifier", "UploadG
 
 
 class Notifier:
-    """Wake every waiter when the round state changes."""
+    """Wake every waiter when the round state changes.
+
+    A long poll reads the state and then waits for the next change; a change that lands
+    between the two must still wake it. It takes a :meth:`ticket` *before* reading the
+    state and waits on that ticket, which any later :meth:`notify` has already set.
+    """
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
 
     def notify(self) -> None:
-        """Wake all current waiters."""
+        """Wake all current waiters (and every ticket taken before this call)."""
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:
-        """Wait for the next :meth:`notify` or ``timeout`` seconds, whichever comes first."""
-        event = self._event
+    def ticket(self) -> asyncio.Event:
+        """Return the event the next :meth:`notify` sets (take it before reading the state)."""
+        return self._event
+
+    async def wait(self, timeout: float, ticket: asyncio.Event | None = None) -> None:
+        """Wait for the next :meth:`notify` or ``timeout`` seconds, whichever comes first.
+
+        With ``ticket`` (from :meth:`ticket`), a notify since the ticket was taken returns
+        at once: it is not lost while the caller was reading the state.
+        """
+        event = self._event if ticket is None else ticket
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 

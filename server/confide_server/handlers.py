@@ -256,12 +256,15 @@ async def get_task(request: web.Request) -> web.Response:
         if engine.idle:
             # A client that is (still) polling may complete the set a round is waiting for.
             request.app[wake_key].set()
+        # Taken before the state is read: a stage that closes while task_for runs in its
+        # thread (the round timer notifies before this coroutine resumes) still wakes us.
+        ticket = request.app[notifier_key].ticket()
         # In a worker thread: the engine lock may be held by a durable commit.
         task = await asyncio.to_thread(engine.task_for, signed.client_id)
         remaining = deadline - time.monotonic()
         if task.action != "wait" or remaining <= 0:
             return web.json_response(task.to_json())
-        await request.app[notifier_key].wait(remaining)
+        await request.app[notifier_key].wait(remaining, ticket)
         # Still polling after a state change (e.g. a round closed): this client is alive.
         engine.touch(signed.client_id)
 

@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ __all__ = [
     "job_document",
     "prepare_job",
     "run_simulation",
+    "watch_rounds",
 ]
 
 _MARKER = ".confide-simulate"
@@ -234,6 +235,47 @@ def start_job(
     root = provision_sites(work, [f"hospital-{k}" for k in range(1, len(tokens) + 1)])
     policy.write_text(site_policy_for(job, root).to_toml())
     return StartedJob(server, tokens, policy)
+
+
+def watch_rounds(
+    server: subprocess.Popen[bytes],
+    status_url: str,
+    token: str,
+    on_round: Callable[[dict[str, Any]], None],
+    *,
+    t0: float,
+    timeout: float,
+    on_poll: Callable[[], None] | None = None,
+    interval: float = 0.1,
+) -> tuple[dict[str, Any] | None, bool]:
+    """Follow the job's status until its server exits; report each closed round once.
+
+    Shared by both backends: every ``interval`` seconds ``on_poll`` (if given) is called
+    and the operator's status page read; ``on_round`` gets each round row the first time
+    it is committed or aborted.
+
+    Returns
+    -------
+    tuple
+        ``(status, timed_out)``: the last status read (``None`` if none was) and whether
+        ``timeout`` seconds since ``t0`` passed with the server still running.
+    """
+    shown: set[int] = set()
+    status: dict[str, Any] | None = None
+    while server.poll() is None:
+        if time.monotonic() - t0 > timeout:
+            return status, True
+        if on_poll is not None:
+            on_poll()
+        doc = get_json(status_url, token=token)
+        if doc is not None:
+            status = doc
+            for r in doc["rounds"]:
+                if r["status"] in ("committed", "aborted") and r["round"] not in shown:
+                    shown.add(r["round"])
+                    on_round(r)
+        time.sleep(interval)
+    return status, False
 
 
 def prepare_job(workdir: str | Path, opts: SimulationOptions) -> JobFiles:
@@ -730,32 +772,26 @@ def run_simulation(
             f"{'accuracy':>8}  {'eps(round)':>10}  {'eps(total)':>10}  {'elapsed':>7}",
             flush=True,
         )
-        shown: set[int] = set()
-        status: dict[str, Any] | None = None
-        while server.poll() is None:
-            if time.monotonic() - t0 > timeout:
-                print(f"timed out after {timeout} s", file=sys.stderr)
-                return 1
-            doc = get_json(status_url, token=token)
-            if doc is not None:
-                status = doc
-                for r in doc["rounds"]:
-                    if r["status"] in ("committed", "aborted") and r["round"] not in shown:
-                        shown.add(r["round"])
-                        m = r["metrics"] or {}
-                        loss = m.get("train_loss")
-                        acc = m.get("eval_accuracy")
-                        print(
-                            f"{r['round']:>5}  {r['status']:<9}  "
-                            f"{m.get('train_clients', 0):>3}/{len(r['cohort']):<3}  "
-                            f"{'-' if loss is None else f'{loss:.4f}':>10}  "
-                            f"{'-' if acc is None else f'{acc:.4f}':>8}  "
-                            f"{_eps(r.get('privacy'), 'epsilon_round'):>10}  "
-                            f"{_eps(r.get('privacy'), 'epsilon'):>10}  "
-                            f"{time.monotonic() - t0:>6.1f}s",
-                            flush=True,
-                        )
-            time.sleep(0.1)
+
+        def show(r: dict[str, Any]) -> None:
+            m = r["metrics"] or {}
+            loss = m.get("train_loss")
+            acc = m.get("eval_accuracy")
+            print(
+                f"{r['round']:>5}  {r['status']:<9}  "
+                f"{m.get('train_clients', 0):>3}/{len(r['cohort']):<3}  "
+                f"{'-' if loss is None else f'{loss:.4f}':>10}  "
+                f"{'-' if acc is None else f'{acc:.4f}':>8}  "
+                f"{_eps(r.get('privacy'), 'epsilon_round'):>10}  "
+                f"{_eps(r.get('privacy'), 'epsilon'):>10}  "
+                f"{time.monotonic() - t0:>6.1f}s",
+                flush=True,
+            )
+
+        status, timed_out = watch_rounds(server, status_url, token, show, t0=t0, timeout=timeout)
+        if timed_out:
+            print(f"timed out after {timeout} s", file=sys.stderr)
+            return 1
         server_rc = server.wait()
         final = subprocess.run(  # noqa: S603
             _server_cmd("status", "--config", str(files.config), "--json"),

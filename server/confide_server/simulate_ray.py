@@ -87,12 +87,13 @@ from confide.protocol.tasks import (
 from confide.training import NumpyTrainer, build_trainer
 from confide_server.auth import operator_token
 from confide_server.config import parse_config, render_toml
-from confide_server.launcher import Launcher, free_port, get_json
+from confide_server.launcher import Launcher, free_port
 from confide_server.simulate import (
     SimulationOptions,
     clear_output,
     job_document,
     start_job,
+    watch_rounds,
 )
 
 __all__ = [
@@ -534,6 +535,28 @@ async def _virtual_client(
     return outcome
 
 
+def _site_client_args(
+    spec: SiteSpec,
+    poll_wait: float,
+    retry_timeout: float,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    """Return the keyword arguments every full client of ``spec``'s site is built with.
+
+    One place for the round client (:func:`_materialised_round`) and the always-live one
+    (:func:`_live_client`): the site's policy, polling, retries, straggler delay, source
+    address and log.
+    """
+    return {
+        "policy": SitePolicy.load(spec.policy_path) if spec.policy_path else None,
+        "poll_wait": poll_wait,
+        "retry_timeout": retry_timeout,
+        "delay_s": spec.delay_s,
+        "source_addr": spec.source_addr,
+        "log": log,
+    }
+
+
 async def _materialised_round(
     server_url: str,
     spec: SiteSpec,
@@ -554,13 +577,8 @@ async def _materialised_round(
     client = _RoundClient(
         server_url,
         spec.state_dir,
-        policy=SitePolicy.load(spec.policy_path) if spec.policy_path else None,
-        poll_wait=poll_wait,
-        retry_timeout=retry_timeout,
-        delay_s=spec.delay_s,
-        source_addr=spec.source_addr,
+        **_site_client_args(spec, poll_wait, retry_timeout, log),
         session=session,
-        log=log,
         first=first,
         manifest=manifest,
         counts=outcome,
@@ -591,14 +609,7 @@ async def _live_client(
     on_task = _fault_hook(spec)
     while True:
         client = _SimClient(
-            server_url,
-            spec.state_dir,
-            policy=SitePolicy.load(spec.policy_path) if spec.policy_path else None,
-            poll_wait=poll_wait,
-            retry_timeout=retry_timeout,
-            delay_s=spec.delay_s,
-            source_addr=spec.source_addr,
-            log=log,
+            server_url, spec.state_dir, **_site_client_args(spec, poll_wait, retry_timeout, log)
         )
         try:
             async with client:
@@ -1043,29 +1054,36 @@ def run_ray_simulation(
         ]
         pending = [actor.run.remote() for actor in actors]
         say(f"{n_actors} Ray actors, {math.ceil(opts.clients / n_actors)} virtual clients each")
-        shown: set[int] = set()
         token = operator_token(job.server.state_dir)
-        while server.poll() is None:
-            if time.monotonic() - t0 > timeout:
-                errors.append(f"timed out after {timeout} s")
-                break
-            server_peak = max(server_peak, _proc_rss(server.pid))
-            got = get_json(status_url, token=token)
-            if got is not None:
-                status = got
-                for r in got["rounds"]:
-                    if r["status"] in ("committed", "aborted") and r["round"] not in shown:
-                        shown.add(r["round"])
-                        m = r["metrics"] or {}
-                        eps = (r.get("privacy") or {}).get("epsilon")
-                        say(
-                            f"round {r['round']:>3} {r['status']:<9} "
-                            f"{m.get('train_clients', 0)}/{len(r['cohort'])} updates, "
-                            f"accuracy {m.get('eval_accuracy', float('nan')):.4f}, "
-                            f"epsilon {'-' if eps is None else f'{eps:.3f}'}, "
-                            f"{time.monotonic() - t0:.1f} s"
-                        )
-            time.sleep(0.2)
+        peaks = [0]
+
+        def show(r: dict[str, Any]) -> None:
+            m = r["metrics"] or {}
+            eps = (r.get("privacy") or {}).get("epsilon")
+            say(
+                f"round {r['round']:>3} {r['status']:<9} "
+                f"{m.get('train_clients', 0)}/{len(r['cohort'])} updates, "
+                f"accuracy {m.get('eval_accuracy', float('nan')):.4f}, "
+                f"epsilon {'-' if eps is None else f'{eps:.3f}'}, "
+                f"{time.monotonic() - t0:.1f} s"
+            )
+
+        def sample_rss() -> None:
+            peaks[0] = max(peaks[0], _proc_rss(server.pid))
+
+        status, timed_out = watch_rounds(
+            server,
+            status_url,
+            token,
+            show,
+            t0=t0,
+            timeout=timeout,
+            on_poll=sample_rss,
+            interval=0.2,
+        )
+        server_peak = peaks[0]
+        if timed_out:
+            errors.append(f"timed out after {timeout} s")
         server_rc = server.wait(timeout=30) if server.poll() is None and not errors else None
         server_rc = server.poll() if server_rc is None else server_rc
         wall = time.monotonic() - t0

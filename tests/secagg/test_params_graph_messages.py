@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from confide.secagg import (
     ConsistencyRequest,
     InfeasibleConfigError,
+    KeyBroadcast,
     MessageFormatError,
     SecAggParams,
     ThreatModel,
@@ -152,3 +154,45 @@ def test_response_cannot_hold_both_kinds_for_one_owner() -> None:
             self_shares=(("b", b"x"),),
             key_shares=(("b", b"y"),),
         )
+
+
+def test_decoding_runs_the_cross_field_checks() -> None:
+    """from_json sets the decoded fields directly (each checked once by its codec) and still
+    runs the message's cross-field checks."""
+    both = {
+        "type": "UnmaskResponse",
+        "round": 1,
+        "client_id": "a",
+        "session_id": base64.b64encode(bytes(32)).decode(),
+        "self_shares": {"b": base64.b64encode(b"x").decode()},
+        "key_shares": {"b": base64.b64encode(b"y").decode()},
+    }
+    with pytest.raises(MessageFormatError, match="both kinds"):
+        UnmaskResponse.from_json(both)
+    setup, _ = make_setup(make_params(4), d=3)
+    unsorted = wire(setup)
+    unsorted["cohort"] = list(reversed(unsorted["cohort"]))
+    with pytest.raises(MessageFormatError, match="cohort must be sorted"):
+        type(setup).from_json(unsorted)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda a: a.update(client_id="b c"),
+        lambda a: a.update(enc_pk=base64.b64encode(bytes(31)).decode()),
+        lambda a: a.update(signature="not base64!"),
+        lambda a: a.update(round=-1),
+    ],
+)
+def test_a_bad_field_of_a_nested_advertisement_is_refused(mutate: object) -> None:
+    setup, keys = make_setup(make_params(4), d=3)
+    r = Round(setup, keys)
+    assert r.server is not None
+    for c in setup.cohort:
+        r.server.receive_advertisement(wire(r.clients[c].advertise()))
+    bcast = wire(r.server.close_advertise())
+    assert KeyBroadcast.from_json(bcast).advertisements[1].client_id == "c001"
+    mutate(bcast["advertisements"][1])  # type: ignore[operator]
+    with pytest.raises(MessageFormatError):
+        KeyBroadcast.from_json(bcast)

@@ -39,9 +39,12 @@ so the weight element of the sum is just the number of masked inputs in it.
 from __future__ import annotations
 
 import hmac
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NoReturn
 
 import numpy as np
@@ -61,6 +64,7 @@ from confide.secagg.crypto import (
     pack_share_bundle,
     roster_payload,
     self_commitment,
+    session_id,
     sign,
     unpack_share_bundle,
     verify,
@@ -85,6 +89,63 @@ from confide.shamir import split_secret
 __all__ = ["ClientSecAgg"]
 
 _MAX_SHARE = 1024
+
+
+@dataclass(frozen=True)
+class _Broadcast:
+    """What a key broadcast implies, the same for every cohort member (public values only).
+
+    ``bad_signature``: the first advertisement whose signature does not verify (``None``:
+    all do); ``session``: the hash of the setup and every advertisement; ``graph``: the
+    round's neighbour graph from that session (``None`` when ``session`` differs from the
+    broadcast's ``session_id``, which makes every client abort before it is needed).
+    """
+
+    bad_signature: str | None
+    session: bytes
+    graph: Mapping[str, tuple[str, ...]] | None
+
+
+#: Key broadcasts already derived in this process (the Ray simulation runs many virtual
+#: sites per process, and each of them would otherwise verify the same cohort's signed
+#: advertisements, hash the same session and build the same graph). Keyed by the exact
+#: setup and broadcast (frozen messages, compared field by field); a broadcast with a bad
+#: signature is never remembered. A real site derives each broadcast once anyway.
+_BROADCASTS: OrderedDict[tuple[RoundSetup, KeyBroadcast], _Broadcast] = OrderedDict()
+_BROADCASTS_MAX = 4
+_BROADCASTS_LOCK = threading.Lock()
+
+
+def _derive_broadcast(setup: RoundSetup, digest: bytes, msg: KeyBroadcast) -> _Broadcast:
+    """Return (once per process and broadcast) the public values ``msg`` implies."""
+    key = (setup, msg)
+    with _BROADCASTS_LOCK:
+        known = _BROADCASTS.get(key)
+    if known is not None:
+        return known
+    identity = dict(setup.identity_keys)
+    payloads = [proto.payload(setup, digest, a) for a in msg.advertisements]
+    for a, signed in zip(msg.advertisements, payloads, strict=True):
+        if not verify(identity[a.client_id], a.signature, signed):
+            return _Broadcast(a.client_id, b"", None)  # not remembered
+    session = session_id(
+        digest,
+        setup.round,
+        (
+            (a.client_id, signed + a.signature)
+            for a, signed in zip(msg.advertisements, payloads, strict=True)
+        ),
+    )
+    graph = None
+    if hmac.compare_digest(session, msg.session_id):
+        ids = [a.client_id for a in msg.advertisements]
+        graph = MappingProxyType(proto.neighbours(setup, ids, session))
+    out = _Broadcast(None, session, graph)
+    with _BROADCASTS_LOCK:
+        _BROADCASTS[key] = out
+        while len(_BROADCASTS) > _BROADCASTS_MAX:
+            _BROADCASTS.popitem(last=False)
+    return out
 
 
 @dataclass
@@ -301,6 +362,8 @@ class ClientSecAgg:
         mine = [a for a in msg.advertisements if a.client_id == self.client_id]
         if not mine or mine[0] != self._advert:
             self._abort("own-advert-altered", "our advertisement is missing or altered")
+        # Every signature, the session and the graph: public, the same for every member.
+        derived = _derive_broadcast(setup, self._digest, msg)
         for a in msg.advertisements:
             if a.round != setup.round:
                 self._abort("wrong-round", f"advertisement of {a.client_id!r} is for another round")
@@ -310,16 +373,14 @@ class ClientSecAgg:
                     f"{a.client_id!r} was given another task for this round (model, training "
                     "config or privacy parameters differ from ours)",
                 )
-            if not verify(
-                setup.identity_key(a.client_id), a.signature, proto.payload(setup, self._digest, a)
-            ):
+            if a.client_id == derived.bad_signature:
                 self._abort("bad-signature", f"advertisement of {a.client_id!r} is not signed")
-        session = proto.compute_session(setup, self._digest, msg.advertisements)
-        if not hmac.compare_digest(session, msg.session_id):
+        session = derived.session
+        if derived.graph is None or not hmac.compare_digest(session, msg.session_id):
             self._abort("wrong-session", "session id is not the hash of the advertisements")
         self._session = session
         self._advertised = frozenset(ids)
-        graph = proto.neighbours(setup, ids, session)
+        graph = derived.graph
         self._nbrs = graph[self.client_id]
         group = proto.share_group(graph, self.client_id)
         adverts = {a.client_id: a for a in msg.advertisements}

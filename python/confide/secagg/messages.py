@@ -269,8 +269,15 @@ class Message:
             raise MessageFormatError(
                 f"{cls.__name__}: missing fields {sorted(missing)}, unexpected {sorted(extra)[:5]}"
             )
-        kwargs = {n: cls._SPEC[n].decode(n, data[n]) for n in names}
-        return cls(**kwargs)
+        # Each codec's decode checks the value it returns (the field checks of
+        # __post_init__); building the object through __init__ would run them all again
+        # (for a key broadcast: every advertisement's fields twice more). So the fields are
+        # set as the frozen dataclass's __init__ sets them, and the cross-field checks run.
+        obj = cls.__new__(cls)
+        for n in names:
+            object.__setattr__(obj, n, cls._SPEC[n].decode(n, data[n]))
+        obj._validate()
+        return obj
 
 
 def decode(data: Mapping[str, Any]) -> Message:
