@@ -37,8 +37,9 @@ from confide.protocol.certs import (
 from confide.protocol.signing import Identity
 from confide.protocol.tls_certs import issue_tls
 from tests.cli.conftest import CONFIDE, run
-from tests.security.peers import assert_nothing_stored_from, server_url, victim_among_puppets
+from tests.security.peers import assert_nothing_stored_from, victim_among_puppets
 from tests.server.util import write_job
+from tests.sites import server_url
 
 SECURE = {
     "secagg__enabled": True,

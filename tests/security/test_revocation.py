@@ -37,9 +37,10 @@ from confide.protocol.certs import (
 )
 from confide.protocol.signing import Identity
 from tests.cli.conftest import CONFIDE, run
-from tests.security.peers import assert_nothing_stored_from, server_url, victim_among_puppets
+from tests.security.peers import assert_nothing_stored_from, victim_among_puppets
 from tests.security.test_certified_peers import SECURE
 from tests.server.util import write_job
+from tests.sites import server_url
 
 # The known answer: root key = 32 bytes 0x09, consortium "c", site-2's key = 32 bytes 0x01.
 KAT_ROOT_PUBLIC = "/RckOFqgx1tk+3jNYC+h2ZH96/drE8WO1wLqyDXp9hg="
