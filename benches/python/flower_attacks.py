@@ -587,29 +587,26 @@ def attack_reroll() -> list[Outcome]:
     out = []
     nodes, _ = federation(3, seed=8)
     srv = Server(nodes)
+
+    def setup_again(variant: str, detail: str) -> Outcome:
+        """A second ``setup`` for the same round (group_id): do the clients answer fresh keys?"""
+        first = dict(srv.pks)
+        srv.setup(share_num=3, threshold=2)
+        fresh = sum(first[n] != srv.pks[n] for n in nodes)
+        verdict = "falls" if fresh == len(nodes) else "refuses"
+        return Outcome("reroll", variant, verdict, f"{fresh}/{len(nodes)} {detail}")
+
     srv.setup(share_num=3, threshold=2)
-    first = dict(srv.pks)
-    srv.setup(share_num=3, threshold=2)  # same round (group_id), again
-    fresh = sum(first[n] != srv.pks[n] for n in nodes)
     out.append(
-        Outcome(
-            "reroll",
-            "second setup after setup",
-            "falls" if fresh == len(nodes) else "refuses",
-            f"{fresh}/{len(nodes)} clients answered with fresh keys (a warning is logged)",
+        setup_again(
+            "second setup after setup", "clients answered with fresh keys (a warning is logged)"
         )
     )
     srv.share_keys()
-    first = dict(srv.pks)
-    srv.setup(share_num=3, threshold=2)
-    fresh = sum(first[n] != srv.pks[n] for n in nodes)
     out.append(
-        Outcome(
-            "reroll",
+        setup_again(
             "second setup after share_keys",
-            "falls" if fresh == len(nodes) else "refuses",
-            f"{fresh}/{len(nodes)} fresh keys; "
-            "the graph is the server's anyway (the key list it relays)",
+            "fresh keys; the graph is the server's anyway (the key list it relays)",
         )
     )
     return out
