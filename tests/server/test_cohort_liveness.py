@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from confide_server.app import open_engine
 from confide_server.config import Config
 from confide_server.engine.rounds import COHORT_GRACE_S, RoundEngine
 from tests.server.conftest import FakeClock
-from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
+from tests.server.util import delta_body, enrolled_engine, eval_body, tiny_manifest, write_job
 
 MANIFEST = tiny_manifest()
 IDS = ("a", "b", "c", "d")
@@ -33,11 +32,8 @@ def _config(tmp: Path) -> Config:
 
 
 def _engine(cfg: Config, clock: FakeClock) -> RoundEngine:
-    engine = open_engine(cfg, clock=clock)
-    for cid in IDS:
-        if engine.public_key(cid) is None:
-            engine.enroll(engine.create_tokens(1)[0], cid, f"key-{cid}")
-    return engine
+    """The four sites enrolled; none has polled yet."""
+    return enrolled_engine(cfg, clock, IDS, touch=False)
 
 
 def _round_one_open(cfg: Config) -> tuple[RoundEngine, FakeClock]:

@@ -11,8 +11,8 @@ from confide_server.app import open_engine
 from confide_server.blobs import BlobStore
 from confide_server.engine.rounds import RoundEngine
 from tests.server.conftest import FakeClock
-from tests.server.test_privacy_server import MANIFEST, Crash, Z, _config, _engine
-from tests.server.util import delta_body
+from tests.server.test_privacy_server import MANIFEST, Z, _config
+from tests.server.util import Crash, delta_body, enrolled_engine
 
 
 def _train_answers(eng: RoundEngine) -> None:
@@ -32,7 +32,7 @@ def test_noised_aggregates_of_killed_commits_are_deleted_at_restart(tmp_path: Pa
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
     for _ in range(3):  # three kills between the noised write and its transaction
-        eng = _engine(cfg, clock, crash_at="model_written")
+        eng = enrolled_engine(cfg, clock, crash_at="model_written")
         if eng.store.get_round(1) is None:
             assert eng.tick()
             _train_answers(eng)
@@ -40,7 +40,7 @@ def test_noised_aggregates_of_killed_commits_are_deleted_at_restart(tmp_path: Pa
             eng.tick()
         assert len(_model_files(eng) - _registered(eng)) == 1  # this run's draw, unregistered
         eng.store.close()
-    eng = _engine(cfg, clock)  # the restart deletes every unregistered draw
+    eng = enrolled_engine(cfg, clock)  # the restart deletes every unregistered draw
     assert _model_files(eng) == _registered(eng) == {eng.current_model}
     assert eng.tick()  # the close that goes through: one draw, registered
     row = eng.store.get_round(1)
@@ -53,7 +53,7 @@ def test_noised_aggregates_of_killed_commits_are_deleted_at_restart(tmp_path: Pa
 def test_a_failed_commit_transaction_deletes_its_noised_draw(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
-    eng = _engine(cfg, clock)
+    eng = enrolled_engine(cfg, clock)
     assert eng.tick()
     _train_answers(eng)
     commits = {"n": 0}
