@@ -158,6 +158,41 @@ def _ms(seconds: float) -> float:
     return seconds * 1e3
 
 
+def measure_flwr(
+    fn: Callable[[], object], repeat: int, setup: Callable[[], object] | None = None
+) -> float | None:
+    """:func:`measure` of a Flower call; ``None`` (its columns stay ``-``) without flwr."""
+    return measure(fn, repeat, setup) if FLWR_VERSION else None
+
+
+def row(
+    kernel: str,
+    size: str,
+    t_confide: float,
+    baseline: str,
+    t_baseline: float,
+    flwr_name: str = "-",
+    t_flwr: float | None = None,
+    **rest: Any,
+) -> Row:
+    """A :class:`Row` from times in seconds; the Flower columns only where ``t_flwr`` is set."""
+    return Row(
+        kernel,
+        size,
+        _ms(t_confide),
+        baseline,
+        _ms(t_baseline),
+        flwr_name if t_flwr else "-",
+        _ms(t_flwr) if t_flwr else None,
+        **rest,
+    )
+
+
+def target_at(big: bool, target: str, met: bool) -> dict[str, Any]:
+    """``Row`` keywords for a target stated at SqueezeNet size only (``-`` at other sizes)."""
+    return {"target": target, "met": met} if big else {}
+
+
 # ---------------------------------------------------------------------------- references
 
 
@@ -230,22 +265,8 @@ def bench_clip(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
 
     t_c = measure(lambda: confide.clip_l2(x, MAX_NORM), repeat, reset)
     t_np = measure(np_clip, repeat, reset)
-    t_fl = (
-        measure(lambda: flwr_clip_inputs_inplace([x], MAX_NORM), repeat, reset)
-        if FLWR_VERSION
-        else None
-    )
-    rows.append(
-        Row(
-            "clip_l2",
-            f"{n:,}",
-            _ms(t_c),
-            "np norm+scale",
-            _ms(t_np),
-            "clip_inputs_inplace" if t_fl else "-",
-            _ms(t_fl) if t_fl else None,
-        )
-    )
+    t_fl = measure_flwr(lambda: flwr_clip_inputs_inplace([x], MAX_NORM), repeat, reset)
+    rows.append(row("clip_l2", f"{n:,}", t_c, "np norm+scale", t_np, "clip_inputs_inplace", t_fl))
 
     # Per-example clipping of a (32, n) matrix, in place; every row is clipped (the input is
     # restored before each repeat, untimed). The target compares it with ONE copy of the
@@ -268,18 +289,17 @@ def bench_clip(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
     gbps = mat.nbytes / t_rows / 1e9
     big = n == SQUEEZENET
     rows.append(
-        Row(
+        row(
             "clip_rows",
             size,
-            _ms(t_rows),
+            t_rows,
             "x.copy()",
-            _ms(t_copy),
-            target="<= 1.5x copy" if big else "-",
-            met=(t_rows <= 1.5 * t_copy) if big else None,
+            t_copy,
+            **target_at(big, "<= 1.5x copy", t_rows <= 1.5 * t_copy),
             note=f"{gbps:.1f} GB/s of matrix",
         )
     )
-    rows.append(Row("clip_rows", size, _ms(t_rows), "np norm+scale", _ms(t_nprows)))
+    rows.append(row("clip_rows", size, t_rows, "np norm+scale", t_nprows))
     return rows
 
 
@@ -290,14 +310,13 @@ def bench_noise(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
     t_np = measure(lambda: gen.standard_normal(n, dtype=np.float32), repeat)
     big = n == SQUEEZENET
     rows.append(
-        Row(
+        row(
             "gaussian f32",
             f"{n:,}",
-            _ms(t_c),
+            t_c,
             "default_rng().standard_normal",
-            _ms(t_np),
-            target="<= numpy" if big else "-",
-            met=(t_c <= t_np) if big else None,
+            t_np,
+            **target_at(big, "<= numpy", t_c <= t_np),
             note="numpy's RNG is not cryptographic",
         )
     )
@@ -309,32 +328,24 @@ def bench_noise(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
 
     t_c = measure(lambda: confide.add_gaussian_noise(x, SIGMA, rng=rng, inplace=True), repeat)
     t_np = measure(np_add, repeat)
-    t_fl = (
-        measure(lambda: flwr_add_gaussian_noise_inplace([x], SIGMA), repeat)
-        if FLWR_VERSION
-        else None
-    )
+    t_fl = measure_flwr(lambda: flwr_add_gaussian_noise_inplace([x], SIGMA), repeat)
     rows.append(
-        Row(
+        row(
             "add_gaussian_noise f32 (in place)",
             f"{n:,}",
-            _ms(t_c),
+            t_c,
             "x += standard_normal",
-            _ms(t_np),
-            "add_gaussian_noise_inplace" if t_fl else "-",
-            _ms(t_fl) if t_fl else None,
+            t_np,
+            "add_gaussian_noise_inplace",
+            t_fl,
         )
     )
 
     t_c = measure(lambda: confide.discrete_gaussian(n, DG_SIGMA, rng=rng), repeat)
     t_np = measure(lambda: np.rint(gen.normal(0.0, DG_SIGMA, n)).astype(np.int64), repeat)
     rows.append(
-        Row(
-            f"discrete_gaussian sigma={DG_SIGMA:g}",
-            f"{n:,}",
-            _ms(t_c),
-            "rint(normal) (not exact)",
-            _ms(t_np),
+        row(
+            f"discrete_gaussian sigma={DG_SIGMA:g}", f"{n:,}", t_c, "rint(normal) (not exact)", t_np
         )
     )
     return rows
@@ -345,23 +356,18 @@ def bench_quantize(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
     rng = confide.SecureRng(bytes(32))
     t_c = measure(lambda: confide.quantize(x, QUANT_RANGE, QUANT_BITS, rng=rng), repeat)
     t_np = measure(lambda: numpy_quantize(x, QUANT_RANGE, QUANT_BITS, gen), repeat)
-    t_fl = (
-        measure(lambda: flwr_quantize([x], QUANT_RANGE, 2**QUANT_BITS - 1), repeat)
-        if FLWR_VERSION
-        else None
-    )
+    t_fl = measure_flwr(lambda: flwr_quantize([x], QUANT_RANGE, 2**QUANT_BITS - 1), repeat)
     big = n == SQUEEZENET
     return [
-        Row(
+        row(
             f"quantize u32 {QUANT_BITS}-bit",
             f"{n:,}",
-            _ms(t_c),
+            t_c,
             "np stochastic round",
-            _ms(t_np),
-            "quantize" if t_fl else "-",
-            _ms(t_fl) if t_fl else None,
-            target="<= 3 ms" if big else "-",
-            met=(t_c <= 3e-3) if big else None,
+            t_np,
+            "quantize",
+            t_fl,
+            **target_at(big, "<= 3 ms", t_c <= 3e-3),
         )
     ]
 
@@ -406,20 +412,16 @@ def bench_masks(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
         lambda: np.random.default_rng(seed_ints[0]).integers(0, 2**32, n, dtype=np.uint32),
         repeat,
     )
-    t_fl = (
-        measure(lambda: flwr_pseudo_rand_gen(seeds[0], 2**MASK_BITS, [(n,)]), repeat)
-        if FLWR_VERSION
-        else None
-    )
+    t_fl = measure_flwr(lambda: flwr_pseudo_rand_gen(seeds[0], 2**MASK_BITS, [(n,)]), repeat)
     rows.append(
-        Row(
+        row(
             "expand_mask b=32",
             f"{n:,}",
-            _ms(t_c),
+            t_c,
             "default_rng(seed).integers",
-            _ms(t_np),
-            "pseudo_rand_gen" if t_fl else "-",
-            _ms(t_fl) if t_fl else None,
+            t_np,
+            "pseudo_rand_gen",
+            t_fl,
             note=f"{n * 4 / t_c / 1e9:.2f} GB/s",
         )
     )
@@ -434,17 +436,17 @@ def bench_masks(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
             repeat,
         )
         t_np = measure(np_mask(k, bits), repeat)
-        t_fl = measure(fl_mask(k, bits), repeat) if FLWR_VERSION else None
+        t_fl = measure_flwr(fl_mask(k, bits), repeat)
         gbps = k * n * 4 / t_c / 1e9
         rows.append(
-            Row(
+            row(
                 f"apply_masks u32 b={bits}, {k} seed{'s' if k > 1 else ''}",
                 f"{n:,}",
-                _ms(t_c),
+                t_c,
                 "x + integers (PCG64)",
-                _ms(t_np),
-                "pseudo_rand_gen+add+mod" if t_fl else "-",
-                _ms(t_fl) if t_fl else None,
+                t_np,
+                "pseudo_rand_gen+add+mod",
+                t_fl,
                 target=f">= {MASK_GBPS_TARGET:g} GB/s (<= {_ms(k * budget_s):.2f} ms)",
                 met=gbps >= MASK_GBPS_TARGET,
                 note=f"{gbps:.2f} GB/s of mask",
@@ -459,12 +461,12 @@ def bench_pack(n: int, repeat: int, gen: np.random.Generator) -> list[Row]:
     t_c = measure(lambda: confide.pack_bits(x, PACK_BITS), repeat)
     t_np = measure(lambda: numpy_pack_bits(x, PACK_BITS), repeat)
     return [
-        Row(
+        row(
             f"pack_bits {PACK_BITS}-bit",
             f"{n:,}",
-            _ms(t_c),
+            t_c,
             "np.packbits of bit planes",
-            _ms(t_np),
+            t_np,
             note="Flower sends int64 arrays (no packing)",
         )
     ]
@@ -477,16 +479,16 @@ def bench_shamir(repeat: int) -> list[Row]:
     size = f"32 B, n={n}, t={t}"
     t_c = measure(lambda: confide.split_secret(secret, n, t, rng=rng), repeat)
     t_py = measure(lambda: py_shamir_split(secret, n, t), repeat)
-    t_fl = measure(lambda: flwr_create_shares(secret, t, n), repeat) if FLWR_VERSION else None
+    t_fl = measure_flwr(lambda: flwr_create_shares(secret, t, n), repeat)
     rows = [
-        Row(
+        row(
             "split_secret",
             size,
-            _ms(t_c),
+            t_c,
             "pure Python GF(2^61-1)",
-            _ms(t_py),
-            "create_shares" if t_fl else "-",
-            _ms(t_fl) if t_fl else None,
+            t_py,
+            "create_shares",
+            t_fl,
             target="<= 1 ms",
             met=t_c <= 1e-3,
         )
@@ -503,14 +505,14 @@ def bench_shamir(repeat: int) -> list[Row]:
         assert flwr_combine_shares(fl_shares) == secret
         t_fl = measure(lambda: flwr_combine_shares(fl_shares), repeat)
     rows.append(
-        Row(
+        row(
             "combine_shares",
             f"32 B, t={t}",
-            _ms(t_c),
+            t_c,
             "pure Python GF(2^61-1)",
-            _ms(t_py),
-            "combine_shares" if t_fl else "-",
-            _ms(t_fl) if t_fl else None,
+            t_py,
+            "combine_shares",
+            t_fl,
         )
     )
     return rows

@@ -280,6 +280,18 @@ class Server:
             metrics = node.last_reply.content.metric_records
             self.num_examples[nid] = int(metrics["fitres.num_examples"]["num_examples"])
 
+    def upload(
+        self,
+        weights: np.ndarray,
+        share_num: int,
+        threshold: int,
+        lr: dict[int, float] | None = None,
+    ) -> None:
+        """Run a round up to the uploads: ``setup``, ``share_keys`` (one view), ``collect``."""
+        self.setup(share_num=share_num, threshold=threshold)
+        self.share_keys()
+        self.collect(weights, lr=lr)
+
     def unmask(
         self, requests: dict[int, tuple[list[int], list[int]]]
     ) -> dict[int, list[tuple[str, bytes]]]:
@@ -312,19 +324,42 @@ class Server:
         assert (src, dst) == (owner, holder)
         return seed_share, sk1_share
 
-    def unmask_one(self, victim: int, seed: bytes, sk1: bytes) -> tuple[np.ndarray, float]:
-        """Remove the victim's self mask and pairwise masks: its update and its weight."""
+    def strip_pairwise(self, victim: int, sk1: bytes) -> list[np.ndarray]:
+        """The victim's upload minus its pairwise masks (mod ``MOD``): ``Q + self mask``."""
         y = [a.astype(np.int64) for a in self.masked[victim]]
         dims = [a.shape for a in y]
-        y = [a - m for a, m in zip(y, pseudo_rand_gen(seed, MOD, dims), strict=True)]
         for j in self.forwarded[victim]:
             key = generate_shared_key(
                 bytes_to_private_key(sk1), bytes_to_public_key(self.pks[j][0])
             )
             for i, m in enumerate(pseudo_rand_gen(key, MOD, dims)):
                 y[i] = y[i] - m if victim > j else y[i] + m
-        y = [a % MOD for a in y]
+        return [a % MOD for a in y]
+
+    def unmask_one(self, victim: int, seed: bytes, sk1: bytes) -> tuple[np.ndarray, float]:
+        """Remove the victim's self mask and pairwise masks: its update and its weight."""
+        y = self.strip_pairwise(victim, sk1)
+        dims = [a.shape for a in y]
+        y = [(a - m) % MOD for a, m in zip(y, pseudo_rand_gen(seed, MOD, dims), strict=True)]
         return decode(y, n_summed=1)
+
+    def secure_sum(
+        self, got: dict[int, list[tuple[str, bytes]]], n_summed: int
+    ) -> tuple[np.ndarray, float]:
+        """An honest unmask's result: the uploads summed, every owner's self mask removed."""
+        total = [
+            sum(a.astype(np.int64) for a in parts)
+            for parts in zip(*self.masked.values(), strict=True)
+        ]
+        for owner in self.nodes:
+            seed = combine([s for k, s in got[owner] if k == "seed"])
+            total = [
+                t - m
+                for t, m in zip(
+                    total, pseudo_rand_gen(seed, MOD, [a.shape for a in total]), strict=True
+                )
+            ]
+        return decode([t % MOD for t in total], n_summed=n_summed)
 
 
 def decode(y: list[np.ndarray], n_summed: int) -> tuple[np.ndarray, float]:
@@ -408,9 +443,7 @@ def attack_downgrade() -> list[Outcome]:
     nodes, w = federation(1, seed=2)
     srv = Server(nodes)
     (v,) = nodes
-    srv.setup(share_num=1, threshold=1)
-    srv.share_keys()
-    srv.collect(w)
+    srv.upload(w, share_num=1, threshold=1)
     got = srv.unmask({v: ([v], [])})  # an honest unmask: the victim is alive
     seed = combine([s for k, s in got[v] if k == "seed"])
     out.append(
@@ -433,9 +466,7 @@ def attack_weak_parameters() -> list[Outcome]:
     nodes, w = federation(3, seed=3)
     srv = Server(nodes)
     victim, colluder, _honest = list(nodes)
-    srv.setup(share_num=3, threshold=1)
-    srv.share_keys()
-    srv.collect(w)
+    srv.upload(w, share_num=3, threshold=1)
     sk2 = cast(bytes, nodes[colluder].secret_state()["sk2"])
     seed_share, sk1_share = srv.open_shares_as(sk2, colluder, victim)
     out.append(
@@ -453,22 +484,9 @@ def attack_weak_parameters() -> list[Outcome]:
     nodes, w = federation(2, seed=4)
     srv = Server(nodes)
     victim, colluder = list(nodes)
-    srv.setup(share_num=2, threshold=2)
-    srv.share_keys()
-    srv.collect(w)
+    srv.upload(w, share_num=2, threshold=2)
     got = srv.unmask({nid: ([victim, colluder], []) for nid in nodes})
-    total = [
-        sum(a.astype(np.int64) for a in parts) for parts in zip(*srv.masked.values(), strict=True)
-    ]
-    for owner in nodes:
-        seed = combine([s for k, s in got[owner] if k == "seed"])
-        total = [
-            t - m
-            for t, m in zip(
-                total, pseudo_rand_gen(seed, MOD, [a.shape for a in total]), strict=True
-            )
-        ]
-    mean, summed = decode([t % MOD for t in total], n_summed=2)
+    mean, summed = srv.secure_sum(got, n_summed=2)
     n_c = srv.num_examples[colluder]  # in the clear in the collect reply (and the colluder's own)
     n_v = srv.num_examples[victim]
     mine = w + nodes[colluder].site.private
@@ -491,9 +509,7 @@ def attack_sybil() -> list[Outcome]:
     victim = next(iter(nodes))
     sybils = {9001 + i: Sybil(9001 + i) for i in range(3)}
     srv = Server(nodes, sybils)
-    srv.setup(share_num=6, threshold=3)
-    srv.share_keys()
-    srv.collect(w)
+    srv.upload(w, share_num=6, threshold=3)
     opened = [srv.open_shares_as(s.sk2, s.nid, victim) for s in sybils.values()]
     seed = combine([a for a, _ in opened])
     sk1 = combine([b for _, b in opened])
@@ -514,22 +530,11 @@ def attack_config_inconsistency() -> list[Outcome]:
     nodes, w = federation(4, seed=6)
     victim = next(iter(nodes))
     srv = Server(nodes)
-    srv.setup(share_num=4, threshold=3)
-    srv.share_keys()
-    srv.collect(w, lr={nid: (1.0 if nid == victim else 0.0) for nid in nodes})
+    srv.upload(
+        w, share_num=4, threshold=3, lr={nid: (1.0 if nid == victim else 0.0) for nid in nodes}
+    )
     got = srv.unmask({nid: (list(nodes), []) for nid in nodes})  # an honest unmask
-    total = [
-        sum(a.astype(np.int64) for a in parts) for parts in zip(*srv.masked.values(), strict=True)
-    ]
-    for owner in nodes:
-        seed = combine([s for k, s in got[owner] if k == "seed"])
-        total = [
-            t - m
-            for t, m in zip(
-                total, pseudo_rand_gen(seed, MOD, [a.shape for a in total]), strict=True
-            )
-        ]
-    mean, _ = decode([t % MOD for t in total], n_summed=len(nodes))
+    mean, _ = srv.secure_sum(got, n_summed=len(nodes))
     n = srv.num_examples
     others = sum(n[j] for j in nodes if j != victim)
     update = (mean * sum(n.values()) - w * others) / n[victim]  # the others returned w exactly
@@ -552,9 +557,7 @@ def attack_split_view() -> list[Outcome]:
         ids = list(nodes)
         victim = ids[0]
         srv = Server(nodes)
-        srv.setup(share_num=8, threshold=4)  # Flower's workflow for 1.0 and 0.5 at n = 8
-        srv.share_keys()
-        srv.collect(w)
+        srv.upload(w, share_num=8, threshold=4)  # Flower's workflow for 1.0 and 0.5 at n = 8
         if variant == "split":
             alive_view, dead_view = ids[:4], ids[4:]  # the victim itself is in the "alive" group
             req = {h: (ids, []) for h in alive_view}
@@ -584,29 +587,26 @@ def attack_reroll() -> list[Outcome]:
     out = []
     nodes, _ = federation(3, seed=8)
     srv = Server(nodes)
+
+    def setup_again(variant: str, detail: str) -> Outcome:
+        """A second ``setup`` for the same round (group_id): do the clients answer fresh keys?"""
+        first = dict(srv.pks)
+        srv.setup(share_num=3, threshold=2)
+        fresh = sum(first[n] != srv.pks[n] for n in nodes)
+        verdict = "falls" if fresh == len(nodes) else "refuses"
+        return Outcome("reroll", variant, verdict, f"{fresh}/{len(nodes)} {detail}")
+
     srv.setup(share_num=3, threshold=2)
-    first = dict(srv.pks)
-    srv.setup(share_num=3, threshold=2)  # same round (group_id), again
-    fresh = sum(first[n] != srv.pks[n] for n in nodes)
     out.append(
-        Outcome(
-            "reroll",
-            "second setup after setup",
-            "falls" if fresh == len(nodes) else "refuses",
-            f"{fresh}/{len(nodes)} clients answered with fresh keys (a warning is logged)",
+        setup_again(
+            "second setup after setup", "clients answered with fresh keys (a warning is logged)"
         )
     )
     srv.share_keys()
-    first = dict(srv.pks)
-    srv.setup(share_num=3, threshold=2)
-    fresh = sum(first[n] != srv.pks[n] for n in nodes)
     out.append(
-        Outcome(
-            "reroll",
+        setup_again(
             "second setup after share_keys",
-            "falls" if fresh == len(nodes) else "refuses",
-            f"{fresh}/{len(nodes)} fresh keys; "
-            "the graph is the server's anyway (the key list it relays)",
+            "fresh keys; the graph is the server's anyway (the key list it relays)",
         )
     )
     return out
@@ -635,19 +635,12 @@ def attack_mask_entropy(window: int = 1 << 16) -> list[Outcome]:
     ids = list(nodes)
     victim = ids[0]
     srv = Server(nodes)
-    srv.setup(share_num=5, threshold=3)
-    srv.share_keys()
-    srv.collect(w)
+    srv.upload(w, share_num=5, threshold=3)
     others = [j for j in ids if j != victim]
     got = srv.unmask({h: (others, [victim]) for h in others})  # one roster for everybody
     sk1 = combine([s for k, s in got[victim] if k == "sk1"])
-    y = [a.astype(np.int64) for a in srv.masked[victim]]
+    y = srv.strip_pairwise(victim, sk1)  # Q + self mask: all that is left
     dims = [a.shape for a in y]
-    for j in srv.forwarded[victim]:
-        key = generate_shared_key(bytes_to_private_key(sk1), bytes_to_public_key(srv.pks[j][0]))
-        for i, m in enumerate(pseudo_rand_gen(key, MOD, dims)):
-            y[i] = y[i] - m if victim > j else y[i] + m
-    y = [a % MOD for a in y]  # Q + self mask: all that is left
     true = seed32(cast(bytes, nodes[victim].secret_state()["rd_seed"]))
     lo = max(0, true - window // 2)
     passed: list[int] = []
@@ -683,22 +676,9 @@ def honest_baseline() -> Outcome:
     """Sanity: the driver is faithful: an honest round's sum decodes to the weighted mean."""
     nodes, w = federation(5, seed=9)
     srv = Server(nodes)
-    srv.setup(share_num=5, threshold=3)
-    srv.share_keys()
-    srv.collect(w)
+    srv.upload(w, share_num=5, threshold=3)
     got = srv.unmask({nid: (list(nodes), []) for nid in nodes})
-    total = [
-        sum(a.astype(np.int64) for a in parts) for parts in zip(*srv.masked.values(), strict=True)
-    ]
-    for owner in nodes:
-        seed = combine([s for k, s in got[owner] if k == "seed"])
-        total = [
-            t - m
-            for t, m in zip(
-                total, pseudo_rand_gen(seed, MOD, [a.shape for a in total]), strict=True
-            )
-        ]
-    mean, _ = decode([t % MOD for t in total], n_summed=len(nodes))
+    mean, _ = srv.secure_sum(got, n_summed=len(nodes))
     n = {nid: node.site.num_examples for nid, node in nodes.items()}
     true = sum(n[i] * (w + nodes[i].site.private) for i in nodes) / sum(n.values())
     err = max_error(mean, true)

@@ -128,12 +128,41 @@ fn domain() -> MaskDomain {
     MaskDomain::new(b"bench-session", 1, "pair")
 }
 
-fn group<'c>(c: &'c mut Criterion, name: &str) -> BenchmarkGroup<'c, WallTime> {
+type Group<'c> = BenchmarkGroup<'c, WallTime>;
+
+fn group<'c>(c: &'c mut Criterion, name: &str) -> Group<'c> {
     let mut g = c.benchmark_group(name);
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     g
+}
+
+/// Bench `f` as `id` under `threads`: each sample times all its iterations in one pool entry.
+fn bench_loop(
+    g: &mut Group<'_>,
+    id: BenchmarkId,
+    threads: Threads<'_>,
+    mut f: impl FnMut() + Send,
+) {
+    g.bench_function(id, |b| {
+        b.iter_custom(|iters| time_loop(threads, iters, &mut f));
+    });
+}
+
+/// [`bench_loop`] for an in-place kernel: `reset(state)` restores its input before each call,
+/// outside the timed region.
+fn bench_reset<T: Send>(
+    g: &mut Group<'_>,
+    id: BenchmarkId,
+    threads: Threads<'_>,
+    state: &mut T,
+    reset: impl Fn(&mut T) + Send + Sync,
+    mut f: impl FnMut(&mut T) + Send,
+) {
+    g.bench_function(id, |b| {
+        b.iter_custom(|iters| time_reset(threads, iters, state, &reset, &mut f));
+    });
 }
 
 fn bench_clip(c: &mut Criterion, modes: &[Threads<'_>]) {
@@ -142,19 +171,16 @@ fn bench_clip(c: &mut Criterion, modes: &[Threads<'_>]) {
     g.throughput(Throughput::Bytes((SQUEEZENET * 4) as u64));
     for &t in modes {
         let mut x = orig.clone();
-        g.bench_function(BenchmarkId::new(t.label(), SQUEEZENET), |b| {
-            b.iter_custom(|iters| {
-                time_reset(
-                    t,
-                    iters,
-                    &mut x,
-                    |x| x.copy_from_slice(&orig),
-                    |x| {
-                        black_box(clip_l2(black_box(x), 1.0).expect("finite input"));
-                    },
-                )
-            });
-        });
+        bench_reset(
+            &mut g,
+            BenchmarkId::new(t.label(), SQUEEZENET),
+            t,
+            &mut x,
+            |x| x.copy_from_slice(&orig),
+            |x| {
+                black_box(clip_l2(black_box(x), 1.0).expect("finite input"));
+            },
+        );
     }
     g.finish();
 
@@ -166,22 +192,18 @@ fn bench_clip(c: &mut Criterion, modes: &[Threads<'_>]) {
     let orig = gradients(n, 2);
     let mut x = orig.clone();
     for &t in modes {
-        g.bench_function(t.label(), |b| {
-            b.iter_custom(|iters| {
-                time_reset(
-                    t,
-                    iters,
-                    &mut x,
-                    |x| x.copy_from_slice(&orig),
-                    |x| {
-                        black_box(
-                            clip_rows(black_box(x), CLIP_ROWS, SQUEEZENET, 1.0)
-                                .expect("finite input"),
-                        );
-                    },
-                )
-            });
-        });
+        bench_reset(
+            &mut g,
+            BenchmarkId::from_parameter(t.label()),
+            t,
+            &mut x,
+            |x| x.copy_from_slice(&orig),
+            |x| {
+                black_box(
+                    clip_rows(black_box(x), CLIP_ROWS, SQUEEZENET, 1.0).expect("finite input"),
+                );
+            },
+        );
     }
     g.bench_function("copy", |b| {
         b.iter(|| x.copy_from_slice(black_box(&orig)));
@@ -194,14 +216,10 @@ fn bench_noise(c: &mut Criterion, modes: &[Threads<'_>]) {
     g.throughput(Throughput::Elements(SQUEEZENET as u64));
     for &t in modes {
         let mut r = rng();
-        g.bench_function(BenchmarkId::new(t.label(), SQUEEZENET), |b| {
-            b.iter_custom(|iters| {
-                time_loop(t, iters, || {
-                    let v: Vec<f32> =
-                        sample(SQUEEZENET, Distribution::Gaussian, 1.0, &mut r).expect("sigma");
-                    black_box(v);
-                })
-            });
+        bench_loop(&mut g, BenchmarkId::new(t.label(), SQUEEZENET), t, || {
+            let v: Vec<f32> =
+                sample(SQUEEZENET, Distribution::Gaussian, 1.0, &mut r).expect("sigma");
+            black_box(v);
         });
     }
     g.finish();
@@ -211,13 +229,9 @@ fn bench_noise(c: &mut Criterion, modes: &[Threads<'_>]) {
     for &t in modes {
         let mut r = rng();
         let mut x = gradients(SQUEEZENET, 3);
-        g.bench_function(BenchmarkId::new(t.label(), SQUEEZENET), |b| {
-            b.iter_custom(|iters| {
-                time_loop(t, iters, || {
-                    add_noise(black_box(&mut x), Distribution::Gaussian, 1.0, &mut r)
-                        .expect("finite input");
-                })
-            });
+        bench_loop(&mut g, BenchmarkId::new(t.label(), SQUEEZENET), t, || {
+            add_noise(black_box(&mut x), Distribution::Gaussian, 1.0, &mut r)
+                .expect("finite input");
         });
     }
     g.finish();
@@ -227,12 +241,8 @@ fn bench_noise(c: &mut Criterion, modes: &[Threads<'_>]) {
     g.throughput(Throughput::Elements(SMALL as u64));
     for &t in modes {
         let mut r = rng();
-        g.bench_function(BenchmarkId::new(t.label(), SMALL), |b| {
-            b.iter_custom(|iters| {
-                time_loop(t, iters, || {
-                    black_box(discrete_gaussian(SMALL, 1000.0, &mut r).expect("sigma"));
-                })
-            });
+        bench_loop(&mut g, BenchmarkId::new(t.label(), SMALL), t, || {
+            black_box(discrete_gaussian(SMALL, 1000.0, &mut r).expect("sigma"));
         });
     }
     g.finish();
@@ -245,14 +255,9 @@ fn bench_quantize(c: &mut Criterion, modes: &[Threads<'_>]) {
         g.throughput(Throughput::Elements(n as u64));
         for &t in modes {
             let mut r = rng();
-            g.bench_function(BenchmarkId::new(t.label(), n), |b| {
-                b.iter_custom(|iters| {
-                    time_loop(t, iters, || {
-                        let q: Vec<u32> =
-                            quantize(black_box(&x), 1.0, QUANT_BITS, &mut r).expect("params");
-                        black_box(q);
-                    })
-                });
+            bench_loop(&mut g, BenchmarkId::new(t.label(), n), t, || {
+                let q: Vec<u32> = quantize(black_box(&x), 1.0, QUANT_BITS, &mut r).expect("params");
+                black_box(q);
             });
         }
     }
@@ -273,12 +278,8 @@ fn bench_masks(c: &mut Criterion, modes: &[Threads<'_>]) {
         g.throughput(Throughput::Bytes((n * 4) as u64));
         for &t in modes {
             let mut x: Vec<u32> = (0..n as u32).collect();
-            g.bench_function(BenchmarkId::new(t.label(), n), |b| {
-                b.iter_custom(|iters| {
-                    time_loop(t, iters, || {
-                        apply_masks(black_box(&mut x), &one, MASK_BITS, &dom).expect("valid");
-                    })
-                });
+            bench_loop(&mut g, BenchmarkId::new(t.label(), n), t, || {
+                apply_masks(black_box(&mut x), &one, MASK_BITS, &dom).expect("valid");
             });
         }
     }
@@ -289,12 +290,8 @@ fn bench_masks(c: &mut Criterion, modes: &[Threads<'_>]) {
     g.throughput(Throughput::Bytes((SQUEEZENET * 4) as u64));
     for &t in modes {
         let mut x: Vec<u32> = (0..SQUEEZENET as u32).map(|v| v & 0xff_ffff).collect();
-        g.bench_function(BenchmarkId::new(t.label(), SQUEEZENET), |b| {
-            b.iter_custom(|iters| {
-                time_loop(t, iters, || {
-                    apply_masks(black_box(&mut x), &one, NARROW_BITS, &dom).expect("valid");
-                })
-            });
+        bench_loop(&mut g, BenchmarkId::new(t.label(), SQUEEZENET), t, || {
+            apply_masks(black_box(&mut x), &one, NARROW_BITS, &dom).expect("valid");
         });
     }
     g.finish();
@@ -303,12 +300,8 @@ fn bench_masks(c: &mut Criterion, modes: &[Threads<'_>]) {
     g.throughput(Throughput::Bytes((SQUEEZENET * 4 * MANY_SEEDS) as u64));
     for &t in modes {
         let mut x: Vec<u32> = (0..SQUEEZENET as u32).collect();
-        g.bench_function(BenchmarkId::new(t.label(), SQUEEZENET), |b| {
-            b.iter_custom(|iters| {
-                time_loop(t, iters, || {
-                    apply_masks(black_box(&mut x), &many, MASK_BITS, &dom).expect("valid");
-                })
-            });
+        bench_loop(&mut g, BenchmarkId::new(t.label(), SQUEEZENET), t, || {
+            apply_masks(black_box(&mut x), &many, MASK_BITS, &dom).expect("valid");
         });
     }
     g.finish();
@@ -338,12 +331,8 @@ fn bench_pack(c: &mut Criterion, modes: &[Threads<'_>]) {
         let x: Vec<u32> = (0..n as u32).map(|v| v & 0xf_ffff).collect();
         g.throughput(Throughput::Bytes((n * 4) as u64));
         for &t in modes {
-            g.bench_function(BenchmarkId::new(t.label(), n), |b| {
-                b.iter_custom(|iters| {
-                    time_loop(t, iters, || {
-                        black_box(pack_bits(black_box(&x), PACK_BITS).expect("in range"));
-                    })
-                });
+            bench_loop(&mut g, BenchmarkId::new(t.label(), n), t, || {
+                black_box(pack_bits(black_box(&x), PACK_BITS).expect("in range"));
             });
         }
     }
@@ -356,12 +345,8 @@ fn bench_shamir(c: &mut Criterion, modes: &[Threads<'_>]) {
     let mut g = group(c, "shamir_32B_n100_t51");
     for &th in modes {
         let mut r = rng();
-        g.bench_function(BenchmarkId::new("split", th.label()), |b| {
-            b.iter_custom(|iters| {
-                time_loop(th, iters, || {
-                    black_box(split(black_box(&secret), n, t, &mut r).expect("valid"));
-                })
-            });
+        bench_loop(&mut g, BenchmarkId::new("split", th.label()), th, || {
+            black_box(split(black_box(&secret), n, t, &mut r).expect("valid"));
         });
     }
     let shares = split(&secret, n, t, &mut rng()).expect("valid");
@@ -369,12 +354,8 @@ fn bench_shamir(c: &mut Criterion, modes: &[Threads<'_>]) {
     let some: Vec<_> = shares.iter().rev().take(t).cloned().collect();
     assert_eq!(combine(&some).expect("t shares"), secret);
     for &th in modes {
-        g.bench_function(BenchmarkId::new("combine", th.label()), |b| {
-            b.iter_custom(|iters| {
-                time_loop(th, iters, || {
-                    black_box(combine(black_box(&some)).expect("t shares"));
-                })
-            });
+        bench_loop(&mut g, BenchmarkId::new("combine", th.label()), th, || {
+            black_box(combine(black_box(&some)).expect("t shares"));
         });
     }
     g.finish();

@@ -53,114 +53,74 @@ pub fn has_avx512() -> bool {
     }
 }
 
-/// [`quantize_chunk_lattice`] on the widest vector unit available.
-pub fn quantize_chunk<W: Word>(
-    o: &mut [W],
-    xs: &[f32],
-    r: f64,
-    scale: f64,
-    l: u64,
-    stream: &mut AesCtr,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        #[allow(unsafe_code)]
-        // SAFETY: `quantize_chunk_avx512` only requires AVX-512 F/VL/DQ/BW, detected above.
-        unsafe {
-            quantize_chunk_avx512(o, xs, r, scale, l, stream);
+/// Defines a dispatcher `$name` and its two `#[target_feature]` copies (`$avx2`, `$avx512`)
+/// of the portable kernel `$kernel`; all three take the same arguments. The copies only call
+/// the kernel, so each is the kernel's source compiled for that vector width.
+macro_rules! dispatched {
+    (
+        $(#[$doc:meta])*
+        pub fn $name:ident / $avx2:ident / $avx512:ident <$w:ident: Word>
+            ($($arg:ident: $ty:ty),* $(,)?) => $kernel:ident;
+    ) => {
+        $(#[$doc])*
+        pub fn $name<$w: Word>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx512() {
+                #[allow(unsafe_code)]
+                // SAFETY: the AVX-512 copy only requires AVX-512 F/VL/DQ/BW, detected above.
+                unsafe {
+                    $avx512($($arg),*);
+                }
+                return;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                #[allow(unsafe_code)]
+                // SAFETY: the AVX2 copy only requires AVX2, detected on this CPU just above.
+                unsafe {
+                    $avx2($($arg),*);
+                }
+                return;
+            }
+            $kernel($($arg),*);
         }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        #[allow(unsafe_code)]
-        // SAFETY: `quantize_chunk_avx2` only requires AVX2, detected on this CPU just above.
-        unsafe {
-            quantize_chunk_avx2(o, xs, r, scale, l, stream);
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx2<$w: Word>($($arg: $ty),*) {
+            $kernel($($arg),*);
         }
-        return;
-    }
-    quantize_chunk_lattice(o, xs, r, scale, l, stream);
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn quantize_chunk_avx2<W: Word>(
-    o: &mut [W],
-    xs: &[f32],
-    r: f64,
-    scale: f64,
-    l: u64,
-    stream: &mut AesCtr,
-) {
-    quantize_chunk_lattice(o, xs, r, scale, l, stream);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
-fn quantize_chunk_avx512<W: Word>(
-    o: &mut [W],
-    xs: &[f32],
-    r: f64,
-    scale: f64,
-    l: u64,
-    stream: &mut AesCtr,
-) {
-    quantize_chunk_lattice(o, xs, r, scale, l, stream);
-}
-
-/// [`apply_segment_portable`] (fused mask expansion and add) on the widest vector unit
-/// available.
-pub fn apply_segment<W: Word>(
-    seg: &mut [W],
-    first_elem: usize,
-    prg: &MaskPrg,
-    negate: bool,
-    m: u64,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        #[allow(unsafe_code)]
-        // SAFETY: `apply_segment_avx512` only requires AVX-512 F/VL/DQ/BW, detected above.
-        unsafe {
-            apply_segment_avx512(seg, first_elem, prg, negate, m);
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
+        fn $avx512<$w: Word>($($arg: $ty),*) {
+            $kernel($($arg),*);
         }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        #[allow(unsafe_code)]
-        // SAFETY: `apply_segment_avx2` only requires AVX2, detected on this CPU just above.
-        unsafe {
-            apply_segment_avx2(seg, first_elem, prg, negate, m);
-        }
-        return;
-    }
-    apply_segment_portable(seg, first_elem, prg, negate, m);
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn apply_segment_avx2<W: Word>(
-    seg: &mut [W],
-    first_elem: usize,
-    prg: &MaskPrg,
-    negate: bool,
-    m: u64,
-) {
-    apply_segment_portable(seg, first_elem, prg, negate, m);
+dispatched! {
+    /// [`quantize_chunk_lattice`] on the widest vector unit available.
+    pub fn quantize_chunk / quantize_chunk_avx2 / quantize_chunk_avx512 <W: Word>(
+        o: &mut [W],
+        xs: &[f32],
+        r: f64,
+        scale: f64,
+        l: u64,
+        stream: &mut AesCtr,
+    ) => quantize_chunk_lattice;
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw")]
-fn apply_segment_avx512<W: Word>(
-    seg: &mut [W],
-    first_elem: usize,
-    prg: &MaskPrg,
-    negate: bool,
-    m: u64,
-) {
-    apply_segment_portable(seg, first_elem, prg, negate, m);
+dispatched! {
+    /// [`apply_segment_portable`] (fused mask expansion and add) on the widest vector unit
+    /// available.
+    pub fn apply_segment / apply_segment_avx2 / apply_segment_avx512 <W: Word>(
+        seg: &mut [W],
+        first_elem: usize,
+        prg: &MaskPrg,
+        negate: bool,
+        m: u64,
+    ) => apply_segment_portable;
 }
 
 #[cfg(test)]
@@ -185,23 +145,19 @@ mod tests {
             assert!(v64.iter().zip(&portable).all(|(&a, &b)| a == u64::from(b)));
             #[cfg(target_arch = "x86_64")]
             {
-                if has_avx2() {
+                type Copy = unsafe fn(&mut [u32], usize, &MaskPrg, bool, u64);
+                let copies: [(&str, bool, Copy); 2] = [
+                    ("avx2", has_avx2(), apply_segment_avx2),
+                    ("avx512", has_avx512(), apply_segment_avx512),
+                ];
+                for (name, _, copy) in copies.into_iter().filter(|c| c.1) {
                     let mut v = x.clone();
                     #[allow(unsafe_code)]
-                    // SAFETY: AVX2 detected just above.
+                    // SAFETY: only the copies whose features were detected on this CPU get here.
                     unsafe {
-                        apply_segment_avx2(&mut v, 4096, &prg, negate, m);
+                        copy(&mut v, 4096, &prg, negate, m);
                     }
-                    assert_eq!(v, portable, "avx2, bits {bits}");
-                }
-                if has_avx512() {
-                    let mut v = x.clone();
-                    #[allow(unsafe_code)]
-                    // SAFETY: AVX-512 F/VL/DQ/BW detected just above.
-                    unsafe {
-                        apply_segment_avx512(&mut v, 4096, &prg, negate, m);
-                    }
-                    assert_eq!(v, portable, "avx512, bits {bits}");
+                    assert_eq!(v, portable, "{name}, bits {bits}");
                 }
             }
         }
@@ -219,23 +175,19 @@ mod tests {
             quantize_chunk_lattice(&mut portable, &x, 1.0, scale, l, &mut AesCtr::new(&key, 0));
             #[cfg(target_arch = "x86_64")]
             {
-                if has_avx2() {
+                type Copy = unsafe fn(&mut [u64], &[f32], f64, f64, u64, &mut AesCtr);
+                let copies: [(&str, bool, Copy); 2] = [
+                    ("avx2", has_avx2(), quantize_chunk_avx2),
+                    ("avx512", has_avx512(), quantize_chunk_avx512),
+                ];
+                for (name, _, copy) in copies.into_iter().filter(|c| c.1) {
                     let mut v = vec![0u64; x.len()];
                     #[allow(unsafe_code)]
-                    // SAFETY: AVX2 detected just above.
+                    // SAFETY: only the copies whose features were detected on this CPU get here.
                     unsafe {
-                        quantize_chunk_avx2(&mut v, &x, 1.0, scale, l, &mut AesCtr::new(&key, 0));
+                        copy(&mut v, &x, 1.0, scale, l, &mut AesCtr::new(&key, 0));
                     }
-                    assert_eq!(v, portable, "avx2, bits {bits}");
-                }
-                if has_avx512() {
-                    let mut v = vec![0u64; x.len()];
-                    #[allow(unsafe_code)]
-                    // SAFETY: AVX-512 F/VL/DQ/BW detected just above.
-                    unsafe {
-                        quantize_chunk_avx512(&mut v, &x, 1.0, scale, l, &mut AesCtr::new(&key, 0));
-                    }
-                    assert_eq!(v, portable, "avx512, bits {bits}");
+                    assert_eq!(v, portable, "{name}, bits {bits}");
                 }
             }
         }

@@ -7,8 +7,10 @@ the launcher ``confide-server simulate`` uses too.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,34 @@ class Procs:
             cmd += ["--token", token, "--client-id", f"site-{k}"]
         return self._spawn(f"site-{k}", cmd)
 
+    def sites(self, n: int) -> list[subprocess.Popen[bytes]]:
+        """Enrol ``n`` fresh sites (``site-1`` ... ``site-n``) and start them."""
+        return [self.client(k, tok) for k, tok in enumerate(self.tokens(n), start=1)]
+
+    def killed(self, p: subprocess.Popen[bytes], name: str = "server") -> None:
+        """Assert ``p`` (named ``name``) died by SIGKILL at its injected crash or die point."""
+        assert self.wait_exit(p) == -signal.SIGKILL, self.all_logs()
+        assert self.crash_reached(name), f"{name} died elsewhere than at the injected point"
+
+    def run_to_end(
+        self, crash_at: str | None = None, n: int = 3, downtime: float = 0.0
+    ) -> dict[str, Any]:
+        """Run the job with ``n`` sites to its end; return ``confide-server status --json``.
+
+        With ``crash_at`` the server is SIGKILLed there and restarted once, with the same
+        config and no fault injection, after ``downtime`` seconds (an injected fault, not a
+        wait: the sites keep retrying meanwhile). Every process must then exit 0.
+        """
+        server = self.server(crash_at)
+        clients = self.sites(n)
+        if crash_at:
+            self.killed(server)
+            time.sleep(downtime)
+            server = self.server()
+        assert self.wait_exit(server) == 0, self.all_logs()
+        assert [self.wait_exit(c) for c in clients] == [0] * n, self.all_logs()
+        return self.final_status()
+
     def status(self) -> dict[str, Any] | None:
         cfg = self.files.job or load_config(self.files.config)
         token = operator_token(cfg.server.state_dir)
@@ -161,8 +191,8 @@ class Procs:
         self.launcher.kill_all()
 
 
-@pytest.fixture
-def procs_factory() -> Iterator[Any]:
+def reaped_procs() -> Iterator[Callable[[JobFiles], Procs]]:
+    """The body of a fixture that makes :class:`Procs` and kills their processes at teardown."""
     made: list[Procs] = []
 
     def make(files: JobFiles) -> Procs:
@@ -173,6 +203,11 @@ def procs_factory() -> Iterator[Any]:
     yield make
     for p in made:
         p.kill_all()
+
+
+@pytest.fixture
+def procs_factory() -> Iterator[Callable[[JobFiles], Procs]]:
+    yield from reaped_procs()
 
 
 def round_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +44,7 @@ def test_dpsgd_budget_stops_a_real_federation(tmp_path: Path, procs_factory: Any
         epsilon_budget=budget,
     )
     procs: Procs = procs_factory(files)
-    server = procs.server()
-    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
-    assert procs.wait_exit(server) == 0, procs.all_logs()
-    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
-    doc = procs.final_status()
+    doc = procs.run_to_end()
     assert doc["status"] == "finished"
     assert doc["reason"] == BUDGET_EXHAUSTED
     assert [r["status"] for r in doc["rounds"]] == ["committed", "committed"]
@@ -69,9 +63,8 @@ def test_server_killed_after_release_restarts_without_redrawing(
     procs: Procs = procs_factory(files)
     # killed right after round 2's noised model and privacy record were committed
     server = procs.server("stage_committed:2")
-    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
-    assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
-    assert procs.crash_reached(), "the crash point was never reached"
+    clients = procs.sites(3)
+    procs.killed(server)
     _, before, rows_before = _stored(files)
     released = {r.round: r.new_model for r in rows_before if r.new_model}
     assert sorted(released) == [1, 2]
@@ -112,19 +105,27 @@ def test_sample_dp_server_down_longer_than_a_stage_keeps_epsilon(
         local_steps=steps,
     )
     procs: Procs = procs_factory(files)
-    server = procs.server("submission_committed:2")  # 2 of 3 train updates acknowledged
-    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
-    assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
-    assert procs.crash_reached(), "the crash point was never reached"
-    time.sleep(35.0)  # the injected downtime, longer than the 30 s train deadline
-    server = procs.server()
-    assert procs.wait_exit(server) == 0, procs.all_logs()
-    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
-    doc = procs.final_status()
+    # 2 of 3 train updates acknowledged, then the injected downtime, longer than the 30 s
+    # train deadline.
+    doc = procs.run_to_end("submission_committed:2", downtime=35.0)
     assert [r["status"] for r in doc["rounds"]] == ["committed", "committed"]
     assert [r["metrics"]["train_clients"] for r in doc["rounds"]] == [3, 3]
     expected = account([dpsgd_event(q, z, steps * 2)], 1e-5).epsilon
     assert doc["privacy"]["epsilon"] == pytest.approx(expected, rel=1e-9)
+
+
+def _simulated_privacy(out: Path) -> tuple[Any, Any, list[Any], list[Any]]:
+    """A ``simulate --out out`` run's privacy summary and per-round epsilons, its rounds, and
+    the (round, params) rows of its distributed-noise rounds."""
+    store = Store(load_config(out / "job.toml").server.database)
+    try:
+        summary, per_round = read_privacy(store)
+        rows = store.rounds()
+        with store.transaction() as cur:
+            stored = cur.execute("SELECT round, params FROM ddg_rounds ORDER BY round").fetchall()
+    finally:
+        store.close()
+    return summary, per_round, rows, stored
 
 
 @pytest.mark.slow
@@ -141,14 +142,7 @@ def test_simulate_dp_distributed_runs_under_secagg(
     assert main_simulate([*argv, "--out", str(out), "--timeout", "120"]) == 0
     printed = capsys.readouterr().out
     assert "distributed discrete Gaussian" in printed
-    store = Store(load_config(out / "job.toml").server.database)
-    try:
-        summary, per_round = read_privacy(store)
-        rows = store.rounds()
-        with store.transaction() as cur:
-            stored = cur.execute("SELECT round, params FROM ddg_rounds ORDER BY round").fetchall()
-    finally:
-        store.close()
+    summary, per_round, rows, stored = _simulated_privacy(out)
     assert [r.status for r in rows] == ["committed", "committed"]
     assert all(r.metrics and r.metrics["train_clients"] == 3 for r in rows)
     assert summary is not None
@@ -172,14 +166,7 @@ def test_simulate_distributed_dpsgd_runs_under_secagg(
     assert main_simulate([*argv, "--out", str(out), "--timeout", "240"]) == 0
     printed = capsys.readouterr().out
     assert "distributed DP-SGD" in printed
-    store = Store(load_config(out / "job.toml").server.database)
-    try:
-        summary, per_round = read_privacy(store)
-        rows = store.rounds()
-        with store.transaction() as cur:
-            stored = cur.execute("SELECT round, params FROM ddg_rounds ORDER BY round").fetchall()
-    finally:
-        store.close()
+    summary, per_round, rows, stored = _simulated_privacy(out)
     assert [r.status for r in rows] == ["committed", "committed"]
     for r in rows:
         assert r.metrics is not None

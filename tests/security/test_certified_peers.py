@@ -17,14 +17,12 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confide.client import Client, SitePolicy, client_ssl_context
-from confide.data import Dataset
 from confide.errors import ConfigError, PolicyViolation, SignatureError
 from confide.protocol.certs import (
     CERT_FILE,
@@ -38,10 +36,10 @@ from confide.protocol.certs import (
 )
 from confide.protocol.signing import Identity
 from confide.protocol.tls_certs import issue_tls
-from confide.training import NumpyTrainer
 from tests.cli.conftest import CONFIDE, run
-from tests.server.util import N_FEATURES, write_job
-from tests.support import PermissivePolicy
+from tests.security.peers import assert_nothing_stored_from, victim_among_puppets
+from tests.server.util import write_job
+from tests.sites import server_url
 
 SECURE = {
     "secagg__enabled": True,
@@ -177,16 +175,6 @@ def test_policy_file_resolves_the_root_next_to_it(tmp_path: Path) -> None:
 # --- the Sybil attack over HTTP -------------------------------------------------------
 
 
-async def _site(url: str, fed: Any, state: Path, cid: str, policy: SitePolicy, seed: int) -> Any:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
-    data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
-    trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
-    async with Client(url, state, retry_timeout=10.0, poll_wait=1.0, policy=policy) as c:
-        await c.enroll(fed.engine.create_tokens(1)[0], cid)
-        return await c.run(trainer, data)
-
-
 @pytest.mark.parametrize("sybil_cert", ["none", "operator_root", "victims_cert"])
 async def test_sybil_cohort_is_refused_and_nothing_is_revealed(
     make_fed: Any, tmp_path: Path, sybil_cert: str
@@ -199,8 +187,6 @@ async def test_sybil_cohort_is_refused_and_nothing_is_revealed(
     (PolicyViolation) and the server stored no message of any stage from it.
     """
     fed = await make_fed(write_job(tmp_path / "job", **SECURE, job__rounds=1))
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
     init_root(tmp_path / "consortium", "study-1")
     victim_policy = SitePolicy(
         max_epsilon=1e6, consortium_root=str(tmp_path / "consortium" / "root.json")
@@ -214,36 +200,10 @@ async def test_sybil_cohort_is_refused_and_nothing_is_revealed(
     if sybil_cert == "victims_cert":
         # A malicious server relays whatever it likes: here the victim's certificate.
         fed.engine._certs.update({s: json.dumps(victim_cert.to_json()) for s in sybils})
-    puppets = [
-        asyncio.ensure_future(
-            _site(url, fed, tmp_path / s, s, PermissivePolicy(), seed=k)  # the server's own
-        )
-        for k, s in enumerate(sybils)
-    ]
-    try:
-        victim = await asyncio.wait_for(
-            asyncio.gather(
-                _site(url, fed, tmp_path / "victim", "victim", victim_policy, 9),
-                return_exceptions=True,
-            ),
-            120.0,
-        )
-    finally:
-        for p in puppets:
-            p.cancel()
-        await asyncio.gather(*puppets, return_exceptions=True)
-    (result,) = victim
+    result = await victim_among_puppets(fed, tmp_path, victim_policy, sybils)
     assert isinstance(result, PolicyViolation), result
     assert "refused" in str(result) or "no consortium certificate" in str(result)
-    stages = ("advertise", "share", "mask", "consistency", "unmask", "train", "evaluate")
-    rounds = fed.engine.store.rounds()
-    assert rounds, "the attack round was started"
-    assert all(
-        s.client_id != "victim"
-        for r in rounds
-        for stage in stages
-        for s in fed.engine.store.submissions(r.round, stage)
-    )
+    assert_nothing_stored_from(fed, "victim")
     assert fed.engine.store.certificates()["victim"]  # stored at enrolment, relayed as is
 
 
@@ -252,8 +212,7 @@ async def test_enrolment_refuses_a_certificate_for_another_key(
 ) -> None:
     """A provisioning mistake is reported at enrolment (4xx with what to do), not at round 1."""
     fed = await make_fed(write_job(tmp_path / "job"))
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
+    url = server_url(fed)
     init_root(tmp_path / "r", "c")
     cert = sign_certificate(tmp_path / "r", "site-1", _raw(Identity(_key(5))))
     load_or_create_identity(tmp_path / "site-1")

@@ -10,21 +10,18 @@ nothing from it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from confide.client import Client, SitePolicy
-from confide.data import Dataset
 from confide.errors import ConfigError, PolicyViolation, ServerError, SignatureError
 from confide.protocol.certs import (
     REVOCATION_SEEN_FILE,
@@ -39,11 +36,11 @@ from confide.protocol.certs import (
     verify_revocation_list,
 )
 from confide.protocol.signing import Identity
-from confide.training import NumpyTrainer
 from tests.cli.conftest import CONFIDE, run
+from tests.security.peers import assert_nothing_stored_from, victim_among_puppets
 from tests.security.test_certified_peers import SECURE
-from tests.server.util import N_FEATURES, write_job
-from tests.support import PermissivePolicy
+from tests.server.util import write_job
+from tests.sites import server_url
 
 # The known answer: root key = 32 bytes 0x09, consortium "c", site-2's key = 32 bytes 0x01.
 KAT_ROOT_PUBLIC = "/RckOFqgx1tk+3jNYC+h2ZH96/drE8WO1wLqyDXp9hg="
@@ -253,16 +250,6 @@ def test_provision_revoke_command(tmp_path: Path) -> None:
 # --- the attack over HTTP -------------------------------------------------------------
 
 
-async def _site(url: str, fed: Any, state: Path, cid: str, policy: SitePolicy, seed: int) -> Any:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
-    data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
-    trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
-    async with Client(url, state, retry_timeout=10.0, poll_wait=1.0, policy=policy) as c:
-        await c.enroll(fed.engine.create_tokens(1)[0], cid)
-        return await c.run(trainer, data)
-
-
 async def test_a_revoked_site_in_the_cohort_is_refused(make_fed: Any, tmp_path: Path) -> None:
     """site-2's identity key was stolen; the consortium revoked it.
 
@@ -272,8 +259,6 @@ async def test_a_revoked_site_in_the_cohort_is_refused(make_fed: Any, tmp_path: 
     any stage from it.
     """
     fed = await make_fed(write_job(tmp_path / "job", **SECURE, job__rounds=1))
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
     init_root(tmp_path / "consortium", "study-1")
     provision_site(tmp_path / "consortium", tmp_path / "victim", "victim")
     provision_site(tmp_path / "consortium", tmp_path / "site-3", "site-3")
@@ -287,33 +272,10 @@ async def test_a_revoked_site_in_the_cohort_is_refused(make_fed: Any, tmp_path: 
         consortium_root=str(tmp_path / "consortium" / "root.json"),
         revocation_list=str(tmp_path / "revoked.json"),
     )
-    others = [
-        asyncio.ensure_future(_site(url, fed, tmp_path / s, s, PermissivePolicy(), seed=k))
-        for k, s in enumerate(["site-2", "site-3"])
-    ]
-    try:
-        (result,) = await asyncio.wait_for(
-            asyncio.gather(
-                _site(url, fed, tmp_path / "victim", "victim", victim_policy, 9),
-                return_exceptions=True,
-            ),
-            120.0,
-        )
-    finally:
-        for p in others:
-            p.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
+    result = await victim_among_puppets(fed, tmp_path, victim_policy, ["site-2", "site-3"])
     assert isinstance(result, PolicyViolation), result
     assert "'site-2' refused: its certificate is revoked" in str(result)
-    stages = ("advertise", "share", "mask", "consistency", "unmask", "train", "evaluate")
-    rounds = fed.engine.store.rounds()
-    assert rounds, "the attack round was started"
-    assert all(
-        s.client_id != "victim"
-        for r in rounds
-        for stage in stages
-        for s in fed.engine.store.submissions(r.round, stage)
-    )
+    assert_nothing_stored_from(fed, "victim")
     assert _raw(tmp_path / "site-2") == stolen.identity_key
     assert (tmp_path / "victim" / REVOCATION_SEEN_FILE).exists()  # the version it saw
 
@@ -333,8 +295,7 @@ async def test_a_server_given_the_list_refuses_to_enrol_a_revoked_certificate(
         server__revocation_list=str(tmp_path / "revoked.json"),
     )
     fed = await make_fed(job)
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
+    url = server_url(fed)
     async with Client(url, tmp_path / "site-2", retry_timeout=5.0) as c:
         with pytest.raises(
             ServerError, match=r"'site-2' is revoked .* version 1 \(key stolen\)"

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from confide.client import Client, SitePolicy
+from confide.client import SitePolicy
 from confide.client.policy import PrivacyLedger
-from confide.data import Dataset
 from confide.errors import ConfigError, PolicyViolation
 from confide.protocol.certs import init_root, provision_site
 from confide.protocol.tasks import DPSGDConfig, PrivacyTask, TrainConfig
 from confide.secagg import SecAggParams, ThreatModel, derive_params
-from confide.training import NumpyTrainer
-from tests.server.util import N_FEATURES, write_job
+from tests.security.peers import STAGES
+from tests.server.util import write_job
+from tests.sites import run_site
 
 SECURE = {
     "secagg__enabled": True,
@@ -44,11 +44,10 @@ SAMPLE_DP = {
 
 
 def _submissions(engine: Any) -> list[tuple[int, str, str]]:
-    stages = ("advertise", "share", "mask", "consistency", "unmask", "train", "evaluate")
     return [
         (r.round, stage, s.client_id)
         for r in engine.store.rounds()
-        for stage in stages
+        for stage in STAGES
         for s in engine.store.submissions(r.round, stage)
     ]
 
@@ -61,8 +60,6 @@ async def _sites(
     The sites are provisioned by one consortium (each holds a certificate; the policy,
     ``None`` meaning the strict default, names the consortium's root).
     """
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
     rng = np.random.default_rng(3)
     root = tmp / "consortium"
     if not (root / "root.json").exists():
@@ -72,12 +69,7 @@ async def _sites(
     async def site(k: int) -> Any:
         cid = f"site-{k}"
         provision_site(root, tmp / cid, cid)
-        x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
-        data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
-        trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
-        async with Client(url, tmp / cid, retry_timeout=10.0, poll_wait=1.0, policy=policy) as c:
-            await c.enroll(fed.engine.create_tokens(1)[0], cid)
-            return await c.run(trainer, data)
+        return await run_site(fed, tmp / cid, cid, policy, rng, retry_timeout=10.0, poll_wait=1.0)
 
     return list(
         await asyncio.wait_for(

@@ -19,14 +19,14 @@ import pytest
 
 from confide.errors import SecAggAbortError
 from confide.protocol.tasks import DPSGDConfig, PrivacyTask, SecureTask, TrainConfig, parse_task
+from tests.security.peers import STAGES
 from tests.server.test_secagg_rounds import IDS, Fed, _config, _start
 
 VICTIM = "a"
 
 
 def _stored(fed: Fed) -> set[str]:
-    stages = ("advertise", "share", "mask", "consistency", "unmask", "train", "evaluate")
-    return {stage for r in fed.eng.store.rounds() for stage in stages
+    return {stage for r in fed.eng.store.rounds() for stage in STAGES
             if fed.eng.store.submissions(r.round, stage)}  # fmt: skip
 
 
@@ -178,16 +178,12 @@ async def test_sites_given_different_tasks_over_http_reveal_nothing(
 
     import numpy as np
 
-    from confide.client import Client
-    from confide.data import Dataset
-    from confide.training import NumpyTrainer
     from tests.security.test_certified_peers import SECURE
-    from tests.server.util import N_FEATURES, write_job
+    from tests.server.util import write_job
+    from tests.sites import run_site
     from tests.support import PermissivePolicy
 
     fed = await make_fed(write_job(tmp_path / "job", **SECURE, job__rounds=1))
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
     honest_task_for = fed.engine.task_for
 
     def malicious_task_for(client_id: str) -> Any:
@@ -209,20 +205,16 @@ async def test_sites_given_different_tasks_over_http_reveal_nothing(
 
     async def site(cid: str, seed: int) -> Any:
         rng = np.random.default_rng(seed)
-        x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
-        data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
-        trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
-        state = tmp_path / cid
-        async with Client(
-            url,
-            state,
+        return await run_site(
+            fed,
+            tmp_path / cid,
+            cid,
+            PermissivePolicy(),
+            rng,
             retry_timeout=10.0,
             poll_wait=1.0,
-            policy=PermissivePolicy(),
             log=lines.append,
-        ) as c:
-            await c.enroll(fed.engine.create_tokens(1)[0], cid)
-            return await c.run(trainer, data)
+        )
 
     runs = [asyncio.ensure_future(site(c, k)) for k, c in enumerate(["victim", "s1", "s2"])]
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from confide_server.app import open_engine
 from confide_server.config import Config
 from confide_server.engine.rounds import COHORT_GRACE_S, RoundEngine
 from tests.server.conftest import FakeClock
-from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
+from tests.server.util import delta_body, enrolled_engine, eval_body, tiny_manifest, write_job
 
 MANIFEST = tiny_manifest()
 IDS = ("a", "b", "c", "d")
@@ -33,11 +32,18 @@ def _config(tmp: Path) -> Config:
 
 
 def _engine(cfg: Config, clock: FakeClock) -> RoundEngine:
-    engine = open_engine(cfg, clock=clock)
+    """The four sites enrolled; none has polled yet."""
+    return enrolled_engine(cfg, clock, IDS, touch=False)
+
+
+def _round_one_open(cfg: Config) -> tuple[RoundEngine, FakeClock]:
+    """A fresh engine whose four sites all polled: round 1 is open with all of them."""
+    clock = FakeClock()
+    engine = _engine(cfg, clock)
     for cid in IDS:
-        if engine.public_key(cid) is None:
-            engine.enroll(engine.create_tokens(1)[0], cid, f"key-{cid}")
-    return engine
+        engine.touch(cid)
+    assert engine.tick()
+    return engine, clock
 
 
 def _finish_round(engine: RoundEngine, clock: FakeClock, r: int, sites: tuple[str, ...]) -> None:
@@ -77,11 +83,7 @@ def test_first_round_waits_for_wait_for_clients(tmp_path: Path) -> None:
 
 
 def test_dead_sites_are_not_drawn_and_the_job_goes_on_with_min_clients(tmp_path: Path) -> None:
-    clock = FakeClock()
-    engine = _engine(_config(tmp_path), clock)
-    for cid in IDS:
-        engine.touch(cid)
-    assert engine.tick()
+    engine, clock = _round_one_open(_config(tmp_path))
     _finish_round(engine, clock, 1, IDS)
     # c and d die; a and b poll again after round 1 closed (well within the 60 s window)
     clock.now += 1.0
@@ -100,11 +102,7 @@ def test_dead_sites_are_not_drawn_and_the_job_goes_on_with_min_clients(tmp_path:
 
 
 def test_all_back_means_a_full_cohort_at_once(tmp_path: Path) -> None:
-    clock = FakeClock()
-    engine = _engine(_config(tmp_path), clock)
-    for cid in IDS:
-        engine.touch(cid)
-    assert engine.tick()
+    engine, clock = _round_one_open(_config(tmp_path))
     _finish_round(engine, clock, 1, IDS)
     clock.now += 0.5
     for cid in IDS:  # every site polls right after the close
@@ -114,11 +112,7 @@ def test_all_back_means_a_full_cohort_at_once(tmp_path: Path) -> None:
 
 
 def test_after_all_sites_died_the_next_round_waits_for_live_ones(tmp_path: Path) -> None:
-    clock = FakeClock()
-    engine = _engine(_config(tmp_path), clock)
-    for cid in IDS:
-        engine.touch(cid)
-    assert engine.tick()
+    engine, clock = _round_one_open(_config(tmp_path))
     # everyone dies holding round 1's task: it aborts at its deadline
     clock.now += 31.0
     assert engine.tick()
@@ -138,12 +132,8 @@ def test_after_all_sites_died_the_next_round_waits_for_live_ones(tmp_path: Path)
 
 
 def test_restart_keeps_the_rule(tmp_path: Path) -> None:
-    clock = FakeClock()
     cfg = _config(tmp_path)
-    engine = _engine(cfg, clock)
-    for cid in IDS:
-        engine.touch(cid)
-    assert engine.tick()
+    engine, clock = _round_one_open(cfg)
     _finish_round(engine, clock, 1, IDS)
     engine.store.close()
     engine = _engine(cfg, clock)  # the close time comes back from the store

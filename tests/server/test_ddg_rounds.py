@@ -67,14 +67,9 @@ def test_distributed_round_commits_noised_mean_and_accounts_it(tmp_path: Path) -
     # worst case: min_survivors = max(t, n - D) = 2, nobody colluding -> h = 2
     assert ddg["honest_shares"] == 2
     assert ddg["num_clients"] == 3
-    for stage in ("advertise", "share", "mask", "unmask"):
-        assert fed.stage() == stage
-        fed.run_stage()
+    fed.run_stages("advertise", "share", "mask", "unmask")
     fed.finish_evaluate()
-    row = fed.eng.store.get_round(1)
-    assert row is not None
-    assert row.status == "committed"
-    assert row.metrics is not None
+    row = fed.committed()
     assert row.metrics["train_clients"] == 3
     assert row.metrics["train_examples"] == 3  # weight 1 each: the count of masked inputs
     # Decoded sum / cohort size (3): close to the clipped non-private mean. Noise std of
@@ -136,10 +131,7 @@ def test_round_with_t_survivors_is_accounted_once(tmp_path: Path) -> None:
     fed = Fed(tmp_path, _ddg_config(tmp_path))
     base = fed.model()
     _run_round(fed, skip_mask=("c",))
-    row = fed.eng.store.get_round(1)
-    assert row is not None
-    assert row.status == "committed"
-    assert row.metrics is not None
+    row = fed.committed()
     assert row.metrics["train_clients"] == 2
     params = fed.eng._round_ddg(1)
     assert params is not None

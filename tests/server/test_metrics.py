@@ -26,8 +26,8 @@ from confide_server.metrics import (
     tfrecord,
 )
 from tests.server.conftest import FakeClock
-from tests.server.test_privacy_server import _config, _engine
-from tests.server.util import delta_body, eval_body, tiny_manifest
+from tests.server.test_privacy_server import _config
+from tests.server.util import delta_body, enrolled_engine, eval_body, tiny_manifest
 
 MANIFEST = tiny_manifest()
 TRAIN_S, EVAL_S = 7.0, 3.0
@@ -59,7 +59,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> RoundEngine:
     """Central DP, 3 rounds: round 2 is aborted (one update of three, min_clients=2)."""
     tmp = tmp_path_factory.mktemp("metrics")
     clock = FakeClock()
-    eng = _engine(_config(tmp, rounds=2, mode="central", noise_multiplier=1.0), clock)
+    eng = enrolled_engine(_config(tmp, rounds=2, mode="central", noise_multiplier=1.0), clock)
     _play(eng, clock, 1)
     _play(eng, clock, 2, answering="a")
     _play(eng, clock, 3)

@@ -11,8 +11,8 @@ from confide_server.app import open_engine
 from confide_server.blobs import BlobStore
 from confide_server.engine.rounds import RoundEngine
 from tests.server.conftest import FakeClock
-from tests.server.test_privacy_server import MANIFEST, Crash, Z, _config, _engine
-from tests.server.util import delta_body
+from tests.server.test_privacy_server import MANIFEST, Z, _config
+from tests.server.util import Crash, delta_body, enrolled_engine
 
 
 def _train_answers(eng: RoundEngine) -> None:
@@ -31,7 +31,9 @@ def _registered(eng: RoundEngine) -> set[str]:
 def test_noised_aggregate_of_a_killed_commit_is_deleted_and_never_redrawn(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
-    eng = _engine(cfg, clock, crash_at="model_written")  # killed between the write and its txn
+    eng = enrolled_engine(
+        cfg, clock, crash_at="model_written"
+    )  # killed between the write and its txn
     assert eng.tick()
     _train_answers(eng)
     with pytest.raises(Crash):
@@ -40,7 +42,7 @@ def test_noised_aggregate_of_a_killed_commit_is_deleted_and_never_redrawn(tmp_pa
     eng.store.close()
     # The restart deletes the unregistered draw and, as its write-ahead intent is pending,
     # charges round 1 and aborts it: the round's aggregate was drawn and written once.
-    eng = _engine(cfg, clock, crash_at="model_written")
+    eng = enrolled_engine(cfg, clock, crash_at="model_written")
     assert _model_files(eng) == _registered(eng) == {eng.current_model}
     row = eng.store.get_round(1)
     assert row is not None
@@ -55,7 +57,7 @@ def test_noised_aggregate_of_a_killed_commit_is_deleted_and_never_redrawn(tmp_pa
 def test_a_failed_commit_transaction_deletes_its_noised_draw(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
-    eng = _engine(cfg, clock)
+    eng = enrolled_engine(cfg, clock)
     assert eng.tick()
     _train_answers(eng)
     commits = {"n": 0}

@@ -27,26 +27,17 @@ from confide_server.app import open_engine
 from confide_server.auth import operator_token
 from confide_server.config import Config
 from confide_server.engine.privacy import BUDGET_EXHAUSTED, read_privacy
-from confide_server.engine.rounds import RoundEngine, RoundError
+from confide_server.engine.rounds import RoundError
 from confide_server.engine.stagelog import secagg_tolerance
 from confide_server.opscli import archive_state
 from confide_server.simulate import JobFiles, SimulationOptions, prepare_job
 from confide_server.statelock import LOCK_FILE, StateLock
-from tests.e2e.conftest import Procs
+from tests.e2e.conftest import Procs, reaped_procs
 from tests.server.conftest import FakeClock
-from tests.server.util import delta_body, write_job
+from tests.server.util import delta_body, enrolled_engine, write_job
 
 SERVER = [sys.executable, "-m", "confide_server"]
 Z = 2.0
-
-
-def _engine(cfg: Config, clock: FakeClock) -> RoundEngine:
-    engine = open_engine(cfg, clock=clock)
-    for cid in ("a", "b", "c"):
-        if engine.public_key(cid) is None:
-            engine.enroll(engine.create_tokens(1)[0], cid, f"key-{cid}")
-        engine.touch(cid)
-    return engine
 
 
 def _config(tmp: Path, **kw: Any) -> Config:
@@ -65,7 +56,7 @@ def _config(tmp: Path, **kw: Any) -> Config:
 
 def test_operator_abort_aborts_the_open_round_and_the_next_one_starts(tmp_path: Path) -> None:
     clock = FakeClock()
-    eng = _engine(_config(tmp_path), clock)
+    eng = enrolled_engine(_config(tmp_path), clock)
     assert eng.abort_open_round("aborted by the operator: x") is None  # nothing open
     assert eng.tick()
     assert eng.abort_open_round("aborted by the operator: maintenance") == 1
@@ -82,7 +73,7 @@ def test_operator_abort_aborts_the_open_round_and_the_next_one_starts(tmp_path: 
 def test_revoked_site_is_never_drawn_and_its_open_round_is_aborted(tmp_path: Path) -> None:
     clock = FakeClock()
     cfg = _config(tmp_path)
-    eng = _engine(cfg, clock)
+    eng = enrolled_engine(cfg, clock)
     assert eng.tick()
     prepared = eng.prepare("c", 1, "train", delta_body(eng.manifest, 1.0))
     eng.commit_submission(prepared, nonce="c-train-1")
@@ -117,7 +108,7 @@ def test_budget_spent_by_aborted_rounds_fails_the_job_with_the_reason(tmp_path: 
         "privacy__sampling_rate": 0.2,
         "privacy__clip_norm": 1.0,
     }
-    probe = _engine(_config(tmp_path / "probe", **privacy), FakeClock())
+    probe = enrolled_engine(_config(tmp_path / "probe", **privacy), FakeClock())
     assert probe.tick()
     eps1 = read_privacy(probe.store)[0]["epsilon"]  # type: ignore[index]
     probe.abort_open_round("probe")
@@ -128,7 +119,7 @@ def test_budget_spent_by_aborted_rounds_fails_the_job_with_the_reason(tmp_path: 
     probe.store.close()
     assert eps2 > eps1 > 0
     cfg = _config(tmp_path / "job", **privacy, privacy__epsilon_budget=(eps2 + eps2 * 1.2) / 2)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     for r in (1, 2):
         assert eng.tick()
         assert eng.abort_open_round("aborted by the operator: test") == r
@@ -157,7 +148,7 @@ def test_state_lock_refuses_a_second_holder_and_is_released(tmp_path: Path) -> N
 
 def test_new_job_refuses_an_unfinished_job_without_abandon(tmp_path: Path) -> None:
     cfg = _config(tmp_path)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     eng.store.close()
     with pytest.raises(ConfigError, match=r"has not ended .* pass --abandon"):
         archive_state(cfg)
@@ -193,15 +184,7 @@ def test_json_log_lines_are_strict_json() -> None:
 @pytest.fixture
 def make_procs() -> Iterator[Callable[[JobFiles], Procs]]:
     """Real server and site processes of a job (tests.e2e.conftest), killed at teardown."""
-    made: list[Procs] = []
-
-    def make(files: JobFiles) -> Procs:
-        made.append(Procs(files))
-        return made[-1]
-
-    yield make
-    for procs in made:
-        procs.kill_all()
+    yield from reaped_procs()
 
 
 def _post(url: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
@@ -223,6 +206,17 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def _job(tmp: Path, clients: int, **kw: Any) -> JobFiles:
     opts = SimulationOptions(clients=clients, rounds=1, seed=3, train_deadline=300.0, **kw)
     return prepare_job(tmp, opts)
+
+
+def _logged_server(procs: Procs, log_file: Path, *log_format: str) -> subprocess.Popen[bytes]:
+    """The shipped ``confide-server run`` (no test wrapper), logging to ``log_file``.
+
+    Returns once the server answers ``/v1/status`` (or has exited).
+    """
+    cmd = [*SERVER, "run", "--config", str(procs.files.config), "--log-file", str(log_file)]
+    server = procs.launcher.spawn("server", [*cmd, *log_format])
+    procs.wait_until(lambda: procs.status() is not None or server.poll() is not None)
+    return server
 
 
 def _open_round(procs: Procs) -> dict[str, Any]:
@@ -265,11 +259,7 @@ def test_operator_abort_over_http_needs_the_token_and_is_logged(
     files = _job(tmp_path, 2, min_clients=2)
     procs: Procs = make_procs(files)
     log_file = tmp_path / "server.log"
-    server = procs.launcher.spawn(
-        "server",
-        [*SERVER, "run", "--config", str(files.config), "--log-file", str(log_file)],
-    )
-    procs.wait_until(lambda: procs.status() is not None or server.poll() is not None)
+    _logged_server(procs, log_file)
     t1, t2 = procs.tokens(2)
     procs.client(1, t1)
     site2 = procs.client(2, t2, "--die-in-round", "1")  # round 1 then waits 300 s for it
@@ -311,20 +301,7 @@ def test_revoked_site_is_refused_its_round_aborted_and_json_logs_one_line_per_st
     files = _job(tmp_path, 3, min_clients=2)
     procs: Procs = make_procs(files)
     log_file = tmp_path / "server.jsonl"
-    server = procs.launcher.spawn(
-        "server",
-        [
-            *SERVER,
-            "run",
-            "--config",
-            str(files.config),
-            "--log-file",
-            str(log_file),
-            "--log-format",
-            "json",
-        ],
-    )
-    procs.wait_until(lambda: procs.status() is not None or server.poll() is not None)
+    server = _logged_server(procs, log_file, "--log-format", "json")
     tokens = procs.tokens(3)
     site_log = tmp_path / "site-1.jsonl"
     s1 = procs.client(1, tokens[0], "--log-file", str(site_log), "--log-format", "json")

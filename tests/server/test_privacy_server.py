@@ -18,14 +18,17 @@ from confide_server.config import Config
 from confide_server.engine.privacy import BUDGET_EXHAUSTED, JobPrivacy, PrivacyConfig, read_privacy
 from confide_server.engine.rounds import RoundEngine
 from tests.server.conftest import FakeClock
-from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
+from tests.server.util import (
+    Crash,
+    delta_body,
+    enrolled_engine,
+    eval_body,
+    tiny_manifest,
+    write_job,
+)
 
 MANIFEST = tiny_manifest()
 Z = 2.0
-
-
-class Crash(BaseException):
-    """Stands in for SIGKILL: nothing after the crash point runs."""
 
 
 def _config(tmp: Path, rounds: int = 3, **privacy: Any) -> Config:
@@ -37,19 +40,6 @@ def _config(tmp: Path, rounds: int = 3, **privacy: Any) -> Config:
     }
     kw.update({f"privacy__{k}": v for k, v in privacy.items()})
     return write_job(tmp, **kw)
-
-
-def _engine(cfg: Config, clock: FakeClock, crash_at: str | None = None) -> RoundEngine:
-    def hook(point: str) -> None:
-        if point == crash_at:
-            raise Crash(point)
-
-    engine = open_engine(cfg, clock=clock, crash_hook=hook)
-    for cid in ("a", "b", "c"):
-        if engine.public_key(cid) is None:
-            engine.enroll(engine.create_tokens(1)[0], cid, f"key-{cid}")
-        engine.touch(cid)
-    return engine
 
 
 def _round(engine: RoundEngine, r: int, value: float = 10.0) -> None:
@@ -76,7 +66,7 @@ def test_budget_stops_the_job_before_it_is_exceeded(tmp_path: Path) -> None:
     eps3 = account([client_poisson_event(1.0, Z, 3)], 1e-5).epsilon
     budget = (eps2 + eps3) / 2  # room for exactly two rounds
     cfg = _config(tmp_path, rounds=5, mode="central", noise_multiplier=Z, epsilon_budget=budget)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     _round(eng, 1)
     _round(eng, 2)
     assert eng.status == "running"
@@ -100,7 +90,7 @@ def test_central_noise_clip_and_scale_through_the_server(tmp_path: Path) -> None
     # every delta (10 per coordinate, norm 22) is clipped to C = 0.5 by the server
     z, c = 0.3, 0.5
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=z, clip_norm=c)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     base = _model(eng)
     _round(eng, 1)
     step = _model(eng) - base
@@ -120,7 +110,7 @@ def test_central_noise_clip_and_scale_through_the_server(tmp_path: Path) -> None
 def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=2, mode="central", noise_multiplier=Z)
     clock = FakeClock()
-    eng = _engine(cfg, clock, crash_at="stage_committed")
+    eng = enrolled_engine(cfg, clock, crash_at="stage_committed")
     assert eng.tick()
     for cid in "abc":
         eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
@@ -133,7 +123,7 @@ def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path:
     released = row.new_model
     _, before = read_privacy(eng.store)
     eng.store.close()
-    eng = _engine(cfg, clock)  # restart
+    eng = enrolled_engine(cfg, clock)  # restart
     assert eng.store.get_round(1).new_model == released  # type: ignore[union-attr]
     assert eng.task_for("a").to_json()["model_sha256"] == released
     for cid in "abc":
@@ -149,7 +139,7 @@ def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path:
     )
     finished = eng.status_dict()
     eng.store.close()
-    eng = _engine(cfg, clock)  # a restart of the finished run changes nothing
+    eng = enrolled_engine(cfg, clock)  # a restart of the finished run changes nothing
     again = eng.status_dict()
     assert again["privacy"] == finished["privacy"]
     assert [r["privacy"] for r in again["rounds"]] == [r["privacy"] for r in finished["rounds"]]
@@ -159,7 +149,7 @@ def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path:
 def test_crash_before_release_charges_the_intent_and_never_redraws(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
-    eng = _engine(cfg, clock, crash_at="model_written")
+    eng = enrolled_engine(cfg, clock, crash_at="model_written")
     assert eng.tick()
     for cid in "abc":
         eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
@@ -167,7 +157,7 @@ def test_crash_before_release_charges_the_intent_and_never_redraws(tmp_path: Pat
         eng.tick()  # the noised blob exists on disk, unregistered: the intent is pending
     assert read_privacy(eng.store)[1] == {}
     eng.store.close()
-    eng = _engine(cfg, clock)  # the restart charges the intent and aborts the round
+    eng = enrolled_engine(cfg, clock)  # the restart charges the intent and aborts the round
     _, per_round = read_privacy(eng.store)
     assert list(per_round) == [1]
     assert eng.store.get_round(1).status == "aborted"  # type: ignore[union-attr]
@@ -186,7 +176,7 @@ def test_sample_mode_ships_dpsgd_and_accounts_at_round_start(tmp_path: Path) -> 
         clip_norm=0.7,
         momentum=0.5,
     )
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     assert eng.tick()
     task = eng.task_for("a").to_json()
     dp = task["config"]["dp"]
@@ -206,7 +196,7 @@ def test_sample_mode_ships_dpsgd_and_accounts_at_round_start(tmp_path: Path) -> 
 
 def test_status_cli_reports_epsilon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     _round(eng, 1)
     eng.store.close()
     (tmp_path / "job.toml").write_text(
@@ -250,18 +240,18 @@ def test_bad_privacy_configs_are_refused(
 
 def test_target_epsilon_is_calibrated_once_and_kept(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=4, mode="central", target_epsilon=3.0)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     z = eng.privacy.noise_multiplier
     assert account([client_poisson_event(1.0, z, 4)], 1e-5).epsilon <= 3.0
     assert account([client_poisson_event(1.0, z * 0.98, 4)], 1e-5).epsilon > 3.0
     eng.store.close()
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     assert eng.privacy.noise_multiplier == z
 
 
 def test_privacy_mode_cannot_change_once_the_job_has_rounds(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=2, mode="central", noise_multiplier=Z)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     _round(eng, 1)
     eng.store.close()
     with pytest.raises(ConfigError, match="cannot change"):

@@ -19,7 +19,7 @@ from confide_server.config import Config
 from confide_server.engine.rounds import InvalidSubmissionError, RoundEngine
 from confide_server.middlewares import status_for
 from tests.server.conftest import FakeClock
-from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
+from tests.server.util import delta_body, enrolled_engine, eval_body, tiny_manifest, write_job
 
 MANIFEST = tiny_manifest()
 IDS = ("a", "b")
@@ -37,12 +37,8 @@ def _config(tmp: Path, **kw: object) -> Config:
 
 
 def _engine(cfg: Config, clock: FakeClock) -> RoundEngine:
-    engine = open_engine(cfg, clock=clock)
-    for cid in IDS:
-        if engine.public_key(cid) is None:
-            engine.enroll(engine.create_tokens(1)[0], cid, f"key-{cid}")
-        engine.touch(cid)
-    return engine
+    """Both sites enrolled, both just polled."""
+    return enrolled_engine(cfg, clock, IDS)
 
 
 def _submit(engine: RoundEngine, cid: str, stage: str, body: bytes, r: int) -> None:

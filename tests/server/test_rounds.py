@@ -12,13 +12,16 @@ from confide_server.app import open_engine
 from confide_server.config import Config
 from confide_server.engine.rounds import RoundEngine, RoundError
 from tests.server.conftest import FakeClock
-from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
+from tests.server.util import (
+    Crash,
+    delta_body,
+    enrolled_engine,
+    eval_body,
+    tiny_manifest,
+    write_job,
+)
 
 MANIFEST = tiny_manifest()
-
-
-class Crash(BaseException):
-    """Stands in for SIGKILL: nothing after the crash point runs."""
 
 
 def _config(tmp: Path, **kw: object) -> Config:
@@ -30,19 +33,6 @@ def _config(tmp: Path, **kw: object) -> Config:
         "job__max_consecutive_aborts": 2,
     }
     return write_job(tmp, **{**base, **kw})
-
-
-def _engine(cfg: Config, clock: FakeClock, crash_at: str | None = None) -> RoundEngine:
-    def hook(point: str) -> None:
-        if point == crash_at:
-            raise Crash(point)
-
-    engine = open_engine(cfg, clock=clock, crash_hook=hook)
-    for cid in ("a", "b", "c"):
-        if engine.public_key(cid) is None:
-            engine.enroll(engine.create_tokens(1)[0], cid, f"key-{cid}")
-        engine.touch(cid)
-    return engine
 
 
 def _submit(
@@ -60,7 +50,7 @@ def _model(engine: RoundEngine) -> np.ndarray:
 
 def test_round_goes_on_with_quorum_at_deadline(tmp_path: Path) -> None:
     clock = FakeClock()
-    eng = _engine(_config(tmp_path), clock)
+    eng = enrolled_engine(_config(tmp_path), clock)
     assert eng.tick()
     assert eng.store.get_round(1) is not None
     base = _model(eng)
@@ -84,7 +74,7 @@ def test_round_goes_on_with_quorum_at_deadline(tmp_path: Path) -> None:
 
 def test_round_without_quorum_aborts_and_next_round_succeeds(tmp_path: Path) -> None:
     clock = FakeClock()
-    eng = _engine(_config(tmp_path), clock)
+    eng = enrolled_engine(_config(tmp_path), clock)
     eng.tick()
     base_sha = eng.current_model
     _submit(eng, "a", "train", delta_body(MANIFEST, 1.0))
@@ -117,7 +107,7 @@ def test_round_without_quorum_aborts_and_next_round_succeeds(tmp_path: Path) -> 
 
 def test_consecutive_aborts_fail_the_job(tmp_path: Path) -> None:
     clock = FakeClock()
-    eng = _engine(_config(tmp_path), clock)
+    eng = enrolled_engine(_config(tmp_path), clock)
     for _ in range(2):
         for cid in "abc":  # the sites poll (but never answer)
             eng.touch(cid)
@@ -130,7 +120,7 @@ def test_consecutive_aborts_fail_the_job(tmp_path: Path) -> None:
 
 def test_cohort_sampling_is_seeded(tmp_path: Path) -> None:
     cfg = _config(tmp_path, job__cohort_size=2, job__min_clients=1, job__wait_for_clients=2)
-    eng = _engine(cfg, FakeClock())
+    eng = enrolled_engine(cfg, FakeClock())
     eng.tick()
     row = eng.store.get_round(1)
     assert row is not None
@@ -146,7 +136,7 @@ def _run_job(tmp: Path, crash_points: list[str], **kw: object) -> tuple[str, Rou
     clock = FakeClock()
     cfg = _config(tmp, **kw)
     pending = list(crash_points)
-    eng = _engine(cfg, clock, pending[0] if pending else None)
+    eng = enrolled_engine(cfg, clock, crash_at=pending[0] if pending else None)
     values = {"a": 0.5, "b": -0.25, "c": 2.0}
     while eng.status == "running":
         try:
@@ -166,7 +156,7 @@ def _run_job(tmp: Path, crash_points: list[str], **kw: object) -> tuple[str, Rou
         except Crash:
             pending.pop(0)
             eng.store.close()
-            eng = _engine(cfg, clock, pending[0] if pending else None)
+            eng = enrolled_engine(cfg, clock, crash_at=pending[0] if pending else None)
     return eng.current_model, eng
 
 
@@ -209,11 +199,11 @@ def test_server_optimizers_change_the_trajectory(tmp_path: Path) -> None:
 def test_acknowledged_submission_survives_restart(tmp_path: Path) -> None:
     clock = FakeClock()
     cfg = _config(tmp_path)
-    eng = _engine(cfg, clock)
+    eng = enrolled_engine(cfg, clock)
     eng.tick()
     receipt = _submit(eng, "a", "train", delta_body(MANIFEST, 1.0))
     eng.store.close()
-    eng2 = _engine(cfg, clock)
+    eng2 = enrolled_engine(cfg, clock)
     # the identical retry gets the same receipt; a different body is a duplicate
     assert _submit(eng2, "a", "train", delta_body(MANIFEST, 1.0)) == receipt
     with pytest.raises(RoundError, match="already submitted"):
@@ -225,7 +215,7 @@ def test_acknowledged_submission_survives_restart(tmp_path: Path) -> None:
 def test_state_of_another_job_is_refused(tmp_path: Path) -> None:
     from confide.errors import ConfigError
 
-    eng = _engine(_config(tmp_path), FakeClock())
+    eng = enrolled_engine(_config(tmp_path), FakeClock())
     eng.store.close()
     with pytest.raises(ConfigError, match="belongs to job"):
         open_engine(_config(tmp_path, job__name="other"))

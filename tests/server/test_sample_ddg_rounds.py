@@ -121,14 +121,9 @@ def test_round_is_one_noised_dpsgd_step_accounted_as_central_dpsgd(tmp_path: Pat
     assert "dp" not in task["config"]  # no local DP-SGD: the noise is in the secure sum
     shipped = task["privacy"]["sample_ddg"]
     assert shipped["honest_shares"] == 2  # min_survivors = max(t, n - D) = 2, none colluding
-    for stage in ("advertise", "share", "mask", "unmask"):
-        assert fed.stage() == stage
-        fed.run_stage()
+    fed.run_stages("advertise", "share", "mask", "unmask")
     fed.finish_evaluate()
-    row = fed.eng.store.get_round(1)
-    assert row is not None
-    assert row.status == "committed"
-    assert row.metrics is not None
+    row = fed.committed()
     assert row.metrics["train_examples"] == 3  # weight 1 per site: sample counts stay hidden
     params = fed.eng._round_ddg(1)
     assert params is not None

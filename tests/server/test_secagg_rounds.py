@@ -22,16 +22,12 @@ from confide_server.engine.rounds import RoundEngine, RoundError
 from confide_server.engine.secure import SECURE_STAGES
 from confide_server.middlewares import status_for
 from tests.server.conftest import FakeClock
-from tests.server.util import eval_body, tiny_manifest, write_job
+from tests.server.util import Crash, eval_body, tiny_manifest, write_job
 from tests.support import round_seed, seeded_rng_factory
 
 MANIFEST = tiny_manifest()
 IDS = ("a", "b", "c")
 RNG_SEED = b"secagg-rounds-test"
-
-
-class Crash(BaseException):
-    """Stands in for SIGKILL: nothing after the crash point runs."""
 
 
 def _config(tmp: Path, **kw: object) -> Config:
@@ -126,6 +122,20 @@ class Fed:
         assert self.eng.tick()
         assert self.stage() != stage or self.eng.store.get_round(1).status != "open"  # type: ignore[union-attr]
 
+    def run_stages(self, *stages: str) -> None:
+        """Every site answers each of ``stages`` in turn; round 1 must be at each one."""
+        for stage in stages:
+            assert self.stage() == stage
+            self.run_stage()
+
+    def committed(self, r: int = 1) -> Any:
+        """Round ``r``'s row, which must be committed, with its metrics."""
+        row = self.eng.store.get_round(r)
+        assert row is not None
+        assert row.status == "committed", row
+        assert row.metrics is not None
+        return row
+
     def finish_evaluate(self) -> None:
         for c in IDS:
             task = self.eng.task_for(c).to_json()
@@ -165,15 +175,10 @@ def test_secure_round_commits_the_weighted_mean(tmp_path: Path) -> None:
     assert dict(setup.identity_keys) == {
         c: base64.b64decode(fed.idents[c].public_key_b64) for c in IDS
     }
-    for stage in ("advertise", "share", "mask", "unmask"):
-        assert fed.stage() == stage
-        fed.run_stage()
+    fed.run_stages("advertise", "share", "mask", "unmask")
     assert fed.stage() == "evaluate"
     fed.finish_evaluate()
-    row = fed.eng.store.get_round(1)
-    assert row is not None
-    assert row.status == "committed"
-    assert row.metrics is not None
+    row = fed.committed()
     assert row.metrics["train_clients"] == 3
     assert row.metrics["train_examples"] == 100
     assert {k: row.metrics["secagg"][k] for k in ("n", "k", "t")} == {"n": 3, "k": 2, "t": 2}
@@ -183,9 +188,7 @@ def test_secure_round_commits_the_weighted_mean(tmp_path: Path) -> None:
 def test_consistency_check_stage_runs_when_configured(tmp_path: Path) -> None:
     fed = Fed(tmp_path, _config(tmp_path, secagg__consistency_check=True))
     base = _start(fed)
-    for stage in ("advertise", "share", "mask", "consistency", "unmask"):
-        assert fed.stage() == stage
-        fed.run_stage()
+    fed.run_stages("advertise", "share", "mask", "consistency", "unmask")
     fed.finish_evaluate()
     np.testing.assert_allclose(fed.model(), fed.expected(IDS, base), atol=2e-4)
 
@@ -206,10 +209,7 @@ def test_dropout_after_sharing_and_late_masked_input_is_rejected(tmp_path: Path)
     assert fed.eng.task_for("c").action == "wait"  # c is out of this round
     fed.run_stage()  # unmask: a and b rebuild c's pairwise masks
     fed.finish_evaluate()
-    row = fed.eng.store.get_round(1)
-    assert row is not None
-    assert row.status == "committed"
-    assert row.metrics is not None
+    row = fed.committed()
     assert row.metrics["train_clients"] == 2
     np.testing.assert_allclose(fed.model(), fed.expected(("a", "b"), base), atol=2e-4)
 

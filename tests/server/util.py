@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import numpy as np
 from confide.protocol.manifest import Manifest, encode_tensors
 from confide.protocol.signing import Identity
 from confide.training import NumpyTrainer
+from confide_server.app import open_engine
 from confide_server.config import Config, parse_config
+from confide_server.engine.rounds import RoundEngine
 
 N_FEATURES = 4
 
@@ -43,6 +46,37 @@ def write_job(tmp: Path, **overrides: Any) -> Config:
         section, _, name = key.partition("__")
         doc.setdefault(section, {})[name] = value
     return parse_config(doc, tmp)
+
+
+class Crash(BaseException):
+    """Stands in for SIGKILL: nothing after the crash point runs."""
+
+
+def enrolled_engine(
+    cfg: Config,
+    clock: Any,
+    ids: Iterable[str] = "abc",
+    *,
+    crash_at: str | None = None,
+    touch: bool = True,
+) -> RoundEngine:
+    """``open_engine`` with every id in ``ids`` enrolled (once: a reopened state keeps them).
+
+    With ``touch`` each site has just polled. ``crash_at`` raises :class:`Crash` at that
+    crash point (the engine's ``crash_hook``), as a SIGKILL there would stop it.
+    """
+
+    def hook(point: str) -> None:
+        if point == crash_at:
+            raise Crash(point)
+
+    engine = open_engine(cfg, clock=clock, crash_hook=hook if crash_at else None)
+    for cid in ids:
+        if engine.public_key(cid) is None:
+            engine.enroll(engine.create_tokens(1)[0], cid, f"key-{cid}")
+        if touch:
+            engine.touch(cid)
+    return engine
 
 
 def delta_body(manifest: Manifest, value: float, num_examples: int = 10) -> bytes:

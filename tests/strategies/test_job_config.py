@@ -17,7 +17,6 @@ from tests.server.conftest import FakeClock
 from tests.server.test_secagg_rounds import IDS, Fed
 from tests.server.test_secagg_rounds import _config as secagg_config
 from tests.server.util import write_job
-from tests.support import PermissivePolicy
 
 SECAGG = {
     "secagg__enabled": True,
@@ -164,14 +163,9 @@ async def test_real_clients_honour_the_strategy_fields(
 ) -> None:
     """Two confide.Client sites over real HTTP run a 2-round job: every task carries the
     strategy's field, and with norm bounding every stored update is within the bound."""
-    import asyncio
-
-    from confide.client import Client
-    from confide.data import Dataset
     from confide.protocol.manifest import decode_tensors
     from confide.protocol.tasks import TrainTask
-    from confide.training import NumpyTrainer
-    from tests.server.util import N_FEATURES
+    from tests.sites import run_sites
 
     # The test reads the stored updates after the round closes: keep them (retention).
     cfg = write_job(
@@ -182,27 +176,14 @@ async def test_real_clients_honour_the_strategy_fields(
         **options,
     )
     fed = await make_fed(cfg)
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
-    rng = np.random.default_rng(5)
     seen: list[TrainConfig] = []
 
-    async def site(cid: str) -> str:
-        x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
-        data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
-        trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
+    def watch(task: Any) -> None:
+        if isinstance(task, TrainTask):
+            seen.append(task.config)
 
-        def watch(task: Any) -> None:
-            if isinstance(task, TrainTask):
-                seen.append(task.config)
-
-        policy = PermissivePolicy()  # plain, non-DP strategy jobs
-        async with Client(url, tmp_path / cid, retry_timeout=5.0, policy=policy) as client:
-            await client.enroll(fed.engine.create_tokens(1)[0], cid)
-            result = await client.run(trainer, data, on_task=watch)
-        return result.status
-
-    statuses = await asyncio.wait_for(asyncio.gather(site("a"), site("b")), timeout=240)
+    rng = np.random.default_rng(5)
+    statuses = await run_sites(fed, tmp_path, "ab", rng, timeout=240, on_task=watch)
     assert statuses == ["finished", "finished"]
     assert len(seen) == 4
     if name == "norm_bounding":

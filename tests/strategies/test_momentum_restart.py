@@ -3,7 +3,6 @@ refusals, the job config, and real clients over HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 from confide.client.momentum import momentum_path, persist_momentum, restore_momentum
-from confide.data import Dataset
 from confide.data.tabular import RegressionDataset
 from confide.errors import ConfigError, ManifestError
 from confide.protocol.tasks import DPSGDConfig, TrainConfig, parse_task
@@ -19,7 +17,7 @@ from confide.training import NumpyTrainer
 from confide_server.app import open_engine
 from tests.server.conftest import FakeClock
 from tests.server.util import write_job
-from tests.support import PermissivePolicy
+from tests.sites import run_sites
 
 LR, M = 0.1, 0.5
 
@@ -183,9 +181,6 @@ def test_job_config_reaches_the_tasks(tmp_path: Path) -> None:
 async def test_real_clients_keep_their_buffers_on_disk(make_fed: Any, tmp_path: Path) -> None:
     """Two confide.Client sites over real HTTP, 2 rounds with momentum_restart = false: each
     site's state folder holds its buffer, and it differs between sites (their data differ)."""
-    from confide.client import Client
-    from tests.server.util import N_FEATURES
-
     cfg = write_job(
         tmp_path / "job",
         strategy__local_momentum=0.9,
@@ -193,21 +188,7 @@ async def test_real_clients_keep_their_buffers_on_disk(make_fed: Any, tmp_path: 
         strategy__learning_rate=0.5,
     )
     fed = await make_fed(cfg)
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
-    rng = np.random.default_rng(7)
-
-    async def site(cid: str) -> str:
-        x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
-        data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
-        trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
-        policy = PermissivePolicy()
-        async with Client(url, tmp_path / cid, retry_timeout=5.0, policy=policy) as client:
-            await client.enroll(fed.engine.create_tokens(1)[0], cid)
-            result = await client.run(trainer, data)
-        return result.status
-
-    statuses = await asyncio.wait_for(asyncio.gather(site("a"), site("b")), timeout=240)
+    statuses = await run_sites(fed, tmp_path, "ab", np.random.default_rng(7), timeout=240)
     assert statuses == ["finished", "finished"]
     probe = NumpyTrainer.from_manifest(fed.engine.manifest)
     bufs = [np.load(momentum_path(tmp_path / c, probe), allow_pickle=False) for c in "ab"]

@@ -3,7 +3,6 @@ clients over HTTP (plain and SecAgg+), upload sizes, refusals."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from confide_server.config import Config
 from confide_server.engine.rounds import InvalidSubmissionError
 from tests.server.conftest import FakeClock
 from tests.server.util import N_FEATURES, eval_body, write_job
-from tests.support import PermissivePolicy
+from tests.sites import run_sites
 
 SEED = round_seed("test", 1, 1)
 
@@ -235,24 +234,8 @@ def test_full_sharing_tasks_read_as_before(tmp_path: Path) -> None:
 
 
 async def _federate(make_fed: Any, cfg: Config, tmp: Path, sites: tuple[str, ...]) -> Any:
-    from confide.client import Client
-
     fed = await make_fed(cfg)
-    server = fed.http.server
-    url = f"http://{server.host}:{server.port}"
-    rng = np.random.default_rng(5)
-
-    async def site(cid: str) -> str:
-        x = rng.normal(size=(40, N_FEATURES)).astype(np.float32)
-        data = Dataset(x, (x[:, 0] > 0).astype(np.int64))
-        trainer = NumpyTrainer.from_manifest(fed.engine.manifest)
-        policy = PermissivePolicy()
-        async with Client(url, tmp / cid, retry_timeout=5.0, policy=policy) as client:
-            await client.enroll(fed.engine.create_tokens(1)[0], cid)
-            result = await client.run(trainer, data)
-        return result.status
-
-    statuses = await asyncio.wait_for(asyncio.gather(*(site(c) for c in sites)), timeout=300)
+    statuses = await run_sites(fed, tmp, sites, np.random.default_rng(5), timeout=300)
     assert statuses == ["finished"] * len(sites)
     return fed
 
