@@ -24,9 +24,10 @@ materialised per-record rows, as today; the choice is per layer and per step
 **Exactness.** The guarantee needs ``||c_p v_p||_2 <= C`` for the vector ``v_p`` that is
 actually summed. Everything here is computed in float64 from the float32 ``G`` and ``U``:
 
-* materialised rows are the float32 per-record rows of the batched product (as the
-  existing path computes them), widened to float64, a patient's records summed in float64;
-  their squared norms are float64 sums of the (exact) squares of those values;
+* materialised rows are float32 products ``G_p U_p^T`` computed per patient (the patient's
+  records' positions side by side; per record when every patient has one), widened to
+  float64 (bias rows: per record, a patient's summed in float64); their squared norms are
+  float64 sums of the (exact) squares of those values;
 * a ghost layer's ``v_p`` part is ``G_p U_p^T`` exactly (the float32 values multiplied in
   float64); its computed squared norm ``s`` differs from the true one by at most
   ``gamma_K * sum(|G_p|^T|G_p| * |U_p|^T|U_p|) <= gamma_K ||G_p||^2 ||U_p||^2`` with
@@ -68,8 +69,9 @@ SHRINK = 1.0 - 2.0**-20
 _U64 = 2.0**-53
 # Below this clip norm the float64 factor could lose its margin to underflow: fall back.
 _MIN_CLIP = 2.0**-500
-# Materialising a layer's rows costs several passes over n x out x in floats; a ghost norm
-# costs two Gram products of 2 k T^2 (out + in) flops per record. One pass ~ this many flops.
+# Materialising a layer's per-patient rows costs several passes over P x out x in floats; a
+# ghost norm costs two Gram products, 2 (k T)^2 (out + in) flops per patient of k records.
+# One pass over an element ~ this many flops.
 _PASS_FLOPS = 64
 
 
@@ -83,8 +85,8 @@ def plan_layer(out_dim: int, in_dim: int, positions: int, mean_k: float) -> bool
     positions : int
         Output positions ``T`` of one record.
     mean_k : float
-        ``sum_p k_p^2 / n`` over the patients' record counts ``k_p`` (1 with one record
-        per patient).
+        ``sum_p k_p^2 / P`` over the ``P`` patients' record counts ``k_p`` (1 with one
+        record per patient).
 
     Returns
     -------
@@ -104,6 +106,37 @@ def plan_layer(out_dim: int, in_dim: int, positions: int, mean_k: float) -> bool
 
 def _gamma(k: int) -> float:
     return k * _U64 / (1.0 - k * _U64)
+
+
+def _patient_groups(
+    g: torch.Tensor, u: torch.Tensor, starts: NDArray[np.int64], sizes: NDArray[np.int64]
+) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    """Group patients by record count ``k``: ``(indices or None for all, G_p, U_p)``.
+
+    ``G_p`` is ``(P_k, out, k T)`` and ``U_p`` ``(P_k, in, k T)``: each patient's records'
+    positions side by side.
+    """
+    n_pat, out_dim, in_dim, t = len(starts), g.shape[1], u.shape[1], g.shape[2]
+    groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+    for k in np.unique(sizes).tolist():
+        sel = np.flatnonzero(sizes == k)
+        if len(sel) == n_pat:  # every patient has k records: a reshape, no gather
+            if k == 1:
+                groups.append((None, g, u))
+            else:
+                gp = g.reshape(n_pat, k, out_dim, t).permute(0, 2, 1, 3)
+                up = u.reshape(n_pat, k, in_dim, t).permute(0, 2, 1, 3)
+                groups.append(
+                    (None, gp.reshape(n_pat, out_dim, k * t), up.reshape(n_pat, in_dim, k * t))
+                )
+            continue
+        rows = torch.as_tensor(starts[sel][:, None] + np.arange(k)[None, :], device=g.device)
+        # (P_k, k, out, T) -> (P_k, out, k T).
+        gp = g[rows].permute(0, 2, 1, 3).reshape(len(sel), out_dim, k * t)
+        up = u[rows].permute(0, 2, 1, 3).reshape(len(sel), in_dim, k * t)
+        idx = None if len(sel) == n_pat else torch.as_tensor(sel, device=g.device)
+        groups.append((idx, gp, up))
+    return groups
 
 
 def ghost_sq_norms(
@@ -137,29 +170,20 @@ def ghost_sq_norms(
     True
     """
     n_pat = len(starts)
-    out_dim, in_dim, t = g.shape[1], u.shape[1], g.shape[2]
+    out_dim, in_dim = g.shape[1], u.shape[1]
     sq = torch.zeros(n_pat, dtype=torch.float64, device=g.device)
     err = torch.zeros(n_pat, dtype=torch.float64, device=g.device)
-    for k in np.unique(sizes).tolist():
-        sel = np.flatnonzero(sizes == k)
-        if k == 1 and len(sel) == n_pat:  # one record per patient: no regrouping copy
-            gp, up = g, u
-        else:
-            rows = torch.as_tensor(starts[sel][:, None] + np.arange(k)[None, :], device=g.device)
-            # (P_k, k, out, T) -> (P_k, out, k T): the patient's positions side by side.
-            gp = g[rows].permute(0, 2, 1, 3).reshape(len(sel), out_dim, k * t)
-            up = u[rows].permute(0, 2, 1, 3).reshape(len(sel), in_dim, k * t)
+    for idx, gp, up in _patient_groups(g, u, starts, sizes):
         a = torch.bmm(gp.transpose(1, 2), gp)
         b = torch.bmm(up.transpose(1, 2), up)
         s = (a * b).sum(dim=(1, 2))
         # ||G_p||_F^2 and ||U_p||_F^2 are the traces of the Gram matrices (computed with
         # relative error <= gamma_out, gamma_in; the factor 2 covers them).
-        bound = 2.0 * _gamma(out_dim + in_dim + (k * t) ** 2 + 1)
+        bound = 2.0 * _gamma(out_dim + in_dim + gp.shape[2] ** 2 + 1)
         e = bound * a.diagonal(dim1=1, dim2=2).sum(-1) * b.diagonal(dim1=1, dim2=2).sum(-1)
-        if len(sel) == n_pat:
+        if idx is None:
             sq, err = s, e
         else:
-            idx = torch.as_tensor(sel, device=g.device)
             sq[idx] = s
             err[idx] = e
     return sq, err
@@ -218,7 +242,7 @@ def ghost_clipped_sum(
     n_pat = len(starts)
     single = bool((sizes == 1).all())
     local = torch.as_tensor(np.repeat(np.arange(n_pat), sizes))
-    mean_k = float((sizes.astype(np.float64) ** 2).sum() / n)
+    mean_k = float((sizes.astype(np.float64) ** 2).sum() / n_pat)
 
     calls, _skipped = layer_calls(module, x, y, offsets)  # skipped layers: zero gradient
     sq = torch.zeros(n_pat, dtype=torch.float64)
@@ -228,14 +252,28 @@ def ghost_clipped_sum(
     length = 0  # coordinates that enter a norm (for the float64 summation margin)
 
     def patient_rows(r: torch.Tensor) -> torch.Tensor:
-        # float64 per-patient rows: the float32 per-record rows widened (exactly), several
-        # records of a patient summed in float64. Norm and weighted sum use these values.
+        # float64 per-patient bias rows: per-record rows widened (exactly), several records
+        # of a patient summed in float64. Norm and weighted sum use these values.
         r64 = r.to(torch.float64)
         if single:
             return r64
         acc = torch.zeros(n_pat, r.shape[1], dtype=torch.float64)
         acc.index_add_(0, local, r64)
         return acc
+
+    def patient_products(gg: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        # float64 per-patient rows of a weight: the float32 product G_p U_p^T over the
+        # patient's positions side by side (one row per patient, not per record), widened.
+        if single:
+            return torch.bmm(gg, u.transpose(1, 2)).reshape(n, -1).to(torch.float64)
+        res = torch.empty(n_pat, gg.shape[1] * u.shape[1], dtype=torch.float64)
+        for idx, gp, up in _patient_groups(gg, u, starts, sizes):
+            prod = torch.bmm(gp, up.transpose(1, 2)).reshape(gp.shape[0], -1)
+            if idx is None:
+                res.copy_(prod)
+            else:
+                res[idx] = prod.to(torch.float64)
+        return res
 
     def add_rows(r64: torch.Tensor, span: tuple[int, int]) -> None:
         nonlocal sq
@@ -259,7 +297,7 @@ def ghost_clipped_sum(
                     err += e
                     ghosts.append((g64, u64, w))
                 else:
-                    add_rows(patient_rows(torch.bmm(gg, u.transpose(1, 2)).reshape(n, -1)), w)
+                    add_rows(patient_products(gg, u), w)
                 length += w[1] - w[0]
             b = offsets.get(f"{name}.bias")
             if b is not None:
