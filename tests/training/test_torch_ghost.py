@@ -233,3 +233,16 @@ def test_distributed_steps_reuse_one_workspace_with_identical_results(subset: bo
     assert buffers[0] is not None
     assert all(b is buffers[0] for b in buffers)  # one buffer for all steps
     assert buffers[0].shape[1] == params.dim
+
+
+def test_a_ghost_source_of_another_width_is_refused() -> None:
+    from confide.errors import PrivacyUnsupportedError
+
+    class Borrowing:  # claims a real trainer's ghost clipping for a smaller manifest
+        manifest = TorchTrainer.create("small_cnn", 2, (1, 8, 8), seed=0).manifest
+        per_sample_chunk = 64
+        ghost_source = (_squeeze(), False)
+
+    data = _data(["a", "b"])
+    with pytest.raises(PrivacyUnsupportedError, match="columns"):
+        dpsgd.clipped_patient_sum(Borrowing(), data, np.arange(2), np.arange(2), 1.0)

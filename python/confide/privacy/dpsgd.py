@@ -558,6 +558,10 @@ def clipped_patient_sum(
         x, y = data.batch(rows_sorted)
         res = base.ghost_clipped_sum(x, y, pat_sorted, clip_norm, trainable_only=only)
         if res is not None:
+            if res.shape != total.shape:
+                raise PrivacyUnsupportedError(
+                    f"the trainer's ghost_source gives {res.shape[0]} columns, its manifest {dim}"
+                )
             total += res
             return total
     device = _DeviceSum()
