@@ -225,6 +225,17 @@ def ghost_clipped_sum(
         ``(dim,)`` float64 sum of the clipped per-patient gradients, or ``None`` when a value
         is not finite or ``clip_norm < 2**-500`` (the caller then takes the materialised
         path, which clips with the Rust kernel or raises the typed error).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from torch import nn
+    >>> m = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    >>> x, y = torch.ones(3, 1, 2, 2), torch.tensor([0, 1, 1])
+    >>> offsets = {"1.weight": (0, 8), "1.bias": (8, 10)}
+    >>> s = ghost_clipped_sum(m, x, y, np.array([0, 0, 1]), 0.5, offsets, 10)
+    >>> s.shape, bool(np.linalg.norm(s) <= 2 * 0.5)  # two patients, each clipped to 0.5
+    ((10,), True)
     """
     if mode not in ("auto", "ghost", "rows"):
         raise ValueError(f"mode must be 'auto', 'ghost' or 'rows', got {mode!r}")

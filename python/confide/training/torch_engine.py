@@ -936,6 +936,15 @@ class TorchTrainer:
         numpy.ndarray or None
             ``(dim,)`` float64, or ``None`` where the ghost path does not apply (not
             :attr:`ghost_clipping`, or a non-finite value: the materialised path then runs).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> t = TorchTrainer.create("small_cnn", 2, (1, 4, 4), seed=0)
+        >>> x, y = np.ones((3, 1, 4, 4), np.float32), np.array([0, 1, 1])
+        >>> s = t.ghost_clipped_sum(x, y, np.array([0, 1, 2]), 0.1)
+        >>> s.shape == (t.manifest.size,), bool(np.linalg.norm(s) <= 3 * 0.1)
+        (True, True)
         """
         if not self.ghost_clipping:
             return None
