@@ -5,9 +5,11 @@ Same model (SqueezeNet 1.1, 2 classes), same batch, same data (the synthetic-les
 
 * ``plain``: one non-private SGD step (forward, backward, ``torch.optim.SGD`` momentum 0.9);
 * ``confide``: one patient-level DP-SGD step as :func:`confide.privacy.run_dpsgd` does it:
-  per-sample gradients (layer hooks for SqueezeNet, chunked, into a reused workspace; the
-  ``confide_vmap`` column is the same step through ``torch.func``), per-patient sum,
-  clipping by the Rust
+  where the batch fits one chunk on CPU, per-patient clipping from ghost norms
+  (:mod:`confide.privacy.torch_ghost`: no per-sample gradient matrix for the few-position
+  layers); else per-sample gradients (layer hooks for SqueezeNet, chunked, into a reused
+  workspace; the ``confide_rows`` column is that path, ``ghost_clipping=False``, and
+  ``confide_vmap`` the same through ``torch.func``), per-patient sum, clipping by the Rust
   kernel through a zero-copy view (CPU) or ``confide.privacy.torch_clip`` (CUDA), Gaussian
   noise from the Rust core's CSPRNG (generated on CPU, moved to the device), expected-batch
   normalisation, momentum, in-place update. Each record is its own patient here, so 32 rows
@@ -238,12 +240,16 @@ def time_steps(side: int, args: argparse.Namespace) -> dict[str, Any]:
     trainer_plain = TorchTrainer.create(
         "squeezenet1_1", 2, (3, side, side), seed=0, device=args.device
     )
+    trainer_rows = TorchTrainer.create(
+        "squeezenet1_1", 2, (3, side, side), seed=0, device=args.device, ghost_clipping=False
+    )
     trainer_vmap = TorchTrainer.create(
         "squeezenet1_1", 2, (3, side, side), seed=0, device=args.device, per_sample_method="vmap"
     )
     methods: dict[str, Any] = {
         "plain": PlainStep(trainer_plain),
         "confide": ConfideDPStep(trainer_dp, expected_batch=batch),
+        "confide_rows": ConfideDPStep(trainer_rows, expected_batch=batch),
         "confide_vmap": ConfideDPStep(trainer_vmap, expected_batch=batch),
     }
     if not args.no_opacus:
@@ -252,16 +258,18 @@ def time_steps(side: int, args: argparse.Namespace) -> dict[str, Any]:
         except ImportError:
             print("opacus not installed: its column is '-'", file=sys.stderr)
     times: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     for step in methods.values():  # warm-up (vmap tracing, allocator, oneDNN kernels)
         step(x, y)
         _sync(trainer_dp.device)
     for _ in range(args.repeat):
         for name, step in methods.items():
             _sync(trainer_dp.device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             step(x, y)
             _sync(trainer_dp.device)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     med = {name: float(np.median(v)) for name, v in times.items()}
     return {
         "side": side,
@@ -280,6 +288,14 @@ def time_steps(side: int, args: argparse.Namespace) -> dict[str, Any]:
             if name != "plain"
         },
         "ratio_opacus_vs_plain": med["opacus"] / med["plain"] if "opacus" in med else None,
+        # Process CPU time (all threads): on a loaded machine it leaves out the time spent
+        # waiting for a core, so these ratios move less with the neighbours' load.
+        "cpu_s": cpu,
+        "cpu_ratio_vs_plain": {
+            name: float(np.median(np.array(v) / np.array(cpu["plain"])))
+            for name, v in cpu.items()
+            if name != "plain"
+        },
     }
 
 
@@ -312,9 +328,19 @@ def time_round(args: argparse.Namespace) -> dict[str, Any]:
     from confide.privacy.dpsgd import run_dpsgd
 
     out["loop"] = "confide.privacy.run_dpsgd"
-    for key, method in (("dp_round_s", "auto"), ("dp_round_vmap_s", "vmap")):
+    for key, method, ghost in (
+        ("dp_round_s", "auto", True),
+        ("dp_round_rows_s", "auto", False),
+        ("dp_round_vmap_s", "vmap", True),
+    ):
         trainer = TorchTrainer.create(
-            "squeezenet1_1", 2, (3, 64, 64), seed=0, device=args.device, per_sample_method=method
+            "squeezenet1_1",
+            2,
+            (3, 64, 64),
+            seed=0,
+            device=args.device,
+            per_sample_method=method,
+            ghost_clipping=ghost,
         )
         trainer.per_sample_gradients(*data.batch(np.arange(2, dtype=np.int64)))  # warm-up
         t0 = time.perf_counter()
@@ -323,6 +349,7 @@ def time_round(args: argparse.Namespace) -> dict[str, Any]:
         out[key] = time.perf_counter() - t0
         out[key.replace("_s", "_method")] = trainer.per_sample_method
     out["ratio_dp_vs_plain"] = out["dp_round_s"] / out["plain_round_s"]
+    out["ratio_dp_rows_vs_plain"] = out["dp_round_rows_s"] / out["plain_round_s"]
     out["ratio_dp_vmap_vs_plain"] = out["dp_round_vmap_s"] / out["plain_round_s"]
     if args.proposed_group_fix:
         from confide.noise import SecureRng
@@ -434,24 +461,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"median of {args.repeat}"
     )
     print(
-        "| input | plain step | confide DP step | confide (vmap) | Opacus DP step "
-        "| confide/plain | vmap/plain | Opacus/plain |"
+        "| input | plain step | confide DP step | confide (rows) | confide (vmap) "
+        "| Opacus DP step | confide/plain | rows/plain | vmap/plain | Opacus/plain |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for side in [int(s) for s in args.sizes.split(",") if s]:
         r = time_steps(side, args)
         result["steps"].append(r)
         m = r["median_s"]
         print(
             f"| {side}x{side} | {_fmt(m['plain'])} | {_fmt(m['confide'])} | "
-            f"{_fmt(m['confide_vmap'])} | {_fmt(m.get('opacus'))} | "
+            f"{_fmt(m['confide_rows'])} | {_fmt(m['confide_vmap'])} | "
+            f"{_fmt(m.get('opacus'))} | "
             f"{_fmt(r['ratio_confide_vs_plain'], '')}x | "
+            f"{_fmt(m['confide_rows'] / m['plain'], '')}x | "
             f"{_fmt(r['ratio_confide_vmap_vs_plain'], '')}x | "
             f"{_fmt(r['ratio_opacus_vs_plain'], '')}x |",
             flush=True,
         )
         paired = ", ".join(f"{k} {v:.2f}x" for k, v in r["paired_ratio_vs_plain"].items())
         print(f"  median of per-repeat ratios to plain: {paired}", flush=True)
+        cpu = ", ".join(f"{k} {v:.2f}x" for k, v in r["cpu_ratio_vs_plain"].items())
+        print(f"  same, in process CPU time: {cpu}", flush=True)
     if not args.no_round:
         rd = time_round(args)
         result["round_64"] = rd
@@ -459,6 +490,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"\nround at 64x64, {rd['images']} images, {rd['steps']} steps: "
             f"plain {rd['plain_round_s']:.2f} s, DP {rd['dp_round_s']:.2f} s "
             f"({rd['ratio_dp_vs_plain']:.2f}x; {rd['loop']}, {rd['dp_round_method']}); "
+            f"DP with materialised rows {rd['dp_round_rows_s']:.2f} s "
+            f"({rd['ratio_dp_rows_vs_plain']:.2f}x); "
             f"DP with vmap {rd['dp_round_vmap_s']:.2f} s ({rd['ratio_dp_vmap_vs_plain']:.2f}x)"
         )
         if "dp_round_group_fix_s" in rd:

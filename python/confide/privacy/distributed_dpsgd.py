@@ -45,6 +45,8 @@ deterministic bound on the data part, a ``k``-sigma bound on the noise:
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -418,6 +420,26 @@ def rederive(
     return mine
 
 
+# One per-sample gradient workspace per trainer (dpsgd._Workspace), reused across the
+# steps (rounds) of distributed DP-SGD as run_dpsgd reuses one across its steps; dropped
+# with the trainer. Allocated only when a step materialises per-sample gradients.
+_WORKSPACES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_WORKSPACES_LOCK = threading.Lock()
+
+
+def _workspace_for(trainer: Any) -> Any:
+    from confide.privacy.dpsgd import _Workspace
+
+    try:
+        with _WORKSPACES_LOCK:
+            ws = _WORKSPACES.get(trainer)
+            if ws is None:
+                ws = _WORKSPACES[trainer] = _Workspace()
+    except TypeError:  # not weak-referenceable or not hashable: a workspace for this step
+        return _Workspace()
+    return ws
+
+
 def site_step(
     trainer: Any,
     data: Any,
@@ -482,7 +504,9 @@ def site_step(
     gen = rng if rng is not None else SecureRng()
     rows = poisson_sample_patients(ids, params.sampling_rate, gen)
     part: Any = trainer if dim == trainer.manifest.size else _TrainablePart(trainer)
-    clipped = clipped_patient_sum(part, data, rows, ids, params.clip_norm)
+    clipped = clipped_patient_sum(
+        part, data, rows, ids, params.clip_norm, workspace=_workspace_for(trainer)
+    )
     return encode_site_sum(clipped, params, rng=gen)
 
 
@@ -504,6 +528,14 @@ class _TrainablePart:
         self._trainer = trainer
         self.manifest = trainer.trainable_manifest
         self.per_sample_chunk = trainer.per_sample_chunk
+        # dpsgd._ghost_source: the ghost-norm clipping of the wrapped trainer, trainable part.
+        self.ghost_source = (trainer, True)
+        # Takes the reused workspace (dpsgd._Workspace) when the trainer does.
+        self.accepts_per_sample_out = bool(getattr(trainer, "accepts_per_sample_out", False))
+        if self.accepts_per_sample_out:
+            self.device = trainer.device
 
-    def per_sample_gradients(self, x: Any, y: Any) -> Any:
-        return self._trainer.per_sample_gradients(x, y, trainable_only=True)
+    def per_sample_gradients(self, x: Any, y: Any, *, out: Any = None) -> Any:
+        if out is None:
+            return self._trainer.per_sample_gradients(x, y, trainable_only=True)
+        return self._trainer.per_sample_gradients(x, y, trainable_only=True, out=out)

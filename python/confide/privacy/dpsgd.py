@@ -37,6 +37,7 @@ Everything after step 3 is post-processing; the privacy of a run is that of
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -478,6 +479,24 @@ class _DeviceSum:
         self.total = part if self.total is None else self.total + part
 
 
+def _ghost_source(trainer: Any) -> tuple[Any, bool] | None:
+    """Return the trainer whose ghost-norm clipping a step may use, or ``None``.
+
+    The result is ``(trainer, trainable_only)``: a
+    :class:`~confide.training.torch_engine.TorchTrainer` and whether only its trainable
+    columns are wanted. Only that exact class (not a subclass, which could override the
+    method and skip the clipping), and only when torch is already imported (a numpy-only
+    site never loads it).
+    """
+    engine = sys.modules.get("confide.training.torch_engine")
+    if engine is None:
+        return None
+    base, only = getattr(trainer, "ghost_source", (trainer, False))
+    if type(base) is not engine.TorchTrainer or not base.ghost_clipping:
+        return None
+    return base, bool(only)
+
+
 def _one_row(row: Any) -> Any:
     return row[None, :] if isinstance(row, np.ndarray) else row.unsqueeze(0)
 
@@ -530,6 +549,21 @@ def clipped_patient_sum(
     if chunk < 1:
         raise PrivacyUnsupportedError(f"per_sample_chunk must be >= 1, got {chunk}")
     m = rows_sorted.size
+    ghost = _ghost_source(trainer)
+    if ghost is not None and m <= chunk:
+        # Every sampled record in one pass: clip per-patient sums from ghost norms
+        # (confide.privacy.torch_ghost), no (m, dim) gradient matrix. None: not applicable
+        # or a non-finite value, and the materialised path below runs (and raises).
+        base, only = ghost
+        x, y = data.batch(rows_sorted)
+        res = base.ghost_clipped_sum(x, y, pat_sorted, clip_norm, trainable_only=only)
+        if res is not None:
+            if res.shape != total.shape:
+                raise PrivacyUnsupportedError(
+                    f"the trainer's ghost_source gives {res.shape[0]} columns, its manifest {dim}"
+                )
+            total += res
+            return total
     device = _DeviceSum()
     ws = workspace if workspace is not None else _Workspace()
 

@@ -176,6 +176,12 @@ class TorchTrainer:
         plain ``Conv2d``/``Linear``); refused (:class:`~confide.errors.ConfigError`) for
         others. ``"auto"``: hooks where they apply, else ``vmap``. Both give the same
         gradients up to float rounding.
+    ghost_clipping : bool, default True
+        With the hooks path on CPU, let a DP-SGD step clip per-patient sums from ghost norms
+        (:mod:`confide.privacy.torch_ghost`: per-patient norms from Gram matrices where a
+        layer has few positions, one weighted product for the clipped sum) instead of
+        materialising every per-sample gradient. Same exact norm bound; ``False`` keeps the
+        materialised path (for comparisons).
 
     Examples
     --------
@@ -205,6 +211,7 @@ class TorchTrainer:
         momentum: float = 0.0,
         eval_batch_size: int = 64,
         per_sample_method: str = "auto",
+        ghost_clipping: bool = True,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ConfigError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -301,6 +308,9 @@ class TorchTrainer:
                 "or 'vmap' for this module"
             )
         self._ps_hooks = hooks_ok and per_sample_method != "vmap"
+        if not isinstance(ghost_clipping, bool):
+            raise ConfigError(f"ghost_clipping must be a bool, got {ghost_clipping!r}")
+        self._ghost = ghost_clipping
 
     # ----------------------------------------------------------------- construction
 
@@ -879,6 +889,81 @@ class TorchTrainer:
             )
         return out[:n]
 
+    def _per_sample_offsets(self, trainable_only: bool) -> dict[str, tuple[int, int]]:
+        """Columns of each trainable parameter in a per-sample row (of the returned width)."""
+        if trainable_only and self._trainable_index is not None:
+            offsets, lo = {}, 0
+            for t in self._trainable_manifest.tensors:
+                hi = lo + int(np.prod(t.shape, dtype=np.int64))
+                offsets[t.name] = (lo, hi)
+                lo = hi
+            return offsets
+        return {name: self._offsets[name] for name in self._trainable}
+
+    @property
+    def ghost_clipping(self) -> bool:
+        """Whether :meth:`ghost_clipped_sum` runs (hooks path, CPU, ``ghost_clipping=True``)."""
+        return self._ghost and self._ps_hooks and self._device.type == "cpu"
+
+    def ghost_clipped_sum(
+        self,
+        x: NDArray[np.float32] | torch.Tensor,
+        y: NDArray[np.int64] | torch.Tensor,
+        patients: NDArray[np.int64],
+        clip_norm: float,
+        *,
+        trainable_only: bool = False,
+    ) -> NDArray[np.float64] | None:
+        """Sum of the per-patient clipped gradient sums of one batch, from ghost norms.
+
+        Called by :func:`confide.privacy.dpsgd.clipped_patient_sum` (only for this exact
+        class, so an override cannot skip the clipping); see
+        :mod:`confide.privacy.torch_ghost` for the exact norm bound.
+
+        Parameters
+        ----------
+        x, y : numpy.ndarray or torch.Tensor
+            The batch's records, sorted by patient, and labels.
+        patients : numpy.ndarray
+            ``(n,)`` sorted patient index of each record.
+        clip_norm : float
+            ``C`` (> 0).
+        trainable_only : bool, default False
+            Columns of the trainable part only (as :meth:`per_sample_gradients`).
+
+        Returns
+        -------
+        numpy.ndarray or None
+            ``(dim,)`` float64, or ``None`` where the ghost path does not apply (not
+            :attr:`ghost_clipping`, or a non-finite value: the materialised path then runs).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> t = TorchTrainer.create("small_cnn", 2, (1, 4, 4), seed=0)
+        >>> x, y = np.ones((3, 1, 4, 4), np.float32), np.array([0, 1, 1])
+        >>> s = t.ghost_clipped_sum(x, y, np.array([0, 1, 2]), 0.1)
+        >>> s.shape == (t.manifest.size,), bool(np.linalg.norm(s) <= 3 * 0.1)
+        (True, True)
+        """
+        if not self.ghost_clipping:
+            return None
+        self.check_per_sample()
+        from confide.privacy.torch_ghost import ghost_clipped_sum
+
+        xt, yt = self._inputs(x, y, "per_sample_gradients")
+        target = self._trainable_manifest if trainable_only else self._manifest
+        self._module.train()
+        return ghost_clipped_sum(
+            self._module,
+            xt,
+            yt,
+            patients,
+            clip_norm,
+            self._per_sample_offsets(trainable_only),
+            target.size,
+        )
+
     def per_sample_gradients(
         self,
         x: NDArray[np.float32] | torch.Tensor,
@@ -944,16 +1029,9 @@ class TorchTrainer:
                 out.zero_()
         if n == 0:
             return out
-        offsets: dict[str, tuple[int, int]] = self._offsets
-        if trainable_only and partial:
-            offsets, lo = {}, 0
-            for t in target.tensors:
-                hi = lo + int(np.prod(t.shape, dtype=np.int64))
-                offsets[t.name] = (lo, hi)
-                lo = hi
+        offsets = self._per_sample_offsets(trainable_only)
         self._module.train()
         if self._ps_hooks:
-            offsets = {name: offsets[name] for name in self._trainable}
             for start in range(0, n, self._chunk):
                 stop = min(n, start + self._chunk)
                 per_sample_gradients_into(

@@ -40,7 +40,7 @@ from torch import nn
 
 from confide.training.torch_models import Fire, SmallCNN, SqueezeNet11
 
-__all__ = ["per_sample_gradients_into", "supports_hooks"]
+__all__ = ["layer_calls", "layer_factors", "per_sample_gradients_into", "supports_hooks"]
 
 # Layers without parameters that act on each record separately (no batch statistics).
 _RECORDWISE: tuple[type[nn.Module], ...] = (
@@ -121,10 +121,14 @@ def supports_hooks(module: nn.Module, trainable: set[str]) -> bool:
     return len(seen) == sum(1 for _ in module.parameters())
 
 
-def _layer_grads(
+def layer_factors(
     m: nn.Module, a: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched per-record ``(G, U)`` with weight grad ``G @ U^T`` of one layer call."""
+    """Batched per-record ``(G, U)``: ``(n, out, T)`` and ``(n, in, T)`` over ``T`` positions.
+
+    Record ``i``'s weight gradient (flattened as the layer's weight) is ``G[i] @ U[i]^T`` and
+    its bias gradient ``G[i].sum(-1)``.
+    """
     n = a.shape[0]
     if isinstance(m, nn.Conv2d):
         gg = g.reshape(n, g.shape[1], -1)  # (n, out, positions)
@@ -142,36 +146,40 @@ def _layer_grads(
     )
 
 
-def per_sample_gradients_into(
+def layer_calls(
     module: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    out: torch.Tensor,
-    offsets: Mapping[str, tuple[int, int]],
-) -> None:
-    """Write each record's cross-entropy gradient into the rows of ``out``.
+    names: Mapping[str, tuple[int, int]],
+) -> tuple[list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]], list[tuple[nn.Module, str]]]:
+    """One batched forward/backward pass: each trainable layer's input and output gradient.
 
-    ``module`` must pass :func:`supports_hooks` for the parameters named in ``offsets`` (the
-    caller checks once). Columns of parameters not in ``offsets`` are left untouched.
+    ``module`` must pass :func:`supports_hooks`. The loss is the *summed* cross-entropy, so
+    record ``i``'s gradient with respect to a layer's output is row ``i`` of the captured
+    gradient (records do not interact). Shared by :func:`per_sample_gradients_into` and the
+    ghost-norm clipping of :mod:`confide.privacy.torch_ghost`.
 
     Parameters
     ----------
     module : torch.nn.Module
         The model, in the mode the caller wants (training mode for DP-SGD).
-    x : torch.Tensor
-        ``(n, *input_shape)`` float32 inputs on the module's device.
-    y : torch.Tensor
-        ``(n,)`` int64 labels.
-    out : torch.Tensor
-        ``(n, dim)`` float32 rows (a row-contiguous view is enough), same device.
-    offsets : mapping of str to (int, int)
-        Column range of each trainable parameter in a row of ``out``.
+    x, y : torch.Tensor
+        ``(n, *input_shape)`` float32 inputs and ``(n,)`` int64 labels.
+    names : mapping of str
+        Keys are the parameter names (``named_parameters()``) to differentiate.
+
+    Returns
+    -------
+    calls : list of (module, str, torch.Tensor, torch.Tensor)
+        ``(layer, layer name, detached input, gradient of the summed loss w.r.t. its
+        output)`` per trainable layer call, in forward order.
+    skipped : list of (module, str)
+        Trainable layers the forward pass did not run (their gradient is zero).
     """
-    n = x.shape[0]
     owners: dict[nn.Module, str] = {}
     for name, m in module.named_modules():
         if isinstance(m, _LAYERS) and any(
-            f"{name}.{p}" in offsets for p, _ in m.named_parameters(recurse=False)
+            f"{name}.{p}" in names for p, _ in m.named_parameters(recurse=False)
         ):
             owners[m] = name
     calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -200,19 +208,50 @@ def per_sample_gradients_into(
             h.remove()
         for p, flag in flags:
             p.requires_grad_(flag)
+    called = {id(m) for m, _, _ in calls}
+    skipped = [(m, name) for m, name in owners.items() if id(m) not in called]
+    out = [
+        (m, owners[m], a, torch.zeros_like(o) if g is None else g)
+        for (m, a, o), g in zip(calls, grads, strict=True)
+    ]
+    return out, skipped
+
+
+def per_sample_gradients_into(
+    module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    out: torch.Tensor,
+    offsets: Mapping[str, tuple[int, int]],
+) -> None:
+    """Write each record's cross-entropy gradient into the rows of ``out``.
+
+    ``module`` must pass :func:`supports_hooks` for the parameters named in ``offsets`` (the
+    caller checks once). Columns of parameters not in ``offsets`` are left untouched.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model, in the mode the caller wants (training mode for DP-SGD).
+    x : torch.Tensor
+        ``(n, *input_shape)`` float32 inputs on the module's device.
+    y : torch.Tensor
+        ``(n,)`` int64 labels.
+    out : torch.Tensor
+        ``(n, dim)`` float32 rows (a row-contiguous view is enough), same device.
+    offsets : mapping of str to (int, int)
+        Column range of each trainable parameter in a row of ``out``.
+    """
+    n = x.shape[0]
+    calls, skipped = layer_calls(module, x, y, offsets)
     with torch.no_grad():
-        called = {id(m) for m, _, _ in calls}
-        for m, name in owners.items():  # a layer the forward pass skipped has zero gradient
-            if id(m) not in called:
-                for pname, _ in m.named_parameters(recurse=False):
-                    span = offsets.get(f"{name}.{pname}")
-                    if span is not None:
-                        out[:, span[0] : span[1]] = 0.0
-        for (m, a, o), g in zip(calls, grads, strict=True):
-            name = owners[m]
-            if g is None:
-                g = torch.zeros_like(o)
-            gg, u = _layer_grads(m, a, g)
+        for m, name in skipped:  # a layer the forward pass skipped has zero gradient
+            for pname, _ in m.named_parameters(recurse=False):
+                span = offsets.get(f"{name}.{pname}")
+                if span is not None:
+                    out[:, span[0] : span[1]] = 0.0
+        for m, name, a, g in calls:
+            gg, u = layer_factors(m, a, g)
             w = offsets.get(f"{name}.weight")
             if w is not None:
                 view = out[:, w[0] : w[1]].view(n, gg.shape[1], u.shape[1])
