@@ -18,11 +18,10 @@ from confide.privacy.accountant import account, client_poisson_event
 from confide_server.engine.privacy import read_privacy
 from tests.server.test_ddg_post_unmask import _next_round_starts, _to_unmask
 from tests.server.test_ddg_rounds import _ddg_config
-from tests.server.test_privacy_server import MANIFEST, Z, _config, _engine
-from tests.server.test_privacy_server import Crash as CentralCrash
+from tests.server.test_privacy_server import MANIFEST, Z, _config
 from tests.server.test_sample_ddg_rounds import SampleFed, _sddg_config
-from tests.server.test_secagg_rounds import IDS, Crash, Fed
-from tests.server.util import delta_body
+from tests.server.test_secagg_rounds import IDS, Fed
+from tests.server.util import Crash, delta_body, enrolled_engine
 
 
 def _fed(tmp: Path, mode: str) -> Fed:
@@ -172,17 +171,17 @@ def test_central_kill_after_the_noised_write_is_charged_once_and_never_redrawn(
     from tests.server.conftest import FakeClock
 
     clock = FakeClock()
-    eng = _engine(cfg, clock, crash_at="model_written")
+    eng = enrolled_engine(cfg, clock, crash_at="model_written")
     assert eng.tick()
     for cid in "abc":
         eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
-    with pytest.raises(CentralCrash):
+    with pytest.raises(Crash):
         eng.tick()
     drawn = set(eng.blobs.model_files()) - {eng.current_model}
     assert len(drawn) == 1  # the noised aggregate is on disk, unregistered
     assert eng.store.privacy_intent() is not None
     eng.store.close()
-    eng = _engine(cfg, clock)
+    eng = enrolled_engine(cfg, clock)
     row = eng.store.get_round(1)
     assert row is not None
     assert row.status == "aborted"
@@ -194,7 +193,7 @@ def test_central_kill_after_the_noised_write_is_charged_once_and_never_redrawn(
     assert summary is not None
     assert summary["epsilon"] == pytest.approx(one, rel=1e-9)
     eng.store.close()
-    eng = _engine(cfg, clock)  # a second restart: nothing pending, nothing re-charged
+    eng = enrolled_engine(cfg, clock)  # a second restart: nothing pending, nothing re-charged
     assert read_privacy(eng.store)[1] == per_round
     assert eng.store.get_round(1).status == "aborted"  # type: ignore[union-attr]
     eng.store.close()
