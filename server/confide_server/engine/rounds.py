@@ -1011,6 +1011,11 @@ class RoundEngine:
                 if cur is None:
                     # A snapshot: enrolment and polls change these while the round starts.
                     with self._peers_lock:
+                        # Every poll of an idle job wakes the timer: with 10,000 sites
+                        # enrolling, copying and sorting them at each tick held the GIL
+                        # most of the time. Too few sites seen at all: no round can start.
+                        if self._too_few_seen(now, len(self._last_seen)):
+                            return False
                         # Revoked sites are never drawn (their requests get 403).
                         clients = {c: k for c, k in self._clients.items() if c not in self._revoked}
                         last_seen = dict(self._last_seen)
@@ -1042,6 +1047,18 @@ class RoundEngine:
                 with self._lock:
                     self._closing = False
             return True
+
+    def _too_few_seen(self, now: float, seen: int) -> bool:
+        """Whether :meth:`_maybe_start` must refuse with at most ``seen`` available sites.
+
+        ``seen`` bounds the available sites from above (every one has polled), so this is
+        :meth:`_maybe_start`'s own refusal, decided without a snapshot of the sites.
+        """
+        job = self.config.job
+        if seen >= job.start_threshold:
+            return False
+        closed = self._last_closed
+        return closed is None or seen < job.min_clients or now - closed < COHORT_GRACE_S
 
     def _secure_grace_due(self, cur: RoundRow, answered: set[str], now: float) -> bool:
         """Whether an open secure stage may close before its deadline (``stage_grace_s``)."""
