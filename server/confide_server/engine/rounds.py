@@ -300,6 +300,7 @@ class RoundEngine:
         self._tick_lock = threading.Lock()
         self._current: RoundRow | None = None
         self._submitted: dict[tuple[int, str], set[str]] = {}
+        self._cohort_set: tuple[int, frozenset[str]] = (0, frozenset())
         self._closing = False
         # Enrolled keys and last-seen times have their own lock: authentication takes it on
         # the event loop for every request, so it is never held across slow work.
@@ -679,13 +680,7 @@ class RoundEngine:
             if self.status == "failed":
                 return FailedTask(self.status_reason or "too many consecutive aborted rounds")
             cur = self._current
-            if (
-                cur is None
-                or self._closing
-                or client_id not in cur.cohort
-                or client_id in self._submitted.get((cur.round, cur.stage), set())
-                or now >= cur.deadline
-            ):
+            if cur is None or self._waits(client_id, now):
                 return WaitTask(1.0)
             if cur.stage in SECURE_STAGES:
                 if self.secure is None:
@@ -722,6 +717,35 @@ class RoundEngine:
             if cur.new_model is None:
                 raise RoundError(f"round {cur.round} evaluates a model it has not written")
             return EvaluateTask(cur.round, cur.deadline, cur.seed, cur.new_model)
+
+    def _waits(self, client_id: str, now: float) -> bool:
+        """Whether ``client_id`` has nothing to do in a running job now (engine lock held)."""
+        cur = self._current
+        if cur is None or self._closing or now >= cur.deadline:
+            return True
+        if self._cohort_set[0] != cur.round:  # a set per round: cohorts of 1,000 sites
+            self._cohort_set = (cur.round, frozenset(cur.cohort))
+        return client_id not in self._cohort_set[1] or client_id in self._submitted.get(
+            (cur.round, cur.stage), set()
+        )
+
+    def wait_task_nowait(self, client_id: str) -> WaitTask | None:
+        """:meth:`task_for` on the event loop when its answer is a plain wait, else ``None``.
+
+        Never blocks: when the engine lock is held (a durable commit, a stage closing) or
+        the answer is anything but a wait, it returns ``None`` and the caller asks
+        :meth:`task_for` in a worker thread. Idle long polls are most of a large
+        federation's requests (10,000 sites, every state change wakes them all); the
+        worker-thread hop of each was a third of the server's time.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self.status != "running" or not self._waits(client_id, self._clock()):
+                return None
+            return WaitTask(1.0)
+        finally:
+            self._lock.release()
 
     def _train_config(self, privacy: PrivacyTask | None, round_id: int) -> TrainConfig:
         dp = privacy.dp if privacy is not None else None
