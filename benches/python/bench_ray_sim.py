@@ -32,40 +32,61 @@ from typing import Any
 MIB = 1024.0 * 1024.0
 
 
-def _tree_rss(root: int) -> int:
-    """RSS of ``root`` and all its descendants (Linux ``/proc``)."""
+def _tree(root: int) -> list[int]:
+    """``root`` and all its descendants (Linux ``/proc``)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            rss[int(entry.name)] = int((entry / "statm").read_text().split()[1]) * page
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry.name))
-    total, todo = 0, [root]
+    out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        out.append(pid)
         todo.extend(children.get(pid, []))
-    return total
+    return out
+
+
+def _pid_rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _pid_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
 
 
 class PeakRss:
-    """Sample the RSS of this process tree in a thread; ``peak`` in bytes."""
+    """Sample this process tree in a thread: ``peak`` RSS in bytes, ``peak_fds`` open files
+    (all processes together) and ``peak_fds_one`` (the most any one process held)."""
 
     def __init__(self, interval: float = 0.2) -> None:
         self.peak = 0
+        self.peak_fds = 0
+        self.peak_fds_one = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
 
     def _run(self, interval: float) -> None:
+        tick = 0
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss(os.getpid()))
+            pids = _tree(os.getpid())
+            self.peak = max(self.peak, sum(_pid_rss(pid) for pid in pids))
+            if tick % 5 == 0:  # listing 10,000 descriptors costs: once a second
+                fds = [_pid_fds(pid) for pid in pids]
+                self.peak_fds = max(self.peak_fds, sum(fds))
+                self.peak_fds_one = max(self.peak_fds_one, max(fds, default=0))
+            tick += 1
             self._stop.wait(interval)
 
     def __enter__(self) -> PeakRss:
@@ -85,6 +106,7 @@ def run_confide(
     cpus: int,
     dropout: float = 0.1,
     grace: float = 0.0,
+    deadline: float = 30.0,
 ) -> dict[str, Any]:
     import confide_server.simulate_ray as sim_ray
     from confide_server.launcher import Launcher
@@ -108,8 +130,8 @@ def run_confide(
         hidden=(16,),
         secagg=secure,
         dp="none",
-        train_deadline=30.0,
-        evaluate_deadline=30.0,
+        train_deadline=deadline,
+        evaluate_deadline=deadline,
         extra_secagg=(
             # Generous deadlines: at load average 30 on 2 cores, 100 sites' share uploads
             # took more than 15 s; a dropout run with grace 0 waits out all four (240 s).
@@ -134,6 +156,8 @@ def run_confide(
             wall = time.monotonic() - t0
             if not any(e.startswith("server did not start") for e in report.errors):
                 break
+        state = _disk_use(Path(tmp) / "sim" / "clients")
+        server_state = _disk_use(Path(tmp) / "sim" / "state")
     mem = report.memory()
     per_round = report.rounds_s
     return {
@@ -156,12 +180,21 @@ def run_confide(
         "per_client_mib": mem["per_client_mib"],
         "actors_peak_mib": mem["actors_peak_mib"],
         "server_peak_mib": mem["server_peak_mib"],
+        "idle_per_client_mib": mem["idle_per_client_mib"],
+        "max_materialised": mem["max_materialised"],
+        "materialised_per_client_mib": mem["materialised_per_client_mib"],
+        "peak_fds": peak.peak_fds,
+        "peak_fds_one_process": peak.peak_fds_one,
+        "setup_s": report.setup_s,
+        "to_first_round_s": report.to_first_round_s,
+        "client_state_kib_per_client": state / 1024.0 / clients,
+        "server_state_mib": server_state / MIB,
         "errors": report.errors[:3],
     }
 
 
 def flower_worker(
-    clients: int, cohort: int, rounds: int, cpus: int, secure: bool = False
+    clients: int, cohort: int, rounds: int, cpus: int, data: str, secure: bool = False
 ) -> dict[str, Any]:
     """Run in the peers environment: Flower's simulation engine on the same task.
 
@@ -169,6 +202,8 @@ def flower_worker(
     ``DefaultWorkflow``, ``secaggplus_mod`` on the ``ClientApp``) with confide's parameters
     for a cohort of 100 (32 shares, reconstruction threshold 22, clipping range 1, max weight
     1000); the sum of the quantized updates is what the server sees, as in confide.
+    ``data``: an ``.npz`` with the breast-cancer table (``x``, ``y``), written by the driver
+    from ``confide.data.load_breast_cancer`` (the peers environment has no scikit-learn).
     """
     import numpy as np
     from flwr.client import ClientApp, NumPyClient
@@ -184,9 +219,9 @@ def flower_worker(
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.simulation import run_simulation
-    from sklearn.datasets import load_breast_cancer
 
-    x, y = load_breast_cancer(return_X_y=True)
+    with np.load(data) as table:
+        x, y = table["x"].astype(np.float64), table["y"].astype(np.int64)
     x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, len(x), size=max(4, len(x) // clients)) for _ in range(clients)]
@@ -313,6 +348,16 @@ def main() -> int:
     )
     p.add_argument("--grace", type=float, default=5.0, help="stage_grace_s of secagg-grace")
     p.add_argument(
+        "--deadline", type=float, default=30.0, help="confide's train and evaluate deadlines (s)"
+    )
+    p.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=None,
+        help="Ray's worker_niceness for confide's actors (Ray's default: 15, which on a "
+        "machine shared with other jobs starves them; Flower's arm keeps Ray's default)",
+    )
+    p.add_argument(
         "--flower-modes",
         nargs="*",
         choices=["plain", "secagg"],
@@ -323,19 +368,31 @@ def main() -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--flower-python", default=None, help="the peers venv's python (flwr)")
     p.add_argument("--flower-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--flower-data", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.flower_worker:
-        out = flower_worker(a.clients[0], a.cohort, a.rounds, a.cpus, a.flower_secure)
+        out = flower_worker(
+            a.clients[0], a.cohort, a.rounds, a.cpus, a.flower_data, a.flower_secure
+        )
         print("RESULT " + json.dumps(out), flush=True)
         return 0
+    with tempfile.TemporaryDirectory(prefix="bench-ray-sim-") as scratch:
+        return _run_arms(a, _write_table(Path(scratch)) if a.flower_python else "")
+
+
+def _run_arms(a: argparse.Namespace, data: str) -> int:
+    """Run the Flower and confide arms ``a`` asks for (``data``: the Flower worker's table)."""
     rows: list[dict[str, Any]] = []
     if a.modes:
-        _start_ray(a.cpus)  # once for every confide arm (Ray's start-up is not a round)
+        _start_ray(
+            a.cpus, a.worker_niceness
+        )  # once for every confide arm (Ray's start-up is not a round)
     for n in a.clients:
         cohort = min(a.cohort, n)
         for fmode in a.flower_modes if a.flower_python else []:
             cmd = [a.flower_python, __file__, "--flower-worker", "--clients", str(n)]
             cmd += ["--cohort", str(cohort), "--rounds", str(a.rounds), "--cpus", str(a.cpus)]
+            cmd += ["--flower-data", data]
             cmd += ["--flower-secure"] if fmode == "secagg" else []
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -362,19 +419,43 @@ def main() -> int:
             secure = mode.startswith("secagg")
             drop = 0.1 if mode in ("secagg", "secagg-grace") else 0.0
             grace = a.grace if mode == "secagg-grace" else 0.0
-            rows.append(run_confide(n, cohort, a.rounds, secure, a.cpus, drop, grace))
+            row = run_confide(n, cohort, a.rounds, secure, a.cpus, drop, grace, a.deadline)
+            rows.append(row | {"worker_niceness": a.worker_niceness, "deadline_s": a.deadline})
             print(json.dumps(rows[-1]), flush=True)
             _save(a.json, rows)
     return 0
 
 
-def _start_ray(cpus: int) -> None:
+def _disk_use(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it is missing)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _write_table(folder: Path) -> str:
+    """Write the breast-cancer table for the Flower worker; return the ``.npz`` path."""
+    import numpy as np
+
+    from confide.data import load_breast_cancer
+
+    table = load_breast_cancer()
+    path = folder / "breast-cancer.npz"
+    np.savez(path, x=table.x, y=table.y)
+    return str(path)
+
+
+def _start_ray(cpus: int, niceness: int | None = None) -> None:
     """Start the local Ray the confide arms share, retrying a start that timed out (load)."""
     import ray
 
+    system = {} if niceness is None else {"worker_niceness": niceness}
     for attempt in range(3):
         try:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(
+                num_cpus=cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                _system_config=system or None,
+            )
             return
         except Exception:  # "The current node timed out during startup" on a loaded box
             if attempt == 2:

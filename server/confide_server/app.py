@@ -17,6 +17,7 @@ from confide_server.blobs import BlobStore, FaultHook
 from confide_server.config import Config
 from confide_server.connections import (
     IDLE_TIMEOUT_S,
+    LISTEN_BACKLOG,
     ClientRequestCap,
     LimitedSockSite,
     client_cap_key,
@@ -90,7 +91,7 @@ RECOVERING_BODY: dict[str, object] = {
 }
 
 
-def listen_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
+def listen_socket(host: str, port: int, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """Bind and listen on ``host:port`` (the first address it resolves to).
 
     The server listens before it recovers (:func:`recover_listening`), so a restart is

@@ -52,6 +52,7 @@ __all__ = [
     "BODY_IDLE_TIMEOUT_S",
     "BODY_MIN_BYTES_PER_S",
     "IDLE_TIMEOUT_S",
+    "LISTEN_BACKLOG",
     "MIN_REQUESTS_PER_CLIENT",
     "REQUESTS_PER_CLIENT",
     "ClientRequestCap",
@@ -65,6 +66,12 @@ __all__ = [
     "read_body_to",
     "release_client",
 ]
+
+#: The listening socket's accept queue (the kernel caps it at ``net.core.somaxconn``).
+#: aiohttp's sites default to 128, and asyncio's ``create_server(sock=...)`` calls
+#: ``listen()`` again with the site's value: a round start that sends a thousand sites to
+#: upload at once overflowed 128, and the dropped SYNs became 10 s connect timeouts.
+LISTEN_BACKLOG = 4096
 
 #: Seconds a connection may take to send a complete request head, after connecting or after
 #: its previous response (slow headers and idle keep-alive connections are closed then).
@@ -375,6 +382,8 @@ class LimitedSockSite(web.SockSite):
         TLS for the site.
     limits : (int, int), optional
         ``(max_total, max_per_peer)``; by default :func:`default_connection_limits`.
+    backlog : int
+        The accept queue :meth:`start` gives the socket (it calls ``listen()`` again).
     """
 
     def __init__(
@@ -384,8 +393,9 @@ class LimitedSockSite(web.SockSite):
         *,
         ssl_context: ssl.SSLContext | None = None,
         limits: tuple[int, int] | None = None,
+        backlog: int = LISTEN_BACKLOG,
     ) -> None:
-        super().__init__(runner, sock, ssl_context=ssl_context)
+        super().__init__(runner, sock, ssl_context=ssl_context, backlog=backlog)
         self._limits = limits or default_connection_limits()
         self.limiter: ConnectionLimiter | None = None
 

@@ -17,6 +17,7 @@ from confide.errors import FederationError, SignatureError, WireFormatError
 from confide.protocol.jsonio import loads_bounded
 from confide.protocol.manifest import sha256_hex
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
+from confide.protocol.tasks import Task
 from confide_server.auth import (
     authenticate,
     bound_client_id,
@@ -256,11 +257,14 @@ async def get_task(request: web.Request) -> web.Response:
         if engine.idle:
             # A client that is (still) polling may complete the set a round is waiting for.
             request.app[wake_key].set()
-        # Taken before the state is read: a stage that closes while task_for runs in its
-        # thread (the round timer notifies before this coroutine resumes) still wakes us.
+        # Taken before the state is read: a stage that closes while the task is worked out
+        # (the round timer notifies before this coroutine resumes) still wakes us.
         ticket = request.app[notifier_key].ticket()
-        # In a worker thread: the engine lock may be held by a durable commit.
-        task = await asyncio.to_thread(engine.task_for, signed.client_id)
+        # A plain wait is answered here; anything else in a worker thread (the engine
+        # lock may be held by a durable commit, and a task takes work to build).
+        task: Task | None = engine.wait_task_nowait(signed.client_id)
+        if task is None:
+            task = await asyncio.to_thread(engine.task_for, signed.client_id)
         remaining = deadline - time.monotonic()
         if task.action != "wait" or remaining <= 0:
             return web.json_response(task.to_json())

@@ -10,6 +10,7 @@ stalls on ``wait_for_clients``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from confide_server.config import Config
 from confide_server.engine.rounds import COHORT_GRACE_S, RoundEngine
@@ -143,3 +144,32 @@ def test_restart_keeps_the_rule(tmp_path: Path) -> None:
     clock.now += COHORT_GRACE_S
     assert engine.tick()
     assert _cohort(engine, 2) == ("a", "c", "d")
+
+
+class _CountingDict(dict[str, str]):
+    """The engine's enrolled-sites table, counting the snapshots a tick takes of it."""
+
+    snapshots = 0
+
+    def items(self) -> Any:
+        type(self).snapshots += 1
+        return super().items()
+
+
+def test_a_tick_with_too_few_sites_seen_takes_no_snapshot(tmp_path: Path) -> None:
+    """Every poll of an idle job wakes the timer: with thousands of sites enrolling, a tick
+    that copied and sorted them all each time held the server's GIL (issue 16). A tick that
+    cannot start a round (fewer sites ever seen than it needs) must not look at them."""
+    clock = FakeClock()
+    engine = _engine(_config(tmp_path), clock)
+    _CountingDict.snapshots = 0
+    engine._clients = _CountingDict(engine._clients)  # counting the engine's reads
+    for cid in IDS[:3]:
+        engine.touch(cid)
+    for _ in range(5):
+        assert not engine.tick()
+    assert _CountingDict.snapshots == 0
+    engine.touch("d")
+    assert engine.tick()  # all four: the round starts (one snapshot)
+    assert _CountingDict.snapshots == 1
+    assert _cohort(engine, 1) == IDS

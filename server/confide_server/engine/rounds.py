@@ -300,6 +300,7 @@ class RoundEngine:
         self._tick_lock = threading.Lock()
         self._current: RoundRow | None = None
         self._submitted: dict[tuple[int, str], set[str]] = {}
+        self._cohort_set: tuple[int, frozenset[str]] = (0, frozenset())
         self._closing = False
         # Enrolled keys and last-seen times have their own lock: authentication takes it on
         # the event loop for every request, so it is never held across slow work.
@@ -681,13 +682,7 @@ class RoundEngine:
             if self.status == "failed":
                 return FailedTask(self.status_reason or "too many consecutive aborted rounds")
             cur = self._current
-            if (
-                cur is None
-                or self._closing
-                or client_id not in cur.cohort
-                or client_id in self._submitted.get((cur.round, cur.stage), set())
-                or now >= cur.deadline
-            ):
+            if cur is None or self._waits(client_id, now):
                 return WaitTask(1.0)
             if cur.stage in SECURE_STAGES:
                 if self.secure is None:
@@ -724,6 +719,35 @@ class RoundEngine:
             if cur.new_model is None:
                 raise RoundError(f"round {cur.round} evaluates a model it has not written")
             return EvaluateTask(cur.round, cur.deadline, cur.seed, cur.new_model)
+
+    def _waits(self, client_id: str, now: float) -> bool:
+        """Whether ``client_id`` has nothing to do in a running job now (engine lock held)."""
+        cur = self._current
+        if cur is None or self._closing or now >= cur.deadline:
+            return True
+        if self._cohort_set[0] != cur.round:  # a set per round: cohorts of 1,000 sites
+            self._cohort_set = (cur.round, frozenset(cur.cohort))
+        return client_id not in self._cohort_set[1] or client_id in self._submitted.get(
+            (cur.round, cur.stage), set()
+        )
+
+    def wait_task_nowait(self, client_id: str) -> WaitTask | None:
+        """:meth:`task_for` on the event loop when its answer is a plain wait, else ``None``.
+
+        Never blocks: when the engine lock is held (a durable commit, a stage closing) or
+        the answer is anything but a wait, it returns ``None`` and the caller asks
+        :meth:`task_for` in a worker thread. Idle long polls are most of a large
+        federation's requests (10,000 sites, every state change wakes them all); the
+        worker-thread hop of each was a third of the server's time.
+        """
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self.status != "running" or not self._waits(client_id, self._clock()):
+                return None
+            return WaitTask(1.0)
+        finally:
+            self._lock.release()
 
     def _train_config(self, privacy: PrivacyTask | None, round_id: int) -> TrainConfig:
         dp = privacy.dp if privacy is not None else None
@@ -1013,6 +1037,11 @@ class RoundEngine:
                 if cur is None:
                     # A snapshot: enrolment and polls change these while the round starts.
                     with self._peers_lock:
+                        # Every poll of an idle job wakes the timer: with 10,000 sites
+                        # enrolling, copying and sorting them at each tick held the GIL
+                        # most of the time. Too few sites seen at all: no round can start.
+                        if self._too_few_seen(now, len(self._last_seen)):
+                            return False
                         # Revoked sites are never drawn (their requests get 403).
                         clients = {c: k for c, k in self._clients.items() if c not in self._revoked}
                         last_seen = dict(self._last_seen)
@@ -1044,6 +1073,18 @@ class RoundEngine:
                 with self._lock:
                     self._closing = False
             return True
+
+    def _too_few_seen(self, now: float, seen: int) -> bool:
+        """Whether :meth:`_maybe_start` must refuse with at most ``seen`` available sites.
+
+        ``seen`` bounds the available sites from above (every one has polled), so this is
+        :meth:`_maybe_start`'s own refusal, decided without a snapshot of the sites.
+        """
+        job = self.config.job
+        if seen >= job.start_threshold:
+            return False
+        closed = self._last_closed
+        return closed is None or seen < job.min_clients or now - closed < COHORT_GRACE_S
 
     def _secure_grace_due(self, cur: RoundRow, answered: set[str], now: float) -> bool:
         """Whether an open secure stage may close before its deadline (``stage_grace_s``)."""
