@@ -1149,7 +1149,8 @@ class RoundEngine:
                 SecureRound.save(cur, snapshot)
         with self._lock:
             self._current = row
-            self._submitted[(round_id, first.name)] = set()
+            # Only the open round's stages are looked up: earlier rounds' sets go (bounded).
+            self._submitted = {(round_id, first.name): set()}
         stagelog.round_opened(round_id, first.name, cohort, first.deadline_s)
         self._crash("round_started")
         if infeasible is not None:
