@@ -1526,13 +1526,14 @@ class RoundEngine:
         except Exception as exc:
             log.warning("retention after round %d: %s: %s", round_id, type(exc).__name__, exc)
             return
-        if report.updates or report.models:
+        if report.updates or report.models or report.secagg_states:
             log.debug(
-                "retention after round %d: %d update(s), %d model(s), %d bytes",
+                "retention after round %d: %d update(s), %d model(s), %d bytes, %d secagg state(s)",
                 round_id,
                 report.updates,
                 report.models,
                 report.bytes,
+                report.secagg_states,
             )
 
     def _export_records(self) -> None:
