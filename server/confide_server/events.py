@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
+import hashlib
+import secrets
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
+
+import numpy as np
 
 from confide.errors import FederationError
 
 __all__ = ["UPLOADS_PER_CLIENT", "BusyError", "NonceCache", "Notifier", "UploadGate"]
-
-_HEX = re.compile(r"(?:[0-9a-f]{2})+")
 
 
 class Notifier:
@@ -40,18 +40,22 @@ class NonceCache:
     Every request with a valid signature passes here, so the cache holds the request rate
     times ``max_age_s`` nonces: at a few hundred requests a second that is ~10^5 entries,
     and its per-entry cost is the server's memory growth until the window is full. So a
-    nonce is kept as its raw bytes (``bytes.fromhex``: 49 bytes for the usual 32 hex
-    characters, lossless, no collision to argue) in one set per time slice of
-    ``max_age_s / slices``; a whole slice is dropped once its newest nonce is older than
-    ``max_age_s``. A nonce is remembered for at least ``max_age_s`` (at most one slice
-    longer), on the monotonic clock as before.
+    nonce is kept as a 64-bit fingerprint (keyed BLAKE2b with a per-process random key):
+    the nonces of the newest time slice (``max_age_s / slices``) in a set, older ones in
+    one sorted ``uint64`` array with their slice's start time (16 bytes a nonce), merged
+    once a slice and cleared of slices whose newest nonce is older than ``max_age_s``.
+
+    A nonce is remembered for at least ``max_age_s`` (at most one slice longer), on the
+    monotonic clock. The same nonce always has the same fingerprint, so a replay is never
+    accepted; two different nonces share one with probability ~2^-64 per pair, which only
+    refuses a fresh request as a replay (409) and cannot be aimed without the key.
 
     Parameters
     ----------
     max_age_s : float
         How long a nonce is remembered (twice the accepted clock skew).
     slices : int, default 32
-        Time slices the window is cut into (a lookup checks each live slice).
+        Time slices the window is cut into (one merge per slice).
     clock : callable, optional
         Monotonic seconds (tests inject one).
     """
@@ -67,30 +71,49 @@ class NonceCache:
         self._max_age = max_age_s
         self._width = max_age_s / slices
         self._clock = clock
-        # (slice start, nonces received in [start, start + width)), oldest first.
-        self._slices: deque[tuple[float, set[bytes | str]]] = deque()
+        self._key = secrets.token_bytes(16)
+        # The open slice: its start and its fingerprints.
+        self._start: float | None = None
+        self._open: set[int] = set()
+        # Older slices: fingerprints (sorted) and each one's slice start.
+        self._fps = np.empty(0, dtype=np.uint64)
+        self._starts = np.empty(0, dtype=np.float64)
 
     def __len__(self) -> int:
-        return sum(len(seen) for _, seen in self._slices)
+        return len(self._open) + int(self._fps.size)
 
-    @property
-    def slices(self) -> int:
-        """Time slices held now (at most ``slices + 2``)."""
-        return len(self._slices)
+    def _fingerprint(self, nonce: str) -> int:
+        data = nonce.encode("utf-8", "surrogatepass")
+        digest = hashlib.blake2b(data, digest_size=8, key=self._key).digest()
+        return int.from_bytes(digest, "little")
+
+    def _close_slice(self, now: float) -> None:
+        """Merge the open slice into the sorted arrays; drop slices past ``max_age_s``."""
+        fps, starts = self._fps, self._starts
+        keep = starts + self._width + self._max_age >= now
+        if not keep.all():
+            fps, starts = fps[keep], starts[keep]
+        if self._open and self._start is not None:
+            new = np.sort(np.fromiter(self._open, np.uint64, len(self._open)))
+            at = np.searchsorted(fps, new)  # a linear merge: copies, no re-sort
+            fps = np.insert(fps, at, new)
+            starts = np.insert(starts, at, self._start)
+        self._fps, self._starts = fps, starts
+        self._open = set()
+        self._start = now
 
     def add(self, nonce: str) -> bool:
         """Record ``nonce``; return ``False`` if it was already seen."""
         now = self._clock()
-        while self._slices and now - (self._slices[0][0] + self._width) > self._max_age:
-            self._slices.popleft()  # every nonce in it is older than max_age
-        # Lowercase hex (what the header parser passes) as its bytes, one-to-one; anything
-        # else stays text (a str never equals a bytes key).
-        key: bytes | str = bytes.fromhex(nonce) if _HEX.fullmatch(nonce) else nonce
-        if any(key in seen for _, seen in self._slices):
+        if self._start is None or now >= self._start + self._width:
+            self._close_slice(now)
+        fp = self._fingerprint(nonce)
+        if fp in self._open:
             return False
-        if not self._slices or now >= self._slices[-1][0] + self._width:
-            self._slices.append((now, set()))
-        self._slices[-1][1].add(key)
+        i = int(np.searchsorted(self._fps, np.uint64(fp)))
+        if i < self._fps.size and int(self._fps[i]) == fp:
+            return False
+        self._open.add(fp)
         return True
 
 
