@@ -22,7 +22,7 @@ start). Exit status 0 when both targets are met.
 One server structure grows with the request count, not the round count, until it is
 full: the replay cache keeps each signed request's nonce for ``2 x max_clock_skew_s``
 (600 s by default). A run shorter than that measures part of the cache's fill (about
-90 bytes a request) as RSS growth; the output says whether the run was longer than the
+17 bytes a request) as RSS growth; the output says whether the run was longer than the
 window, and ``--max-clock-skew 30`` (a 60 s window) fills it within the warm-up.
 
     python benches/federation/soak.py --rounds 1000 --clients 4
