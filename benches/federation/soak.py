@@ -19,6 +19,12 @@ with ``[retention]``), the size of the default status page and the ``/v1/health`
 latencies. ``--mode sample`` runs sample-level DP (the accountant runs at every round
 start). Exit status 0 when both targets are met.
 
+One server structure grows with the request count, not the round count, until it is
+full: the replay cache keeps each signed request's nonce for ``2 x max_clock_skew_s``
+(600 s by default). A run shorter than that measures part of the cache's fill (about
+17 bytes a request) as RSS growth; the output says whether the run was longer than the
+window, and ``--max-clock-skew 30`` (a 60 s window) fills it within the warm-up.
+
     python benches/federation/soak.py --rounds 1000 --clients 4
     python benches/federation/soak.py --mode sample --rounds 150 --clients 4 --json
 """
@@ -47,6 +53,7 @@ from confide.protocol.manifest import encode_tensors, sha256_hex
 from confide.protocol.signing import Identity
 from confide.training import NumpyTrainer
 from confide_server.auth import operator_token
+from confide_server.config import ServerConfig
 from confide_server.simulate import free_port
 
 RSS_TARGET_PCT = 5.0
@@ -87,6 +94,7 @@ evaluate = 60.0
 port = {port}
 state_dir = "state"
 long_poll_max_s = 30.0
+max_clock_skew_s = {args.max_clock_skew}
 {privacy}
 {retention}
 """
@@ -246,6 +254,8 @@ def analyse(
         "fds_start": fds[0],
         "fds_end": fds[-1],
         "fds_per_1000_rounds": f_slope * 1000,
+        # RSS at the end of each tenth of the measured rounds (the shape behind the slope).
+        "rss_mib_tenths": [rss[min(len(rss) - 1, (len(rss) * k) // 10)] for k in range(1, 11)],
     }
 
 
@@ -262,6 +272,13 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.2, help="share of rounds not fitted")
     ap.add_argument("--sample-every", type=float, default=0.25, help="seconds between samples")
     ap.add_argument("--no-retention", action="store_true", help="omit the [retention] section")
+    ap.add_argument(
+        "--max-clock-skew",
+        type=float,
+        default=ServerConfig().max_clock_skew_s,
+        help="[server] max_clock_skew_s: the replay cache keeps a nonce twice this long; "
+        "a small value fills it within the warm-up, so the fit shows what else grows",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--workdir", default=None, help="keep the job folder here")
     args = ap.parse_args()
@@ -330,6 +347,7 @@ def main() -> int:
         params=args.params,
         retention=not args.no_retention,
         wall_s=wall,
+        replay_window_s=2 * args.max_clock_skew,
         files_left=files,
         status_page_bytes=page_bytes,
         health_ms_p50=float(np.percentile(health, 50)),
@@ -347,10 +365,13 @@ def main() -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         r = result
+        window = r["replay_window_s"]
+        inside = "the run was shorter" if r["wall_s"] <= window else "full after it"
         print(
             f"mode={r['mode']} clients={r['clients']} rounds={r['rounds_committed']} "
             f"(warm-up {r['warmup_rounds']}) params={r['params']} retention={r['retention']} "
-            f"wall={r['wall_s']:.0f}s cpus={os.cpu_count()}"
+            f"wall={r['wall_s']:.0f}s cpus={os.cpu_count()} (replay-cache window "
+            f"{window:.0f} s: {inside})"
         )
         print(
             f"round time {r['round_s_first']:.3f} -> {r['round_s_last']:.3f} s: drift "

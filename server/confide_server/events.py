@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import secrets
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
 
 from confide.errors import FederationError
 
@@ -47,27 +50,83 @@ class Notifier:
 class NonceCache:
     """Nonces seen recently (bounded by age); older requests are stale anyway.
 
+    Every request with a valid signature passes here, so the cache holds the request rate
+    times ``max_age_s`` nonces: at a few hundred requests a second that is ~10^5 entries,
+    and its per-entry cost is the server's memory growth until the window is full. So a
+    nonce is kept as a 64-bit fingerprint (keyed BLAKE2b with a per-process random key):
+    the nonces of the newest time slice (``max_age_s / slices``) in a set, older ones in
+    one sorted ``uint64`` array with their slice's start time (16 bytes a nonce), merged
+    once a slice and cleared of slices whose newest nonce is older than ``max_age_s``.
+
+    A nonce is remembered for at least ``max_age_s`` (at most one slice longer), on the
+    monotonic clock. The same nonce always has the same fingerprint, so a replay is never
+    accepted; two different nonces share one with probability ~2^-64 per pair, which only
+    refuses a fresh request as a replay (409) and cannot be aimed without the key.
+
     Parameters
     ----------
     max_age_s : float
         How long a nonce is remembered (twice the accepted clock skew).
+    slices : int, default 32
+        Time slices the window is cut into (one merge per slice).
+    clock : callable, optional
+        Monotonic seconds (tests inject one).
     """
 
-    def __init__(self, max_age_s: float) -> None:
+    def __init__(
+        self,
+        max_age_s: float,
+        slices: int = 32,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not max_age_s > 0 or slices < 1:
+            raise ValueError("max_age_s must be > 0 and slices >= 1")
         self._max_age = max_age_s
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._width = max_age_s / slices
+        self._clock = clock
+        self._key = secrets.token_bytes(16)
+        # The open slice: its start and its fingerprints.
+        self._start: float | None = None
+        self._open: set[int] = set()
+        # Older slices: fingerprints (sorted) and each one's slice start.
+        self._fps = np.empty(0, dtype=np.uint64)
+        self._starts = np.empty(0, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self._open) + int(self._fps.size)
+
+    def _fingerprint(self, nonce: str) -> int:
+        data = nonce.encode("utf-8", "surrogatepass")
+        digest = hashlib.blake2b(data, digest_size=8, key=self._key).digest()
+        return int.from_bytes(digest, "little")
+
+    def _close_slice(self, now: float) -> None:
+        """Merge the open slice into the sorted arrays; drop slices past ``max_age_s``."""
+        fps, starts = self._fps, self._starts
+        keep = starts + self._width + self._max_age >= now
+        if not keep.all():
+            fps, starts = fps[keep], starts[keep]
+        if self._open and self._start is not None:
+            new = np.sort(np.fromiter(self._open, np.uint64, len(self._open)))
+            at = np.searchsorted(fps, new)  # a linear merge: copies, no re-sort
+            fps = np.insert(fps, at, new)
+            starts = np.insert(starts, at, self._start)
+        self._fps, self._starts = fps, starts
+        self._open = set()
+        self._start = now
 
     def add(self, nonce: str) -> bool:
         """Record ``nonce``; return ``False`` if it was already seen."""
-        now = time.monotonic()
-        while self._seen:
-            oldest, ts = next(iter(self._seen.items()))
-            if now - ts <= self._max_age:
-                break
-            del self._seen[oldest]
-        if nonce in self._seen:
+        now = self._clock()
+        if self._start is None or now >= self._start + self._width:
+            self._close_slice(now)
+        fp = self._fingerprint(nonce)
+        if fp in self._open:
             return False
-        self._seen[nonce] = now
+        i = int(np.searchsorted(self._fps, np.uint64(fp)))
+        if i < self._fps.size and int(self._fps[i]) == fp:
+            return False
+        self._open.add(fp)
         return True
 
 

@@ -176,16 +176,17 @@ class MetricsLog:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.folder = state_dir / "metrics"
-        # Rows of closed rounds (they never change), so a close costs O(new rounds) queries.
-        self._rows: dict[int, dict[str, Any]] = {}
-        # This process's TensorBoard writer and the steps it holds (appended to, flushed).
+        # Nothing per round is kept in memory (a long job stays flat): the newest round
+        # whose row this process wrote, the columns it wrote them with (None: the next
+        # write rewrites both files whole), and the newest TensorBoard step it appended.
+        self._last = 0
+        self._columns: list[str] | None = None
         self._tb: Path | None = None
-        self._tb_steps: set[int] = set()
-        # stages.jsonl read so far (bytes) and what it held: a close reads only new lines.
+        self._tb_last = -1
+        # stages.jsonl read so far (bytes) and the closes of rounds not written yet: a
+        # close reads only new lines, and a round's entry goes once its row is written.
         self._closes: dict[int, dict[str, float]] = {}
         self._closes_at = 0
-        # The columns rounds.csv was last written with by this process (None: rewrite).
-        self._columns: list[str] | None = None
 
     @property
     def stages_path(self) -> Path:
@@ -206,45 +207,38 @@ class MetricsLog:
             log.warning("could not record a stage close in %s: %s", self.stages_path, exc)
 
     def stage_closes(self) -> dict[int, dict[str, float]]:
-        """Read ``stages.jsonl`` (the first close of each round's stage; bad lines skipped).
+        """Stage closes in ``stages.jsonl`` of rounds whose row is not written yet.
 
-        Incremental: each call reads the lines appended since the last one (up to the last
-        complete line), so a close does not re-read the job's history.
+        The first close of each round's stage; bad lines skipped. Incremental: each call
+        reads the lines appended since the last one (up to the last complete line), so a
+        close does not re-read the job's history.
         """
-        out = self._closes
-        try:
-            with open(self.stages_path, "rb") as fh:
-                fh.seek(self._closes_at)
-                chunk = fh.read()
-        except OSError:
-            return out
-        end = chunk.rfind(b"\n") + 1  # a line still being appended is read next time
-        self._closes_at += end
-        for line in chunk[:end].decode("utf-8", "replace").splitlines():
-            try:
-                doc = json.loads(line)
-                rnd, stage, at = int(doc["round"]), str(doc["stage"]), float(doc["closed_at"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a crash
-            out.setdefault(rnd, {}).setdefault(stage, at)
-        return out
+        self._closes_at = _read_closes(self.stages_path, self._closes_at, self._closes)
+        return self._closes
 
     def write(self, store: Store) -> list[dict[str, Any]]:
-        """Write the new rounds' rows to the CSV and JSON Lines files and events; return all.
+        """Write the new rounds' rows to the CSV and JSON Lines files and events; return them.
 
         The first write of a process rewrites both files whole; later ones append the new
-        rows (O(new rounds) per close), unless a new column appeared (then rewrite).
+        rows (O(new rounds) per close), unless a new column appeared (then rewrite, with
+        every row rebuilt from the database). Written rows are not kept in memory.
         """
-        since = max(self._rows, default=0) + 1
-        new = round_rows(store, self.stage_closes(), self.state_dir, self._rows, since)
-        for row in new:
-            self._rows[int(row["round"])] = row
-        rows = [self._rows[k] for k in sorted(self._rows)]
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        closes = self.stage_closes()
+        since = self._last + 1
+        new = round_rows(store, closes, self.state_dir, (), since)
+        known = set(BASE_COLUMNS if self._columns is None else self._columns)
+        extra = sorted(known.union(*(row.keys() for row in new)) - set(BASE_COLUMNS))
         columns = list(BASE_COLUMNS)
-        extra = sorted({k for row in rows for k in row} - set(columns))
         columns += [k for k in extra if k.startswith("stage_")]
         columns += [k for k in extra if not k.startswith("stage_")]
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        rows = new
+        if since > 1 and (columns != self._columns or self._tb is None):
+            # A new column, or a new event file: every row, rebuilt from the database and
+            # the whole stages file (transient, and rare: once a new column appears).
+            everything: dict[int, dict[str, float]] = {}
+            _read_closes(self.stages_path, 0, everything)
+            rows = round_rows(store, everything, self.state_dir)
         if columns == self._columns:
             if new:
                 append_durably(self.folder / "rounds.csv", _csv(new, columns, header=False))
@@ -253,8 +247,12 @@ class MetricsLog:
             write_atomic(self.folder / "rounds.csv", _csv(rows, columns, header=True))
             write_atomic(self.folder / "rounds.jsonl", _jsonl(rows))
             self._columns = columns
-        self._write_tensorboard(new if self._tb is not None else rows)
-        return rows
+        self._write_tensorboard(rows if self._tb is None else new)
+        if new:
+            self._last = max(self._last, max(int(row["round"]) for row in new))
+        for rnd in [r for r in closes if r <= self._last]:  # written: forget its closes
+            del closes[rnd]
+        return new
 
     def _write_tensorboard(self, rows: Sequence[Mapping[str, Any]]) -> None:
         records: list[bytes] = []
@@ -265,14 +263,14 @@ class MetricsLog:
             # the older files, so a restart never duplicates a step; later closes append.
             old = list(folder.glob("events.out.tfevents.*"))
             self._tb = folder / f"events.out.tfevents.{int(time.time())}.{os.getpid()}.confide"
-            self._tb_steps = set()
+            self._tb_last = -1
             for path in old:
                 path.unlink(missing_ok=True)
             records.append(event_bytes(time.time(), 0, file_version="brain.Event:2"))
         now = time.time()
         for row in rows:
             step = int(row["round"])
-            if step in self._tb_steps:
+            if step <= self._tb_last:  # rows come oldest first; never a step twice
                 continue
             values = [("round/committed", 1.0 if row["status"] == "committed" else 0.0)]
             values += [
@@ -282,7 +280,7 @@ class MetricsLog:
             ]
             for tag, value in values:
                 records.append(event_bytes(now, step, scalar=(tag, value)))
-            self._tb_steps.add(step)
+            self._tb_last = step
         # TFRecord framing, written synchronously and closed at once (a reader right after a
         # close sees every scalar of the round).
         with open(self._tb, "ab") as fh:
@@ -291,6 +289,29 @@ class MetricsLog:
     def close(self) -> None:
         """Forget the TensorBoard file (every write is already closed on disk)."""
         self._tb = None
+
+
+def _read_closes(path: Path, offset: int, into: dict[int, dict[str, float]]) -> int:
+    """Read ``stages.jsonl`` from byte ``offset`` into ``into``; return the new offset.
+
+    Only complete lines are read (a line still being appended is read next time); a
+    round's stage keeps its first close; bad lines (cut short by a crash) are skipped.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except OSError:
+        return offset
+    end = chunk.rfind(b"\n") + 1
+    for line in chunk[:end].decode("utf-8", "replace").splitlines():
+        try:
+            doc = json.loads(line)
+            rnd, stage, at = int(doc["round"]), str(doc["stage"]), float(doc["closed_at"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        into.setdefault(rnd, {}).setdefault(stage, at)
+    return offset + end
 
 
 def _csv(rows: Sequence[Mapping[str, Any]], columns: list[str], *, header: bool) -> bytes:

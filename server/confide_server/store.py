@@ -754,6 +754,39 @@ class Store:
         doc: dict[str, Any] = json.loads(row[0])
         return doc
 
+    def prune_secagg_states(self, last: int) -> int:
+        """Delete the SecAgg+ rows of the closed rounds up to ``last``; return how many.
+
+        A closed (committed or aborted) round's snapshot holds every masked vector and is
+        never read again: only the open round's is recovered at start, and its summary
+        went into the round's metrics and ledger entry in the commit transaction. One
+        transaction, so a kill leaves all of them or none (the start-up sweep catches up).
+        Driven by the few ``secagg_state`` rows (a primary-key lookup into ``rounds``
+        each), never a scan of the job's rounds; with nothing to delete, no write.
+        """
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM secagg_state WHERE round <= ? AND EXISTS (SELECT 1 FROM rounds r "
+                "WHERE r.round = secagg_state.round AND r.status IN ('committed', 'aborted')) "
+                "LIMIT 1",
+                (last,),
+            )
+            if row.fetchone() is None:
+                return 0
+        with self.transaction() as cur:
+            cur.execute(
+                "DELETE FROM secagg_state WHERE round <= ? AND EXISTS (SELECT 1 FROM rounds r "
+                "WHERE r.round = secagg_state.round AND r.status IN ('committed', 'aborted'))",
+                (last,),
+            )
+            return int(cur.rowcount)
+
+    def count_secagg_states(self) -> int:
+        """Rows in ``secagg_state`` (the open round's, plus any a stopped prune left)."""
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM secagg_state").fetchone()
+        return int(row[0])
+
     # -- submissions -------------------------------------------------------------------
     def get_submission(self, round_id: int, stage: str, client_id: str) -> SubmissionRow | None:
         """One accepted submission or ``None``."""

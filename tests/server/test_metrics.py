@@ -163,8 +163,9 @@ def test_tensorboard_events_read_back(run: RoundEngine) -> None:
 def test_rewrite_after_restart_keeps_one_event_file(run: RoundEngine) -> None:
     pytest.importorskip("tensorboardX")
     log = MetricsLog(run.config.server.state_dir)
-    first = log.write(run.store)
-    assert log.write(run.store) == first
+    first = log.write(run.store)  # a process's first write: every closed round
+    assert [row["round"] for row in first] == [1, 2, 3]
+    assert log.write(run.store) == []  # nothing new: nothing appended
     assert len(_scalars(_read(run, "tensorboard"))["round/committed"]) == 3
 
 

@@ -8,12 +8,16 @@ calls :meth:`Retention.after_close`:
   committed or aborted by then, and a committed round's ledger entry (with the hash of
   every receipt) was written in the same transaction, so receipts still verify against
   the ledger; the submission rows stay.
+  The SecAgg+ snapshots of closed rounds (``secagg_state`` rows: every masked vector of
+  the round) are deleted in the same pass, in one transaction of their own; only the open
+  round's snapshot is ever read again (recovery at start).
 * ``keep_models = K``: model versions older than the K newest are deleted, except the
   initial and current models and the open round's base and new model
   (:meth:`~confide_server.store.Store.pinned_models`). The ledger keeps every model's
   hash; a release keeps its own copy of the model (``releases/<version>.model``).
 
-Crash safety: the paths are first recorded in ``pruned_blobs`` (one committed
+Crash safety: a ``secagg_state`` delete is one transaction (all or none). For files, the
+paths are first recorded in ``pruned_blobs`` (one committed
 transaction), *then* unlinked. A kill before that commit deletes nothing; a kill after it
 leaves files :meth:`Retention.sweep` deletes at the next start (it also catches up on
 rounds closed while retention was off or before a crash). A file is never deleted while
@@ -47,6 +51,7 @@ class PruneReport:
     updates: int = 0
     models: int = 0
     bytes: int = 0
+    secagg_states: int = 0
 
 
 class Retention:
@@ -61,8 +66,9 @@ class Retention:
     blobs : BlobStore
         The files.
     crash_hook : callable, optional
-        Called with ``"prune_marked"`` between the commit that records a pass and the
-        unlinks (the e2e tests SIGKILL the server there).
+        Called with ``"prune_start"`` before a pass deletes anything, and with
+        ``"prune_marked"`` between the commit that records a pass and the unlinks (the
+        e2e tests SIGKILL the server there).
     """
 
     def __init__(
@@ -100,8 +106,12 @@ class Retention:
         first : int, optional
             The oldest round whose updates to look at (default: ``round_id`` only).
         """
+        self._crash("prune_start")
         entries: list[tuple[str, str, int | None, int]] = []
+        secagg = 0
         if self.config.prune_updates:
+            # The SecAgg+ snapshots of closed rounds (their masked vectors) go with them.
+            secagg = self.store.prune_secagg_states(round_id)
             lo = round_id if first is None else first
             for rnd, path in self.store.update_blobs_of_closed(lo, round_id):
                 entries.append((path, "update", rnd, self._size(path)))
@@ -109,7 +119,7 @@ class Retention:
         for _sha, mpath, mrnd in self._prunable_models():
             entries.append((mpath, "model", mrnd, self._size(mpath)))
         if not entries:
-            return PruneReport()
+            return PruneReport(secagg_states=secagg)
         self.store.mark_pruned(entries)  # durable first: a kill now leaves files to sweep
         self._crash("prune_marked")
         self._unlink([p for p, _, _, _ in entries])
@@ -117,6 +127,7 @@ class Retention:
             updates=n_updates,
             models=len(entries) - n_updates,
             bytes=sum(n for _, _, _, n in entries),
+            secagg_states=secagg,
         )
 
     def _unlink(self, paths: list[str]) -> int:
@@ -154,7 +165,9 @@ class Retention:
             log.info("retention: deleted %d file(s) a stopped prune had left", swept)
         last = self.store.last_round()
         report = PruneReport() if last is None else self.after_close(last.round, first=1)
-        return PruneReport(report.updates + swept, report.models, report.bytes)
+        return PruneReport(
+            report.updates + swept, report.models, report.bytes, report.secagg_states
+        )
 
 
 def _sha_of(relpath: str) -> str:

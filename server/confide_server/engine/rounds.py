@@ -1192,7 +1192,8 @@ class RoundEngine:
                 SecureRound.save(cur, snapshot)
         with self._lock:
             self._current = row
-            self._submitted[(round_id, first.name)] = set()
+            # Only the open round's stages are looked up: earlier rounds' sets go (bounded).
+            self._submitted = {(round_id, first.name): set()}
         stagelog.round_opened(round_id, first.name, cohort, first.deadline_s)
         self._crash("round_started")
         if infeasible is not None:
@@ -1651,13 +1652,14 @@ class RoundEngine:
         except Exception as exc:
             log.warning("retention after round %d: %s: %s", round_id, type(exc).__name__, exc)
             return
-        if report.updates or report.models:
+        if report.updates or report.models or report.secagg_states:
             log.debug(
-                "retention after round %d: %d update(s), %d model(s), %d bytes",
+                "retention after round %d: %d update(s), %d model(s), %d bytes, %d secagg state(s)",
                 round_id,
                 report.updates,
                 report.models,
                 report.bytes,
+                report.secagg_states,
             )
 
     def _export_records(self) -> None:
