@@ -23,9 +23,9 @@ import pytest
 from confide_server.events import NonceCache
 from confide_server.metrics import MetricsLog
 from tests.server.conftest import FakeClock, Fed
-from tests.server.test_privacy_server import _config, _engine
+from tests.server.test_privacy_server import _config
 from tests.server.test_retention import _fed, _rounds
-from tests.server.util import delta_body, eval_body, tiny_manifest
+from tests.server.util import delta_body, enrolled_engine, eval_body, tiny_manifest
 
 MANIFEST = tiny_manifest()
 _CONTAINERS = (dict, list, set, frozenset, deque)
@@ -98,7 +98,7 @@ def test_a_new_column_rewrites_every_row(tmp_path: Path) -> None:
     """Round 1 aborts (no eval column); round 2 brings ``eval_accuracy``: both files are
     rewritten whole with the new column, rebuilt from the database (no row is in memory)."""
     clock = FakeClock()
-    eng = _engine(_config(tmp_path, rounds=2), clock)
+    eng = enrolled_engine(_config(tmp_path, rounds=2), clock)
     _play(eng, clock, 1, answering="a")
     header_1 = (eng.metrics.folder / "rounds.csv").read_text().splitlines()[0].split(",")
     assert "eval_accuracy" not in header_1

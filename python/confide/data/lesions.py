@@ -352,7 +352,7 @@ def write_lesion_folder(
     ----------
     root : str or Path
         Output folder (created); images go to ``root/images/``.
-    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity, scans
+    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity
         See :func:`generate_lesion_tiles`.
 
     Returns
@@ -408,7 +408,7 @@ def lesion_dataset(
 
     Parameters
     ----------
-    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity, scans
+    n_patients, tiles_per_patient, size, seed, contrast, lesion_size, polarity
         See :func:`generate_lesion_tiles`.
     transform : ImageTransform, optional
         Default ``ImageTransform(size=(size, size), channels=3)``.
