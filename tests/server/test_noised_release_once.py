@@ -11,13 +11,13 @@ from confide_server.app import open_engine
 from confide_server.blobs import BlobStore
 from confide_server.engine.rounds import RoundEngine
 from tests.server.conftest import FakeClock
-from tests.server.test_privacy_server import MANIFEST, Z, _config
-from tests.server.util import Crash, delta_body, enrolled_engine
-
-
-def _train_answers(eng: RoundEngine) -> None:
-    for cid in "abc":
-        eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
+from tests.server.test_privacy_server import (
+    Z,
+    _config,
+    _killed_after_noised_write,
+    _train_answers,
+)
+from tests.server.util import enrolled_engine
 
 
 def _model_files(eng: RoundEngine) -> set[str]:
@@ -31,13 +31,7 @@ def _registered(eng: RoundEngine) -> set[str]:
 def test_noised_aggregate_of_a_killed_commit_is_deleted_and_never_redrawn(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
-    eng = enrolled_engine(
-        cfg, clock, crash_at="model_written"
-    )  # killed between the write and its txn
-    assert eng.tick()
-    _train_answers(eng)
-    with pytest.raises(Crash):
-        eng.tick()
+    eng = _killed_after_noised_write(cfg, clock)
     assert len(_model_files(eng) - _registered(eng)) == 1  # this run's draw, unregistered
     eng.store.close()
     # The restart deletes the unregistered draw and, as its write-ahead intent is pending,

@@ -18,10 +18,10 @@ from confide.privacy.accountant import account, client_poisson_event
 from confide_server.engine.privacy import read_privacy
 from tests.server.test_ddg_post_unmask import _next_round_starts, _to_unmask
 from tests.server.test_ddg_rounds import _ddg_config
-from tests.server.test_privacy_server import MANIFEST, Z, _config
+from tests.server.test_privacy_server import Z, _config, _killed_after_noised_write
 from tests.server.test_sample_ddg_rounds import SampleFed, _sddg_config
 from tests.server.test_secagg_rounds import IDS, Fed
-from tests.server.util import Crash, delta_body, enrolled_engine
+from tests.server.util import Crash, enrolled_engine
 
 
 def _fed(tmp: Path, mode: str) -> Fed:
@@ -171,12 +171,7 @@ def test_central_kill_after_the_noised_write_is_charged_once_and_never_redrawn(
     from tests.server.conftest import FakeClock
 
     clock = FakeClock()
-    eng = enrolled_engine(cfg, clock, crash_at="model_written")
-    assert eng.tick()
-    for cid in "abc":
-        eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
-    with pytest.raises(Crash):
-        eng.tick()
+    eng = _killed_after_noised_write(cfg, clock)
     drawn = set(eng.blobs.model_files()) - {eng.current_model}
     assert len(drawn) == 1  # the noised aggregate is on disk, unregistered
     assert eng.store.privacy_intent() is not None

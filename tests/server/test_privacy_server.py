@@ -42,6 +42,22 @@ def _config(tmp: Path, rounds: int = 3, **privacy: Any) -> Config:
     return write_job(tmp, **kw)
 
 
+def _train_answers(eng: RoundEngine) -> None:
+    """The three sites' round-1 updates."""
+    for cid in "abc":
+        eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
+
+
+def _killed_after_noised_write(cfg: Config, clock: FakeClock) -> RoundEngine:
+    """Round 1 of a central job, killed between its noised model's write and its transaction."""
+    eng = enrolled_engine(cfg, clock, crash_at="model_written")
+    assert eng.tick()
+    _train_answers(eng)
+    with pytest.raises(Crash):
+        eng.tick()  # the noised blob exists on disk, unregistered: the intent is pending
+    return eng
+
+
 def _round(engine: RoundEngine, r: int, value: float = 10.0) -> None:
     """Play one full round from its start (all three clients answer)."""
     assert engine.tick()
@@ -112,8 +128,7 @@ def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path:
     clock = FakeClock()
     eng = enrolled_engine(cfg, clock, crash_at="stage_committed")
     assert eng.tick()
-    for cid in "abc":
-        eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
+    _train_answers(eng)
     with pytest.raises(Crash):
         eng.tick()  # the noised model and the privacy record are committed, then "SIGKILL"
     row = eng.store.get_round(1)
@@ -149,12 +164,7 @@ def test_restart_after_release_never_redraws_noise_nor_changes_epsilon(tmp_path:
 def test_crash_before_release_charges_the_intent_and_never_redraws(tmp_path: Path) -> None:
     cfg = _config(tmp_path, rounds=1, mode="central", noise_multiplier=Z)
     clock = FakeClock()
-    eng = enrolled_engine(cfg, clock, crash_at="model_written")
-    assert eng.tick()
-    for cid in "abc":
-        eng.commit_submission(eng.prepare(cid, 1, "train", delta_body(MANIFEST, 1.0)), f"n{cid}")
-    with pytest.raises(Crash):
-        eng.tick()  # the noised blob exists on disk, unregistered: the intent is pending
+    eng = _killed_after_noised_write(cfg, clock)
     assert read_privacy(eng.store)[1] == {}
     eng.store.close()
     eng = enrolled_engine(cfg, clock)  # the restart charges the intent and aborts the round
