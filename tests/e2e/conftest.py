@@ -119,9 +119,11 @@ class Procs:
         """Enrol ``n`` fresh sites (``site-1`` ... ``site-n``) and start them."""
         return [self.client(k, tok) for k, tok in enumerate(self.tokens(n), start=1)]
 
-    def killed(self, p: subprocess.Popen[bytes], name: str = "server") -> None:
+    def killed(
+        self, p: subprocess.Popen[bytes], name: str = "server", timeout: float = 90.0
+    ) -> None:
         """Assert ``p`` (named ``name``) died by SIGKILL at its injected crash or die point."""
-        assert self.wait_exit(p) == -signal.SIGKILL, self.all_logs()
+        assert self.wait_exit(p, timeout) == -signal.SIGKILL, self.all_logs()
         assert self.crash_reached(name), f"{name} died elsewhere than at the injected point"
 
     def run_to_end(
