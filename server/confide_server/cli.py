@@ -289,7 +289,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``confide-server`` argument parser (``simulate`` has its own)."""
-    from confide.cli import HelpFormatter, add_command
+    from confide.cli import add_command
 
     version = version_string()
     parser = argparse.ArgumentParser(prog="confide-server", description=DESCRIPTION)
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only the file of the current model version (for scripts: confide export)",
     )
     status.set_defaults(func=_cmd_status)
-    add_operator_commands(sub, HelpFormatter, version)  # abort, revoke, new-job (opscli)
+    add_operator_commands(sub, version)  # abort, revoke, new-job (opscli)
     sub.add_parser(
         "simulate",
         help="run a whole federation on loopback",
@@ -387,14 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = int(args.func(args))
         sys.stdout.flush()
         return rc
-    except (KeyboardInterrupt, BrokenPipeError, ModuleNotFoundError) as exc:
+    except (KeyboardInterrupt, BrokenPipeError, ModuleNotFoundError, ConfideError, OSError) as exc:
         from confide.cli import exit_status
 
-        return exit_status(name, exc)
-    except (ConfideError, OSError) as exc:
-        if isinstance(exc, OSError) and exc.filename is not None:
-            what = f"{exc.filename}: {exc.strerror or exc}"
-        else:
-            what = str(exc)
-        print(f"{name}: {what}", file=sys.stderr)
-        return 2
+        return exit_status(name, exc)  # the same one-line report and status as ``confide``

@@ -178,47 +178,49 @@ def _cmd_new_job(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_operator_commands(sub: Any, formatter: type[argparse.HelpFormatter], version: str) -> None:
+def add_operator_commands(sub: Any, version: str) -> None:
     """Add ``abort``, ``revoke`` and ``new-job`` to ``confide-server``'s subparsers."""
+    from confide.cli import add_command
 
     def online(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--version", action="version", version=version)
         p.add_argument("--config", required=True, help="the job config (job.toml)")
         p.add_argument("--server", help="the server's URL (default: from [server] host and port)")
         p.add_argument("--ca-file", help="CA bundle for an https server (default: [tls] cert)")
 
-    abort = sub.add_parser(
+    abort = add_command(
+        sub,
         "abort",
         help="abort the running server's open round",
         description="Abort the open round of the running server (POST /v1/operator/abort "
         "with the operator token). Nothing new is charged to the privacy budget; the next "
         "round starts as usual.",
-        formatter_class=formatter,
+        version=version,
     )
     online(abort)
     abort.add_argument("--reason", default="no reason given", help="recorded with the abort")
     abort.set_defaults(func=_cmd_abort)
-    revoke = sub.add_parser(
+    revoke = add_command(
+        sub,
         "revoke",
         help="revoke a site: its key is no longer accepted",
         description="Revoke an enrolled site on the running server (POST "
         "/v1/operator/revoke): its requests are refused (403), it is never drawn again, and "
         "the open round is aborted if the site is in its cohort.",
-        formatter_class=formatter,
+        version=version,
     )
     online(revoke)
     revoke.add_argument("--client-id", required=True, help="the site's id, e.g. hospital-2")
     revoke.add_argument("--reason", default="revoked by the operator", help="recorded")
     revoke.set_defaults(func=_cmd_revoke)
-    new_job = sub.add_parser(
+    new_job = add_command(
+        sub,
         "new-job",
         help="archive the job's state so that 'run' starts a new job",
         description="With the server stopped: move the state folder to "
         "<state_dir>.archive/<job>-<UTC time>/ (nothing is deleted) and leave an empty one; "
         "the next 'confide-server run' starts the job in job.toml anew.",
-        formatter_class=formatter,
+        version=version,
     )
-    new_job.add_argument("--version", action="version", version=version)
     new_job.add_argument("--config", required=True, help="the job config (job.toml)")
     new_job.add_argument(
         "--abandon",

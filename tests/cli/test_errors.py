@@ -11,6 +11,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from confide_server.launcher import Launcher
 from tests.cli.conftest import (
     CONFIDE,
@@ -229,3 +231,25 @@ def test_simulate_with_a_missing_csv(tmp_path: Path) -> None:
     r = run([*SERVER, "simulate", "--data", str(tmp_path / "my.csv"), "--out", str(tmp_path / "s")])
     assert r.rc == 2
     assert f"--data {tmp_path / 'my.csv'}: no such file" in r.short_error()
+
+
+def test_both_commands_report_an_oserror_without_a_file_the_same_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A disk that fills while a command runs raises an OSError that names no file: both
+    # CLIs print the one line of confide.cli.describe_error and exit 2, never a traceback.
+    import confide_server.cli as server_cli
+    import confide_server.opscli as opscli
+    from confide.cli import describe_error
+
+    full = OSError(28, "No space left on device")
+
+    def disk_full(args: object) -> int:
+        raise full
+
+    monkeypatch.setattr(opscli, "_cmd_new_job", disk_full)
+    files = job_files(tmp_path)
+    assert server_cli.main(["new-job", "--config", str(files.config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"confide-server new-job: {describe_error(full)}"
+    assert err.endswith("OSError: [Errno 28] No space left on device")
