@@ -497,6 +497,26 @@ def _ghost_source(trainer: Any) -> tuple[Any, bool] | None:
     return base, bool(only)
 
 
+def _clip_margin(trainer: Any) -> float:
+    """``C' / C`` for ``trainer``'s steps: ``torch_ghost.CLIP_MARGIN`` for torch, else 1.
+
+    A :class:`~confide.training.torch_engine.TorchTrainer` (or a subclass, directly or as a
+    ``ghost_source``) clips every patient to ``C' = C * CLIP_MARGIN`` on both paths (ghost
+    norms and the Rust kernel on materialised rows), so a step releases the same sensitivity
+    whichever path runs (docs/privacy.md). The module constant is read, never an attribute
+    a subclass could override. Other trainers clip to ``C``.
+    """
+    engine = sys.modules.get("confide.training.torch_engine")
+    if engine is None:
+        return 1.0
+    base = getattr(trainer, "ghost_source", (trainer, False))[0]
+    if not isinstance(base, engine.TorchTrainer):
+        return 1.0
+    from confide.privacy.torch_ghost import CLIP_MARGIN
+
+    return CLIP_MARGIN
+
+
 def _one_row(row: Any) -> Any:
     return row[None, :] if isinstance(row, np.ndarray) else row.unsqueeze(0)
 
@@ -549,6 +569,9 @@ def clipped_patient_sum(
     if chunk < 1:
         raise PrivacyUnsupportedError(f"per_sample_chunk must be >= 1, got {chunk}")
     m = rows_sorted.size
+    # A TorchTrainer clips to C' = C (1 - 2^-16) on both paths (the ghost path applies the
+    # same margin itself): the same sensitivity whichever path a step takes.
+    clip = clip_norm * _clip_margin(trainer)
     ghost = _ghost_source(trainer)
     if ghost is not None and m <= chunk:
         # Every sampled record in one pass: clip per-patient sums from ghost norms
@@ -569,9 +592,9 @@ def clipped_patient_sum(
 
     def finish(sums: Any) -> None:
         if not isinstance(sums, np.ndarray):
-            device.clip_add(sums, clip_norm)
+            device.clip_add(sums, clip)
         elif sums.shape[0]:
-            clip_rows(sums, clip_norm)
+            clip_rows(sums, clip)
             _sum_rows64(sums, total)
 
     carry: Any = None  # gradient sum of a patient that continues in the next chunk

@@ -62,11 +62,23 @@ from torch import nn
 
 from confide.training.torch_per_sample import layer_calls, layer_factors
 
-__all__ = ["SHRINK", "ghost_clipped_sum", "ghost_sq_norms", "plan_layer"]
+__all__ = [
+    "CLIP_MARGIN",
+    "SHRINK",
+    "clip_target",
+    "ghost_clipped_sum",
+    "ghost_sq_norms",
+    "ghost_sq_norms_grouped",
+    "plan_layer",
+]
 
 #: The Rust kernel's relative margin on the clipping factor (core_rs/src/clip.rs).
 SHRINK = 1.0 - 2.0**-20
 _U64 = 2.0**-53
+#: epsilon of the module docstring: the other patients' rounding shares total <= eps C'.
+_EPS = 2.0**-16
+#: Every patient is clipped to ``C' = C * CLIP_MARGIN``: ``C' (1 + eps) < C``.
+CLIP_MARGIN = 1.0 - _EPS
 # Below this clip norm the float64 factor could lose its margin to underflow: fall back.
 _MIN_CLIP = 2.0**-500
 # Materialising a layer's per-patient rows costs several passes over P x out x in floats; a
@@ -189,6 +201,44 @@ def ghost_sq_norms(
     return sq, err
 
 
+def ghost_sq_norms_grouped(
+    gp: torch.Tensor, up: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gram-matrix squared norms of ``G_p U_p^T`` for one group of float32 patient factors.
+
+    ``gp``: ``(P_k, out, k T)``, ``up``: ``(P_k, in, k T)`` (float32, widened here). Returns
+    float64 ``(computed, error bound, trace bound)``, the last an upper bound on
+    ``||G_p||_F^2 ||U_p||_F^2`` (and so on ``A_p``), from which the patient's share of the
+    sum's rounding is bounded.
+    """
+    g64, u64 = gp.to(torch.float64), up.to(torch.float64)
+    out_dim, in_dim, kt = g64.shape[1], u64.shape[1], g64.shape[2]
+    a = torch.bmm(g64.transpose(1, 2), g64)
+    b = torch.bmm(u64.transpose(1, 2), u64)
+    s = (a * b).sum(dim=(1, 2))
+    tr = a.diagonal(dim1=1, dim2=2).sum(-1) * b.diagonal(dim1=1, dim2=2).sum(-1)
+    e = 2.0 * _gamma(out_dim + in_dim + kt**2 + 1) * tr
+    # The computed traces have relative error <= gamma_{out + kT} and gamma_{in + kT}.
+    return s, e, tr * (1.0 + _gamma(out_dim + in_dim + 2 * kt + 8))
+
+
+def clip_target(clip_norm: float) -> float:
+    """Return ``C' = C (1 - 2^-16)``, the norm every patient is clipped to (both paths).
+
+    The margin pays for the float64 rounding of the sum over patients (module docstring,
+    "Sensitivity of the released sum"); :func:`confide.privacy.dpsgd.clipped_patient_sum`
+    clips a :class:`~confide.training.torch_engine.TorchTrainer`'s materialised rows to the
+    same ``C'`` (:attr:`~confide.training.torch_engine.TorchTrainer.ghost_clip_margin`), so
+    both paths release the same sensitivity.
+
+    Examples
+    --------
+    >>> clip_target(1.0) == 1.0 - 2.0**-16
+    True
+    """
+    return float(clip_norm) * CLIP_MARGIN
+
+
 def ghost_clipped_sum(
     module: nn.Module,
     x: torch.Tensor,
@@ -198,9 +248,10 @@ def ghost_clipped_sum(
     offsets: Mapping[str, tuple[int, int]],
     dim: int,
     *,
+    max_records: int | None = None,
     mode: str = "auto",
 ) -> NDArray[np.float64] | None:
-    """``sum_p c_p g_p`` over the patients of one batch, each patient clipped to ``clip_norm``.
+    """``sum_p c_p g_p`` over the patients of one batch, each patient clipped to ``C'``.
 
     Parameters
     ----------
@@ -211,20 +262,28 @@ def ghost_clipped_sum(
     patients : numpy.ndarray
         ``(n,)`` sorted patient index of each record (any sorted integers).
     clip_norm : float
-        ``C`` (> 0).
+        ``C`` (> 0); each patient is clipped to ``C' =`` :func:`clip_target` ``(C)`` so that
+        the released sum has sensitivity at most ``C`` (module docstring).
     offsets : mapping of str to (int, int)
         Columns of each trainable parameter in the ``dim``-vector.
     dim : int
         Length of the result (columns of parameters not in ``offsets`` stay 0).
+    max_records : int, optional
+        A bound on ``n`` that does not depend on the data (the caller's chunk size;
+        :class:`~confide.training.torch_engine.TorchTrainer` passes ``per_sample_chunk``).
+        The rounding margin of every patient's clip is computed from it, so a patient's
+        clipping factor depends on that patient's records only. Default ``n`` (tests and
+        direct calls). More than ``max_records`` records: ``None``.
     mode : {"auto", "ghost", "rows"}, default "auto"
-        Per layer by :func:`plan_layer`, or every layer ghost / materialised (tests).
+        Per layer and per patient by :func:`plan_layer`, or every layer ghost /
+        materialised (tests).
 
     Returns
     -------
     numpy.ndarray or None
         ``(dim,)`` float64 sum of the clipped per-patient gradients, or ``None`` when a value
-        is not finite or ``clip_norm < 2**-500`` (the caller then takes the materialised
-        path, which clips with the Rust kernel or raises the typed error).
+        is not finite, ``clip_norm < 2**-500`` or ``n > max_records`` (the caller then takes
+        the materialised path, which clips with the Rust kernel or raises the typed error).
 
     Examples
     --------
@@ -243,7 +302,10 @@ def ghost_clipped_sum(
     pat = np.asarray(patients, dtype=np.int64)
     if pat.shape != (n,) or (n > 1 and bool((pat[1:] < pat[:-1]).any())):
         raise ValueError(f"patients must be ({n},) sorted indices, got shape {pat.shape}")
-    if not (math.isfinite(clip_norm) and clip_norm >= _MIN_CLIP):
+    n_max = n if max_records is None else int(max_records)
+    if n_max < 1:
+        raise ValueError(f"max_records must be >= 1, got {max_records!r}")
+    if not (math.isfinite(clip_norm) and clip_norm >= _MIN_CLIP) or n > n_max:
         return None
     total = torch.zeros(dim, dtype=torch.float64)
     if n == 0:
@@ -253,13 +315,18 @@ def ghost_clipped_sum(
     n_pat = len(starts)
     single = bool((sizes == 1).all())
     local = torch.as_tensor(np.repeat(np.arange(n_pat), sizes))
-    mean_k = float((sizes.astype(np.float64) ** 2).sum() / n_pat)
+    # K of the module docstring: each patient's share of the sum's rounding, times K, enters
+    # its own norm bound, so the other (at most n_max - 1) patients' shares total <= eps C'.
+    big_k = 2.0 * n_max / _EPS
 
     calls, _skipped = layer_calls(module, x, y, offsets)  # skipped layers: zero gradient
     sq = torch.zeros(n_pat, dtype=torch.float64)
     err = torch.zeros(n_pat, dtype=torch.float64)
-    ghosts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = []
-    rows: list[tuple[torch.Tensor, tuple[int, int]]] = []  # float64 per-patient rows
+    share = torch.zeros(n_pat, dtype=torch.float64)  # sum of the ghost layers' beta_p
+    # Ghost layers: (G, U, span, per-record mask of the patients on the ghost norm or None).
+    ghosts: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], torch.Tensor | None]] = []
+    # Materialised float64 per-patient rows: (patients or None for all, rows, span).
+    rows: list[tuple[torch.Tensor | None, torch.Tensor, tuple[int, int]]] = []
     length = 0  # coordinates that enter a norm (for the float64 summation margin)
 
     def patient_rows(r: torch.Tensor) -> torch.Tensor:
@@ -272,25 +339,14 @@ def ghost_clipped_sum(
         acc.index_add_(0, local, r64)
         return acc
 
-    def patient_products(gg: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        # float64 per-patient rows of a weight: the float32 product G_p U_p^T over the
-        # patient's positions side by side (one row per patient, not per record), widened.
-        if single:
-            return torch.bmm(gg, u.transpose(1, 2)).reshape(n, -1).to(torch.float64)
-        res = torch.empty(n_pat, gg.shape[1] * u.shape[1], dtype=torch.float64)
-        for idx, gp, up in _patient_groups(gg, u, starts, sizes):
-            prod = torch.bmm(gp, up.transpose(1, 2)).reshape(gp.shape[0], -1)
-            if idx is None:
-                res.copy_(prod)
-            else:
-                res[idx] = prod.to(torch.float64)
-        return res
-
-    def add_rows(r64: torch.Tensor, span: tuple[int, int]) -> None:
-        nonlocal sq
-        # Row dot products in float64 (exact squares, float64 sums).
-        sq += torch.bmm(r64.unsqueeze(1), r64.unsqueeze(2)).reshape(-1)
-        rows.append((r64, span))
+    def add_rows(idx: torch.Tensor | None, r64: torch.Tensor, span: tuple[int, int]) -> None:
+        # Squared row norms in float64 (exact squares of float32-exact values, float64 sums).
+        s = torch.linalg.vecdot(r64, r64)
+        if idx is None:
+            sq.add_(s)
+        else:
+            sq.index_add_(0, idx, s)
+        rows.append((idx, r64, span))
 
     with torch.no_grad():
         for m, name, a, g in calls:
@@ -298,34 +354,59 @@ def ghost_clipped_sum(
             w = offsets.get(f"{name}.weight")
             if w is not None:
                 out_dim, in_dim, t = gg.shape[1], u.shape[1], gg.shape[2]
-                ghost = mode == "ghost" or (
-                    mode == "auto" and plan_layer(out_dim, in_dim, t, mean_k)
-                )
-                if ghost:
+                on_ghost: list[torch.Tensor] = []  # patients of the ghost groups
+                all_ghost = True
+                for idx, gp, up in _patient_groups(gg, u, starts, sizes):
+                    k = gp.shape[2] // t
+                    # The plan depends on this patient's record count only (not the batch's).
+                    if mode == "ghost" or (
+                        mode == "auto" and plan_layer(out_dim, in_dim, t, float(k * k))
+                    ):
+                        s, e, tr = ghost_sq_norms_grouped(gp, up)
+                        beta = _gamma(n_max * t + 2) * tr.sqrt()
+                        for acc, val in ((sq, s), (err, e), (share, beta)):
+                            if idx is None:
+                                acc.add_(val)
+                            else:
+                                acc.index_add_(0, idx, val)
+                        on_ghost.append(idx if idx is not None else torch.arange(n_pat))
+                    else:
+                        all_ghost = False
+                        # float32 product G_p U_p^T over the patient's positions side by
+                        # side (one row per patient), widened exactly to float64.
+                        prod = torch.bmm(gp, up.transpose(1, 2)).reshape(gp.shape[0], -1)
+                        add_rows(idx, prod.to(torch.float64), w)
+                if on_ghost:
                     g64, u64 = gg.to(torch.float64), u.to(torch.float64)
-                    s, e = ghost_sq_norms(g64, u64, starts, sizes)
-                    sq += s
-                    err += e
-                    ghosts.append((g64, u64, w))
-                else:
-                    add_rows(patient_products(gg, u), w)
+                    if all_ghost:
+                        ghosts.append((g64, u64, w, None))
+                    else:  # the other patients' records get factor 0 (exact zeros)
+                        mask = torch.zeros(n_pat, dtype=torch.float64)
+                        for sel in on_ghost:
+                            mask[sel] = 1.0
+                        ghosts.append((g64, u64, w, mask[local]))
                 length += w[1] - w[0]
             b = offsets.get(f"{name}.bias")
             if b is not None:
-                add_rows(patient_rows(gg.sum(dim=2)), b)
+                add_rows(None, patient_rows(gg.sum(dim=2)), b)
                 length += b[1] - b[0]
         upper = (sq + err) * (1.0 + (length + 8) * 2.0**-52)
         norms = upper.sqrt() * (1.0 + 2.0**-52)
-        if not bool(torch.isfinite(norms).all()):
+        # N_p >= ||v_p|| + K beta_p (beta_p: the patient's share of the sum's rounding).
+        bound = (norms * (1.0 + big_k * _gamma(n_max + 2)) + big_k * share * (1.0 + 2.0**-40)) * (
+            1.0 + 2.0**-50
+        )
+        if not bool(torch.isfinite(bound).all()):
             return None
-        c = float(clip_norm)
-        factor = torch.where(norms > c, c / norms * SHRINK, torch.ones_like(norms))
-        for r64, (lo, hi) in rows:
-            total[lo:hi] += factor @ r64
+        c = clip_target(clip_norm)
+        factor = torch.where(bound > c, c / bound * SHRINK, torch.ones_like(bound))
+        for idx, r64, (lo, hi) in rows:
+            total[lo:hi] += (factor if idx is None else factor[idx]) @ r64
         per_record = factor[local]
-        for g64, u64, (lo, hi) in ghosts:
+        for g64, u64, (lo, hi), keep in ghosts:
             out_dim, in_dim = g64.shape[1], u64.shape[1]
-            gc = (g64 * per_record[:, None, None]).permute(1, 0, 2).reshape(out_dim, -1)
+            f = per_record if keep is None else per_record * keep
+            gc = (g64 * f[:, None, None]).permute(1, 0, 2).reshape(out_dim, -1)
             uu = u64.permute(0, 2, 1).reshape(-1, in_dim)
             total[lo:hi] += (gc @ uu).reshape(-1)
     result: NDArray[np.float64] = total.numpy()

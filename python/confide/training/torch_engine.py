@@ -905,6 +905,20 @@ class TorchTrainer:
         """Whether :meth:`ghost_clipped_sum` runs (hooks path, CPU, ``ghost_clipping=True``)."""
         return self._ghost and self._ps_hooks and self._device.type == "cpu"
 
+    @property
+    def ghost_clip_margin(self) -> float:
+        """``C' / C``: every patient of a DP-SGD step is clipped to ``C' = C (1 - 2^-16)``.
+
+        Both paths of :func:`confide.privacy.dpsgd.clipped_patient_sum` use it (the ghost
+        path of :mod:`confide.privacy.torch_ghost` and the Rust kernel on materialised
+        rows), so they release the same sensitivity; the margin pays for the float64
+        rounding of the sum over patients (docs/privacy.md). The accounting and the
+        documented sensitivity stay ``C``.
+        """
+        from confide.privacy.torch_ghost import CLIP_MARGIN
+
+        return CLIP_MARGIN
+
     def ghost_clipped_sum(
         self,
         x: NDArray[np.float32] | torch.Tensor,
@@ -962,6 +976,7 @@ class TorchTrainer:
             clip_norm,
             self._per_sample_offsets(trainable_only),
             target.size,
+            max_records=self.per_sample_chunk,
         )
 
     def per_sample_gradients(
