@@ -53,7 +53,7 @@ records are then all in this pass).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -62,10 +62,14 @@ from torch import nn
 
 from confide.training.torch_per_sample import layer_calls, layer_factors
 
+#: One layer for :func:`clipped_sum_of_factors`: ``(G, U, weight span, bias span)``.
+Layer = tuple[torch.Tensor, torch.Tensor, "tuple[int, int] | None", "tuple[int, int] | None"]
+
 __all__ = [
     "CLIP_MARGIN",
     "SHRINK",
     "clip_target",
+    "clipped_sum_of_factors",
     "ghost_clipped_sum",
     "ghost_sq_norms",
     "ghost_sq_norms_grouped",
@@ -307,9 +311,77 @@ def ghost_clipped_sum(
         raise ValueError(f"max_records must be >= 1, got {max_records!r}")
     if not (math.isfinite(clip_norm) and clip_norm >= _MIN_CLIP) or n > n_max:
         return None
-    total = torch.zeros(dim, dtype=torch.float64)
     if n == 0:
-        return total.numpy()
+        return np.zeros(dim, dtype=np.float64)
+    calls, _skipped = layer_calls(module, x, y, offsets)  # skipped layers: zero gradient
+
+    def layers() -> Iterator[Layer]:
+        for m, name, a, g in calls:
+            gg, u = layer_factors(m, a, g)
+            yield gg, u, offsets.get(f"{name}.weight"), offsets.get(f"{name}.bias")
+
+    with torch.no_grad():
+        out = clipped_sum_of_factors(layers(), pat, clip_norm, dim, max_records=n_max, mode=mode)
+    if out is None:
+        return None
+    result: NDArray[np.float64] = out[0].numpy()
+    if not np.isfinite(result).all():
+        return None
+    return result
+
+
+def clipped_sum_of_factors(
+    layers: Iterable[Layer],
+    patients: NDArray[np.int64],
+    clip_norm: float,
+    dim: int,
+    *,
+    max_records: int,
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Clip and sum as :func:`ghost_clipped_sum` does, from each layer's ``(G, U)``.
+
+    Parameters
+    ----------
+    layers : iterable of (G, U, weight span or None, bias span or None)
+        Per layer: ``(n, out, T)`` and ``(n, in, T)`` float32 factors (record ``i``'s weight
+        gradient is ``G[i] @ U[i]^T``, its bias gradient ``G[i].sum(-1)``) and the columns
+        of the layer's weight and bias in the result. Consumed once, in order.
+    patients : numpy.ndarray
+        ``(n,)`` sorted patient index of each record.
+    clip_norm : float
+        ``C``; every patient is clipped to :func:`clip_target` ``(C)``.
+    dim : int
+        Length of the result.
+    max_records : int
+        Data-independent bound on ``n`` (see :func:`ghost_clipped_sum`).
+    mode : {"auto", "ghost", "rows"}
+        As in :func:`ghost_clipped_sum`.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor) or None
+        The ``(dim,)`` float64 clipped sum and the ``(P,)`` float64 clipping factors
+        ``c_p``; ``None`` when a norm bound is not finite, ``clip_norm < 2**-500`` or
+        ``n > max_records``.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> g, u = torch.ones(2, 1, 1), torch.ones(2, 3, 1)  # two records, one patient each
+    >>> total, c = clipped_sum_of_factors([(g, u, (0, 3), None)], np.array([0, 1]), 1.0, 3,
+    ...                                   max_records=2)
+    >>> bool(c.max() < 1.0), bool(torch.linalg.vector_norm(total) <= 2 * clip_target(1.0))
+    (True, True)
+    """
+    pat = np.asarray(patients, dtype=np.int64)
+    n = int(pat.shape[0])
+    n_max = int(max_records)
+    if mode not in ("auto", "ghost", "rows"):
+        raise ValueError(f"mode must be 'auto', 'ghost' or 'rows', got {mode!r}")
+    if not (math.isfinite(clip_norm) and clip_norm >= _MIN_CLIP) or n > n_max or n == 0:
+        return None
+    total = torch.zeros(dim, dtype=torch.float64)
     starts = np.flatnonzero(np.r_[True, pat[1:] != pat[:-1]]).astype(np.int64)
     sizes = np.diff(np.r_[starts, n]).astype(np.int64)
     n_pat = len(starts)
@@ -319,7 +391,6 @@ def ghost_clipped_sum(
     # its own norm bound, so the other (at most n_max - 1) patients' shares total <= eps C'.
     big_k = 2.0 * n_max / _EPS
 
-    calls, _skipped = layer_calls(module, x, y, offsets)  # skipped layers: zero gradient
     sq = torch.zeros(n_pat, dtype=torch.float64)
     err = torch.zeros(n_pat, dtype=torch.float64)
     share = torch.zeros(n_pat, dtype=torch.float64)  # sum of the ghost layers' beta_p
@@ -348,68 +419,61 @@ def ghost_clipped_sum(
             sq.index_add_(0, idx, s)
         rows.append((idx, r64, span))
 
-    with torch.no_grad():
-        for m, name, a, g in calls:
-            gg, u = layer_factors(m, a, g)
-            w = offsets.get(f"{name}.weight")
-            if w is not None:
-                out_dim, in_dim, t = gg.shape[1], u.shape[1], gg.shape[2]
-                on_ghost: list[torch.Tensor] = []  # patients of the ghost groups
-                all_ghost = True
-                for idx, gp, up in _patient_groups(gg, u, starts, sizes):
-                    k = gp.shape[2] // t
-                    # The plan depends on this patient's record count only (not the batch's).
-                    if mode == "ghost" or (
-                        mode == "auto" and plan_layer(out_dim, in_dim, t, float(k * k))
-                    ):
-                        s, e, tr = ghost_sq_norms_grouped(gp, up)
-                        beta = _gamma(n_max * t + 2) * tr.sqrt()
-                        for acc, val in ((sq, s), (err, e), (share, beta)):
-                            if idx is None:
-                                acc.add_(val)
-                            else:
-                                acc.index_add_(0, idx, val)
-                        on_ghost.append(idx if idx is not None else torch.arange(n_pat))
-                    else:
-                        all_ghost = False
-                        # float32 product G_p U_p^T over the patient's positions side by
-                        # side (one row per patient), widened exactly to float64.
-                        prod = torch.bmm(gp, up.transpose(1, 2)).reshape(gp.shape[0], -1)
-                        add_rows(idx, prod.to(torch.float64), w)
-                if on_ghost:
-                    g64, u64 = gg.to(torch.float64), u.to(torch.float64)
-                    if all_ghost:
-                        ghosts.append((g64, u64, w, None))
-                    else:  # the other patients' records get factor 0 (exact zeros)
-                        mask = torch.zeros(n_pat, dtype=torch.float64)
-                        for sel in on_ghost:
-                            mask[sel] = 1.0
-                        ghosts.append((g64, u64, w, mask[local]))
-                length += w[1] - w[0]
-            b = offsets.get(f"{name}.bias")
-            if b is not None:
-                add_rows(None, patient_rows(gg.sum(dim=2)), b)
-                length += b[1] - b[0]
-        upper = (sq + err) * (1.0 + (length + 8) * 2.0**-52)
-        norms = upper.sqrt() * (1.0 + 2.0**-52)
-        # N_p >= ||v_p|| + K beta_p (beta_p: the patient's share of the sum's rounding).
-        bound = (norms * (1.0 + big_k * _gamma(n_max + 2)) + big_k * share * (1.0 + 2.0**-40)) * (
-            1.0 + 2.0**-50
-        )
-        if not bool(torch.isfinite(bound).all()):
-            return None
-        c = clip_target(clip_norm)
-        factor = torch.where(bound > c, c / bound * SHRINK, torch.ones_like(bound))
-        for idx, r64, (lo, hi) in rows:
-            total[lo:hi] += (factor if idx is None else factor[idx]) @ r64
-        per_record = factor[local]
-        for g64, u64, (lo, hi), keep in ghosts:
-            out_dim, in_dim = g64.shape[1], u64.shape[1]
-            f = per_record if keep is None else per_record * keep
-            gc = (g64 * f[:, None, None]).permute(1, 0, 2).reshape(out_dim, -1)
-            uu = u64.permute(0, 2, 1).reshape(-1, in_dim)
-            total[lo:hi] += (gc @ uu).reshape(-1)
-    result: NDArray[np.float64] = total.numpy()
-    if not np.isfinite(result).all():
+    for gg, u, w, b in layers:
+        if w is not None:
+            out_dim, in_dim, t = gg.shape[1], u.shape[1], gg.shape[2]
+            on_ghost: list[torch.Tensor] = []  # patients of the ghost groups
+            all_ghost = True
+            for idx, gp, up in _patient_groups(gg, u, starts, sizes):
+                k = gp.shape[2] // t
+                # The plan depends on this patient's record count only (not the batch's).
+                if mode == "ghost" or (
+                    mode == "auto" and plan_layer(out_dim, in_dim, t, float(k * k))
+                ):
+                    s, e, tr = ghost_sq_norms_grouped(gp, up)
+                    beta = _gamma(n_max * t + 2) * tr.sqrt()
+                    for acc, val in ((sq, s), (err, e), (share, beta)):
+                        if idx is None:
+                            acc.add_(val)
+                        else:
+                            acc.index_add_(0, idx, val)
+                    on_ghost.append(idx if idx is not None else torch.arange(n_pat))
+                else:
+                    all_ghost = False
+                    # float32 product G_p U_p^T over the patient's positions side by
+                    # side (one row per patient), widened exactly to float64.
+                    prod = torch.bmm(gp, up.transpose(1, 2)).reshape(gp.shape[0], -1)
+                    add_rows(idx, prod.to(torch.float64), w)
+            if on_ghost:
+                g64, u64 = gg.to(torch.float64), u.to(torch.float64)
+                if all_ghost:
+                    ghosts.append((g64, u64, w, None))
+                else:  # the other patients' records get factor 0 (exact zeros)
+                    mask = torch.zeros(n_pat, dtype=torch.float64)
+                    for sel in on_ghost:
+                        mask[sel] = 1.0
+                    ghosts.append((g64, u64, w, mask[local]))
+            length += w[1] - w[0]
+        if b is not None:
+            add_rows(None, patient_rows(gg.sum(dim=2)), b)
+            length += b[1] - b[0]
+    upper = (sq + err) * (1.0 + (length + 8) * 2.0**-52)
+    norms = upper.sqrt() * (1.0 + 2.0**-52)
+    # N_p >= ||v_p|| + K beta_p (beta_p: the patient's share of the sum's rounding).
+    bound = (norms * (1.0 + big_k * _gamma(n_max + 2)) + big_k * share * (1.0 + 2.0**-40)) * (
+        1.0 + 2.0**-50
+    )
+    if not bool(torch.isfinite(bound).all()):
         return None
-    return result
+    c = clip_target(clip_norm)
+    factor = torch.where(bound > c, c / bound * SHRINK, torch.ones_like(bound))
+    for idx, r64, (lo, hi) in rows:
+        total[lo:hi] += (factor if idx is None else factor[idx]) @ r64
+    per_record = factor[local]
+    for g64, u64, (lo, hi), keep in ghosts:
+        out_dim, in_dim = g64.shape[1], u64.shape[1]
+        f = per_record if keep is None else per_record * keep
+        gc = (g64 * f[:, None, None]).permute(1, 0, 2).reshape(out_dim, -1)
+        uu = u64.permute(0, 2, 1).reshape(-1, in_dim)
+        total[lo:hi] += (gc @ uu).reshape(-1)
+    return total, factor
