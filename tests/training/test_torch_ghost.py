@@ -1,10 +1,13 @@
 """Ghost-norm clipping of per-patient sums: the same clipped sum as materialised rows.
 
 The exact norm bound is tested directly (every patient's clipped contribution has norm at
-most ``C``), the error bound of the Gram-matrix norms against explicit products (including
-a product that cancels to zero), and equality with the materialised path (Rust-kernel
-clipping of per-sample rows) at float tolerance. Also the distributed path's reused
-workspace: bit-identical ring vectors at fixed seeds.
+most ``C' = C (1 - 2^-16)``), the error bound of the Gram-matrix norms against explicit
+products (including a product that cancels to zero), and equality with the materialised
+path (Rust-kernel clipping of per-sample rows, to the same ``C'``) at float tolerance. The
+released sum's sensitivity is tested as a property (hypothesis, adversarial scales and
+cancelling patients): removing any patient moves the sum by at most ``C``, and every other
+patient's factor is bit-identical. Also the distributed path's reused workspace:
+bit-identical ring vectors at fixed seeds.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -27,6 +32,7 @@ from confide.privacy.distributed_dpsgd import (  # noqa: E402
 )
 from confide.privacy.torch_ghost import (  # noqa: E402
     clip_target,
+    clipped_sum_of_factors,
     ghost_clipped_sum,
     ghost_sq_norms,
     plan_layer,
@@ -254,3 +260,174 @@ def test_a_ghost_source_of_another_width_is_refused() -> None:
     data = _data(["a", "b"])
     with pytest.raises(PrivacyUnsupportedError, match="columns"):
         dpsgd.clipped_patient_sum(Borrowing(), data, np.arange(2), np.arange(2), 1.0)
+
+
+# --------------------------------------------------------------------------- the released sum
+# Hand-made factors (G, U) through clipped_sum_of_factors: one layer of out=IN=8 and T=3
+# positions (ghost for patients of <= 3 records, materialised rows above: see plan_layer)
+# plus its bias.
+
+OUT, IN, POS = 8, 8, 3
+
+
+def _factors(
+    sizes: list[int], scales: list[float], seed: int, cancel: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    g = rng.normal(size=(n, OUT, POS))
+    u = rng.normal(size=(n, IN, POS))
+    pat = np.repeat(np.arange(len(sizes)), sizes)
+    for p, s in enumerate(scales):
+        g[pat == p] *= s
+    if cancel is not None:  # this patient's two records cancel exactly: G_2 = G_1, U_2 = -U_1
+        i = int(np.flatnonzero(pat == cancel)[0])
+        g[i + 1], u[i + 1] = g[i], -u[i]
+    return torch.from_numpy(g.astype(np.float32)), torch.from_numpy(u.astype(np.float32)), pat
+
+
+def _release(
+    g: torch.Tensor,
+    u: torch.Tensor,
+    pat: np.ndarray,
+    keep: np.ndarray,
+    clip: float,
+    bias: bool = True,
+    **kw: Any,
+) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.flatnonzero(keep[pat])
+    layer = (g[rows], u[rows], (0, OUT * IN), (OUT * IN, OUT * IN + OUT) if bias else None)
+    out = clipped_sum_of_factors([layer], pat[rows], clip, OUT * IN + OUT, **kw)
+    assert out is not None
+    return out[0].numpy(), out[1].numpy()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=2, max_size=6),
+    log_scales=st.lists(st.floats(-3.0, 12.0), min_size=6, max_size=6),
+    seed=st.integers(0, 2**16),
+    adversarial=st.booleans(),
+    mode=st.sampled_from(["auto", "ghost", "rows"]),
+)
+def test_removing_any_patient_moves_the_released_sum_by_at_most_c(
+    sizes: list[int], log_scales: list[float], seed: int, adversarial: bool, mode: str
+) -> None:
+    scales = [10.0**s for s in log_scales[: len(sizes)]]
+    cancel = next((p for p, k in enumerate(sizes) if k >= 2), None) if adversarial else None
+    g, u, pat = _factors(sizes, scales, seed, cancel)
+    clip, n_max = 1.0, 40  # n_max: a bound on the records, independent of the batch
+    everyone = np.ones(len(sizes), dtype=bool)
+    full, c_full = _release(g, u, pat, everyone, clip, max_records=n_max, mode=mode)
+    for q in range(len(sizes)):
+        keep = everyone.copy()
+        keep[q] = False
+        part, c_part = _release(g, u, pat, keep, clip, max_records=n_max, mode=mode)
+        assert float(np.linalg.norm(full - part)) <= clip, (q, sizes)
+        # Each remaining patient's factor is a function of its own records (bit for bit).
+        np.testing.assert_array_equal(c_part, c_full[keep])
+        alone = np.zeros(len(sizes), dtype=bool)
+        alone[q] = True
+        own, c_own = _release(g, u, pat, alone, clip, max_records=n_max, mode=mode)
+        assert c_own[0] == c_full[q]
+        assert float(np.linalg.norm(own)) <= clip_target(clip)
+        if c_own[0] < 1.0 and not (adversarial and q == cancel):
+            assert float(np.linalg.norm(own)) >= clip_target(clip) * (1 - 1e-5)  # not looser
+
+
+def test_a_cancelling_patients_rounding_share_is_charged_to_its_own_clip() -> None:
+    # Patient 0's two records cancel exactly (its gradient is 0) but its factors are large:
+    # the float64 sum's rounding of its terms is bounded by gamma(n_max T + 2) ||G|| ||U||,
+    # not by anything its (zero) norm controls. The clip charges K times that share, so the
+    # share is below eps C' / (2 n_max) as the sensitivity argument needs; the norm-only
+    # rule (ghost_sq_norms' bound alone, as before) would leave it above that budget.
+    from confide.privacy.torch_ghost import _EPS, _gamma
+
+    g, u, pat = _factors([2, 1, 1], [1e8, 1.0, 1.0], seed=5, cancel=0)
+    n_max, clip = 1024, 1.0
+    target = clip_target(clip)
+    everyone = np.ones(3, dtype=bool)  # no bias: the bias gradient of patient 0 does not cancel
+    _, factors = _release(g, u, pat, everyone, clip, False, max_records=n_max, mode="ghost")
+    g64, u64 = g[:2].double(), u[:2].double()
+    gu = float(torch.linalg.vector_norm(g64) * torch.linalg.vector_norm(u64))
+    share = _gamma(n_max * POS + 2) * gu
+    budget = _EPS * target / (2 * n_max)
+    assert factors[0] * share <= budget
+    sq, err = ghost_sq_norms(
+        g64.reshape(1, 2, OUT, POS).permute(0, 2, 1, 3).reshape(1, OUT, 6),
+        u64.reshape(1, 2, IN, POS).permute(0, 2, 1, 3).reshape(1, IN, 6),
+        np.array([0]),
+        np.array([1]),
+    )
+    norm_only = min(1.0, clip / float(torch.sqrt(sq[0] + err[0])))
+    assert norm_only * share > budget  # the term is needed
+    assert factors[0] < norm_only
+
+
+def test_the_plan_is_per_patient_and_matches_the_materialised_sum() -> None:
+    # Patients of 1, 2 (ghost) and 5 (rows) records: one layer, both kinds at once.
+    assert plan_layer(OUT, IN, POS, 2.0**2)
+    assert not plan_layer(OUT, IN, POS, 5.0**2)
+    g, u, pat = _factors([1, 2, 5, 1], [3.0, 2.0, 1.0, 4.0], seed=2)
+    keep = np.ones(4, dtype=bool)
+    auto, c_auto = _release(g, u, pat, keep, 0.5, max_records=16)
+    rows, c_rows = _release(g, u, pat, keep, 0.5, max_records=16, mode="rows")
+    ghost, _ = _release(g, u, pat, keep, 0.5, max_records=16, mode="ghost")
+    assert (c_auto < 1.0).all()  # every patient clipped, so the sums can differ
+    np.testing.assert_allclose(auto, rows, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(auto, ghost, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(c_auto, c_rows, rtol=1e-5)
+
+
+def test_more_records_than_max_records_fall_back() -> None:
+    g, u, pat = _factors([2, 1], [1.0, 1.0], seed=1)
+    layer = (g, u, (0, OUT * IN), None)
+    assert clipped_sum_of_factors([layer], pat, 1.0, OUT * IN, max_records=2) is None
+    assert clipped_sum_of_factors([layer], pat, 1.0, OUT * IN, max_records=3) is not None
+
+
+def test_both_paths_clip_to_the_same_c_prime_and_a_subclass_cannot_change_it() -> None:
+    from confide.privacy.torch_ghost import CLIP_MARGIN
+    from confide.training.numpy_engine import NumpyTrainer
+
+    class Loose(TorchTrainer):
+        @property
+        def ghost_clip_margin(self) -> float:
+            return 10.0  # ignored: dpsgd reads the module constant
+
+    data = _data(["p"], scale=50.0, seed=3)
+    ghost, rows = _squeeze(), _squeeze(ghost=False)
+    loose = Loose.create("squeezenet1_1", 2, (3, SIDE, SIDE), seed=4, ghost_clipping=False)
+    assert ghost.ghost_clip_margin == rows.ghost_clip_margin == CLIP_MARGIN == 1 - 2.0**-16
+    assert dpsgd._clip_margin(ghost) == dpsgd._clip_margin(rows) == CLIP_MARGIN
+    assert dpsgd._clip_margin(loose) == CLIP_MARGIN
+    assert dpsgd._clip_margin(_TrainablePart(ghost)) == CLIP_MARGIN
+    assert dpsgd._clip_margin(NumpyTrainer.create("logistic", 4, 2)) == 1.0  # numpy: C, as before
+    clip = 1e-3
+    assert float(_per_patient_norms(rows, data)[0]) > 10 * clip
+    target = clip_target(clip)
+    for t in (ghost, rows, loose):
+        norm = float(np.linalg.norm(_sum(t, data, clip)))
+        assert target * (1 - 1e-5) <= norm <= target, type(t).__name__
+
+
+def test_the_float64_path_does_not_depend_on_precision_or_denormal_flags() -> None:
+    # Flip torch's float32-precision and denormal switches through torch's own API: the
+    # ghost sum is float64 throughout, so the clipped contribution stays within C'.
+    data = _data(["p", "p"], scale=5.0, seed=7)
+    t = _squeeze()
+    clip = 0.01
+    base = _sum(t, data, clip)
+    precision = torch.get_float32_matmul_precision()
+    flush = torch.set_flush_denormal(True)  # False where the CPU has no FTZ/DAZ
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = _sum(t, data, clip)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.set_flush_denormal(False)
+    assert torch.get_float32_matmul_precision() == precision
+    assert float(np.linalg.norm(got)) <= clip_target(clip)
+    assert float(np.linalg.norm(base)) <= clip_target(clip)
+    np.testing.assert_allclose(got, base, rtol=1e-2, atol=1e-3 * np.abs(base).max())
+    assert isinstance(flush, bool)

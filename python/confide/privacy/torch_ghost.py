@@ -18,32 +18,68 @@ layer's ``T`` output positions, ``U_i``: the unfolded input, from
   ``(G * c)(U)^T`` over all records ("book-keeping", Bu et al. 2023), no second backward.
 
 Layers with many positions (where the Gram matrices cost more than the product) keep
-materialised per-record rows, as today; the choice is per layer and per step
-(:func:`plan_layer`), and both kinds enter one norm per patient.
+materialised per-patient rows; the choice is per layer and per patient, from the patient's
+record count only (:func:`plan_layer`), and both kinds enter one norm per patient.
 
-**Exactness.** The guarantee needs ``||c_p v_p||_2 <= C`` for the vector ``v_p`` that is
-actually summed. Everything here is computed in float64 from the float32 ``G`` and ``U``:
+**Exactness.** The guarantee is about the *released sum*: for neighbouring batches ``D`` and
+``D' = D`` minus one patient ``q``, ``||S(D) - S(D')|| <= C`` for the float64 vector ``S``
+this module returns. Notation: ``v_p`` is patient ``p``'s gradient vector as it enters the
+sum, ``c_p`` its clipping factor, ``n_max`` a bound on the batch's records that does not
+depend on the data (``max_records``: the trainer's ``per_sample_chunk``; the path refuses
+larger batches), ``u = 2^-53``, ``gamma(m) = m u / (1 - m u)``.
 
-* materialised rows are float32 products ``G_p U_p^T`` computed per patient (the patient's
-  records' positions side by side; per record when every patient has one), widened to
-  float64 (bias rows: per record, a patient's summed in float64); their squared norms are
-  float64 sums of the (exact) squares of those values;
-* a ghost layer's ``v_p`` part is ``G_p U_p^T`` exactly (the float32 values multiplied in
-  float64); its computed squared norm ``s`` differs from the true one by at most
-  ``gamma_K * sum(|G_p|^T|G_p| * |U_p|^T|U_p|) <= gamma_K ||G_p||^2 ||U_p||^2`` with
-  ``K = out + in + (kT)^2 + 1`` (the standard float64 dot-product bound, for any summation
-  order), and that bound (doubled, for the float64 rounding of the two Frobenius norms) is
-  *added* to ``s``.
+1. *What is summed.* On a ghost layer ``v_p`` is ``G_p U_p^T`` exactly (the float32 values
+   of ``G`` and ``U``, multiplied in float64, never rounded as a vector); on a materialised
+   layer it is the float32 product ``G_p U_p^T`` that torch computes per patient, widened
+   to float64 (exact); a bias part is the patient's float64 sum of its float32 per-record
+   rows. Whether a layer is ghost or materialised for ``p`` depends on ``k_p`` only
+   (:func:`plan_layer` with ``k_p^2``), so ``v_p`` is a function of ``p``'s records.
+2. *Norm.* Materialised parts: float64 sums of exact squares. Ghost parts: the computed
+   ``s = sum((G_p^T G_p) * (U_p^T U_p))`` differs from ``||G_p U_p^T||^2`` by at most
+   ``gamma(K) sum(|G_p|^T|G_p| * |U_p|^T|U_p|) <= gamma(K) ||G_p||_F^2 ||U_p||_F^2``,
+   ``K = out + in + (kT)^2 + 1`` (Higham's dot-product bound, any summation order); twice
+   that (for the float64 traces) is added to ``s``. With ``(1 + (dim + 8) 2^-52)`` for the
+   float64 sums and the square root this gives ``N_v(p) >= ||v_p||``.
+3. *The sum's rounding, charged to the patients.* A materialised layer's part of ``S`` is
+   a float64 GEMV over at most ``n_max`` patients (one more addition where a layer mixes
+   ghost and materialised patients); a ghost layer's part is the float64 product
+   ``(G f) U^T`` over ``n T <= n_max T`` positions (``f``: the per-record factors, one
+   more rounding for the scaling, one for a mixed layer). Higham's bound
+   ``|fl(x^T y) - x^T y| <= gamma(m) |x|^T |y|`` (any order, so any BLAS blocking) gives
+   ``|S(D) - sum_p c_p v_p| <= sum_p c_p a_p`` coordinatewise with ``a_p`` depending on
+   ``p`` only, and ``||a_p|| <= beta_p = gamma(n_max + 2) ||v_p|| + sum_L gamma(n_max T_L
+   + 2) ||G_pL||_F ||U_pL||_F`` (``|| |G||U|^T ||_F <= ||G||_F ||U||_F``; the norm of the
+   *product of absolute values*, which cancellation inside ``G_p U_p^T`` does not shrink:
+   that is why it is charged separately).
+4. *Clip.* ``N_p = N_v(p) + K beta_p`` (rounded up), ``K = 2 n_max / eps``, ``eps =
+   2^-16``; ``c_p = C' / N_p * (1 - 2^-20)`` when ``N_p > C'``, else 1, with ``C' = C (1 -
+   eps)`` (:func:`clip_target`). So ``c_p ||v_p|| + K c_p beta_p <= C'``.
+5. *Sensitivity.* ``c_p``, ``v_p`` and ``beta_p`` depend on ``p``'s records only, so
+   ``S(D) - S(D') = c_q v_q + E(D) - E(D')`` with ``||E(D)|| <= sum_{p in D} c_p
+   beta_p``: ``||S(D) - S(D')|| <= c_q ||v_q|| + c_q beta_q + 2 sum_{p in D'} c_p beta_p
+   <= C' + 2 (n_max - 1) C' / K < C' (1 + eps) = C (1 - eps^2) < C``. Underflow adds at
+   most ``2^-1022`` per operation (with or without flushed denormals), far below the
+   ``eps C'`` slack for ``C >= 2^-500``; below that, or for a non-finite bound,
+   :func:`ghost_clipped_sum` returns ``None`` and the caller runs the materialised path
+   (which raises the typed error). Everything is float64, so float32 matmul precision,
+   TF32/BF16 reductions (CUDA, not this CPU-only path) and the denormal mode do not enter.
 
-The per-patient norm used is therefore an upper bound ``N_p >= ||v_p||`` (further inflated
-by ``(1 + (dim + 8) 2^-52)`` for the float64 sums and the square root), and
-``c_p = C / N_p * (1 - 2^-20)`` when ``N_p > C``, else 1: ``||c_p v_p|| <= C (1 - 2^-20)
-(1 + 2^-51) < C``, the Rust kernel's margin. The clipped vectors ``c_p v_p`` are never
-rounded to float32 (they exist only inside the float64 sum), so the bound holds for them as
-computed. As in the materialised path, the float64 sum over patients rounds (relative
-``~n T 2^-53``); that is the same kind of rounding the existing float64 sum of clipped rows
-has. Non-finite values or a bound below ``2^-500`` make :func:`ghost_clipped_sum` return
-``None`` and the caller runs the materialised path (which raises the typed error).
+The materialised path of :func:`confide.privacy.dpsgd.clipped_patient_sum` clips a
+TorchTrainer's per-patient rows to the same ``C'`` (Rust kernel, ``||row|| <= C'``) and
+sums them in float64, so it releases sensitivity ``<= C' (1 + 2 P gamma(P)) < C`` for
+``P <= 2^18`` patients in a step. **Not covered** by this argument, as by any DP-SGD
+analysis at this level: the float32 rounding inside torch's forward and backward (``G``,
+``U`` are taken as functions of the record; a kernel may round differently with the batch
+composition), and a neighbouring pair of batches that take different paths (one fits a
+chunk, the other not): the two paths' ``v_p`` differ by float32 rounding.
+
+**Why not float32.** Keeping per-patient float32 products for the ghost layers (summing
+float32 vectors ``v_p`` with a GEMV) is sound with a margin but measured slower than the
+float64 product here (it writes a ``P x out x in`` matrix; benches/README.md). The plain
+step's float32 product ``(G f) U^T`` is not: its rounding is bounded by ``gamma32(n T)
+|G f||U|^T``, which for a patient whose records cancel is not bounded by anything the
+clip controls, and charging it as in step 3 (``K gamma32(n_max T)`` is ~10^3 at 64x64)
+would clip every patient far below ``C``.
 
 Only for CPU and modules that pass :func:`~confide.training.torch_per_sample.supports_hooks`
 (records do not interact), and only when all sampled records are in one chunk (a patient's
@@ -101,8 +137,8 @@ def plan_layer(out_dim: int, in_dim: int, positions: int, mean_k: float) -> bool
     positions : int
         Output positions ``T`` of one record.
     mean_k : float
-        ``sum_p k_p^2 / P`` over the ``P`` patients' record counts ``k_p`` (1 with one
-        record per patient).
+        ``k_p^2`` for a patient of ``k_p`` records (:func:`ghost_clipped_sum` plans each
+        patient by its own count, so the plan never depends on the other patients).
 
     Returns
     -------
