@@ -535,7 +535,10 @@ def clipped_patient_sum(
     The records of one patient are summed first (across chunks when a patient has more
     records than ``trainer.per_sample_chunk``) and the patient's sum is clipped to L2 norm
     ``clip_norm`` exactly once, so the result has sensitivity ``clip_norm`` under add/remove
-    of one patient.
+    of one patient. A :class:`~confide.training.torch_engine.TorchTrainer` clips to
+    ``C' = clip_norm * (1 - 2^-16)`` on both its paths (ghost norms and materialised rows),
+    the margin paying for the float64 rounding of the sum (docs/privacy.md); the documented
+    sensitivity and the accounting stay ``clip_norm``.
 
     Parameters
     ----------
