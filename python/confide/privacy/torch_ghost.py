@@ -161,16 +161,20 @@ def _gamma(k: int) -> float:
 
 
 def _patient_groups(
-    g: torch.Tensor, u: torch.Tensor, starts: NDArray[np.int64], sizes: NDArray[np.int64]
+    g: torch.Tensor,
+    u: torch.Tensor,
+    starts: NDArray[np.int64],
+    sizes: NDArray[np.int64],
+    counts: list[int] | None = None,
 ) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
     """Group patients by record count ``k``: ``(indices or None for all, G_p, U_p)``.
 
     ``G_p`` is ``(P_k, out, k T)`` and ``U_p`` ``(P_k, in, k T)``: each patient's records'
-    positions side by side.
+    positions side by side. ``counts``: only these ``k`` (default all).
     """
     n_pat, out_dim, in_dim, t = len(starts), g.shape[1], u.shape[1], g.shape[2]
     groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
-    for k in np.unique(sizes).tolist():
+    for k in np.unique(sizes).tolist() if counts is None else counts:
         sel = np.flatnonzero(sizes == k)
         if len(sel) == n_pat:  # every patient has k records: a reshape, no gather
             if k == 1:
@@ -246,7 +250,8 @@ def ghost_sq_norms_grouped(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gram-matrix squared norms of ``G_p U_p^T`` for one group of float32 patient factors.
 
-    ``gp``: ``(P_k, out, k T)``, ``up``: ``(P_k, in, k T)`` (float32, widened here). Returns
+    ``gp``: ``(P_k, out, k T)``, ``up``: ``(P_k, in, k T)`` (float32, or their exact float64
+    widening). Returns
     float64 ``(computed, error bound, trace bound)``, the last an upper bound on
     ``||G_p||_F^2 ||U_p||_F^2`` (and so on ``A_p``), from which the patient's share of the
     sum's rounding is bounded.
@@ -458,14 +463,23 @@ def clipped_sum_of_factors(
     for gg, u, w, b in layers:
         if w is not None:
             out_dim, in_dim, t = gg.shape[1], u.shape[1], gg.shape[2]
-            on_ghost: list[torch.Tensor] = []  # patients of the ghost groups
-            all_ghost = True
-            for idx, gp, up in _patient_groups(gg, u, starts, sizes):
-                k = gp.shape[2] // t
-                # The plan depends on this patient's record count only (not the batch's).
-                if mode == "ghost" or (
-                    mode == "auto" and plan_layer(out_dim, in_dim, t, float(k * k))
-                ):
+            # The plan depends on a patient's record count only (not on the batch).
+            ks = np.unique(sizes).tolist()
+            ghost_ks = [
+                k
+                for k in ks
+                if mode == "ghost"
+                or (mode == "auto" and plan_layer(out_dim, in_dim, t, float(k * k)))
+            ]
+            row_ks = [k for k in ks if k not in ghost_ks]
+            for idx, gp, up in _patient_groups(gg, u, starts, sizes, row_ks) if row_ks else []:
+                # float32 product G_p U_p^T over the patient's positions side by side (one
+                # row per patient), widened exactly to float64.
+                prod = torch.bmm(gp, up.transpose(1, 2)).reshape(gp.shape[0], -1)
+                add_rows(idx, prod.to(torch.float64), w)
+            if ghost_ks:
+                g64, u64 = gg.to(torch.float64), u.to(torch.float64)  # exact
+                for idx, gp, up in _patient_groups(g64, u64, starts, sizes, ghost_ks):
                     s, e, tr = ghost_sq_norms_grouped(gp, up)
                     beta = _gamma(n_max * t + 2) * tr.sqrt()
                     for acc, val in ((sq, s), (err, e), (share, beta)):
@@ -473,22 +487,11 @@ def clipped_sum_of_factors(
                             acc.add_(val)
                         else:
                             acc.index_add_(0, idx, val)
-                    on_ghost.append(idx if idx is not None else torch.arange(n_pat))
-                else:
-                    all_ghost = False
-                    # float32 product G_p U_p^T over the patient's positions side by
-                    # side (one row per patient), widened exactly to float64.
-                    prod = torch.bmm(gp, up.transpose(1, 2)).reshape(gp.shape[0], -1)
-                    add_rows(idx, prod.to(torch.float64), w)
-            if on_ghost:
-                g64, u64 = gg.to(torch.float64), u.to(torch.float64)
-                if all_ghost:
+                if not row_ks:
                     ghosts.append((g64, u64, w, None))
                 else:  # the other patients' records get factor 0 (exact zeros)
-                    mask = torch.zeros(n_pat, dtype=torch.float64)
-                    for sel in on_ghost:
-                        mask[sel] = 1.0
-                    ghosts.append((g64, u64, w, mask[local]))
+                    on = torch.as_tensor(np.isin(sizes, ghost_ks), dtype=torch.float64)
+                    ghosts.append((g64, u64, w, on[local]))
             length += w[1] - w[0]
         if b is not None:
             add_rows(None, patient_rows(gg.sum(dim=2)), b)
