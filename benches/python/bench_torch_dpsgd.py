@@ -28,6 +28,8 @@ Run::
     python benches/python/bench_torch_dpsgd.py                 # CPU, one thread (~4 min)
     python benches/python/bench_torch_dpsgd.py --quick         # 64x64 only, 3 repeats
     python benches/python/bench_torch_dpsgd.py --device cuda   # see benches/gpu/
+    python benches/python/bench_torch_dpsgd.py --ghost-baseline OTHER/torch_ghost.py
+        # this tree's ghost clip-and-sum vs another tree's, same run (64x64)
 
 Writes the table to stdout and JSON to ``--json`` (default
 ``benches/results/torch_dpsgd_<device>.json``). Opacus is optional (``pip install
@@ -70,6 +72,13 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--proposed-group-fix",
         action="store_true",
         help="also time the round with a per-patient summation in place of run_dpsgd's reduceat",
+    )
+    p.add_argument(
+        "--ghost-baseline",
+        type=Path,
+        default=None,
+        help="a torch_ghost.py of another tree: time its ghost_clipped_sum against this tree's "
+        "(64x64, interleaved with a plain step) and exit",
     )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
@@ -374,6 +383,74 @@ def time_round(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def time_ghost_ab(baseline: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """This tree's ghost clip-and-sum vs another tree's ``torch_ghost.py``, same run.
+
+    Interleaved in every repeat with a plain step (the baseline of the ratios): one
+    64x64 batch of ``args.batch`` records, one patient each, ``C = 1``, the same weights and
+    dropout seed for both. Also the relative difference of the two sums (the margin ``C'``
+    makes them differ by about ``2^-16`` where patients are clipped).
+    """
+    import importlib.util
+    import inspect
+
+    import numpy as np
+    import torch
+
+    import confide.privacy.torch_ghost as current
+    from confide.training.torch_engine import TorchTrainer
+
+    spec = importlib.util.spec_from_file_location("baseline_torch_ghost", baseline)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot load {baseline}")
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    side = 64
+    t = TorchTrainer.create("squeezenet1_1", 2, (3, side, side), seed=4)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(args.batch, 3, side, side)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 2, args.batch))
+    offsets, dim, pat = t._per_sample_offsets(False), t.manifest.size, np.arange(args.batch)
+    kw: dict[str, Any] = {}
+    if "max_records" in inspect.signature(old.ghost_clipped_sum).parameters:
+        kw = {"max_records": t.per_sample_chunk}
+    plain = PlainStep(t)
+    t.module.train()
+    fns = {
+        "plain": lambda: plain(x.numpy(), y.numpy()),
+        "baseline": lambda: old.ghost_clipped_sum(t.module, x, y, pat, CLIP, offsets, dim, **kw),
+        "current": lambda: current.ghost_clipped_sum(
+            t.module, x, y, pat, CLIP, offsets, dim, max_records=t.per_sample_chunk
+        ),
+    }
+    plain.opt.param_groups[0]["lr"] = 0.0  # the same weights for every call
+    plain.opt.param_groups[0]["momentum"] = 0.0
+    sums = []
+    for k in ("baseline", "current"):
+        torch.manual_seed(9)
+        sums.append(fns[k]())
+        t.module.train()
+    rel = float(np.linalg.norm(sums[1] - sums[0]) / np.linalg.norm(sums[0]))
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(args.repeat, 9)):
+        for k, f in fns.items():
+            c0 = time.process_time()
+            f()
+            t.module.train()
+            cpu[k].append(time.process_time() - c0)
+    med = {k: float(np.median(v)) for k, v in cpu.items()}
+    paired = float(np.median(np.array(cpu["current"]) / np.array(cpu["baseline"])))
+    return {
+        "baseline": str(baseline),
+        "cpu_median_s": med,
+        "baseline_vs_plain": med["baseline"] / med["plain"],
+        "current_vs_plain": med["current"] / med["plain"],
+        "current_vs_baseline": med["current"] / med["baseline"],
+        "paired_current_vs_baseline": paired,
+        "relative_difference_of_sums": rel,
+    }
+
+
 def rss_child(side: int, batch: int, device: str) -> None:
     """Child process: RSS after imports, then peak RSS over a 3-step DP round."""
     import numpy as np
@@ -436,6 +513,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA requested but not available; nothing to do")
         return {}
+    if args.ghost_baseline is not None:
+        ab = time_ghost_ab(args.ghost_baseline, args)
+        print(
+            f"ghost clip-and-sum, 64x64, B={args.batch}, process CPU time, medians: "
+            f"baseline {ab['baseline_vs_plain']:.3f}x plain, this tree "
+            f"{ab['current_vs_plain']:.3f}x plain; this/baseline "
+            f"{ab['current_vs_baseline']:.3f} (paired {ab['paired_current_vs_baseline']:.3f}); "
+            f"sums differ by {ab['relative_difference_of_sums']:.1e} relative"
+        )
+        return ab
     try:
         import opacus
 
