@@ -302,7 +302,7 @@ def _release(
     return out[0].numpy(), out[1].numpy()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     sizes=st.lists(st.integers(1, 5), min_size=2, max_size=6),
     log_scales=st.lists(st.floats(-3.0, 12.0), min_size=6, max_size=6),
