@@ -932,7 +932,9 @@ class TorchTrainer:
 
         Called by :func:`confide.privacy.dpsgd.clipped_patient_sum` (only for this exact
         class, so an override cannot skip the clipping); see
-        :mod:`confide.privacy.torch_ghost` for the exact norm bound.
+        :mod:`confide.privacy.torch_ghost` for the sensitivity argument. Batches of more
+        than ``per_sample_chunk`` records get ``None`` (the bound on the records is the
+        chunk, so every patient's clipping factor depends on its own records only).
 
         Parameters
         ----------
@@ -941,7 +943,7 @@ class TorchTrainer:
         patients : numpy.ndarray
             ``(n,)`` sorted patient index of each record.
         clip_norm : float
-            ``C`` (> 0).
+            ``C`` (> 0); every patient is clipped to ``C * ghost_clip_margin``.
         trainable_only : bool, default False
             Columns of the trainable part only (as :meth:`per_sample_gradients`).
 
