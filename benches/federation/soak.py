@@ -6,27 +6,37 @@ for every training stage and a metrics JSON for every evaluation stage, as fast 
 server takes them. While it runs, a thread samples the server's RSS (``/proc/<pid>/status``
 ``VmRSS``) and open file descriptors (``/proc/<pid>/fd``) and times ``GET /v1/health``
 (what a stalled event loop shows). At the end it reads the round history through the
-paginated ``GET /v1/status`` and fits least-squares lines, after a warm-up, to
+paginated ``GET /v1/status`` and fits least-squares lines twice: over the whole run, and
+after a warm-up window (the first ``--warmup`` share of the rounds, 20 % by default, and at
+least every round that committed before the replay cache's window was full, see below).
+Each fit gives
 
-* RSS against the round count: the growth it predicts over the measured rounds, in % of
-  the RSS at the end of the warm-up (target <= 5 %);
-* round duration (``ended_at - started_at``) against the round: the drift it predicts
-  from the first to the last measured round, in % (target <= 10 %);
+* RSS against the round count: the growth it predicts over the window's rounds, in % of
+  the fitted RSS at its first round (target <= 5 %);
+* round time (``ended_at - started_at``) and round period (wall time from one commit to
+  the next: what a site sees, including the work between a commit and the next start,
+  such as retention) against the round: the drift each predicts from the window's first
+  to its last round, in % (target <= 10 %);
 * open FDs against the round: FDs gained per 1,000 rounds (reported).
 
+The after-window fit gives the verdicts (``met`` / ``missed`` / ``not measured`` with
+fewer than 10 rounds in it) and ``targets_met``; the whole-run fit is reported beside it.
 It also reports the files left in the state folder (``updates/``, ``models/``: bounded
-with ``[retention]``), the size of the default status page and the ``/v1/health``
-latencies. ``--mode sample`` runs sample-level DP (the accountant runs at every round
-start). Exit status 0 when both targets are met.
+with ``[retention]``), the database size, the size of the default status page, the
+``/v1/health`` latencies and the load average at the end. ``--mode sample`` runs
+sample-level DP (the accountant runs at every round start), ``--mode central`` central
+DP (the server noises each round's sum). Exit status 0 when every target is met.
 
 One server structure grows with the request count, not the round count, until it is
 full: the replay cache keeps each signed request's nonce for ``2 x max_clock_skew_s``
-(600 s by default). A run shorter than that measures part of the cache's fill (about
-17 bytes a request) as RSS growth; the output says whether the run was longer than the
-window, and ``--max-clock-skew 30`` (a 60 s window) fills it within the warm-up.
+(600 s by default). A fit that starts inside the fill measures part of it (about 17
+bytes a request) as RSS growth, so the after-window fit starts after it; a run shorter
+than the window has no after-window rounds (``not measured``), and ``--max-clock-skew
+30`` (a 60 s window) fills it early.
 
     python benches/federation/soak.py --rounds 1000 --clients 4
     python benches/federation/soak.py --mode sample --rounds 150 --clients 4 --json
+    python benches/federation/soak.py --mode central --rounds 2000 --clients 8 --out soak.json
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -72,6 +83,13 @@ mode = "sample"
 noise_multiplier = 1.1
 sampling_rate = 0.01
 local_steps = 10
+"""
+    elif args.mode == "central":  # the sites' deltas (norm ~0.03) are inside clip_norm
+        privacy = """
+[privacy]
+mode = "central"
+noise_multiplier = 1.1
+clip_norm = 1.0
 """
     retention = "" if args.no_retention else "[retention]\nkeep_models = 10\nprune_updates = true\n"
     cfg = work / "job.toml"
@@ -215,47 +233,130 @@ def slope(x: list[float], y: list[float]) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def analyse(
-    rows: list[dict[str, Any]], samples: list[tuple[float, float, int]], warmup: float
+def line_fit(x: list[float], y: list[float]) -> dict[str, float]:
+    """Fit y on x: the fitted values at the first and last x and the change between them.
+
+    ``change_pct`` is the fitted change over the whole x range in % of the fitted start
+    (NaN when the fitted start is not positive).
+    """
+    a, b = slope(x, y)
+    first, last = a * x[0] + b, a * x[-1] + b
+    change = (last - first) / first * 100 if first > 0 else float("nan")
+    return {"slope": a, "first": first, "last": last, "change_pct": change}
+
+
+#: Fewer measured rounds than this and a window's verdicts read "not measured".
+MIN_MEASURED = 10
+
+
+def fit_window(
+    done: list[dict[str, Any]], samples: list[tuple[float, float, int]], first: int
 ) -> dict[str, Any]:
-    done = [r for r in rows if r["status"] == "committed" and r["ended_at"] is not None]
-    skip = int(len(done) * warmup)
-    meas = done[skip:]
-    if len(meas) < 10 or not samples:
-        raise SystemExit(f"too few measured rounds ({len(meas)}) to fit a slope")
+    """Fits over the committed rounds ``done[first:]`` (``done`` oldest first).
+
+    * round time: ``ended_at - started_at`` of each round against its round number;
+    * round period: the wall time from the previous commit to this one (what a site
+      sees; it also holds the work between a commit and the next round's start, such as
+      retention), against the round number;
+    * RSS and open FDs at each round's commit (the last sample before it).
+    """
+    meas = done[first:]
+    out: dict[str, Any] = {"first_round": None, "measured_rounds": len(meas)}
+    if len(meas) < 3 or not samples:
+        return out
     rounds = [float(r["round"]) for r in meas]
     dur = [float(r["ended_at"] - r["started_at"]) for r in meas]
-    d_slope, d_icpt = slope(rounds, dur)
-    d_start = d_slope * rounds[0] + d_icpt
-    d_end = d_slope * rounds[-1] + d_icpt
-    drift = (d_end - d_start) / d_start * 100 if d_start > 0 else float("nan")
-    # RSS and FDs at each measured round's end (the last sample before it).
+    ends = [float(r["ended_at"]) for r in done]
+    # Periods: each measured round from the commit before it (the run's first round has
+    # none before it and is left out of this fit).
+    p_from = max(first, 1)
+    per = [ends[i] - ends[i - 1] for i in range(p_from, len(done))]
+    p_rounds = [float(done[i]["round"]) for i in range(p_from, len(done))]
     times = np.asarray([s[0] for s in samples])
     at = [int(max(0, np.searchsorted(times, r["ended_at"]) - 1)) for r in meas]
     rss = [samples[i][1] for i in at]
     fds = [float(samples[i][2]) for i in at]
-    r_slope, r_icpt = slope(rounds, rss)
-    r_start = r_slope * rounds[0] + r_icpt
-    growth = r_slope * (rounds[-1] - rounds[0]) / r_start * 100
+    rt, rs = line_fit(rounds, dur), line_fit(rounds, rss)
+    pr = line_fit(p_rounds, per) if len(per) >= 2 else dict.fromkeys(("first", "last"), math.nan)
+    pr.setdefault("change_pct", math.nan)
     f_slope, _ = slope(rounds, fds)
+    out.update(
+        first_round=int(rounds[0]),
+        last_round=int(rounds[-1]),
+        round_s_first=rt["first"],
+        round_s_last=rt["last"],
+        round_s_median=float(np.median(dur)),
+        round_time_drift_pct=rt["change_pct"],
+        period_s_first=pr["first"],
+        period_s_last=pr["last"],
+        period_s_median=float(np.median(per)),
+        round_period_drift_pct=pr["change_pct"],
+        rss_mib_start=rs["first"],
+        rss_mib_end_fit=rs["last"],
+        rss_growth_pct=rs["change_pct"],
+        rss_mib_per_1000_rounds=rs["slope"] * 1000,
+        fds_start=fds[0],
+        fds_end=fds[-1],
+        fds_per_1000_rounds=f_slope * 1000,
+        # RSS at the end of each tenth of the window's rounds (the shape behind the slope).
+        rss_mib_tenths=[rss[min(len(rss) - 1, (len(rss) * k) // 10)] for k in range(1, 11)],
+    )
+    return out
+
+
+def verdicts(fit: dict[str, Any]) -> dict[str, str]:
+    """``met`` / ``missed`` per target, or ``not measured`` (too few rounds in the window).
+
+    RSS growth <= 5 %, and the fitted round time and round period at the window's last
+    round <= 10 % above the first (a negative drift, faster rounds, is met).
+    """
+    if fit["measured_rounds"] < MIN_MEASURED or fit.get("rss_growth_pct") is None:
+        return dict.fromkeys(("rss", "round_time", "round_period"), "not measured")
+
+    def one(value: float, target: float) -> str:
+        return "met" if value <= target else "missed"  # NaN: missed
+
+    return {
+        "rss": one(fit["rss_growth_pct"], RSS_TARGET_PCT),
+        "round_time": one(fit["round_time_drift_pct"], DRIFT_TARGET_PCT),
+        "round_period": one(fit["round_period_drift_pct"], DRIFT_TARGET_PCT),
+    }
+
+
+def warmup_rounds(done: list[dict[str, Any]], share: float, window_full_at: float) -> int:
+    """Rounds left out of the after-window fit: at least ``share`` of them, and every
+    round that committed before the replay cache's window was full (``window_full_at``,
+    the first signed request plus ``2 x max_clock_skew_s``: until then the cache grows
+    with the request count)."""
+    skip = int(len(done) * share)
+    filling = next(
+        (i for i, r in enumerate(done) if float(r["ended_at"]) >= window_full_at), len(done)
+    )
+    return max(skip, filling)
+
+
+def analyse(
+    rows: list[dict[str, Any]],
+    samples: list[tuple[float, float, int]],
+    warmup: float,
+    window_full_at: float = float("-inf"),
+) -> dict[str, Any]:
+    """Both fits: over the whole run, and after the warm-up window; the verdicts."""
+    done = [r for r in rows if r["status"] == "committed" and r["ended_at"] is not None]
+    done.sort(key=lambda r: int(r["round"]))
+    skip = warmup_rounds(done, warmup, window_full_at)
+    whole, after = fit_window(done, samples, 0), fit_window(done, samples, skip)
+    verdict = verdicts(after)
     return {
         "rounds_committed": len(done),
         "warmup_rounds": skip,
-        "measured_rounds": len(meas),
-        "round_s_first": d_start,
-        "round_s_last": d_end,
-        "round_s_median": float(np.median(dur)),
-        "round_time_drift_pct": drift,
-        "rss_mib_start": r_start,
-        "rss_mib_end_fit": r_start + r_slope * (rounds[-1] - rounds[0]),
-        "rss_mib_peak": max(s[1] for s in samples),
-        "rss_growth_pct": growth,
-        "rss_mib_per_1000_rounds": r_slope * 1000,
-        "fds_start": fds[0],
-        "fds_end": fds[-1],
-        "fds_per_1000_rounds": f_slope * 1000,
-        # RSS at the end of each tenth of the measured rounds (the shape behind the slope).
-        "rss_mib_tenths": [rss[min(len(rss) - 1, (len(rss) * k) // 10)] for k in range(1, 11)],
+        "warmup_share": warmup,
+        "rss_mib_peak": max((s[1] for s in samples), default=float("nan")),
+        "whole_run": whole,
+        "whole_run_verdict": verdicts(whole),
+        "after_window": after,
+        "verdict": verdict,
+        "targets_met": all(v == "met" for v in verdict.values()),
     }
 
 
@@ -263,13 +364,19 @@ def count_files(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.is_file()) if folder.exists() else 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--mode", choices=("plain", "sample"), default="plain")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--mode", choices=("plain", "sample", "central"), default="plain")
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--params", type=int, default=1024, help="model size (float32 values)")
-    ap.add_argument("--warmup", type=float, default=0.2, help="share of rounds not fitted")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=0.2,
+        help="share of rounds not in the after-window fit (it also waits for the replay "
+        "cache's window to fill)",
+    )
     ap.add_argument("--sample-every", type=float, default=0.25, help="seconds between samples")
     ap.add_argument("--no-retention", action="store_true", help="omit the [retention] section")
     ap.add_argument(
@@ -280,8 +387,13 @@ def main() -> int:
         "a small value fills it within the warm-up, so the fit shows what else grows",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--out", default=None, help="also write the JSON object to this file")
     ap.add_argument("--workdir", default=None, help="keep the job folder here")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one soak; return the result document (what ``--json`` prints)."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="confide-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -294,6 +406,7 @@ def main() -> int:
         stderr=subprocess.STDOUT,
     )
     sampler = Sampler(server.pid, url, args.sample_every)
+    window = 2 * args.max_clock_skew
     try:
         tokens = enroll_tokens(cfg, args.clients)
         manifest = NumpyTrainer.build_manifest("logistic", args.params - 1, 2)
@@ -309,6 +422,7 @@ def main() -> int:
                     raise SystemExit("the server did not start; see server.log") from None
                 time.sleep(0.2)
         sampler.start()
+        started_at = time.time()  # the first signed request: the replay window starts
         t0 = time.perf_counter()
         asyncio.run(run_clients(url, tokens, body))
         wall = time.perf_counter() - t0
@@ -318,6 +432,7 @@ def main() -> int:
         sampler.join(10)
         state = work / "state"
         files = {"updates": count_files(state / "updates"), "models": count_files(state / "models")}
+        db_bytes = sum(p.stat().st_size for p in state.glob("confide.sqlite*") if p.is_file())
         verify = subprocess.run(
             [
                 sys.executable,
@@ -338,7 +453,7 @@ def main() -> int:
         server.terminate()
         server.wait(60)
         log.close()
-    result = analyse(rows, sampler.samples, args.warmup)
+    result = analyse(rows, sampler.samples, args.warmup, started_at + window)
     health = np.asarray(sampler.health_ms or [float("nan")])
     result.update(
         mode=args.mode,
@@ -347,8 +462,10 @@ def main() -> int:
         params=args.params,
         retention=not args.no_retention,
         wall_s=wall,
-        replay_window_s=2 * args.max_clock_skew,
+        replay_window_s=window,
+        run_outlasted_window=bool(wall > window),
         files_left=files,
+        database_bytes=db_bytes,
         status_page_bytes=page_bytes,
         health_ms_p50=float(np.percentile(health, 50)),
         health_ms_p99=float(np.percentile(health, 99)),
@@ -356,41 +473,59 @@ def main() -> int:
         ledger_verify_rc=verify.returncode,
         rss_target_pct=RSS_TARGET_PCT,
         drift_target_pct=DRIFT_TARGET_PCT,
-        rss_met=bool(result["rss_growth_pct"] <= RSS_TARGET_PCT),
-        drift_met=bool(result["round_time_drift_pct"] <= DRIFT_TARGET_PCT),
+        cpus=os.cpu_count(),
+        load_average=list(os.getloadavg()),
     )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _describe(name: str, fit: dict[str, Any], verdict: dict[str, str]) -> list[str]:
+    if fit.get("rss_growth_pct") is None:
+        return [f"{name}: {fit['measured_rounds']} round(s), too few to fit"]
+    return [
+        f"{name}: rounds {fit['first_round']}-{fit['last_round']} ({fit['measured_rounds']})",
+        f"  round time {fit['round_s_first']:.3f} -> {fit['round_s_last']:.3f} s: drift "
+        f"{fit['round_time_drift_pct']:+.1f} % (target <= {DRIFT_TARGET_PCT:.0f} %: "
+        f"{verdict['round_time']})",
+        f"  round period {fit['period_s_first']:.3f} -> {fit['period_s_last']:.3f} s: drift "
+        f"{fit['round_period_drift_pct']:+.1f} % (target <= {DRIFT_TARGET_PCT:.0f} %: "
+        f"{verdict['round_period']})",
+        f"  RSS {fit['rss_mib_start']:.1f} -> {fit['rss_mib_end_fit']:.1f} MiB: growth "
+        f"{fit['rss_growth_pct']:+.1f} % (target <= {RSS_TARGET_PCT:.0f} %: {verdict['rss']}); "
+        f"{fit['rss_mib_per_1000_rounds']:+.2f} MiB per 1000 rounds",
+        f"  open FDs {fit['fds_start']:.0f} -> {fit['fds_end']:.0f} "
+        f"({fit['fds_per_1000_rounds']:+.1f} per 1000 rounds)",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    r = run(args)
+    doc = json.dumps(r, indent=2, sort_keys=True)
+    if args.out:
+        Path(args.out).write_text(doc + "\n")
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(doc)
     else:
-        r = result
         window = r["replay_window_s"]
-        inside = "the run was shorter" if r["wall_s"] <= window else "full after it"
-        print(
+        inside = "full after it" if r["run_outlasted_window"] else "the run was shorter"
+        lines = [
             f"mode={r['mode']} clients={r['clients']} rounds={r['rounds_committed']} "
             f"(warm-up {r['warmup_rounds']}) params={r['params']} retention={r['retention']} "
-            f"wall={r['wall_s']:.0f}s cpus={os.cpu_count()} (replay-cache window "
-            f"{window:.0f} s: {inside})"
-        )
-        print(
-            f"round time {r['round_s_first']:.3f} -> {r['round_s_last']:.3f} s: drift "
-            f"{r['round_time_drift_pct']:+.1f} % (target <= {DRIFT_TARGET_PCT:.0f} %: "
-            f"{'met' if r['drift_met'] else 'MISSED'})"
-        )
-        print(
-            f"RSS {r['rss_mib_start']:.1f} -> {r['rss_mib_end_fit']:.1f} MiB: growth "
-            f"{r['rss_growth_pct']:+.1f} % (target <= {RSS_TARGET_PCT:.0f} %: "
-            f"{'met' if r['rss_met'] else 'MISSED'}); peak {r['rss_mib_peak']:.1f} MiB"
-        )
-        print(
-            f"open FDs {r['fds_start']:.0f} -> {r['fds_end']:.0f} "
-            f"({r['fds_per_1000_rounds']:+.1f} per 1000 rounds); files left {r['files_left']}; "
-            f"status page {r['status_page_bytes']} B; /v1/health p50 {r['health_ms_p50']:.1f} "
-            f"p99 {r['health_ms_p99']:.1f} max {r['health_ms_max']:.1f} ms; ledger verify "
-            f"rc={r['ledger_verify_rc']}"
-        )
-    return 0 if result["rss_met"] and result["drift_met"] else 1
+            f"wall={r['wall_s']:.0f}s cpus={r['cpus']} load={r['load_average']} "
+            f"(replay-cache window {window:.0f} s: {inside})",
+            *_describe("whole run", r["whole_run"], r["whole_run_verdict"]),
+            *_describe("after warm-up", r["after_window"], r["verdict"]),
+            f"targets met (after warm-up): {r['targets_met']}; peak RSS "
+            f"{r['rss_mib_peak']:.1f} MiB; files left {r['files_left']}; database "
+            f"{r['database_bytes']} B; status page {r['status_page_bytes']} B; /v1/health "
+            f"p50 {r['health_ms_p50']:.1f} p99 {r['health_ms_p99']:.1f} max "
+            f"{r['health_ms_max']:.1f} ms; ledger verify rc={r['ledger_verify_rc']}",
+        ]
+        print("\n".join(lines))
+    return 0 if r["targets_met"] else 1
 
 
 if __name__ == "__main__":

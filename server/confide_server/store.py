@@ -116,7 +116,8 @@ CREATE TABLE IF NOT EXISTS submissions (
 CREATE TABLE IF NOT EXISTS nonces (
     nonce TEXT PRIMARY KEY, client_id TEXT NOT NULL, ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
-    sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, round INTEGER, created_at REAL NOT NULL);
+    sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, round INTEGER, created_at REAL NOT NULL,
+    pruned INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS privacy_rounds (
     round INTEGER PRIMARY KEY, mode TEXT NOT NULL, events TEXT NOT NULL,
     epsilon_round REAL NOT NULL, epsilon REAL NOT NULL, epsilon_rdp REAL NOT NULL,
@@ -137,6 +138,18 @@ CREATE TABLE IF NOT EXISTS revoked_clients (
 CREATE TABLE IF NOT EXISTS pruned_blobs (
     path TEXT PRIMARY KEY, kind TEXT NOT NULL, round INTEGER, size INTEGER NOT NULL,
     pruned_at REAL NOT NULL);
+"""
+
+#: Indexes that keep the per-round queries of a long job from reading its whole history
+#: (created after :meth:`Store._migrate`, which adds the columns they name). Partial
+#: indexes: each holds the few rows a round-time query looks for, so its cost does not
+#: grow with the job's length.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS models_live ON models (COALESCE(round, 0), created_at)
+    WHERE pruned = 0;
+CREATE INDEX IF NOT EXISTS models_by_path ON models (path);
+CREATE INDEX IF NOT EXISTS rounds_open ON rounds (round) WHERE status = 'open';
+CREATE INDEX IF NOT EXISTS rounds_committed ON rounds (round) WHERE status = 'committed';
 """
 
 
@@ -235,6 +248,8 @@ class Store:
             check = str(self._db.execute("PRAGMA quick_check").fetchone()[0])
             if check == "ok":
                 self._db.executescript(_SCHEMA)
+                self._migrate()
+                self._db.executescript(_INDEXES)
         except sqlite3.DatabaseError as exc:
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 raise
@@ -248,6 +263,30 @@ class Store:
             )
         self._manifest_commits = 0
         self._manifest_commits = self._check_identity()
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older server up to the current schema.
+
+        ``models.pruned`` (a job started before it): added, and set from ``pruned_blobs``
+        in the same transaction, so a model pruned before the upgrade stays pruned and no
+        other row changes. A no-op on a current database.
+        """
+        cols = {str(r[1]) for r in self._db.execute("PRAGMA table_info(models)")}
+        if "pruned" in cols:
+            return
+        # Not through transaction(): that syncs the job manifest, which must first be
+        # compared with this database (_check_identity), not overwritten from it.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("ALTER TABLE models ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0")
+            self._db.execute(
+                "UPDATE models SET pruned = 1 WHERE path IN (SELECT path FROM pruned_blobs)"
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        log.info("%s: schema upgraded (models.pruned)", self.path)
 
     # -- job identity ------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -488,6 +527,7 @@ class Store:
         # A model written again after retention pruned it is live again: the start-up
         # sweep must not delete it.
         cur.execute("DELETE FROM pruned_blobs WHERE path=?", (path,))
+        cur.execute("UPDATE models SET pruned = 0 WHERE sha256=? AND pruned = 1", (sha256,))
 
     def model_path(self, sha256: str) -> str | None:
         """Relative path of a registered model version, or ``None``."""
@@ -996,12 +1036,15 @@ class Store:
         return [(int(r), str(b)) for r, b in rows]
 
     def model_rows(self) -> list[tuple[str, str, int | None]]:
-        """``(sha256, path, round)`` of every registered, unpruned model, oldest first."""
+        """``(sha256, path, round)`` of every registered, unpruned model, oldest first.
+
+        Reads the partial index ``models_live`` (the unpruned rows only, already in this
+        order), never the pruned history: retention calls it after every round.
+        """
         with self._lock:
             rows = self._db.execute(
-                "SELECT sha256, path, round FROM models m WHERE NOT EXISTS "
-                "(SELECT 1 FROM pruned_blobs p WHERE p.path = m.path) "
-                "ORDER BY COALESCE(round, 0), created_at"
+                "SELECT sha256, path, round FROM models INDEXED BY models_live "
+                "WHERE pruned = 0 ORDER BY COALESCE(round, 0), created_at"
             ).fetchall()
         return [(str(s), str(p), None if r is None else int(r)) for s, p, r in rows]
 
@@ -1018,8 +1061,9 @@ class Store:
                 row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
                 if row is not None:
                     keep.add(str(row[0]))
-            for base, new in self._db.execute(
-                "SELECT base_model, new_model FROM rounds WHERE status='open'"
+            for base, new in self._db.execute(  # the partial index rounds_open: no scan
+                "SELECT base_model, new_model FROM rounds INDEXED BY rounds_open "
+                "WHERE status='open'"
             ).fetchall():
                 keep.add(str(base))
                 if new is not None:
@@ -1038,6 +1082,11 @@ class Store:
                 "INSERT OR IGNORE INTO pruned_blobs(path, kind, round, size, pruned_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(p, k, r, n, now) for p, k, r, n in entries],
+            )
+            # The same transaction takes the models out of ``models_live`` (model_rows).
+            cur.executemany(
+                "UPDATE models SET pruned = 1 WHERE path = ? AND pruned = 0",
+                [(p,) for p, k, _, _ in entries if k == "model"],
             )
 
     def pruned_paths(self) -> list[str]:

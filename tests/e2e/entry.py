@@ -41,6 +41,7 @@ CRASH_POINTS = (
     "round_committed",
     "round_started",
     "round_aborted",
+    "prune_start",
     "prune_marked",
 )
 

@@ -23,8 +23,11 @@ leaves files :meth:`Retention.sweep` deletes at the next start (it also catches 
 rounds closed while retention was off or before a crash). A file is never deleted while
 a committed row could still need it, and nothing the start-up checks read is pruned.
 
-Cost: one indexed query for the closed round's updates, one over the model rows, and
-the unlinks, so a round's pruning does not grow with the job's length.
+Cost: one indexed query for the closed round's updates, one over the *unpruned* model
+rows (the partial index ``models_live``; pruned rows stay in ``models`` with
+``pruned = 1`` so a pruned version's download is a 404 that says so), one over the open
+round (``rounds_open``), and the unlinks: a round's pruning does not grow with the job's
+length (``tests/server/test_retention_scan.py`` counts the SQLite steps each query takes).
 """
 
 from __future__ import annotations
