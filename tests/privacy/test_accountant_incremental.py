@@ -311,3 +311,30 @@ def test_spent_budget_never_decreases_after_restoring_a_larger_stored_value() ->
     restored = PrivacyAccountant.from_state(state)
     assert restored.epsilon_if(ev) == 5.0
     assert restored.record_round(1, ev).epsilon == 5.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0.01, 0.05]), st.sampled_from([0.8, 1.3]), st.integers(0, 9)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(1, 5),
+)
+def test_ledger_is_the_run_length_of_every_event_and_header_plus_records_restores(
+    rounds: list[tuple[float, float, int]], extra_steps: int
+) -> None:
+    acc = PrivacyAccountant(1e-5)
+    for i, (q, z, steps) in enumerate(rounds):
+        acc.record_round(i, [dpsgd_event(q, z, steps)])
+    extra = [dpsgd_event(0.05, 1.3, extra_steps)]
+    assert acc.ledger(extra) == tuple(_run_length([*acc.events, *extra]))
+    assert account(acc.ledger(extra), 1e-5) == account([*acc.events, *extra], 1e-5)
+    assert acc.round_record(len(rounds)) is None
+    assert acc.round_record(0) == acc.rounds[0]
+    header = acc.to_state(rounds=False)
+    assert "rounds" not in header
+    records = [r.to_dict() for r in acc.rounds]  # what a caller stores per round
+    restored = PrivacyAccountant.from_state(json.loads(json.dumps({**header, "rounds": records})))
+    assert restored.to_state() == acc.to_state()

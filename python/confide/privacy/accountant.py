@@ -601,6 +601,43 @@ class PrivacyAccountant:
             eps = max(eps, self._rounds[-1].epsilon)
         return eps
 
+    def round_record(self, round_id: int) -> RoundRecord | None:
+        """Return the stored record of ``round_id`` (``None`` if it was not recorded; O(1)).
+
+        Parameters
+        ----------
+        round_id : int
+            A round number.
+
+        Returns
+        -------
+        RoundRecord or None
+            The record :meth:`record_round` returned for it.
+        """
+        i = self._index.get(round_id)
+        return None if i is None else self._rounds[i]
+
+    def ledger(self, extra: Sequence[PrivacyEvent] = ()) -> tuple[PrivacyEvent, ...]:
+        """Return the canonical run-length ledger of every recorded event, plus ``extra``.
+
+        Its size is the number of *distinct* mechanisms, not of rounds: what a what-if
+        accounting of the next round should pass to :func:`account` (same result, and the
+        same cache entry, as accounting :attr:`events` plus ``extra``).
+
+        Parameters
+        ----------
+        extra : sequence of PrivacyEvent, optional
+            Events to add on top (not recorded).
+
+        Returns
+        -------
+        tuple of PrivacyEvent
+            Events that differ in more than ``count``, in first-appearance order.
+        """
+        evs = tuple(extra)
+        self._check_relation(evs)
+        return self._merged(evs)
+
     def round_epsilon(self, round_id: int) -> float:
         """Epsilon of one recorded round's events alone.
 
@@ -674,23 +711,33 @@ class PrivacyAccountant:
 
     # ------------------------------------------------------------------ durability
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self, *, rounds: bool = True) -> dict[str, Any]:
         """Return a JSON-safe snapshot; :meth:`from_state` restores it exactly.
+
+        Parameters
+        ----------
+        rounds : bool, default True
+            Include the round records. ``False`` gives the constant-size header only, for
+            a caller that stores each :class:`RoundRecord` (``to_dict``) itself as it is
+            recorded and puts them back under ``"rounds"`` before :meth:`from_state`: the
+            state then costs O(1) to write per round instead of O(rounds).
 
         Returns
         -------
         dict
             ``{"version", "delta", "relation", "pld_discretization", "dp_accounting",
-            "rounds": [...]}``.
+            "rounds": [...]}`` (no ``"rounds"`` with ``rounds=False``).
         """
-        return {
+        state: dict[str, Any] = {
             "version": _STATE_VERSION,
             "delta": self.delta,
             "relation": self.relation,
             "pld_discretization": self.pld_discretization,
             "dp_accounting": _dp_accounting_version(),
-            "rounds": [r.to_dict() for r in self._rounds],
         }
+        if rounds:
+            state["rounds"] = [r.to_dict() for r in self._rounds]
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any], *, strict: bool = False) -> PrivacyAccountant:
@@ -766,10 +813,10 @@ class PrivacyAccountant:
         return d
 
     def _find(self, round_id: int) -> RoundRecord:
-        for r in self._rounds:
-            if r.round_id == round_id:
-                return r
-        raise PrivacyStateError(f"round {round_id} was not recorded")
+        rec = self.round_record(round_id)
+        if rec is None:
+            raise PrivacyStateError(f"round {round_id} was not recorded")
+        return rec
 
     def _check_relation(self, events: Sequence[PrivacyEvent]) -> None:
         for e in events:

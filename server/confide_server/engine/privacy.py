@@ -33,8 +33,9 @@ Modes (``[privacy] mode``):
   step of the Poisson-subsampled Gaussian (``q``, the realised noise multiplier) over the
   union of the hospitals' patients: the guarantee of central DP-SGD.
 
-Persistence (:class:`JobPrivacy`): the accountant's state (``meta.privacy_accountant``) and
-one ``privacy_rounds`` row per round are written in the *same* SQLite transaction as the
+Persistence (:class:`JobPrivacy`): the accountant's header (``meta.privacy_accountant``,
+constant size) and one ``privacy_rounds`` row per round (the round's record; a restart
+rebuilds the accountant from them) are written in the *same* SQLite transaction as the
 round transition that releases the round's noise: the round's start for ``sample`` (clients
 upload noised updates as soon as they have the task) and the transaction that stores the
 noised aggregate for ``central`` and ``distributed`` (for DDG the noised sum is fixed by the
@@ -346,6 +347,31 @@ def _record_doc(row: PrivacyRow) -> dict[str, Any]:
     }
 
 
+def _full_state(store: Store, state: dict[str, Any]) -> dict[str, Any]:
+    """Return the accountant state to restore from ``meta.privacy_accountant``.
+
+    The meta row holds the accountant's constant-size header only
+    (``to_state(rounds=False)``): each round's record is its ``privacy_rounds`` row,
+    written in the same transaction, so a round costs O(1) to persist however long the job
+    is. A database written before that change holds the whole state (with ``"rounds"``)
+    and is read as it is.
+    """
+    if "rounds" in state:
+        return state
+    rounds = [
+        {
+            "round": r.round,
+            "events": r.events,
+            "epsilon_round": r.epsilon_round,
+            "epsilon": r.epsilon,
+            "epsilon_rdp": r.epsilon_rdp,
+            "method": r.method,
+        }
+        for r in store.privacy_rounds()
+    ]
+    return {**state, "rounds": rounds}
+
+
 class JobPrivacy:
     """A job's privacy runtime: parameters, accountant, budget check, records, noise.
 
@@ -486,7 +512,7 @@ class JobPrivacy:
         if state is None:
             self._accountant = PrivacyAccountant(self.config.delta)
         else:
-            self._accountant = PrivacyAccountant.from_state(json.loads(state))
+            self._accountant = PrivacyAccountant.from_state(_full_state(store, json.loads(state)))
 
     def summary_params(self) -> dict[str, Any]:
         """Return the job's fixed privacy parameters (JSON-ready)."""
@@ -601,7 +627,7 @@ class JobPrivacy:
         from confide.privacy.accountant import account
 
         acc = self.accountant
-        events = [*acc.events, *self.round_events()]
+        events = acc.ledger(self.round_events())  # O(distinct mechanisms), not O(rounds)
 
         def run() -> None:
             try:
@@ -618,7 +644,7 @@ class JobPrivacy:
         The pending intent (:meth:`intend`) is settled in the same transaction: from then
         on the round's charge is the ``privacy_rounds`` row.
         """
-        Store.insert_privacy_round(cur, row, self.accountant.to_state())
+        Store.insert_privacy_round(cur, row, self.accountant.to_state(rounds=False))
         Store.clear_privacy_intent(cur)
 
     # -- write-ahead charge of a noised aggregate ------------------------------------------
@@ -721,10 +747,10 @@ class JobPrivacy:
         """``epsilon_round`` and cumulative ``epsilon`` of a recorded round (empty if none)."""
         if not self.enabled:
             return {}
-        for rec in self.accountant.rounds:
-            if rec.round_id == round_id:
-                return {"epsilon_round": rec.epsilon_round, "epsilon": rec.epsilon}
-        return {}
+        rec = self.accountant.round_record(round_id)
+        if rec is None:
+            return {}
+        return {"epsilon_round": rec.epsilon_round, "epsilon": rec.epsilon}
 
     def train_task(self, ddg: tuple[RoundNoise, bytes] | None = None) -> PrivacyTask | None:
         """Client-side DP parameters for a training task (``None`` without DP).
