@@ -524,6 +524,9 @@ class RoundEngine:
                         "corrupt_state",
                     )
                 self.secure.receive(cur.stage, sub.payload["message"])
+            # The grace counts from the restart: the sites still to answer were cut off
+            # while the server was down (and when the threshold was reached is unknown).
+            self.secure.last_answer = self._clock()
         else:
             self.store.delete_submissions(cur.round, "unmask")
             deadline = self._clock() + self._stage_by_name["unmask"].deadline_s
@@ -1007,18 +1010,28 @@ class RoundEngine:
             # Unmask answers (released shares) are never written anywhere.
             payload = None if p.stage == "unmask" else p.payload
             receipt = self._record_submission(p, nonce, 0, None, payload)
-            self.secure.last_answer = self._clock()
+            self.secure.note_answer(
+                p.stage,
+                self._submitted.get((p.round_id, p.stage), set()),
+                self._clock(),
+                self.config.job.min_clients,
+            )
         self._crash("submission_committed")
         return receipt
 
     # -- timer-facing ------------------------------------------------------------------
     def seconds_to_next_event(self) -> float:
-        """Seconds until the open stage's deadline (at most 1 s; round starts are polled)."""
+        """Seconds until the open stage's deadline or grace close (at most 1 s: starts poll)."""
         with self._lock:
             cur = self._current
             if cur is None or self.status != "running":
                 return 1.0
-            return max(0.0, min(1.0, cur.deadline - self._clock()))
+            now = self._clock()
+            due = cur.deadline
+            grace = self._secure_grace_at(cur, now)
+            if grace is not None:
+                due = min(due, grace)
+            return max(0.0, min(1.0, due - now))
 
     def tick(self) -> bool:
         """Start a round or close the open stage if it is due.
@@ -1087,13 +1100,33 @@ class RoundEngine:
         return closed is None or seen < job.min_clients or now - closed < COHORT_GRACE_S
 
     def _secure_grace_due(self, cur: RoundRow, answered: set[str], now: float) -> bool:
-        """Whether an open secure stage may close before its deadline (``stage_grace_s``)."""
-        grace = self.config.secagg.stage_grace_s
-        if grace <= 0 or self.secure is None or cur.stage not in SECURE_STAGES:
-            return False
+        """Whether an open secure stage may close before its deadline (the grace close)."""
+        at = self._secure_grace_at(cur, now, answered)
+        return at is not None and now >= at
+
+    def _secure_grace_at(
+        self, cur: RoundRow, now: float, answered: set[str] | None = None
+    ) -> float | None:
+        """When the open secure stage may close early, or ``None`` (engine lock held)."""
+        sec = self.config.secagg
+        if (
+            (sec.stage_grace_s <= 0 and sec.stage_grace_factor <= 0)
+            or self.secure is None
+            or cur.stage not in SECURE_STAGES
+        ):
+            return None
+        if answered is None:
+            answered = self._submitted.get((cur.round, cur.stage), set())
         opened = cur.deadline - self._stage_by_name[cur.stage].deadline_s
-        return self.secure.grace_due(
-            cur.stage, answered, opened, now, grace, self.config.job.min_clients
+        return self.secure.grace_close_at(
+            cur.stage,
+            answered,
+            opened,
+            now,
+            sec.stage_grace_s,
+            self.config.job.min_clients,
+            factor=sec.stage_grace_factor,
+            floor_s=sec.stage_grace_floor_s,
         )
 
     def _maybe_start(
