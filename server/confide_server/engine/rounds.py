@@ -1058,6 +1058,7 @@ class RoundEngine:
                 self._submitted.get((p.round_id, p.stage), set()),
                 self._clock(),
                 self.config.job.min_clients,
+                adaptive=self.config.secagg.stage_grace_factor > 0,
             )
         self._crash("submission_committed")
         return receipt

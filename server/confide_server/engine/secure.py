@@ -201,22 +201,33 @@ class SecureRound:
         srv = self.server
         if srv is None or srv.stage != stage:
             return False
-        if stage == "unmask":
-            return srv.ready()
         p = srv.setup.params
         got = len(srv.expected() & answered)
+        if stage == "unmask":
+            # Each answer holds at most one share of each secret: fewer than t answers can
+            # never be enough, and counting the shares costs O(answers x k) each time.
+            return got >= p.t and srv.ready()
         if stage == "consistency":
             return got >= p.quorum
         return got >= max(p.min_survivors, min_masked if stage == "mask" else 0)
 
-    def note_answer(self, stage: str, answered: Set[str], now: float, min_masked: int = 0) -> None:
+    def note_answer(
+        self,
+        stage: str,
+        answered: Set[str],
+        now: float,
+        min_masked: int = 0,
+        *,
+        adaptive: bool = False,
+    ) -> None:
         """Record that ``stage`` accepted a message at ``now`` (``answered``: with it).
 
-        Keeps the latest answer's time (the grace counts from it) and the first time the
-        stage held enough answers to close (the adaptive grace scales with it).
+        Keeps the latest answer's time (the grace counts from it) and, with ``adaptive``,
+        the first time the stage held enough answers to close (the adaptive grace scales
+        with it).
         """
         self.last_answer = now
-        if self.threshold_at is None and self.enough(stage, answered, min_masked):
+        if adaptive and self.threshold_at is None and self.enough(stage, answered, min_masked):
             self.threshold_at = now
 
     def grace_close_at(
@@ -243,9 +254,14 @@ class SecureRound:
         this way is a dropout the protocol already tolerates: it is declared dropped at the
         close, as at the deadline.
         """
-        if (grace_s <= 0 and factor <= 0) or not self.enough(stage, answered, min_masked):
+        if grace_s <= 0 and factor <= 0:
             return None
         if self.threshold_at is None:
+            # Enough answers stay enough within a stage (answers accumulate, the stage's
+            # expected set is fixed, and a close or restart forgets ``threshold_at``), so
+            # once it is known it is not counted again (at unmask: O(answers x k) a tick).
+            if not self.enough(stage, answered, min_masked):
+                return None
             self.threshold_at = now
         window = grace_s
         if factor > 0:
