@@ -9,7 +9,12 @@ itself there with ``--flower-worker``).
 
 Reported per configuration: wall time per round (confide: the server's round timestamps;
 Flower: the wall time of the run less its start-up, per round), and the peak RSS of the whole
-process tree (driver, server, Ray's processes and actors), sampled every 0.2 s.
+process tree (driver, server, Ray's processes and actors), sampled every 0.2 s. confide's arms
+also report each round's stage durations (``stages_s``, from the server's
+``metrics/stages.jsonl``: a stage lasts from the previous stage's close, or the round's
+start, to its own close), the CPU seconds the process tree used during the arm (``cpu_s``,
+split into ``server``, ``actors`` and ``other``: raylet, GCS, this driver) and the ratios
+to the plain arm of the same run (``ratio_to_plain``, over all rounds and rounds 2-3).
 
     PYTHONPATH=python:server .venv/bin/python benches/python/bench_ray_sim.py \\
         --clients 100 1000 --rounds 3 --json benches/results/ray-sim.json \\
@@ -59,6 +64,28 @@ def _pid_rss(pid: int) -> int:
         return 0
 
 
+def _pid_cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of ``pid`` in clock ticks (``/proc/PID/stat``), or ``None``."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_role(pid: int) -> str:
+    """``server`` (confide-server), ``actors`` (Ray workers) or ``other`` (raylet, GCS...)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return "other"
+    if b"confide_server" in cmd:
+        return "server"
+    if cmd.startswith(b"ray::"):
+        return "actors"
+    return "other"
+
+
 def _pid_fds(pid: int) -> int:
     try:
         return len(os.listdir(f"/proc/{pid}/fd"))
@@ -74,15 +101,49 @@ class PeakRss:
         self.peak = 0
         self.peak_fds = 0
         self.peak_fds_one = 0
+        # CPU ticks per process: at the start (processes already running) and last seen.
+        self._cpu_base: dict[int, int] = {}
+        self._cpu_last: dict[int, int] = {}
+        self._role: dict[int, str] = {}
+        #: The 1-minute load average, once a second (the machine is shared).
+        self.load_1m: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        for pid in _tree(os.getpid()):
+            ticks = _pid_cpu_ticks(pid)
+            if ticks is not None:
+                self._cpu_base[pid] = ticks
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds the tree used since the start, by role (``total`` included).
+
+        A process is counted up to its last sample (0.2 s apart), so one that exits
+        between two samples loses at most that slice.
+        """
+        hz = os.sysconf("SC_CLK_TCK")
+        out = {"server": 0.0, "actors": 0.0, "other": 0.0}
+        for pid, last in self._cpu_last.items():
+            out[self._role.get(pid, "other")] += (last - self._cpu_base.get(pid, 0)) / hz
+        out["total"] = sum(out.values())
+        return {k: round(v, 2) for k, v in out.items()}
+
+    def _cpu_sample(self, pids: list[int]) -> None:
+        for pid in pids:
+            ticks = _pid_cpu_ticks(pid)
+            if ticks is None:
+                continue
+            if self._role.get(pid, "other") == "other":  # a Ray worker renames itself late
+                self._role[pid] = _pid_role(pid)
+            self._cpu_last[pid] = ticks
 
     def _run(self, interval: float) -> None:
         tick = 0
         while not self._stop.is_set():
             pids = _tree(os.getpid())
             self.peak = max(self.peak, sum(_pid_rss(pid) for pid in pids))
+            self._cpu_sample(pids)
             if tick % 5 == 0:  # listing 10,000 descriptors costs: once a second
+                self.load_1m.append(os.getloadavg()[0])
                 fds = [_pid_fds(pid) for pid in pids]
                 self.peak_fds = max(self.peak_fds, sum(fds))
                 self.peak_fds_one = max(self.peak_fds_one, max(fds, default=0))
@@ -107,6 +168,8 @@ def run_confide(
     dropout: float = 0.1,
     grace: float = 0.0,
     deadline: float = 30.0,
+    grace_factor: float = 0.0,
+    grace_floor: float = 0.5,
 ) -> dict[str, Any]:
     import confide_server.simulate_ray as sim_ray
     from confide_server.launcher import Launcher
@@ -137,6 +200,11 @@ def run_confide(
             # took more than 15 s; a dropout run with grace 0 waits out all four (240 s).
             {"advertise": 60.0, "share": 60.0, "mask": 60.0, "unmask": 60.0}
             | {"stage_grace_s": grace}
+            | (
+                {"stage_grace_factor": grace_factor, "stage_grace_floor_s": grace_floor}
+                if grace_factor
+                else {}
+            )
             if secure
             else {}
         ),
@@ -158,6 +226,10 @@ def run_confide(
                 break
         state = _disk_use(Path(tmp) / "sim" / "clients")
         server_state = _disk_use(Path(tmp) / "sim" / "state")
+        stages = _stage_seconds(
+            Path(tmp) / "sim" / "state" / "metrics" / "stages.jsonl",
+            [] if report.status is None else report.status["rounds"],
+        )
     mem = report.memory()
     per_round = report.rounds_s
     return {
@@ -165,16 +237,18 @@ def run_confide(
         "clients": clients,
         "cohort": cohort,
         "rounds": rounds,
-        "mode": (
-            f"secagg+ {dropout:.0%} dropout" + (f", grace {grace:g} s" if grace else "")
-            if secure
-            else "plain"
-        ),
+        "mode": _mode_name(secure, dropout, grace, grace_factor, grace_floor),
         "ok": report.rc == 0,
         "committed": len(report.committed),
         "updates_per_round": [(r["metrics"] or {}).get("train_clients") for r in report.committed],
         "s_per_round": sum(per_round) / len(per_round) if per_round else None,
         "rounds_s": per_round,
+        "r23_s": round(sum(per_round[1:3]) / 2, 3) if len(per_round) >= 3 else None,
+        "stages_s": stages,
+        "cpu_s": peak.cpu_s(),
+        "load_1m_range": [round(min(peak.load_1m), 2), round(max(peak.load_1m), 2)]
+        if peak.load_1m
+        else None,
         "wall_s": wall,
         "peak_rss_mib": peak.peak / MIB,
         "per_client_mib": mem["per_client_mib"],
@@ -191,6 +265,46 @@ def run_confide(
         "server_state_mib": server_state / MIB,
         "errors": report.errors[:3],
     }
+
+
+def _mode_name(secure: bool, dropout: float, grace: float, factor: float, floor: float) -> str:
+    if not secure:
+        return "plain"
+    name = f"secagg+ {dropout:.0%} dropout"
+    if grace:
+        name += f", grace {grace:g} s"
+    if factor:
+        name += f", adaptive grace factor {factor:g} floor {floor:g} s"
+    return name
+
+
+def _stage_seconds(path: Path, rounds: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per committed round, each stage's seconds (from the previous close or the start)."""
+    closes: dict[int, list[tuple[float, str]]] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
+            doc = json.loads(line)
+            closes.setdefault(int(doc["round"]), []).append(
+                (float(doc["closed_at"]), str(doc["stage"]))
+            )
+        except (ValueError, KeyError, TypeError):
+            continue
+    out: dict[str, dict[str, float]] = {}
+    for r in rounds:
+        if r.get("status") != "committed" or not r.get("started_at"):
+            continue
+        prev = float(r["started_at"])
+        row: dict[str, float] = {}
+        for at, stage in sorted(closes.get(int(r["round"]), [])):
+            if stage not in row:  # the first close of each stage
+                row[stage] = round(at - prev, 3)
+                prev = at
+        out[str(r["round"])] = row
+    return out
 
 
 def flower_worker(
@@ -341,12 +455,26 @@ def main() -> int:
     p.add_argument(
         "--modes",
         nargs="*",
-        choices=["plain", "secagg", "secagg-nodrop", "secagg-grace"],
+        choices=["plain", "secagg", "secagg-nodrop", "secagg-grace", "secagg-adaptive"],
         default=["plain", "secagg-nodrop", "secagg-grace"],
         help="secagg: 10 %% dropout per stage; secagg-grace: the same with "
-        "[secagg] stage_grace_s (--grace); secagg-nodrop: SecAgg+ without dropouts",
+        "[secagg] stage_grace_s (--grace); secagg-adaptive: the same with the adaptive "
+        "grace (--grace-factor, --grace-floor; no fixed grace); secagg-nodrop: SecAgg+ "
+        "without dropouts",
     )
     p.add_argument("--grace", type=float, default=5.0, help="stage_grace_s of secagg-grace")
+    p.add_argument(
+        "--grace-factor",
+        type=float,
+        default=0.5,
+        help="stage_grace_factor of secagg-adaptive",
+    )
+    p.add_argument(
+        "--grace-floor",
+        type=float,
+        default=0.25,
+        help="stage_grace_floor_s of secagg-adaptive (s)",
+    )
     p.add_argument(
         "--deadline", type=float, default=30.0, help="confide's train and evaluate deadlines (s)"
     )
@@ -415,15 +543,56 @@ def _run_arms(a: argparse.Namespace, data: str) -> int:
                 )
             print(json.dumps(rows[-1]), flush=True)
             _save(a.json, rows)
+        plain: dict[str, Any] | None = None
         for mode in a.modes:
             secure = mode.startswith("secagg")
-            drop = 0.1 if mode in ("secagg", "secagg-grace") else 0.0
+            drop = 0.1 if mode in ("secagg", "secagg-grace", "secagg-adaptive") else 0.0
             grace = a.grace if mode == "secagg-grace" else 0.0
-            row = run_confide(n, cohort, a.rounds, secure, a.cpus, drop, grace, a.deadline)
-            rows.append(row | {"worker_niceness": a.worker_niceness, "deadline_s": a.deadline})
+            factor = a.grace_factor if mode == "secagg-adaptive" else 0.0
+            row = run_confide(
+                n, cohort, a.rounds, secure, a.cpus, drop, grace, a.deadline, factor, a.grace_floor
+            )
+            row |= {"arm": mode, "worker_niceness": a.worker_niceness, "deadline_s": a.deadline}
+            if mode == "plain":
+                plain = row
+            elif plain is not None:
+                row["ratio_to_plain"] = _ratios(row, plain)
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
             _save(a.json, rows)
+    for row in rows:
+        if row.get("engine") == "confide-ray":
+            print(_summary(row), flush=True)
     return 0
+
+
+def _ratios(row: dict[str, Any], plain: dict[str, Any]) -> dict[str, float | None]:
+    """This arm's seconds per round over the plain arm's (all rounds, rounds 2-3)."""
+
+    def ratio(key: str) -> float | None:
+        a, b = row.get(key), plain.get(key)
+        return round(a / b, 2) if a and b else None
+
+    return {"all_rounds": ratio("s_per_round"), "rounds_2_3": ratio("r23_s")}
+
+
+def _summary(row: dict[str, Any]) -> str:
+    """One line per arm: s/round, rounds, r2-3, ratios, CPU, stage means over rounds 2-3."""
+    rounds = " / ".join(f"{x:.2f}" for x in row["rounds_s"])
+    later = [v for k, v in row.get("stages_s", {}).items() if k != "1"]
+    names = list(dict.fromkeys(st for r in later for st in r))
+    stages = ", ".join(
+        f"{st} {sum(r.get(st, 0.0) for r in later) / len(later):.2f}" for st in names
+    )
+    ratio = row.get("ratio_to_plain") or {}
+    spr = row["s_per_round"]
+    return (
+        f"{row['clients']}/{row['cohort']} {row['mode']}: "
+        f"{spr if spr is None else round(spr, 2)} s/round ({rounds}), r2-3 {row['r23_s']}, "
+        f"ratio {ratio.get('all_rounds')} / {ratio.get('rounds_2_3')}, "
+        f"updates {row['updates_per_round']}, cpu_s {row['cpu_s']}, "
+        f"stages r2+ [{stages}], load 1 min {row['load_1m_range']}"
+    )
 
 
 def _disk_use(folder: Path) -> int:

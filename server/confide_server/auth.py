@@ -18,6 +18,7 @@ is answered 429 until the window has passed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import os
 import secrets
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from confide.errors import SignatureError
 from confide.protocol.signing import SignedRequest, decode_public_key, verify_request
@@ -33,11 +35,13 @@ from confide_server.keys import config_key, engine_key, nonce_cache_key
 
 __all__ = [
     "OPERATOR_TOKEN_FILE",
+    "PUBLIC_KEY_CACHE_SIZE",
     "authenticate",
     "bound_client_id",
     "check_body",
     "check_operator",
     "operator_token",
+    "public_key_object",
     "signed_headers",
 ]
 
@@ -105,6 +109,23 @@ def signed_headers(request: web.Request) -> SignedRequest:
     return SignedRequest.from_headers(request.headers)
 
 
+#: Enrolled keys kept decoded (an OpenSSL key object each, ~100 bytes): one per site of a
+#: large federation, so its long polls do not decode the same key on every request.
+PUBLIC_KEY_CACHE_SIZE = 32768
+
+
+@functools.lru_cache(maxsize=PUBLIC_KEY_CACHE_SIZE)
+def public_key_object(value: str) -> Ed25519PublicKey:
+    """Return :func:`~confide.protocol.signing.decode_public_key` of ``value``, remembered.
+
+    Keyed by the enrolled base64 text itself, so a site that enrols a new key gets a new
+    entry; a key that does not decode raises each time (exceptions are not remembered).
+    Public data only. The least recently used entry goes first beyond
+    :data:`PUBLIC_KEY_CACHE_SIZE`.
+    """
+    return decode_public_key(value)
+
+
 async def authenticate(
     request: web.Request, *, round_id: int, stage: str, durable_nonce: bool
 ) -> SignedRequest:
@@ -143,7 +164,7 @@ async def authenticate(
         raise SignatureError(f"unknown client {signed.client_id!r}", "unknown_client")
     skew_ms = int(request.app[config_key].server.max_clock_skew_s * 1000)
     verify_request(
-        decode_public_key(key),
+        public_key_object(key),
         signed,
         request.method,
         request.path,

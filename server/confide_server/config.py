@@ -288,6 +288,11 @@ class ServerConfig:
         return self.state_dir / "confide.sqlite"
 
 
+#: Largest ``[secagg] stage_grace_factor``: a quiet period ten times as long as the stage
+#: took to reach its threshold is already longer than any useful grace.
+MAX_STAGE_GRACE_FACTOR = 10.0
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     """SecAgg+ round mode: threat model, quantization and per-stage deadlines."""
@@ -308,6 +313,12 @@ class SecAggConfig:
     #: and none came for this many seconds (0: off, every stage waits for its deadline or
     #: for every expected client); docs/operations.md, "SecAgg+ deadlines".
     stage_grace_s: float = 0.0
+    #: Adaptive grace (0: off): a stage that reached its threshold of answers after ``d``
+    #: seconds closes once none came for ``max(stage_grace_floor_s, factor x d)`` seconds
+    #: (at most ``stage_grace_s`` when that is set too); in (0, MAX_STAGE_GRACE_FACTOR].
+    stage_grace_factor: float = 0.0
+    #: The adaptive grace's lower bound in seconds (used only with ``stage_grace_factor``).
+    stage_grace_floor_s: float = 0.5
 
     def params(self, n: int) -> SecAggParams:
         """Derive k, t and the modulus for a cohort of ``n`` clients.
@@ -348,6 +359,17 @@ class SecAggConfig:
         if not 0.0 <= self.stage_grace_s < float("inf"):
             raise ConfigError(
                 f"secagg.stage_grace_s must be >= 0 seconds (0: off), got {self.stage_grace_s}"
+            )
+        factor = self.stage_grace_factor
+        if not (factor == 0.0 or 0.0 < factor <= MAX_STAGE_GRACE_FACTOR):
+            raise ConfigError(
+                "secagg.stage_grace_factor must be 0 (off) or a finite number in "
+                f"(0, {MAX_STAGE_GRACE_FACTOR:g}], got {factor}"
+            )
+        if not 0.0 < self.stage_grace_floor_s < float("inf"):
+            raise ConfigError(
+                "secagg.stage_grace_floor_s must be a finite number of seconds > 0, got "
+                f"{self.stage_grace_floor_s}"
             )
         if not self.enabled:
             return
@@ -637,6 +659,8 @@ def parse_config(doc: dict[str, Any], base: Path) -> Config:
         "consistency": float,
         "unmask": float,
         "stage_grace_s": float,
+        "stage_grace_factor": float,
+        "stage_grace_floor_s": float,
     }
     secagg = _typed(
         _section(doc, "secagg", set(secagg_types)), "secagg", SecAggConfig, secagg_types

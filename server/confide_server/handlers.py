@@ -69,6 +69,12 @@ __all__ = [
 
 _MAX_ENROLL_BYTES = 8192
 _MAX_EVAL_BYTES = 65536
+#: JSON submissions (evaluation metrics, SecAgg+ messages) up to this size are read into
+#: memory instead of being staged to a file: each is decoded and kept as a row, never
+#: stored as a blob, so the file was only a round trip through the disk. At most this many
+#: bytes per upload slot (``server.max_concurrent_uploads``); larger ones (a SecAgg+
+#: masked input of a big model) and every tensor upload are streamed to disk as before.
+IN_MEMORY_BODY_BYTES = 262144
 
 
 #: The largest round id ``?before=`` takes (SQLite's INTEGER is 64-bit; ids count from 1).
@@ -267,7 +273,10 @@ async def get_task(request: web.Request) -> web.Response:
             task = await asyncio.to_thread(engine.task_for, signed.client_id)
         remaining = deadline - time.monotonic()
         if task.action != "wait" or remaining <= 0:
-            return web.json_response(task.to_json())
+            # A secure stage's task is encoded once for the cohort, not once per poll.
+            return web.Response(
+                body=engine.task_body(task), content_type="application/json", charset="utf-8"
+            )
         await request.app[notifier_key].wait(remaining, ticket)
         # Still polling after a state change (e.g. a round closed): this client is alive.
         engine.touch(signed.client_id)
@@ -325,6 +334,8 @@ class _Pre(NamedTuple):
     length: int
     signed: SignedRequest
     prior: dict[str, Any] | None
+    #: The stage's payload kind: ``"tensors"``, ``"json"`` or ``"secagg"``.
+    kind: str
 
 
 _PRE = web.RequestKey("confide_precheck", _Pre)
@@ -352,7 +363,7 @@ async def _precheck(request: web.Request) -> _Pre:
     prior = await asyncio.to_thread(
         engine.check_submission, signed.client_id, round_id, stage, signed.body_sha256
     )
-    return _Pre(round_id, stage, length, signed, prior)
+    return _Pre(round_id, stage, length, signed, prior, payload_kind)
 
 
 async def expect_upload(request: web.Request) -> web.StreamResponse | None:
@@ -396,6 +407,8 @@ async def put_submission(request: web.Request) -> web.Response:
     the way, cut off at Content-Length, 408 when it stalls); it is read back as one
     ``bytes`` object only in the worker thread that decodes it, and a tensor update's file
     is then fsynced and renamed into place (:meth:`~confide_server.blobs.BlobStore.stage`).
+    A JSON submission of at most :data:`IN_MEMORY_BODY_BYTES` is read the same way into
+    memory instead (it is never stored as a file).
     """
     engine = request.app[engine_key]
     gate = request.app[upload_gate_key]
@@ -410,19 +423,34 @@ async def put_submission(request: web.Request) -> web.Response:
             client = pre.signed.client_id
             await gate.acquire(client)
             holding = True
-        staged = engine.blobs.stage()
-        try:
-            await read_body_to(request, pre.length, staged.write)
-            staged.close()
-            check_body(pre.signed, staged.sha256)
-            receipt = await asyncio.to_thread(_prepare_and_commit, engine, pre, staged)
-        finally:
-            engine.blobs.discard_staged(staged)
+        if pre.kind != "tensors" and pre.length <= IN_MEMORY_BODY_BYTES:
+            # The same reading (Content-Length, stall and time limits), into memory.
+            chunks: list[bytes] = []
+            await read_body_to(request, pre.length, chunks.append)
+            body = b"".join(chunks)
+            del chunks
+            check_body(pre.signed, sha256_hex(body))
+            receipt = await asyncio.to_thread(_prepare_and_commit_body, engine, pre, body)
+        else:
+            staged = engine.blobs.stage()
+            try:
+                await read_body_to(request, pre.length, staged.write)
+                staged.close()
+                check_body(pre.signed, staged.sha256)
+                receipt = await asyncio.to_thread(_prepare_and_commit, engine, pre, staged)
+            finally:
+                engine.blobs.discard_staged(staged)
     finally:
         if holding:
             gate.release(client)
     request.app[wake_key].set()
     return web.json_response({"receipt": receipt, "duplicate": False})
+
+
+def _prepare_and_commit_body(engine: RoundEngine, pre: _Pre, body: bytes) -> dict[str, Any]:
+    """Decode, validate and durably store a JSON submission read into memory (worker thread)."""
+    prepared = engine.prepare(pre.signed.client_id, pre.round_id, pre.stage, body)
+    return engine.commit_submission(prepared, pre.signed.nonce)
 
 
 def _prepare_and_commit(engine: RoundEngine, pre: _Pre, staged: StagedUpload) -> dict[str, Any]:

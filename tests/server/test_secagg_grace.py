@@ -103,3 +103,121 @@ def test_off_by_default(tmp_path: Path) -> None:
 def test_bad_grace_is_refused(tmp_path: Path, bad: float) -> None:
     with pytest.raises(ConfigError, match="stage_grace_s"):
         _config(tmp_path, secagg__stage_grace_s=bad)
+
+
+# -- the adaptive grace: [secagg] stage_grace_factor / stage_grace_floor_s -------------------
+
+
+def _adaptive(tmp: Path, factor: float, floor: float = 0.25, grace: float = 0.0) -> Config:
+    return _grace(tmp, grace, secagg__stage_grace_factor=factor, secagg__stage_grace_floor_s=floor)
+
+
+@pytest.mark.parametrize(
+    ("grace", "factor", "window"),
+    [
+        (0.0, 0.5, 1.5),  # adaptive only: 0.5 x 3 s to the threshold
+        (5.0, 0.5, 1.5),  # both: the shorter of the two
+        (5.0, 0.0, 5.0),  # fixed grace only: the full 5 s
+        (5.0, 4.0, 5.0),  # 4 x 3 s = 12 s is capped at the fixed grace
+        (0.0, 4.0, 12.0),  # adaptive only, uncapped
+    ],
+)
+@pytest.mark.parametrize("silent_at", ["advertise", "mask", "unmask"])
+def test_the_adaptive_grace_scales_with_the_time_to_threshold(
+    tmp_path: Path, silent_at: str, grace: float, factor: float, window: float
+) -> None:
+    fed = Fed(tmp_path, _adaptive(tmp_path, factor, grace=grace))
+    base = _start(fed)
+    for stage in ("advertise", "share", "mask", "unmask"):
+        assert fed.stage() == stage
+        if stage != silent_at:
+            fed.run_stage()
+            continue
+        opened = fed.clock.now
+        fed.clock.now += 1.0
+        _answer(fed, "a")  # one answer: below the threshold (t = 2)
+        fed.clock.now += 2.0
+        _answer(fed, "c")  # threshold reached 3 s after the stage opened; b stays silent
+        assert fed.clock.now - opened == 3.0
+        fed.clock.now += window - 0.1
+        assert not fed.eng.tick()
+        assert fed.stage() == stage
+        # the round timer is told to wake for the grace close, not a second later
+        assert fed.eng.seconds_to_next_event() == pytest.approx(min(1.0, 0.1))
+        fed.clock.now += 0.2
+        assert fed.eng.tick()  # closed: b declared dropped
+        assert fed.stage() != stage
+    fed.finish_evaluate()
+    survivors = ("a", "b", "c") if silent_at == "unmask" else ("a", "c")
+    row = fed.committed()
+    assert row.metrics["train_clients"] == len(survivors)
+    np.testing.assert_allclose(fed.model(), fed.expected(survivors, base), atol=2e-4)
+
+
+def test_the_adaptive_grace_never_closes_below_the_threshold(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _adaptive(tmp_path, 0.5, floor=0.25))
+    _start(fed)
+    fed.clock.now += 10.0
+    _answer(fed, "a")  # fewer than min_survivors = 2: the grace does not start
+    fed.clock.now += 20.0  # 80 floors of silence (the deadline is at 1000 s)
+    assert not fed.eng.tick()
+    assert fed.stage() == "advertise"
+    assert fed.eng.seconds_to_next_event() == 1.0  # nothing due but the deadline's polling
+    _answer(fed, "b")  # the threshold, 30 s after the opening: the window is 15 s
+    fed.clock.now += 14.9
+    assert not fed.eng.tick()
+    fed.clock.now += 0.2
+    assert fed.eng.tick()
+    assert fed.stage() == "share"
+
+
+def test_the_adaptive_grace_waits_at_least_its_floor(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _adaptive(tmp_path, 0.5, floor=0.25))
+    _start(fed)
+    _answer(fed, "a", "c")  # the threshold at the stage's opening instant: 0.5 x 0 s
+    assert fed.eng.seconds_to_next_event() == pytest.approx(0.25)
+    fed.clock.now += 0.2
+    assert not fed.eng.tick()
+    fed.clock.now += 0.1
+    assert fed.eng.tick()
+    assert fed.stage() == "share"
+
+
+def test_a_restart_mid_stage_starts_the_grace_again(tmp_path: Path) -> None:
+    fed = Fed(tmp_path, _adaptive(tmp_path, 0.5, floor=0.25))
+    _start(fed)
+    fed.clock.now += 3.0
+    _answer(fed, "a", "c")  # enough; the window would be 1.5 s from here
+    fed.clock.now += 10.0  # the server was down for these 10 s
+    fed.restart()
+    assert not fed.eng.tick()  # not closed at once: b may be retrying
+    assert fed.stage() == "advertise"
+    fed.clock.now += 0.2  # below the floor, counted from the restart
+    assert not fed.eng.tick()
+    fed.clock.now += 1.4
+    assert fed.eng.tick()
+    assert fed.stage() == "share"
+
+
+def test_the_adaptive_grace_is_off_by_default(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, **LONG)
+    assert cfg.secagg.stage_grace_factor == 0.0
+    assert cfg.secagg.stage_grace_floor_s > 0.0
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("inf"), float("nan"), 10.01, 1e9])
+def test_bad_grace_factor_is_refused(tmp_path: Path, bad: float) -> None:
+    with pytest.raises(ConfigError, match=r"stage_grace_factor must be 0 \(off\) or"):
+        _config(tmp_path, secagg__stage_grace_factor=bad)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_grace_floor_is_refused(tmp_path: Path, bad: float) -> None:
+    with pytest.raises(ConfigError, match="stage_grace_floor_s must be a finite number"):
+        _config(tmp_path, secagg__stage_grace_factor=0.5, secagg__stage_grace_floor_s=bad)
+
+
+def test_grace_factor_bounds_and_types(tmp_path: Path) -> None:
+    assert _config(tmp_path, secagg__stage_grace_factor=10).secagg.stage_grace_factor == 10.0
+    with pytest.raises(ConfigError, match=r"secagg\.stage_grace_factor must be float"):
+        _config(tmp_path, secagg__stage_grace_factor="0.5")

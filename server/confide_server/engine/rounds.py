@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -147,6 +147,14 @@ _MAX_METRIC_ABS = 1e12  # x 1e9 examples x any cohort stays far below float64's 
 
 # The HTTP status of each error (and code) is in the one table,
 # confide_server.middlewares.HTTP_STATUS: the engine knows nothing of HTTP.
+
+
+class _CachedTask(NamedTuple):
+    """A secure stage's task, the payload it carries and its encoded JSON body."""
+
+    payload: dict[str, Any]
+    task: SecureTask
+    body: bytes
 
 
 class RoundError(FederationError):
@@ -301,6 +309,14 @@ class RoundEngine:
         self._current: RoundRow | None = None
         self._submitted: dict[tuple[int, str], set[str]] = {}
         self._cohort_set: tuple[int, frozenset[str]] = (0, frozenset())
+        # The open secure stage's tasks with their JSON bodies, built once: a broadcast
+        # stage gives every site the same payload object, so one task and one encoding
+        # serve the whole cohort (the advertise task alone holds every member's keys and
+        # certificate). Keyed by (round, stage, deadline), then by the payload's id.
+        self._secure_tasks: tuple[tuple[int, str, float] | None, dict[int, _CachedTask]] = (
+            None,
+            {},
+        )
         self._closing = False
         # Enrolled keys and last-seen times have their own lock: authentication takes it on
         # the event loop for every request, so it is never held across slow work.
@@ -524,6 +540,9 @@ class RoundEngine:
                         "corrupt_state",
                     )
                 self.secure.receive(cur.stage, sub.payload["message"])
+            # The grace counts from the restart: the sites still to answer were cut off
+            # while the server was down (and when the threshold was reached is unknown).
+            self.secure.last_answer = self._clock()
         else:
             self.store.delete_submissions(cur.round, "unmask")
             deadline = self._clock() + self._stage_by_name["unmask"].deadline_s
@@ -690,22 +709,7 @@ class RoundEngine:
                 payload = self.secure.task(cur.stage, client_id)
                 if payload is None:
                     return WaitTask(1.0)
-                if cur.stage != "advertise":
-                    return SecureTask(cur.round, cur.stage, cur.deadline, cur.seed, payload)
-                privacy = self._privacy_task(self._round_ddg(cur.round))
-                with self._peers_lock:
-                    certs = {c: _cert_doc(self._certs[c]) for c in cur.cohort if c in self._certs}
-                return SecureTask(
-                    cur.round,
-                    cur.stage,
-                    cur.deadline,
-                    cur.seed,
-                    payload,
-                    model_sha256=cur.base_model,
-                    config=self._train_config(privacy, cur.round),
-                    privacy=privacy,
-                    certificates=certs or None,
-                )
+                return self._secure_task(cur, payload).task
             if cur.stage == "train":
                 privacy = self._privacy_task()
                 return TrainTask(
@@ -719,6 +723,48 @@ class RoundEngine:
             if cur.new_model is None:
                 raise RoundError(f"round {cur.round} evaluates a model it has not written")
             return EvaluateTask(cur.round, cur.deadline, cur.seed, cur.new_model)
+
+    def _secure_task(self, cur: RoundRow, payload: dict[str, Any]) -> _CachedTask:
+        """Return the task carrying ``payload`` in the open secure stage, built once (locked)."""
+        key = (cur.round, cur.stage, cur.deadline)
+        if self._secure_tasks[0] != key:
+            self._secure_tasks = (key, {})
+        tasks = self._secure_tasks[1]
+        hit = tasks.get(id(payload))
+        if hit is not None and hit.payload is payload:  # held here, so its id is not reused
+            return hit
+        if cur.stage != "advertise":
+            task = SecureTask(cur.round, cur.stage, cur.deadline, cur.seed, payload)
+        else:
+            privacy = self._privacy_task(self._round_ddg(cur.round))
+            with self._peers_lock:
+                certs = {c: _cert_doc(self._certs[c]) for c in cur.cohort if c in self._certs}
+            task = SecureTask(
+                cur.round,
+                cur.stage,
+                cur.deadline,
+                cur.seed,
+                payload,
+                model_sha256=cur.base_model,
+                config=self._train_config(privacy, cur.round),
+                privacy=privacy,
+                certificates=certs or None,
+            )
+        entry = _CachedTask(payload, task, json.dumps(task.to_json()).encode())
+        tasks[id(payload)] = entry
+        return entry
+
+    def task_body(self, task: Task) -> bytes:
+        """Return the JSON body of ``task`` (as ``web.json_response`` writes it).
+
+        A task of the open secure stage was encoded once when it was built; any other
+        task is encoded here.
+        """
+        if isinstance(task, SecureTask):
+            hit = self._secure_tasks[1].get(id(task.payload))
+            if hit is not None and hit.task is task:
+                return hit.body
+        return json.dumps(task.to_json()).encode()
 
     def _waits(self, client_id: str, now: float) -> bool:
         """Whether ``client_id`` has nothing to do in a running job now (engine lock held)."""
@@ -1007,18 +1053,29 @@ class RoundEngine:
             # Unmask answers (released shares) are never written anywhere.
             payload = None if p.stage == "unmask" else p.payload
             receipt = self._record_submission(p, nonce, 0, None, payload)
-            self.secure.last_answer = self._clock()
+            self.secure.note_answer(
+                p.stage,
+                self._submitted.get((p.round_id, p.stage), set()),
+                self._clock(),
+                self.config.job.min_clients,
+                adaptive=self.config.secagg.stage_grace_factor > 0,
+            )
         self._crash("submission_committed")
         return receipt
 
     # -- timer-facing ------------------------------------------------------------------
     def seconds_to_next_event(self) -> float:
-        """Seconds until the open stage's deadline (at most 1 s; round starts are polled)."""
+        """Seconds until the open stage's deadline or grace close (at most 1 s: starts poll)."""
         with self._lock:
             cur = self._current
             if cur is None or self.status != "running":
                 return 1.0
-            return max(0.0, min(1.0, cur.deadline - self._clock()))
+            now = self._clock()
+            due = cur.deadline
+            grace = self._secure_grace_at(cur, now)
+            if grace is not None:
+                due = min(due, grace)
+            return max(0.0, min(1.0, due - now))
 
     def tick(self) -> bool:
         """Start a round or close the open stage if it is due.
@@ -1087,13 +1144,33 @@ class RoundEngine:
         return closed is None or seen < job.min_clients or now - closed < COHORT_GRACE_S
 
     def _secure_grace_due(self, cur: RoundRow, answered: set[str], now: float) -> bool:
-        """Whether an open secure stage may close before its deadline (``stage_grace_s``)."""
-        grace = self.config.secagg.stage_grace_s
-        if grace <= 0 or self.secure is None or cur.stage not in SECURE_STAGES:
-            return False
+        """Whether an open secure stage may close before its deadline (the grace close)."""
+        at = self._secure_grace_at(cur, now, answered)
+        return at is not None and now >= at
+
+    def _secure_grace_at(
+        self, cur: RoundRow, now: float, answered: set[str] | None = None
+    ) -> float | None:
+        """When the open secure stage may close early, or ``None`` (engine lock held)."""
+        sec = self.config.secagg
+        if (
+            (sec.stage_grace_s <= 0 and sec.stage_grace_factor <= 0)
+            or self.secure is None
+            or cur.stage not in SECURE_STAGES
+        ):
+            return None
+        if answered is None:
+            answered = self._submitted.get((cur.round, cur.stage), set())
         opened = cur.deadline - self._stage_by_name[cur.stage].deadline_s
-        return self.secure.grace_due(
-            cur.stage, answered, opened, now, grace, self.config.job.min_clients
+        return self.secure.grace_close_at(
+            cur.stage,
+            answered,
+            opened,
+            now,
+            sec.stage_grace_s,
+            self.config.job.min_clients,
+            factor=sec.stage_grace_factor,
+            floor_s=sec.stage_grace_floor_s,
         )
 
     def _maybe_start(

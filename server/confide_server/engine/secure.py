@@ -71,6 +71,8 @@ class SecureRound:
         self._outbox: dict[str, dict[str, Any]] = {}
         #: When the open stage last accepted a message (the engine's clock), for the grace close.
         self.last_answer: float | None = None
+        #: When the open stage first held enough answers to close (the adaptive grace).
+        self.threshold_at: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
     def build_setup(
@@ -124,6 +126,7 @@ class SecureRound:
         self.round = setup.round
         self._outbox = {}
         self.last_answer = None
+        self.threshold_at = None
         return self.snapshot()
 
     def recover(self, round_id: int) -> bool:
@@ -135,6 +138,7 @@ class SecureRound:
         self.round = round_id
         self._outbox = {}
         self.last_answer = None
+        self.threshold_at = None
         return True
 
     def forget(self) -> None:
@@ -143,6 +147,7 @@ class SecureRound:
         self.round = None
         self._outbox = {}
         self.last_answer = None
+        self.threshold_at = None
 
     def snapshot(self, result: AggregateResult | None = None) -> Snapshot:
         """Serialise the protocol state (and the aggregate's public summary), no lock held."""
@@ -196,13 +201,74 @@ class SecureRound:
         srv = self.server
         if srv is None or srv.stage != stage:
             return False
-        if stage == "unmask":
-            return srv.ready()
         p = srv.setup.params
         got = len(srv.expected() & answered)
+        if stage == "unmask":
+            # Each answer holds at most one share of each secret: fewer than t answers can
+            # never be enough, and counting the shares costs O(answers x k) each time.
+            return got >= p.t and srv.ready()
         if stage == "consistency":
             return got >= p.quorum
         return got >= max(p.min_survivors, min_masked if stage == "mask" else 0)
+
+    def note_answer(
+        self,
+        stage: str,
+        answered: Set[str],
+        now: float,
+        min_masked: int = 0,
+        *,
+        adaptive: bool = False,
+    ) -> None:
+        """Record that ``stage`` accepted a message at ``now`` (``answered``: with it).
+
+        Keeps the latest answer's time (the grace counts from it) and, with ``adaptive``,
+        the first time the stage held enough answers to close (the adaptive grace scales
+        with it).
+        """
+        self.last_answer = now
+        if adaptive and self.threshold_at is None and self.enough(stage, answered, min_masked):
+            self.threshold_at = now
+
+    def grace_close_at(
+        self,
+        stage: str,
+        answered: Set[str],
+        opened_at: float,
+        now: float,
+        grace_s: float,
+        min_masked: int = 0,
+        *,
+        factor: float = 0.0,
+        floor_s: float = 0.0,
+    ) -> float | None:
+        """When the open stage may close early (the engine's clock), or ``None``: not yet.
+
+        ``None`` until the stage holds enough answers (:meth:`enough`), and always when both
+        ``grace_s`` and ``factor`` are 0 (off). Otherwise the stage may close once no answer
+        came for the grace window, counted from the stage's latest accepted message (or its
+        opening): ``grace_s``, or with ``factor`` > 0 ``max(floor_s, factor x d)``, where ``d``
+        is how long the stage took to hold enough answers (capped at ``grace_s`` when that is
+        set too). A stage whose threshold was reached before a restart (unknown here) counts
+        ``d`` up to ``now``, the first time it is asked: longer, never shorter. A client cut
+        this way is a dropout the protocol already tolerates: it is declared dropped at the
+        close, as at the deadline.
+        """
+        if grace_s <= 0 and factor <= 0:
+            return None
+        if self.threshold_at is None:
+            # Enough answers stay enough within a stage (answers accumulate, the stage's
+            # expected set is fixed, and a close or restart forgets ``threshold_at``), so
+            # once it is known it is not counted again (at unmask: O(answers x k) a tick).
+            if not self.enough(stage, answered, min_masked):
+                return None
+            self.threshold_at = now
+        window = grace_s
+        if factor > 0:
+            adaptive = max(floor_s, factor * max(0.0, self.threshold_at - opened_at))
+            window = adaptive if grace_s <= 0 else min(grace_s, adaptive)
+        last = opened_at if self.last_answer is None else max(opened_at, self.last_answer)
+        return last + window
 
     def grace_due(
         self,
@@ -212,17 +278,15 @@ class SecureRound:
         now: float,
         grace_s: float,
         min_masked: int = 0,
+        *,
+        factor: float = 0.0,
+        floor_s: float = 0.0,
     ) -> bool:
-        """Whether the open stage may close early: enough answers, none for ``grace_s``.
-
-        ``grace_s`` counts from the stage's latest accepted message (or its opening). Off
-        (``False``) when ``grace_s`` is 0. A client cut this way is a dropout the protocol
-        already tolerates: it is declared dropped at the close, as at the deadline.
-        """
-        if grace_s <= 0 or not self.enough(stage, answered, min_masked):
-            return False
-        last = opened_at if self.last_answer is None else max(opened_at, self.last_answer)
-        return now - last >= grace_s
+        """Whether the open stage may close early now (:meth:`grace_close_at` has passed)."""
+        at = self.grace_close_at(
+            stage, answered, opened_at, now, grace_s, min_masked, factor=factor, floor_s=floor_s
+        )
+        return at is not None and now >= at
 
     def receive(self, stage: str, doc: Mapping[str, Any]) -> None:
         """Feed one client message to the protocol (raises the protocol's errors)."""
@@ -251,6 +315,7 @@ class SecureRound:
         srv = self._srv()
         self._outbox = {}
         self.last_answer = None
+        self.threshold_at = None
         if stage == "advertise":
             srv.close_advertise()
         elif stage == "share":
