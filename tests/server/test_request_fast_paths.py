@@ -16,7 +16,7 @@ from confide_server.blobs import StagedUpload
 from confide_server.handlers import IN_MEMORY_BODY_BYTES
 from confide_server.keys import upload_gate_key
 from tests.server.conftest import Fed
-from tests.server.util import delta_body, eval_body, signed, tiny_manifest
+from tests.server.util import delta_body, eval_body, signed, tiny_manifest, until
 
 MANIFEST = tiny_manifest()
 DEADLINE_S = 60.0  # generous bound on anything the server must do "promptly"
@@ -121,16 +121,11 @@ async def test_an_in_memory_body_cut_short_frees_its_slot(fed: Fed) -> None:
     writer.write(body[: len(body) // 2])
     await writer.drain()
     gate = fed.http.app[upload_gate_key]
-    for _ in range(int(DEADLINE_S * 20)):  # the upload holds a slot while its body arrives
-        if gate.held_by("alice") == 1:
-            break
-        await asyncio.sleep(0.05)
+    # the upload holds a slot while its body arrives
+    await until(lambda: gate.held_by("alice") == 1, DEADLINE_S)
     assert gate.held_by("alice") == 1
     writer.close()  # the peer goes away mid-body
-    for _ in range(int(DEADLINE_S * 20)):
-        if gate.held_by("alice") == 0:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: gate.held_by("alice") == 0, DEADLINE_S)
     assert gate.held_by("alice") == 0
     status, doc = await fed.put("alice", 1, "evaluate", body)  # and the site can send again
     assert status == 200, doc

@@ -23,7 +23,7 @@ from confide_server.connections import BODY_IDLE_TIMEOUT_S
 from confide_server.events import BusyError, UploadGate
 from confide_server.keys import upload_gate_key
 from tests.server.conftest import Fed
-from tests.server.util import delta_body, signed, tiny_manifest, write_job
+from tests.server.util import delta_body, signed, tiny_manifest, until, write_job
 
 MANIFEST = tiny_manifest()
 
@@ -95,16 +95,11 @@ async def test_a_body_cut_short_frees_the_slot_and_the_temporary(fed: Fed) -> No
     writer.write(body[: len(body) // 2])
     await writer.drain()
     gate = fed.http.app[upload_gate_key]
-    for _ in range(int(DEADLINE_S * 20)):  # the upload holds a slot while its body arrives
-        if gate.held_by("alice") == 1:
-            break
-        await asyncio.sleep(0.05)
+    # the upload holds a slot while its body arrives
+    await until(lambda: gate.held_by("alice") == 1, DEADLINE_S)
     assert gate.held_by("alice") == 1
     writer.close()  # the peer goes away mid-body
-    for _ in range(int(DEADLINE_S * 20)):
-        if gate.held_by("alice") == 0 and not _staged_files(fed):
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: gate.held_by("alice") == 0 and not _staged_files(fed), DEADLINE_S)
     assert gate.held_by("alice") == 0
     assert _staged_files(fed) == []
     status, doc = await fed.put("alice", 1, "train", body)  # and the site can upload again

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,15 @@ def signed(
     ident: Identity, cid: str, method: str, path: str, round_id: int, stage: str, body: bytes
 ) -> dict[str, str]:
     return ident.sign_request(cid, method, path, round_id, stage, body)
+
+
+async def until(cond: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> None:
+    """Poll ``cond`` every ``step_s`` until it holds or ``timeout_s`` passed.
+
+    It returns either way: the caller asserts the condition after it, so a timeout fails
+    with the caller's own assertion.
+    """
+    for _ in range(int(timeout_s / step_s)):
+        if cond():
+            return
+        await asyncio.sleep(step_s)

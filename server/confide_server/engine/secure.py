@@ -270,24 +270,6 @@ class SecureRound:
         last = opened_at if self.last_answer is None else max(opened_at, self.last_answer)
         return last + window
 
-    def grace_due(
-        self,
-        stage: str,
-        answered: Set[str],
-        opened_at: float,
-        now: float,
-        grace_s: float,
-        min_masked: int = 0,
-        *,
-        factor: float = 0.0,
-        floor_s: float = 0.0,
-    ) -> bool:
-        """Whether the open stage may close early now (:meth:`grace_close_at` has passed)."""
-        at = self.grace_close_at(
-            stage, answered, opened_at, now, grace_s, min_masked, factor=factor, floor_s=floor_s
-        )
-        return at is not None and now >= at
-
     def receive(self, stage: str, doc: Mapping[str, Any]) -> None:
         """Feed one client message to the protocol (raises the protocol's errors)."""
         srv = self._srv()
