@@ -182,6 +182,7 @@ async def _round_timer(app: web.Application) -> AsyncIterator[None]:
         backoff = 1.0
         while True:
             wake.clear()
+            before = engine.round_key()
             try:
                 changed = await asyncio.to_thread(engine.tick)
                 backoff = 1.0
@@ -195,7 +196,10 @@ async def _round_timer(app: web.Application) -> AsyncIterator[None]:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
             if changed:
-                notifier.notify()
+                # A stage change within the same open round wakes only the sites of its
+                # cohort (the others wait on round changes, see Notifier).
+                after = engine.round_key()
+                notifier.notify(stage_only=before == after and after[1] is not None)
                 continue
             if engine.status != "running":
                 notifier.notify()

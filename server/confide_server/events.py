@@ -17,30 +17,52 @@ __all__ = ["UPLOADS_PER_CLIENT", "BusyError", "NonceCache", "Notifier", "UploadG
 
 
 class Notifier:
-    """Wake every waiter when the round state changes.
+    """Wake the waiters when the round state changes.
 
     A long poll reads the state and then waits for the next change; a change that lands
     between the two must still wake it. It takes a :meth:`ticket` *before* reading the
     state and waits on that ticket, which any later :meth:`notify` has already set.
+
+    Two kinds of change: every change (a stage opens or closes) sets :meth:`ticket`'s
+    event; a *round* change (a round starts or ends, the job ends) sets
+    :meth:`round_ticket`'s too. A site outside the open round's cohort gets the same
+    answer (wait) at every stage of that round, so it waits on its round ticket: with
+    1,000 sites polling and a cohort of 100, a stage change wakes the 100, not all 1,000.
     """
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._round_event = asyncio.Event()
 
-    def notify(self) -> None:
-        """Wake all current waiters (and every ticket taken before this call)."""
+    def notify(self, *, stage_only: bool = False) -> None:
+        """Wake the current waiters (and every ticket taken before this call).
+
+        Parameters
+        ----------
+        stage_only : bool
+            The change is within the open round (a stage opened or closed): the round
+            tickets are left alone. Default: a round change, which sets both.
+        """
         self._event.set()
         self._event = asyncio.Event()
+        if not stage_only:
+            self._round_event.set()
+            self._round_event = asyncio.Event()
 
     def ticket(self) -> asyncio.Event:
         """Return the event the next :meth:`notify` sets (take it before reading the state)."""
         return self._event
 
+    def round_ticket(self) -> asyncio.Event:
+        """Return the event the next round change sets (take it before reading the state)."""
+        return self._round_event
+
     async def wait(self, timeout: float, ticket: asyncio.Event | None = None) -> None:
         """Wait for the next :meth:`notify` or ``timeout`` seconds, whichever comes first.
 
-        With ``ticket`` (from :meth:`ticket`), a notify since the ticket was taken returns
-        at once: it is not lost while the caller was reading the state.
+        With ``ticket`` (from :meth:`ticket` or :meth:`round_ticket`), a notify since the
+        ticket was taken returns at once: it is not lost while the caller was reading the
+        state.
         """
         event = self._event if ticket is None else ticket
         with contextlib.suppress(asyncio.TimeoutError):

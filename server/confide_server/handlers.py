@@ -266,6 +266,7 @@ async def get_task(request: web.Request) -> web.Response:
         # Taken before the state is read: a stage that closes while the task is worked out
         # (the round timer notifies before this coroutine resumes) still wakes us.
         ticket = request.app[notifier_key].ticket()
+        round_ticket = request.app[notifier_key].round_ticket()
         # A plain wait is answered here; anything else in a worker thread (the engine
         # lock may be held by a durable commit, and a task takes work to build).
         task: Task | None = engine.wait_task_nowait(signed.client_id)
@@ -277,7 +278,9 @@ async def get_task(request: web.Request) -> web.Response:
             return web.Response(
                 body=engine.task_body(task), content_type="application/json", charset="utf-8"
             )
-        await request.app[notifier_key].wait(remaining, ticket)
+        # Outside the open round's cohort: only a round change can change the answer.
+        outside = engine.outside_open_round(signed.client_id)
+        await request.app[notifier_key].wait(remaining, round_ticket if outside else ticket)
         # Still polling after a state change (e.g. a round closed): this client is alive.
         engine.touch(signed.client_id)
 

@@ -8,6 +8,7 @@ thread (``None`` here). The engine on real SQLite with a fake clock.
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -98,3 +99,41 @@ def test_a_finished_job_is_not_a_wait(tmp_path: Path) -> None:
     engine.status = "finished"
     assert engine.wait_task_nowait("a") is None
     assert engine.task_for("a").action == "finished"
+
+
+def test_outside_the_cohort_only_a_round_change_matters(tmp_path: Path) -> None:
+    # The long poll of a site outside the open round's cohort waits on round changes only
+    # (Notifier.round_ticket); the round timer tells the two apart by round_key.
+    clock = FakeClock()
+    engine = _engine(tmp_path, clock)
+    assert engine.round_key() == ("running", None)
+    assert not any(engine.outside_open_round(c) for c in IDS)  # no round: every change counts
+    assert engine.tick()
+    row = engine.store.get_round(1)
+    assert row is not None
+    cohort = row.cohort
+    outside = [c for c in IDS if c not in cohort]
+    for cid in IDS:  # as the handler does: the task first, then which ticket
+        engine.wait_task_nowait(cid)
+    assert engine.round_key() == ("running", 1)
+    assert [c for c in IDS if engine.outside_open_round(c)] == outside
+    for k, cid in enumerate(cohort):
+        prepared = engine.prepare(cid, 1, "train", delta_body(MANIFEST, 0.1))
+        engine.commit_submission(prepared, nonce=f"t-{k}")
+    assert engine.tick()  # train closed, evaluate opened: a stage change of round 1
+    assert engine.round_key() == ("running", 1)
+    for cid in outside:  # still a wait at every stage of the round
+        assert engine.outside_open_round(cid)
+        assert isinstance(engine.task_for(cid), WaitTask)
+    for cid in cohort:
+        assert not engine.outside_open_round(cid)
+        assert engine.task_for(cid).action == "evaluate"
+    for k, cid in enumerate(cohort):
+        body = json.dumps({"num_examples": 4, "metrics": {"accuracy": 0.5}}).encode()
+        engine.commit_submission(engine.prepare(cid, 1, "evaluate", body), nonce=f"e-{k}")
+    assert engine.tick()  # round 1 committed: a round change
+    assert engine.round_key() == ("running", None)
+    assert not any(engine.outside_open_round(c) for c in IDS)
+    engine.status = "finished"  # the job's end is a round change: everyone is woken
+    assert engine.round_key()[0] == "finished"
+    assert not any(engine.outside_open_round(c) for c in IDS)

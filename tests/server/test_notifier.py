@@ -36,3 +36,29 @@ async def test_without_a_ticket_the_wait_takes_the_current_event() -> None:
     assert not waiter.done()
     notifier.notify()
     await asyncio.wait_for(waiter, timeout=120.0)
+
+
+async def test_a_stage_change_leaves_the_round_tickets_alone() -> None:
+    notifier = Notifier()
+    stage, round_ = notifier.ticket(), notifier.round_ticket()
+    notifier.notify(stage_only=True)  # a stage of the open round closed
+    assert stage.is_set()
+    assert not round_.is_set()  # a site outside the cohort sleeps on
+    assert notifier.round_ticket() is round_
+    notifier.notify()  # the round ended: both kinds of waiter wake
+    assert round_.is_set()
+    assert notifier.ticket() is not stage
+    assert not notifier.round_ticket().is_set()
+    await asyncio.wait_for(notifier.wait(3600.0, round_), timeout=120.0)
+
+
+async def test_a_round_change_wakes_a_waiter_on_its_round_ticket() -> None:
+    notifier = Notifier()
+    round_ = notifier.round_ticket()
+    waiter = asyncio.ensure_future(notifier.wait(3600.0, round_))
+    await asyncio.sleep(0)
+    notifier.notify(stage_only=True)
+    await asyncio.sleep(0)
+    assert not waiter.done()  # a stage change is not its business
+    notifier.notify()
+    await asyncio.wait_for(waiter, timeout=120.0)

@@ -312,9 +312,11 @@ class Client:
                     data=body or None,
                     headers=headers,
                     params=params,
-                    # Uploads wait for "100 Continue": the server reads a body only when it
-                    # has a slot for it, and refuses (413, 401, 409) before it is sent.
-                    expect100=method == "PUT",
+                    # Large uploads wait for "100 Continue": the server reads a body only
+                    # when it has a slot for it, and refuses (413, 401, 409) before it is
+                    # sent. A small one goes with its headers (the server runs the same
+                    # checks before it reads it): the round trip cost more than the body.
+                    expect100=_expects_continue(method, body),
                 ) as resp:
                     data = await resp.read()
                     if resp.status < 400:
@@ -735,6 +737,28 @@ def _clip_for_privacy(
 
     clipped, _ = clip_update(delta, float(clip))
     return clipped
+
+
+#: Uploads of at least this many bytes wait for ``100 Continue`` before sending the body.
+EXPECT_CONTINUE_MIN_BYTES = 64 * 1024
+
+
+def _expects_continue(method: str, body: bytes) -> bool:
+    """Whether a request sends ``Expect: 100-continue`` (a PUT of at least 64 KiB).
+
+    A smaller body (a SecAgg+ message of a small model, an evaluation, a small update) is
+    sent with its headers: its bytes take less than the extra round trip, and the server
+    checks everything that needs no body (size, signature, round, stage, an upload slot)
+    before it reads it either way.
+
+    Examples
+    --------
+    >>> _expects_continue("PUT", bytes(64 * 1024)), _expects_continue("PUT", b"{}")
+    (True, False)
+    >>> _expects_continue("GET", bytes(10**6))
+    False
+    """
+    return method == "PUT" and len(body) >= EXPECT_CONTINUE_MIN_BYTES
 
 
 #: 4xx answers that mean "later", not "no": request timeout, too early, too many requests.

@@ -777,6 +777,28 @@ class RoundEngine:
             (cur.round, cur.stage), set()
         )
 
+    def round_key(self) -> tuple[str, int | None]:
+        """Return the job's status and the open round (``None``: none), without the lock.
+
+        The round timer compares it before and after :meth:`tick`: the same open round
+        means a stage change, which only the round's cohort is woken for.
+        """
+        cur = self._current
+        return self.status, None if cur is None else cur.round
+
+    def outside_open_round(self, client_id: str) -> bool:
+        """Whether ``client_id`` is outside the open round's cohort (lock-free).
+
+        Such a site's task is a wait at every stage of the round: only a round change (the
+        round ends, the job ends) can change it. ``False`` when no round is open, the job
+        is not running, or the cohort set is not yet the open round's (unsure: wake it).
+        """
+        cur = self._current
+        if cur is None or self.status != "running":
+            return False
+        rnd, members = self._cohort_set
+        return rnd == cur.round and client_id not in members
+
     def wait_task_nowait(self, client_id: str) -> WaitTask | None:
         """:meth:`task_for` on the event loop when its answer is a plain wait, else ``None``.
 
