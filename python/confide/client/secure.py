@@ -187,7 +187,8 @@ class SecureParticipant:
             self._pin(setup)
         # The setup and the rest of the task: a re-sent advertise with another training
         # config is another task, not a retry (the signed advertisement binds the first).
-        digest = setup.digest() + task.task_sha256()
+        task_digest = task.task_sha256()  # once: the canonical JSON of a cohort's task
+        digest = setup.digest() + task_digest
         if self._advert is not None and setup.round <= self._advert[0]:
             last, last_digest, last_msg = self._advert
             if setup.round == last and digest == last_digest and last in self._rounds:
@@ -245,7 +246,7 @@ class SecureParticipant:
         # The whole task as this site received it is signed with the advertisement; a peer
         # given another model, config or privacy parameters makes every site abort.
         client = ClientSecAgg(
-            setup, self.client_id, self._identity, rng=rng, task_sha256=task.task_sha256()
+            setup, self.client_id, self._identity, rng=rng, task_sha256=task_digest
         )
         self._rounds[setup.round] = client
         msg = client.advertise().to_json()

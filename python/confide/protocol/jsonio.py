@@ -40,10 +40,11 @@ DEFAULT_MAX_DEPTH = 32
 #: Digits of a JSON integer allowed by default (a SecAgg+ field element has at most 20).
 DEFAULT_MAX_INT_DIGITS = 64
 
-# A JSON string literal (with escapes, possibly unterminated) or a bracket. One left-to-right
-# pass: a string is consumed once, so brackets inside strings are not counted and the scan is
-# linear in the input (no restart inside a string).
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
+# A JSON string literal (with escapes, possibly unterminated), and every byte but ``[]{}``.
+# One left-to-right pass: a string is consumed once, so brackets inside strings are not
+# counted and the scan is linear in the input (no restart inside a string).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)  # runs, not bytes
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Only a \uD800-\uDFFF escape can produce a surrogate (strict UTF-8 text holds none).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -79,14 +80,18 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _depth(data: bytes) -> int:
-    """Maximum nesting of ``[``/``{`` outside string literals (one linear pass)."""
+    """Maximum nesting of ``[``/``{`` outside string literals (one linear pass).
+
+    The string literals are cut out and every byte but the brackets dropped in C; only
+    the brackets are then walked in Python, not every string token.
+    """
+    brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
     depth = deepest = 0
-    for token in _TOKEN.finditer(data):
-        first = token.group()[:1]
-        if first in (b"[", b"{"):
+    for byte in brackets:
+        if byte in (0x5B, 0x7B):  # [ {
             depth += 1
             deepest = max(deepest, depth)
-        elif first in (b"]", b"}"):
+        else:
             depth -= 1
     return deepest
 

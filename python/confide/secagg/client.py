@@ -210,6 +210,10 @@ class ClientSecAgg:
         self._mask_seed = bytearray(self._rng.random_bytes(32))
         self._self_seed = bytearray(self._rng.random_bytes(32))
         self._peers: dict[str, _Peer] = {}
+        # The pairwise share keys agreed at share_keys, by neighbour: the same keys decrypt
+        # the neighbours' shares at masked_input (no second X25519 agreement); as secret as
+        # the seed they come from, and wiped with it.
+        self._share_keys: dict[str, bytearray] = {}
         self._nbrs: tuple[str, ...] = ()
         self._holders: frozenset[str] = frozenset()
         self._advertised: frozenset[str] = frozenset()
@@ -245,8 +249,9 @@ class ClientSecAgg:
         return self._stage == "aborted"
 
     def _wipe(self) -> None:
-        for buf in (self._enc_seed, self._mask_seed, self._self_seed):
+        for buf in (self._enc_seed, self._mask_seed, self._self_seed, *self._share_keys.values()):
             buf[:] = bytes(len(buf))
+        self._share_keys.clear()
 
     def _abort(self, reason: str, detail: str = "") -> NoReturn:
         self._wipe()
@@ -407,6 +412,7 @@ class ClientSecAgg:
                 )
             except ProtocolViolationError as exc:
                 self._abort("bad-key", str(exc))
+            self._share_keys[holder] = bytearray(key)
             nonce = self._rng.random_bytes(NONCE_BYTES)
             ct = encrypt_share(
                 key,
@@ -505,14 +511,19 @@ class ClientSecAgg:
                 )
             peer = self._peers[enc.sender]
             try:
-                key = agree(
-                    enc_key,
-                    peer.advert.enc_pk,
-                    label="share",
-                    session=self._session,
-                    round=setup.round,
-                    a=self.client_id,
-                    b=enc.sender,
+                known = self._share_keys.get(enc.sender)
+                key = (
+                    bytes(known)
+                    if known is not None
+                    else agree(
+                        enc_key,
+                        peer.advert.enc_pk,
+                        label="share",
+                        session=self._session,
+                        round=setup.round,
+                        a=self.client_id,
+                        b=enc.sender,
+                    )
                 )
                 plain = decrypt_share(
                     key,

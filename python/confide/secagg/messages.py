@@ -31,6 +31,7 @@ import binascii
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
@@ -57,6 +58,10 @@ __all__ = [
 ]
 
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+#: RoundSetup.digest's memo (public values only: the setup and its hash).
+_DIGESTS: dict[RoundSetup, bytes] = {}
+_DIGESTS_MAX = 4
+_DIGESTS_LOCK = threading.Lock()
 _MAX_SHARE_CIPHERTEXT = 4096
 _MAX_SHARE = 1024
 _MAX_DATA = 1 << 34
@@ -358,9 +363,22 @@ class RoundSetup(Message):
             raise MessageFormatError(f"vector_length must be >= 1, got {self.vector_length}")
 
     def digest(self) -> bytes:
-        """Return SHA-256 of the canonical JSON encoding (what advertisements sign)."""
+        """Return SHA-256 of the canonical JSON encoding (what advertisements sign).
+
+        Remembered per process for the last few setups (frozen, compared field by field):
+        every virtual site of a Ray actor hashes the same cohort's setup, twice.
+        """
+        with _DIGESTS_LOCK:
+            known = _DIGESTS.get(self)
+        if known is not None:
+            return known
         text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).digest()
+        out = hashlib.sha256(text.encode()).digest()
+        with _DIGESTS_LOCK:
+            _DIGESTS[self] = out
+            while len(_DIGESTS) > _DIGESTS_MAX:
+                del _DIGESTS[next(iter(_DIGESTS))]
+        return out
 
     def identity_key(self, client_id: str) -> bytes:
         """Return the identity key of a cohort member."""
