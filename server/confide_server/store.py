@@ -138,6 +138,8 @@ CREATE TABLE IF NOT EXISTS revoked_clients (
 CREATE TABLE IF NOT EXISTS pruned_blobs (
     path TEXT PRIMARY KEY, kind TEXT NOT NULL, round INTEGER, size INTEGER NOT NULL,
     pruned_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS round_uploads (
+    round INTEGER PRIMARY KEY, updates INTEGER NOT NULL, upload_bytes INTEGER NOT NULL);
 """
 
 #: Indexes that keep the per-round queries of a long job from reading its whole history
@@ -150,6 +152,7 @@ CREATE INDEX IF NOT EXISTS models_live ON models (COALESCE(round, 0), created_at
 CREATE INDEX IF NOT EXISTS models_by_path ON models (path);
 CREATE INDEX IF NOT EXISTS rounds_open ON rounds (round) WHERE status = 'open';
 CREATE INDEX IF NOT EXISTS rounds_committed ON rounds (round) WHERE status = 'committed';
+CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
 """
 
 
@@ -263,30 +266,42 @@ class Store:
             )
         self._manifest_commits = 0
         self._manifest_commits = self._check_identity()
+        #: Signed timestamps (ms) below this are refused on mutating requests: every nonce
+        #: :meth:`forget_closed` deleted belongs to a request signed before it.
+        self.nonce_floor_ms = int(self.get_meta("nonce_floor_ms") or 0)
 
     def _migrate(self) -> None:
         """Bring a database written by an older server up to the current schema.
 
         ``models.pruned`` (a job started before it): added, and set from ``pruned_blobs``
         in the same transaction, so a model pruned before the upgrade stays pruned and no
-        other row changes. A no-op on a current database.
+        other row changes. ``meta.committed_rounds`` (the count :meth:`commit_round`
+        returns, kept in the commit transaction): set once from the committed rows. A
+        no-op on a current database. Neither is a job-level commit (no counter moves).
         """
         cols = {str(r[1]) for r in self._db.execute("PRAGMA table_info(models)")}
-        if "pruned" in cols:
+        counted = self._db.execute("SELECT 1 FROM meta WHERE key='committed_rounds'").fetchone()
+        if "pruned" in cols and counted is not None:
             return
         # Not through transaction(): that syncs the job manifest, which must first be
         # compared with this database (_check_identity), not overwritten from it.
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("ALTER TABLE models ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0")
-            self._db.execute(
-                "UPDATE models SET pruned = 1 WHERE path IN (SELECT path FROM pruned_blobs)"
-            )
+            if "pruned" not in cols:
+                self._db.execute("ALTER TABLE models ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0")
+                self._db.execute(
+                    "UPDATE models SET pruned = 1 WHERE path IN (SELECT path FROM pruned_blobs)"
+                )
+            if counted is None:  # once, on a job started before the counter: O(rounds)
+                self._db.execute(
+                    "INSERT INTO meta(key, value) SELECT 'committed_rounds', "
+                    "CAST(COUNT(*) AS TEXT) FROM rounds WHERE status='committed'"
+                )
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        log.info("%s: schema upgraded (models.pruned)", self.path)
+        log.info("%s: schema upgraded (models.pruned, meta.committed_rounds)", self.path)
 
     # -- job identity ------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -626,9 +641,12 @@ class Store:
         if changed != 1:
             return None
         Store.bump_commits(cur)
-        return int(
-            cur.execute("SELECT COUNT(*) FROM rounds WHERE status='committed'").fetchone()[0]
+        # A counter kept in this transaction: O(1), not a count of the job's history.
+        cur.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='committed_rounds'"
         )
+        row = cur.execute("SELECT value FROM meta WHERE key='committed_rounds'").fetchone()
+        return int(row[0])
 
     @staticmethod
     def abort_round(cur: Tx, round_id: int, ended_at: float, reason: str) -> None:
@@ -1102,5 +1120,138 @@ class Store:
         return None if row is None else int(row[0])
 
     def is_pruned(self, path: str) -> bool:
-        """Whether ``path`` was pruned by the retention policy."""
-        return self.pruned_size(path) is not None
+        """Whether ``path`` was pruned by the retention policy.
+
+        A pruned model's ``pruned_blobs`` row is forgotten once its file is gone
+        (:meth:`forget_closed`); ``models.pruned`` keeps the answer.
+        """
+        if self.pruned_size(path) is not None:
+            return True
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM models WHERE path=? AND pruned = 1", (path,)
+            ).fetchone()
+        return row is not None
+
+    # -- bounded bookkeeping of closed rounds (retention.prune_updates) -----------------
+    def note_clock_skew(self, skew_s: float) -> float:
+        """Record the accepted clock skew this process uses; return the largest ever used.
+
+        Nonces are forgotten by a horizon of twice the *largest* skew any process of the
+        job accepted (a request accepted under a larger skew may carry a timestamp that far
+        ahead), so lowering ``max_clock_skew_s`` never shortens it. Not a job-level commit.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='max_clock_skew_s'").fetchone()
+        stored = 0.0 if row is None else float(row[0])
+        if skew_s <= stored:
+            return stored
+        with self.transaction() as cur:
+            Store.set_meta(cur, "max_clock_skew_s", repr(float(skew_s)))
+        return float(skew_s)
+
+    def closed_submissions_before(
+        self, ended_before: float, limit: int
+    ) -> dict[int, list[tuple[str, str | None, str | None, int | None]]]:
+        """Submissions of the oldest closed rounds that ended before ``ended_before``.
+
+        Returns ``{round: [(stage, blob, payload JSON, pruned size of the blob)]}`` for at
+        most ``limit`` rounds, oldest first. Walks the rounds from the oldest one that
+        still has submission rows: once the older ones are forgotten that is the few
+        rounds of the replay window, not the job's history.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.round, s.stage, s.blob, s.payload, p.size FROM submissions s "
+                "LEFT JOIN pruned_blobs p ON p.path = s.blob WHERE s.round IN ("
+                "SELECT round FROM rounds WHERE round >= (SELECT MIN(round) FROM submissions) "
+                "AND status IN ('committed', 'aborted') AND ended_at < ? "
+                "ORDER BY round LIMIT ?) ORDER BY s.round",
+                (ended_before, limit),
+            ).fetchall()
+        out: dict[int, list[tuple[str, str | None, str | None, int | None]]] = {}
+        for rnd, stage, blob, payload, size in rows:
+            out.setdefault(int(rnd), []).append(
+                (str(stage), blob, payload, None if size is None else int(size))
+            )
+        return out
+
+    def forget_closed(
+        self,
+        uploads: dict[int, tuple[int, int]],
+        model_paths: list[str],
+        nonces_before: float,
+        nonce_floor_ms: int,
+    ) -> tuple[int, int, int]:
+        """Forget the bookkeeping of closed rounds, in one transaction.
+
+        Parameters
+        ----------
+        uploads : dict
+            ``{round: (updates, upload_bytes)}``: rounds whose submission rows (and the
+            ``pruned_blobs`` rows of their update files, which are gone) are deleted; the
+            per-round totals the metrics read are kept in ``round_uploads``.
+        model_paths : list of str
+            Pruned model files that are gone: their ``pruned_blobs`` rows are deleted
+            (``models.pruned`` keeps saying that the version was pruned).
+        nonces_before : float
+            Nonces accepted before this time are deleted ...
+        nonce_floor_ms : int
+            ... and signed timestamps below this are refused from now on (it only rises).
+
+        Returns
+        -------
+        tuple of int
+            ``(submissions, pruned_blobs, nonces)`` rows deleted.
+        """
+        subs = blobs = 0
+        with self.transaction() as cur:
+            for rnd, (updates, size) in sorted(uploads.items()):
+                cur.execute(
+                    "INSERT OR REPLACE INTO round_uploads(round, updates, upload_bytes) "
+                    "VALUES (?, ?, ?)",
+                    (rnd, updates, size),
+                )
+                blobs += cur.execute(
+                    "DELETE FROM pruned_blobs WHERE path IN (SELECT blob FROM submissions "
+                    "WHERE round=? AND blob IS NOT NULL)",
+                    (rnd,),
+                ).rowcount
+                subs += cur.execute("DELETE FROM submissions WHERE round=?", (rnd,)).rowcount
+            for path in model_paths:
+                blobs += cur.execute(
+                    "DELETE FROM pruned_blobs WHERE path=? AND kind='model'", (path,)
+                ).rowcount
+            nonces = cur.execute("DELETE FROM nonces WHERE ts < ?", (nonces_before,)).rowcount
+            floor = max(self.nonce_floor_ms, int(nonce_floor_ms))
+            if nonces and floor > self.nonce_floor_ms:
+                Store.set_meta(cur, "nonce_floor_ms", str(floor))
+            else:
+                floor = self.nonce_floor_ms
+        self.nonce_floor_ms = floor
+        return subs, blobs, int(nonces)
+
+    def round_upload(self, round_id: int) -> tuple[int, int] | None:
+        """Return ``(updates, upload_bytes)`` of a round whose submissions were forgotten."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT updates, upload_bytes FROM round_uploads WHERE round=?", (round_id,)
+            ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def pruned_model_rows(self) -> list[str]:
+        """Paths of the pruned models still listed in ``pruned_blobs`` (start-up sweep)."""
+        with self._lock:
+            rows = self._db.execute("SELECT path FROM pruned_blobs WHERE kind='model'").fetchall()
+        return [str(r[0]) for r in rows]
+
+    def table_bytes(self) -> dict[str, int]:
+        """Bytes each table and index takes in the database file (``dbstat``; benches)."""
+        with self._lock:
+            try:
+                rows = self._db.execute(
+                    "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"
+                ).fetchall()
+            except sqlite3.OperationalError:  # SQLite built without dbstat
+                return {}
+        return {str(n): int(b) for n, b in rows}
