@@ -1244,14 +1244,3 @@ class Store:
         with self._lock:
             rows = self._db.execute("SELECT path FROM pruned_blobs WHERE kind='model'").fetchall()
         return [str(r[0]) for r in rows]
-
-    def table_bytes(self) -> dict[str, int]:
-        """Bytes each table and index takes in the database file (``dbstat``; benches)."""
-        with self._lock:
-            try:
-                rows = self._db.execute(
-                    "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name"
-                ).fetchall()
-            except sqlite3.OperationalError:  # SQLite built without dbstat
-                return {}
-        return {str(n): int(b) for n, b in rows}

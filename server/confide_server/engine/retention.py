@@ -7,7 +7,10 @@ calls :meth:`Retention.after_close`:
 * ``prune_updates``: the update files of the closed round are deleted. The round is
   committed or aborted by then, and a committed round's ledger entry (with the hash of
   every receipt) was written in the same transaction, so receipts still verify against
-  the ledger; the submission rows stay.
+  the ledger. Once the replay window has passed (:meth:`Retention.horizon_s`), the
+  round's submission rows, the nonces of the requests accepted before it and the
+  ``pruned_blobs`` rows of files that are gone are forgotten too
+  (:meth:`Retention.forget`): the database stops growing with the job's length.
   The SecAgg+ snapshots of closed rounds (``secagg_state`` rows: every masked vector of
   the round) are deleted in the same pass, in one transaction of their own; only the open
   round's snapshot is ever read again (recovery at start).
