@@ -46,6 +46,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "BlobStore",
     "DamagedStateError",
+    "ForgetPlan",
     "PrivacyRow",
     "RoundRow",
     "StorageError",
@@ -153,6 +154,7 @@ CREATE INDEX IF NOT EXISTS models_by_path ON models (path);
 CREATE INDEX IF NOT EXISTS rounds_open ON rounds (round) WHERE status = 'open';
 CREATE INDEX IF NOT EXISTS rounds_committed ON rounds (round) WHERE status = 'committed';
 CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
+CREATE INDEX IF NOT EXISTS pruned_models ON pruned_blobs (path) WHERE kind = 'model';
 """
 
 
@@ -217,6 +219,24 @@ class SubmissionRow:
     blob: str | None
     payload: dict[str, Any] | None
     receipt: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ForgetPlan:
+    """What a retention pass forgets (:meth:`Store.mark_pruned`), files already checked.
+
+    ``uploads``: ``{round: (updates, upload_bytes)}`` of closed rounds whose submission
+    rows (and the ``pruned_blobs`` rows of their update files, which are gone) are
+    deleted, the totals kept in ``round_uploads``; ``model_paths``: pruned model files
+    that are gone (their ``pruned_blobs`` rows go; ``models.pruned`` stays); nonces
+    accepted before ``nonces_before`` are deleted and signed timestamps below
+    ``nonce_floor_ms`` refused from then on (the floor only rises).
+    """
+
+    uploads: dict[int, tuple[int, int]]
+    model_paths: list[str]
+    nonces_before: float
+    nonce_floor_ms: int
 
 
 class Store:
@@ -1088,14 +1108,22 @@ class Store:
                     keep.add(str(new))
         return keep
 
-    def mark_pruned(self, entries: list[tuple[str, str, int | None, int]]) -> None:
+    def mark_pruned(
+        self, entries: list[tuple[str, str, int | None, int]], forget: ForgetPlan | None = None
+    ) -> tuple[int, int, int]:
         """Record ``(path, kind, round, size)`` as pruned, durably, *before* the files go.
 
         A kill after this commit and before the unlinks leaves files the start-up sweep
         (:meth:`pruned_paths`) deletes; a kill before it leaves everything as it was.
+        ``forget`` (rows of earlier passes whose files are gone) is applied in the same
+        transaction. Returns the ``(submissions, pruned_blobs, nonces)`` rows it deleted.
         """
         now = time.time()
+        counts = (0, 0, 0)
+        floor = self.nonce_floor_ms
         with self.transaction() as cur:
+            if forget is not None:
+                counts, floor = self._forget(cur, forget)
             cur.executemany(
                 "INSERT OR IGNORE INTO pruned_blobs(path, kind, round, size, pruned_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -1106,6 +1134,8 @@ class Store:
                 "UPDATE models SET pruned = 1 WHERE path = ? AND pruned = 0",
                 [(p,) for p, k, _, _ in entries if k == "model"],
             )
+        self.nonce_floor_ms = floor
+        return counts
 
     def pruned_paths(self) -> list[str]:
         """Every path marked pruned (the start-up sweep deletes any that still exist)."""
@@ -1183,53 +1213,40 @@ class Store:
         nonces_before: float,
         nonce_floor_ms: int,
     ) -> tuple[int, int, int]:
-        """Forget the bookkeeping of closed rounds, in one transaction.
-
-        Parameters
-        ----------
-        uploads : dict
-            ``{round: (updates, upload_bytes)}``: rounds whose submission rows (and the
-            ``pruned_blobs`` rows of their update files, which are gone) are deleted; the
-            per-round totals the metrics read are kept in ``round_uploads``.
-        model_paths : list of str
-            Pruned model files that are gone: their ``pruned_blobs`` rows are deleted
-            (``models.pruned`` keeps saying that the version was pruned).
-        nonces_before : float
-            Nonces accepted before this time are deleted ...
-        nonce_floor_ms : int
-            ... and signed timestamps below this are refused from now on (it only rises).
+        """Apply a :class:`ForgetPlan` in a transaction of its own; see :meth:`mark_pruned`.
 
         Returns
         -------
         tuple of int
             ``(submissions, pruned_blobs, nonces)`` rows deleted.
         """
+        return self.mark_pruned([], ForgetPlan(uploads, model_paths, nonces_before, nonce_floor_ms))
+
+    def _forget(self, cur: Tx, plan: ForgetPlan) -> tuple[tuple[int, int, int], int]:
+        """Delete what ``plan`` names inside ``cur``; return the counts and the new floor."""
         subs = blobs = 0
-        with self.transaction() as cur:
-            for rnd, (updates, size) in sorted(uploads.items()):
-                cur.execute(
-                    "INSERT OR REPLACE INTO round_uploads(round, updates, upload_bytes) "
-                    "VALUES (?, ?, ?)",
-                    (rnd, updates, size),
-                )
-                blobs += cur.execute(
-                    "DELETE FROM pruned_blobs WHERE path IN (SELECT blob FROM submissions "
-                    "WHERE round=? AND blob IS NOT NULL)",
-                    (rnd,),
-                ).rowcount
-                subs += cur.execute("DELETE FROM submissions WHERE round=?", (rnd,)).rowcount
-            for path in model_paths:
-                blobs += cur.execute(
-                    "DELETE FROM pruned_blobs WHERE path=? AND kind='model'", (path,)
-                ).rowcount
-            nonces = cur.execute("DELETE FROM nonces WHERE ts < ?", (nonces_before,)).rowcount
-            floor = max(self.nonce_floor_ms, int(nonce_floor_ms))
-            if nonces and floor > self.nonce_floor_ms:
-                Store.set_meta(cur, "nonce_floor_ms", str(floor))
-            else:
-                floor = self.nonce_floor_ms
-        self.nonce_floor_ms = floor
-        return subs, blobs, int(nonces)
+        for rnd, (updates, size) in sorted(plan.uploads.items()):
+            cur.execute(
+                "INSERT OR REPLACE INTO round_uploads(round, updates, upload_bytes) "
+                "VALUES (?, ?, ?)",
+                (rnd, updates, size),
+            )
+            blobs += cur.execute(
+                "DELETE FROM pruned_blobs WHERE path IN (SELECT blob FROM submissions "
+                "WHERE round=? AND blob IS NOT NULL)",
+                (rnd,),
+            ).rowcount
+            subs += cur.execute("DELETE FROM submissions WHERE round=?", (rnd,)).rowcount
+        for path in plan.model_paths:
+            blobs += cur.execute(
+                "DELETE FROM pruned_blobs WHERE path=? AND kind='model'", (path,)
+            ).rowcount
+        nonces = int(cur.execute("DELETE FROM nonces WHERE ts < ?", (plan.nonces_before,)).rowcount)
+        floor = self.nonce_floor_ms
+        if nonces and plan.nonce_floor_ms > floor:  # covers every nonce deleted here
+            floor = int(plan.nonce_floor_ms)
+            Store.set_meta(cur, "nonce_floor_ms", str(floor))
+        return (subs, blobs, nonces), floor
 
     def round_upload(self, round_id: int) -> tuple[int, int] | None:
         """Return ``(updates, upload_bytes)`` of a round whose submissions were forgotten."""
@@ -1240,7 +1257,9 @@ class Store:
         return None if row is None else (int(row[0]), int(row[1]))
 
     def pruned_model_rows(self) -> list[str]:
-        """Paths of the pruned models still listed in ``pruned_blobs`` (start-up sweep)."""
+        """Paths of the pruned models still listed in ``pruned_blobs`` (files to check)."""
         with self._lock:
-            rows = self._db.execute("SELECT path FROM pruned_blobs WHERE kind='model'").fetchall()
+            rows = self._db.execute(  # the partial index: the few model rows, not the updates
+                "SELECT path FROM pruned_blobs INDEXED BY pruned_models WHERE kind='model'"
+            ).fetchall()
         return [str(r[0]) for r in rows]

@@ -46,7 +46,7 @@ from pathlib import Path
 from confide_server.blobs import BlobStore
 from confide_server.config import RetentionConfig
 from confide_server.metrics import UPDATE_STAGES
-from confide_server.store import Store
+from confide_server.store import ForgetPlan, Store
 
 __all__ = ["REPLAY_MARGIN_S", "PruneReport", "Retention"]
 
@@ -87,8 +87,8 @@ class Retention:
     crash_hook : callable, optional
         Called with ``"prune_start"`` before a pass deletes anything, with
         ``"prune_marked"`` between the commit that records a pass and the unlinks, and
-        with ``"prune_unlinked"`` between the unlinks and the commit that forgets their
-        rows (the tests kill the pass there).
+        with ``"prune_unlinked"`` after the unlinks (their ``pruned_blobs`` rows are
+        forgotten by the next pass's transaction; the tests kill the pass there).
     max_clock_skew_s : float, default 300
         The server's accepted clock skew (``[server] max_clock_skew_s``): a signed request
         is replayable by its timestamp for at most twice the largest skew the job ever
@@ -150,15 +150,18 @@ class Retention:
         n_updates = len(entries)
         for _sha, mpath, mrnd in self._prunable_models():
             entries.append((mpath, "model", mrnd, self._size(mpath)))
+        # Pruned models of earlier passes still listed (their files unlinked since).
+        plan = self._plan(self.store.pruned_model_rows()) if self.config.prune_updates else None
+        subs = nonces = 0
+        if entries or plan is not None:
+            # One transaction: this pass's marks, and what earlier passes' unlinks and the
+            # replay window let go (durable first: a kill now leaves files to sweep).
+            subs, _, nonces = self.store.mark_pruned(entries, plan)
         if entries:
-            self.store.mark_pruned(entries)  # durable first: a kill now leaves files to sweep
             self._crash("prune_marked")
             self._unlink([p for p, _, _, _ in entries])
+            # Their pruned_blobs rows are forgotten by the next pass (or the next start).
             self._crash("prune_unlinked")
-        subs = nonces = 0
-        if self.config.prune_updates:
-            models = [p for p, k, _, _ in entries if k == "model"]
-            subs, nonces = self.forget(models)
         return PruneReport(
             updates=n_updates,
             models=len(entries) - n_updates,
@@ -181,6 +184,15 @@ class Retention:
     def forget(self, model_paths: list[str], *, limit: int = FORGET_BATCH) -> tuple[int, int]:
         """Forget what no reader needs once the replay window has passed (one transaction).
 
+        The same as every pass of :meth:`after_close` does with its marks; here alone
+        (the start-up sweep). Returns ``(submission rows, nonces)`` deleted.
+        """
+        subs, _, nonces = self.store.mark_pruned([], self._plan(model_paths, limit=limit))
+        return subs, nonces
+
+    def _plan(self, model_paths: list[str], *, limit: int = FORGET_BATCH) -> ForgetPlan:
+        """Decide what to forget now (reads and file checks, before the transaction).
+
         * nonces accepted more than :meth:`horizon_s` ago: the request they came with is
           refused by its timestamp by then; the store's nonce floor (signed timestamps
           below it are refused on mutating requests) is raised past every deleted one, so
@@ -192,8 +204,6 @@ class Retention:
           bytes the metrics read stay in ``round_uploads``;
         * the ``pruned_blobs`` rows of those update files and of ``model_paths`` whose
           files are gone (a row stays while its file exists: the start-up sweep needs it).
-
-        Returns ``(submission rows, nonces)`` deleted.
         """
         now = self._clock()
         horizon = self.horizon_s()
@@ -214,8 +224,7 @@ class Retention:
                     size += len(json.dumps(json.loads(payload)).encode())
             uploads[rnd] = (updates, size)
         models = [p for p in model_paths if not self._exists(p)]
-        subs, _, nonces = self.store.forget_closed(uploads, models, cutoff, floor_ms)
-        return subs, nonces
+        return ForgetPlan(uploads, models, cutoff, floor_ms)
 
     def _unlink(self, paths: list[str]) -> int:
         gone = 0
