@@ -26,7 +26,7 @@ from confide_server.config import Config, RetentionConfig
 from confide_server.engine.retention import REPLAY_MARGIN_S, Retention
 from confide_server.ledger import load_public_key, read_ledger, verify_ledger
 from confide_server.metrics import round_rows
-from confide_server.store import RoundRow, Store
+from confide_server.store import RoundRow, Store, SubmissionRow
 from tests.server.conftest import FakeClock, Fed
 from tests.server.test_retention_scan import _history, _init, _open, _sha, _steps
 from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
@@ -349,3 +349,52 @@ def test_an_older_database_gets_the_counter_from_its_rows(tmp_path: Path) -> Non
         assert store.get_meta("committed_rounds") == "31"
     finally:
         store.close()
+
+
+# -- a pass's cost does not grow with the job --------------------------------------------
+def _window(store: Store, first: int, n: int) -> None:
+    """Rounds ``first..first+n-1`` committed with two plain submissions each (in window)."""
+    for r in range(first, first + n):
+        row = RoundRow(
+            r, "open", "train", 0.0, ("a", "b"), r, _sha(0), None, float(r), None, None, None
+        )
+        with store.transaction() as cur:
+            Store.insert_round(cur, row)
+        for c in "ab":
+            receipt = {"round": r, "client_id": c}
+            sub = SubmissionRow(r, "train", c, _sha(r), 1, None, {"train_loss": 0.5}, receipt)
+            store.insert_submission(sub, f"n{r}{c}", 1e9 + r)
+        with store.transaction() as cur:
+            Store.advance_round(cur, r, "train", "evaluate", 0.0, _sha(r))
+            Store.commit_round(cur, r, "evaluate", {}, 1e9 + r)
+
+
+def test_a_forget_pass_costs_the_same_after_5000_rounds(tmp_path: Path) -> None:
+    store, blobs = _open(tmp_path)
+    _init(store)
+    clock = FakeClock()
+    clock.now = 1e9 + 6000.5 + 2 * SKEW + REPLAY_MARGIN_S  # round 6000 past the window
+    retention = Retention(RetentionConfig(), store, blobs, max_clock_skew_s=SKEW, clock=clock)
+
+    def measure() -> int:
+        # Round 6000 past the window (forgotten), 6001-6100 in it (held).
+        _window(store, 6000, 101)
+        steps = _steps(store, lambda: retention.forget(store.pruned_model_rows()))
+        assert store.get_submission(6000, "train", "a") is None  # forgotten
+        assert store.get_submission(6001, "train", "a") is not None  # held
+        with store.transaction() as cur:  # take the window away again
+            cur.execute("DELETE FROM submissions")
+            cur.execute("DELETE FROM rounds WHERE round >= 6000")
+            cur.execute("DELETE FROM round_uploads")
+        return steps
+
+    _history(store, 50)
+    with store.transaction() as cur:  # as retention leaves a long job's history
+        cur.execute("DELETE FROM pruned_blobs")
+    short = measure()
+    _history(store, 5000, first=100)
+    with store.transaction() as cur:
+        cur.execute("DELETE FROM pruned_blobs")
+    long = measure()
+    assert long <= short + 5, (short, long)
+    store.close()
