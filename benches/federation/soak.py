@@ -47,6 +47,7 @@ import json
 import math
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -178,14 +179,60 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-class Sampler(threading.Thread):
-    """Samples the server's RSS and FDs, and times /v1/health, until stopped."""
+#: The tables a long job's database holds per request or per round (reported by size).
+DB_TABLES = ("submissions", "nonces", "pruned_blobs", "ledger", "rounds", "round_uploads")
 
-    def __init__(self, pid: int, url: str, every: float) -> None:
+
+def db_stats(path: Path) -> dict[str, Any]:
+    """Sizes of the job's database (read-only, beside the running server).
+
+    ``file_bytes`` / ``wal_bytes``: the database and its write-ahead log on disk;
+    ``page_count`` / ``freelist_count``: pages in the file and free ones (reused before
+    the file grows); ``tables``: bytes of each table with its indexes (``dbstat``) and
+    ``rows`` of the tables in :data:`DB_TABLES`.
+    """
+    wal = path.with_name(path.name + "-wal")
+    out: dict[str, Any] = {
+        "file_bytes": path.stat().st_size if path.exists() else 0,
+        "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+    }
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        out["page_count"] = int(conn.execute("PRAGMA page_count").fetchone()[0])
+        out["freelist_count"] = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+        tables: dict[str, int] = {}
+        for _name, tbl, size in conn.execute(
+            "SELECT d.name, COALESCE(m.tbl_name, d.name), SUM(d.pgsize) FROM dbstat d "
+            "LEFT JOIN sqlite_schema m ON m.name = d.name GROUP BY d.name"
+        ):
+            tables[str(tbl)] = tables.get(str(tbl), 0) + int(size)
+        out["tables"] = dict(sorted(tables.items(), key=lambda kv: -kv[1]))
+        out["rows"] = {
+            t: int(conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0])
+            for t in DB_TABLES
+            if t in tables
+        }
+    finally:
+        conn.close()
+    return out
+
+
+class Sampler(threading.Thread):
+    """Samples the server's RSS and FDs, and times /v1/health, until stopped.
+
+    Also the database file's size at every sample, and its per-table sizes
+    (:func:`db_stats`) once ``db_at`` has passed (the end of the warm-up window).
+    """
+
+    def __init__(self, pid: int, url: str, every: float, db: Path | None = None) -> None:
         super().__init__(daemon=True)
         self.pid, self.url, self.every = pid, url, every
         self.samples: list[tuple[float, float, int]] = []  # (time, RSS MiB, open FDs)
         self.health_ms: list[float] = []
+        self.db = db
+        self.db_bytes: list[tuple[float, int]] = []  # (time, database file bytes)
+        self.db_at = float("inf")
+        self.db_snapshot: dict[str, Any] | None = None
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -195,6 +242,13 @@ class Sampler(threading.Thread):
                 self.samples.append((time.time(), rss_mib(self.pid), fds))
             except OSError:
                 return
+            if self.db is not None:
+                try:
+                    self.db_bytes.append((time.time(), self.db.stat().st_size))
+                    if self.db_snapshot is None and time.time() >= self.db_at:
+                        self.db_snapshot = {"at": time.time(), **db_stats(self.db)}
+                except (OSError, sqlite3.Error):
+                    pass
             t0 = time.perf_counter()
             try:
                 with urllib.request.urlopen(self.url + "/v1/health", timeout=30) as r:
@@ -405,7 +459,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    sampler = Sampler(server.pid, url, args.sample_every)
+    sampler = Sampler(server.pid, url, args.sample_every, work / "state" / "confide.sqlite")
     window = 2 * args.max_clock_skew
     try:
         tokens = enroll_tokens(cfg, args.clients)
@@ -423,6 +477,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.2)
         sampler.start()
         started_at = time.time()  # the first signed request: the replay window starts
+        # Retention forgets nonces and closed rounds' rows 2 x skew + 60 s after them: the
+        # database's per-table sizes once that has passed twice (then flat, if bounded).
+        sampler.db_at = started_at + 2 * (window + 60.0)
         t0 = time.perf_counter()
         asyncio.run(run_clients(url, tokens, body))
         wall = time.perf_counter() - t0
@@ -433,6 +490,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         state = work / "state"
         files = {"updates": count_files(state / "updates"), "models": count_files(state / "models")}
         db_bytes = sum(p.stat().st_size for p in state.glob("confide.sqlite*") if p.is_file())
+        db_end = db_stats(state / "confide.sqlite")
         verify = subprocess.run(
             [
                 sys.executable,
@@ -466,6 +524,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         run_outlasted_window=bool(wall > window),
         files_left=files,
         database_bytes=db_bytes,
+        database_end=db_end,
+        database_after_warmup=sampler.db_snapshot,
+        database_file_bytes=_db_series(sampler.db_bytes, started_at),
         status_page_bytes=page_bytes,
         health_ms_p50=float(np.percentile(health, 50)),
         health_ms_p99=float(np.percentile(health, 99)),
@@ -479,6 +540,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _db_series(samples: list[tuple[float, int]], t0: float) -> list[tuple[float, int]]:
+    """The database file's size at about 20 points of the run: ``(seconds, bytes)``."""
+    if not samples:
+        return []
+    step = max(1, len(samples) // 20)
+    picked = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
+    return [(round(t - t0, 1), n) for t, n in picked]
+
+
+def _describe_db(name: str, db: dict[str, Any] | None) -> str:
+    if db is None:
+        return f"database {name}: not sampled (the run was shorter than 2 x (window + 60 s))"
+    tables = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in list(db["tables"].items())[:6])
+    return (
+        f"database {name}: file {db['file_bytes'] / 1e6:.2f} MB ({db['page_count']} pages, "
+        f"{db['freelist_count']} free), wal {db['wal_bytes'] / 1e6:.2f} MB; {tables}; "
+        f"rows {db['rows']}"
+    )
 
 
 def _describe(name: str, fit: dict[str, Any], verdict: dict[str, str]) -> list[str]:
@@ -523,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['database_bytes']} B; status page {r['status_page_bytes']} B; /v1/health "
             f"p50 {r['health_ms_p50']:.1f} p99 {r['health_ms_p99']:.1f} max "
             f"{r['health_ms_max']:.1f} ms; ledger verify rc={r['ledger_verify_rc']}",
+            _describe_db("after warm-up", r["database_after_warmup"]),
+            _describe_db("at the end", r["database_end"]),
+            f"database file (s, bytes): {r['database_file_bytes']}",
         ]
         print("\n".join(lines))
     return 0 if r["targets_met"] else 1

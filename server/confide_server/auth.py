@@ -185,6 +185,14 @@ async def authenticate(
     cap = request.app.get(client_cap_key)
     if cap is not None:
         cap.enter(request, signed.client_id)
+    if durable_nonce and signed.timestamp_ms < engine.store.nonce_floor_ms:
+        # The nonces of requests signed before the floor were forgotten by [retention]
+        # (engine/retention.py): a request signed that long ago is refused as stale.
+        raise SignatureError(
+            f"timestamp {signed.timestamp_ms} precedes the server's replay window "
+            f"(requests signed before {engine.store.nonce_floor_ms} ms are refused)",
+            "stale_request",
+        )
     if not request.app[nonce_cache_key].add(signed.nonce) or (
         durable_nonce and await asyncio.to_thread(engine.store.nonce_seen, signed.nonce)
     ):

@@ -234,7 +234,9 @@ class RetentionConfig:
     keeps every model's hash, and a release keeps its own copy of its model, so receipts
     and releases still verify. ``prune_updates``: delete a round's update files once the
     round is committed or aborted (its ledger entry, with every receipt hash, is written
-    by then); the submission rows stay.
+    by then); once the replay window (twice the largest accepted clock skew plus 60 s)
+    has passed, also its submission rows and the nonces of the requests accepted before
+    it (:meth:`confide_server.engine.retention.Retention.forget`).
     """
 
     keep_models: int = 10

@@ -46,6 +46,7 @@ log = logging.getLogger("confide_server")
 
 __all__ = [
     "BASE_COLUMNS",
+    "UPDATE_STAGES",
     "MetricsLog",
     "crc32c",
     "event_bytes",
@@ -70,7 +71,8 @@ BASE_COLUMNS = (
     "epsilon_round",
     "upload_bytes",
 )
-_UPDATE_STAGES = ("train", "mask")
+#: Stages whose submissions are model updates (counted as a round's ``updates``).
+UPDATE_STAGES = ("train", "mask")
 
 
 def _finite(value: Any) -> bool:
@@ -125,12 +127,14 @@ def round_rows(
         if r.status not in ("committed", "aborted") or r.round in skip:
             continue
         closes = stages_of.get(r.round, {})
-        stage_names = list(dict.fromkeys([*closes, r.stage, *_UPDATE_STAGES, "evaluate"]))
+        stage_names = list(dict.fromkeys([*closes, r.stage, *UPDATE_STAGES, "evaluate"]))
         upload = 0
         updates = 0
+        seen = False
         for stage in stage_names:
             for s in store.submissions(r.round, stage):
-                if stage in _UPDATE_STAGES:
+                seen = True
+                if stage in UPDATE_STAGES:
                     updates += 1
                 if s.blob is not None and state_dir is not None:
                     try:
@@ -139,6 +143,10 @@ def round_rows(
                         upload += store.pruned_size(s.blob) or 0
                 elif s.payload is not None:
                     upload += len(json.dumps(s.payload).encode())
+        if not seen:  # rows forgotten by [retention] prune_updates: their totals were kept
+            kept = store.round_upload(r.round)
+            if kept is not None:
+                updates, upload = kept
         metrics = r.metrics or {}
         privacy = per_round.get(r.round) or {}
         row: dict[str, Any] = {

@@ -46,6 +46,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "BlobStore",
     "DamagedStateError",
+    "ForgetPlan",
     "PrivacyRow",
     "RoundRow",
     "StorageError",
@@ -138,6 +139,8 @@ CREATE TABLE IF NOT EXISTS revoked_clients (
 CREATE TABLE IF NOT EXISTS pruned_blobs (
     path TEXT PRIMARY KEY, kind TEXT NOT NULL, round INTEGER, size INTEGER NOT NULL,
     pruned_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS round_uploads (
+    round INTEGER PRIMARY KEY, updates INTEGER NOT NULL, upload_bytes INTEGER NOT NULL);
 """
 
 #: Indexes that keep the per-round queries of a long job from reading its whole history
@@ -150,6 +153,8 @@ CREATE INDEX IF NOT EXISTS models_live ON models (COALESCE(round, 0), created_at
 CREATE INDEX IF NOT EXISTS models_by_path ON models (path);
 CREATE INDEX IF NOT EXISTS rounds_open ON rounds (round) WHERE status = 'open';
 CREATE INDEX IF NOT EXISTS rounds_committed ON rounds (round) WHERE status = 'committed';
+CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
+CREATE INDEX IF NOT EXISTS pruned_models ON pruned_blobs (path) WHERE kind = 'model';
 """
 
 
@@ -216,6 +221,24 @@ class SubmissionRow:
     receipt: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ForgetPlan:
+    """What a retention pass forgets (:meth:`Store.mark_pruned`), files already checked.
+
+    ``uploads``: ``{round: (updates, upload_bytes)}`` of closed rounds whose submission
+    rows (and the ``pruned_blobs`` rows of their update files, which are gone) are
+    deleted, the totals kept in ``round_uploads``; ``model_paths``: pruned model files
+    that are gone (their ``pruned_blobs`` rows go; ``models.pruned`` stays); nonces
+    accepted before ``nonces_before`` are deleted and signed timestamps below
+    ``nonce_floor_ms`` refused from then on (the floor only rises).
+    """
+
+    uploads: dict[int, tuple[int, int]]
+    model_paths: list[str]
+    nonces_before: float
+    nonce_floor_ms: int
+
+
 class Store:
     """SQLite-backed job state.
 
@@ -263,30 +286,42 @@ class Store:
             )
         self._manifest_commits = 0
         self._manifest_commits = self._check_identity()
+        #: Signed timestamps (ms) below this are refused on mutating requests: every nonce
+        #: :meth:`forget_closed` deleted belongs to a request signed before it.
+        self.nonce_floor_ms = int(self.get_meta("nonce_floor_ms") or 0)
 
     def _migrate(self) -> None:
         """Bring a database written by an older server up to the current schema.
 
         ``models.pruned`` (a job started before it): added, and set from ``pruned_blobs``
         in the same transaction, so a model pruned before the upgrade stays pruned and no
-        other row changes. A no-op on a current database.
+        other row changes. ``meta.committed_rounds`` (the count :meth:`commit_round`
+        returns, kept in the commit transaction): set once from the committed rows. A
+        no-op on a current database. Neither is a job-level commit (no counter moves).
         """
         cols = {str(r[1]) for r in self._db.execute("PRAGMA table_info(models)")}
-        if "pruned" in cols:
+        counted = self._db.execute("SELECT 1 FROM meta WHERE key='committed_rounds'").fetchone()
+        if "pruned" in cols and counted is not None:
             return
         # Not through transaction(): that syncs the job manifest, which must first be
         # compared with this database (_check_identity), not overwritten from it.
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("ALTER TABLE models ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0")
-            self._db.execute(
-                "UPDATE models SET pruned = 1 WHERE path IN (SELECT path FROM pruned_blobs)"
-            )
+            if "pruned" not in cols:
+                self._db.execute("ALTER TABLE models ADD COLUMN pruned INTEGER NOT NULL DEFAULT 0")
+                self._db.execute(
+                    "UPDATE models SET pruned = 1 WHERE path IN (SELECT path FROM pruned_blobs)"
+                )
+            if counted is None:  # once, on a job started before the counter: O(rounds)
+                self._db.execute(
+                    "INSERT INTO meta(key, value) SELECT 'committed_rounds', "
+                    "CAST(COUNT(*) AS TEXT) FROM rounds WHERE status='committed'"
+                )
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
-        log.info("%s: schema upgraded (models.pruned)", self.path)
+        log.info("%s: schema upgraded (models.pruned, meta.committed_rounds)", self.path)
 
     # -- job identity ------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any] | None:
@@ -626,9 +661,12 @@ class Store:
         if changed != 1:
             return None
         Store.bump_commits(cur)
-        return int(
-            cur.execute("SELECT COUNT(*) FROM rounds WHERE status='committed'").fetchone()[0]
+        # A counter kept in this transaction: O(1), not a count of the job's history.
+        cur.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='committed_rounds'"
         )
+        row = cur.execute("SELECT value FROM meta WHERE key='committed_rounds'").fetchone()
+        return int(row[0])
 
     @staticmethod
     def abort_round(cur: Tx, round_id: int, ended_at: float, reason: str) -> None:
@@ -1070,14 +1108,22 @@ class Store:
                     keep.add(str(new))
         return keep
 
-    def mark_pruned(self, entries: list[tuple[str, str, int | None, int]]) -> None:
+    def mark_pruned(
+        self, entries: list[tuple[str, str, int | None, int]], forget: ForgetPlan | None = None
+    ) -> tuple[int, int, int]:
         """Record ``(path, kind, round, size)`` as pruned, durably, *before* the files go.
 
         A kill after this commit and before the unlinks leaves files the start-up sweep
         (:meth:`pruned_paths`) deletes; a kill before it leaves everything as it was.
+        ``forget`` (rows of earlier passes whose files are gone) is applied in the same
+        transaction. Returns the ``(submissions, pruned_blobs, nonces)`` rows it deleted.
         """
         now = time.time()
+        counts = (0, 0, 0)
+        floor = self.nonce_floor_ms
         with self.transaction() as cur:
+            if forget is not None:
+                counts, floor = self._forget(cur, forget)
             cur.executemany(
                 "INSERT OR IGNORE INTO pruned_blobs(path, kind, round, size, pruned_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -1088,6 +1134,8 @@ class Store:
                 "UPDATE models SET pruned = 1 WHERE path = ? AND pruned = 0",
                 [(p,) for p, k, _, _ in entries if k == "model"],
             )
+        self.nonce_floor_ms = floor
+        return counts
 
     def pruned_paths(self) -> list[str]:
         """Every path marked pruned (the start-up sweep deletes any that still exist)."""
@@ -1102,5 +1150,116 @@ class Store:
         return None if row is None else int(row[0])
 
     def is_pruned(self, path: str) -> bool:
-        """Whether ``path`` was pruned by the retention policy."""
-        return self.pruned_size(path) is not None
+        """Whether ``path`` was pruned by the retention policy.
+
+        A pruned model's ``pruned_blobs`` row is forgotten once its file is gone
+        (:meth:`forget_closed`); ``models.pruned`` keeps the answer.
+        """
+        if self.pruned_size(path) is not None:
+            return True
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM models WHERE path=? AND pruned = 1", (path,)
+            ).fetchone()
+        return row is not None
+
+    # -- bounded bookkeeping of closed rounds (retention.prune_updates) -----------------
+    def note_clock_skew(self, skew_s: float) -> float:
+        """Record the accepted clock skew this process uses; return the largest ever used.
+
+        Nonces are forgotten by a horizon of twice the *largest* skew any process of the
+        job accepted (a request accepted under a larger skew may carry a timestamp that far
+        ahead), so lowering ``max_clock_skew_s`` never shortens it. Not a job-level commit.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='max_clock_skew_s'").fetchone()
+        stored = 0.0 if row is None else float(row[0])
+        if skew_s <= stored:
+            return stored
+        with self.transaction() as cur:
+            Store.set_meta(cur, "max_clock_skew_s", repr(float(skew_s)))
+        return float(skew_s)
+
+    def closed_submissions_before(
+        self, ended_before: float, limit: int
+    ) -> dict[int, list[tuple[str, str | None, str | None, int | None]]]:
+        """Submissions of the oldest closed rounds that ended before ``ended_before``.
+
+        Returns ``{round: [(stage, blob, payload JSON, pruned size of the blob)]}`` for at
+        most ``limit`` rounds, oldest first. Walks the rounds from the oldest one that
+        still has submission rows: once the older ones are forgotten that is the few
+        rounds of the replay window, not the job's history.
+        """
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT s.round, s.stage, s.blob, s.payload, p.size FROM submissions s "
+                "LEFT JOIN pruned_blobs p ON p.path = s.blob WHERE s.round IN ("
+                "SELECT round FROM rounds WHERE round >= (SELECT MIN(round) FROM submissions) "
+                "AND status IN ('committed', 'aborted') AND ended_at < ? "
+                "ORDER BY round LIMIT ?) ORDER BY s.round",
+                (ended_before, limit),
+            ).fetchall()
+        out: dict[int, list[tuple[str, str | None, str | None, int | None]]] = {}
+        for rnd, stage, blob, payload, size in rows:
+            out.setdefault(int(rnd), []).append(
+                (str(stage), blob, payload, None if size is None else int(size))
+            )
+        return out
+
+    def forget_closed(
+        self,
+        uploads: dict[int, tuple[int, int]],
+        model_paths: list[str],
+        nonces_before: float,
+        nonce_floor_ms: int,
+    ) -> tuple[int, int, int]:
+        """Apply a :class:`ForgetPlan` in a transaction of its own; see :meth:`mark_pruned`.
+
+        Returns
+        -------
+        tuple of int
+            ``(submissions, pruned_blobs, nonces)`` rows deleted.
+        """
+        return self.mark_pruned([], ForgetPlan(uploads, model_paths, nonces_before, nonce_floor_ms))
+
+    def _forget(self, cur: Tx, plan: ForgetPlan) -> tuple[tuple[int, int, int], int]:
+        """Delete what ``plan`` names inside ``cur``; return the counts and the new floor."""
+        subs = blobs = 0
+        for rnd, (updates, size) in sorted(plan.uploads.items()):
+            cur.execute(
+                "INSERT OR REPLACE INTO round_uploads(round, updates, upload_bytes) "
+                "VALUES (?, ?, ?)",
+                (rnd, updates, size),
+            )
+            blobs += cur.execute(
+                "DELETE FROM pruned_blobs WHERE path IN (SELECT blob FROM submissions "
+                "WHERE round=? AND blob IS NOT NULL)",
+                (rnd,),
+            ).rowcount
+            subs += cur.execute("DELETE FROM submissions WHERE round=?", (rnd,)).rowcount
+        for path in plan.model_paths:
+            blobs += cur.execute(
+                "DELETE FROM pruned_blobs WHERE path=? AND kind='model'", (path,)
+            ).rowcount
+        nonces = int(cur.execute("DELETE FROM nonces WHERE ts < ?", (plan.nonces_before,)).rowcount)
+        floor = self.nonce_floor_ms
+        if nonces and plan.nonce_floor_ms > floor:  # covers every nonce deleted here
+            floor = int(plan.nonce_floor_ms)
+            Store.set_meta(cur, "nonce_floor_ms", str(floor))
+        return (subs, blobs, nonces), floor
+
+    def round_upload(self, round_id: int) -> tuple[int, int] | None:
+        """Return ``(updates, upload_bytes)`` of a round whose submissions were forgotten."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT updates, upload_bytes FROM round_uploads WHERE round=?", (round_id,)
+            ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    def pruned_model_rows(self) -> list[str]:
+        """Paths of the pruned models still listed in ``pruned_blobs`` (files to check)."""
+        with self._lock:
+            rows = self._db.execute(  # the partial index: the few model rows, not the updates
+                "SELECT path FROM pruned_blobs INDEXED BY pruned_models WHERE kind='model'"
+            ).fetchall()
+        return [str(r[0]) for r in rows]

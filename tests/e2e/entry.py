@@ -43,6 +43,7 @@ CRASH_POINTS = (
     "round_aborted",
     "prune_start",
     "prune_marked",
+    "prune_unlinked",
 )
 
 

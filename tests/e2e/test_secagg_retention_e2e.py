@@ -42,6 +42,11 @@ def models_left(state: Path) -> set[str]:
     return {p.name.split(".")[0] for p in _files(state / "models")}
 
 
+def _models(store: Store) -> list[tuple[str, str, int | None]]:
+    rows = store._db.execute("SELECT sha256, path, round FROM models").fetchall()
+    return [(str(a), str(b), c) for a, b, c in rows]
+
+
 def _snapshot(db: Path) -> dict[str, Any]:
     """What the killed server had committed: rounds, submissions, SecAgg+ rows, ledger."""
     store = Store(db)
@@ -63,7 +68,12 @@ def _snapshot(db: Path) -> dict[str, Any]:
         return {
             "rounds": {r.round: r.status for r in rounds},
             "new_models": {r.round: r.new_model for r in rounds},
-            "pruned": set(store.pruned_paths()),
+            # Marked in pruned_blobs until the file is gone, then in models.pruned only.
+            "pruned": {
+                p
+                for p in store.pruned_paths() + [m for _, m, _ in _models(store)]
+                if store.is_pruned(p)
+            },
             "submissions": subs,
             "secagg_rounds": secagg,
             "unpruned_blobs": blobs,

@@ -7,7 +7,10 @@ calls :meth:`Retention.after_close`:
 * ``prune_updates``: the update files of the closed round are deleted. The round is
   committed or aborted by then, and a committed round's ledger entry (with the hash of
   every receipt) was written in the same transaction, so receipts still verify against
-  the ledger; the submission rows stay.
+  the ledger. Once the replay window has passed (:meth:`Retention.horizon_s`), the
+  round's submission rows, the nonces of the requests accepted before it and the
+  ``pruned_blobs`` rows of files that are gone are forgotten too
+  (:meth:`Retention.forget`): the database stops growing with the job's length.
   The SecAgg+ snapshots of closed rounds (``secagg_state`` rows: every masked vector of
   the round) are deleted in the same pass, in one transaction of their own; only the open
   round's snapshot is ever read again (recovery at start).
@@ -32,17 +35,28 @@ length (``tests/server/test_retention_scan.py`` counts the SQLite steps each que
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from confide_server.blobs import BlobStore
 from confide_server.config import RetentionConfig
-from confide_server.store import Store
+from confide_server.metrics import UPDATE_STAGES
+from confide_server.store import ForgetPlan, Store
 
-__all__ = ["PruneReport", "Retention"]
+__all__ = ["REPLAY_MARGIN_S", "PruneReport", "Retention"]
+
+#: Added to twice the accepted clock skew: how long after a request was accepted its
+#: nonce (and how long after a round closed its submission rows) are kept.
+REPLAY_MARGIN_S = 60.0
+
+#: Closed rounds whose submission rows one pass forgets, at most (a backlog, e.g. of a
+#: job started before this, drains over a few closes; the start-up sweep drains it all).
+FORGET_BATCH = 64
 
 log = logging.getLogger("confide_server")
 
@@ -55,6 +69,8 @@ class PruneReport:
     models: int = 0
     bytes: int = 0
     secagg_states: int = 0
+    forgotten_submissions: int = 0
+    forgotten_nonces: int = 0
 
 
 class Retention:
@@ -69,9 +85,17 @@ class Retention:
     blobs : BlobStore
         The files.
     crash_hook : callable, optional
-        Called with ``"prune_start"`` before a pass deletes anything, and with
-        ``"prune_marked"`` between the commit that records a pass and the unlinks (the
-        e2e tests SIGKILL the server there).
+        Called with ``"prune_start"`` before a pass deletes anything, with
+        ``"prune_marked"`` between the commit that records a pass and the unlinks, and
+        with ``"prune_unlinked"`` after the unlinks (their ``pruned_blobs`` rows are
+        forgotten by the next pass's transaction; the tests kill the pass there).
+    max_clock_skew_s : float, default 300
+        The server's accepted clock skew (``[server] max_clock_skew_s``): a signed request
+        is replayable by its timestamp for at most twice the largest skew the job ever
+        accepted, so nonces and closed rounds' submission rows are kept that long (plus
+        :data:`REPLAY_MARGIN_S`).
+    clock : callable, default time.time
+        Unix seconds (the engine's clock: the one that stamps ``accepted_at``).
     """
 
     def __init__(
@@ -81,11 +105,16 @@ class Retention:
         blobs: BlobStore,
         *,
         crash_hook: Callable[[str], None] | None = None,
+        max_clock_skew_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.store = store
         self.blobs = blobs
         self._crash = crash_hook or (lambda _point: None)
+        self._skew = float(max_clock_skew_s)
+        self._skew_noted = False
+        self._clock = clock
 
     def _size(self, relpath: str) -> int:
         try:
@@ -121,17 +150,81 @@ class Retention:
         n_updates = len(entries)
         for _sha, mpath, mrnd in self._prunable_models():
             entries.append((mpath, "model", mrnd, self._size(mpath)))
-        if not entries:
-            return PruneReport(secagg_states=secagg)
-        self.store.mark_pruned(entries)  # durable first: a kill now leaves files to sweep
-        self._crash("prune_marked")
-        self._unlink([p for p, _, _, _ in entries])
+        # Pruned models of earlier passes still listed (their files unlinked since).
+        plan = self._plan(self.store.pruned_model_rows()) if self.config.prune_updates else None
+        subs = nonces = 0
+        if entries or plan is not None:
+            # One transaction: this pass's marks, and what earlier passes' unlinks and the
+            # replay window let go (durable first: a kill now leaves files to sweep).
+            subs, _, nonces = self.store.mark_pruned(entries, plan)
+        if entries:
+            self._crash("prune_marked")
+            self._unlink([p for p, _, _, _ in entries])
+            # Their pruned_blobs rows are forgotten by the next pass (or the next start).
+            self._crash("prune_unlinked")
         return PruneReport(
             updates=n_updates,
             models=len(entries) - n_updates,
             bytes=sum(n for _, _, _, n in entries),
             secagg_states=secagg,
+            forgotten_submissions=subs,
+            forgotten_nonces=nonces,
         )
+
+    def _exists(self, relpath: str) -> bool:
+        return (self.blobs.root / relpath).exists()
+
+    def horizon_s(self) -> float:
+        """How long nonces and closed rounds' submissions are kept (seconds)."""
+        if not self._skew_noted:
+            self._skew = self.store.note_clock_skew(self._skew)
+            self._skew_noted = True
+        return 2.0 * self._skew + REPLAY_MARGIN_S
+
+    def forget(self, model_paths: list[str], *, limit: int = FORGET_BATCH) -> tuple[int, int]:
+        """Forget what no reader needs once the replay window has passed (one transaction).
+
+        The same as every pass of :meth:`after_close` does with its marks; here alone
+        (the start-up sweep). Returns ``(submission rows, nonces)`` deleted.
+        """
+        subs, _, nonces = self.store.mark_pruned([], self._plan(model_paths, limit=limit))
+        return subs, nonces
+
+    def _plan(self, model_paths: list[str], *, limit: int = FORGET_BATCH) -> ForgetPlan:
+        """Decide what to forget now (reads and file checks, before the transaction).
+
+        * nonces accepted more than :meth:`horizon_s` ago: the request they came with is
+          refused by its timestamp by then; the store's nonce floor (signed timestamps
+          below it are refused on mutating requests) is raised past every deleted one, so
+          this holds across restarts and a later change of ``max_clock_skew_s``;
+        * the submission rows of closed rounds that ended more than :meth:`horizon_s` ago
+          and whose update files are gone: their receipts are in the ledger (by hash), a
+          redo within the window still gets its receipt, later a redo is refused as
+          ``round_closed`` (409, nothing counted); the per-round update count and upload
+          bytes the metrics read stay in ``round_uploads``;
+        * the ``pruned_blobs`` rows of those update files and of ``model_paths`` whose
+          files are gone (a row stays while its file exists: the start-up sweep needs it).
+        """
+        now = self._clock()
+        horizon = self.horizon_s()
+        cutoff = now - horizon
+        # Every deleted nonce's request was accepted before ``cutoff`` with a signed
+        # timestamp at most ``skew`` ahead: all of them are below the floor.
+        floor_ms = int((cutoff + self._skew) * 1000)
+        uploads: dict[int, tuple[int, int]] = {}
+        for rnd, rows in self.store.closed_submissions_before(cutoff, limit).items():
+            if any(b is not None and (n is None or self._exists(b)) for _, b, _, n in rows):
+                continue  # an update file not pruned yet (or not unlinked): keep the rows
+            updates = sum(1 for stage, _, _, _ in rows if stage in UPDATE_STAGES)
+            size = 0
+            for _, blob, payload, n in rows:
+                if blob is not None:
+                    size += n or 0
+                elif payload is not None:  # as metrics.round_rows counts it
+                    size += len(json.dumps(json.loads(payload)).encode())
+            uploads[rnd] = (updates, size)
+        models = [p for p in model_paths if not self._exists(p)]
+        return ForgetPlan(uploads, models, cutoff, floor_ms)
 
     def _unlink(self, paths: list[str]) -> int:
         gone = 0
@@ -168,8 +261,22 @@ class Retention:
             log.info("retention: deleted %d file(s) a stopped prune had left", swept)
         last = self.store.last_round()
         report = PruneReport() if last is None else self.after_close(last.round, first=1)
+        subs, nonces = report.forgotten_submissions, report.forgotten_nonces
+        if self.config.prune_updates:
+            # Drain what a stopped pass (or an older server) left, then the model rows.
+            while True:
+                more, n = self.forget([])
+                subs, nonces = subs + more, nonces + n
+                if not more:
+                    break
+            self.forget(self.store.pruned_model_rows())
         return PruneReport(
-            report.updates + swept, report.models, report.bytes, report.secagg_states
+            report.updates + swept,
+            report.models,
+            report.bytes,
+            report.secagg_states,
+            subs,
+            nonces,
         )
 
 

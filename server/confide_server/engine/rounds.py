@@ -338,7 +338,14 @@ class RoundEngine:
         self.ledger = LedgerSigner(config.server.state_dir)
         self.metrics = MetricsLog(config.server.state_dir)
         # What a long job deletes after each round ([retention]; engine/retention.py).
-        self.retention = Retention(config.retention, store, blobs, crash_hook=self._crash)
+        self.retention = Retention(
+            config.retention,
+            store,
+            blobs,
+            crash_hook=self._crash,
+            max_clock_skew_s=config.server.max_clock_skew_s,
+            clock=clock,
+        )
 
     # -- start-up and recovery ---------------------------------------------------------
     def initialise(self, initial_weights: bytes) -> None:
@@ -878,6 +885,14 @@ class RoundEngine:
                 prior = self.store.get_submission(round_id, stage, client_id)
                 if prior is not None and prior.sha256 == sha256:
                     return prior.receipt
+                if prior is None and self.store.round_upload(round_id) is not None:
+                    raise RoundError(
+                        f"round {round_id} is {row.status}; its submissions were forgotten "
+                        "by the retention policy ([retention] prune_updates) after the "
+                        "replay window: the ledger entry of the round holds the hash of "
+                        "every receipt",
+                        "round_closed",
+                    )
             raise RoundError(f"round {round_id} is {row.status}", "round_closed")
         if client_id not in cur.cohort:
             raise RoundError(
