@@ -1005,6 +1005,14 @@ def _pld_epsilon_dp_accounting(merged: Sequence[PrivacyEvent], delta: float, dis
 #   ``get_epsilon_for_delta``.
 
 _TAIL_MASS = 1e-15  # dp-accounting's default tail_mass_truncation (compose, self_compose)
+#: Bins with |F^n| below exp(-_LIVE_LOG) are dropped by _StepPmf.epsilon (exp(-690) < 1e-299).
+_LIVE_LOG = 690.0
+#: Above this many live bins _StepPmf.epsilon declines (the inverse FFT is as cheap).
+_MAX_LIVE = 4096
+#: Points tested per step of _StepPmf.epsilon's search (fewer steps vs fewer terms a step).
+_SEARCH_WAYS = 16
+#: _StepPmf.epsilon declines windows with a loss beyond this (exp(-loss) near overflow).
+_MAX_LOSS = 600.0
 
 
 @dataclass(frozen=True)
@@ -1038,6 +1046,9 @@ class _StepPmf:
         # FFT length -> log of the one-step spectrum (F^n = exp(n log F), as numpy's
         # complex power computes it), for the last length used.
         self._log_spectra: dict[int, np.ndarray[Any, np.dtype[np.complex128]]] = {}
+        # The band-limited epsilon's live bins: (FFT length, smallest n they cover,
+        # indices, log F at them); see epsilon().
+        self._live: tuple[int, int, np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
 
     def _bounds(self, n: int) -> tuple[int, int]:
         # dp-accounting's compute_self_convolve_bounds, with the log-MGFs computed once.
@@ -1053,18 +1064,27 @@ class _StepPmf:
                 lower = max(lower, math.floor(bound))
         return lower, upper
 
-    def power(self, n: int) -> _Pmf:
-        """Return the PMF of ``n`` compositions (dp-accounting's ``self_compose``)."""
+    def _window(self, n: int) -> tuple[int, int, int]:
+        """``(lo, out_len, size)``: the window of ``n`` compositions and its FFT length."""
         lo, hi = self._bounds(n)
         out_len = hi - lo + 1
-        size = _fft_len(max(out_len, self.pmf.probs.size))
+        return lo, out_len, _fft_len(max(out_len, self.pmf.probs.size))
+
+    def _log_spectrum(self, size: int) -> np.ndarray[Any, np.dtype[np.complex128]]:
+        # log F at every rfft bin of length ``size``; an exact zero of F gets a finite log
+        # so that n * log F is free of inf * 0 = nan.
+        with np.errstate(divide="ignore"):
+            log_spec = np.log(np.fft.rfft(self.pmf.probs, size))
+        log_spec[np.isneginf(log_spec.real)] = -1e300
+        return log_spec
+
+    def power(self, n: int) -> _Pmf:
+        """Return the PMF of ``n`` compositions (dp-accounting's ``self_compose``)."""
+        lo, out_len, size = self._window(n)
         log_spec = self._log_spectra.get(size)
         if log_spec is None:
             self._log_spectra.clear()  # one length kept: memory stays flat (lengths grow)
-            with np.errstate(divide="ignore"):
-                log_spec = np.log(np.fft.rfft(self.pmf.probs, size))
-            # An exact zero of F: a finite log keeps n * log F free of inf * 0 = nan.
-            log_spec[np.isneginf(log_spec.real)] = -1e300
+            log_spec = self._log_spectrum(size)
             self._log_spectra[size] = log_spec
         with np.errstate(over="ignore"):
             full = np.fft.irfft(np.exp(n * log_spec), size)
@@ -1075,6 +1095,157 @@ class _StepPmf:
             probs = np.concatenate((full[start:], full[: start + out_len - size]))
         inf = _TAIL_MASS - math.expm1(n * math.log1p(-self.pmf.infinity_mass))
         return _Pmf(self.pmf.lower * n + lo, probs, inf)
+
+    def _live_bins(
+        self, n: int, size: int
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
+        """Bins ``w`` where ``|F(w)|^n >= exp(-_LIVE_LOG)``, with ``log F(w)``; ``None`` if many.
+
+        For a fixed FFT length the live set only shrinks as ``n`` grows, so the set found
+        for some ``n`` serves every larger ``n`` at that length (a slice of ``K`` entries);
+        a new length costs one rfft of the one-step PMF (as :meth:`power` pays) and a complex
+        log at the candidate bins only.
+        """
+        c = self._live
+        if c is None or c[0] != size or n < c[1]:
+            log_spec = self._log_spectra.get(size)
+            if log_spec is None:
+                # The complex log only where |F| can be live (a margin on log |F|), and
+                # there elementwise what _log_spectrum would give.
+                spec = np.fft.rfft(self.pmf.probs, size)
+                mag2 = spec.real * spec.real + spec.imag * spec.imag
+                with np.errstate(divide="ignore"):
+                    cand = np.flatnonzero(0.5 * np.log(mag2) * n >= -_LIVE_LOG - 1.0)
+                if cand.size > _MAX_LIVE:
+                    return None
+                with np.errstate(divide="ignore"):
+                    logs = np.log(spec[cand])
+                logs[np.isneginf(logs.real)] = -1e300
+            else:
+                cand, logs = np.arange(log_spec.size), log_spec
+            keep = np.flatnonzero(logs.real * n >= -_LIVE_LOG)
+            if keep.size > _MAX_LIVE:
+                return None
+            c = (size, n, cand[keep], logs[keep])
+            self._live = c
+        _, _, idx, logs = c
+        live = logs.real * n >= -_LIVE_LOG
+        return idx[live], logs[live]
+
+    def epsilon(self, n: int, delta: float, disc: float) -> float | None:
+        """``_pmf_epsilon(self.power(n), delta, disc)`` without the inverse FFT, or ``None``.
+
+        ``power(n)`` is ``irfft(F^n)`` on a window of the FFT's circle, with
+        ``F^n = exp(n log F)``; beyond a few hundred steps ``|F(w)|^n`` underflows in all
+        but ``K`` (~100) low-frequency bins, whatever the length. The tail sums the epsilon
+        reader walks, ``U(k) = sum_{i>=k} p_i`` and ``L(k) = sum_{i>=k} p_i exp(-loss_i)``,
+        are then ``K``-term sums of closed-form geometric series (the same ``F^n`` values,
+        computed the same way), and the reader's stopping index is found by a search rather
+        than a walk: ``U(i+1) - exp(loss_i) L(i+1)`` (the hockey-stick divergence at
+        ``loss_i``) does not increase with ``i``, so the walk stops at the largest ``i``
+        where the reader's test holds, which a 16-ary search over ``[0, out_len)`` finds in
+        ``log_16(out_len)`` steps of ``K x 16`` terms. Cost per call: ``O(K)``, flat in
+        ``n``.
+
+        Dropped bins have ``|F^n| < exp(-_LIVE_LOG)`` (< 1e-299): together they move any
+        ``U(k)`` by less than ``size * 1e-299`` and any ``L(k)`` by less than that times
+        ``exp(-lowest loss)``, where numpy's ``exp`` already rounds most of them to 0.
+        Returns ``None`` (the caller takes the inverse-FFT path) where the spectrum is not
+        concentrated (``K > _MAX_LIVE``, short compositions) or a sum is not a finite
+        positive number.
+        """
+        lo, out_len, size = self._window(n)
+        live = self._live_bins(n, size)
+        if live is None:
+            return None
+        inf = _TAIL_MASS - math.expm1(n * math.log1p(-self.pmf.infinity_mass))
+        if inf > delta:
+            return math.inf
+        idx, logs = live
+        lower = self.pmf.lower * n + lo
+        if lower * disc < -_MAX_LOSS or (lower + out_len) * disc > _MAX_LOSS:
+            return None
+        with np.errstate(over="ignore", under="ignore"):
+            g = np.exp(n * logs)
+        # irfft weights: the DC and (even length) Nyquist bins once, the others twice.
+        weight = np.where((idx == 0) | (2 * idx == size), 1.0, 2.0) / size
+        g = g * weight
+        w = idx.astype(np.int64)[:, None]
+        start = lo % size
+        two_n = 2 * size
+        sin_half = np.sin(np.pi * idx / size)[:, None]  # sin(theta / 2)
+        theta = (2 * np.pi / size) * idx
+        e_d = math.exp(-disc)
+        # 1 - r with r = exp(-disc + i theta), stably (no cancellation near theta = 0).
+        one_minus_r = (-math.expm1(-disc) * np.cos(theta) + 2 * np.sin(np.pi * idx / size) ** 2) - (
+            1j * e_d * np.sin(theta)
+        )
+        one_minus_r = one_minus_r[:, None]
+        dc = (idx == 0)[:, None]
+
+        def tails(ks: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+            # U(k) and L(k) for each k in ks (0 <= k <= out_len; empty sums at out_len).
+            k = ks.astype(np.int64)[None, :]
+            length = out_len - k  # terms in the sum
+            first = (start + k) % size  # circular index of position k
+            # sum_{m<L} e^{i theta (first + m)} = e^{i theta (first + (L-1)/2)} sin(theta L/2)
+            # / sin(theta / 2); phases reduced as integers mod 2 size first.
+            s_len = np.pi * ((w * length) % two_n) / size  # theta L / 2 (mod 2 pi)
+            mid = np.pi * ((w * (2 * first + length - 1)) % two_n) / size
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(dc, length, np.sin(s_len) / np.where(dc, 1.0, sin_half))
+            e1 = np.exp(1j * mid) * ratio
+            # sum_{m<L} r^m = (1 - r^L) / (1 - r), 1 - r^L written without cancellation.
+            em = -np.expm1(-disc * length)
+            one_minus_rl = (em * np.cos(2 * s_len) + 2 * np.sin(s_len) ** 2) - (
+                1j * np.exp(-disc * length) * np.sin(2 * s_len)
+            )
+            phase0 = np.exp(1j * (np.pi * ((2 * w * first) % two_n) / size))
+            e2 = np.exp(-disc * (lower + k)) * phase0 * (one_minus_rl / one_minus_r)
+            upper = (g[:, None] * e1).real.sum(axis=0)
+            low = (g[:, None] * e2).real.sum(axis=0)
+            return upper, low
+
+        def test(i: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], ...]:
+            # The reader's test at loss_i, with the masses above i (before adding p_i).
+            upper, low = tails(i + 1)
+            upper = inf + upper
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ok = (upper > delta) & (low > 0)
+                hit = np.zeros(i.size, dtype=bool)
+                hit[ok] = np.log((upper[ok] - delta) / low[ok]) >= (lower + i[ok]) * disc
+            return hit, upper, low, ok
+
+        # Largest i with hit(i): hit(out_len - 1) is False (nothing above the top).
+        a, b = -1, out_len - 1  # hit(a) (or a = -1: none yet), not hit(b)
+        while b - a > 1:
+            points = np.unique(np.linspace(a, b, _SEARCH_WAYS + 2).astype(np.int64)[1:-1])
+            points = points[(points > a) & (points < b)]
+            if points.size == 0:
+                points = np.arange(a + 1, b)
+            hit, upper, low, ok = test(points)
+            if not (np.isfinite(upper).all() and np.isfinite(low).all()):
+                return None
+            if ((upper > delta) & ~ok).any():  # L <= 0 with mass above delta: rounding trouble
+                return None
+            true_at = np.flatnonzero(hit)
+            if true_at.size:
+                a = int(points[true_at[-1]])
+                after = points[points > a]
+                if after.size:
+                    b = min(b, int(after[0]))
+            else:
+                b = int(points[0])
+        # The masses where the walk stops (above ``a``), or after it (all of the window).
+        upper, low = tails(np.array([a + 1]))
+        mass_upper, mass_lower = inf + float(upper[0]), float(low[0])
+        if not (math.isfinite(mass_upper) and math.isfinite(mass_lower)):
+            return None
+        if mass_upper <= mass_lower + delta:
+            return 0.0
+        if mass_lower <= 0.0:
+            return None
+        return math.log((mass_upper - delta) / mass_lower)
 
 
 def _dense(pmf: Any) -> _Pmf:
@@ -1219,6 +1390,16 @@ def _pld_epsilon(merged: Sequence[PrivacyEvent], delta: float, disc: float) -> f
             sampled.append((e.sampling_rate, e.noise_multiplier, e.count))
     if not sampled:
         return 0.0 if mu2 == 0.0 else _gaussian_epsilon(math.sqrt(mu2), delta)
+    if mu2 == 0.0 and len(sampled) == 1:
+        # One sampled kind (a sample-DP job): the band-limited epsilon, O(1) in n.
+        q, z, n = sampled[0]
+        eps = 0.0
+        for step in _sampled_step(q, z, disc):
+            got = step.epsilon(n, delta, disc)
+            if got is None:
+                got = _pmf_epsilon(step.power(n), delta, disc)
+            eps = max(eps, got)
+        return eps
     gauss = _gaussian_pmf(math.sqrt(mu2), disc) if mu2 > 0.0 else None
     eps = 0.0
     for side in (0, 1):
