@@ -21,7 +21,7 @@ def test_disk_full_and_io_errors_are_retried_not_fatal(tmp_path: Path, procs_fac
     )
     procs: Procs = procs_factory(files)
     # the first 4 update writes hit a full disk; commits 6-8 hit I/O errors (after start-up)
-    server = procs.server(fail_writes=("blob_write:updates/:1:4", "db_commit:6:3"))
+    server = procs.server(fail_writes=("blob_write:updates/:1:4", "db_commit:8:3"))
     tokens = procs.tokens(3)
     clients = [procs.client(k, tok) for k, tok in enumerate(tokens, start=1)]
     assert procs.wait_exit(server, timeout=240) == 0, procs.all_logs()
