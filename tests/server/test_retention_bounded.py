@@ -28,11 +28,11 @@ from confide_server.ledger import load_public_key, read_ledger, verify_ledger
 from confide_server.metrics import round_rows
 from confide_server.store import RoundRow, Store, SubmissionRow
 from tests.server.conftest import FakeClock, Fed
+from tests.server.test_retention import SITES, _wait_round
 from tests.server.test_retention_scan import _history, _init, _open, _sha, _steps
 from tests.server.util import delta_body, eval_body, tiny_manifest, write_job
 
 MANIFEST = tiny_manifest()
-SITES = ("alice", "bob")
 SKEW = 5.0  # [server] max_clock_skew_s of the bounded-row tests: a 70 s window
 ROUND_S = 10.0  # the engine clock moves this much after each round
 WINDOW_ROUNDS = int((2 * SKEW + REPLAY_MARGIN_S) // ROUND_S) + 1
@@ -60,14 +60,6 @@ async def _fed(aiohttp_client: Client, tmp_path: Path, clock: FakeClock, **kw: A
         await fed.enroll(cid)
         await fed.task(cid)
     return fed
-
-
-async def _wait_round(fed: Fed, round_id: int, action: str) -> None:
-    for _ in range(100):
-        tasks = [await fed.task(cid, wait=0.2) for cid in SITES]
-        if all(t["action"] == action and t.get("round") == round_id for t in tasks):
-            return
-    raise AssertionError(f"round {round_id} never reached {action!r}")
 
 
 async def _round(fed: Fed, r: int, receipts: dict[tuple[int, str], Any] | None = None) -> None:
