@@ -21,6 +21,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -37,9 +38,9 @@ from confide_server.engine.stagelog import secagg_tolerance
 from confide_server.keys import engine_key, finished_key
 from confide_server.opscli import add_operator_commands
 from confide_server.statelock import StateLock
-from confide_server.store import Store
+from confide_server.store import StorageError, Store
 
-__all__ = ["build_parser", "build_ssl_context", "main", "serve"]
+__all__ = ["REPORTED_ERRORS", "build_parser", "build_ssl_context", "main", "serve", "start_refused"]
 
 log = logging.getLogger("confide_server")
 
@@ -51,6 +52,49 @@ its sites (enroll), show its state (status), abort its open round (abort), revok
 
 #: The ``meta`` key that says whether a server is serving the job or stopped cleanly.
 SERVER_STATE_KEY = "server_state"
+
+#: What ``confide-server`` reports in one line on stderr (``confide.cli.exit_status``)
+#: instead of a traceback.
+REPORTED_ERRORS: tuple[type[BaseException], ...] = (
+    KeyboardInterrupt,
+    BrokenPipeError,
+    ModuleNotFoundError,
+    ConfideError,
+    OSError,
+)
+
+#: ``errno`` values of a disk that refuses writes: full, over quota, failing, read-only.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+
+
+def start_refused(state_dir: Path, exc: BaseException) -> StorageError | None:
+    """Turn a storage fault during start-up into one clear error (``None``: another error).
+
+    A disk that is full or failing while the server opens or recovers its state (the
+    database refused a commit, a model file could not be written) ends ``run`` with a
+    one-line message saying what to do, not a traceback. Nothing acknowledged is lost: the
+    refused transaction rolled back and the state is what was last committed, so running
+    the same command again once the disk is fixed resumes the job. Other errors (a missing
+    weights file, a damaged state folder) keep their own message.
+
+    Examples
+    --------
+    >>> disk_full = OSError(errno.ENOSPC, "No space left on device", "m.bin")
+    >>> print(start_refused(Path("state"), disk_full))  # doctest: +ELLIPSIS
+    could not start: the state folder state refused a durable write (m.bin: No space left ...
+    >>> start_refused(Path("state"), FileNotFoundError(2, "No such file", "w.safetensors"))
+    """
+    if isinstance(exc, StorageError):
+        detail = str(exc)
+    elif isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        detail = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+    else:
+        return None
+    return StorageError(
+        f"could not start: the state folder {state_dir} refused a durable write ({detail}). "
+        "Nothing acknowledged was lost: free disk space or repair the disk that holds it, "
+        "then run the same command again to resume the job"
+    )
 
 
 def version_string() -> str:
@@ -126,8 +170,11 @@ async def _serve_locked(
             lambda: open_engine(config, crash_hook=crash_hook, fault_hook=fault_hook),
             ssl_context=ssl_context,
         )
-    except BaseException:
+    except BaseException as exc:
         sock.close()
+        refused = start_refused(config.server.state_dir, exc)
+        if refused is not None:
+            raise refused from exc
         raise
     app = create_app(config, engine=engine)
     # Slow or missing request heads and idle keep-alive connections are closed after
@@ -138,8 +185,12 @@ async def _serve_locked(
     await runner.setup()
     await LimitedSockSite(runner, sock, ssl_context=ssl_context).start()
     store = app[engine_key].store
-    with store.transaction() as cur:
-        store.set_meta(cur, SERVER_STATE_KEY, "serving")
+    try:
+        with store.transaction() as cur:
+            store.set_meta(cur, SERVER_STATE_KEY, "serving")
+    except StorageError as exc:
+        await runner.cleanup()
+        raise start_refused(config.server.state_dir, exc) or exc from exc
     scheme = "https" if config.tls.cert else "http"
     for addr in runner.addresses:
         print(
@@ -387,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rc = int(args.func(args))
         sys.stdout.flush()
         return rc
-    except (KeyboardInterrupt, BrokenPipeError, ModuleNotFoundError, ConfideError, OSError) as exc:
+    except REPORTED_ERRORS as exc:
         from confide.cli import exit_status
 
         return exit_status(name, exc)  # the same one-line report and status as ``confide``

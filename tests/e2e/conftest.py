@@ -62,16 +62,23 @@ class Procs:
         """Start the server; ``crash_at="point:n"`` SIGKILLs it the n-th time at ``point``.
 
         ``fail_writes`` injects storage faults (``STEP:FROM:COUNT``, see tests.e2e.entry).
+        Returns once the server answers (asserts it is running).
         """
-        crash = ["--crash-at", crash_at] if crash_at else []
-        for spec in fail_writes:
-            crash += ["--fail-writes", spec]
-        p = self._spawn(
-            "server", [*ENTRY, "server", *crash, "run", "--config", str(self.files.config)]
-        )
+        p = self.spawn_server(crash_at, fail_writes)
         self.wait_until(lambda: self.status() is not None or p.poll() is not None)
         assert p.poll() is None, self.log("server")
         return p
+
+    def spawn_server(
+        self, crash_at: str | None = None, fail_writes: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        """Start the server process and return at once (for a start that is meant to fail)."""
+        crash = ["--crash-at", crash_at] if crash_at else []
+        for spec in fail_writes:
+            crash += ["--fail-writes", spec]
+        return self._spawn(
+            "server", [*ENTRY, "server", *crash, "run", "--config", str(self.files.config)]
+        )
 
     def tokens(self, n: int) -> list[str]:
         out = subprocess.run(

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confide.cli import build_parser, run_client
+from confide.cli import build_parser, exit_status, run_client
 from confide_server import cli as server_cli
 from confide_server.cli import serve
 from confide_server.config import load_config
@@ -129,7 +129,10 @@ def _server(argv: list[str]) -> int:
         _hold_recovery(Path(a.hold_recovery))
     hook = _crash_hook(a.crash_at) if a.crash_at else None
     faults = _fault_hook(a.fail_writes) if a.fail_writes else None
-    return asyncio.run(serve(load_config(a.config), crash_hook=hook, fault_hook=faults))
+    try:
+        return asyncio.run(serve(load_config(a.config), crash_hook=hook, fault_hook=faults))
+    except server_cli.REPORTED_ERRORS as exc:  # reported as ``confide-server run`` reports them
+        return exit_status("confide-server run", exc)
 
 
 def _site(argv: list[str]) -> int:
