@@ -2,18 +2,21 @@
 
 The kill lands between the commit that records what a prune deletes and the unlinks (crash
 point ``prune_marked``); the restarted server deletes what was left before its first round,
-the job finishes, the update and model files stay bounded and the ledger verifies.
+the job finishes, the update and model files stay bounded and the ledger verifies. A kill after
+the unlinks (``prune_unlinked``) leaves rows of files that are gone: the restart forgets them.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from confide_server.config import load_config
+from confide_server.config import Config, load_config
 from confide_server.ledger import load_public_key, read_ledger, verify_ledger
 from confide_server.simulate import SimulationOptions, prepare_job
 from confide_server.store import Store
@@ -26,40 +29,65 @@ def _files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
-@pytest.mark.slow
-def test_server_killed_mid_prune_restarts_and_stays_bounded(
-    tmp_path: Path, procs_factory: Any
-) -> None:
+@dataclass
+class _Killed:
+    """A retention job whose server was SIGKILLed at a prune crash point, sites still up."""
+
+    procs: Procs
+    sites: list[subprocess.Popen[bytes]]
+    config: Config
+    pruned: list[str]  # the ``pruned_blobs`` paths in the database after the kill
+
+    @property
+    def state(self) -> Path:
+        return self.config.server.state_dir
+
+    def restart_to_end(self) -> dict[str, Any]:
+        """Restart the server (same config, no fault); every process exits 0; the status."""
+        server = self.procs.server()
+        assert self.procs.wait_exit(server) == 0, self.procs.all_logs()
+        assert [self.procs.wait_exit(c) for c in self.sites] == [0, 0, 0], self.procs.all_logs()
+        status = self.procs.final_status()
+        assert status["status"] == "finished"
+        assert [r["status"] for r in status["rounds"]] == ["committed"] * ROUNDS
+        return status
+
+
+def _killed_at(tmp_path: Path, procs_factory: Any, point: str, seed: int) -> _Killed:
+    """Run a 3-site job with models kept 1 and updates pruned until ``point`` kills it."""
     files = prepare_job(
-        tmp_path, SimulationOptions(clients=3, rounds=ROUNDS, seed=5, train_deadline=30.0)
+        tmp_path, SimulationOptions(clients=3, rounds=ROUNDS, seed=seed, train_deadline=30.0)
     )
     with open(files.config, "a", encoding="utf-8") as fh:
         fh.write("\n[retention]\nkeep_models = 1\nprune_updates = true\n")
     procs: Procs = procs_factory(files)
-    server = procs.server("prune_marked:3")  # after round 3's commit, before its unlinks
-    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
+    server = procs.server(point)
+    sites = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
     assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
     assert procs.crash_reached(), "the crash point was never reached"
-    cfg = load_config(files.config)
-    state = cfg.server.state_dir
-    store = Store(cfg.server.database)
+    config = load_config(files.config)
+    store = Store(config.server.database)
     try:
-        marked = store.pruned_paths()
+        pruned = store.pruned_paths()
     finally:
         store.close()
-    left = [p for p in marked if (state / p).exists()]
+    return _Killed(procs, sites, config, pruned)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_prune_restarts_and_stays_bounded(
+    tmp_path: Path, procs_factory: Any
+) -> None:
+    killed = _killed_at(tmp_path, procs_factory, "prune_marked:3", seed=5)  # before the unlinks
+    state = killed.state
+    left = [p for p in killed.pruned if (state / p).exists()]
     assert left, "the kill should leave marked files behind"
 
-    server = procs.server()  # same config, no fault injection
-    assert procs.wait_exit(server) == 0, procs.all_logs()
-    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
-    status = procs.final_status()
-    assert status["status"] == "finished"
-    assert [r["status"] for r in status["rounds"]] == ["committed"] * ROUNDS
+    status = killed.restart_to_end()
     assert not any((state / p).exists() for p in left)
     assert _files(state / "updates") == []
     models = {p.name.split(".")[0] for p in _files(state / "models")}
-    store = Store(cfg.server.database)
+    store = Store(killed.config.server.database)
     try:
         initial = store.get_meta("initial_model")
         # The submission rows stay (only their files went): one per update that entered.
@@ -81,33 +109,13 @@ def test_server_killed_after_unlinks_forgets_their_rows_at_restart(
 ) -> None:
     # The kill lands after a pass's unlinks (crash point ``prune_unlinked``): its
     # ``pruned_blobs`` rows name files that are gone, which the next pass would forget.
-    files = prepare_job(
-        tmp_path, SimulationOptions(clients=3, rounds=ROUNDS, seed=6, train_deadline=30.0)
-    )
-    with open(files.config, "a", encoding="utf-8") as fh:
-        fh.write("\n[retention]\nkeep_models = 1\nprune_updates = true\n")
-    procs: Procs = procs_factory(files)
-    server = procs.server("prune_unlinked:3")
-    clients = [procs.client(k, tok) for k, tok in enumerate(procs.tokens(3), start=1)]
-    assert procs.wait_exit(server) == -signal.SIGKILL, procs.all_logs()
-    assert procs.crash_reached(), "the crash point was never reached"
-    cfg = load_config(files.config)
-    state = cfg.server.state_dir
-    store = Store(cfg.server.database)
-    try:
-        gone = [
-            p for p in store.pruned_paths() if p.startswith("models/") and not (state / p).exists()
-        ]
-    finally:
-        store.close()
+    killed = _killed_at(tmp_path, procs_factory, "prune_unlinked:3", seed=6)
+    state = killed.state
+    gone = [p for p in killed.pruned if p.startswith("models/") and not (state / p).exists()]
     assert gone, "the kill should leave the rows of unlinked models behind"
 
-    server = procs.server()  # same config, no fault injection
-    assert procs.wait_exit(server) == 0, procs.all_logs()
-    assert [procs.wait_exit(c) for c in clients] == [0, 0, 0], procs.all_logs()
-    status = procs.final_status()
-    assert [r["status"] for r in status["rounds"]] == ["committed"] * ROUNDS
-    store = Store(cfg.server.database)
+    killed.restart_to_end()
+    store = Store(killed.config.server.database)
     try:
         left = set(store.pruned_paths())
         assert not left & set(gone)  # forgotten ...
