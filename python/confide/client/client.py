@@ -235,6 +235,8 @@ class Client:
         self.policy = policy if policy is not None else SitePolicy()
         self._ledger = PrivacyLedger(self.state_dir)
         self._warm: asyncio.Future[None] | None = None
+        # (round, the mask seeds' precompute started after the share upload)
+        self._precompute: tuple[int, asyncio.Future[int]] | None = None
         # (round, background fit, the advertise task that asked for it)
         self._training: (
             tuple[int, asyncio.Future[tuple[NDArray[np.float32], int, float]], SecureTask] | None
@@ -609,6 +611,22 @@ class Client:
             except Exception as exc:  # a failed fit must not stop the client
                 self._log(f"{self.client_id}: background training failed: {exc}")
 
+    async def _settle_precompute(self, round_id: int) -> None:
+        """Wait for the mask seeds' precompute of ``round_id`` (another round's is dropped).
+
+        A precompute that failed is only logged: ``masked_input`` derives the seeds itself.
+        """
+        if self._precompute is None:
+            return
+        pending_round, job = self._precompute
+        self._precompute = None
+        if pending_round != round_id:
+            return  # that round is over; its precompute zeroes what it derived
+        try:
+            await job
+        except Exception as exc:  # never fatal: masked_input agrees on demand
+            self._log(f"{self.client_id}: round {round_id}: mask precompute failed: {type(exc)}")
+
     async def _secure_step(
         self, task: SecureTask, manifest: Manifest, trainer: Trainer, train: SiteData
     ) -> int:
@@ -635,6 +653,7 @@ class Client:
         try:
             if stage == "advertise":
                 await self._settle_training()
+                self._precompute = None  # an earlier round's: it zeroes what it derived
                 if task.model_sha256 is None or task.config is None:  # parse_task ensures it
                     raise IntegrityError("an advertise task without a model or config")
                 weights = await self.download_model(manifest, task.model_sha256)
@@ -698,10 +717,21 @@ class Client:
                         f"{loss_text(loss, secure=True)}"
                     )
                 self._training = None
+            if stage == "mask":
+                await self._settle_precompute(round_id)
             msg = part.answer(task, update, weight)
             if stage == "mask":
                 self._ledger.record(round_id, part.round_event(round_id))
             await self.submit(round_id, stage, json.dumps(msg).encode())
+            if stage == "share":
+                # The mask stage's k pairwise X25519 agreements, while we wait for it (in a
+                # worker thread: the event loop keeps serving this process's other sites).
+                precompute = part.mask_precompute(round_id)
+                if precompute is not None:
+                    self._precompute = (
+                        round_id,
+                        asyncio.ensure_future(asyncio.to_thread(precompute)),
+                    )
             return 1 if stage == "mask" else 0
         except (SecAggError, IntegrityError) as exc:
             part.finish(round_id)

@@ -227,6 +227,8 @@ class SecureParticipant:
                 setup.identity_keys, task.certificates, state_dir=self._pins_path.parent
             )
         # Keep only the current round: earlier rounds are over (their secrets go with them).
+        for earlier in self._rounds.values():
+            earlier.discard()
         self._rounds.clear()
         self._ddg.clear()
         self._sddg.clear()
@@ -361,9 +363,21 @@ class SecureParticipant:
     def _ddg_rng(self, round_id: int) -> SecureRng:
         return self._rng_factory("ddg", round_id)
 
+    def mask_precompute(self, round_id: int) -> Callable[[], int] | None:
+        """Return the job that derives ``round_id``'s mask seeds ahead of the mask stage.
+
+        Run it (in a worker thread if the caller likes) after the share upload, while the
+        site waits for the ``mask`` task: :meth:`ClientSecAgg.precompute_masks`. ``None``
+        when this process holds no state for the round.
+        """
+        client = self._rounds.get(round_id)
+        return None if client is None else client.precompute_masks
+
     def finish(self, round_id: int) -> None:
-        """Forget a round (its secrets with it)."""
-        self._rounds.pop(round_id, None)
+        """Forget a round (its secrets with it: zeroed now, not when collected)."""
+        client = self._rounds.pop(round_id, None)
+        if client is not None:
+            client.discard()
         self._ddg.pop(round_id, None)
         self._sddg.pop(round_id, None)
 

@@ -214,6 +214,13 @@ class ClientSecAgg:
         # the neighbours' shares at masked_input (no second X25519 agreement); as secret as
         # the seed they come from, and wiped with it.
         self._share_keys: dict[str, bytearray] = {}
+        # The pairwise mask seeds derived ahead of masked_input (precompute_masks), by
+        # neighbour, each with the neighbour's advertised mask key it came from: as secret
+        # as the mask seed, wiped with it; a neighbour missing from the holders at
+        # masked_input has its seed zeroed unused. The lock orders a precompute in a worker
+        # thread against masked_input and the wipes.
+        self._mask_seeds: dict[str, tuple[bytes, bytearray]] = {}
+        self._lock = threading.RLock()
         self._nbrs: tuple[str, ...] = ()
         self._holders: frozenset[str] = frozenset()
         self._advertised: frozenset[str] = frozenset()
@@ -249,16 +256,40 @@ class ClientSecAgg:
         return self._stage == "aborted"
 
     def _wipe(self) -> None:
-        for buf in (self._enc_seed, self._mask_seed, self._self_seed, *self._share_keys.values()):
-            buf[:] = bytes(len(buf))
-        self._share_keys.clear()
+        with self._lock:
+            for buf in (
+                self._enc_seed,
+                self._mask_seed,
+                self._self_seed,
+                *self._share_keys.values(),
+                *(seed for _, seed in self._mask_seeds.values()),
+            ):
+                buf[:] = bytes(len(buf))
+            self._share_keys.clear()
+            self._mask_seeds.clear()
 
     def _abort(self, reason: str, detail: str = "") -> NoReturn:
-        self._wipe()
-        self._peers.clear()
-        self._last = None
-        self._stage = "aborted"
+        with self._lock:
+            self._wipe()
+            self._peers.clear()
+            self._last = None
+            self._stage = "aborted"
         raise SecAggAbortError(reason, detail)
+
+    def discard(self) -> None:
+        """Leave the round: wipe every secret and refuse every later call (no error raised).
+
+        For a round the client gives up on (dropped, restarted, superseded): the seeds, the
+        share keys and any precomputed mask seeds are zeroed at once instead of lingering
+        until the object is collected.
+        """
+        with self._lock:
+            if self._stage == "aborted":
+                return
+            self._wipe()
+            self._peers.clear()
+            self._last = None
+            self._stage = "aborted"
 
     def _enter(self, expected: tuple[str, ...], request: object) -> object | None:
         """Check the stage; return the cached answer for a repeated identical request."""
@@ -433,6 +464,54 @@ class ClientSecAgg:
         self._last = (msg, upload)
         return upload
 
+    # -- between stages 2 and 3: the mask seeds, ahead of time ------------------------------
+
+    def precompute_masks(self) -> int:
+        """Derive the pairwise mask seeds with every neighbour before ``masked_input``.
+
+        Meant for the wait after the share upload (it may run in a worker thread): the
+        ``k`` X25519 agreements then leave the masked-input stage's critical path. The
+        seeds are exactly those ``masked_input`` would derive: this client's mask key and
+        each neighbour's mask key from the key broadcast checked at ``share_keys`` (the
+        signed advertisements), the session and the round. ``masked_input`` uses a seed
+        only for a neighbour that is among the holders and whose advertised key is still
+        the one it was derived from; every other one (a neighbour that dropped after
+        sharing keys) is zeroed unused. A neighbour whose key does not agree is left to
+        ``masked_input``, which then fails as it would have without this call.
+
+        Returns
+        -------
+        int
+            How many seeds are held now (0 outside the ``shared`` stage: nothing is done).
+        """
+        with self._lock:
+            if self._stage != "shared" or self._mask_seeds:
+                return len(self._mask_seeds)
+            own = bytes(self._mask_seed)
+            session, round_ = self._session, self.setup.round
+            peers = [(j, self._peers[j].advert.mask_pk) for j in self._nbrs if j in self._peers]
+        seeds: dict[str, tuple[bytes, bytearray]] = {}
+        mask_key = X25519PrivateKey.from_private_bytes(own)
+        del own
+        for j, pk in peers:
+            try:
+                seed = agree(
+                    mask_key, pk, label="mask", session=session, round=round_, a=self.client_id, b=j
+                )
+            except ProtocolViolationError:
+                continue  # masked_input derives it again and fails as before
+            seeds[j] = (pk, bytearray(seed))
+        del mask_key
+        with self._lock:
+            if self._stage == "shared" and not self._mask_seeds and session == self._session:
+                self._mask_seeds = seeds
+                return len(seeds)
+        # The round moved on (masked, aborted, discarded) while we computed: nothing kept.
+        for _, buf in seeds.values():
+            buf[:] = bytes(len(buf))
+        seeds.clear()
+        return 0
+
     # -- stage 3: masked input --------------------------------------------------------------
 
     def masked_input(
@@ -475,6 +554,17 @@ class ClientSecAgg:
         InvalidArgumentError
             Bad ``update`` or ``weight`` (the round is then aborted as well).
         """
+        with self._lock:
+            return self._masked_input(delivery, update, weight, model_sha256, timings)
+
+    def _masked_input(
+        self,
+        delivery: ShareDelivery | Mapping[str, Any],
+        update: NDArray[Any],
+        weight: int,
+        model_sha256: bytes,
+        timings: dict[str, float] | None,
+    ) -> MaskedInput:
         msg: ShareDelivery = self._decode(ShareDelivery, delivery)
         cached = self._enter(("shared",), msg)
         if cached is not None:
@@ -546,16 +636,24 @@ class ClientSecAgg:
         vec = self._quantize(update, weight)
         t2 = time.perf_counter()
         masks: list[tuple[bytes, int]] = [(bytes(self._self_seed), 1)]
+        pre = self._mask_seeds
         for j in sorted(expected):
-            seed = agree(
-                mask_key,
-                self._peers[j].advert.mask_pk,
-                label="mask",
-                session=self._session,
-                round=setup.round,
-                a=self.client_id,
-                b=j,
-            )
+            pk = self._peers[j].advert.mask_pk
+            ready = pre.pop(j, None)
+            if ready is not None and hmac.compare_digest(ready[0], pk):
+                seed = bytes(ready[1])
+            else:
+                seed = agree(
+                    mask_key,
+                    pk,
+                    label="mask",
+                    session=self._session,
+                    round=setup.round,
+                    a=self.client_id,
+                    b=j,
+                )
+            if ready is not None:
+                ready[1][:] = bytes(len(ready[1]))
             masks.append((seed, proto.pair_sign(self.client_id, j)))
         bits = params.modulus_bits
         masked = apply_masks(vec, masks, bits, proto.domain(setup, self._session))
