@@ -162,3 +162,77 @@ def test_a_tiny_real_soak(tmp_path: Path, mode: str) -> None:
     assert set(doc["verdict"]) == {"rss", "round_time", "round_period"}
     assert isinstance(doc["targets_met"], bool)
     assert (tmp_path / "job" / "server.log").exists()
+    # The server used CPU in its rounds; the sites (this process) too.
+    assert doc["cpu_whole_run"]["server_cpu_ms_median"] > 0
+    assert doc["cpu_whole_run"]["sites_cpu_ms_median"] > 0
+    assert doc["blocks"][0]["rounds"] == [1, 12]
+    assert doc["load_1min"]["min"] <= doc["load_1min"]["max"]
+
+
+def _cpu_samples(
+    rows: list[dict[str, Any]], server_ms: Any, sites_ms: Any, load: Any
+) -> list[tuple[float, float, float, float]]:
+    """CPU samples at every commit: cumulative server / sites CPU seconds that grow by
+    ``server_ms(r)`` / ``sites_ms(r)`` from the commit before round ``r`` to its own, and
+    a 1-minute load ``load(r)``; the first sample at round 1's start."""
+    out = [(float(rows[0]["started_at"]), 10.0, 2.0, float(load(1)))]
+    srv, sit = 10.0, 2.0
+    for row in rows:
+        r = int(row["round"])
+        srv += server_ms(r) / 1000
+        sit += sites_ms(r) / 1000
+        out.append((float(row["ended_at"]), srv, sit, float(load(r))))
+    return out
+
+
+def test_cpu_per_round_is_fitted_apart_from_wall_time() -> None:
+    # Wall time grows +113 % (a loaded machine, say) while the server's CPU per round grows
+    # 20 -> 20.4 ms over rounds 42..200 and the sites' stays at 5 ms.
+    rows, samples = _history(200, dur=lambda r: 0.1 + 0.001 * r)
+    cpu = _cpu_samples(rows, lambda r: 20.0 + 0.0025 * (r - 40), lambda r: 5.0, lambda r: r / 100)
+    doc = soak.analyse(rows, samples, warmup=0.2, cpu=cpu, block=50)
+    after = doc["cpu_after_window"]
+    assert after["measured_rounds"] == 160
+    assert after["server_cpu_ms_first"] == pytest.approx(20.0025)
+    assert after["server_cpu_ms_last"] == pytest.approx(20.4)
+    assert after["server_cpu_drift_pct"] == pytest.approx((20.4 - 20.0025) / 20.0025 * 100)
+    assert after["sites_cpu_ms_median"] == pytest.approx(5.0)
+    assert after["sites_cpu_drift_pct"] == pytest.approx(0.0, abs=1e-6)
+    # The verdicts stay on wall time: the round-time target is missed.
+    assert doc["verdict"]["round_time"] == "missed"
+    assert doc["cpu_whole_run"]["measured_rounds"] == 199  # round 1 has no commit before it
+    assert doc["load_1min"] == {"min": 0.01, "median": pytest.approx(1.0), "max": 2.0}
+
+
+def test_blocks_report_wall_cpu_and_load() -> None:
+    rows, samples = _history(100, dur=lambda r: 0.1 if r <= 50 else 0.3, gap=0.0)
+    cpu = _cpu_samples(
+        rows, lambda r: 10.0 if r <= 50 else 30.0, lambda r: 4.0, lambda r: 1 if r <= 50 else 3
+    )
+    doc = soak.analyse(rows, samples, warmup=0.0, cpu=cpu, block=50)
+    first, second = doc["blocks"]
+    assert first["rounds"] == [1, 50]
+    assert second["rounds"] == [51, 100]
+    assert first["round_s_min"] == pytest.approx(0.1)
+    assert second["round_s_median"] == pytest.approx(0.3)
+    assert second["period_s_median"] == pytest.approx(0.3)
+    assert first["server_cpu_ms_per_round"] == pytest.approx(10.0)
+    assert second["server_cpu_ms_per_round"] == pytest.approx(30.0)
+    assert second["sites_cpu_ms_per_round"] == pytest.approx(4.0)
+    assert first["load"] == [1.0, 1.0, 1.0]
+    assert second["load"] == [3.0, 3.0, 3.0]
+    # Without CPU samples the table still holds the wall-time columns.
+    bare = soak.analyse(rows, samples, warmup=0.0, block=50)["blocks"]
+    assert bare[1]["round_s_median"] == pytest.approx(0.3)
+    assert "server_cpu_ms_per_round" not in bare[1]
+
+
+def test_cpu_seconds_of_this_process_grow_with_work() -> None:
+    import os
+
+    before = soak.cpu_s(os.getpid())
+    own = soak.own_cpu_s()
+    x = 0
+    while soak.own_cpu_s() - own < 0.05:  # burn CPU until this process has used 50 ms
+        x += 1
+    assert soak.cpu_s(os.getpid()) - before >= 0.04  # 1/CLK_TCK resolution
