@@ -130,30 +130,33 @@ def test_a_dropped_neighbours_precomputed_seed_is_zeroed_and_never_used() -> Non
     assert all(not any(buf) for buf in held.values())  # the very buffers, zeroed
 
 
-def test_a_tampered_seed_of_a_holder_is_used_so_the_check_can_fail() -> None:
+def _one_precomputed() -> tuple[Round, ClientSecAgg, ClientSecAgg, Any, str]:
+    """A 7-site round at the share stage whose first site precomputed its mask seeds.
+
+    Returns the round, that site, its twin (no precompute), its share delivery and the
+    first neighbour it holds a seed for.
+    """
     setup, keys = make_setup(make_params(7, k=4, t=3, max_dropouts=2), d=16)
     r = Round(setup, keys)
     a = setup.cohort[0]
     deliveries, twins = _to_share_stage(r, twins=(a,))
     client = r.clients[a]
     client.precompute_masks()
-    j = next(iter(client._mask_seeds))
+    return r, client, twins[a], deliveries[a], next(iter(client._mask_seeds))
+
+
+def test_a_tampered_seed_of_a_holder_is_used_so_the_check_can_fail() -> None:
+    r, client, twin, delivery, j = _one_precomputed()
     client._mask_seeds[j][1][:] = bytes(range(32))
-    assert _mask(client, r, deliveries[a]) != _mask(twins[a], r, deliveries[a])
+    assert _mask(client, r, delivery) != _mask(twin, r, delivery)
 
 
 def test_a_seed_is_used_only_with_the_key_it_was_derived_from() -> None:
-    setup, keys = make_setup(make_params(7, k=4, t=3, max_dropouts=2), d=16)
-    r = Round(setup, keys)
-    a = setup.cohort[0]
-    deliveries, twins = _to_share_stage(r, twins=(a,))
-    client = r.clients[a]
-    client.precompute_masks()
-    j = next(iter(client._mask_seeds))
+    r, client, twin, delivery, j = _one_precomputed()
     _, buf = client._mask_seeds[j]
     buf[:] = bytes(range(32))
     client._mask_seeds[j] = (bytes(32), buf)  # derived from another key: not used
-    assert _mask(client, r, deliveries[a]) == _mask(twins[a], r, deliveries[a])
+    assert _mask(client, r, delivery) == _mask(twin, r, delivery)
     assert not any(buf)
 
 

@@ -269,11 +269,7 @@ class ClientSecAgg:
             self._mask_seeds.clear()
 
     def _abort(self, reason: str, detail: str = "") -> NoReturn:
-        with self._lock:
-            self._wipe()
-            self._peers.clear()
-            self._last = None
-            self._stage = "aborted"
+        self.discard()
         raise SecAggAbortError(reason, detail)
 
     def discard(self) -> None:
@@ -466,6 +462,24 @@ class ClientSecAgg:
 
     # -- between stages 2 and 3: the mask seeds, ahead of time ------------------------------
 
+    def _mask_agreement(
+        self, mask_key: X25519PrivateKey, peer: str, peer_pk: bytes, session: bytes
+    ) -> bytes:
+        """Return the pairwise mask seed with ``peer``.
+
+        The one derivation :meth:`precompute_masks` and :meth:`masked_input` share, so the
+        two agree by construction.
+        """
+        return agree(
+            mask_key,
+            peer_pk,
+            label="mask",
+            session=session,
+            round=self.setup.round,
+            a=self.client_id,
+            b=peer,
+        )
+
     def precompute_masks(self) -> int:
         """Derive the pairwise mask seeds with every neighbour before ``masked_input``.
 
@@ -488,16 +502,14 @@ class ClientSecAgg:
             if self._stage != "shared" or self._mask_seeds:
                 return len(self._mask_seeds)
             own = bytes(self._mask_seed)
-            session, round_ = self._session, self.setup.round
+            session = self._session
             peers = [(j, self._peers[j].advert.mask_pk) for j in self._nbrs if j in self._peers]
         seeds: dict[str, tuple[bytes, bytearray]] = {}
         mask_key = X25519PrivateKey.from_private_bytes(own)
         del own
         for j, pk in peers:
             try:
-                seed = agree(
-                    mask_key, pk, label="mask", session=session, round=round_, a=self.client_id, b=j
-                )
+                seed = self._mask_agreement(mask_key, j, pk, session)
             except ProtocolViolationError:
                 continue  # masked_input derives it again and fails as before
             seeds[j] = (pk, bytearray(seed))
@@ -643,15 +655,7 @@ class ClientSecAgg:
             if ready is not None and hmac.compare_digest(ready[0], pk):
                 seed = bytes(ready[1])
             else:
-                seed = agree(
-                    mask_key,
-                    pk,
-                    label="mask",
-                    session=self._session,
-                    round=setup.round,
-                    a=self.client_id,
-                    b=j,
-                )
+                seed = self._mask_agreement(mask_key, j, pk, self._session)
             if ready is not None:
                 ready[1][:] = bytes(len(ready[1]))
             masks.append((seed, proto.pair_sign(self.client_id, j)))
