@@ -29,7 +29,11 @@ round (from one commit to the next, interpolated between samples) both CPU times
 fitted like the round period (``cpu_whole_run``, ``cpu_after_window``: ms per round at
 the window's first and last round, drift in %), and a table per ``--block`` rounds
 (``blocks``: fastest and median round, median period, CPU ms per round, load min /
-median / max) and the load over the run (``load_1min``) are reported. **The targets are
+median / max) and the load over the run (``load_1min``) are reported. Each block also
+holds the sites' HTTP requests per round (``requests_per_round``: a slower server can make
+sites poll more, so CPU rising in both processes is not by itself the host) and the
+machine's CPU steal in % of all CPU time (``steal_pct``, ``/proc/stat``: time a shared
+host's other guests took from this VM, which inflates both CPU times). **The targets are
 judged on wall time** (what the issue asks); CPU time per round is the load-insensitive
 diagnostic: a CPU drift is work that grows, a wall drift with flat CPU is the load.
 It also reports the files left in the state folder (``updates/``, ``models/``: bounded
@@ -132,6 +136,10 @@ max_clock_skew_s = {args.max_clock_skew}
     return cfg
 
 
+#: HTTP requests the sites have sent so far (read by the sampler thread; one writer).
+REQUESTS = [0]
+
+
 async def client(session: aiohttp.ClientSession, url: str, token: str, k: int, body: bytes) -> None:
     ident = Identity.generate()
     cid = f"c{k:03d}"
@@ -146,6 +154,7 @@ async def client(session: aiohttp.ClientSession, url: str, token: str, k: int, b
     done: set[tuple[int, str]] = set()
     while True:
         h = headers(ident, cid, "GET", "/v1/task", 0, "task", empty)
+        REQUESTS[0] += 1
         async with session.get(url + "/v1/task", params={"wait": "20"}, headers=h) as r:
             task = await r.json()
         if task["action"] in ("finished", "failed"):
@@ -163,6 +172,7 @@ async def client(session: aiohttp.ClientSession, url: str, token: str, k: int, b
             dig = sha256_hex(data)
         while True:
             h = headers(ident, cid, "PUT", path, rnd, action, dig)
+            REQUESTS[0] += 1
             async with session.put(url + path, data=data, headers=h) as r:
                 await r.read()
                 status = r.status
@@ -201,6 +211,16 @@ def cpu_s(pid: int) -> float:
     """
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def host_ticks() -> tuple[int, int]:
+    """The machine's CPU steal and total CPU time so far, in clock ticks (``/proc/stat``,
+    the ``cpu`` line: user nice system idle iowait irq softirq steal; guest time is already
+    inside user)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    fields += [0] * (8 - len(fields))
+    return fields[7], sum(fields)
 
 
 def own_cpu_s() -> float:
@@ -260,6 +280,8 @@ class Sampler(threading.Thread):
         self.samples: list[tuple[float, float, int]] = []  # (time, RSS MiB, open FDs)
         # (time, server CPU s, this process's CPU s (the sites), 1-minute load average)
         self.cpu: list[tuple[float, float, float, float]] = []
+        # (time, the sites' requests so far, machine steal ticks, machine total ticks)
+        self.host: list[tuple[float, float, float, float]] = []
         self.health_ms: list[float] = []
         self.db = db
         self.db_bytes: list[tuple[float, int]] = []  # (time, database file bytes)
@@ -274,6 +296,8 @@ class Sampler(threading.Thread):
                 now = time.time()
                 self.samples.append((now, rss_mib(self.pid), fds))
                 self.cpu.append((now, cpu_s(self.pid), own_cpu_s(), os.getloadavg()[0]))
+                steal, total = host_ticks()
+                self.host.append((now, float(REQUESTS[0]), float(steal), float(total)))
             except OSError:
                 return
             if self.db is not None:
@@ -393,6 +417,8 @@ def fit_window(
 
 
 CpuSample = tuple[float, float, float, float]
+#: ``(time, the sites' requests so far, machine steal ticks, machine total ticks)``
+HostSample = tuple[float, float, float, float]
 
 
 def _cum(cpu: list[CpuSample], col: int, at: list[float]) -> np.ndarray:
@@ -426,10 +452,17 @@ def cpu_fit(done: list[dict[str, Any]], cpu: list[CpuSample], first: int) -> dic
     return out
 
 
-def blocks(done: list[dict[str, Any]], cpu: list[CpuSample], size: int) -> list[dict[str, Any]]:
+def blocks(
+    done: list[dict[str, Any]],
+    cpu: list[CpuSample],
+    size: int,
+    host: list[HostSample] | None = None,
+) -> list[dict[str, Any]]:
     """Per block of ``size`` committed rounds: wall time (fastest and median round, median
     period), CPU per round (server, sites; as in :func:`cpu_fit`) and the 1-minute load
-    average sampled during the block (min / median / max)."""
+    average sampled during the block (min / median / max). With ``host`` samples also the
+    sites' requests per round and the machine's CPU steal in % of its CPU time."""
+    host = host or []
     out: list[dict[str, Any]] = []
     if not done or size < 1:
         return out
@@ -453,6 +486,11 @@ def blocks(done: list[dict[str, Any]], cpu: list[CpuSample], size: int) -> list[
             inside = [c[3] for c, ti in zip(cpu, t, strict=True) if lo < ti <= ends[b - 1]]
             if inside:
                 blk["load"] = [min(inside), float(np.median(inside)), max(inside)]
+        if len(host) >= 2:
+            req0, req1 = _cum(host, 1, [lo, ends[b - 1]])
+            blk["requests_per_round"] = float(req1 - req0) / (b - a)
+            (s0, s1), (t0, t1) = _cum(host, 2, [lo, ends[b - 1]]), _cum(host, 3, [lo, ends[b - 1]])
+            blk["steal_pct"] = float(100 * (s1 - s0) / (t1 - t0)) if t1 > t0 else 0.0
         out.append(blk)
     return out
 
@@ -495,10 +533,12 @@ def analyse(
     window_full_at: float = float("-inf"),
     cpu: list[CpuSample] | None = None,
     block: int = 1000,
+    host: list[HostSample] | None = None,
 ) -> dict[str, Any]:
     """Both fits: over the whole run, and after the warm-up window; the verdicts (on wall
     time and RSS). With ``cpu`` samples also the CPU time per round (both windows), the
-    per-block table (``block`` rounds each) and the load average over the run."""
+    per-block table (``block`` rounds each) and the load average over the run; with
+    ``host`` samples the requests per round and CPU steal (per block and over the run)."""
     done = [r for r in rows if r["status"] == "committed" and r["ended_at"] is not None]
     done.sort(key=lambda r: int(r["round"]))
     skip = warmup_rounds(done, warmup, window_full_at)
@@ -509,7 +549,8 @@ def analyse(
     return {
         "cpu_whole_run": cpu_fit(done, cpu, 0),
         "cpu_after_window": cpu_fit(done, cpu, skip),
-        "blocks": blocks(done, cpu, block),
+        "blocks": blocks(done, cpu, block, host),
+        "steal_pct": _steal_pct(host or []),
         "block_rounds": block,
         "load_1min": (
             {"min": min(load), "median": float(np.median(load)), "max": max(load)} if load else None
@@ -524,6 +565,13 @@ def analyse(
         "verdict": verdict,
         "targets_met": all(v == "met" for v in verdict.values()),
     }
+
+
+def _steal_pct(host: list[HostSample]) -> float | None:
+    """The machine's CPU steal over the whole run, in % of its CPU time (None: no samples)."""
+    if len(host) < 2 or host[-1][3] <= host[0][3]:
+        return None
+    return 100 * (host[-1][2] - host[0][2]) / (host[-1][3] - host[0][3])
 
 
 def count_files(folder: Path) -> int:
@@ -627,7 +675,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server.wait(60)
         log.close()
     result = analyse(
-        rows, sampler.samples, args.warmup, started_at + window, sampler.cpu, args.block
+        rows,
+        sampler.samples,
+        args.warmup,
+        started_at + window,
+        sampler.cpu,
+        args.block,
+        sampler.host,
     )
     health = np.asarray(sampler.health_ms or [float("nan")])
     result.update(
@@ -717,10 +771,16 @@ def _describe_block(b: dict[str, Any]) -> str:
         if "server_cpu_ms_per_round" in b
         else ""
     )
+    host = (
+        f"; requests/round {b['requests_per_round']:.1f}, steal {b['steal_pct']:.2f} %"
+        if "requests_per_round" in b
+        else ""
+    )
     return (
         f"  rounds {b['rounds'][0]}-{b['rounds'][1]}: round s min {b['round_s_min']:.3f} "
         f"median {b['round_s_median']:.3f}, period median {b['period_s_median']:.3f}{cpu}"
         + (f"; load {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}" if load else "")
+        + host
     )
 
 
@@ -749,6 +809,11 @@ def main(argv: list[str] | None = None) -> int:
                 "{min:.1f} min, {median:.1f} median, {max:.1f} max".format(**r["load_1min"])
                 if r["load_1min"]
                 else "not sampled"
+            )
+            + (
+                f"; CPU steal {r['steal_pct']:.2f} % of the machine's CPU time"
+                if r["steal_pct"] is not None
+                else ""
             )
             + f"; per block of {r['block_rounds']} rounds (min/median/max load):",
             *(_describe_block(b) for b in r["blocks"]),

@@ -22,7 +22,7 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from aiohttp import web
 
@@ -67,6 +67,10 @@ REPORTED_ERRORS: tuple[type[BaseException], ...] = (
 _STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
 
 
+@overload
+def start_refused(state_dir: Path, exc: StorageError) -> StorageError: ...
+@overload
+def start_refused(state_dir: Path, exc: BaseException) -> StorageError | None: ...
 def start_refused(state_dir: Path, exc: BaseException) -> StorageError | None:
     """Turn a storage fault during start-up into one clear error (``None``: another error).
 
@@ -190,7 +194,7 @@ async def _serve_locked(
             store.set_meta(cur, SERVER_STATE_KEY, "serving")
     except StorageError as exc:
         await runner.cleanup()
-        raise start_refused(config.server.state_dir, exc) or exc from exc
+        raise start_refused(config.server.state_dir, exc) from exc
     scheme = "https" if config.tls.cert else "http"
     for addr in runner.addresses:
         print(

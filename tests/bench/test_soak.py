@@ -166,6 +166,9 @@ def test_a_tiny_real_soak(tmp_path: Path, mode: str) -> None:
     assert doc["cpu_whole_run"]["server_cpu_ms_median"] > 0
     assert doc["cpu_whole_run"]["sites_cpu_ms_median"] > 0
     assert doc["blocks"][0]["rounds"] == [1, 12]
+    # The sites sent at least a poll and an upload per stage (2 stages) of each round.
+    assert doc["blocks"][0]["requests_per_round"] >= 4
+    assert 0 <= doc["blocks"][0]["steal_pct"] <= 100
     assert doc["load_1min"]["min"] <= doc["load_1min"]["max"]
 
 
@@ -236,3 +239,35 @@ def test_cpu_seconds_of_this_process_grow_with_work() -> None:
     while soak.own_cpu_s() - own < 0.05:  # burn CPU until this process has used 50 ms
         x += 1
     assert soak.cpu_s(os.getpid()) - before >= 0.04  # 1/CLK_TCK resolution
+
+
+def test_blocks_report_requests_per_round_and_steal() -> None:
+    # Rounds 1-50: 4 requests a round, no steal; rounds 51-100: 6 a round, and the host
+    # took 1 tick in 10 (steal 10 %).
+    rows, samples = _history(100, dur=lambda r: 0.1, gap=0.0)
+    cpu = _cpu_samples(rows, lambda r: 10.0, lambda r: 4.0, lambda r: 1)
+    host = [(float(rows[0]["started_at"]), 0.0, 0.0, 0.0)]
+    req = steal = total = 0.0
+    for row in rows:
+        r = int(row["round"])
+        req += 4 if r <= 50 else 6
+        total += 10
+        steal += 0 if r <= 50 else 1
+        host.append((float(row["ended_at"]), req, steal, total))
+    doc = soak.analyse(rows, samples, warmup=0.0, cpu=cpu, block=50, host=host)
+    first, second = doc["blocks"]
+    assert first["requests_per_round"] == pytest.approx(4.0)
+    assert second["requests_per_round"] == pytest.approx(6.0)
+    assert first["steal_pct"] == pytest.approx(0.0)
+    assert second["steal_pct"] == pytest.approx(10.0)
+    assert doc["steal_pct"] == pytest.approx(5.0)
+    # Without host samples: no such columns, and no run-wide steal.
+    bare = soak.analyse(rows, samples, warmup=0.0, cpu=cpu, block=50)
+    assert "requests_per_round" not in bare["blocks"][0]
+    assert bare["steal_pct"] is None
+
+
+def test_host_ticks_read_this_machine() -> None:
+    steal, total = soak.host_ticks()
+    assert 0 <= steal <= total
+    assert total > 0

@@ -621,11 +621,27 @@ class Client:
         pending_round, job = self._precompute
         self._precompute = None
         if pending_round != round_id:
-            return  # that round is over; its precompute zeroes what it derived
+            self._drop_job(job, pending_round)  # that round is over; it zeroes what it derived
+            return
         try:
             await job
         except Exception as exc:  # never fatal: masked_input agrees on demand
             self._log(f"{self.client_id}: round {round_id}: mask precompute failed: {type(exc)}")
+
+    def _drop_job(self, job: asyncio.Future[int], round_id: int) -> None:
+        """Let go of a left round's mask precompute without waiting for it.
+
+        It zeroes what it derived when it ends; its outcome is still collected (and a
+        failure logged), so asyncio never reports an exception that was never retrieved.
+        """
+
+        def collect(done: asyncio.Future[int]) -> None:
+            if not done.cancelled() and (exc := done.exception()) is not None:
+                self._log(
+                    f"{self.client_id}: round {round_id}: mask precompute failed: {type(exc)}"
+                )
+
+        job.add_done_callback(collect)
 
     async def _secure_step(
         self, task: SecureTask, manifest: Manifest, trainer: Trainer, train: SiteData
@@ -653,7 +669,9 @@ class Client:
         try:
             if stage == "advertise":
                 await self._settle_training()
-                self._precompute = None  # an earlier round's: it zeroes what it derived
+                if self._precompute is not None:  # an earlier round's: it zeroes what it derived
+                    self._drop_job(self._precompute[1], self._precompute[0])
+                    self._precompute = None
                 if task.model_sha256 is None or task.config is None:  # parse_task ensures it
                     raise IntegrityError("an advertise task without a model or config")
                 weights = await self.download_model(manifest, task.model_sha256)
