@@ -155,6 +155,7 @@ CREATE INDEX IF NOT EXISTS rounds_open ON rounds (round) WHERE status = 'open';
 CREATE INDEX IF NOT EXISTS rounds_committed ON rounds (round) WHERE status = 'committed';
 CREATE INDEX IF NOT EXISTS nonces_by_ts ON nonces (ts);
 CREATE INDEX IF NOT EXISTS pruned_models ON pruned_blobs (path) WHERE kind = 'model';
+CREATE INDEX IF NOT EXISTS privacy_by_epsilon ON privacy_rounds (epsilon);
 """
 
 
@@ -691,8 +692,10 @@ class Store:
         """Return the strategy state of the last committed round (``None`` before one)."""
         with self._lock:
             row = self._db.execute(
+                # Ordered by the committed-rounds index, newest first: the first committed
+                # round with a state ends the walk (ordering by s.round sorted them all).
                 "SELECT s.state FROM strategy_states s JOIN rounds r ON r.round = s.round "
-                "WHERE r.status='committed' ORDER BY s.round DESC LIMIT 1"
+                "WHERE r.status='committed' ORDER BY r.round DESC LIMIT 1"
             ).fetchone()
         if row is None:
             return None
@@ -1024,6 +1027,17 @@ class Store:
                 "SELECT status, COUNT(*) FROM rounds GROUP BY status"
             ).fetchall()
         return {str(s): int(n) for s, n in rows}
+
+    def round_total(self) -> int:
+        """How many rounds the job has had (open, committed and aborted).
+
+        Round ids are consecutive from 1 (the next is the last one's plus one) and a
+        ``rounds`` row is never deleted, so this is the largest id: one index lookup where
+        a ``COUNT(*)`` reads every row (the status page's cost would grow with the job).
+        """
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()
+        return int(row[0])
 
     def last_closed_at(self) -> float | None:
         """When the latest committed or aborted round ended (``None`` before one)."""

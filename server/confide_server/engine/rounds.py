@@ -1800,7 +1800,7 @@ class RoundEngine:
         first = rounds[0].round if rounds else 0
         last = rounds[-1].round if rounds else -1
         privacy, per_round = read_privacy_range(self.store, first, last)
-        total = sum(self.store.round_counts().values())
+        total = self.store.round_total()
         with self._peers_lock:
             enrolled = len(self._clients)
         with self._lock:
