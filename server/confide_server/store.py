@@ -1201,17 +1201,36 @@ class Store:
 
         Returns ``{round: [(stage, blob, payload JSON, pruned size of the blob)]}`` for at
         most ``limit`` rounds, oldest first. Walks the rounds from the oldest one that
-        still has submission rows: once the older ones are forgotten that is the few
-        rounds of the replay window, not the job's history.
+        still has submission rows and stops at the first one that is still open or ended
+        at or after ``ended_before``: rounds run one at a time, so the ones that qualify
+        are a prefix of that walk, and its cost is at most ``limit`` rounds, not the
+        rounds of the replay window (which had to be read to the end when fewer than
+        ``limit`` qualified). After a backward step of the wall clock a round can end
+        "before" its predecessor; the walk then stops early and forgets less, never more.
         """
         with self._lock:
+            first = self._db.execute("SELECT MIN(round) FROM submissions").fetchone()[0]
+            if first is None:
+                return {}
+            picked: list[int] = []
+            walk = self._db.execute(
+                "SELECT round, status, ended_at FROM rounds WHERE round >= ? "
+                "ORDER BY round LIMIT ?",
+                (first, limit),
+            ).fetchall()  # read whole: no statement left open across the next query
+            for rnd, status, ended in walk:
+                if status not in ("committed", "aborted") or ended is None:
+                    break
+                if float(ended) >= ended_before:
+                    break
+                picked.append(int(rnd))
+            if not picked:
+                return {}
             rows = self._db.execute(
                 "SELECT s.round, s.stage, s.blob, s.payload, p.size FROM submissions s "
-                "LEFT JOIN pruned_blobs p ON p.path = s.blob WHERE s.round IN ("
-                "SELECT round FROM rounds WHERE round >= (SELECT MIN(round) FROM submissions) "
-                "AND status IN ('committed', 'aborted') AND ended_at < ? "
-                "ORDER BY round LIMIT ?) ORDER BY s.round",
-                (ended_before, limit),
+                "LEFT JOIN pruned_blobs p ON p.path = s.blob WHERE s.round BETWEEN ? AND ? "
+                "ORDER BY s.round",
+                (picked[0], picked[-1]),
             ).fetchall()
         out: dict[int, list[tuple[str, str | None, str | None, int | None]]] = {}
         for rnd, stage, blob, payload, size in rows:
