@@ -289,16 +289,22 @@ class Sampler(threading.Thread):
         self.db_snapshot: dict[str, Any] | None = None
         self.stop = threading.Event()
 
+    def _sample(self) -> bool:
+        """One sample of RSS, FDs, CPU times and the host; False once the server is gone."""
+        try:
+            fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+            now = time.time()
+            self.samples.append((now, rss_mib(self.pid), fds))
+            self.cpu.append((now, cpu_s(self.pid), own_cpu_s(), os.getloadavg()[0]))
+            steal, total = host_ticks()
+            self.host.append((now, float(REQUESTS[0]), float(steal), float(total)))
+        except OSError:
+            return False
+        return True
+
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-                now = time.time()
-                self.samples.append((now, rss_mib(self.pid), fds))
-                self.cpu.append((now, cpu_s(self.pid), own_cpu_s(), os.getloadavg()[0]))
-                steal, total = host_ticks()
-                self.host.append((now, float(REQUESTS[0]), float(steal), float(total)))
-            except OSError:
+            if not self._sample():
                 return
             if self.db is not None:
                 try:
@@ -315,6 +321,9 @@ class Sampler(threading.Thread):
             except OSError:
                 pass
             self.stop.wait(self.every)
+        # A last sample when stopped (right after the sites finish): every commit lies
+        # between two samples, however short the run was against ``every``.
+        self._sample()
 
 
 def get(url: str, token: str) -> tuple[dict[str, Any], int]:
@@ -646,10 +655,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         asyncio.run(run_clients(url, tokens, body))
         wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join(30)
         token = operator_token(work / "state")
         rows, page_bytes = all_rounds(url, token)
-        sampler.stop.set()
-        sampler.join(10)
         state = work / "state"
         files = {"updates": count_files(state / "updates"), "models": count_files(state / "models")}
         db_bytes = sum(p.stat().st_size for p in state.glob("confide.sqlite*") if p.is_file())

@@ -146,6 +146,11 @@ def test_a_tiny_real_soak(tmp_path: Path, mode: str) -> None:
             "64",
             "--max-clock-skew",
             "0.5",
+            # Longer than the run: the sampler's first sample and the one it takes when
+            # stopped are all there is, and CPU per round must still be measured (a run
+            # shorter than the interval used to leave one sample and no CPU figures).
+            "--sample-every",
+            "60",
             "--workdir",
             str(tmp_path / "job"),
         ]
@@ -166,8 +171,8 @@ def test_a_tiny_real_soak(tmp_path: Path, mode: str) -> None:
     assert doc["cpu_whole_run"]["server_cpu_ms_median"] > 0
     assert doc["cpu_whole_run"]["sites_cpu_ms_median"] > 0
     assert doc["blocks"][0]["rounds"] == [1, 12]
-    # The sites sent at least a poll and an upload per stage (2 stages) of each round.
-    assert doc["blocks"][0]["requests_per_round"] >= 4
+    # The sites' requests were counted (the exact per-block figure: the synthetic test).
+    assert doc["blocks"][0]["requests_per_round"] > 0
     assert 0 <= doc["blocks"][0]["steal_pct"] <= 100
     assert doc["load_1min"]["min"] <= doc["load_1min"]["max"]
 
