@@ -47,7 +47,13 @@ def test_a_dropped_precompute_that_failed_is_collected_and_logged(tmp_path: Path
     lines: list[str] = []
     client = Client("http://127.0.0.1:9", tmp_path, log=lines.append)
     client.client_id = "site-1"
-    reports = _collected_reports(lambda _loop, fut: client._drop_job(fut, 7))
+
+    def drop(_loop: Any, fut: Any) -> None:
+        client._precompute = (7, fut)
+        client._drop_precompute()
+        assert client._precompute is None
+
+    reports = _collected_reports(drop)
     assert reports == []
     assert lines == ["site-1: round 7: mask precompute failed: <class 'RuntimeError'>"]
 

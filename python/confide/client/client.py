@@ -616,32 +616,35 @@ class Client:
 
         A precompute that failed is only logged: ``masked_input`` derives the seeds itself.
         """
-        if self._precompute is None:
+        if self._precompute is None or self._precompute[0] != round_id:
+            self._drop_precompute()
             return
-        pending_round, job = self._precompute
+        job = self._precompute[1]
         self._precompute = None
-        if pending_round != round_id:
-            self._drop_job(job, pending_round)  # that round is over; it zeroes what it derived
-            return
         try:
             await job
         except Exception as exc:  # never fatal: masked_input agrees on demand
-            self._log(f"{self.client_id}: round {round_id}: mask precompute failed: {type(exc)}")
+            self._precompute_failed(round_id, exc)
 
-    def _drop_job(self, job: asyncio.Future[int], round_id: int) -> None:
-        """Let go of a left round's mask precompute without waiting for it.
+    def _drop_precompute(self) -> None:
+        """Let go of a left round's pending mask precompute without waiting for it.
 
         It zeroes what it derived when it ends; its outcome is still collected (and a
         failure logged), so asyncio never reports an exception that was never retrieved.
         """
+        if self._precompute is None:
+            return
+        round_id, job = self._precompute
+        self._precompute = None
 
         def collect(done: asyncio.Future[int]) -> None:
             if not done.cancelled() and (exc := done.exception()) is not None:
-                self._log(
-                    f"{self.client_id}: round {round_id}: mask precompute failed: {type(exc)}"
-                )
+                self._precompute_failed(round_id, exc)
 
         job.add_done_callback(collect)
+
+    def _precompute_failed(self, round_id: int, exc: BaseException) -> None:
+        self._log(f"{self.client_id}: round {round_id}: mask precompute failed: {type(exc)}")
 
     async def _secure_step(
         self, task: SecureTask, manifest: Manifest, trainer: Trainer, train: SiteData
@@ -669,9 +672,7 @@ class Client:
         try:
             if stage == "advertise":
                 await self._settle_training()
-                if self._precompute is not None:  # an earlier round's: it zeroes what it derived
-                    self._drop_job(self._precompute[1], self._precompute[0])
-                    self._precompute = None
+                self._drop_precompute()  # an earlier round's: it zeroes what it derived
                 if task.model_sha256 is None or task.config is None:  # parse_task ensures it
                     raise IntegrityError("an advertise task without a model or config")
                 weights = await self.download_model(manifest, task.model_sha256)
